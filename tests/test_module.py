@@ -1,0 +1,112 @@
+"""The training step: loss against a float64 reference, zero gradient for unkept rows, warmup,
+empty selections, and one real optimizer step for each architecture."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_batch, make_tiny_model
+from lightning_cggr.config import CGGRConfig, LossConfig, OptimConfig, RouterConfig
+from lightning_cggr.module import CGGRModule
+from lightning_cggr.selection import IGNORE_INDEX, select, shift_targets
+
+
+def _module(arch="llama", impl="torch", **cggr):
+    cggr.setdefault("warmup_steps", 0)
+    cggr.setdefault("router", RouterConfig(num_layers=1))
+    optim = OptimConfig(warmup_steps=0)  # a linear lr warmup would make step 0's lr exactly 0
+    return CGGRModule(make_tiny_model(arch), CGGRConfig(**cggr), LossConfig(impl=impl), optim)
+
+
+@pytest.mark.parametrize("impl", ["torch", "naive"])
+def test_loss_is_mean_cross_entropy_over_kept_tokens(arch, impl):
+    module = _module(arch, impl, min_tokens_ratio=0.3)
+    batch = make_batch(batch_size=3, seq_len=14)
+    targets = shift_targets(batch["labels"], batch["attention_mask"])
+    score = module.score_tokens(batch["input_ids"], batch["attention_mask"], targets)
+    sel = select(score, targets != IGNORE_INDEX, 0.3)
+    hidden = module(batch["input_ids"], batch["attention_mask"])
+    loss = module.compute_loss(hidden, targets, sel)
+
+    # reference: float64 full logits, F.cross_entropy over the kept positions only
+    logits = hidden.double() @ module.head.weight.double().T
+    want = F.cross_entropy(logits[sel.keep], targets[sel.keep])
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_unkept_positions_get_zero_gradient():
+    module = _module("llama", min_tokens_ratio=0.25)
+    batch = make_batch(batch_size=2, seq_len=16, pad_tail=False)
+    targets = shift_targets(batch["labels"], batch["attention_mask"])
+    score = module.score_tokens(batch["input_ids"], batch["attention_mask"], targets)
+    sel = select(score, targets != IGNORE_INDEX, 0.25)
+    hidden = module(batch["input_ids"], batch["attention_mask"]).detach().requires_grad_(True)
+    module.compute_loss(hidden, targets, sel).backward()
+    row_has_grad = hidden.grad.abs().sum(-1) > 0
+    assert torch.equal(row_has_grad, sel.keep)
+
+
+def test_training_step_with_no_trainable_token_gives_zero_loss_with_a_graph():
+    module = _module("llama")
+    batch = make_batch()
+    batch["labels"].fill_(IGNORE_INDEX)
+    loss = module.training_step(batch, 0)
+    assert torch.isfinite(loss) and loss.item() == 0.0
+    loss.backward()
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    assert grads and all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+class _Recorder(L.Callback):
+    def __init__(self):
+        self.ratios = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.ratios.append(float(trainer.callback_metrics["train/kept_ratio"]))
+
+
+def _fit(module, steps, batch_size=4, seq_len=16, callbacks=()):
+    batches = [make_batch(batch_size, seq_len, seed=i) for i in range(steps)]
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
+    trainer.fit(module, train_dataloaders=loader)
+    return trainer
+
+
+def test_warmup_trains_all_tokens_then_routes():
+    module = _module("llama", min_tokens_ratio=0.25, warmup_steps=3)
+    rec = _Recorder()
+    _fit(module, 6, callbacks=[rec])
+    batch = make_batch(4, 16, seed=5)
+    t = shift_targets(batch["labels"], batch["attention_mask"])
+    n = (t != IGNORE_INDEX).sum(1)
+    want_after = float(torch.ceil(n * 0.25).sum() / n.sum())
+    assert rec.ratios[:3] == [1.0, 1.0, 1.0]
+    assert rec.ratios[5] == pytest.approx(want_after)
+
+
+def test_disabled_cggr_is_the_standard_baseline():
+    module = CGGRModule(make_tiny_model("llama"), CGGRConfig(enabled=False), LossConfig(impl="torch"))
+    assert module.router is None
+    batch = make_batch()
+    t = shift_targets(batch["labels"], batch["attention_mask"])
+    hidden, targets, selection, kept = module.route(batch["input_ids"], batch["attention_mask"], t)
+    assert selection is None and torch.equal(kept, t != IGNORE_INDEX)
+    loss = module.compute_loss(hidden, targets, selection)
+    logits = hidden.double() @ module.head.weight.double().T
+    want = F.cross_entropy(logits.view(-1, logits.shape[-1]), t.view(-1), ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_each_architecture_trains_one_step(arch):
+    module = _module(arch, min_tokens_ratio=0.5)
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer = _fit(module, 1)
+    assert trainer.global_step == 1
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    changed = sum(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+    assert changed > 0

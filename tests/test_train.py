@@ -1,0 +1,115 @@
+"""The Hydra entry point: composed configs, config errors, and the default job end to end."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from lightning_cggr.config import ConfigError, parse_config
+from lightning_cggr.train import CONF_DIR, train
+from omegaconf import OmegaConf
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def token_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("tokenizers"))
+
+
+def _plain(cfg):
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
+def test_every_shipped_config_group_option_validates():
+    conf = Path(CONF_DIR)
+    for group in ("model", "data", "cggr", "trainer"):
+        for option in sorted((conf / group).glob("*.yaml")):
+            overrides = [f"{group}={option.stem}", "output_dir=/tmp/unused"]
+            if OmegaConf.load(option).get("tokenizer") == "model":  # data made for a pretrained model
+                overrides.append("model=smollm2_gguf")
+            cfg = _plain(_compose(*overrides))
+            if "???" in option.read_text():  # a preset that asks the user for a value must say which
+                with pytest.raises(ConfigError, match="needs"):
+                    parse_config(cfg)
+            else:
+                parse_config(cfg)
+
+
+def test_smollm_experiment_composes_with_upstream_defaults():
+    cfg = _compose("+experiment=smollm", "output_dir=/tmp/unused")
+    run = parse_config(_plain(cfg))
+    assert run.model.name == "HuggingFaceTB/SmolLM2-135M"
+    assert (run.cggr.router.num_layers, run.cggr.warmup_steps, run.cggr.min_tokens_ratio) == (2, 10, 0.25)
+    assert run.data.block_size == 2048 and run.data.tokenizer == "model"
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("cggr.scoring=entropyy", "cggr.scoring='entropyy': must be one of"),
+        ("cggr.min_tokens_ratio=0", "cggr.min_tokens_ratio=0: must be in (0, 1]"),
+        ("cggr.min_tokens_ratio=1.5", "cggr.min_tokens_ratio=1.5: must be in (0, 1]"),
+        ("cggr.warmup_steps=-1", "cggr.warmup_steps=-1"),
+        ("cggr.router.num_layers=9", "the model has only 4 layers"),
+        ("cggr.selection.scope=global", "cggr.selection.scope='global'"),
+        ("loss.impl=cuda", "loss.impl='cuda'"),
+        ("model.arch=mamba", "model.arch='mamba'"),
+    ],
+)
+def test_bad_values_fail_before_anything_is_built(override, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(_plain(_compose(override, "output_dir=/tmp/unused")))
+    assert message in str(err.value)
+
+
+def test_all_problems_are_reported_together():
+    cfg = _compose("cggr.scoring=x", "cggr.min_tokens_ratio=2", "output_dir=/tmp/unused")
+    with pytest.raises(ConfigError) as err:
+        parse_config(_plain(cfg))
+    assert "cggr.scoring" in str(err.value) and "cggr.min_tokens_ratio" in str(err.value)
+
+
+def test_unknown_key_in_a_group_is_an_error():
+    cfg = _plain(_compose("output_dir=/tmp/unused"))
+    cfg["cggr"]["ratio"] = 0.3
+    with pytest.raises(ConfigError, match=r"cggr\.ratio: unknown key"):
+        parse_config(cfg)
+
+
+def test_cli_config_mistake_is_one_message_not_a_traceback(tmp_path):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_cggr.train", "cggr.min_tokens_ratio=1.5", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert proc.returncode != 0
+    assert "cggr.min_tokens_ratio=1.5: must be in (0, 1]" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.slow
+def test_default_job_40_steps_lowers_validation_loss_and_writes_artifacts(tmp_path, token_cache):
+    cfg = _compose(
+        "trainer.max_steps=40", "trainer.val_check_interval=40", "trainer.enable_progress_bar=false",
+        f"output_dir={tmp_path}", f"data.cache_dir={token_cache}", "cggr.warmup_steps=5",
+    )
+    metrics = train(cfg)
+    assert metrics["val/loss"] < metrics["val/loss_initial"] - 0.5
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    ratios = [float(r["train/kept_ratio"]) for r in rows if r.get("train/kept_ratio")]
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    # after warmup the kept ratio is the configured one: ceil(0.25 * 127) / 127 per 128-token block
+    assert ratios[-1] == pytest.approx(32 / 127, abs=1e-6)
+    assert all(l == l for l in losses)  # no NaN
