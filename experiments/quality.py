@@ -1,0 +1,270 @@
+"""Quality at equal steps AND equal wall-clock: held-out full-token loss for every method.
+
+    python -m experiments.quality --preset tiny                               # CPU, ~8 min
+    python -m experiments.quality --preset smollm2 --steps 8 --seeds 0 \\
+        --methods standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence
+
+Per seed, every method starts from the same initial weights (one model built after seeding, then
+deep-copied per method) and sees the same batches in the same order; methods are interleaved step
+by step in one process, so machine-load drift is shared. Each method has its own model copy, AdamW
+and learning-rate schedule (linear warm-up over ``optim.warmup_steps``, then constant, so a method
+can run past ``--steps`` without its schedule changing shape). Evaluation (not timed) runs every
+``--eval-every`` steps on the same ``--eval-batches`` held-out batches, on every trainable token,
+with the same code for all methods.
+
+- Equal steps: the held-out loss at step ``--steps``.
+- Equal wall-clock: the budget W is the fair baseline's (standard, fused loss) summed step time to
+  reach ``--steps`` in that seed; methods faster than it keep training until their own summed step
+  time passes W (at most ``--max-factor`` x ``--steps`` steps); the loss at W is interpolated
+  linearly between the evaluations around it.
+
+Mean and sample standard deviation over ``--seeds`` (the seed sets model init, data order and the
+random controls' draws via ``cggr.seed``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from experiments import harness as H
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.quality",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    ap.add_argument("--preset", default="tiny", help=f"bench shape: {', '.join(H.PRESETS)}")
+    ap.add_argument("--methods", default="all", help="comma-separated method names or 'all': " + ", ".join(H.METHODS))
+    ap.add_argument("--steps", type=int, default=150, help="the equal-steps point")
+    ap.add_argument("--eval-every", type=int, default=25, help="held-out evaluation interval (steps)")
+    ap.add_argument("--eval-batches", type=int, default=4, help="held-out batches per evaluation")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    ap.add_argument("--max-factor", type=float, default=3.0, help="cap on steps past --steps for the wall-clock point")
+    ap.add_argument("--cggr-warmup", type=int, default=None, help="override cggr.warmup_steps (default: the config's)")
+    ap.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--name", default=None, help="experiment name (default quality-<preset>)")
+    ap.add_argument("--out", default=None, help="results folder (default experiments/results)")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for the base config")
+    args = ap.parse_args(argv)
+    if args.steps < 1 or args.eval_every < 1 or args.eval_batches < 1:
+        ap.error("--steps, --eval-every and --eval-batches must be >= 1")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    device = H.pick_device(args.device)
+    H.set_threads(args.threads)
+    methods = H.parse_methods(args.methods)
+    extra = list(args.overrides)
+    if args.cggr_warmup is not None:
+        extra.append(f"cggr.warmup_steps={args.cggr_warmup}")
+    base = H.base_overrides(args.preset, device, extra)
+    name = args.name or f"quality-{args.preset}"
+    env = H.environment(device)
+    resolved_by_seed, runs, budgets, fingerprints, per_step = {}, {}, {}, {}, {}
+    with H.LoadSampler() as load:
+        for seed in seeds:
+            resolved = H.resolve_methods(methods, [*base, f"seed={seed}", f"cggr.seed={seed}"], device)
+            avail = [m for m in methods if resolved[m]["available"]]
+            if not avail:
+                print("error: no method is available", file=sys.stderr)
+                return 2
+            H.check_same_model_and_data(resolved)
+            resolved_by_seed[seed] = resolved
+            res = train_interleaved(resolved, avail, device, args, seed)
+            fingerprints[seed] = res["fingerprint"]
+            budgets[seed] = res["budget_s"]
+            per_step[seed] = res["step_times_s"]
+            for m in avail:
+                runs.setdefault(m, {})[seed] = res["curves"][m]
+    summary = H.quality_summary(runs, args.steps, budgets)
+    base_ref = summary.get(H.BASELINE, {})
+    for m, row in summary.items():
+        for key in ("loss_at_equal_steps", "loss_at_equal_time"):
+            ref = (base_ref.get(key) or {}).get("mean")
+            row[f"{key}_minus_baseline"] = row[key]["mean"] - ref if ref is not None and row[key]["mean"] is not None else None
+        times = [sum(t) / len(t) for t in (per_step[s].get(m, []) for s in seeds) if t]
+        row["mean_step_s"] = sum(times) / len(times) if times else None
+    env["load"] = load.summary()
+    first = resolved_by_seed[seeds[0]]
+    avail0 = [m for m in methods if first[m]["available"]]
+    payload = {
+        "experiment": name,
+        "kind": "quality",
+        "environment": env,
+        "shape": H.shape_of(first[avail0[0]]["config"]),
+        "settings": {"steps": args.steps, "eval_every": args.eval_every, "eval_batches": args.eval_batches,
+                     "seeds": seeds, "max_factor": args.max_factor, "preset": args.preset,
+                     "base_overrides": base, "methods": methods, "lr_schedule": "linear warm-up then constant"},
+        "methods": {m: {"label": H.METHODS[m].label, "kind": H.METHODS[m].kind, **first[m]} for m in methods},
+        "raw": {"curves": runs, "wall_budget_s": budgets, "initial_weights_fingerprint": fingerprints,
+                "step_times_s": per_step},
+        "summary": summary,
+    }
+    md = markdown(payload)
+    path = H.write_results(payload, name, device, md, args.out)
+    plot(payload, H.results_path(name, device, "png", args.out))
+    print(md)
+    print(f"\nwrote {path}", file=sys.stderr)
+    return 0
+
+
+def train_interleaved(resolved, avail, device, args, seed) -> dict:
+    import torch
+    from transformers import get_constant_schedule_with_warmup
+
+    first = resolved[avail[0]]["config"]
+    run0, model0, dm = H.build_model_and_data(first)
+    model0.to(device)
+    fingerprint = H.weights_fingerprint(model0)
+    ctx = H.autocast_for(first["trainer"]["precision"], device)
+    clip = first["trainer"].get("gradient_clip_val")
+    val = H.take_batches(dm.val_dataloader, args.eval_batches, device)
+    cap = max(args.steps, int(math.ceil(args.steps * args.max_factor)))
+    batches = H.BatchStream(dm.train_dataloader, device)
+    state = {}
+    for m in avail:
+        run = H.parse_run(resolved[m]["config"])
+        model = H.deepcopy_model(model0).train()
+        module = H.make_module(model, run)
+        opt = H.make_optimizer(model, run.optim)
+        sched = get_constant_schedule_with_warmup(opt, num_warmup_steps=run.optim.warmup_steps)
+        state[m] = {"module": module, "opt": opt, "sched": sched, "step": 0, "time": 0.0, "times": [], "losses": []}
+    del model0
+    loss0 = H.heldout_loss(state[avail[0]]["module"], val, ctx)  # identical weights: one evaluation serves all
+    curves = {m: [{"step": 0, "time_s": 0.0, "loss": loss0}] for m in avail}
+
+    def one_step(m):
+        s = state[m]
+        dt, loss = H.train_step(s["module"], s["opt"], batches[s["step"]], s["step"], clip, ctx, device, s["sched"])
+        s["step"] += 1
+        s["time"] += dt
+        s["times"].append(dt)
+        s["losses"].append(loss)
+
+    def evaluate(m):
+        s = state[m]
+        curves[m].append({"step": s["step"], "time_s": s["time"], "loss": H.heldout_loss(s["module"], val, ctx)})
+
+    # phase 1: everyone to --steps, interleaved with a rotating order
+    for i in range(args.steps):
+        k = i % len(avail)
+        for m in avail[k:] + avail[:k]:
+            one_step(m)
+            if state[m]["step"] % args.eval_every == 0 or state[m]["step"] == args.steps:
+                evaluate(m)
+        if (i + 1) % max(1, args.eval_every) == 0:
+            print(f"[quality] seed {seed} step {i + 1}/{args.steps} " +
+                  " ".join(f"{m}={curves[m][-1]['loss']:.3f}" for m in avail), file=sys.stderr, flush=True)
+    ref = H.BASELINE if H.BASELINE in state else avail[0]
+    budget = state[ref]["time"]
+    # phase 2: methods faster than the baseline continue until their training time passes the budget
+    i = 0
+    while True:
+        behind = [m for m in avail if state[m]["time"] < budget and state[m]["step"] < cap]
+        if not behind:
+            break
+        k = i % len(behind)
+        for m in behind[k:] + behind[:k]:
+            one_step(m)
+            s = state[m]
+            if s["time"] >= budget or s["step"] % args.eval_every == 0 or s["step"] >= cap:
+                evaluate(m)
+        i += 1
+    for m in avail:  # a method capped before the budget gets no wall-clock value (curve ends early)
+        if state[m]["time"] < budget:
+            print(f"[quality] {m}: reached the step cap {cap} before the wall-clock budget", file=sys.stderr)
+    return {
+        "fingerprint": fingerprint,
+        "budget_s": budget,
+        "budget_method": ref,
+        "curves": curves,
+        "step_times_s": {m: state[m]["times"] for m in avail},
+        "train_loss": {m: [float(x) for x in state[m]["losses"]] for m in avail},
+    }
+
+
+def _pm(stat: dict, digits: int = 3) -> str | None:
+    if not stat or stat.get("mean") is None:
+        return None
+    if stat.get("std") is None:
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def markdown(p: dict) -> str:
+    env, shape, s, st = p["environment"], p["shape"], p["summary"], p["settings"]
+    header = ["method", "kind", f"loss @ {st['steps']} steps", "ppl @ steps", "Δ loss vs std fused",
+              "loss @ equal time", "ppl @ equal time", "Δ loss vs std fused", "steps in that time", "mean step (s)"]
+    rows = []
+    for m, meta in p["methods"].items():
+        if m not in s:
+            continue
+        r = s[m]
+        rows.append([
+            meta["label"], meta["kind"], _pm(r["loss_at_equal_steps"]), _pm(r["ppl_at_equal_steps"], 2),
+            _signed(r["loss_at_equal_steps_minus_baseline"]), _pm(r["loss_at_equal_time"]),
+            _pm(r["ppl_at_equal_time"], 2), _signed(r["loss_at_equal_time_minus_baseline"]),
+            _pm(r["steps_at_equal_time"], 0), None if r["mean_step_s"] is None else f"{r['mean_step_s']:.4f}",
+        ])
+    rows += H.unavailable_rows(p["methods"], len(header))
+    load = env.get("load", {})
+    budgets = ", ".join(f"{v:.1f}" for v in p["raw"]["wall_budget_s"].values())
+    from experiments.throughput import describe_device
+
+    head = (
+        f"### {p['experiment']} on {describe_device(env)}\n\n"
+        f"{shape['model']} ({shape['model_source']}), batch {shape['batch_size']} x {shape['block_size']}, "
+        f"{shape['precision']}, kept ratio {shape['min_tokens_ratio']}, router {shape['router_layers']} layers; "
+        f"seeds {st['seeds']} (mean ± sample std), held-out loss on every token of {st['eval_batches']} "
+        f"validation batches, same initial weights and batch order per seed, methods interleaved step by step. "
+        f"Equal time = the standard fused baseline's training time for {st['steps']} steps "
+        f"({budgets} s per seed). Δ < 0 is better than the baseline. {env['date_utc']}; load avg (1 min) "
+        f"median {load.get('median')}, max {load.get('max')} on {env['hardware']['cpu_count']} CPUs.\n"
+    )
+    return head + "\n" + H.md_table(header, rows)
+
+
+def _signed(v):
+    return None if v is None else f"{v:+.3f}"
+
+
+def plot(p: dict, path) -> None:
+    """Held-out loss vs training wall-clock and vs step, mean over seeds, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for m, seeds in p["raw"]["curves"].items():
+        meta = p["methods"][m]
+        style = {"baseline": "-", "cggr": "-", "control": "--"}[meta["kind"]]
+        width = 2.2 if meta["kind"] == "baseline" else 1.3
+        steps = sorted(set.intersection(*(set(c["step"] for c in cur) for cur in seeds.values())))
+        mean_loss, mean_time = [], []
+        for st in steps:
+            pts = [next(c for c in cur if c["step"] == st) for cur in seeds.values()]
+            mean_loss.append(sum(x["loss"] for x in pts) / len(pts))
+            mean_time.append(sum(x["time_s"] for x in pts) / len(pts))
+        a.plot(mean_time, mean_loss, style, lw=width, label=meta["label"])
+        b.plot(steps, mean_loss, style, lw=width, label=meta["label"])
+    for ax, xl in ((a, "training wall-clock (s, summed step time)"), (b, "optimizer step")):
+        ax.set_xlabel(xl)
+        ax.set_ylabel("held-out loss (all tokens)")
+        ax.grid(alpha=0.3)
+    budget = sum(p["raw"]["wall_budget_s"].values()) / len(p["raw"]["wall_budget_s"])
+    a.axvline(budget, color="grey", lw=0.8, ls=":")
+    b.axvline(p["settings"]["steps"], color="grey", lw=0.8, ls=":")
+    b.legend(fontsize=7)
+    fig.suptitle(f"{p['experiment']} ({p['environment']['device_tag']}): mean over seeds {p['settings']['seeds']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

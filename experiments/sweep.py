@@ -1,0 +1,238 @@
+"""Batch-size sweep at an equal memory budget: the largest batch each method fits, and its tokens/s.
+
+    python -m experiments.sweep sweep=cpu_tiny                     # CPU, ~6 min
+    python -m experiments.sweep sweep=cpu_tiny sweep.batch_sizes=[16,32] sweep.memory_budget_mib=800
+    python -m experiments.sweep sweep=gpu_smollm2_shape            # one GPU
+    python -m experiments.sweep sweep=cpu_tiny model.num_layers=2  # other words: Hydra overrides
+
+The grid lives in ``conf/sweep/<name>.yaml`` (batch sizes x methods, the budget, steps); no Hydra
+multirun is needed. Every point (one method at one batch size) runs in a fresh process forked from
+an import-only server, walked batch size by batch size with the methods interleaved. A point does
+not fit when its peak memory (CPU: peak RSS of its process; CUDA: ``max_memory_allocated``, with the
+budget also set as the allocator's limit) exceeds the budget, when it runs out of memory, or when
+it is killed (CPU: the RSS watchdog at ``hard_cap_factor`` x budget, or the kernel): recorded,
+never a crash. With ``stop_after_miss`` a method is not tried at larger batches once one did not
+fit (recorded as such). Summary: per method, the largest batch within the budget and its tokens/s,
+against the fair baseline's (standard, fused loss) at its own largest batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from experiments import harness as H
+
+SWEEP_DIR = H.CONF_DIR / "sweep"
+
+
+def load_sweep(args_overrides: list[str]):
+    """(sweep settings, remaining Hydra overrides) from ``sweep=<name>`` and ``sweep.key=value`` words."""
+    from omegaconf import OmegaConf
+
+    name, dots, rest = None, [], []
+    for o in args_overrides:
+        if o.startswith("sweep="):
+            name = o.split("=", 1)[1]
+        elif o.startswith("sweep."):
+            dots.append(o[len("sweep."):])
+        else:
+            rest.append(o)
+    if name is None:
+        choices = ", ".join(sorted(p.stem for p in SWEEP_DIR.glob("*.yaml")))
+        raise SystemExit(f"error: name the grid with sweep=<name>; available: {choices}")
+    path = SWEEP_DIR / f"{name}.yaml"
+    if not path.is_file():
+        choices = ", ".join(sorted(p.stem for p in SWEEP_DIR.glob("*.yaml")))
+        raise SystemExit(f"error: no conf/sweep/{name}.yaml; available: {choices}")
+    cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(dots))
+    s = OmegaConf.to_container(cfg, resolve=True)
+    known = {"name", "preset", "device", "methods", "batch_sizes", "memory_budget_mib", "hard_cap_factor",
+             "stop_after_miss", "warmup", "steps", "threads", "point_timeout_s", "extra_overrides"}
+    unknown = sorted(set(s) - known)
+    if unknown:
+        raise SystemExit(f"error: conf/sweep/{name}.yaml: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    s.setdefault("extra_overrides", [])
+    s["sweep_file"] = f"conf/sweep/{name}.yaml"
+    return s, rest
+
+
+def plan_points(methods: list[str], batch_sizes: list[int]) -> list[tuple[int, str]]:
+    """Ascending batch sizes; at each, the methods in an order rotating by one per batch size."""
+    out = []
+    for i, b in enumerate(sorted(batch_sizes)):
+        k = i % len(methods)
+        out += [(b, m) for m in methods[k:] + methods[:k]]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.sweep",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    ap.add_argument("--out", default=None, help="results folder (default experiments/results)")
+    ap.add_argument("words", nargs="*", help="sweep=<name>, sweep.key=value, and Hydra overrides of the base config")
+    args = ap.parse_args(argv)
+    s, overrides = load_sweep(args.words)
+    device = H.pick_device(s["device"])
+    methods = H.parse_methods(s["methods"])
+    budget = s["memory_budget_mib"] * 2**20
+    base = H.base_overrides(s["preset"], device, ["cggr.warmup_steps=0", *s["extra_overrides"], *overrides])
+    resolved = H.resolve_methods(methods, base, device)
+    H.check_same_model_and_data(resolved)
+    env = H.environment(device)
+    points, missed = [], set()
+    with H.LoadSampler() as load:
+        for b, m in plan_points(methods, s["batch_sizes"]):
+            point = {"method": m, "batch_size": b}
+            if not resolved[m]["available"]:
+                point.update(status="unavailable", error=resolved[m]["reason"])
+            elif s["stop_after_miss"] and m in missed:
+                point.update(status="skipped", error="did not fit at a smaller batch size")
+            else:
+                r = H.resolve_method(m, [*base, f"data.batch_size={b}"], device)
+                spec = {"config": r["config"], "device": device, "warmup": s["warmup"], "steps": s["steps"],
+                        "threads": s.get("threads")}
+                if device.startswith("cuda"):
+                    spec["cuda_budget_bytes"] = budget
+                else:
+                    spec["rss_kill_bytes"] = int(budget * s["hard_cap_factor"])
+                print(f"[sweep] {m} batch {b} ...", file=sys.stderr, flush=True)
+                res = H.run_isolated("experiments.harness:measure_point", spec, timeout_s=s["point_timeout_s"])
+                if res.get("status") == "oom":
+                    res.pop("traceback", None)
+                point.update(res)
+                point["batch_size"] = b
+                if not H.point_fits(point, budget):
+                    missed.add(m)
+            point["fit"] = H.fit_status(point, budget) if point["status"] != "skipped" else "does not fit: skipped"
+            print(f"[sweep] {m} batch {b}: {point['fit']}"
+                  + (f", {point['tokens_per_s']:.0f} tok/s, peak {point['peak_bytes'] / 2**20:.0f} MiB"
+                     if point.get("status") == "ok" else ""), file=sys.stderr, flush=True)
+            points.append(point)
+    env["load"] = load.summary()
+    summary = H.sweep_summary([p for p in points if p["status"] != "skipped"] or points, budget)
+    name = s["name"]
+    first = next((resolved[m]["config"] for m in methods if resolved[m]["available"]), None)
+    payload = {
+        "experiment": name,
+        "kind": "sweep",
+        "environment": env,
+        "shape": H.shape_of(first) if first else {},
+        "settings": {**s, "base_overrides": base, "memory_budget_bytes": budget},
+        "methods": {m: {"label": H.METHODS[m].label, "kind": H.METHODS[m].kind, **resolved[m]} for m in methods},
+        "raw": {"points": points},
+        "summary": summary,
+    }
+    md = markdown(payload)
+    path = H.write_results(payload, name, device, md, args.out)
+    plot(payload, H.results_path(name, device, "png", args.out))
+    print(md)
+    print(f"\nwrote {path}", file=sys.stderr)
+    return 0
+
+
+def markdown(p: dict) -> str:
+    from experiments.throughput import describe_device
+
+    env, s, st = p["environment"], p["summary"], p["settings"]
+    budget = st["memory_budget_bytes"]
+    cuda = env["device"].startswith("cuda")
+    mem = "max_memory_allocated" if cuda else "peak RSS of a fresh process"
+    header = ["method", "kind", "largest batch within budget", "tokens/s there", "vs standard fused",
+              "peak (MiB)", "fastest fitting batch", "its tokens/s"]
+    rows = []
+    for m, meta in p["methods"].items():
+        r = s.get(m)
+        if r is None or r["unavailable"]:
+            continue
+        rows.append([meta["label"], meta["kind"], r["best_batch_size"] or "none fits",
+                     _f0(r["tokens_per_s"]), _x(r["tokens_per_s_vs_baseline"]), _mib(r["peak_bytes"]),
+                     r["fastest_fitting_batch_size"], _f0(r["fastest_fitting_tokens_per_s"])])
+    rows += H.unavailable_rows(p["methods"], len(header))
+    sizes = sorted(st["batch_sizes"])
+    grid_header = ["method", *[f"B={b}" for b in sizes]]
+    grid = []
+    for m, meta in p["methods"].items():
+        cells = []
+        for b in sizes:
+            pt = next((x for x in p["raw"]["points"] if x["method"] == m and x["batch_size"] == b), None)
+            if pt is None:
+                cells.append(None)
+            elif pt["status"] == "ok":
+                tag = "" if H.point_fits(pt, budget) else " OVER"
+                cells.append(f"{pt['tokens_per_s']:.0f} tok/s, {pt['peak_bytes'] / 2**20:.0f} MiB{tag}")
+            elif pt["status"] == "unavailable":
+                cells.append("not available yet")
+            elif pt["status"] == "skipped":
+                cells.append("not tried (missed smaller)")
+            else:
+                cells.append(pt["fit"])
+        grid.append([meta["label"], *cells])
+    load = env.get("load", {})
+    shape = p["shape"]
+    head = (
+        f"### {p['experiment']} on {describe_device(env)}\n\n"
+        f"{shape.get('model')} ({shape.get('model_source')}), block {shape.get('block_size')}, "
+        f"{shape.get('precision')}, kept ratio {shape.get('min_tokens_ratio')}; memory budget "
+        f"{budget / 2**20:.0f} MiB of {mem}; median of {st['steps']} steps after {st['warmup']} warm-up per point, "
+        f"each point a fresh process. Grid: {st['sweep_file']}. {env['date_utc']}; load avg (1 min) median "
+        f"{load.get('median')}, max {load.get('max')} on {env['hardware']['cpu_count']} CPUs.\n"
+    )
+    return head + "\n" + H.md_table(header, rows) + "\n\nEvery point (OVER: ran, but above the budget):\n\n" + H.md_table(grid_header, grid)
+
+
+def plot(p: dict, path) -> None:
+    """tokens/s vs batch size per method; hollow markers above the budget, none where it did not run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budget = p["settings"]["memory_budget_bytes"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for m, meta in p["methods"].items():
+        pts = sorted((x for x in p["raw"]["points"] if x["method"] == m and x["status"] == "ok"),
+                     key=lambda x: x["batch_size"])
+        if not pts:
+            continue
+        style = "--" if meta["kind"] == "control" else "-"
+        line = a.plot([x["batch_size"] for x in pts], [x["tokens_per_s"] for x in pts], style, label=meta["label"])[0]
+        b.plot([x["batch_size"] for x in pts], [x["peak_bytes"] / 2**20 for x in pts], style, color=line.get_color())
+        for x in pts:
+            fits = H.point_fits(x, budget)
+            kw = dict(color=line.get_color(), marker="o", ms=5)
+            kw.update({} if fits else {"markerfacecolor": "none"})
+            a.plot([x["batch_size"]], [x["tokens_per_s"]], **kw)
+            b.plot([x["batch_size"]], [x["peak_bytes"] / 2**20], **kw)
+    b.axhline(budget / 2**20, color="red", lw=1, ls=":", label="budget")
+    for ax, yl in ((a, "tokens/s"), (b, "peak memory (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size (sequences)")
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3)
+    a.legend(fontsize=7)
+    b.legend(fontsize=7)
+    fig.suptitle(f"{p['experiment']} ({p['environment']['device_tag']}); hollow = over the budget")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _x(v):
+    return None if v is None else f"{v:.2f}x"
+
+
+def _f0(v):
+    return None if v is None else f"{v:.0f}"
+
+
+def _mib(v):
+    return None if v is None else f"{v / 2**20:.0f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

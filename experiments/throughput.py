@@ -1,0 +1,196 @@
+"""Throughput and memory at equal batch: every method, interleaved step by step, same data.
+
+    python -m experiments.throughput --preset tiny                    # CPU, ~3 min
+    python -m experiments.throughput --preset smollm2 --methods standard_naive,standard_fused,cggr_combined
+    python -m experiments.throughput --preset tiny data.batch_size=32  # any Hydra override
+
+Timing: one process builds the model once; every method is a ``CGGRModule`` (its own cggr/loss
+settings) around that same model and one AdamW. Step i of every method runs on batch i, the order
+of methods rotating each step, so slow drift of machine load hits every method alike. The first
+``--warmup`` steps are dropped; the table gives the median of the next ``--steps``. Step = router
++ forward + loss + backward + grad clip + AdamW step, device-synchronized. tokens/s counts input
+tokens (B x T), the same for every method whatever it keeps.
+
+Memory: CPU: peak RSS of a fresh process per method (forked from an import-only server) running
+warm-up + ``--mem-steps`` steps, and the part above the RSS after model build. CUDA:
+``max_memory_allocated`` during that method's steps in the timing process (model and optimizer
+state are the same for all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from experiments import harness as H
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.throughput",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    ap.add_argument("--preset", default="tiny", help=f"bench shape: {', '.join(H.PRESETS)} (conf/experiment/bench_*)")
+    ap.add_argument("--methods", default="all", help="comma-separated method names or 'all': " + ", ".join(H.METHODS))
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per method (median over these)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
+    ap.add_argument("--mem-steps", type=int, default=2, help="steps per fresh memory process (CPU); 0: skip")
+    ap.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--name", default=None, help="experiment name for results files (default throughput-<preset>)")
+    ap.add_argument("--out", default=None, help="results folder (default experiments/results)")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for the base config, e.g. data.batch_size=8")
+    args = ap.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        ap.error("--steps must be >= 1 and --warmup >= 0")
+
+    device = H.pick_device(args.device)
+    H.set_threads(args.threads)
+    methods = H.parse_methods(args.methods)
+    # Every timed step must route: the cggr warm-up (full-token steps) is for training, not timing.
+    base = H.base_overrides(args.preset, device, ["cggr.warmup_steps=0", *args.overrides])
+    resolved = H.resolve_methods(methods, base, device)
+    avail = [m for m in methods if resolved[m]["available"]]
+    if not avail:
+        print("error: no method is available", file=sys.stderr)
+        return 2
+    H.check_same_model_and_data(resolved)
+    name = args.name or f"throughput-{args.preset}"
+    env = H.environment(device)
+    with H.LoadSampler() as load:
+        timing = time_interleaved(resolved, avail, device, args.warmup, args.steps)
+        memory = {}
+        if not device.startswith("cuda") and args.mem_steps > 0:
+            for m in avail:
+                print(f"[throughput] memory: {m}", file=sys.stderr, flush=True)
+                spec = {"config": resolved[m]["config"], "device": device, "warmup": 1, "steps": args.mem_steps,
+                        "threads": args.threads}
+                memory[m] = H.run_isolated("experiments.harness:measure_point", spec)
+    tokens = timing["tokens_per_step"]
+    summary = H.throughput_summary(timing["step_times_s"], tokens)
+    for m in avail:
+        if device.startswith("cuda"):
+            summary[m]["peak_bytes"] = timing["cuda_peak_bytes"][m]
+            summary[m]["peak_above_build_bytes"] = timing["cuda_peak_bytes"][m] - timing["cuda_base_bytes"]
+        elif m in memory and memory[m].get("status") == "ok":
+            summary[m]["peak_bytes"] = memory[m]["peak_rss_bytes"]
+            summary[m]["peak_above_build_bytes"] = memory[m]["peak_rss_bytes"] - memory[m]["rss_after_build_bytes"]
+        summary[m]["loss_impl"] = timing["loss_impl"][m]
+    env["load"] = load.summary()
+    payload = {
+        "experiment": name,
+        "kind": "throughput",
+        "environment": env,
+        "shape": H.shape_of(resolved[avail[0]]["config"]),
+        "settings": {"steps": args.steps, "warmup": args.warmup, "mem_steps": args.mem_steps,
+                     "preset": args.preset, "base_overrides": base, "methods": methods},
+        "methods": {m: {"label": H.METHODS[m].label, "kind": H.METHODS[m].kind, **resolved[m]} for m in methods},
+        "raw": {"timing": timing, "memory": memory},
+        "summary": summary,
+    }
+    md = markdown(payload)
+    path = H.write_results(payload, name, device, md, args.out)
+    print(md)
+    print(f"\nwrote {path}", file=sys.stderr)
+    return 0
+
+
+def time_interleaved(resolved, avail, device, warmup, steps) -> dict:
+    import torch
+
+    first = resolved[avail[0]]["config"]
+    run0, model, dm = H.build_model_and_data(first)
+    model.to(device).train()
+    fingerprint = H.weights_fingerprint(model)
+    runs = {m: H.parse_run(resolved[m]["config"]) for m in avail}
+    modules = {m: H.make_module(model, runs[m]) for m in avail}
+    optimizer = H.make_optimizer(model, run0.optim)
+    ctx = H.autocast_for(first["trainer"]["precision"], device)
+    clip = first["trainer"].get("gradient_clip_val")
+    batches = H.take_batches(dm.train_dataloader, warmup + steps, device)
+    B, T = batches[0]["input_ids"].shape
+    times = {m: [] for m in avail}
+    cuda = device.startswith("cuda")
+    peaks = {m: 0 for m in avail}
+    base_bytes = None
+    order_log = []
+    for i, batch in enumerate(batches):
+        k = i % len(avail)
+        order = avail[k:] + avail[:k]
+        order_log.append(order)
+        for m in order:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                base_bytes = torch.cuda.memory_allocated() if base_bytes is None else base_bytes
+            dt, _ = H.train_step(modules[m], optimizer, batch, i, clip, ctx, device)
+            if cuda:
+                peaks[m] = max(peaks[m], torch.cuda.max_memory_allocated())
+            if i >= warmup:
+                times[m].append(dt)
+        print(f"[throughput] step {i + 1}/{len(batches)} " +
+              " ".join(f"{m}={times[m][-1] if times[m] else float('nan'):.3f}s" for m in avail),
+              file=sys.stderr, flush=True)
+    out = {
+        "step_times_s": times,
+        "tokens_per_step": B * T,
+        "batch_size": B,
+        "block_size": T,
+        "initial_weights_fingerprint": fingerprint,
+        "order_per_step": order_log,
+        "loss_impl": {m: modules[m].loss_impl for m in avail},
+    }
+    if cuda:
+        out["cuda_peak_bytes"] = peaks
+        out["cuda_base_bytes"] = base_bytes
+    return out
+
+
+def markdown(p: dict) -> str:
+    env, shape, s = p["environment"], p["shape"], p["summary"]
+    cuda = env["device"].startswith("cuda")
+    mem_label = "peak CUDA alloc (MiB)" if cuda else "peak RSS, fresh process (MiB)"
+    header = ["method", "kind", "median step (s)", "tokens/s", "vs standard fused", "vs standard naive",
+              mem_label, "above model build (MiB)", "loss impl"]
+    rows = []
+    for m, meta in p["methods"].items():
+        if m not in s:
+            continue
+        r = s[m]
+        rows.append([
+            meta["label"], meta["kind"], f"{r['median_step_s']:.4f}", f"{r['tokens_per_s']:.0f}",
+            _x(r.get("speedup_vs_standard_fused")), _x(r.get("speedup_vs_standard_naive")),
+            _mib(r.get("peak_bytes")), _mib(r.get("peak_above_build_bytes")), r.get("loss_impl"),
+        ])
+    rows += H.unavailable_rows({m: p["methods"][m] for m in p["methods"]}, len(header))
+    load = env.get("load", {})
+    head = (
+        f"### {p['experiment']} on {describe_device(env)}\n\n"
+        f"{shape['model']} ({shape['model_source']}), batch {shape['batch_size']} x {shape['block_size']} tokens, "
+        f"{shape['precision']}, kept ratio {shape['min_tokens_ratio']}, router {shape['router_layers']} layers. "
+        f"Median of {p['settings']['steps']} steps after {p['settings']['warmup']} warm-up, methods interleaved "
+        f"step by step on the same batches and one shared model. {env['date_utc']}; "
+        f"load avg (1 min) median {load.get('median')}, max {load.get('max')} on {env['hardware']['cpu_count']} CPUs.\n"
+        f"'vs' columns: baseline median step time / method's (> 1 is faster).\n"
+    )
+    return head + "\n" + H.md_table(header, rows)
+
+
+def describe_device(env: dict) -> str:
+    hw = env["hardware"]
+    if env["device"].startswith("cuda"):
+        return f"{hw.get('gpu')} (torch {env['versions']['torch']}, CUDA {hw.get('cuda')})"
+    return f"CPU: {hw['cpu']}, {hw['torch_threads']} torch threads (torch {env['versions']['torch']})"
+
+
+def _x(v):
+    return None if v is None else f"{v:.2f}x"
+
+
+def _mib(v):
+    return None if v is None else f"{v / 2**20:.0f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
