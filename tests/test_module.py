@@ -110,3 +110,35 @@ def test_each_architecture_trains_one_step(arch):
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     changed = sum(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
     assert changed > 0
+
+
+def test_training_step_goes_through_the_triton_kernel_and_matches_torch(monkeypatch):
+    """loss.impl=triton really calls the Triton kernel (interpreter on CPU) and equals impl=torch."""
+    import lightning_cggr.kernels.cross_entropy as triton_ce
+
+    calls = {"loss": 0, "stats": 0}
+    real_loss, real_stats = triton_ce.triton_linear_cross_entropy, triton_ce.triton_token_stats
+
+    def spy_loss(*args, **kwargs):
+        calls["loss"] += 1
+        return real_loss(*args, **kwargs)
+
+    def spy_stats(*args, **kwargs):
+        calls["stats"] += 1
+        return real_stats(*args, **kwargs)
+
+    monkeypatch.setattr(triton_ce, "triton_linear_cross_entropy", spy_loss)
+    monkeypatch.setattr(triton_ce, "triton_token_stats", spy_stats)
+    batch = make_batch(batch_size=2, seq_len=10)
+    grads = {}
+    for impl in ("torch", "triton"):
+        module = _module("llama", impl, min_tokens_ratio=0.5)
+        t = shift_targets(batch["labels"], batch["attention_mask"])
+        hidden, targets, selection, _ = module.route(batch["input_ids"], batch["attention_mask"], t)
+        loss = module.compute_loss(hidden, targets, selection)
+        loss.backward()
+        grads[impl] = (loss.detach(), selection.keep, module.head.weight.grad.clone())
+    assert calls == {"loss": 1, "stats": 1}
+    torch.testing.assert_close(grads["triton"][0], grads["torch"][0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(grads["triton"][1], grads["torch"][1])
+    torch.testing.assert_close(grads["triton"][2], grads["torch"][2], rtol=1e-4, atol=1e-6)
