@@ -149,6 +149,27 @@ def _check_choice(problems: list[str], name: str, value: Any, choices: tuple[str
         problems.append(f"{name}={value!r}: must be one of {', '.join(choices)}")
 
 
+def config_error(problems: list[str]) -> ConfigError:
+    """One problem: one line. Several: a header line and one line each."""
+    if len(problems) == 1:
+        return ConfigError(f"invalid configuration: {problems[0]}")
+    return ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _check_data_files(p: list[str], paths: Any) -> None:
+    """Every data file exists and is not empty (a cheap stat, before anything is built)."""
+    from pathlib import Path
+
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    for raw in paths:
+        path = Path(str(raw)).expanduser()
+        if not path.is_file():
+            p.append(f"data.paths: {path} does not exist or is not a file")
+        elif path.stat().st_size == 0:
+            p.append(f"data.paths: {path} is empty")
+
+
 def validate(run: RunConfig) -> None:
     """Check every value; raise one ConfigError listing all problems."""
     p: list[str] = []
@@ -198,8 +219,10 @@ def validate(run: RunConfig) -> None:
         p.append(f"data.val_fraction={d.val_fraction}: must be in (0, 1)")
     if run.optim.lr <= 0:
         p.append(f"optim.lr={run.optim.lr}: must be > 0")
+    if d.source in ("files", "chat") and d.paths:
+        _check_data_files(p, d.paths)
     if p:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(p))
+        raise config_error(p)
 
 
 def parse_config(cfg: Mapping[str, Any]) -> RunConfig:
@@ -215,7 +238,7 @@ def parse_config(cfg: Mapping[str, Any]) -> RunConfig:
     ):
         parts[name] = _build(cls, cfg.get(name), name, problems)
     if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        raise config_error(problems)
     if isinstance(parts["optim"].betas, list):
         parts["optim"].betas = tuple(parts["optim"].betas)
     run = RunConfig(**parts)

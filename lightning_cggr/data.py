@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .config import DataConfig
+from .resumable import ResumableLoader, fit_position
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -145,13 +146,11 @@ class PackedTextDataModule(L.LightningDataModule):
             self.val_set = BlockDataset(pack_documents(self.val_texts, self.tokenizer, self.cfg.block_size))
 
     def train_dataloader(self):
-        return DataLoader(
-            self.train_set,
-            batch_size=self.cfg.batch_size,
-            shuffle=True,
-            drop_last=True,
-            generator=torch.Generator().manual_seed(self.seed),
-            num_workers=self.cfg.num_workers,
+        # order = f(seed, epoch); its position is saved in checkpoints, so a resume mid-epoch
+        # continues with the next unseen batch (lightning_cggr.resumable)
+        return ResumableLoader(
+            self.train_set, batch_size=self.cfg.batch_size, seed=self.seed, num_workers=self.cfg.num_workers,
+            position=fit_position(self.trainer) if self.trainer is not None else None,
         )
 
     def val_dataloader(self):

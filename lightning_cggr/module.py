@@ -24,6 +24,8 @@ import torch
 from torchmetrics import MeanMetric, SumMetric
 
 from .config import CGGRConfig, LossConfig, OptimConfig
+from .distributed import KeptTokenNormalizer
+from .guards import sanitize_stats
 from .kernels import linear_cross_entropy, resolve_impl, token_stats
 from .router import TruncatedRouter, find_decoder, find_head
 from .scoring import get_scorer
@@ -50,6 +52,9 @@ class CGGRModule(L.LightningModule):
         self.val_nll_sum = SumMetric()
         self.val_tokens = SumMetric()
         self._last_step_time: float | None = None
+        # the loss is the mean over the kept tokens of the whole optimizer step: all ranks, all
+        # accumulated micro-batches (see lightning_cggr.distributed)
+        self.token_norm = KeptTokenNormalizer()
 
     # Decoder and head are looked up on the model each time rather than stored as attributes, so
     # they are never registered twice: state_dict and checkpoints hold the base model alone.
@@ -82,11 +87,20 @@ class CGGRModule(L.LightningModule):
             impl=self.loss_impl if self.loss_impl != "naive" else "torch",
             chunk_size=self.cggr.router.chunk_size,
         )
-        stats = type(stats)(*(s.view(B, T) for s in stats))
-        return self.scorer(stats, targets != IGNORE_INDEX)
+        stats, finite = sanitize_stats(type(stats)(*(s.view(B, T) for s in stats)))
+        # non-finite statistics never rank hard (lightning_cggr.guards)
+        return self.scorer(stats, (targets != IGNORE_INDEX) & finite)
 
     def compute_loss(self, hidden: torch.Tensor, targets: torch.Tensor, selection: Selection | None) -> torch.Tensor:
-        """Mean cross-entropy over kept tokens; the LM head runs on kept rows only (except naive)."""
+        """Mean cross-entropy over this batch's kept tokens (0 when none)."""
+        nll_sum, kept = self.loss_terms(hidden, targets, selection)
+        return nll_sum / kept.clamp(min=1)
+
+    def loss_terms(
+        self, hidden: torch.Tensor, targets: torch.Tensor, selection: Selection | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(NLL sum, kept count) over kept tokens, both device tensors; the LM head runs on kept rows only
+        (except naive). The count is of the very labels the loss saw, so the two always agree."""
         B, T, H = hidden.shape
         impl = self.loss_impl
         flat_h = hidden.reshape(B * T, H)
@@ -97,7 +111,8 @@ class CGGRModule(L.LightningModule):
             else:  # gather the static-size candidate rows; padding rows are ignored
                 flat_h = flat_h.index_select(0, selection.index)
                 flat_y = flat_y.index_select(0, selection.index).masked_fill(~selection.valid, IGNORE_INDEX)
-        return linear_cross_entropy(flat_h, self.head.weight, flat_y, impl=impl)
+        nll_sum = linear_cross_entropy(flat_h, self.head.weight, flat_y, reduction="sum", impl=impl)
+        return nll_sum, (flat_y != IGNORE_INDEX).sum()
 
     # ---- Lightning hooks ---------------------------------------------------------------------
     def forward(self, input_ids, attention_mask=None):
@@ -115,11 +130,13 @@ class CGGRModule(L.LightningModule):
         else:
             kept = trainable
         hidden = self(input_ids, attention_mask)
-        loss = self.compute_loss(hidden, targets, selection)
+        nll_sum, n_kept = self.loss_terms(hidden, targets, selection)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        loss = self.token_norm.loss(nll_sum, n_kept, world)  # exact global mean after on_before_optimizer_step
 
         n_trainable = trainable.sum()
         self.train_kept_ratio(kept.sum() / n_trainable.clamp(min=1))
-        self.log("train/loss", loss.detach(), prog_bar=True)
+        self.log("train/loss", nll_sum.detach() / n_kept.clamp(min=1), prog_bar=True)  # this micro-batch's mean
         self.log("train/kept_ratio", self.train_kept_ratio, prog_bar=True)
         now = time.perf_counter()
         if self._last_step_time is not None:  # host clock between steps: no device sync
@@ -127,6 +144,10 @@ class CGGRModule(L.LightningModule):
             self.log("train/tokens_per_sec", torch.tensor(tps), prog_bar=True)
         self._last_step_time = now
         return loss
+
+    def on_before_optimizer_step(self, optimizer):
+        """Rescale the accumulated gradients to the mean over the step's global kept-token count."""
+        self.token_norm.correct_gradients(self.parameters(), self.trainer.accumulate_grad_batches)
 
     def on_train_epoch_start(self):
         self._last_step_time = None

@@ -33,8 +33,13 @@ def _trainer_kwargs(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg.trainer, resolve=True)
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Build data, model and trainer from a composed config, fit, validate; return final metrics."""
+def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
+    """Build data, model and trainer from a composed config, fit, validate; return final metrics.
+
+    ``cfg.ckpt_path`` resumes a run: model, optimizer, scheduler, step counters (so CGGR warmup and
+    ratio schedules continue) and the position in the epoch's data. An exception or Ctrl-C saves
+    ``checkpoints/last.ckpt`` first. ``callbacks`` are added to the trainer's own.
+    """
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
@@ -43,6 +48,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from .module import CGGRModule
 
     run = parse_config(OmegaConf.to_container(cfg, resolve=True))  # every config mistake, before any build
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None and not Path(ckpt_path).expanduser().is_file():
+        raise ConfigError(f"invalid configuration: ckpt_path={ckpt_path}: no such checkpoint file")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
@@ -50,12 +58,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     tokenizer = build_tokenizer(run.data) if run.data.tokenizer == "bpe" else None
     model, tokenizer = build_model(run.model, tokenizer)
     datamodule = build_datamodule(run.data, tokenizer, seed=cfg.seed)
-    module = CGGRModule(model, run.cggr, run.loss, run.optim)
+    try:  # what only the built model can tell: its architecture, its layer count for the router
+        module = CGGRModule(model, run.cggr, run.loss, run.optim)
+    except ValueError as err:
+        raise ConfigError(f"invalid configuration: {err}") from err
 
     logger = CSVLogger(save_dir=str(out), name="csv", version="")
-    checkpoint = ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=True, save_top_k=0)
-    trainer = L.Trainer(**_trainer_kwargs(cfg), logger=logger, callbacks=[checkpoint], default_root_dir=str(out))
-    trainer.fit(module, datamodule=datamodule)
+    checkpoint = ModelCheckpoint(
+        dirpath=str(out / "checkpoints"), save_last=True, save_top_k=0, save_on_exception=True
+    )
+    trainer = L.Trainer(
+        **_trainer_kwargs(cfg), logger=logger, callbacks=[checkpoint, *(callbacks or [])], default_root_dir=str(out)
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(Path(ckpt_path).expanduser()) if ckpt_path else None)
     trainer.validate(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     log.info("final metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
@@ -65,8 +80,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
-    print(OmegaConf.to_yaml(cfg, resolve=True))
     try:
+        parse_config(OmegaConf.to_container(cfg, resolve=True))  # a mistake: one line, no config dump
+        print(OmegaConf.to_yaml(cfg, resolve=True))
         train(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

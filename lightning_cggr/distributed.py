@@ -1,0 +1,81 @@
+"""The training loss as the exact mean over the kept tokens of a whole optimizer step.
+
+One optimizer step sees ``world_size`` ranks times ``k`` (``accumulate_grad_batches``) micro-batches,
+each keeping a different number of tokens. The correct gradient is that of
+
+    sum over every rank r and micro-batch i of nll_sum[r, i]  /  N,   N = sum of kept[r, i]
+
+No single micro-batch knows ``N``. So each micro-batch backprops its NLL *sum*, scaled by a
+constant ``s`` that is the same on every rank and micro-batch of the step, and the gradients are
+corrected once, in ``on_before_optimizer_step`` (after the last backward, before clipping):
+
+    backprop[r, i] = nll_sum[r, i] * world_size / s
+    Lightning divides it by k; DDP / FSDP average gradients over world_size, so
+    grad = sum_{r,i} d nll_sum[r, i] / (s * k)
+    grad *= s * k / N        N: the kept count summed over micro-batches, all-reduced once per step
+
+which leaves exactly the gradient of the global mean. Everything stays on the device: the count is
+a device tensor all-reduced without a host read, the correction a device-side multiply.
+
+``s`` only keeps the backpropagated values near the size of a mean loss (fp16 loss scaling
+overflows on raw sums): it is the previous step's kept tokens per micro-batch, rounded to a power of
+two so that multiplying and dividing by it is exact and the result does not depend on it. A step
+whose micro-batches keep no token at all gets zero gradients (``N`` clamped to 1), never NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over all ranks (in place, returned); the identity without a process group."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+class KeptTokenNormalizer:
+    """Turns per-micro-batch NLL sums into the gradient of the step's global kept-token mean.
+
+    Use :meth:`loss` on each micro-batch's ``(nll_sum, kept)`` and backprop what it returns; call
+    :meth:`correct_gradients` once per optimizer step, after the last backward and before clipping.
+    Not an ``nn.Module`` and nothing to checkpoint: results do not depend on the scale.
+    """
+
+    def __init__(self) -> None:
+        self.count: torch.Tensor | None = None  # kept tokens of this step's micro-batches on this rank
+        self.scale: torch.Tensor | None = None  # s, a power of two >= 1 (0-d fp32 device tensor)
+
+    def _ensure(self, device: torch.device) -> None:
+        if self.count is None or self.count.device != device:
+            self.count = torch.zeros((), dtype=torch.long, device=device)
+            self.scale = torch.ones((), dtype=torch.float32, device=device)
+
+    def loss(self, nll_sum: torch.Tensor, kept: torch.Tensor, world_size: int = 1) -> torch.Tensor:
+        """The value to backprop for one micro-batch: ``nll_sum * world_size / s`` (no sync)."""
+        self._ensure(nll_sum.device)
+        self.count += kept.to(torch.long)
+        return nll_sum * (float(world_size) / self.scale)
+
+    @torch.no_grad()
+    def correct_gradients(self, params: Iterable[torch.nn.Parameter], accumulate: int) -> torch.Tensor | None:
+        """Multiply every gradient by ``s * k / N`` and start the next step; returns ``N`` (device).
+
+        ``N`` is all-reduced here, once per optimizer step: every rank must call this (Lightning
+        calls ``on_before_optimizer_step`` on all ranks). Without a pending micro-batch, a no-op.
+        """
+        if self.count is None:
+            return None
+        total = all_reduce_sum(self.count.clone())
+        factor = (self.scale.double() * accumulate / total.clamp(min=1).double()).float()
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(factor.to(device=p.grad.device, dtype=p.grad.dtype))
+        per_micro = (total.double() / accumulate).clamp(min=1.0)
+        self.scale = torch.exp2(torch.round(torch.log2(per_micro))).float()
+        self.count.zero_()
+        return total

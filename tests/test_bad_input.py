@@ -1,0 +1,210 @@
+"""Bad input, each case: a clear error before training starts, or a defined behaviour in training.
+
+Config mistakes raise one ``ConfigError`` (one line for one problem) from ``parse_config``, before
+any model or tokenizer is built; the CLI prints it and exits 2 without a traceback.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from lightning_cggr.config import CGGRConfig, ConfigError, DataConfig, LossConfig, RouterConfig, parse_config
+from lightning_cggr.data import pack_documents, train_bpe_tokenizer
+from lightning_cggr.module import CGGRModule
+from lightning_cggr.selection import IGNORE_INDEX
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def config_error(**groups) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(groups)
+    return str(info.value)
+
+
+# ---- config mistakes: one clear line before anything is built ------------------------------------
+@pytest.mark.parametrize("ratio", [0, 0.0, -0.5, 1.5, "half", True])
+def test_ratio_out_of_range(ratio):
+    msg = config_error(cggr={"min_tokens_ratio": ratio})
+    assert msg.startswith("invalid configuration: cggr.min_tokens_ratio=") and "\n" not in msg
+
+
+def test_ratio_zero_on_the_command_line_is_one_line_and_nonzero_exit(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_cggr.train", "cggr.min_tokens_ratio=0", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == ["error: invalid configuration: cggr.min_tokens_ratio=0: must be in (0, 1]"]
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "groups, needle",
+    [
+        ({"cggr": {"scoring": "entropyy"}}, "cggr.scoring='entropyy'"),
+        ({"cggr": {"selection": {"scope": "global"}}}, "cggr.selection.scope='global'"),
+        ({"model": {"arch": "mamba"}}, "model.arch='mamba'"),
+        ({"cggr": {"router": {"num_layers": 5}}, "model": {"num_layers": 4}}, "the model has only 4 layers"),
+        ({"cggr": {"router": {"num_layers": 0}}}, "cggr.router.num_layers=0"),
+        ({"cggr": {"ratio": 0.5}}, "cggr.ratio: unknown key"),
+    ],
+)
+def test_unknown_names_and_impossible_values(groups, needle):
+    msg = config_error(**groups)
+    assert needle in msg and "\n" not in msg
+
+
+def test_missing_data_file(tmp_path):
+    missing = tmp_path / "nope.txt"
+    msg = config_error(data={"source": "files", "paths": [str(missing)]})
+    assert msg == f"invalid configuration: data.paths: {missing} does not exist or is not a file"
+
+
+def test_empty_data_file(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    msg = config_error(data={"source": "files", "paths": [str(empty)]})
+    assert msg == f"invalid configuration: data.paths: {empty} is empty"
+
+
+def test_missing_checkpoint_is_a_config_error(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from lightning_cggr.train import CONF_DIR, train
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"output_dir={tmp_path}", f"ckpt_path={tmp_path / 'no.ckpt'}"])
+    with pytest.raises(ConfigError, match="ckpt_path=.*no such checkpoint file"):
+        train(cfg)
+
+
+# ---- what only a built model can tell ------------------------------------------------------------
+def test_router_layers_beyond_the_model_fail_at_construction():
+    with pytest.raises(ValueError, match=r"outside 1\.\.3"):
+        CGGRModule(make_tiny_model("llama", num_layers=3), CGGRConfig(router=RouterConfig(num_layers=4)))
+
+
+def test_router_with_all_layers_is_defined_behaviour(batch):
+    """k == model layers is allowed: the router is then the whole model (scores from a full pass)."""
+    model = make_tiny_model("llama", num_layers=3)
+    module = CGGRModule(model, CGGRConfig(router=RouterConfig(num_layers=3), warmup_steps=0))
+    loss = module.training_step(batch, 0)
+    assert torch.isfinite(loss)
+
+
+def test_unknown_architecture_is_a_clear_error():
+    class NotAnLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+    with pytest.raises(ValueError, match="not a Hugging Face"):
+        CGGRModule(NotAnLM())
+
+
+# ---- defined behaviour during training -----------------------------------------------------------
+@pytest.mark.parametrize("active", [True, False], ids=["cggr", "warmup"])
+def test_batch_whose_labels_are_all_ignored(active):
+    """Loss 0 with a graph, zero gradients, no NaN; the step's correction stays finite."""
+    module = CGGRModule(make_tiny_model("llama"), CGGRConfig(warmup_steps=0 if active else 100), LossConfig("torch"))
+    ids = torch.randint(1, 97, (2, 10))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, IGNORE_INDEX)}
+    loss = module.training_step(batch, 0)
+    assert loss.item() == 0.0
+    loss.backward()
+    module.token_norm.correct_gradients(module.parameters(), accumulate=1)
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    assert grads and all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+def test_sequences_shorter_than_two_tokens_train_nothing_and_stay_finite():
+    """A 1-token (or empty) row has no next-token target: it contributes no loss, the others do."""
+    module = CGGRModule(make_tiny_model("llama"), CGGRConfig(warmup_steps=0), LossConfig("torch"))
+    ids = torch.randint(1, 97, (3, 8))
+    mask = torch.ones_like(ids)
+    mask[0, 1:] = 0  # one real token
+    mask[1, :] = 0  # none
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()}
+    loss = module.training_step(batch, 0)
+    assert torch.isfinite(loss) and loss.item() > 0
+
+
+@pytest.mark.parametrize("scoring", ["combined", "entropy", "margin", "loss"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_non_finite_router_states_are_never_ranked_hard(monkeypatch, scoring, dtype):
+    module = CGGRModule(
+        make_tiny_model("llama"), CGGRConfig(scoring=scoring, warmup_steps=0, router=RouterConfig(num_layers=1)),
+        LossConfig("torch"),
+    )
+    ids = torch.randint(1, 97, (2, 12))
+    targets = torch.roll(ids, -1, dims=1)
+    targets[:, -1] = IGNORE_INDEX
+    real = module.router.hidden_states
+
+    def overflowing(input_ids, attention_mask=None):  # what an fp16/bf16 overflow in the blocks gives
+        h = real(input_ids, attention_mask).to(dtype)
+        h[0, 2, 0] = float("inf")
+        h[0, 5, :] = float("nan")
+        h[1, 7, 3] = float("-inf")
+        return h
+
+    monkeypatch.setattr(module.router, "hidden_states", overflowing)
+    score = module.score_tokens(ids, None, targets)
+    bad = torch.zeros_like(targets, dtype=torch.bool)
+    bad[0, 2] = bad[0, 5] = bad[1, 7] = True
+    good = (targets != IGNORE_INDEX) & ~bad
+    assert torch.isfinite(score[good]).all(), "one bad token must not poison the others' scores"
+    assert (score[bad] == float("-inf")).all()
+
+    from lightning_cggr.selection import select
+
+    keep = select(score, targets != IGNORE_INDEX, 0.5, "sequence").keep
+    assert not (keep & bad).any()
+    assert keep.sum() == 2 * math.ceil(0.5 * 11)
+
+
+# ---- tokenizers --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    texts = ["the router scores every token of the batch " * 20, "a second document about gradients " * 20]
+    return train_bpe_tokenizer(texts, vocab_size=300, cache=str(tmp_path_factory.mktemp("tok")))
+
+
+def test_tokenizer_without_pad_token_packs_with_eos_only(tokenizer):
+    """Packed blocks never pad, so no pad token is needed: documents are joined by EOS."""
+    tokenizer.pad_token = None
+    assert tokenizer.pad_token_id is None
+    docs = ["", "a", "b", "the router scores every token " * 5]  # empty and 1-token documents
+    blocks = pack_documents(docs, tokenizer, block_size=8)
+    eos = tokenizer.eos_token_id
+    flat = blocks.flatten().tolist()
+    assert flat[0] == eos and flat[2] == eos  # "" -> EOS, "a" -> a EOS
+    assert blocks.shape[1] == 8
+
+
+def test_chat_padding_without_pad_token_uses_eos(tokenizer):
+    from lightning_cggr.chat import pad_token_id_of
+
+    tokenizer.pad_token = None
+    assert pad_token_id_of(tokenizer) == tokenizer.eos_token_id  # pads are masked: never attended, never labelled
+
+
+def test_corpus_shorter_than_one_block_is_a_clear_error(tokenizer):
+    with pytest.raises(ValueError, match="fewer than one block"):
+        pack_documents(["a"], tokenizer, block_size=64)

@@ -1,0 +1,175 @@
+"""The loss is the mean over the kept tokens of a whole optimizer step: across DDP ranks and across
+gradient-accumulation micro-batches. Gradients after one step are compared with an independent
+reference: the full-logits HF forward, ``F.cross_entropy`` mean over the kept positions of the
+whole global batch (keep mask re-derived here from the router's hidden states in float64)."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_tiny_model
+from torch.utils.data import Dataset
+
+from lightning_cggr.config import CGGRConfig, LossConfig, RouterConfig
+from lightning_cggr.module import CGGRModule
+from lightning_cggr.resumable import ResumableLoader
+
+VOCAB, T, RATIO = 97, 16, 0.5
+# trainable label counts differ a lot between rows, so rank 0 (rows 0, 2) and rank 1 (rows 1, 3)
+# keep different numbers of tokens and per-rank means disagree with the global mean
+MASKED_PREFIX = (12, 0, 9, 1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()  # tiny shapes on a shared 2-core CPU: threads only contend
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_rows() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for masked in MASKED_PREFIX:
+        ids = torch.randint(1, VOCAB, (T,), generator=g)
+        labels = ids.clone()
+        labels[:masked] = -100
+        rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return rows
+
+
+class Rows(Dataset):
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+class GradProbe(CGGRModule):
+    """Records the gradients the optimizer would apply (after the kept-token correction)."""
+
+    grad_path: str = ""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def on_before_optimizer_step(self, optimizer):
+        super().on_before_optimizer_step(optimizer)
+        if self.global_rank == 0:
+            grads = {n: p.grad.detach().clone() for n, p in self.named_parameters() if p.grad is not None}
+            torch.save(grads, self.grad_path)
+
+
+def cggr_config() -> CGGRConfig:
+    return CGGRConfig(scoring="entropy", min_tokens_ratio=RATIO, warmup_steps=0, router=RouterConfig(num_layers=2))
+
+
+def run_one_step(tmp_path, name: str, batch_size: int, accumulate: int = 1, **trainer_kw) -> dict:
+    torch.manual_seed(0)
+    module = GradProbe(make_tiny_model("llama", num_layers=3), cggr_config(), LossConfig(impl="torch"))
+    module.grad_path = str(tmp_path / f"{name}.pt")
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, **trainer_kw,
+    )
+
+    class DM(L.LightningDataModule):
+        def train_dataloader(self):  # built after the process group exists: each rank its share
+            return ResumableLoader(Rows(make_rows()), batch_size=batch_size, shuffle=False)
+
+    trainer.fit(module, datamodule=DM())
+    return torch.load(module.grad_path)
+
+
+def shift(labels):
+    t = torch.full_like(labels, -100)
+    t[:, :-1] = labels[:, 1:]
+    return t
+
+
+def keep_mask(model, batch, targets) -> torch.Tensor:
+    """Top ceil(RATIO * n) router entropies per row (float64, written independently here)."""
+    probe = CGGRModule(model, cggr_config(), LossConfig(impl="torch"))
+    with torch.no_grad():
+        h = probe.router.hidden_states(batch["input_ids"], batch["attention_mask"]).double()
+        logp = torch.log_softmax(h @ model.get_output_embeddings().weight.double().T, dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+    keep = torch.zeros_like(targets, dtype=torch.bool)
+    for b in range(targets.shape[0]):
+        idx = (targets[b] != -100).nonzero().flatten()
+        k = math.ceil(RATIO * len(idx))
+        top = idx[entropy[b, idx].argsort(descending=True)[:k]]
+        keep[b, top] = True
+    return keep
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """(gradients of the global kept-token mean, gradients of the mean of two half-batch means)."""
+    torch.manual_seed(0)
+    model = make_tiny_model("llama", num_layers=3)
+    rows = make_rows()
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    targets = shift(batch["labels"])
+    keep = keep_mask(model, batch, targets)
+    y = targets.masked_fill(~keep, -100)
+
+    def grads(loss_fn):
+        model.zero_grad()
+        loss_fn().backward()
+        return {f"model.{n}": p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def nll(sl):
+        logits = model(input_ids=batch["input_ids"][sl], attention_mask=batch["attention_mask"][sl]).logits
+        return logits.float(), y[sl]
+
+    def global_mean():
+        logits, t = nll(slice(None))
+        return F.cross_entropy(logits.reshape(-1, VOCAB), t.reshape(-1), ignore_index=-100)
+
+    def mean_of_rank_means():  # what per-rank mean + DDP averaging would give (rows 0, 2 vs 1, 3)
+        out = 0
+        for sl in ([0, 2], [1, 3]):
+            logits, t = nll(sl)
+            out = out + F.cross_entropy(logits.reshape(-1, VOCAB), t.reshape(-1), ignore_index=-100) / 2
+        return out
+
+    return grads(global_mean), grads(mean_of_rank_means)
+
+
+def assert_grads_close(got: dict, want: dict):
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=2e-4, atol=2e-6, msg=name)
+
+
+def test_reference_is_discriminative(reference):
+    """The per-rank-mean gradient really differs: the tests below can fail."""
+    exact, wrong = reference
+    worst = max(((exact[n] - wrong[n]).abs().max() / exact[n].abs().max()).item() for n in exact)
+    assert worst > 0.05
+
+
+def test_single_process_matches_global_mean(tmp_path, reference):
+    assert_grads_close(run_one_step(tmp_path, "single", batch_size=4), reference[0])
+
+
+def test_gradient_accumulation_normalizes_over_the_whole_accumulated_batch(tmp_path, reference):
+    """Two micro-batches of 2 (rows 0, 1 then 2, 3) == one batch of 4."""
+    assert_grads_close(run_one_step(tmp_path, "accum", batch_size=2, accumulate=2), reference[0])
+
+
+def test_ddp_two_processes_match_single_process(tmp_path, reference):
+    """gloo, 2 forked CPU processes, 2 rows each: the global kept-token mean, not a mean of means."""
+    got = run_one_step(tmp_path, "ddp", batch_size=2, strategy="ddp_fork", devices=2)
+    assert_grads_close(got, reference[0])
