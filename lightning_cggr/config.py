@@ -11,8 +11,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-SCORING_STRATEGIES = ("entropy", "margin", "loss", "combined")
+SCORING_STRATEGIES = ("entropy", "margin", "loss", "combined", "excess_loss", "random")
 SELECTION_SCOPES = ("sequence", "batch")
+SELECTION_UNITS = ("token", "sequence")
+SELECTION_STRATEGIES = ("topk", "stratified")
+ROUTER_SOURCES = ("truncated", "final")
+RATIO_SCHEDULES = ("constant", "curriculum", "dynamic")
+CURRICULUM_SHAPES = ("linear", "cosine")
 MODEL_SOURCES = ("random", "pretrained", "smollm2_gguf")
 MODEL_ARCHS = ("llama", "gpt2", "gpt_neox")
 DATA_SOURCES = ("pydoc", "files")
@@ -32,14 +37,52 @@ class RouterConfig:
     """First k blocks of the model that the router runs (shared weights); 1 <= k <= model layers."""
     chunk_size: int = 1024
     """Rows of [tokens, vocab] logits the router materializes at once while scoring."""
+    source: str = "truncated"
+    """'truncated': the first ``num_layers`` blocks score before the forward; 'final': router-free,
+    the main forward's own final hidden states (detached) score, no extra layers run (token unit only)."""
+    reference: str | None = None
+    """scoring=excess_loss: the frozen reference checkpoint (hub id, local folder or smollm2_gguf)
+    whose NLL is subtracted from the current one (Rho-1); required by and only used with excess_loss."""
+    reference_dtype: str = "bfloat16"
+    """Weights' dtype of the reference model: float32 | bfloat16 | float16 (it runs in inference mode)."""
+
 
 
 @dataclass
 class SelectionConfig:
     """Which tokens keep their label."""
 
+    unit: str = "token"
+    """'token': labels of easy tokens are masked; 'sequence': only the hardest ``ceil(ratio * B)``
+    sequences of the batch (mean score over trainable tokens) run forward and backward at all."""
     scope: str = "sequence"
-    """'sequence': top ratio of each sequence's trainable tokens; 'batch': of the whole batch's."""
+    """unit=token: 'sequence': top ratio of each sequence's trainable tokens; 'batch': of the whole
+    batch's (batch-global top-k)."""
+    strategy: str = "topk"
+    """unit=token: 'topk' keeps the hardest; 'stratified' keeps the same count drawn (seeded) across
+    ``strata`` difficulty buckets in proportion to their size, so easy-but-not-trivial tokens train too."""
+    strata: int = 4
+    """strategy=stratified: number of difficulty buckets (contiguous rank ranges), >= 1."""
+    min_per_sequence: int = 0
+    """unit=token: every sequence keeps at least min(this, its trainable tokens), on top of the
+    ratio (with scope=batch its hardest ones are reserved first); 0 = the ratio alone."""
+
+
+@dataclass
+class RatioScheduleConfig:
+    """How the keep ratio in force changes over steps (after ``cggr.warmup_steps``)."""
+
+    kind: str = "constant"
+    """'constant': min_tokens_ratio; 'curriculum': anneal 1.0 -> min_tokens_ratio over ``steps``;
+    'dynamic': max - (max - min) * the batch's mean router confidence (mean exp(-NLL)), per step."""
+    steps: int = 100
+    """kind=curriculum: routed steps the anneal takes, >= 1."""
+    shape: str = "linear"
+    """kind=curriculum: linear | cosine."""
+    min: float = 0.1
+    """kind=dynamic: the lowest ratio, in (0, 1]."""
+    max: float = 0.5
+    """kind=dynamic: the highest ratio, in [min, 1]; it also sizes the static buffers."""
 
 
 @dataclass
@@ -49,13 +92,18 @@ class CGGRConfig:
     enabled: bool = True
     """False trains on every trainable token through the same code: the standard baseline."""
     scoring: str = "combined"
-    """Difficulty score: entropy | margin | loss | combined."""
+    """Difficulty score: entropy | margin | loss | combined | excess_loss (current NLL minus
+    router.reference's NLL) | random (seeded uniform scores, the control; no router runs)."""
+    seed: int = 0
+    """Seed of scoring=random and strategy=stratified: draws come from a device generator seeded by
+    (seed, global_step), so the same seed and step give the same selection."""
     min_tokens_ratio: float = 0.25
     """Fraction of trainable tokens that keep their label, in (0, 1]; ceil, at least 1 per sequence."""
     warmup_steps: int = 10
     """The first N optimizer steps train on all tokens."""
     router: RouterConfig = field(default_factory=RouterConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    ratio_schedule: RatioScheduleConfig = field(default_factory=RatioScheduleConfig)
 
 
 @dataclass
@@ -170,6 +218,80 @@ def _check_data_files(p: list[str], paths: Any) -> None:
             p.append(f"data.paths: {path} is empty")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_ratio(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value <= 1.0
+
+
+def _validate_selection_extras(p: list[str], c: CGGRConfig) -> None:
+    """Router source, reference model, selection unit/strategy, ratio schedule and their combinations."""
+    r, s, q = c.router, c.selection, c.ratio_schedule
+    _check_choice(p, "cggr.router.source", r.source, ROUTER_SOURCES)
+    _check_choice(p, "cggr.router.reference_dtype", r.reference_dtype, DTYPES)
+    _check_choice(p, "cggr.selection.unit", s.unit, SELECTION_UNITS)
+    _check_choice(p, "cggr.selection.strategy", s.strategy, SELECTION_STRATEGIES)
+    _check_choice(p, "cggr.ratio_schedule.kind", q.kind, RATIO_SCHEDULES)
+    _check_choice(p, "cggr.ratio_schedule.shape", q.shape, CURRICULUM_SHAPES)
+    if not _is_int(c.seed):
+        p.append(f"cggr.seed={c.seed!r}: must be an integer")
+    if not _is_int(s.strata) or s.strata < 1:
+        p.append(f"cggr.selection.strata={s.strata!r}: must be an integer >= 1")
+    if not _is_int(s.min_per_sequence) or s.min_per_sequence < 0:
+        p.append(f"cggr.selection.min_per_sequence={s.min_per_sequence!r}: must be an integer >= 0")
+    if c.scoring == "excess_loss" and (not r.reference or r.reference == "???"):
+        p.append("cggr.scoring=excess_loss needs cggr.router.reference (the frozen reference checkpoint)")
+    if r.reference is not None and c.scoring != "excess_loss":
+        p.append(f"cggr.router.reference={r.reference!r} is only used by cggr.scoring=excess_loss")
+    if r.reference is not None and not isinstance(r.reference, str):
+        p.append(f"cggr.router.reference={r.reference!r}: must be a model name or null")
+    if s.unit == "sequence":
+        if r.source == "final":
+            p.append(
+                "cggr.router.source=final with cggr.selection.unit=sequence: final-layer scores need the "
+                "full forward of every sequence, which sequence routing exists to skip; use source=truncated"
+            )
+        if s.scope != "sequence":
+            p.append(f"cggr.selection.scope={s.scope!r} applies to unit=token; leave it at sequence")
+        if s.strategy != "topk":
+            p.append(f"cggr.selection.strategy={s.strategy!r} applies to unit=token; use topk")
+        if _is_int(s.min_per_sequence) and s.min_per_sequence > 0:
+            p.append("cggr.selection.min_per_sequence applies to unit=token; set it to 0")
+    if q.kind == "curriculum" and (not _is_int(q.steps) or q.steps < 1):
+        p.append(f"cggr.ratio_schedule.steps={q.steps!r}: must be an integer >= 1")
+    if q.kind == "dynamic":
+        for name in ("min", "max"):
+            if not _is_ratio(getattr(q, name)):
+                p.append(f"cggr.ratio_schedule.{name}={getattr(q, name)!r}: must be a number in (0, 1]")
+        if _is_ratio(q.min) and _is_ratio(q.max) and q.min > q.max:
+            p.append(f"cggr.ratio_schedule.min={q.min} > max={q.max}")
+        if c.scoring == "random":
+            p.append("cggr.ratio_schedule.kind=dynamic needs a confidence; scoring=random has none")
+
+
+def config_error(problems: list[str]) -> ConfigError:
+    """One problem: one line. Several: a header line and one line each."""
+    if len(problems) == 1:
+        return ConfigError(f"invalid configuration: {problems[0]}")
+    return ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _check_data_files(p: list[str], paths: Any) -> None:
+    """Every data file exists and is not empty (a cheap stat, before anything is built)."""
+    from pathlib import Path
+
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    for raw in paths:
+        path = Path(str(raw)).expanduser()
+        if not path.is_file():
+            p.append(f"data.paths: {path} does not exist or is not a file")
+        elif path.stat().st_size == 0:
+            p.append(f"data.paths: {path} is empty")
+
+
 def validate(run: RunConfig) -> None:
     """Check every value; raise one ConfigError listing all problems."""
     p: list[str] = []
@@ -186,12 +308,13 @@ def validate(run: RunConfig) -> None:
         p.append(f"cggr.router.num_layers={c.router.num_layers!r}: must be an integer >= 1")
     if not isinstance(c.router.chunk_size, int) or c.router.chunk_size < 1:
         p.append(f"cggr.router.chunk_size={c.router.chunk_size!r}: must be an integer >= 1")
+    _validate_selection_extras(p, c)
     _check_choice(p, "loss.impl", run.loss.impl, ("auto", "triton", "torch", "naive"))
     _check_choice(p, "model.source", m.source, MODEL_SOURCES)
     _check_choice(p, "model.dtype", m.dtype, DTYPES)
     if m.source == "random":
         _check_choice(p, "model.arch", m.arch, MODEL_ARCHS)
-        if m.source == "random" and isinstance(c.router.num_layers, int) and c.enabled:
+        if isinstance(c.router.num_layers, int) and c.enabled and c.router.source == "truncated":
             if c.router.num_layers > m.num_layers:
                 p.append(
                     f"cggr.router.num_layers={c.router.num_layers}: the model has only "

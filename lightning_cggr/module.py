@@ -27,9 +27,11 @@ from .config import CGGRConfig, LossConfig, OptimConfig
 from .distributed import KeptTokenNormalizer
 from .guards import sanitize_stats
 from .kernels import linear_cross_entropy, resolve_impl, token_stats
+from .reference import ReferenceModel, load_reference
 from .router import TruncatedRouter, find_decoder, find_head
-from .scoring import get_scorer
-from .selection import IGNORE_INDEX, Selection, mask_labels, select, shift_targets
+from .schedule import batch_confidence, dynamic_ratio, host_ratio
+from .scoring import SCORERS, excess_loss_score, get_scorer, random_score, step_generator
+from .selection import IGNORE_INDEX, Selection, mask_labels, select, select_sequences, shift_targets
 
 
 class CGGRModule(L.LightningModule):
@@ -39,16 +41,27 @@ class CGGRModule(L.LightningModule):
         cggr: CGGRConfig | None = None,
         loss: LossConfig | None = None,
         optim: OptimConfig | None = None,
+        reference: torch.nn.Module | None = None,
     ):
+        """``reference``: the frozen model of scoring=excess_loss, given directly (else loaded from
+        ``cggr.router.reference``); it is held unregistered, so never trained nor checkpointed."""
         super().__init__()
         self.model = model
         self.cggr = cggr or CGGRConfig()
         self.loss_cfg = loss or LossConfig()
         self.optim_cfg = optim or OptimConfig()
         find_decoder(model), find_head(model)  # fail early on an unsupported architecture
-        self.scorer = get_scorer(self.cggr.scoring)
-        self.router = TruncatedRouter(model, self.cggr.router.num_layers) if self.cggr.enabled else None
-        self.train_kept_ratio = MeanMetric()
+        c = self.cggr
+        self.scorer = get_scorer(c.scoring) if c.scoring in SCORERS else None  # excess_loss/random: below
+        uses_router = c.enabled and c.router.source == "truncated" and c.scoring != "random"
+        self.router = TruncatedRouter(model, c.router.num_layers) if uses_router else None
+        self.reference = self._build_reference(reference) if c.enabled and c.scoring == "excess_loss" else None
+        # nan_strategy="disable": the default NaN check is a host sync (`if nans.any()`) every update
+        self.train_kept_ratio = MeanMetric(nan_strategy="disable")
+        self.train_ratio = MeanMetric(nan_strategy="disable")
+        self.train_score_kept = MeanMetric(nan_strategy="disable")
+        self.train_score_dropped = MeanMetric(nan_strategy="disable")
+        self.train_kept_sequences = MeanMetric(nan_strategy="disable")
         self.val_nll_sum = SumMetric()
         self.val_tokens = SumMetric()
         self._last_step_time: float | None = None
@@ -75,21 +88,132 @@ class CGGRModule(L.LightningModule):
         """Whether this optimizer step routes (a host-side int comparison: no sync)."""
         return self.cggr.enabled and self.global_step >= self.cggr.warmup_steps
 
+    def _build_reference(self, model: torch.nn.Module | None) -> ReferenceModel:
+        name, dtype = self.cggr.router.reference, self.cggr.router.reference_dtype
+        if model is None:
+            if not name:
+                raise ValueError("scoring=excess_loss needs a reference model: set cggr.router.reference")
+            model = load_reference(name, dtype)
+        ref = ReferenceModel(model, dtype=getattr(torch, dtype))
+        vocab = self.head.weight.shape[0]
+        if ref.vocab_size != vocab:
+            raise ValueError(f"reference model vocabulary {ref.vocab_size} != the trained model's {vocab}")
+        return ref
+
+    def ratio_in_force(self) -> float | None:
+        """Host-side keep ratio of this step (1.0 in warmup); None for the dynamic (device) ratio."""
+        c = self.cggr
+        if not self.cggr_active():
+            return 1.0
+        q = c.ratio_schedule
+        if q.kind == "dynamic":
+            return None
+        return host_ratio(q.kind, c.min_tokens_ratio, self.global_step, c.warmup_steps, q.steps, q.shape)
+
+    def _step_ratio(self, stats, trainable) -> tuple[float | torch.Tensor, float]:
+        """(ratio, capacity ratio): a host float both, or a device ratio bounded by ratio_schedule.max."""
+        ratio = self.ratio_in_force()
+        if ratio is not None:
+            return ratio, ratio
+        q = self.cggr.ratio_schedule
+        return dynamic_ratio(batch_confidence(stats, trainable), q.min, q.max), q.max
+
     @torch.no_grad()
-    def score_tokens(self, input_ids, attention_mask, targets) -> torch.Tensor:
-        """[B, T] difficulty from the truncated router; -inf where nothing is to be learned."""
-        hidden = self.router.hidden_states(input_ids, attention_mask)
+    def token_statistics(self, hidden: torch.Tensor, targets: torch.Tensor):
+        """[B, T] fp32 ``TokenStats`` of ``hidden @ head.T`` against ``targets``, chunked, no grad."""
         B, T, H = hidden.shape
         stats = token_stats(
-            hidden.reshape(B * T, H),
-            self.router.head_weight,
+            hidden.detach().reshape(B * T, H),
+            self.head.weight,
             targets.reshape(-1),
             impl=self.loss_impl if self.loss_impl != "naive" else "torch",
             chunk_size=self.cggr.router.chunk_size,
         )
-        stats, finite = sanitize_stats(type(stats)(*(s.view(B, T) for s in stats)))
-        # non-finite statistics never rank hard (lightning_cggr.guards)
-        return self.scorer(stats, (targets != IGNORE_INDEX) & finite)
+        return type(stats)(*(s.view(B, T) for s in stats))
+
+    @torch.no_grad()
+    def score_and_stats(self, input_ids, attention_mask, targets, final_hidden: torch.Tensor | None = None):
+        """([B, T] difficulty, stats or None); -inf where nothing is to be learned.
+
+        Statistics come from ``final_hidden`` (router.source=final, the main forward's own output,
+        detached) or else the truncated router; ``random`` draws from a (seed, step) generator.
+        """
+        trainable = targets != IGNORE_INDEX
+        c = self.cggr
+        if c.scoring == "random":
+            return random_score(trainable, step_generator(c.seed, self.global_step, targets.device)), None
+        hidden = final_hidden if final_hidden is not None else self.router.hidden_states(input_ids, attention_mask)
+        stats, finite = sanitize_stats(self.token_statistics(hidden, targets))
+        trainable = trainable & finite  # non-finite statistics never rank hard (lightning_cggr.guards)
+        if c.scoring == "excess_loss":
+            ref = self.reference.token_stats(
+                input_ids, attention_mask, targets, impl=self.loss_impl if self.loss_impl != "naive" else "torch",
+                chunk_size=c.router.chunk_size,
+            )
+            return excess_loss_score(stats, trainable, ref), stats
+        return self.scorer(stats, trainable), stats
+
+    def score_tokens(self, input_ids, attention_mask, targets) -> torch.Tensor:
+        """[B, T] difficulty from the configured scorer; -inf where nothing is to be learned."""
+        return self.score_and_stats(input_ids, attention_mask, targets)[0]
+
+    def route(self, input_ids, attention_mask, targets):
+        """Score, select and run the decoder: (hidden, targets, selection, kept [B, T]) for the loss.
+
+        Token unit: the decoder runs on every row and ``selection`` says which rows the head sees.
+        Sequence unit: the decoder runs on the ``ceil(ratio * B)`` hardest rows only; the returned
+        hidden/targets are those rows' (invalid rows' targets ignored) and ``selection`` is None.
+        """
+        trainable = targets != IGNORE_INDEX
+        c, sel = self.cggr, self.cggr.selection
+        log = dict(on_step=True, on_epoch=False)
+        if not self.cggr_active():
+            return self(input_ids, attention_mask), targets, None, trainable
+        if sel.unit == "sequence":
+            score, stats = self.score_and_stats(input_ids, attention_mask, targets)
+            ratio, cap = self._step_ratio(stats, trainable)
+            rows = select_sequences(score, trainable, ratio, capacity_ratio=cap)
+            row_kept = torch.zeros(targets.shape[0], dtype=torch.bool, device=targets.device)
+            row_kept.index_copy_(0, rows.index, rows.valid)
+            sub_ids = input_ids.index_select(0, rows.index)
+            sub_mask = attention_mask.index_select(0, rows.index) if attention_mask is not None else None
+            sub_targets = targets.index_select(0, rows.index).masked_fill(~rows.valid.unsqueeze(1), IGNORE_INDEX)
+            hidden = self(sub_ids, sub_mask)
+            has = trainable.any(dim=1)
+            self._log_scores(rows.score, row_kept, has & ~row_kept)
+            self.train_kept_sequences(rows.valid.sum().float())
+            self.log("train/kept_sequences", self.train_kept_sequences, **log)
+            self._log_ratio(ratio)
+            return hidden, sub_targets, None, trainable & row_kept.unsqueeze(1)
+        hidden = None
+        if c.router.source == "final":  # router-free: score from the forward's own final states
+            hidden = self(input_ids, attention_mask)
+        score, stats = self.score_and_stats(input_ids, attention_mask, targets, final_hidden=hidden)
+        ratio, cap = self._step_ratio(stats, trainable)
+        gen = step_generator(c.seed, self.global_step, targets.device, stream=1) if sel.strategy == "stratified" else None
+        selection = select(
+            score, trainable, ratio, sel.scope, strategy=sel.strategy, strata=sel.strata,
+            min_per_sequence=sel.min_per_sequence, capacity_ratio=cap, generator=gen,
+        )
+        if hidden is None:
+            hidden = self(input_ids, attention_mask)
+        self._log_scores(score, selection.keep, trainable & ~selection.keep)
+        self._log_ratio(ratio)
+        return hidden, targets, selection, selection.keep
+
+    def _log_scores(self, score: torch.Tensor, kept: torch.Tensor, dropped: torch.Tensor) -> None:
+        """Mean score of kept vs dropped entries (tokens or sequences), as device tensors."""
+        zero = torch.zeros((), dtype=torch.float32, device=score.device)
+        for metric, mask, name in ((self.train_score_kept, kept, "kept"), (self.train_score_dropped, dropped, "dropped")):
+            total = torch.where(mask, score.float(), zero).sum()
+            metric(total / mask.sum().clamp(min=1))
+            self.log(f"train/score_{name}", metric, on_step=True, on_epoch=False)
+
+    def _log_ratio(self, ratio: float | torch.Tensor) -> None:
+        dev = self.head.weight.device
+        value = ratio.float() if torch.is_tensor(ratio) else torch.full((), ratio, dtype=torch.float32, device=dev)
+        self.train_ratio(value)  # torch.full: a fill on the device, no host-to-device copy
+        self.log("train/ratio", self.train_ratio, on_step=True, on_epoch=False)
 
     def compute_loss(self, hidden: torch.Tensor, targets: torch.Tensor, selection: Selection | None) -> torch.Tensor:
         """Mean cross-entropy over this batch's kept tokens (0 when none)."""
@@ -122,14 +246,7 @@ class CGGRModule(L.LightningModule):
         input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
         targets = shift_targets(batch["labels"], attention_mask)
         trainable = targets != IGNORE_INDEX
-        selection = None
-        if self.cggr_active():
-            score = self.score_tokens(input_ids, attention_mask, targets)
-            selection = select(score, trainable, self.cggr.min_tokens_ratio, self.cggr.selection.scope)
-            kept = selection.keep
-        else:
-            kept = trainable
-        hidden = self(input_ids, attention_mask)
+        hidden, targets, selection, kept = self.route(input_ids, attention_mask, targets)
         nll_sum, n_kept = self.loss_terms(hidden, targets, selection)
         world = self.trainer.world_size if self._trainer is not None else 1
         loss = self.token_norm.loss(nll_sum, n_kept, world)  # exact global mean after on_before_optimizer_step

@@ -1,0 +1,155 @@
+"""Sequence-level routing: only the hardest ceil(ratio * B) sequences run forward and backward."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_cggr.config import CGGRConfig, RatioScheduleConfig, RouterConfig, SelectionConfig
+from lightning_cggr.module import CGGRModule
+from lightning_cggr.selection import IGNORE_INDEX, shift_targets
+
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+
+B, T, V = 4, 8, 40
+
+
+def _untied_llama(seed: int = 0):
+    """Untied input embeddings, so an embedding row's gradient comes only from sequences using it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, max_position_embeddings=32, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)  # sharper predictions: sequence scores differ clearly
+    return model
+
+
+def _disjoint_batch():
+    """Row b uses only token ids 1 + 8b .. 8 + 8b; row 3 has a 3-token prompt and 2 pads."""
+    g = torch.Generator().manual_seed(2)
+    input_ids = torch.stack([1 + 8 * b + torch.randperm(8, generator=g) for b in range(B)])
+    mask = torch.ones_like(input_ids)
+    labels = input_ids.clone()
+    labels[3, :3] = IGNORE_INDEX
+    mask[3, -2:] = 0
+    return input_ids, mask, labels
+
+
+def _hand_sequence_nll(module, input_ids, mask, targets):
+    """Float64 mean router NLL per sequence over its trainable tokens."""
+    with torch.no_grad():
+        h = module.router.hidden_states(input_ids, mask).double()
+    logp = torch.log_softmax(h @ module.head.weight.detach().double().T, dim=-1)
+    m = targets != IGNORE_INDEX
+    nll = -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return [float(nll[b][m[b]].mean()) for b in range(B)]
+
+
+def test_backward_touches_only_kept_sequences_and_equals_their_loss():
+    model = _untied_llama()
+    cfg = CGGRConfig(scoring="loss", min_tokens_ratio=0.5, warmup_steps=0, router=RouterConfig(num_layers=1),
+                     selection=SelectionConfig(unit="sequence"))
+    module = CGGRModule(model, cfg)
+    input_ids, mask, labels = _disjoint_batch()
+    targets = shift_targets(labels, mask)
+
+    seq_nll = _hand_sequence_nll(module, input_ids, mask, targets)
+    want_rows = sorted(sorted(range(B), key=lambda b: -seq_nll[b])[: math.ceil(0.5 * B)])
+
+    hidden, sub_targets, selection, kept = module.route(input_ids, mask, targets)
+    assert selection is None and hidden.shape[0] == 2  # the decoder ran on 2 of 4 rows
+    kept_rows = sorted(int(b) for b in kept.any(dim=1).nonzero()[:, 0])
+    assert kept_rows == want_rows
+    assert torch.equal(kept, (targets != IGNORE_INDEX) & torch.isin(torch.arange(B), torch.tensor(want_rows))[:, None])
+    assert float(module.train_kept_sequences.compute()) == 2.0
+    loss = module.compute_loss(hidden, sub_targets, selection)
+    loss.backward()
+
+    emb = model.get_input_embeddings().weight.grad
+    for b in range(B):
+        rows = emb[1 + 8 * b : 9 + 8 * b]
+        if b in want_rows:
+            assert rows.abs().sum(dim=1).gt(0).any()
+        else:
+            assert torch.count_nonzero(rows) == 0, f"dropped sequence {b} got embedding gradient"
+
+    # reference: the plain HF model on the kept rows alone, mean NLL over their trainable targets
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    idx = torch.tensor(want_rows)
+    logits = model(input_ids=input_ids[idx], attention_mask=mask[idx]).logits
+    ref = F.cross_entropy(logits.reshape(-1, V).float(), targets[idx].reshape(-1), ignore_index=IGNORE_INDEX)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_dynamic_ratio_keeps_static_capacity_rows():
+    model = _untied_llama()
+    cfg = CGGRConfig(scoring="loss", warmup_steps=0, router=RouterConfig(num_layers=1),
+                     selection=SelectionConfig(unit="sequence"),
+                     ratio_schedule=RatioScheduleConfig(kind="dynamic", min=0.25, max=0.75))
+    module = CGGRModule(model, cfg)
+    input_ids, mask, labels = _disjoint_batch()
+    targets = shift_targets(labels, mask)
+    with torch.no_grad():
+        hidden, sub_targets, _, kept = module.route(input_ids, mask, targets)
+    assert hidden.shape[0] == math.ceil(0.75 * B)  # capacity from ratio_schedule.max
+    # hand ratio: max - (max - min) * mean p(true token) of the router
+    with torch.no_grad():
+        h = module.router.hidden_states(input_ids, mask).double()
+    logp = torch.log_softmax(h @ module.head.weight.detach().double().T, dim=-1)
+    m = targets != IGNORE_INDEX
+    p_true = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1).exp()[m].mean()
+    r = 0.75 - 0.5 * float(p_true)
+    assert abs(r * B - round(r * B)) > 1e-3  # away from a rounding boundary
+    n_rows = math.ceil(r * B)
+    assert int(kept.any(dim=1).sum()) == n_rows
+    assert int((sub_targets != IGNORE_INDEX).any(dim=1).sum()) == n_rows
+    torch.testing.assert_close(module.train_ratio.compute().double(), torch.tensor(r, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
+def test_random_sequence_control_is_seeded(monkeypatch):
+    model = _untied_llama()
+    input_ids, mask, labels = _disjoint_batch()
+    targets = shift_targets(labels, mask)
+
+    def rows(seed, step):
+        monkeypatch.setattr(CGGRModule, "global_step", property(lambda self: step))
+        cfg = CGGRConfig(scoring="random", seed=seed, min_tokens_ratio=0.5, warmup_steps=0,
+                         selection=SelectionConfig(unit="sequence"))
+        module = CGGRModule(model, cfg)
+        assert module.router is None  # the control runs no router
+        with torch.no_grad():
+            _, _, _, kept = module.route(input_ids, mask, targets)
+        return tuple(kept.any(dim=1).tolist())
+
+    draws = {(seed, step): rows(seed, step) for seed in (0, 1) for step in range(6)}
+    assert all(sum(r) == 2 for r in draws.values())
+    assert rows(0, 3) == draws[(0, 3)]
+    assert len(set(draws.values())) > 1  # different (seed, step) give different rows
+
+
+def test_fit_logs_sequence_routing_metrics(tmp_path):
+    import lightning as L
+
+    model = _untied_llama()
+    cfg = CGGRConfig(scoring="loss", min_tokens_ratio=0.5, warmup_steps=1, router=RouterConfig(num_layers=1),
+                     selection=SelectionConfig(unit="sequence"))
+    module = CGGRModule(model, cfg)
+    input_ids, mask, labels = _disjoint_batch()
+    data = [{"input_ids": input_ids, "attention_mask": mask, "labels": labels}] * 3
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    m = trainer.callback_metrics
+    assert float(m["train/kept_sequences"]) == 2.0 and float(m["train/ratio"]) == 0.5
+    assert float(m["train/score_kept"]) > float(m["train/score_dropped"])
+    assert torch.isfinite(m["train/loss"])
