@@ -904,3 +904,15 @@ class BatchStream:
                 continue
             self.batches.append({k: v.to(self.device) for k, v in b.items()})
         return self.batches[i]
+
+
+def try_plot(draw: Callable, payload: dict, path: Path) -> None:
+    """Draw a PNG if matplotlib is installed (GPU machines may lack it: ``python -m experiments.report``
+    redraws every plot from the JSON later)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f"note: matplotlib missing, {path.name} not drawn; run python -m experiments.report later",
+              file=sys.stderr)
+        return
+    draw(payload, path)

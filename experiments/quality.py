@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     base = H.base_overrides(args.preset, device, extra)
     name = args.name or f"quality-{args.preset}"
     env = H.environment(device)
-    resolved_by_seed, runs, budgets, fingerprints, per_step = {}, {}, {}, {}, {}
+    resolved_by_seed, runs, budgets, fingerprints, per_step, failures = {}, {}, {}, {}, {}, {}
     with H.LoadSampler() as load:
         for seed in seeds:
             resolved = H.resolve_methods(methods, [*base, f"seed={seed}", f"cggr.seed={seed}"], device)
@@ -78,6 +78,7 @@ def main(argv=None) -> int:
             fingerprints[seed] = res["fingerprint"]
             budgets[seed] = res["budget_s"]
             per_step[seed] = res["step_times_s"]
+            failures[seed] = res["failed"]
             for m in avail:
                 runs.setdefault(m, {})[seed] = res["curves"][m]
     summary = H.quality_summary(runs, args.steps, budgets)
@@ -101,12 +102,12 @@ def main(argv=None) -> int:
                      "base_overrides": base, "methods": methods, "lr_schedule": "linear warm-up then constant"},
         "methods": {m: {"label": H.METHODS[m].label, "kind": H.METHODS[m].kind, **first[m]} for m in methods},
         "raw": {"curves": runs, "wall_budget_s": budgets, "initial_weights_fingerprint": fingerprints,
-                "step_times_s": per_step},
+                "step_times_s": per_step, "failed": failures},
         "summary": summary,
     }
     md = markdown(payload)
     path = H.write_results(payload, name, device, md, args.out)
-    plot(payload, H.results_path(name, device, "png", args.out))
+    H.try_plot(plot, payload, H.results_path(name, device, "png", args.out))
     print(md)
     print(f"\nwrote {path}", file=sys.stderr)
     return 0
@@ -137,9 +138,17 @@ def train_interleaved(resolved, avail, device, args, seed) -> dict:
     loss0 = H.heldout_loss(state[avail[0]]["module"], val, ctx)  # identical weights: one evaluation serves all
     curves = {m: [{"step": 0, "time_s": 0.0, "loss": loss0}] for m in avail}
 
+    failed = {}
+
     def one_step(m):
         s = state[m]
-        dt, loss = H.train_step(s["module"], s["opt"], batches[s["step"]], s["step"], clip, ctx, device, s["sched"])
+        res = H.guarded(lambda _: H.train_step(s["module"], s["opt"], batches[s["step"]], s["step"], clip, ctx,
+                                                device, s["sched"]), {})
+        if isinstance(res, dict):  # recorded; the method leaves the rotation, the others go on
+            failed[m] = res["error"]
+            print(f"[quality] {m} FAILED: {res['error']}", file=sys.stderr, flush=True)
+            return
+        dt, loss = res
         s["step"] += 1
         s["time"] += dt
         s["times"].append(dt)
@@ -153,8 +162,10 @@ def train_interleaved(resolved, avail, device, args, seed) -> dict:
     for i in range(args.steps):
         k = i % len(avail)
         for m in avail[k:] + avail[:k]:
+            if m in failed:
+                continue
             one_step(m)
-            if state[m]["step"] % args.eval_every == 0 or state[m]["step"] == args.steps:
+            if m not in failed and (state[m]["step"] % args.eval_every == 0 or state[m]["step"] == args.steps):
                 evaluate(m)
         if (i + 1) % max(1, args.eval_every) == 0:
             print(f"[quality] seed {seed} step {i + 1}/{args.steps} " +
@@ -164,13 +175,15 @@ def train_interleaved(resolved, avail, device, args, seed) -> dict:
     # phase 2: methods faster than the baseline continue until their training time passes the budget
     i = 0
     while True:
-        behind = [m for m in avail if state[m]["time"] < budget and state[m]["step"] < cap]
+        behind = [m for m in avail if state[m]["time"] < budget and state[m]["step"] < cap and m not in failed]
         if not behind:
             break
         k = i % len(behind)
         for m in behind[k:] + behind[:k]:
             one_step(m)
             s = state[m]
+            if m in failed:
+                continue
             if s["time"] >= budget or s["step"] % args.eval_every == 0 or s["step"] >= cap:
                 evaluate(m)
         i += 1
@@ -184,6 +197,7 @@ def train_interleaved(resolved, avail, device, args, seed) -> dict:
         "curves": curves,
         "step_times_s": {m: state[m]["times"] for m in avail},
         "train_loss": {m: [float(x) for x in state[m]["losses"]] for m in avail},
+        "failed": failed,
     }
 
 
@@ -225,7 +239,10 @@ def markdown(p: dict) -> str:
         f"({budgets} s per seed). Δ < 0 is better than the baseline. {env['date_utc']}; load avg (1 min) "
         f"median {load.get('median')}, max {load.get('max')} on {env['hardware']['cpu_count']} CPUs.\n"
     )
-    return head + "\n" + H.md_table(header, rows)
+    fails = [f"{p['methods'][m]['label']} (seed {seed}): {err[:200]}"
+             for seed, fs in (p["raw"].get("failed") or {}).items() for m, err in fs.items()]
+    tail = ("\n\nFAILED during training (its numbers stop there): " + "; ".join(fails)) if fails else ""
+    return head + "\n" + H.md_table(header, rows) + tail
 
 
 def _signed(v):

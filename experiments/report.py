@@ -41,13 +41,16 @@ def findings(p: dict) -> list[str]:
     out = []
     if p["kind"] == "throughput":
         for m, r in s.items():
+            if "failed" in r:
+                out.append(f"{lab[m]}: FAILED in the timing run ({r['failed'][:200]}).")
+                continue
             v = r.get("speedup_vs_standard_fused")
             if m == H.BASELINE or v is None:
                 continue
             word = "faster than" if v > 1.02 else "slower than" if v < 0.98 else "level with"
             out.append(f"{lab[m]}: {v:.2f}x the step rate of standard (fused loss): {word} it.")
         for a, b in (("cggr_combined", "random_token"), ("cggr_sequence", "random_sequence")):
-            if a in s and b in s:
+            if a in s and b in s and "median_step_s" in s[a] and "median_step_s" in s[b]:
                 out.append(f"{lab[a]} vs its control {lab[b]}: {s[b]['median_step_s'] / s[a]['median_step_s']:.2f}x "
                            "(the router's cost shows here: both keep the same number of tokens/sequences).")
     elif p["kind"] == "sweep":
@@ -131,6 +134,21 @@ def render(results: list[dict], folder: Path) -> str:
     return "\n".join(lines)
 
 
+def make_plots(results: list[dict]) -> None:
+    """(Re)draw each sweep's and quality run's PNG beside its JSON, when matplotlib is installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("note: matplotlib is not installed; plots not drawn (pip install matplotlib)", file=sys.stderr)
+        return
+    from experiments import quality, sweep
+
+    for r in results:
+        draw = {"sweep": sweep.plot, "quality": quality.plot}.get(r["kind"])
+        if draw:
+            draw(r, r["_path"].with_suffix(".png"))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -143,6 +161,7 @@ def main(argv=None) -> int:
     if not results:
         print(f"error: no results JSON in {folder}", file=sys.stderr)
         return 2
+    make_plots(results)
     out = Path(args.output) if args.output else folder / "RESULTS.md"
     out.write_text(render(results, folder) + "\n")
     print(f"wrote {out} ({len(results)} experiments)", file=sys.stderr)

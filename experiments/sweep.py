@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from experiments import harness as H
 
@@ -74,6 +75,8 @@ def main(argv=None) -> int:
         epilog=__doc__.split("\n\n", 1)[1],
     )
     ap.add_argument("--out", default=None, help="results folder (default experiments/results)")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="start no point after this many seconds; the rest are recorded as not run")
     ap.add_argument("words", nargs="*", help="sweep=<name>, sweep.key=value, and Hydra overrides of the base config")
     args = ap.parse_args(argv)
     s, overrides = load_sweep(args.words)
@@ -85,15 +88,25 @@ def main(argv=None) -> int:
     H.check_same_model_and_data(resolved)
     env = H.environment(device)
     points, missed = [], set()
+    t_start = time.monotonic()
     with H.LoadSampler() as load:
         for b, m in plan_points(methods, s["batch_sizes"]):
             point = {"method": m, "batch_size": b}
+            if args.deadline_s is not None and time.monotonic() - t_start > args.deadline_s:
+                point.update(status="not_run", error="time limit of the run reached", fit="not run (time limit)")
+                points.append(point)
+                continue
             if not resolved[m]["available"]:
                 point.update(status="unavailable", error=resolved[m]["reason"])
             elif s["stop_after_miss"] and m in missed:
                 point.update(status="skipped", error="did not fit at a smaller batch size")
             else:
                 r = H.resolve_method(m, [*base, f"data.batch_size={b}"], device)
+                if not r["available"]:  # e.g. a batch size the config rejects
+                    point.update(status="error", error=f"invalid config: {r['reason']}", fit=f"error: {r['reason'][:120]}")
+                    points.append(point)
+                    print(f"[sweep] {m} batch {b}: {point['fit']}", file=sys.stderr, flush=True)
+                    continue
                 spec = {"config": r["config"], "device": device, "warmup": s["warmup"], "steps": s["steps"],
                         "threads": s.get("threads")}
                 if device.startswith("cuda"):
@@ -106,15 +119,15 @@ def main(argv=None) -> int:
                     res.pop("traceback", None)
                 point.update(res)
                 point["batch_size"] = b
-                if not H.point_fits(point, budget):
-                    missed.add(m)
+                if point["status"] in ("oom", "killed") or (point["status"] == "ok" and not H.point_fits(point, budget)):
+                    missed.add(m)  # a real miss; an error is not evidence about memory
             point["fit"] = H.fit_status(point, budget) if point["status"] != "skipped" else "does not fit: skipped"
             print(f"[sweep] {m} batch {b}: {point['fit']}"
                   + (f", {point['tokens_per_s']:.0f} tok/s, peak {point['peak_bytes'] / 2**20:.0f} MiB"
                      if point.get("status") == "ok" else ""), file=sys.stderr, flush=True)
             points.append(point)
     env["load"] = load.summary()
-    summary = H.sweep_summary([p for p in points if p["status"] != "skipped"] or points, budget)
+    summary = H.sweep_summary([p for p in points if p["status"] not in ("skipped", "not_run")] or points, budget)
     name = s["name"]
     first = next((resolved[m]["config"] for m in methods if resolved[m]["available"]), None)
     payload = {
@@ -129,7 +142,7 @@ def main(argv=None) -> int:
     }
     md = markdown(payload)
     path = H.write_results(payload, name, device, md, args.out)
-    plot(payload, H.results_path(name, device, "png", args.out))
+    H.try_plot(plot, payload, H.results_path(name, device, "png", args.out))
     print(md)
     print(f"\nwrote {path}", file=sys.stderr)
     return 0
@@ -169,6 +182,8 @@ def markdown(p: dict) -> str:
                 cells.append("not available yet")
             elif pt["status"] == "skipped":
                 cells.append("not tried (missed smaller)")
+            elif pt["status"] == "not_run":
+                cells.append("not run (time limit)")
             else:
                 cells.append(pt["fit"])
         grid.append([meta["label"], *cells])

@@ -71,6 +71,9 @@ def main(argv=None) -> int:
     tokens = timing["tokens_per_step"]
     summary = H.throughput_summary(timing["step_times_s"], tokens)
     for m in avail:
+        if m not in summary:  # failed in the timing run
+            summary[m] = {"failed": timing["failed"].get(m, {}).get("error", "no timed steps")}
+            continue
         if device.startswith("cuda"):
             summary[m]["peak_bytes"] = timing["cuda_peak_bytes"][m]
             summary[m]["peak_above_build_bytes"] = timing["cuda_peak_bytes"][m] - timing["cuda_base_bytes"]
@@ -115,22 +118,30 @@ def time_interleaved(resolved, avail, device, warmup, steps) -> dict:
     cuda = device.startswith("cuda")
     peaks = {m: 0 for m in avail}
     base_bytes = None
-    order_log = []
+    order_log, failed = [], {}
     for i, batch in enumerate(batches):
-        k = i % len(avail)
-        order = avail[k:] + avail[:k]
+        live = [m for m in avail if m not in failed]
+        k = i % max(len(live), 1)
+        order = live[k:] + live[:k]
         order_log.append(order)
         for m in order:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
                 base_bytes = torch.cuda.memory_allocated() if base_bytes is None else base_bytes
-            dt, _ = H.train_step(modules[m], optimizer, batch, i, clip, ctx, device)
+            res = H.guarded(lambda _: H.train_step(modules[m], optimizer, batch, i, clip, ctx, device), {})
+            if isinstance(res, dict):  # this method failed (e.g. out of memory): recorded, others go on
+                failed[m] = res
+                optimizer.zero_grad(set_to_none=True)
+                if cuda:
+                    torch.cuda.empty_cache()
+                print(f"[throughput] {m} FAILED: {res['error']}", file=sys.stderr, flush=True)
+                continue
             if cuda:
                 peaks[m] = max(peaks[m], torch.cuda.max_memory_allocated())
             if i >= warmup:
-                times[m].append(dt)
+                times[m].append(res[0])
         print(f"[throughput] step {i + 1}/{len(batches)} " +
-              " ".join(f"{m}={times[m][-1] if times[m] else float('nan'):.3f}s" for m in avail),
+              " ".join(f"{m}={times[m][-1] if times[m] else float('nan'):.3f}s" for m in live),
               file=sys.stderr, flush=True)
     out = {
         "step_times_s": times,
@@ -140,6 +151,7 @@ def time_interleaved(resolved, avail, device, warmup, steps) -> dict:
         "initial_weights_fingerprint": fingerprint,
         "order_per_step": order_log,
         "loss_impl": {m: modules[m].loss_impl for m in avail},
+        "failed": failed,
     }
     if cuda:
         out["cuda_peak_bytes"] = peaks
@@ -158,6 +170,9 @@ def markdown(p: dict) -> str:
         if m not in s:
             continue
         r = s[m]
+        if "failed" in r:
+            rows.append([meta["label"], meta["kind"], "FAILED: " + r["failed"][:160], *[None] * 6])
+            continue
         rows.append([
             meta["label"], meta["kind"], f"{r['median_step_s']:.4f}", f"{r['tokens_per_s']:.0f}",
             _x(r.get("speedup_vs_standard_fused")), _x(r.get("speedup_vs_standard_naive")),

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The GPU versions of the experiments as one non-interactive run, sized for <= 8 minutes on one H100.
+#
+#   bash experiments/gpu_suite.sh                 # on the GPU machine, from the repository root
+#   GPU_SUITE_DRY=1 bash experiments/gpu_suite.sh # a minutes-long CPU rehearsal of the same flow
+#
+# Writes under $OUT (default ./gpu_out): gpu_results.tgz (every JSON, table and plot), RESULTS-gpu.md
+# and suite.log. Unpack the archive into experiments/results/ and run `python -m experiments.report`
+# to fold the GPU tables (and plots, if matplotlib was missing there) into RESULTS.md.
+#
+# The device machines have torch, triton, transformers, lightning and torchmetrics but not
+# hydra-core / omegaconf / antlr4 (the harness composes configs with Hydra): their pure-Python
+# wheels are carried in experiments/wheels/ and installed offline into a scratch folder put on
+# PYTHONPATH (nothing in the machine's environment changes). Real SmolLM2 weights are not used
+# here: the 98 MB GGUF exceeds what travels to the machine, so the SmolLM2 rows use its exact shape
+# with random weights (conf/experiment/bench_smollm2_shape.yaml), which is what throughput and memory
+# depend on. Each step has a time limit; the whole suite stops starting new work after $BUDGET_S.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-$PWD/gpu_out}
+BUDGET_S=${GPU_SUITE_BUDGET_S:-450}
+mkdir -p "$OUT"
+RES=$(mktemp -d)/results
+mkdir -p "$RES"
+LOG="$OUT/suite.log"
+START=$(date +%s)
+left() { echo $((BUDGET_S - ($(date +%s) - START))); }
+say() { echo "[gpu_suite $(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+
+if ! python -c "import hydra, omegaconf" 2>/dev/null; then
+  DEPS=$(mktemp -d)/pydeps
+  python -m pip install --quiet --no-index --no-deps --target "$DEPS" experiments/wheels/*.whl >>"$LOG" 2>&1 \
+    || { say "offline install of experiments/wheels failed"; exit 2; }
+  export PYTHONPATH="$DEPS${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export LIGHTNING_CGGR_CACHE=${LIGHTNING_CGGR_CACHE:-$(mktemp -d)/cache}
+export TOKENIZERS_PARALLELISM=false
+
+if [ "${GPU_SUITE_DRY:-0}" = "1" ]; then
+  DEV=cpu; SHAPE=(data.batch_size=2 data.block_size=64 model.num_layers=4); S=(--steps 2 --warmup 1)
+  Q=(--steps 4 --eval-every 2 --eval-batches 1); SW=(sweep.device=cpu sweep.batch_sizes=[2,4] sweep.steps=1 sweep.warmup=1 sweep.memory_budget_mib=8000 data.block_size=64 model.num_layers=4)
+else
+  DEV=cuda; SHAPE=(data.batch_size=8 data.block_size=2048); S=(--steps 15 --warmup 3)
+  Q=(--steps 60 --eval-every 15 --eval-batches 4); SW=()
+fi
+python - <<'EOF' >>"$LOG" 2>&1
+import torch, sys
+print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "", file=sys.stderr)
+EOF
+nvidia-smi >>"$LOG" 2>&1 || true
+
+step() {  # step <seconds cap> <module> <args...>
+  local cap=$1; shift
+  local t; t=$(left)
+  if [ "$t" -lt 20 ]; then say "SKIPPED (suite budget spent): $*"; return; fi
+  [ "$cap" -gt "$t" ] && cap=$t
+  say "start (limit ${cap}s): python -m $*"
+  timeout --signal=TERM --kill-after=10 "$cap" python -m "$@" >>"$LOG" 2>&1
+  say "done rc=$?: $1"
+}
+
+# 1. throughput at equal batch: tiny (16 x 128, as on CPU) and SmolLM2's shape at 8 x 2048, bf16-mixed
+step 90 experiments.throughput --device "$DEV" --preset tiny "${S[@]}" --out "$RES"
+step 150 experiments.throughput --device "$DEV" --preset smollm2_shape "${S[@]}" --out "$RES" "${SHAPE[@]}"
+# 2. quality, SmolLM2 shape from random init, 8 x 512, one seed (GPU time is scarce)
+step 150 experiments.quality --device "$DEV" --preset smollm2_shape "${Q[@]}" --seeds 0 --out "$RES" \
+  --methods standard_naive,standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence,cggr_final \
+  data.batch_size=8 data.block_size=512 optim.lr=1e-3 optim.warmup_steps=10 \
+  $( [ "${GPU_SUITE_DRY:-0}" = "1" ] && echo "data.batch_size=2 data.block_size=64 model.num_layers=4" )
+# 3. batch-size sweep at a 12 GiB budget (block 2048), whatever time is left
+T=$(left); [ "$T" -gt 30 ] && step "$T" experiments.sweep --out "$RES" --deadline-s $((T - 25)) sweep=gpu_smollm2_shape "${SW[@]}"
+
+python -m experiments.report --results "$RES" --output "$RES/RESULTS-gpu.md" >>"$LOG" 2>&1
+cp "$RES/RESULTS-gpu.md" "$OUT/" 2>/dev/null
+tar czf "$OUT/gpu_results.tgz" -C "$RES" .
+say "finished; results in $OUT"
