@@ -13,6 +13,18 @@ One training step, all on the device and free of host syncs:
 
 ``cggr.enabled=false`` (and the first ``cggr.warmup_steps`` steps) run the same path keeping every
 trainable token: the standard baseline.
+
+Variants, all in :meth:`CGGRModule.route` (options in ``conf/cggr/default.yaml``):
+
+- ``selection.unit=sequence``: only the ``ceil(ratio * B)`` hardest sequences (mean score over
+  trainable tokens) are index-selected and run through the decoder, forward and backward.
+- ``router.source=final``: no router; step 4 runs first and its final hidden states (detached,
+  in training mode, so with the model's dropout) give the statistics. Token unit only.
+- ``scoring=excess_loss``: score = current NLL - NLL of a frozen, unregistered reference model.
+- ``scoring=random``: seeded uniform scores from a generator on the device seeded by (seed, step).
+- ``ratio_schedule``: constant, curriculum (host ints) or dynamic (a device tensor; static buffers
+  sized by its max). Logged: ``train/ratio``, ``train/score_kept``, ``train/score_dropped``,
+  ``train/kept_sequences``.
 """
 
 from __future__ import annotations
@@ -171,7 +183,7 @@ class CGGRModule(L.LightningModule):
             return self(input_ids, attention_mask), targets, None, trainable
         if sel.unit == "sequence":
             score, stats = self.score_and_stats(input_ids, attention_mask, targets)
-            ratio, cap = self._step_ratio(stats, trainable)
+            ratio, cap = self._step_ratio(stats, trainable & torch.isfinite(score))  # sanitized tokens: no vote
             rows = select_sequences(score, trainable, ratio, capacity_ratio=cap)
             row_kept = torch.zeros(targets.shape[0], dtype=torch.bool, device=targets.device)
             row_kept.index_copy_(0, rows.index, rows.valid)
@@ -189,7 +201,7 @@ class CGGRModule(L.LightningModule):
         if c.router.source == "final":  # router-free: score from the forward's own final states
             hidden = self(input_ids, attention_mask)
         score, stats = self.score_and_stats(input_ids, attention_mask, targets, final_hidden=hidden)
-        ratio, cap = self._step_ratio(stats, trainable)
+        ratio, cap = self._step_ratio(stats, trainable & torch.isfinite(score))  # sanitized tokens: no vote
         gen = step_generator(c.seed, self.global_step, targets.device, stream=1) if sel.strategy == "stratified" else None
         selection = select(
             score, trainable, ratio, sel.scope, strategy=sel.strategy, strata=sel.strata,

@@ -220,3 +220,21 @@ def test_stratified_with_minimum_through_the_module_is_seeded(monkeypatch):
     n = trainable.sum(1)
     assert int(a.sum()) == max(math.ceil(0.1 * int(n.sum())), int(n.clamp(max=2).sum()))
     assert (a.sum(1) >= n.clamp(max=2)).all()
+
+
+def test_reference_loads_by_name_from_a_local_checkpoint(tmp_path):
+    from lightning_cggr.reference import load_reference
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    saved = make_tiny_model("llama", num_layers=1, seed=4)
+    saved.save_pretrained(tmp_path)  # a checkpoint folder holds a tokenizer too; the builder loads both
+    vocab = {f"t{i}": i for i in range(97)}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0"))).save_pretrained(tmp_path)
+    loaded = load_reference(str(tmp_path), "float32")
+    for (name, a), (_, b) in zip(saved.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    cfg = CGGRConfig(scoring="excess_loss", router=RouterConfig(num_layers=1, reference=str(tmp_path), reference_dtype="float32"))
+    module = CGGRModule(make_tiny_model("llama", num_layers=2), cfg)  # no module given: loaded by name
+    assert module.reference is not None and not module.reference.model.training
