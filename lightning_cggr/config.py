@@ -20,7 +20,7 @@ RATIO_SCHEDULES = ("constant", "curriculum", "dynamic")
 CURRICULUM_SHAPES = ("linear", "cosine")
 MODEL_SOURCES = ("random", "pretrained", "smollm2_gguf")
 MODEL_ARCHS = ("llama", "gpt2", "gpt_neox")
-DATA_SOURCES = ("pydoc", "files")
+DATA_SOURCES = ("pydoc", "files", "chat", "hf")
 TOKENIZERS = ("bpe", "model")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -151,19 +151,29 @@ class DataConfig:
     """Where batches come from."""
 
     source: str = "pydoc"
-    """pydoc (the English text of CPython's pydoc_data.topics, no download) | files (data.paths)."""
+    """pydoc (the English text of CPython's pydoc_data.topics, no download) | files (data.paths) |
+    chat (JSONL conversations, assistant-only labels) | hf (a Hugging Face dataset, data.hf_name)."""
     paths: list[str] | None = None
-    """Local UTF-8 text files for source=files; each file is one document."""
+    """Local UTF-8 text files for source=files; each file is one document. For source=chat: JSONL
+    files of {"messages": [...]}; null means the chat sample shipped in lightning_cggr/samples."""
     tokenizer: str = "bpe"
     """bpe: a byte-level BPE trained on the corpus and cached; model: the pretrained model's own."""
     vocab_size: int = 8192
     block_size: int = 128
-    """Tokens per training sequence (packed)."""
+    """Tokens per training sequence (packed); for source=chat the truncation length."""
     batch_size: int = 16
     val_fraction: float = 0.05
     num_workers: int = 0
     cache_dir: str | None = None
     """Tokenizer cache; default ~/.cache/lightning_cggr (or $LIGHTNING_CGGR_CACHE)."""
+    hf_name: str | None = None
+    """source=hf: the dataset's hub name (e.g. wikitext) or a local dataset folder."""
+    hf_config: str | None = None
+    """source=hf: the dataset's configuration (e.g. wikitext-2-raw-v1)."""
+    hf_split: str = "train"
+    """source=hf: the split read; data.val_fraction of its rows are held out for validation."""
+    hf_text_field: str = "text"
+    """source=hf: the column holding the text; each non-blank row is one document."""
 
 
 @dataclass
@@ -334,6 +344,10 @@ def validate(run: RunConfig) -> None:
         )
     if d.source == "files" and not d.paths:
         p.append("data.paths: required for data.source=files (a list of text files)")
+    if d.source == "chat" and d.tokenizer != "model":
+        p.append("data.source=chat renders conversations with the model's chat template; use data.tokenizer=model")
+    if d.source == "hf" and not d.hf_name:
+        p.append("data.hf_name: required for data.source=hf (e.g. wikitext, with data.hf_config=wikitext-2-raw-v1)")
     for name in ("block_size", "batch_size", "vocab_size"):
         value = getattr(d, name)
         if not isinstance(value, int) or value < 2:

@@ -56,6 +56,11 @@ def load_documents(cfg: DataConfig) -> dict[str, str]:
         return pydoc_documents()
     if cfg.source == "files":
         return file_documents(list(cfg.paths or []))
+    if cfg.source == "hf":  # a Hugging Face dataset by name: each non-blank row is one document
+        from .hub import load_hf_texts
+
+        texts = load_hf_texts(cfg.hf_name, cfg.hf_config, split=cfg.hf_split, text_field=cfg.hf_text_field)
+        return {f"{cfg.hf_name}/{cfg.hf_config}/{cfg.hf_split}/{i}": t for i, t in enumerate(texts)}
     raise ValueError(f"unknown data.source {cfg.source!r}")
 
 
@@ -165,7 +170,19 @@ def build_tokenizer(cfg: DataConfig):
 
 def build_datamodule(cfg: DataConfig, tokenizer, seed: int = 0) -> L.LightningDataModule:
     """The data module for ``cfg.source``."""
-    if cfg.source in ("pydoc", "files"):
+    if cfg.source in ("pydoc", "files", "hf"):
         train, val = split_documents(load_documents(cfg), cfg.val_fraction)
         return PackedTextDataModule(train, val, tokenizer, cfg, seed=seed)
+    if cfg.source == "chat":  # chat SFT: assistant-only labels, right padding (lightning_cggr.chat)
+        from .chat import ChatDataModule, sample_chat_path
+
+        return ChatDataModule(
+            list(cfg.paths) if cfg.paths else [sample_chat_path()],
+            tokenizer,
+            max_length=cfg.block_size,
+            batch_size=cfg.batch_size,
+            val_fraction=cfg.val_fraction,
+            seed=seed,
+            num_workers=cfg.num_workers,
+        )
     raise ValueError(f"unknown data.source {cfg.source!r}")

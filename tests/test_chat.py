@@ -184,3 +184,37 @@ def test_too_small_file_for_the_split_is_an_error(tokenizer, tmp_path):
     dm = ChatDataModule(path, tokenizer, val_fraction=0.5)
     with pytest.raises(ValueError, match="none for training"):
         dm.setup("fit")
+
+
+def test_offline_smollm_chat_job_composes(tokenizer):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from lightning_cggr.data import build_datamodule
+    from lightning_cggr.config import parse_config
+    from lightning_cggr.train import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", ["+experiment=smollm", "model=smollm2_gguf", "data=chat", "output_dir=/tmp/unused"])
+    run = parse_config(OmegaConf.to_container(cfg, resolve=False))
+    assert (run.model.source, run.data.source, run.data.tokenizer, run.data.paths) == ("smollm2_gguf", "chat", "model", None)
+    assert (run.cggr.router.num_layers, run.cggr.warmup_steps, run.cggr.min_tokens_ratio) == (2, 10, 0.25)
+    assert run.data.block_size == 2048 and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.trainer.accelerator == "auto"  # the GPU when present; this CPU-only job runs as is
+    dm = build_datamodule(run.data, tokenizer, seed=0)
+    assert isinstance(dm, ChatDataModule)
+    assert dm.paths == [sample_chat_path()] and dm.max_length == 2048 and dm.batch_size == 8
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"source": "chat", "tokenizer": "bpe"}, "data.source=chat renders conversations with the model's chat template"),
+        ({"source": "hf"}, "data.hf_name: required for data.source=hf"),
+    ],
+)
+def test_chat_and_hf_sources_validate(data, message):
+    from lightning_cggr.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"model": {"source": "smollm2_gguf"}, "data": data})

@@ -25,8 +25,9 @@ def smollm2_file():
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_file):
-    """(model, tokenizer) in fp32; tests that change weights must work on a deepcopy."""
-    return load_gguf_model(smollm2_file, dtype=torch.float32)
+    """(model, tokenizer) in fp32 read from the GGUF itself (not the converted cache), once per
+    session; tests that change weights must work on a deepcopy."""
+    return load_gguf_model(smollm2_file, dtype=torch.float32, cache_converted=False)
 
 
 def test_real_model_loads_as_smollm2_135m(smollm2):
@@ -49,6 +50,30 @@ def test_real_model_answers_a_question(smollm2):
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=8, do_sample=False)
     assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1] :])
+
+
+def test_converted_cache_round_trips_weights_and_tokenizer(smollm2, smollm2_file, tmp_path):
+    import shutil
+
+    model, tok = smollm2
+    copy = tmp_path / SMOLLM2_GGUF_FILE
+    shutil.copy2(smollm2_file, copy)
+    folder = gguf.converted_dir(copy)
+    gguf._save_converted(model, tok, folder, copy)
+    assert gguf._read_converted(folder, copy)
+    loaded, loaded_tok = load_gguf_model(copy, dtype="bf16")  # from the converted folder
+    assert loaded.dtype == torch.bfloat16 and type(loaded) is type(model)
+    ref = model.state_dict()
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, ref[name].to(torch.bfloat16)), name
+    conv = [{"role": "user", "content": "Héllo, wörld! 12345"}, {"role": "assistant", "content": "Hi  there\n\tok"}]
+    for t in (loaded_tok, tok):
+        assert t.pad_token_id == tok.pad_token_id and t.eos_token_id == tok.eos_token_id
+    assert loaded_tok.apply_chat_template(conv, tokenize=False) == tok.apply_chat_template(conv, tokenize=False)
+    text = tok.apply_chat_template(conv, tokenize=False)
+    assert loaded_tok(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    (folder / gguf._STAMP).write_text('{"gguf": "other"}')  # a stamp of another file is not trusted
+    assert not gguf._read_converted(folder, copy)
 
 
 def test_cached_file_is_reused_without_pip(smollm2_file, monkeypatch):
@@ -120,7 +145,11 @@ def test_missing_gguf_package_names_the_extra(monkeypatch, smollm2_file):
     import transformers.utils.import_utils as iu
 
     monkeypatch.setattr(iu, "is_gguf_available", lambda *a, **k: False)
-    with pytest.raises(ImportError, match=r"pip install -e \.\[gguf\]"):
+    with pytest.raises(ImportError, match=r"'gguf' \(>= [\d.]+\); install .*pip install -e \.\[gguf\]"):
+        load_gguf_model(smollm2_file)
+    monkeypatch.setattr(iu, "is_gguf_available", lambda *a, **k: True)
+    monkeypatch.setattr(iu, "is_accelerate_available", lambda *a, **k: False)
+    with pytest.raises(ImportError, match=r"'accelerate'; install .*pip install -e \.\[gguf\]"):
         load_gguf_model(smollm2_file)
 
 
@@ -129,3 +158,88 @@ def test_load_rejects_a_non_gguf_path(tmp_path):
         load_gguf_model(tmp_path)
     with pytest.raises(FileNotFoundError):
         load_gguf_model(tmp_path / "absent.gguf")
+
+
+# ---- the real model inside CGGR ------------------------------------------------------------------
+
+
+def test_router_over_two_real_layers_shares_storage(smollm2):
+    from lightning_cggr.router import TruncatedRouter
+
+    model, tok = smollm2
+    router = TruncatedRouter(model, 2)
+    layers = model.model.layers
+    assert len(router.blocks) == 2
+    for mine, theirs in zip(router.blocks, layers[:2]):
+        assert mine is theirs
+        assert [p.data_ptr() for p in mine.parameters()] == [p.data_ptr() for p in theirs.parameters()]
+    assert router.head_weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    ids = torch.tensor([tok.encode("The capital of France is Paris.")])
+    with torch.no_grad():
+        ref = model(input_ids=ids, output_hidden_states=True).hidden_states[2]  # after 2 blocks
+        torch.testing.assert_close(router.hidden_states(ids), model.model.norm(ref))
+
+
+def _fit(model, tok, path, steps, ratio=0.25):
+    import lightning as L
+
+    from lightning_cggr.chat import ChatDataModule
+    from lightning_cggr.config import CGGRConfig, OptimConfig, RouterConfig
+    from lightning_cggr.module import CGGRModule
+
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            m = trainer.callback_metrics
+            seen.append((batch, outputs["loss"].detach(), m["train/loss"].clone(), m["train/kept_ratio"].clone()))
+
+    cggr = CGGRConfig(min_tokens_ratio=ratio, warmup_steps=0, router=RouterConfig(num_layers=2))
+    module = CGGRModule(model, cggr, optim=OptimConfig(lr=1e-4, warmup_steps=1))
+    dm = ChatDataModule(path, tok, max_length=48, batch_size=2, val_fraction=0.1, seed=0)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        num_sanity_val_steps=0, callbacks=[Record()],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    return seen
+
+
+def test_two_cggr_steps_on_real_smollm2_keep_the_configured_ratio(smollm2):
+    import copy
+
+    from lightning_cggr.chat import sample_chat_path
+    from lightning_cggr.selection import shift_targets
+
+    model, tok = smollm2
+    trained = copy.deepcopy(model).train()
+    before = trained.model.layers[5].mlp.down_proj.weight.detach().clone()
+    seen = _fit(trained, tok, sample_chat_path(), steps=2)
+    assert len(seen) == 2
+    for batch, loss, logged_loss, kept_ratio in seen:
+        assert torch.isfinite(loss) and 0 < loss < 20 and torch.isfinite(logged_loss)
+        # independent count: ceil(0.25 * n) of each row's n trainable next-token targets
+        n = (shift_targets(batch["labels"], batch["attention_mask"]) != -100).sum(dim=1)
+        assert n.sum() > 0
+        expected = sum(-(-int(k) // 4) for k in n) / int(n.sum())
+        assert kept_ratio.item() == pytest.approx(expected, abs=1e-6)
+        assert 0.25 <= kept_ratio.item() < 0.25 + len(n) / int(n.sum())
+    assert not torch.equal(trained.model.layers[5].mlp.down_proj.weight, before)  # it trained
+
+
+def test_conversations_without_assistant_tokens_train_to_a_finite_zero(smollm2, tmp_path):
+    import copy
+    import json
+
+    model, tok = smollm2
+    path = tmp_path / "no_answers.jsonl"
+    rows = [[{"role": "user", "content": f"Question {i}?"}] for i in range(6)]
+    rows += [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]]
+    path.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
+    frozen = copy.deepcopy(model).train().requires_grad_(False)
+    frozen.model.norm.weight.requires_grad_(True)  # one small trainable tensor keeps the step cheap
+    seen = _fit(frozen, tok, path, steps=1)
+    (batch, loss, logged_loss, kept_ratio), = seen
+    assert (batch["labels"] == -100).all()
+    assert loss.item() == 0.0 and logged_loss.item() == 0.0 and kept_ratio.item() == 0.0
