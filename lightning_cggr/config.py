@@ -21,7 +21,7 @@ CURRICULUM_SHAPES = ("linear", "cosine")
 MODEL_SOURCES = ("random", "pretrained", "smollm2_gguf")
 MODEL_ARCHS = ("llama", "gpt2", "gpt_neox")
 DATA_SOURCES = ("pydoc", "files", "chat", "hf")
-TOKENIZERS = ("bpe", "model")
+TOKENIZERS = ("auto", "bpe", "model")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -45,7 +45,6 @@ class RouterConfig:
     whose NLL is subtracted from the current one (Rho-1); required by and only used with excess_loss."""
     reference_dtype: str = "bfloat16"
     """Weights' dtype of the reference model: float32 | bfloat16 | float16 (it runs in inference mode)."""
-
 
 
 @dataclass
@@ -156,8 +155,9 @@ class DataConfig:
     paths: list[str] | None = None
     """Local UTF-8 text files for source=files; each file is one document. For source=chat: JSONL
     files of {"messages": [...]}; null means the chat sample shipped in lightning_cggr/samples."""
-    tokenizer: str = "bpe"
-    """bpe: a byte-level BPE trained on the corpus and cached; model: the pretrained model's own."""
+    tokenizer: str = "auto"
+    """bpe: a byte-level BPE trained on the corpus and cached; model: the pretrained model's own;
+    auto: bpe for model.source=random, model otherwise (resolved by parse_config)."""
     vocab_size: int = 8192
     block_size: int = 128
     """Tokens per training sequence (packed); for source=chat the truncation length."""
@@ -205,27 +205,6 @@ def _build(cls: type, values: Mapping[str, Any] | None, where: str, problems: li
 def _check_choice(problems: list[str], name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         problems.append(f"{name}={value!r}: must be one of {', '.join(choices)}")
-
-
-def config_error(problems: list[str]) -> ConfigError:
-    """One problem: one line. Several: a header line and one line each."""
-    if len(problems) == 1:
-        return ConfigError(f"invalid configuration: {problems[0]}")
-    return ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
-
-
-def _check_data_files(p: list[str], paths: Any) -> None:
-    """Every data file exists and is not empty (a cheap stat, before anything is built)."""
-    from pathlib import Path
-
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    for raw in paths:
-        path = Path(str(raw)).expanduser()
-        if not path.is_file():
-            p.append(f"data.paths: {path} does not exist or is not a file")
-        elif path.stat().st_size == 0:
-            p.append(f"data.paths: {path} is empty")
 
 
 def _is_int(value: Any) -> bool:
@@ -379,5 +358,7 @@ def parse_config(cfg: Mapping[str, Any]) -> RunConfig:
     if isinstance(parts["optim"].betas, list):
         parts["optim"].betas = tuple(parts["optim"].betas)
     run = RunConfig(**parts)
+    if run.data.tokenizer == "auto":  # the documented rule, resolved before validation
+        run.data.tokenizer = "bpe" if run.model.source == "random" else "model"
     validate(run)
     return run

@@ -70,9 +70,13 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     trainer = L.Trainer(
         **_trainer_kwargs(cfg), logger=logger, callbacks=[checkpoint, *(callbacks or [])], default_root_dir=str(out)
     )
+    initial = {}
+    if not ckpt_path:  # the starting point, so the end can be compared with it
+        initial = {f"{k}_initial": v for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(Path(ckpt_path).expanduser()) if ckpt_path else None)
     trainer.validate(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    metrics.update(initial)
     log.info("final metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
     log.info("run folder: %s (checkpoints/, csv/metrics.csv)", out)
     return metrics
