@@ -285,14 +285,9 @@ class CGGRModule(L.LightningModule):
         """Always every trainable token, so runs with and without CGGR compare."""
         input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
         targets = shift_targets(batch["labels"], attention_mask)
-        hidden = self(input_ids, attention_mask)
-        B, T, H = hidden.shape
-        impl = self.loss_impl
-        nll_sum = linear_cross_entropy(
-            hidden.reshape(B * T, H), self.head.weight, targets.reshape(-1), reduction="sum", impl=impl
-        )
+        nll_sum, count = self.loss_terms(self(input_ids, attention_mask), targets, None)
         self.val_nll_sum.update(nll_sum.float())
-        self.val_tokens.update((targets != IGNORE_INDEX).sum().float())
+        self.val_tokens.update(count.float())
 
     def on_validation_epoch_end(self):
         loss = self.val_nll_sum.compute() / self.val_tokens.compute().clamp(min=1)

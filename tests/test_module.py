@@ -3,6 +3,8 @@ empty selections, and one real optimizer step for each architecture."""
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -142,3 +144,21 @@ def test_training_step_goes_through_the_triton_kernel_and_matches_torch(monkeypa
     torch.testing.assert_close(grads["triton"][0], grads["torch"][0], rtol=1e-5, atol=1e-5)
     assert torch.equal(grads["triton"][1], grads["torch"][1])
     torch.testing.assert_close(grads["triton"][2], grads["torch"][2], rtol=1e-4, atol=1e-6)
+
+
+def test_validation_loss_is_token_weighted_mean_over_all_trainable_tokens():
+    """val/loss uses every trainable token (never routed), weighted by token across batches."""
+    module = _module("gpt2", min_tokens_ratio=0.25)
+    batches = [make_batch(3, 12, seed=7), make_batch(2, 12, seed=8)]
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    got = trainer.validate(module, dataloaders=torch.utils.data.DataLoader(batches, batch_size=None), verbose=False)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        module.eval()
+        for b in batches:
+            t = shift_targets(b["labels"], b["attention_mask"])
+            logits = module(b["input_ids"], b["attention_mask"]).double() @ module.head.weight.double().T
+            nll += F.cross_entropy(logits.view(-1, logits.shape[-1]), t.view(-1), reduction="sum").item()
+            count += int((t != IGNORE_INDEX).sum())
+    assert got[0]["val/loss"] == pytest.approx(nll / count, rel=1e-5)
+    assert got[0]["val/ppl"] == pytest.approx(math.exp(nll / count), rel=1e-4)
