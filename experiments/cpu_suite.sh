@@ -12,13 +12,13 @@ what=${1:-all}
 
 if [ "$what" = all ] || [ "$what" = tiny ]; then
   python -m experiments.throughput --preset tiny --steps 20 --warmup 2
-  python -m experiments.quality --preset tiny --steps 60 --eval-every 15 --eval-batches 4 --seeds 0,1,2 data.batch_size=8
+  python -m experiments.quality --preset tiny --steps 80 --eval-every 20 --eval-batches 4 --seeds 0,1,2 data.batch_size=8
   python -m experiments.sweep --deadline-s 480 sweep=cpu_tiny
 fi
 if [ "$what" = all ] || [ "$what" = smollm2 ]; then
   python -m experiments.throughput --preset smollm2 --steps 10 --warmup 1 --mem-steps 1 \
     --methods standard_naive,standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence,cggr_final
-  python -m experiments.quality --preset smollm2 --steps 10 --eval-every 5 --eval-batches 2 --seeds 0 --cggr-warmup 0 \
+  python -m experiments.quality --preset smollm2 --steps 10 --eval-every 5 --eval-batches 2 --seeds 0 --cggr-warmup 0 --max-factor 5 \
     --methods standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence,cggr_final
   python -m experiments.sweep --deadline-s 420 sweep=cpu_smollm2
 fi

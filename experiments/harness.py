@@ -391,7 +391,7 @@ class LoadSampler:
 
     def summary(self) -> dict[str, Any]:
         s = self.samples or [os.getloadavg()[0]]
-        return {"samples_1min": s, "max": max(s), "median": median(s)}
+        return {"samples_1min": s, "max": max(s), "median": round(median(s), 2)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -916,3 +916,8 @@ def try_plot(draw: Callable, payload: dict, path: Path) -> None:
               file=sys.stderr)
         return
     draw(payload, path)
+
+
+def r2(x):
+    """A load figure for prose: two decimals, or a dash."""
+    return "—" if x is None else f"{float(x):.2f}"

@@ -237,7 +237,7 @@ def markdown(p: dict) -> str:
         f"validation batches, same initial weights and batch order per seed, methods interleaved step by step. "
         f"Equal time = the standard fused baseline's training time for {st['steps']} steps "
         f"({budgets} s per seed). Δ < 0 is better than the baseline. {env['date_utc']}; load avg (1 min) "
-        f"median {load.get('median')}, max {load.get('max')} on {env['hardware']['cpu_count']} CPUs.\n"
+        f"median {H.r2(load.get('median'))}, max {H.r2(load.get('max'))} on {env['hardware']['cpu_count']} CPUs.\n"
     )
     fails = [f"{p['methods'][m]['label']} (seed {seed}): {err[:200]}"
              for seed, fs in (p["raw"].get("failed") or {}).items() for m, err in fs.items()]
@@ -246,7 +246,7 @@ def markdown(p: dict) -> str:
 
 
 def _signed(v):
-    return None if v is None else f"{v:+.3f}"
+    return None if v is None else f"{0.0 if abs(v) < 5e-4 else v:+.3f}"
 
 
 def plot(p: dict, path) -> None:

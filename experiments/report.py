@@ -30,8 +30,8 @@ def load_results(folder: Path) -> list[dict]:
         if isinstance(data, dict) and data.get("kind") in ORDER:
             data["_path"] = path
             out.append(data)
-    return sorted(out, key=lambda d: (d["environment"]["device_tag"] != "cpu", d["experiment"].split("-", 1)[-1],
-                                      ORDER[d["kind"]]))
+    return sorted(out, key=lambda d: (d["environment"]["device_tag"] != "cpu", d["experiment"].split("-", 1)[-1] != "tiny",
+                                      d["experiment"].split("-", 1)[-1], ORDER[d["kind"]]))
 
 
 def findings(p: dict) -> list[str]:
@@ -62,7 +62,9 @@ def findings(p: dict) -> list[str]:
                 out.append(f"{lab[m]}: no batch size fits the budget.")
                 continue
             v = r["tokens_per_s_vs_baseline"]
-            out.append(f"{lab[m]}: largest batch within budget {r['best_batch_size']} "
+            grid_max = r["best_batch_size"] == max(p["settings"]["batch_sizes"])
+            out.append(f"{lab[m]}: largest batch within budget {r['best_batch_size']}"
+                       f"{' (the largest tried)' if grid_max else ''} "
                        f"(standard fused: {base.get('best_batch_size')}), tokens/s there "
                        + (f"{v:.2f}x the baseline's." if v else "—."))
     elif p["kind"] == "quality":
@@ -95,6 +97,43 @@ def findings(p: dict) -> list[str]:
     return out
 
 
+def headline(results: list[dict]) -> str:
+    """One row per (shape, device, method): speed, memory-budget and quality against the fair baseline."""
+    groups: dict[tuple[str, str], dict[str, dict]] = {}
+    for r in results:
+        shape = r["experiment"].split("-", 1)[-1]
+        groups.setdefault((shape, r["environment"]["device_tag"]), {})[r["kind"]] = r
+    header = ["shape", "device", "method", "step rate vs std fused", "largest batch in budget (std fused)",
+              "Δ loss @ equal steps", "Δ loss @ equal time"]
+    rows = []
+    for (shape, dev), kinds in sorted(groups.items(), key=lambda kv: (kv[0][1] != "cpu", kv[0][0] != "tiny", kv[0][0])):
+        methods = []
+        for r in kinds.values():
+            methods += [m for m in r["methods"] if m not in methods]
+        for m in methods:
+            t = (kinds.get("throughput") or {}).get("summary", {}).get(m, {})
+            sw = (kinds.get("sweep") or {}).get("summary", {})
+            q = (kinds.get("quality") or {}).get("summary", {}).get(m, {})
+            label = next(r["methods"][m]["label"] for r in kinds.values() if m in r["methods"])
+            speed = t.get("speedup_vs_standard_fused")
+            bs = (sw.get(m) or {}).get("best_batch_size")
+            base_bs = (sw.get(H.BASELINE) or {}).get("best_batch_size")
+
+            def dq(key):
+                d = q.get(f"{key}_minus_baseline")
+                sd = (q.get(key) or {}).get("std")
+                if d is None:
+                    return None
+                return f"{0.0 if abs(d) < 5e-4 else d:+.3f}" + (f" (± {sd:.3f})" if sd else "")
+
+            if speed is None and bs is None and not q:
+                continue
+            rows.append([shape, dev, label, None if speed is None else f"{speed:.2f}x",
+                         None if m not in sw else f"{bs or 'none'} ({base_bs or 'none'})",
+                         dq("loss_at_equal_steps"), dq("loss_at_equal_time")])
+    return H.md_table(header, rows)
+
+
 def render(results: list[dict], folder: Path) -> str:
     from experiments import quality, sweep, throughput
 
@@ -109,11 +148,20 @@ def render(results: list[dict], folder: Path) -> str:
         "at random.",
         "",
     ]
-    loaded = [r for r in results if (r["environment"].get("load") or {}).get("max", 0) > (r["environment"]["hardware"]["cpu_count"] or 1)]
+    # The 1-minute load average includes the benchmark's own threads (torch's, one per core on CPU):
+    # more than one above the CPU count means someone else was running too.
+    loaded = [r for r in results if (r["environment"].get("load") or {}).get("max", 0)
+              > (r["environment"]["hardware"]["cpu_count"] or 1) + 1]
+    lines += ["Load averages quoted in each section include the benchmark's own threads (on CPU, one per core).", ""]
     if loaded:
-        lines += ["**Load warning:** these runs shared the machine (1-minute load average above its CPU count at",
-                  "some point): " + ", ".join(f"{r['experiment']} (max {r['environment']['load']['max']})" for r in loaded)
+        lines += ["**Load warning:** these runs shared the machine (1-minute load average more than one above its",
+                  "CPU count at some point): " + ", ".join(f"{r['experiment']} (max {r['environment']['load']['max']})" for r in loaded)
                   + ". Interleaving and medians protect ratios, not absolute times.", ""]
+    lines += ["## Headline", "",
+              "Step rate: > 1 is faster than standard training with the same fused loss (equal batch). "
+              "Δ loss: held-out loss on all tokens minus the fair baseline's (< 0 is better; ± is the seed "
+              "spread where there were several seeds). Details, shapes and raw figures below.", "",
+              headline(results), ""]
     for r in results:
         env = r["environment"]
         argv = " ".join(env.get("argv") or [])
@@ -131,6 +179,11 @@ def render(results: list[dict], folder: Path) -> str:
         f = findings(r)
         if f:
             lines += ["Findings:", ""] + [f"- {x}" for x in f] + [""]
+    others = sorted(p.name for p in folder.glob("*.md")
+                    if p.name != "RESULTS.md" and not any(p.stem == r["_path"].stem for r in results))
+    if others:
+        lines += ["## Other result files in this folder", "",
+                  *[f"- [{n}]({n}) (written by its own script; not generated here)" for n in others], ""]
     return "\n".join(lines)
 
 

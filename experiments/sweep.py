@@ -162,7 +162,9 @@ def markdown(p: dict) -> str:
         r = s.get(m)
         if r is None or r["unavailable"]:
             continue
-        rows.append([meta["label"], meta["kind"], r["best_batch_size"] or "none fits",
+        best = r["best_batch_size"]
+        best = "none fits" if best is None else f"{best} (grid max: may fit more)" if best == max(st["batch_sizes"]) else best
+        rows.append([meta["label"], meta["kind"], best,
                      _f0(r["tokens_per_s"]), _x(r["tokens_per_s_vs_baseline"]), _mib(r["peak_bytes"]),
                      r["fastest_fitting_batch_size"], _f0(r["fastest_fitting_tokens_per_s"])])
     rows += H.unavailable_rows(p["methods"], len(header))
@@ -195,7 +197,7 @@ def markdown(p: dict) -> str:
         f"{shape.get('precision')}, kept ratio {shape.get('min_tokens_ratio')}; memory budget "
         f"{budget / 2**20:.0f} MiB of {mem}; median of {st['steps']} steps after {st['warmup']} warm-up per point, "
         f"each point a fresh process. Grid: {st['sweep_file']}. {env['date_utc']}; load avg (1 min) median "
-        f"{load.get('median')}, max {load.get('max')} on {env['hardware']['cpu_count']} CPUs.\n"
+        f"{H.r2(load.get('median'))}, max {H.r2(load.get('max'))} on {env['hardware']['cpu_count']} CPUs.\n"
     )
     return head + "\n" + H.md_table(header, rows) + "\n\nEvery point (OVER: ran, but above the budget):\n\n" + H.md_table(grid_header, grid)
 

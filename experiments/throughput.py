@@ -186,7 +186,7 @@ def markdown(p: dict) -> str:
         f"{shape['precision']}, kept ratio {shape['min_tokens_ratio']}, router {shape['router_layers']} layers. "
         f"Median of {p['settings']['steps']} steps after {p['settings']['warmup']} warm-up, methods interleaved "
         f"step by step on the same batches and one shared model. {env['date_utc']}; "
-        f"load avg (1 min) median {load.get('median')}, max {load.get('max')} on {env['hardware']['cpu_count']} CPUs.\n"
+        f"load avg (1 min) median {H.r2(load.get('median'))}, max {H.r2(load.get('max'))} on {env['hardware']['cpu_count']} CPUs.\n"
         f"'vs' columns: baseline median step time / method's (> 1 is faster).\n"
     )
     return head + "\n" + H.md_table(header, rows)
