@@ -65,10 +65,13 @@ def load_documents(cfg: DataConfig) -> dict[str, str]:
 
 
 def split_documents(docs: dict[str, str], val_fraction: float) -> tuple[list[str], list[str]]:
-    """Deterministic document-level split by a checksum of each document's name."""
+    """Deterministic document-level split by a checksum of each document's text.
+
+    The text, not the name, decides: the same files give the same split wherever they are stored.
+    """
     train, val = [], []
-    for name, text in docs.items():
-        bucket = zlib.crc32(name.encode("utf-8")) % 10_000
+    for text in docs.values():
+        bucket = zlib.crc32(text.encode("utf-8")) % 10_000
         (val if bucket < val_fraction * 10_000 else train).append(text)
     if not val:  # tiny corpora: hold out the last document rather than validate on nothing
         if len(train) < 2:
