@@ -489,7 +489,7 @@ def _build(config: dict[str, Any], run):
 
 def _cached_build(config: dict[str, Any], run):
     """``bench.cache_build``: pickle the built (model, datamodule) once, keyed by the model/data/seed
-    config and the transformers version, so fresh measurement processes of a pretrained model skip
+    config, the transformers version and the building code's source, so fresh measurement processes of a pretrained model skip
     the GGUF dequantization and tokenization (tens of seconds each). Weights and batches are identical."""
     import hashlib
 
@@ -500,7 +500,13 @@ def _cached_build(config: dict[str, Any], run):
     import transformers
 
     key = {k: config.get(k) for k in ("model", "data", "seed", "bench")}
-    key = json.dumps({**key, "transformers": transformers.__version__}, sort_keys=True, default=str)
+    # the building code too: a change to how data is split or a model is loaded must not hit a stale pickle
+    src = hashlib.sha256()
+    for name in ("data.py", "models.py", "gguf.py", "chat.py"):
+        f = REPO / "lightning_cggr" / name
+        src.update(f.read_bytes() if f.is_file() else b"")
+    key = json.dumps({**key, "transformers": transformers.__version__, "code": src.hexdigest()},
+                     sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = cache_dir() / "bench" / f"build-{digest}.pt"
     if path.is_file():

@@ -239,6 +239,14 @@ def markdown(p: dict) -> str:
         f"({budgets} s per seed). Δ < 0 is better than the baseline. {env['date_utc']}; load avg (1 min) "
         f"median {H.r2(load.get('median'))}, max {H.r2(load.get('max'))} on {env['hardware']['cpu_count']} CPUs.\n"
     )
+    spikes = []
+    for seed, per in (p["raw"].get("step_times_s") or {}).items():
+        for m, ts in per.items():
+            if len(ts) > 2 and max(ts) > 3 * H.median(ts):
+                spikes.append(f"{p['methods'][m]['label']} seed {seed}: max {max(ts):.2f} s vs median {H.median(ts):.2f} s")
+    if spikes:
+        head += ("\n**Timing spikes** (a step over 3x its method's median: the machine was disturbed; "
+                 "equal-time values are less reliable): " + "; ".join(spikes) + "\n")
     fails = [f"{p['methods'][m]['label']} (seed {seed}): {err[:200]}"
              for seed, fs in (p["raw"].get("failed") or {}).items() for m, err in fs.items()]
     tail = ("\n\nFAILED during training (its numbers stop there): " + "; ".join(fails)) if fails else ""

@@ -76,12 +76,16 @@ def findings(p: dict) -> list[str]:
             for key, what in (("loss_at_equal_steps", "equal steps"), ("loss_at_equal_time", "equal wall-clock")):
                 d = r.get(f"{key}_minus_baseline")
                 if d is None:
-                    parts.append(f"{what}: no value")
+                    parts.append(f"{what}: no value" + (" (its step cap, --max-factor x --steps, came before the "
+                                                        "baseline's time)" if key == "loss_at_equal_time" else ""))
                     continue
+                d = 0.0 if abs(d) < 5e-4 else d
                 spread = max(x for x in ((r[key] or {}).get("std") or 0.0, (base[key] or {}).get("std") or 0.0))
                 verdict = "better" if d < 0 else "worse" if d > 0 else "equal"
                 if spread and abs(d) <= spread:
                     verdict += ", within the seed spread"
+                elif (r[key] or {}).get("n") == 1:
+                    verdict += ", one seed"
                 parts.append(f"{what}: Δ loss {d:+.3f} ({verdict})")
             out.append(f"{lab[m]}: " + "; ".join(parts) + ".")
         for a, b in (("cggr_combined", "random_token"), ("cggr_sequence", "random_sequence")):
@@ -157,6 +161,9 @@ def render(results: list[dict], folder: Path) -> str:
         lines += ["**Load warning:** these runs shared the machine (1-minute load average more than one above its",
                   "CPU count at some point): " + ", ".join(f"{r['experiment']} (max {r['environment']['load']['max']})" for r in loaded)
                   + ". Interleaving and medians protect ratios, not absolute times.", ""]
+    if all(r["environment"]["device_tag"] == "cpu" for r in results):
+        lines += ["**No GPU results yet**: every table here is from a CPU. `bash experiments/gpu_suite.sh` runs the GPU",
+                  "versions (one H100, <= 8 min) and writes an archive to fold in here.", ""]
     lines += ["## Headline", "",
               "Step rate: > 1 is faster than standard training with the same fused loss (equal batch). "
               "Δ loss: held-out loss on all tokens minus the fair baseline's (< 0 is better; ± is the seed "
@@ -169,10 +176,12 @@ def render(results: list[dict], folder: Path) -> str:
         if cmd.startswith("experiments/") and cmd.split()[0].endswith(".py"):
             first, *rest = cmd.split()
             cmd = "python -m " + first[:-3].replace("/", ".") + (" " + " ".join(rest) if rest else "")
+        table = fmt[r["kind"]](r)
+        r["_path"].with_suffix(".md").write_text(table + "\n")  # the per-experiment table, same text
         lines += [f"## {r['experiment']} — {env['device_tag']}", "", f"Command: `{cmd}`  ",
                   f"Commit {str(env.get('git_commit'))[:10]}{' (+ uncommitted changes)' if env.get('git_tree_dirty') else ''}; "
                   f"versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v) + ".", "",
-                  fmt[r["kind"]](r), ""]
+                  table, ""]
         png = r["_path"].with_suffix(".png")
         if png.exists():
             lines += [f"![{r['experiment']}]({png.name})", ""]
