@@ -211,12 +211,43 @@ def make_plots(results: list[dict]) -> None:
             draw(r, r["_path"].with_suffix(".png"))
 
 
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def readme_block(results: list[dict]) -> str:
+    """The README's results table: which runs, on what, when; then the headline rows."""
+    runs = []
+    for r in results:
+        env = r["environment"]
+        runs.append(f"`{r['experiment']}` ({env['device_tag']}, {env.get('date_utc', '?')})")
+    return "\n".join([
+        "Runs: " + ", ".join(sorted(runs)) + ". Shapes: tiny = Llama h128 L4, 16x128 tokens "
+        "(quality 8x128, 3 seeds); smollm2 = SmolLM2-135M-Instruct (offline GGUF), 4x256 tokens "
+        "(quality 1 seed, 10 steps); kept ratio 0.25, 2-layer router.",
+        "",
+        headline(results),
+    ])
+
+
+def update_readme(path: Path, results: list[dict]) -> bool:
+    """Replace the text between the README's results markers; False when the markers are absent."""
+    text = path.read_text()
+    if README_START not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    path.write_text(head + README_START + "\n" + readme_block(results) + "\n" + README_END + tail)
+    return True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--results", default=str(H.RESULTS_DIR), help="folder of results JSON files")
     ap.add_argument("--output", default=None, help="markdown file to write (default <results>/RESULTS.md)")
+    ap.add_argument("--readme", default=str(Path(__file__).resolve().parent.parent / "README.md"),
+                    help="README whose results block (between its markers) is regenerated; '' to skip")
     args = ap.parse_args(argv)
     folder = Path(args.results)
     results = load_results(folder)
@@ -227,6 +258,8 @@ def main(argv=None) -> int:
     out = Path(args.output) if args.output else folder / "RESULTS.md"
     out.write_text(render(results, folder) + "\n")
     print(f"wrote {out} ({len(results)} experiments)", file=sys.stderr)
+    if args.readme and update_readme(Path(args.readme), results):
+        print(f"updated the results block of {args.readme}", file=sys.stderr)
     return 0
 
 

@@ -192,3 +192,17 @@ def test_run_isolated_survives_oom_kill_and_watchdog():
     capped = H.run_isolated(f"{here}:fake_ok", {"rss_kill_bytes": 1}, timeout_s=120, preload=pre)
     assert capped["status"] == "killed" and "hard cap" in capped["error"]
     assert H.fit_status(killed, 1) .startswith("does not fit")
+
+
+def test_readme_results_block_is_replaced_between_markers_only(tmp_path, monkeypatch):
+    from experiments import report
+
+    monkeypatch.setattr(report, "readme_block", lambda results: "NEW TABLE")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.README_START}\nold table\n{report.README_END}\noutro\n")
+    assert report.update_readme(readme, [])
+    assert readme.read_text() == f"intro\n{report.README_START}\nNEW TABLE\n{report.README_END}\noutro\n"
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("no markers here\n")
+    assert not report.update_readme(plain, [])
+    assert plain.read_text() == "no markers here\n"
