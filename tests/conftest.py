@@ -53,3 +53,12 @@ def make_batch(batch_size: int = 3, seq_len: int = 12, vocab_size: int = VOCAB, 
 @pytest.fixture
 def batch():
     return make_batch()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tests of tiny shapes: on a 2-core CPU extra threads only contend."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

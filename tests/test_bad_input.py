@@ -20,15 +20,9 @@ from lightning_cggr.data import pack_documents, train_bpe_tokenizer
 from lightning_cggr.module import CGGRModule
 from lightning_cggr.selection import IGNORE_INDEX
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def config_error(**groups) -> str:

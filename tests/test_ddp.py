@@ -18,18 +18,12 @@ from lightning_cggr.config import CGGRConfig, LossConfig, RouterConfig
 from lightning_cggr.module import CGGRModule
 from lightning_cggr.resumable import ResumableLoader
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB, T, RATIO = 97, 16, 0.5
 # trainable label counts differ a lot between rows, so rank 0 (rows 0, 2) and rank 1 (rows 1, 3)
 # keep different numbers of tokens and per-rank means disagree with the global mean
 MASKED_PREFIX = (12, 0, 9, 1)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()  # tiny shapes on a shared 2-core CPU: threads only contend
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_rows() -> list[dict[str, torch.Tensor]]:

@@ -18,6 +18,8 @@ from hydra import compose, initialize_config_dir
 
 from lightning_cggr.train import CONF_DIR, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 WORDS = (
     "router token loss gradient sequence batch layer head vocabulary entropy margin step "
     "epoch checkpoint resume warmup ratio scale rank device"
@@ -84,14 +86,6 @@ def losses(run_dir: Path) -> list[float]:
     with open(run_dir / "csv" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
     return [float(r["train/loss"]) for r in sorted(rows, key=lambda r: int(r["step"]))]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()  # tiny shapes on a shared 2-core CPU: threads only contend
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\
 
 
 class HostSync(AssertionError):
-    pass
+    """Raised by a patched tensor method: the routed step asked the device for a host value."""
 
 
 @contextlib.contextmanager
