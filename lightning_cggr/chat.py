@@ -30,6 +30,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .resumable import ResumableLoader, fit_position
+
 IGNORE_INDEX = -100
 
 Conversation = list[dict[str, str]]
@@ -219,22 +221,24 @@ class ChatDataModule(L.LightningDataModule):
         self.train_set = ChatDataset([conversations[i] for i in train_idx], self.tokenizer, self.max_length)
         self.val_set = ChatDataset([conversations[i] for i in val_idx], self.tokenizer, self.max_length)
 
-    def _loader(self, dataset: ChatDataset | None, shuffle: bool) -> DataLoader:
+    def _require(self, dataset: ChatDataset | None) -> ChatDataset:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-            collate_fn=self.collate,
-            num_workers=self.num_workers,
-        )
+        return dataset
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+    def train_dataloader(self) -> ResumableLoader:
+        # order = f(seed, epoch), full batches only; the position is saved in checkpoints, so a
+        # run resumed mid-epoch continues with the next unseen batch (lightning_cggr.resumable)
+        return ResumableLoader(
+            self._require(self.train_set), batch_size=self.batch_size, seed=self.seed, collate_fn=self.collate,
+            num_workers=self.num_workers,
+            position=fit_position(self.trainer) if self.trainer is not None else None,
+        )
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is not None and len(self.val_set) == 0:
             return []  # Lightning skips validation for an empty list
-        return self._loader(self.val_set, shuffle=False)
+        return DataLoader(
+            self._require(self.val_set), batch_size=self.batch_size, collate_fn=self.collate,
+            num_workers=self.num_workers,
+        )

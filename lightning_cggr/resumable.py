@@ -86,6 +86,13 @@ class ResumableLoader(DataLoader):
         position: Callable[[], int] | None = None,
         **kwargs: Any,
     ):
+        world, _ = _dist_world()
+        if len(dataset) < batch_size * world:  # drop_last: not one batch, an epoch of nothing
+            raise ValueError(
+                f"{len(dataset)} training example(s) do not fill one batch of {batch_size}"
+                + (f" on each of {world} ranks" if world > 1 else "")
+                + ": lower data.batch_size or add data"
+            )
         sampler = EpochSampler(dataset, seed=seed, shuffle=shuffle)
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kwargs)
         self._consumed = 0
