@@ -40,12 +40,12 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     ratio schedules continue) and the position in the epoch's data. An exception or Ctrl-C saves
     ``checkpoints/last.ckpt`` first. ``callbacks`` are added to the trainer's own.
     """
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
     from .data import build_datamodule, build_tokenizer
     from .models import build_model
     from .module import CGGRModule
+    from .resumable import ResumableCheckpoint
 
     run = parse_config(OmegaConf.to_container(cfg, resolve=True))  # every config mistake, before any build
     ckpt_path = cfg.get("ckpt_path")
@@ -64,7 +64,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
         raise ConfigError(f"invalid configuration: {err}") from err
 
     logger = CSVLogger(save_dir=str(out), name="csv", version="")
-    checkpoint = ModelCheckpoint(
+    checkpoint = ResumableCheckpoint(
         dirpath=str(out / "checkpoints"), save_last=True, save_top_k=0, save_on_exception=True
     )
     trainer = L.Trainer(

@@ -135,3 +135,23 @@ def test_resume_without_data_position_would_differ(tmp_path, restore_sigint, mon
     straight, second = losses(tmp_path / "straight"), losses(tmp_path / "second")
     assert len(second) == 10
     assert any(abs(a - b) > 1e-3 for a, b in zip(second, straight[10:]))
+
+
+@pytest.mark.parametrize("first_steps", [10, 8], ids=["stopped-mid-epoch", "stopped-at-epoch-end"])
+def test_continuing_a_finished_run_equals_running_straight(tmp_path, first_steps):
+    """A run that reached max_steps, resumed from its last.ckpt with a larger max_steps, continues
+    with the next unseen batch: Lightning alone counts the stop as a finished epoch and resumes one
+    epoch too far. The LR is constant after warmup, so the shorter first run has the same schedule."""
+    constant_lr = "optim.min_lr_ratio=1.0"
+    positions = Positions()
+    train(make_cfg(tmp_path, "straight", constant_lr), callbacks=[positions])
+    first_positions, resumed_positions = Positions(), Positions()
+    train(make_cfg(tmp_path, "first", constant_lr, f"trainer.max_steps={first_steps}"), callbacks=[first_positions])
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    train(make_cfg(tmp_path, "second", constant_lr, f"ckpt_path={ckpt}"), callbacks=[resumed_positions])
+
+    assert first_positions.seen + resumed_positions.seen == positions.seen
+    straight, first, second = losses(tmp_path / "straight"), losses(tmp_path / "first"), losses(tmp_path / "second")
+    assert len(first) == first_steps and len(second) == 20 - first_steps
+    for step, got in enumerate(first + second):
+        assert got == pytest.approx(straight[step], rel=1e-5, abs=1e-6), f"step {step}"
