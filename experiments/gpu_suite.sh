@@ -34,14 +34,21 @@ if ! python -c "import hydra, omegaconf" 2>/dev/null; then
     || { say "offline install of experiments/wheels failed"; exit 2; }
   export PYTHONPATH="$DEPS${PYTHONPATH:+:$PYTHONPATH}"
 fi
+if ! python -c "import pytest" 2>/dev/null; then  # for the GPU-only tests (step 0)
+  PYDEPS=$(mktemp -d)/pytest
+  python -m pip install --quiet --no-index --no-deps --target "$PYDEPS" experiments/wheels/pytest/*.whl >>"$LOG" 2>&1 \
+    && export PYTHONPATH="$PYDEPS${PYTHONPATH:+:$PYTHONPATH}" || say "offline install of pytest failed"
+fi
 export LIGHTNING_CGGR_CACHE=${LIGHTNING_CGGR_CACHE:-$(mktemp -d)/cache}
 export TOKENIZERS_PARALLELISM=false
 
 if [ "${GPU_SUITE_DRY:-0}" = "1" ]; then
   DEV=cpu; SHAPE=(data.batch_size=2 data.block_size=64 model.num_layers=4); S=(--steps 2 --warmup 1)
+  FSDP=(trainer.strategy=fsdp2 trainer.devices=2 trainer.max_steps=4)
   Q=(--steps 4 --eval-every 2 --eval-batches 1); SW=(sweep.device=cpu sweep.batch_sizes=[2,4] sweep.steps=1 sweep.warmup=1 sweep.memory_budget_mib=8000 data.block_size=64 model.num_layers=4)
 else
   DEV=cuda; SHAPE=(data.batch_size=8 data.block_size=2048); S=(--steps 15 --warmup 3)
+  FSDP=(trainer=gpu trainer.strategy=fsdp trainer.devices=1 trainer.max_steps=30 trainer.val_check_interval=30)
   Q=(--steps 60 --eval-every 15 --eval-batches 4); SW=()
 fi
 python - <<'EOF' >>"$LOG" 2>&1
@@ -61,8 +68,15 @@ step() {  # step <seconds cap> <module> <args...>
   say "done rc=$?: $1"
 }
 
+# 0. the GPU-only tests: Triton kernels on CUDA (no host sync, no [N, V] logits, int64 offsets) and
+#    Lightning's FSDPStrategy (FSDP1) wrapping each block once with the router running; JUnit XML kept
+step 120 pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_ddp.py --junitxml="$RES/gpu_tests.xml"
 # 1. throughput at equal batch: tiny (16 x 128, as on CPU) and SmolLM2's shape at 8 x 2048, bf16-mixed
 step 90 experiments.throughput --device "$DEV" --preset tiny "${S[@]}" --out "$RES"
+# 1b. the user's FSDP command end to end (on the rehearsal: FSDP2 on 2 CPU processes); metrics kept
+step 90 lightning_cggr.train "${FSDP[@]}" output_dir="$RES/fsdp_run" hydra.run.dir="$RES/fsdp_run/hydra" \
+  trainer.enable_progress_bar=false
+rm -rf "$RES/fsdp_run/checkpoints"  # weights do not travel back
 step 150 experiments.throughput --device "$DEV" --preset smollm2_shape "${S[@]}" --out "$RES" "${SHAPE[@]}"
 # 2. quality, SmolLM2 shape from random init, 8 x 512, one seed (GPU time is scarce)
 step 150 experiments.quality --device "$DEV" --preset smollm2_shape "${Q[@]}" --seeds 0 --out "$RES" \

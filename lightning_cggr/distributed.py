@@ -79,3 +79,49 @@ class KeptTokenNormalizer:
         self.scale = torch.exp2(torch.round(torch.log2(per_micro))).float()
         self.count.zero_()
         return total
+
+
+# ---- FSDP ------------------------------------------------------------------------------------
+# The router shares the model's modules, so sharding must leave every shared module reachable and
+# gathered whenever the router runs. Both paths below wrap each decoder block once as its own unit
+# (the router calls the very same block objects, so each call gathers and frees its weights) and
+# leave embeddings, final norm and LM head to the root unit, which is gathered for the whole of
+# training_step / validation_step, where the router and the fused head+loss read them.
+
+
+def block_classes(model: torch.nn.Module) -> set[type]:
+    """The decoder block classes of ``model``: the unit FSDP wraps (one unit per block)."""
+    from .router import find_blocks, find_decoder
+
+    _, blocks = find_blocks(find_decoder(model))
+    return {type(b) for b in blocks}
+
+
+def shard_fsdp2(module: torch.nn.Module, model: torch.nn.Module, mesh) -> bool:
+    """Apply FSDP2 (``fully_shard``) to ``module`` (the LightningModule holding ``model``).
+
+    One unit per decoder block, then the root: ``module`` itself, whose gather/free hooks are
+    registered on ``training_step`` and ``validation_step`` (Lightning's ModelParallelStrategy
+    calls them directly, not through ``forward``; without this the router's embedding lookup
+    meets sharded weights). A 2-D mesh (Lightning's ``(data_parallel, tensor_parallel)``, by
+    default nodes x devices per node) is used as HSDP: replicated across its first dimension,
+    sharded across its second. No tensor parallelism is applied. Returns False when ``module``
+    was sharded already (Lightning calls ``configure_model`` again for validate after fit).
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+    from .router import find_blocks, find_decoder
+
+    if isinstance(module, FSDPModule):
+        return False
+    if mesh.ndim == 2 and mesh.size(0) == 1:
+        mesh = mesh[mesh.mesh_dim_names[1]] if mesh.mesh_dim_names else mesh
+    if mesh.ndim > 2:
+        raise ValueError(f"FSDP2 sharding supports a 1-D or 2-D device mesh, got {mesh.ndim}-D: {mesh}")
+    _, blocks = find_blocks(find_decoder(model))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    for name in ("training_step", "validation_step"):
+        register_fsdp_forward_method(module, name)
+    return True

@@ -36,7 +36,7 @@ import torch
 from torchmetrics import MeanMetric, SumMetric
 
 from .config import CGGRConfig, LossConfig, OptimConfig
-from .distributed import KeptTokenNormalizer
+from .distributed import KeptTokenNormalizer, shard_fsdp2
 from .guards import sanitize_stats
 from .kernels import linear_cross_entropy, resolve_impl, token_stats
 from .reference import ReferenceModel, load_reference
@@ -273,6 +273,24 @@ class CGGRModule(L.LightningModule):
             self.log("train/tokens_per_sec", torch.tensor(tps), prog_bar=True)
         self._last_step_time = now
         return loss
+
+    def configure_model(self):
+        """Under Lightning's ModelParallelStrategy (``trainer.strategy=fsdp2``): FSDP2, one unit per
+        decoder block plus the root (see :func:`lightning_cggr.distributed.shard_fsdp2`). Any other
+        strategy has no device mesh here, and Lightning's FSDPStrategy wraps by its own policy."""
+        if self.device_mesh is not None:
+            shard_fsdp2(self, self.model, self.device_mesh)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip by the norm of the whole model. Under FSDP1 each rank holds a shard of every
+        gradient, so the norm must come from the root wrapper (Lightning's plugin refuses 'norm')."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = self.trainer.strategy.model
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and isinstance(root, FullyShardedDataParallel):
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_before_optimizer_step(self, optimizer):
         """Rescale the accumulated gradients to the mean over the step's global kept-token count."""

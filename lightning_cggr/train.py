@@ -29,8 +29,32 @@ log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def _trainer_kwargs(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg.trainer, resolve=True)
+def check_trainer(trainer: dict) -> None:
+    """Trainer settings that would otherwise fail only after the model and data are built."""
+    strategy, accelerator = trainer.get("strategy"), str(trainer.get("accelerator", "auto"))
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if strategy == "fsdp" and on_cpu:
+        raise ConfigError(
+            f"invalid configuration: trainer.strategy=fsdp needs GPUs (torch's FSDP1 refuses a CPU "
+            f"device; trainer.accelerator={accelerator}); on CPU use trainer.strategy=fsdp2 or ddp"
+        )
+
+
+def build_strategy(trainer: dict, model: torch.nn.Module):
+    """``trainer.strategy`` as Lightning understands it; ``fsdp`` and ``fsdp2`` get a wrapping
+    of one unit per decoder block (lightning_cggr.distributed), other values pass through."""
+    name = trainer.get("strategy", "auto")
+    if name == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from .distributed import block_classes
+
+        return FSDPStrategy(auto_wrap_policy=block_classes(model))
+    if name == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy()  # CGGRModule.configure_model shards; see shard_fsdp2
+    return name
 
 
 def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
@@ -48,9 +72,11 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     from .resumable import ResumableCheckpoint
 
     run = parse_config(OmegaConf.to_container(cfg, resolve=True))  # every config mistake, before any build
+    trainer_kw = OmegaConf.to_container(cfg.trainer, resolve=True)
+    check_trainer(trainer_kw)
     ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path is not None and not Path(ckpt_path).expanduser().is_file():
-        raise ConfigError(f"invalid configuration: ckpt_path={ckpt_path}: no such checkpoint file")
+    if ckpt_path is not None and not Path(ckpt_path).expanduser().exists():  # fsdp2 saves a folder
+        raise ConfigError(f"invalid configuration: ckpt_path={ckpt_path}: no such checkpoint")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
@@ -67,8 +93,9 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     checkpoint = ResumableCheckpoint(
         dirpath=str(out / "checkpoints"), save_last=True, save_top_k=0, save_on_exception=True
     )
+    trainer_kw["strategy"] = build_strategy(trainer_kw, model)
     trainer = L.Trainer(
-        **_trainer_kwargs(cfg), logger=logger, callbacks=[checkpoint, *(callbacks or [])], default_root_dir=str(out)
+        **trainer_kw, logger=logger, callbacks=[checkpoint, *(callbacks or [])], default_root_dir=str(out)
     )
     initial = {}
     if not ckpt_path:  # the starting point, so the end can be compared with it
@@ -86,6 +113,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
 def main(cfg: DictConfig) -> None:
     try:
         parse_config(OmegaConf.to_container(cfg, resolve=True))  # a mistake: one line, no config dump
+        check_trainer(OmegaConf.to_container(cfg.trainer, resolve=True))
         print(OmegaConf.to_yaml(cfg, resolve=True))
         train(cfg)
     except ConfigError as err:

@@ -6,17 +6,24 @@ whole global batch (keep mask re-derived here from the router's hidden states in
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_tiny_model
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+from torch.distributed.tensor import DTensor
 from torch.utils.data import Dataset
 
 from lightning_cggr.config import CGGRConfig, LossConfig, RouterConfig
 from lightning_cggr.module import CGGRModule
 from lightning_cggr.resumable import ResumableLoader
+from lightning_cggr.router import find_blocks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,30 +56,44 @@ class Rows(Dataset):
 
 
 class GradProbe(CGGRModule):
-    """Records the gradients the optimizer would apply (after the kept-token correction)."""
+    """Records the gradients the optimizer would apply (after the kept-token correction and
+    gradient clipping)."""
 
     grad_path: str = ""
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
-    def on_before_optimizer_step(self, optimizer):
-        super().on_before_optimizer_step(optimizer)
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        root = self.trainer.strategy.model
+        # FSDP1 gathers full gradients in a context; FSDP2 per DTensor. Both are collectives: all ranks.
+        gather = FSDP1.summon_full_params(root, with_grads=True) if isinstance(root, FSDP1) else nullcontext()
+        with gather:
+            full = [(n, p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad)
+                    for n, p in self.named_parameters() if p.grad is not None]
+            full = [(n.replace("_fsdp_wrapped_module.", ""), g.detach().cpu().clone()) for n, g in full]
         if self.global_rank == 0:
-            grads = {n: p.grad.detach().clone() for n, p in self.named_parameters() if p.grad is not None}
-            torch.save(grads, self.grad_path)
+            torch.save(dict(full), self.grad_path)
+            _, blocks = find_blocks(self.decoder)
+            torch.save({
+                "fsdp_units": [n for n, m in self.named_modules() if isinstance(m, (FSDPModule, FSDP1))],
+                "router_blocks_are_model_blocks": all(a is b for a, b in zip(self.router.blocks, blocks)),
+                "params": [(n, type(p).__name__, p.numel()) for n, p in self.named_parameters(remove_duplicate=False)],
+            }, self.grad_path + ".info")
 
 
 def cggr_config() -> CGGRConfig:
     return CGGRConfig(scoring="entropy", min_tokens_ratio=RATIO, warmup_steps=0, router=RouterConfig(num_layers=2))
 
 
-def run_one_step(tmp_path, name: str, batch_size: int, accumulate: int = 1, **trainer_kw) -> dict:
+def run_one_step(tmp_path, name: str, batch_size: int, accumulate: int = 1, accelerator: str = "cpu",
+                 **trainer_kw) -> dict:
     torch.manual_seed(0)
     module = GradProbe(make_tiny_model("llama", num_layers=3), cggr_config(), LossConfig(impl="torch"))
     module.grad_path = str(tmp_path / f"{name}.pt")
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
+        accelerator=accelerator, max_steps=1, accumulate_grad_batches=accumulate, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, **trainer_kw,
     )
@@ -83,6 +104,23 @@ def run_one_step(tmp_path, name: str, batch_size: int, accumulate: int = 1, **tr
 
     trainer.fit(module, datamodule=DM())
     return torch.load(module.grad_path)
+
+
+class _ForkLauncher(_MultiProcessingLauncher):
+    def _recover_results_in_main_process(self, worker_output, trainer):
+        # the workers' final weights are sharded DTensors, which the parent cannot load; the
+        # tests read what rank 0 saved in on_before_optimizer_step instead
+        if worker_output.weights_path is not None:
+            self._strategy.checkpoint_io.remove_checkpoint(worker_output.weights_path)
+        super()._recover_results_in_main_process(worker_output._replace(weights_path=None), trainer)
+
+
+class ForkedFSDP2(ModelParallelStrategy):
+    """Lightning's FSDP2 strategy (what trainer.strategy=fsdp2 builds) with forked workers: its
+    own launcher re-runs the command line, which under pytest would be pytest."""
+
+    def _configure_launcher(self):
+        self._launcher = _ForkLauncher(self, start_method="fork")
 
 
 def shift(labels):
@@ -167,3 +205,57 @@ def test_ddp_two_processes_match_single_process(tmp_path, reference):
     """gloo, 2 forked CPU processes, 2 rows each: the global kept-token mean, not a mean of means."""
     got = run_one_step(tmp_path, "ddp", batch_size=2, strategy="ddp_fork", devices=2)
     assert_grads_close(got, reference[0])
+
+
+def test_fsdp2_two_processes_match_single_process(tmp_path, reference):
+    """FSDP2 over 2 gloo CPU processes: every block its own unit plus the root, the router runs the
+    model's own (now sharded) blocks, and the gradients equal the single-process global mean."""
+    got = run_one_step(tmp_path, "fsdp2", batch_size=2, devices=2, strategy=ForkedFSDP2())
+    assert_grads_close(got, reference[0])
+
+    info = torch.load(tmp_path / "fsdp2.pt.info")
+    assert sorted(info["fsdp_units"]) == ["", "model.model.layers.0", "model.model.layers.1", "model.model.layers.2"]
+    assert info["router_blocks_are_model_blocks"]
+    model = make_tiny_model("llama", num_layers=3)
+    want = [(f"model.{n}", "DTensor", p.numel()) for n, p in model.named_parameters(remove_duplicate=False)]
+    assert info["params"] == want  # each parameter sharded once, nothing added by the router
+
+
+def _clipped(grads: dict, max_norm: float) -> dict:
+    total = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))
+    coef = min(1.0, max_norm / (total.item() + 1e-6))  # torch.nn.utils.clip_grad_norm_'s rule
+    return {n: g * coef for n, g in grads.items()}
+
+
+@pytest.mark.parametrize("where", ["single", "fsdp2"])
+def test_clipping_uses_the_norm_of_the_whole_model(tmp_path, reference, where):
+    """Clipping at half the exact gradient norm scales every gradient by the same factor, computed
+    from all parameters (under FSDP2 from every rank's shards, not each rank's own)."""
+    exact = reference[0]
+    max_norm = 0.5 * torch.sqrt(sum((g.double() ** 2).sum() for g in exact.values())).item()
+    kw = {"devices": 2, "strategy": ForkedFSDP2()} if where == "fsdp2" else {}
+    got = run_one_step(tmp_path, f"clip-{where}", batch_size=2 if kw else 4, gradient_clip_val=max_norm, **kw)
+    assert_grads_close(got, _clipped(exact, max_norm))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDPStrategy (torch FSDP1) needs CUDA")
+def test_lightning_fsdp1_wraps_each_block_once_and_matches_the_reference(tmp_path, reference):
+    """What trainer.strategy=fsdp builds, on one GPU: every block its own FSDP unit, the router runs
+    the wrapped blocks, gradients (clipped through the root wrapper's norm) match the CPU reference."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_cggr.distributed import block_classes
+
+    exact = reference[0]
+    max_norm = 0.5 * torch.sqrt(sum((g.double() ** 2).sum() for g in exact.values())).item()
+    strategy = FSDPStrategy(auto_wrap_policy=block_classes(make_tiny_model("llama", num_layers=3)))
+    got = run_one_step(tmp_path, "fsdp1", batch_size=4, accelerator="cuda", devices=1, strategy=strategy,
+                       gradient_clip_val=max_norm)
+    want = _clipped(exact, max_norm)
+    assert set(got) == set(want)
+    for name in want:  # CUDA vs CPU float32: summation order differs
+        torch.testing.assert_close(got[name], want[name], rtol=2e-3, atol=2e-5, msg=name)
+    info = torch.load(tmp_path / "fsdp1.pt.info")
+    assert sorted(info["fsdp_units"]) == ["model.model.layers.0", "model.model.layers.1", "model.model.layers.2"]
+    assert info["router_blocks_are_model_blocks"]
