@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_tiny_model
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import Dataset
 
 from lightning_cggr.config import CGGRConfig, LossConfig, RouterConfig
+from lightning_cggr.distributed import block_classes
 from lightning_cggr.module import CGGRModule
 from lightning_cggr.resumable import ResumableLoader
 from lightning_cggr.router import find_blocks
@@ -238,15 +239,55 @@ def test_clipping_uses_the_norm_of_the_whole_model(tmp_path, reference, where):
     assert_grads_close(got, _clipped(exact, max_norm))
 
 
+class _FSDP1OnCPU(FSDP1):
+    """torch's FSDP1, told its device is the CPU: Lightning passes ``device_id=None`` for a CPU
+    root device, which torch 2.13 refuses ("FSDP needs a non-CPU accelerator device")."""
+
+    def __init__(self, *args, device_id=None, **kwargs):
+        super().__init__(*args, device_id=torch.device("cpu") if device_id is None else device_id, **kwargs)
+
+
+class ForkedCPUFSDP1(FSDPStrategy):
+    """Lightning's FSDPStrategy with forked workers on CPU. Everything else is Lightning's own:
+    the auto-wrap policy, the forward redirection into training_step, the precision plugin. Only
+    the FSDP1 class its ``_setup_model`` instantiates is swapped for the one above. Used by the
+    test only; the product refuses trainer.strategy=fsdp on CPU (see lightning_cggr.train)."""
+
+    def _configure_launcher(self):
+        self._launcher = _ForkLauncher(self, start_method="fork")
+
+    def _determine_device_ids(self):
+        return None  # gloo's barrier takes no device ids
+
+    def _setup_model(self, model):
+        real = torch.distributed.fsdp.FullyShardedDataParallel
+        torch.distributed.fsdp.FullyShardedDataParallel = _FSDP1OnCPU
+        try:
+            return super()._setup_model(model)
+        finally:
+            torch.distributed.fsdp.FullyShardedDataParallel = real
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["no-clip", "clip-half-norm"])
+def test_lightning_fsdp1_two_cpu_processes_match_single_process(tmp_path, reference, clip):
+    """What trainer.strategy=fsdp builds (one FSDP1 unit per block, Lightning's FSDPStrategy),
+    full sharding over 2 gloo processes: each block wrapped once, the router runs the wrapped
+    blocks, gradients equal the single-process global mean; clipped through the root wrapper."""
+    exact = reference[0]
+    max_norm = 0.5 * torch.sqrt(sum((g.double() ** 2).sum() for g in exact.values())).item() if clip else None
+    strategy = ForkedCPUFSDP1(auto_wrap_policy=block_classes(make_tiny_model("llama", num_layers=3)),
+                              process_group_backend="gloo")
+    got = run_one_step(tmp_path, "fsdp1", batch_size=2, devices=2, strategy=strategy, gradient_clip_val=max_norm)
+    assert_grads_close(got, _clipped(exact, max_norm) if clip else exact)
+    info = torch.load(tmp_path / "fsdp1.pt.info")
+    assert sorted(info["fsdp_units"]) == ["model.model.layers.0", "model.model.layers.1", "model.model.layers.2"]
+    assert info["router_blocks_are_model_blocks"]
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDPStrategy (torch FSDP1) needs CUDA")
 def test_lightning_fsdp1_wraps_each_block_once_and_matches_the_reference(tmp_path, reference):
     """What trainer.strategy=fsdp builds, on one GPU: every block its own FSDP unit, the router runs
     the wrapped blocks, gradients (clipped through the root wrapper's norm) match the CPU reference."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    from lightning_cggr.distributed import block_classes
-
     exact = reference[0]
     max_norm = 0.5 * torch.sqrt(sum((g.double() ** 2).sum() for g in exact.values())).item()
     strategy = FSDPStrategy(auto_wrap_policy=block_classes(make_tiny_model("llama", num_layers=3)))
