@@ -19,6 +19,7 @@ Pure parts (statistics, summaries, interpolation, table formatting) are at the t
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import datetime as _dt
@@ -910,6 +911,48 @@ class BatchStream:
                 continue
             self.batches.append({k: v.to(self.device) for k, v in b.items()})
         return self.batches[i]
+
+
+def make_parser(prog: str, doc: str, common: bool = True) -> argparse.ArgumentParser:
+    """The experiments' command line: title and epilog from the script's docstring, and (``common``)
+    the options every method-comparing script takes; each script adds its own after."""
+    ap = argparse.ArgumentParser(prog=f"python -m experiments.{prog}", description=doc.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc.split("\n\n", 1)[1])
+    if common:
+        ap.add_argument("--preset", default="tiny", help=f"bench shape: {', '.join(PRESETS)} (conf/experiment/bench_*)")
+        ap.add_argument("--methods", default="all", help="comma-separated method names or 'all': " + ", ".join(METHODS))
+        ap.add_argument("--device", default="auto", help="cpu | cuda | auto")
+        ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+        ap.add_argument("--name", default=None, help=f"experiment name for results files (default {prog}-<preset>)")
+    ap.add_argument("--out", default=None, help="results folder (default experiments/results)")
+    return ap
+
+
+def publish(payload: dict, name: str, device: str, markdown: Callable[[dict], str], out_dir=None,
+            plot: Callable | None = None) -> int:
+    """The end of every experiment: JSON + markdown (+ PNG) under the results folder, the table on
+    stdout, where it went on stderr; returns the exit status 0."""
+    md = markdown(payload)
+    path = write_results(payload, name, device, md, out_dir)
+    if plot is not None:
+        try_plot(plot, payload, results_path(name, device, "png", out_dir))
+    print(md)
+    print(f"\nwrote {path}", file=sys.stderr)
+    return 0
+
+
+def fmt_x(v) -> str | None:
+    """A ratio for a table cell ("1.27x"), or None (an empty cell)."""
+    return None if v is None else f"{v:.2f}x"
+
+
+def fmt_f0(v) -> str | None:
+    return None if v is None else f"{v:.0f}"
+
+
+def fmt_mib(v) -> str | None:
+    """Bytes as whole MiB for a table cell, or None."""
+    return None if v is None else f"{v / 2**20:.0f}"
 
 
 def try_plot(draw: Callable, payload: dict, path: Path) -> None:

@@ -24,7 +24,6 @@ random controls' draws via ``cggr.seed``).
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 
@@ -32,24 +31,13 @@ from experiments import harness as H
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m experiments.quality",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
-    ap.add_argument("--preset", default="tiny", help=f"bench shape: {', '.join(H.PRESETS)}")
-    ap.add_argument("--methods", default="all", help="comma-separated method names or 'all': " + ", ".join(H.METHODS))
+    ap = H.make_parser("quality", __doc__)
     ap.add_argument("--steps", type=int, default=150, help="the equal-steps point")
     ap.add_argument("--eval-every", type=int, default=25, help="held-out evaluation interval (steps)")
     ap.add_argument("--eval-batches", type=int, default=4, help="held-out batches per evaluation")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     ap.add_argument("--max-factor", type=float, default=3.0, help="cap on steps past --steps for the wall-clock point")
     ap.add_argument("--cggr-warmup", type=int, default=None, help="override cggr.warmup_steps (default: the config's)")
-    ap.add_argument("--device", default="auto", help="cpu | cuda | auto")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--name", default=None, help="experiment name (default quality-<preset>)")
-    ap.add_argument("--out", default=None, help="results folder (default experiments/results)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for the base config")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.eval_every < 1 or args.eval_batches < 1:
@@ -105,16 +93,10 @@ def main(argv=None) -> int:
                 "step_times_s": per_step, "failed": failures},
         "summary": summary,
     }
-    md = markdown(payload)
-    path = H.write_results(payload, name, device, md, args.out)
-    H.try_plot(plot, payload, H.results_path(name, device, "png", args.out))
-    print(md)
-    print(f"\nwrote {path}", file=sys.stderr)
-    return 0
+    return H.publish(payload, name, device, markdown, args.out, plot)
 
 
 def train_interleaved(resolved, avail, device, args, seed) -> dict:
-    import torch
     from transformers import get_constant_schedule_with_warmup
 
     first = resolved[avail[0]]["config"]

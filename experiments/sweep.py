@@ -18,7 +18,6 @@ against the fair baseline's (standard, fused loss) at its own largest batch.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
@@ -68,13 +67,7 @@ def plan_points(methods: list[str], batch_sizes: list[int]) -> list[tuple[int, s
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m experiments.sweep",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
-    ap.add_argument("--out", default=None, help="results folder (default experiments/results)")
+    ap = H.make_parser("sweep", __doc__, common=False)
     ap.add_argument("--deadline-s", type=float, default=None,
                     help="start no point after this many seconds; the rest are recorded as not run")
     ap.add_argument("words", nargs="*", help="sweep=<name>, sweep.key=value, and Hydra overrides of the base config")
@@ -140,12 +133,7 @@ def main(argv=None) -> int:
         "raw": {"points": points},
         "summary": summary,
     }
-    md = markdown(payload)
-    path = H.write_results(payload, name, device, md, args.out)
-    H.try_plot(plot, payload, H.results_path(name, device, "png", args.out))
-    print(md)
-    print(f"\nwrote {path}", file=sys.stderr)
-    return 0
+    return H.publish(payload, name, device, markdown, args.out, plot)
 
 
 def markdown(p: dict) -> str:
@@ -165,8 +153,8 @@ def markdown(p: dict) -> str:
         best = r["best_batch_size"]
         best = "none fits" if best is None else f"{best} (grid max: may fit more)" if best == max(st["batch_sizes"]) else best
         rows.append([meta["label"], meta["kind"], best,
-                     _f0(r["tokens_per_s"]), _x(r["tokens_per_s_vs_baseline"]), _mib(r["peak_bytes"]),
-                     r["fastest_fitting_batch_size"], _f0(r["fastest_fitting_tokens_per_s"])])
+                     H.fmt_f0(r["tokens_per_s"]), H.fmt_x(r["tokens_per_s_vs_baseline"]), H.fmt_mib(r["peak_bytes"]),
+                     r["fastest_fitting_batch_size"], H.fmt_f0(r["fastest_fitting_tokens_per_s"])])
     rows += H.unavailable_rows(p["methods"], len(header))
     sizes = sorted(st["batch_sizes"])
     grid_header = ["method", *[f"B={b}" for b in sizes]]
@@ -239,16 +227,7 @@ def plot(p: dict, path) -> None:
     plt.close(fig)
 
 
-def _x(v):
-    return None if v is None else f"{v:.2f}x"
 
-
-def _f0(v):
-    return None if v is None else f"{v:.0f}"
-
-
-def _mib(v):
-    return None if v is None else f"{v / 2**20:.0f}"
 
 
 if __name__ == "__main__":

@@ -19,28 +19,16 @@ state are the same for all).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from experiments import harness as H
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m experiments.throughput",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
-    ap.add_argument("--preset", default="tiny", help=f"bench shape: {', '.join(H.PRESETS)} (conf/experiment/bench_*)")
-    ap.add_argument("--methods", default="all", help="comma-separated method names or 'all': " + ", ".join(H.METHODS))
+    ap = H.make_parser("throughput", __doc__)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per method (median over these)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
     ap.add_argument("--mem-steps", type=int, default=2, help="steps per fresh memory process (CPU); 0: skip")
-    ap.add_argument("--device", default="auto", help="cpu | cuda | auto")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--name", default=None, help="experiment name for results files (default throughput-<preset>)")
-    ap.add_argument("--out", default=None, help="results folder (default experiments/results)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for the base config, e.g. data.batch_size=8")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
@@ -93,11 +81,7 @@ def main(argv=None) -> int:
         "raw": {"timing": timing, "memory": memory},
         "summary": summary,
     }
-    md = markdown(payload)
-    path = H.write_results(payload, name, device, md, args.out)
-    print(md)
-    print(f"\nwrote {path}", file=sys.stderr)
-    return 0
+    return H.publish(payload, name, device, markdown, args.out)
 
 
 def time_interleaved(resolved, avail, device, warmup, steps) -> dict:
@@ -175,8 +159,8 @@ def markdown(p: dict) -> str:
             continue
         rows.append([
             meta["label"], meta["kind"], f"{r['median_step_s']:.4f}", f"{r['tokens_per_s']:.0f}",
-            _x(r.get("speedup_vs_standard_fused")), _x(r.get("speedup_vs_standard_naive")),
-            _mib(r.get("peak_bytes")), _mib(r.get("peak_above_build_bytes")), r.get("loss_impl"),
+            H.fmt_x(r.get("speedup_vs_standard_fused")), H.fmt_x(r.get("speedup_vs_standard_naive")),
+            H.fmt_mib(r.get("peak_bytes")), H.fmt_mib(r.get("peak_above_build_bytes")), r.get("loss_impl"),
         ])
     rows += H.unavailable_rows({m: p["methods"][m] for m in p["methods"]}, len(header))
     load = env.get("load", {})
@@ -199,12 +183,6 @@ def describe_device(env: dict) -> str:
     return f"CPU: {hw['cpu']}, {hw['torch_threads']} torch threads (torch {env['versions']['torch']})"
 
 
-def _x(v):
-    return None if v is None else f"{v:.2f}x"
-
-
-def _mib(v):
-    return None if v is None else f"{v / 2**20:.0f}"
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
-from lightning_cggr.config import CGGRConfig, ConfigError, DataConfig, LossConfig, RouterConfig, parse_config
+from lightning_cggr.config import CGGRConfig, ConfigError, LossConfig, RouterConfig, parse_config
 from lightning_cggr.data import pack_documents, train_bpe_tokenizer
 from lightning_cggr.module import CGGRModule
 from lightning_cggr.selection import IGNORE_INDEX

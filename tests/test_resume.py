@@ -13,7 +13,6 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 
 from lightning_cggr.train import CONF_DIR, train
