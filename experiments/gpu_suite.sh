@@ -86,7 +86,7 @@ step 150 experiments.quality --device "$DEV" --preset smollm2_shape "${Q[@]}" --
 # 3. batch-size sweep at a 12 GiB budget (block 2048), whatever time is left
 T=$(left); [ "$T" -gt 30 ] && step "$T" experiments.sweep --out "$RES" --deadline-s $((T - 25)) sweep=gpu_smollm2_shape "${SW[@]}"
 
-python -m experiments.report --results "$RES" --output "$RES/RESULTS-gpu.md" >>"$LOG" 2>&1
+python -m experiments.report --results "$RES" --output "$RES/RESULTS-gpu.md" --readme '' >>"$LOG" 2>&1
 cp "$RES/RESULTS-gpu.md" "$OUT/" 2>/dev/null
 tar czf "$OUT/gpu_results.tgz" -C "$RES" .
 say "finished; results in $OUT"

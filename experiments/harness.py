@@ -339,7 +339,9 @@ def environment(device: str) -> dict[str, Any]:
         hw.update(gpu=p.name, gpu_memory_bytes=p.total_memory, cuda=torch.version.cuda)
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout)
+        # code changes only: results written by an earlier run of the same suite do not count
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", ".", ":(exclude)experiments/results"],
+                                    cwd=REPO, capture_output=True, text=True).stdout)
     except OSError:
         commit, dirty = None, None
     return {

@@ -246,10 +246,14 @@ def main(argv=None) -> int:
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--results", default=str(H.RESULTS_DIR), help="folder of results JSON files")
     ap.add_argument("--output", default=None, help="markdown file to write (default <results>/RESULTS.md)")
-    ap.add_argument("--readme", default=str(Path(__file__).resolve().parent.parent / "README.md"),
-                    help="README whose results block (between its markers) is regenerated; '' to skip")
+    ap.add_argument("--readme", default=None,
+                    help="README whose results block (between its markers) is regenerated; '' to skip "
+                         "(default: the repository's README, only when --results is experiments/results)")
     args = ap.parse_args(argv)
     folder = Path(args.results)
+    if args.readme is None:  # a rehearsal or GPU folder must never overwrite the committed summary
+        committed = folder.resolve() == Path(H.RESULTS_DIR).resolve()
+        args.readme = str(Path(__file__).resolve().parent.parent / "README.md") if committed else ""
     results = load_results(folder)
     if not results:
         print(f"error: no results JSON in {folder}", file=sys.stderr)

@@ -206,3 +206,21 @@ def test_readme_results_block_is_replaced_between_markers_only(tmp_path, monkeyp
     plain.write_text("no markers here\n")
     assert not report.update_readme(plain, [])
     assert plain.read_text() == "no markers here\n"
+
+
+def test_report_on_another_results_folder_leaves_the_readme_alone(tmp_path, monkeypatch):
+    """A rehearsal or GPU results folder gets its own RESULTS file; only experiments/results
+    (the committed runs) may rewrite the README's summary block."""
+    import shutil
+    from pathlib import Path
+
+    from experiments import report
+
+    shutil.copy(H.RESULTS_DIR / "throughput-tiny-cpu.json", tmp_path)
+    touched = []
+    monkeypatch.setattr(report, "make_plots", lambda results: None)
+    monkeypatch.setattr(report, "update_readme", lambda path, results: touched.append(path) or True)
+    assert report.main(["--results", str(tmp_path)]) == 0
+    assert touched == [] and (tmp_path / "RESULTS.md").is_file()
+    assert report.main(["--results", str(H.RESULTS_DIR), "--output", str(tmp_path / "R.md")]) == 0
+    assert [Path(p).name for p in touched] == ["README.md"]
