@@ -220,13 +220,32 @@ def readme_block(results: list[dict]) -> str:
     for r in results:
         env = r["environment"]
         runs.append(f"`{r['experiment']}` ({env['device_tag']}, {env.get('date_utc', '?')})")
-    return "\n".join([
-        "Runs: " + ", ".join(sorted(runs)) + ". Shapes: tiny = Llama h128 L4, 16x128 tokens "
-        "(quality 8x128, 3 seeds); smollm2 = SmolLM2-135M-Instruct (offline GGUF), 4x256 tokens "
-        "(quality 1 seed, 10 steps); kept ratio 0.25, 2-layer router.",
-        "",
-        headline(results),
-    ])
+    return "\n".join(["Runs: " + ", ".join(sorted(runs)) + ". Shapes: " + shapes_line(results) + ".", "",
+                      headline(results)])
+
+
+def shapes_line(results: list[dict]) -> str:
+    """Per shape name, read from the results themselves: model, throughput and quality shapes."""
+    by_shape: dict[str, dict[str, dict]] = {}
+    for r in results:
+        by_shape.setdefault(r["experiment"].split("-", 1)[-1], {})[r["kind"]] = r
+    parts = []
+    for name, kinds in sorted(by_shape.items(), key=lambda kv: (kv[0] != "tiny", kv[0])):
+        first = next(iter(kinds.values()))["shape"]
+        model = first["model"] + (" (random init)" if first["model_source"] == "random" else f" ({first['model_source']})")
+        bits = [model]
+        if "throughput" in kinds:
+            t = kinds["throughput"]["shape"]
+            bits.append(f"{t['batch_size']}x{t['block_size']} tokens")
+        if "quality" in kinds:
+            q = kinds["quality"]
+            seeds = len(q["settings"]["seeds"])
+            bits.append(f"quality {q['shape']['batch_size']}x{q['shape']['block_size']}, "
+                        f"{seeds} seed{'s' if seeds != 1 else ''}, {q['settings']['steps']} steps")
+        parts.append(f"{name} = " + ", ".join(bits))
+    ratios = sorted({(r["shape"]["min_tokens_ratio"], r["shape"]["router_layers"]) for r in results})
+    tail = "; ".join(f"kept ratio {a}, {b}-layer router" for a, b in ratios)
+    return "; ".join(parts) + (f"; {tail}" if tail else "")
 
 
 def update_readme(path: Path, results: list[dict]) -> bool:

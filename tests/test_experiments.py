@@ -224,3 +224,16 @@ def test_report_on_another_results_folder_leaves_the_readme_alone(tmp_path, monk
     assert touched == [] and (tmp_path / "RESULTS.md").is_file()
     assert report.main(["--results", str(H.RESULTS_DIR), "--output", str(tmp_path / "R.md")]) == 0
     assert [Path(p).name for p in touched] == ["README.md"]
+
+
+def test_readme_shapes_line_is_read_from_the_results():
+    from experiments.report import shapes_line
+
+    def result(experiment, kind, batch, seeds=None, steps=None):
+        shape = {"model": "llama h8 L2", "model_source": "random", "batch_size": batch, "block_size": 64,
+                 "min_tokens_ratio": 0.5, "router_layers": 1}
+        return {"experiment": experiment, "kind": kind, "shape": shape, "settings": {"seeds": seeds, "steps": steps}}
+
+    line = shapes_line([result("throughput-mini", "throughput", 16), result("quality-mini", "quality", 4, [0, 5], 30)])
+    assert line == ("mini = llama h8 L2 (random init), 16x64 tokens, quality 4x64, 2 seeds, 30 steps; "
+                    "kept ratio 0.5, 1-layer router")
