@@ -227,8 +227,5 @@ def plot(p: dict, path) -> None:
     plt.close(fig)
 
 
-
-
-
 if __name__ == "__main__":
     sys.exit(main())

@@ -96,6 +96,13 @@ class CGGRModule(L.LightningModule):
     def loss_impl(self) -> str:
         return resolve_impl(self.loss_cfg.impl, self.head.weight.device)
 
+    @property
+    def stats_impl(self) -> str:
+        """The kernel for scoring statistics: the loss's, except that naive (full logits) scores
+        with the chunked torch path, which never holds [tokens, vocab]."""
+        impl = self.loss_impl
+        return "torch" if impl == "naive" else impl
+
     def cggr_active(self) -> bool:
         """Whether this optimizer step routes (a host-side int comparison: no sync)."""
         return self.cggr.enabled and self.global_step >= self.cggr.warmup_steps
@@ -138,7 +145,7 @@ class CGGRModule(L.LightningModule):
             hidden.detach().reshape(B * T, H),
             self.head.weight,
             targets.reshape(-1),
-            impl=self.loss_impl if self.loss_impl != "naive" else "torch",
+            impl=self.stats_impl,
             chunk_size=self.cggr.router.chunk_size,
         )
         return type(stats)(*(s.view(B, T) for s in stats))
@@ -159,7 +166,7 @@ class CGGRModule(L.LightningModule):
         trainable = trainable & finite  # non-finite statistics never rank hard (lightning_cggr.guards)
         if c.scoring == "excess_loss":
             ref = self.reference.token_stats(
-                input_ids, attention_mask, targets, impl=self.loss_impl if self.loss_impl != "naive" else "torch",
+                input_ids, attention_mask, targets, impl=self.stats_impl,
                 chunk_size=c.router.chunk_size,
             )
             return excess_loss_score(stats, trainable, ref), stats

@@ -40,6 +40,14 @@ def check_trainer(trainer: dict) -> None:
         )
 
 
+def check_config(cfg: DictConfig):
+    """Every config mistake, before anything is built: (validated run config, trainer kwargs)."""
+    run = parse_config(OmegaConf.to_container(cfg, resolve=True))
+    trainer_kw = OmegaConf.to_container(cfg.trainer, resolve=True)
+    check_trainer(trainer_kw)
+    return run, trainer_kw
+
+
 def build_strategy(trainer: dict, model: torch.nn.Module):
     """``trainer.strategy`` as Lightning understands it; ``fsdp`` and ``fsdp2`` get a wrapping
     of one unit per decoder block (lightning_cggr.distributed), other values pass through."""
@@ -71,9 +79,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     from .module import CGGRModule
     from .resumable import ResumableCheckpoint
 
-    run = parse_config(OmegaConf.to_container(cfg, resolve=True))  # every config mistake, before any build
-    trainer_kw = OmegaConf.to_container(cfg.trainer, resolve=True)
-    check_trainer(trainer_kw)
+    run, trainer_kw = check_config(cfg)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None and not Path(ckpt_path).expanduser().exists():  # fsdp2 saves a folder
         raise ConfigError(f"invalid configuration: ckpt_path={ckpt_path}: no such checkpoint")
@@ -112,8 +118,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     try:
-        parse_config(OmegaConf.to_container(cfg, resolve=True))  # a mistake: one line, no config dump
-        check_trainer(OmegaConf.to_container(cfg.trainer, resolve=True))
+        check_config(cfg)  # a mistake: one line, no config dump
         print(OmegaConf.to_yaml(cfg, resolve=True))
         train(cfg)
     except ConfigError as err:

@@ -222,9 +222,13 @@ def test_fsdp2_two_processes_match_single_process(tmp_path, reference):
     assert info["params"] == want  # each parameter sharded once, nothing added by the router
 
 
+def _norm(grads: dict) -> float:
+    """The global L2 norm of all gradients, in float64."""
+    return torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).item()
+
+
 def _clipped(grads: dict, max_norm: float) -> dict:
-    total = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))
-    coef = min(1.0, max_norm / (total.item() + 1e-6))  # torch.nn.utils.clip_grad_norm_'s rule
+    coef = min(1.0, max_norm / (_norm(grads) + 1e-6))  # torch.nn.utils.clip_grad_norm_'s rule
     return {n: g * coef for n, g in grads.items()}
 
 
@@ -233,7 +237,7 @@ def test_clipping_uses_the_norm_of_the_whole_model(tmp_path, reference, where):
     """Clipping at half the exact gradient norm scales every gradient by the same factor, computed
     from all parameters (under FSDP2 from every rank's shards, not each rank's own)."""
     exact = reference[0]
-    max_norm = 0.5 * torch.sqrt(sum((g.double() ** 2).sum() for g in exact.values())).item()
+    max_norm = 0.5 * _norm(exact)
     kw = {"devices": 2, "strategy": ForkedFSDP2()} if where == "fsdp2" else {}
     got = run_one_step(tmp_path, f"clip-{where}", batch_size=2 if kw else 4, gradient_clip_val=max_norm, **kw)
     assert_grads_close(got, _clipped(exact, max_norm))
@@ -274,7 +278,7 @@ def test_lightning_fsdp1_two_cpu_processes_match_single_process(tmp_path, refere
     full sharding over 2 gloo processes: each block wrapped once, the router runs the wrapped
     blocks, gradients equal the single-process global mean; clipped through the root wrapper."""
     exact = reference[0]
-    max_norm = 0.5 * torch.sqrt(sum((g.double() ** 2).sum() for g in exact.values())).item() if clip else None
+    max_norm = 0.5 * _norm(exact) if clip else None
     strategy = ForkedCPUFSDP1(auto_wrap_policy=block_classes(make_tiny_model("llama", num_layers=3)),
                               process_group_backend="gloo")
     got = run_one_step(tmp_path, "fsdp1", batch_size=2, devices=2, strategy=strategy, gradient_clip_val=max_norm)
@@ -289,7 +293,7 @@ def test_lightning_fsdp1_wraps_each_block_once_and_matches_the_reference(tmp_pat
     """What trainer.strategy=fsdp builds, on one GPU: every block its own FSDP unit, the router runs
     the wrapped blocks, gradients (clipped through the root wrapper's norm) match the CPU reference."""
     exact = reference[0]
-    max_norm = 0.5 * torch.sqrt(sum((g.double() ** 2).sum() for g in exact.values())).item()
+    max_norm = 0.5 * _norm(exact)
     strategy = FSDPStrategy(auto_wrap_policy=block_classes(make_tiny_model("llama", num_layers=3)))
     got = run_one_step(tmp_path, "fsdp1", batch_size=4, accelerator="cuda", devices=1, strategy=strategy,
                        gradient_clip_val=max_norm)
