@@ -6,6 +6,10 @@
     python -m experiments.report                        # results/*.json -> results/RESULTS.md + plots
     bash experiments/gpu_suite.sh                       # all of it on one GPU, <= 8 min, into $OUT
 
-Presets (shapes) are conf/experiment/bench_*.yaml; sweep grids conf/sweep/*.yaml; methods are the
-override lists in experiments/harness.py (METHODS).
+Every benchmark trains through the package's own step (:mod:`lightning_cggr.step`) via
+:class:`experiments.bench.Runner`. Modules by concern: ``methods`` (the compared methods as config
+overrides), ``compose`` (presets + Hydra composition + validation, the command line), ``bench``
+(building, batches, the runner), ``isolate`` (fresh-process measurement points), ``stats`` (pure
+summaries), ``results_io`` (environment, files, tables). Shapes are ``presets/bench/*.yaml``,
+sweep grids ``presets/sweep/*.yaml``.
 """

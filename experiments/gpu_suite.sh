@@ -13,7 +13,7 @@
 # wheels are carried in experiments/wheels/ and installed offline into a scratch folder put on
 # PYTHONPATH (nothing in the machine's environment changes). Real SmolLM2 weights are not used
 # here: the 98 MB GGUF exceeds what travels to the machine, so the SmolLM2 rows use its exact shape
-# with random weights (conf/experiment/bench_smollm2_shape.yaml), which is what throughput and memory
+# with random weights (experiments/presets/bench/smollm2_shape.yaml), which is what throughput and memory
 # depend on. Each step has a time limit; the whole suite stops starting new work after $BUDGET_S.
 set -uo pipefail
 cd "$(dirname "$0")/.."

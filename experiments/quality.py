@@ -7,8 +7,10 @@
 Per seed, every method starts from the same initial weights (one model built after seeding, then
 deep-copied per method) and sees the same batches in the same order; methods are interleaved step
 by step in one process, so machine-load drift is shared. Each method has its own model copy, AdamW
-and learning-rate schedule (linear warm-up over ``optim.warmup_steps``, then constant, so a method
-can run past ``--steps`` without its schedule changing shape). Evaluation (not timed) runs every
+and the learning-rate schedule ``train()`` uses for ``trainer.max_steps=--steps`` (linear warm-up over
+``optim.warmup_steps``, cosine decay to ``optim.min_lr_ratio`` at ``--steps``, then held at that floor
+by a method that trains on past ``--steps`` for the equal-time point), all through the package's own
+training step (``experiments.bench.Runner``). Evaluation (not timed) runs every
 ``--eval-every`` steps on the same ``--eval-batches`` held-out batches, on every trainable token,
 with the same code for all methods.
 
@@ -27,11 +29,16 @@ from __future__ import annotations
 import math
 import sys
 
-from experiments import harness as H
+from experiments import bench
+from experiments import compose
+from experiments import isolate
+from experiments import methods as methods_mod
+from experiments import results_io as rio
+from experiments import stats
 
 
 def main(argv=None) -> int:
-    ap = H.make_parser("quality", __doc__)
+    ap = compose.make_parser("quality", __doc__)
     ap.add_argument("--steps", type=int, default=150, help="the equal-steps point")
     ap.add_argument("--eval-every", type=int, default=25, help="held-out evaluation interval (steps)")
     ap.add_argument("--eval-batches", type=int, default=4, help="held-out batches per evaluation")
@@ -43,24 +50,21 @@ def main(argv=None) -> int:
     if args.steps < 1 or args.eval_every < 1 or args.eval_batches < 1:
         ap.error("--steps, --eval-every and --eval-batches must be >= 1")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    device = H.pick_device(args.device)
-    H.set_threads(args.threads)
-    methods = H.parse_methods(args.methods)
+    device = compose.pick_device(args.device)
+    compose.set_threads(args.threads)
+    methods = methods_mod.parse_methods(args.methods)
     extra = list(args.overrides)
     if args.cggr_warmup is not None:
         extra.append(f"cggr.warmup_steps={args.cggr_warmup}")
-    base = H.base_overrides(args.preset, device, extra)
+    base = compose.base_overrides(args.preset, device, extra)
     name = args.name or f"quality-{args.preset}"
-    env = H.environment(device)
+    env = rio.environment(device)
     resolved_by_seed, runs, budgets, fingerprints, per_step, failures = {}, {}, {}, {}, {}, {}
-    with H.LoadSampler() as load:
+    with rio.LoadSampler() as load:
         for seed in seeds:
-            resolved = H.resolve_methods(methods, [*base, f"seed={seed}", f"cggr.seed={seed}"], device)
-            avail = [m for m in methods if resolved[m]["available"]]
-            if not avail:
-                print("error: no method is available", file=sys.stderr)
-                return 2
-            H.check_same_model_and_data(resolved)
+            resolved = compose.resolve_methods(methods, [*base, f"seed={seed}", f"cggr.seed={seed}"], device)
+            avail = methods
+            compose.check_same_model_and_data(resolved)
             resolved_by_seed[seed] = resolved
             res = train_interleaved(resolved, avail, device, args, seed)
             fingerprints[seed] = res["fingerprint"]
@@ -69,8 +73,8 @@ def main(argv=None) -> int:
             failures[seed] = res["failed"]
             for m in avail:
                 runs.setdefault(m, {})[seed] = res["curves"][m]
-    summary = H.quality_summary(runs, args.steps, budgets)
-    base_ref = summary.get(H.BASELINE, {})
+    summary = stats.quality_summary(runs, args.steps, budgets)
+    base_ref = summary.get(methods_mod.BASELINE, {})
     for m, row in summary.items():
         for key in ("loss_at_equal_steps", "loss_at_equal_time"):
             ref = (base_ref.get(key) or {}).get("mean")
@@ -79,53 +83,46 @@ def main(argv=None) -> int:
         row["mean_step_s"] = sum(times) / len(times) if times else None
     env["load"] = load.summary()
     first = resolved_by_seed[seeds[0]]
-    avail0 = [m for m in methods if first[m]["available"]]
     payload = {
         "experiment": name,
         "kind": "quality",
         "environment": env,
-        "shape": H.shape_of(first[avail0[0]]["config"]),
+        "shape": compose.shape_of(first[methods[0]]["config"]),
         "settings": {"steps": args.steps, "eval_every": args.eval_every, "eval_batches": args.eval_batches,
                      "seeds": seeds, "max_factor": args.max_factor, "preset": args.preset,
-                     "base_overrides": base, "methods": methods, "lr_schedule": "linear warm-up then constant"},
-        "methods": {m: {"label": H.METHODS[m].label, "kind": H.METHODS[m].kind, **first[m]} for m in methods},
+                     "base_overrides": base, "methods": methods, "lr_schedule": "train()'s: linear warm-up, cosine to the floor at --steps, then the floor"},
+        "methods": methods_mod.describe(methods, first),
         "raw": {"curves": runs, "wall_budget_s": budgets, "initial_weights_fingerprint": fingerprints,
                 "step_times_s": per_step, "failed": failures},
         "summary": summary,
     }
-    return H.publish(payload, name, device, markdown, args.out, plot)
+    return rio.publish(payload, name, device, markdown, args.out, plot)
 
 
 def train_interleaved(resolved, avail, device, args, seed) -> dict:
-    from transformers import get_constant_schedule_with_warmup
-
     first = resolved[avail[0]]["config"]
-    run0, model0, dm = H.build_model_and_data(first)
+    _, model0, dm = bench.build_model_and_data(first)
     model0.to(device)
-    fingerprint = H.weights_fingerprint(model0)
-    ctx = H.autocast_for(first["trainer"]["precision"], device)
-    clip = first["trainer"].get("gradient_clip_val")
-    val = H.take_batches(dm.val_dataloader, args.eval_batches, device)
+    fingerprint = bench.weights_fingerprint(model0)
+    val = bench.take_batches(dm.val_dataloader, args.eval_batches, device)
     cap = max(args.steps, int(math.ceil(args.steps * args.max_factor)))
-    batches = H.BatchStream(dm.train_dataloader, device)
+    batches = bench.BatchStream(dm.train_dataloader, device)
     state = {}
     for m in avail:
-        run = H.parse_run(resolved[m]["config"])
-        model = H.deepcopy_model(model0).train()
-        module = H.make_module(model, run)
-        opt = H.make_optimizer(model, run.optim)
-        sched = get_constant_schedule_with_warmup(opt, num_warmup_steps=run.optim.warmup_steps)
-        state[m] = {"module": module, "opt": opt, "sched": sched, "step": 0, "time": 0.0, "times": [], "losses": []}
+        # train()'s schedule for trainer.max_steps = --steps: warm-up, cosine to the floor, then the floor
+        runner = bench.Runner(bench.deepcopy_model(model0).train(), resolved[m]["config"], device, args.steps)
+        state[m] = {"runner": runner, "step": 0, "time": 0.0, "times": [], "losses": []}
     del model0
-    loss0 = H.heldout_loss(state[avail[0]]["module"], val, ctx)  # identical weights: one evaluation serves all
+    loss0 = state[avail[0]]["runner"].heldout_loss(val)  # identical weights: one evaluation serves all
     curves = {m: [{"step": 0, "time_s": 0.0, "loss": loss0}] for m in avail}
 
     failed = {}
 
     def one_step(m):
         s = state[m]
-        res = H.guarded(lambda _: H.train_step(s["module"], s["opt"], batches[s["step"]], s["step"], clip, ctx,
-                                                device, s["sched"]), {})
+        k = s["runner"].accumulate
+        micro = [batches[s["step"] * k + j] for j in range(k)]
+        res = isolate.guarded(lambda _: s["runner"].train_step(micro), {})
         if isinstance(res, dict):  # recorded; the method leaves the rotation, the others go on
             failed[m] = res["error"]
             print(f"[quality] {m} FAILED: {res['error']}", file=sys.stderr, flush=True)
@@ -138,7 +135,7 @@ def train_interleaved(resolved, avail, device, args, seed) -> dict:
 
     def evaluate(m):
         s = state[m]
-        curves[m].append({"step": s["step"], "time_s": s["time"], "loss": H.heldout_loss(s["module"], val, ctx)})
+        curves[m].append({"step": s["step"], "time_s": s["time"], "loss": s["runner"].heldout_loss(val)})
 
     # phase 1: everyone to --steps, interleaved with a rotating order
     for i in range(args.steps):
@@ -152,7 +149,7 @@ def train_interleaved(resolved, avail, device, args, seed) -> dict:
         if (i + 1) % max(1, args.eval_every) == 0:
             print(f"[quality] seed {seed} step {i + 1}/{args.steps} " +
                   " ".join(f"{m}={curves[m][-1]['loss']:.3f}" for m in avail), file=sys.stderr, flush=True)
-    ref = H.BASELINE if H.BASELINE in state else avail[0]
+    ref = methods_mod.BASELINE if methods_mod.BASELINE in state else avail[0]
     budget = state[ref]["time"]
     # phase 2: methods faster than the baseline continue until their training time passes the budget
     i = 0
@@ -206,7 +203,6 @@ def markdown(p: dict) -> str:
             _pm(r["ppl_at_equal_time"], 2), _signed(r["loss_at_equal_time_minus_baseline"]),
             _pm(r["steps_at_equal_time"], 0), None if r["mean_step_s"] is None else f"{r['mean_step_s']:.4f}",
         ])
-    rows += H.unavailable_rows(p["methods"], len(header))
     load = env.get("load", {})
     budgets = ", ".join(f"{v:.1f}" for v in p["raw"]["wall_budget_s"].values())
     from experiments.throughput import describe_device
@@ -219,20 +215,20 @@ def markdown(p: dict) -> str:
         f"validation batches, same initial weights and batch order per seed, methods interleaved step by step. "
         f"Equal time = the standard fused baseline's training time for {st['steps']} steps "
         f"({budgets} s per seed). Δ < 0 is better than the baseline. {env['date_utc']}; load avg (1 min) "
-        f"median {H.r2(load.get('median'))}, max {H.r2(load.get('max'))} on {env['hardware']['cpu_count']} CPUs.\n"
+        f"median {rio.r2(load.get('median'))}, max {rio.r2(load.get('max'))} on {env['hardware']['cpu_count']} CPUs.\n"
     )
     spikes = []
     for seed, per in (p["raw"].get("step_times_s") or {}).items():
         for m, ts in per.items():
-            if len(ts) > 2 and max(ts) > 3 * H.median(ts):
-                spikes.append(f"{p['methods'][m]['label']} seed {seed}: max {max(ts):.2f} s vs median {H.median(ts):.2f} s")
+            if len(ts) > 2 and max(ts) > 3 * stats.median(ts):
+                spikes.append(f"{p['methods'][m]['label']} seed {seed}: max {max(ts):.2f} s vs median {stats.median(ts):.2f} s")
     if spikes:
         head += ("\n**Timing spikes** (a step over 3x its method's median: the machine was disturbed; "
                  "equal-time values are less reliable): " + "; ".join(spikes) + "\n")
     fails = [f"{p['methods'][m]['label']} (seed {seed}): {err[:200]}"
              for seed, fs in (p["raw"].get("failed") or {}).items() for m, err in fs.items()]
     tail = ("\n\nFAILED during training (its numbers stop there): " + "; ".join(fails)) if fails else ""
-    return head + "\n" + H.md_table(header, rows) + tail
+    return head + "\n" + rio.md_table(header, rows) + tail
 
 
 def _signed(v):

@@ -5,7 +5,7 @@
 
 Each experiment's section is rebuilt from its JSON: device, shapes, date, load, the table, the plot,
 then plain findings against the fair baseline (standard training with the same fused loss), wins
-and losses alike. Methods that could not run are listed as such. Nothing here is typed by hand.
+and losses alike. Nothing here is typed by hand.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from experiments import harness as H
+from experiments import methods as methods_mod
+from experiments import results_io as rio
 
 ORDER = {"throughput": 0, "sweep": 1, "quality": 2}
 
@@ -45,7 +46,7 @@ def findings(p: dict) -> list[str]:
                 out.append(f"{lab[m]}: FAILED in the timing run ({r['failed'][:200]}).")
                 continue
             v = r.get("speedup_vs_standard_fused")
-            if m == H.BASELINE or v is None:
+            if m == methods_mod.BASELINE or v is None:
                 continue
             word = "faster than" if v > 1.02 else "slower than" if v < 0.98 else "level with"
             out.append(f"{lab[m]}: {v:.2f}x the step rate of standard (fused loss): {word} it.")
@@ -54,9 +55,9 @@ def findings(p: dict) -> list[str]:
                 out.append(f"{lab[a]} vs its control {lab[b]}: {s[b]['median_step_s'] / s[a]['median_step_s']:.2f}x "
                            "(the router's cost shows here: both keep the same number of tokens/sequences).")
     elif p["kind"] == "sweep":
-        base = s.get(H.BASELINE, {})
+        base = s.get(methods_mod.BASELINE, {})
         for m, r in s.items():
-            if r["unavailable"] or m == H.BASELINE:
+            if m == methods_mod.BASELINE:
                 continue
             if r["best_batch_size"] is None:
                 out.append(f"{lab[m]}: no batch size fits the budget.")
@@ -68,9 +69,9 @@ def findings(p: dict) -> list[str]:
                        f"(standard fused: {base.get('best_batch_size')}), tokens/s there "
                        + (f"{v:.2f}x the baseline's." if v else "—."))
     elif p["kind"] == "quality":
-        base = s.get(H.BASELINE)
+        base = s.get(methods_mod.BASELINE)
         for m, r in s.items():
-            if m == H.BASELINE or base is None:
+            if m == methods_mod.BASELINE or base is None:
                 continue
             parts = []
             for key, what in (("loss_at_equal_steps", "equal steps"), ("loss_at_equal_time", "equal wall-clock")):
@@ -95,9 +96,6 @@ def findings(p: dict) -> list[str]:
                     if x is not None and y is not None:
                         word = "beats" if x < y else "loses to" if x > y else "ties"
                         out.append(f"At {what}, {lab[a]} {word} its control {lab[b]} ({x:.3f} vs {y:.3f}).")
-    for m, r in meta.items():
-        if not r.get("available", True):
-            out.append(f"{lab[m]}: not available yet ({(r.get('reason') or '')[:200]}).")
     return out
 
 
@@ -121,7 +119,7 @@ def headline(results: list[dict]) -> str:
             label = next(r["methods"][m]["label"] for r in kinds.values() if m in r["methods"])
             speed = t.get("speedup_vs_standard_fused")
             bs = (sw.get(m) or {}).get("best_batch_size")
-            base_bs = (sw.get(H.BASELINE) or {}).get("best_batch_size")
+            base_bs = (sw.get(methods_mod.BASELINE) or {}).get("best_batch_size")
 
             def dq(key):
                 d = q.get(f"{key}_minus_baseline")
@@ -135,7 +133,7 @@ def headline(results: list[dict]) -> str:
             rows.append([shape, dev, label, None if speed is None else f"{speed:.2f}x",
                          None if m not in sw else f"{bs or 'none'} ({base_bs or 'none'})",
                          dq("loss_at_equal_steps"), dq("loss_at_equal_time")])
-    return H.md_table(header, rows)
+    return rio.md_table(header, rows)
 
 
 def render(results: list[dict], folder: Path) -> str:
@@ -172,7 +170,7 @@ def render(results: list[dict], folder: Path) -> str:
     for r in results:
         env = r["environment"]
         argv = " ".join(env.get("argv") or [])
-        cmd = argv.replace(str(H.REPO) + "/", "")
+        cmd = argv.replace(str(rio.REPO) + "/", "")
         if cmd.startswith("experiments/") and cmd.split()[0].endswith(".py"):
             first, *rest = cmd.split()
             cmd = "python -m " + first[:-3].replace("/", ".") + (" " + " ".join(rest) if rest else "")
@@ -263,7 +261,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("--results", default=str(H.RESULTS_DIR), help="folder of results JSON files")
+    ap.add_argument("--results", default=str(rio.RESULTS_DIR), help="folder of results JSON files")
     ap.add_argument("--output", default=None, help="markdown file to write (default <results>/RESULTS.md)")
     ap.add_argument("--readme", default=None,
                     help="README whose results block (between its markers) is regenerated; '' to skip "
@@ -271,7 +269,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     folder = Path(args.results)
     if args.readme is None:  # a rehearsal or GPU folder must never overwrite the committed summary
-        committed = folder.resolve() == Path(H.RESULTS_DIR).resolve()
+        committed = folder.resolve() == Path(rio.RESULTS_DIR).resolve()
         args.readme = str(Path(__file__).resolve().parent.parent / "README.md") if committed else ""
     results = load_results(folder)
     if not results:

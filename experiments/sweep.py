@@ -5,7 +5,7 @@
     python -m experiments.sweep sweep=gpu_smollm2_shape            # one GPU
     python -m experiments.sweep sweep=cpu_tiny model.num_layers=2  # other words: Hydra overrides
 
-The grid lives in ``conf/sweep/<name>.yaml`` (batch sizes x methods, the budget, steps); no Hydra
+The grid lives in ``experiments/presets/sweep/<name>.yaml`` (batch sizes x methods, the budget, steps); no Hydra
 multirun is needed. Every point (one method at one batch size) runs in a fresh process forked from
 an import-only server, walked batch size by batch size with the methods interleaved. A point does
 not fit when its peak memory (CPU: peak RSS of its process; CUDA: ``max_memory_allocated``, with the
@@ -21,9 +21,13 @@ from __future__ import annotations
 import sys
 import time
 
-from experiments import harness as H
+from experiments import compose
+from experiments import isolate
+from experiments import methods as methods_mod
+from experiments import results_io as rio
+from experiments import stats
 
-SWEEP_DIR = H.CONF_DIR / "sweep"
+SWEEP_DIR = compose.PRESETS_DIR / "sweep"
 
 
 def load_sweep(args_overrides: list[str]):
@@ -44,16 +48,16 @@ def load_sweep(args_overrides: list[str]):
     path = SWEEP_DIR / f"{name}.yaml"
     if not path.is_file():
         choices = ", ".join(sorted(p.stem for p in SWEEP_DIR.glob("*.yaml")))
-        raise SystemExit(f"error: no conf/sweep/{name}.yaml; available: {choices}")
+        raise SystemExit(f"error: no experiments/presets/sweep/{name}.yaml; available: {choices}")
     cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(dots))
     s = OmegaConf.to_container(cfg, resolve=True)
     known = {"name", "preset", "device", "methods", "batch_sizes", "memory_budget_mib", "hard_cap_factor",
              "stop_after_miss", "warmup", "steps", "threads", "point_timeout_s", "extra_overrides"}
     unknown = sorted(set(s) - known)
     if unknown:
-        raise SystemExit(f"error: conf/sweep/{name}.yaml: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise SystemExit(f"error: experiments/presets/sweep/{name}.yaml: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     s.setdefault("extra_overrides", [])
-    s["sweep_file"] = f"conf/sweep/{name}.yaml"
+    s["sweep_file"] = f"experiments/presets/sweep/{name}.yaml"
     return s, rest
 
 
@@ -67,39 +71,32 @@ def plan_points(methods: list[str], batch_sizes: list[int]) -> list[tuple[int, s
 
 
 def main(argv=None) -> int:
-    ap = H.make_parser("sweep", __doc__, common=False)
+    ap = compose.make_parser("sweep", __doc__, common=False)
     ap.add_argument("--deadline-s", type=float, default=None,
                     help="start no point after this many seconds; the rest are recorded as not run")
     ap.add_argument("words", nargs="*", help="sweep=<name>, sweep.key=value, and Hydra overrides of the base config")
     args = ap.parse_args(argv)
     s, overrides = load_sweep(args.words)
-    device = H.pick_device(s["device"])
-    methods = H.parse_methods(s["methods"])
+    device = compose.pick_device(s["device"])
+    methods = methods_mod.parse_methods(s["methods"])
     budget = s["memory_budget_mib"] * 2**20
-    base = H.base_overrides(s["preset"], device, ["cggr.warmup_steps=0", *s["extra_overrides"], *overrides])
-    resolved = H.resolve_methods(methods, base, device)
-    H.check_same_model_and_data(resolved)
-    env = H.environment(device)
+    base = compose.base_overrides(s["preset"], device, ["cggr.warmup_steps=0", *s["extra_overrides"], *overrides])
+    resolved = compose.resolve_methods(methods, base, device)
+    compose.check_same_model_and_data(resolved)
+    env = rio.environment(device)
     points, missed = [], set()
     t_start = time.monotonic()
-    with H.LoadSampler() as load:
+    with rio.LoadSampler() as load:
         for b, m in plan_points(methods, s["batch_sizes"]):
             point = {"method": m, "batch_size": b}
             if args.deadline_s is not None and time.monotonic() - t_start > args.deadline_s:
                 point.update(status="not_run", error="time limit of the run reached", fit="not run (time limit)")
                 points.append(point)
                 continue
-            if not resolved[m]["available"]:
-                point.update(status="unavailable", error=resolved[m]["reason"])
-            elif s["stop_after_miss"] and m in missed:
+            if s["stop_after_miss"] and m in missed:
                 point.update(status="skipped", error="did not fit at a smaller batch size")
             else:
-                r = H.resolve_method(m, [*base, f"data.batch_size={b}"], device)
-                if not r["available"]:  # e.g. a batch size the config rejects
-                    point.update(status="error", error=f"invalid config: {r['reason']}", fit=f"error: {r['reason'][:120]}")
-                    points.append(point)
-                    print(f"[sweep] {m} batch {b}: {point['fit']}", file=sys.stderr, flush=True)
-                    continue
+                r = compose.resolve_method(m, [*base, f"data.batch_size={b}"], device)
                 spec = {"config": r["config"], "device": device, "warmup": s["warmup"], "steps": s["steps"],
                         "threads": s.get("threads")}
                 if device.startswith("cuda"):
@@ -107,33 +104,33 @@ def main(argv=None) -> int:
                 else:
                     spec["rss_kill_bytes"] = int(budget * s["hard_cap_factor"])
                 print(f"[sweep] {m} batch {b} ...", file=sys.stderr, flush=True)
-                res = H.run_isolated("experiments.harness:measure_point", spec, timeout_s=s["point_timeout_s"])
+                res = isolate.run_isolated("experiments.isolate:measure_point", spec, timeout_s=s["point_timeout_s"])
                 if res.get("status") == "oom":
                     res.pop("traceback", None)
                 point.update(res)
                 point["batch_size"] = b
-                if point["status"] in ("oom", "killed") or (point["status"] == "ok" and not H.point_fits(point, budget)):
+                if point["status"] in ("oom", "killed") or (point["status"] == "ok" and not stats.point_fits(point, budget)):
                     missed.add(m)  # a real miss; an error is not evidence about memory
-            point["fit"] = H.fit_status(point, budget) if point["status"] != "skipped" else "does not fit: skipped"
+            point["fit"] = stats.fit_status(point, budget) if point["status"] != "skipped" else "does not fit: skipped"
             print(f"[sweep] {m} batch {b}: {point['fit']}"
                   + (f", {point['tokens_per_s']:.0f} tok/s, peak {point['peak_bytes'] / 2**20:.0f} MiB"
                      if point.get("status") == "ok" else ""), file=sys.stderr, flush=True)
             points.append(point)
     env["load"] = load.summary()
-    summary = H.sweep_summary([p for p in points if p["status"] not in ("skipped", "not_run")] or points, budget)
+    summary = stats.sweep_summary([p for p in points if p["status"] not in ("skipped", "not_run")] or points, budget)
     name = s["name"]
-    first = next((resolved[m]["config"] for m in methods if resolved[m]["available"]), None)
+    first = resolved[methods[0]]["config"]
     payload = {
         "experiment": name,
         "kind": "sweep",
         "environment": env,
-        "shape": H.shape_of(first) if first else {},
+        "shape": compose.shape_of(first) if first else {},
         "settings": {**s, "base_overrides": base, "memory_budget_bytes": budget},
-        "methods": {m: {"label": H.METHODS[m].label, "kind": H.METHODS[m].kind, **resolved[m]} for m in methods},
+        "methods": methods_mod.describe(methods, resolved),
         "raw": {"points": points},
         "summary": summary,
     }
-    return H.publish(payload, name, device, markdown, args.out, plot)
+    return rio.publish(payload, name, device, markdown, args.out, plot)
 
 
 def markdown(p: dict) -> str:
@@ -148,14 +145,13 @@ def markdown(p: dict) -> str:
     rows = []
     for m, meta in p["methods"].items():
         r = s.get(m)
-        if r is None or r["unavailable"]:
+        if r is None:
             continue
         best = r["best_batch_size"]
         best = "none fits" if best is None else f"{best} (grid max: may fit more)" if best == max(st["batch_sizes"]) else best
         rows.append([meta["label"], meta["kind"], best,
-                     H.fmt_f0(r["tokens_per_s"]), H.fmt_x(r["tokens_per_s_vs_baseline"]), H.fmt_mib(r["peak_bytes"]),
-                     r["fastest_fitting_batch_size"], H.fmt_f0(r["fastest_fitting_tokens_per_s"])])
-    rows += H.unavailable_rows(p["methods"], len(header))
+                     rio.fmt_f0(r["tokens_per_s"]), rio.fmt_x(r["tokens_per_s_vs_baseline"]), rio.fmt_mib(r["peak_bytes"]),
+                     r["fastest_fitting_batch_size"], rio.fmt_f0(r["fastest_fitting_tokens_per_s"])])
     sizes = sorted(st["batch_sizes"])
     grid_header = ["method", *[f"B={b}" for b in sizes]]
     grid = []
@@ -166,10 +162,8 @@ def markdown(p: dict) -> str:
             if pt is None:
                 cells.append(None)
             elif pt["status"] == "ok":
-                tag = "" if H.point_fits(pt, budget) else " OVER"
+                tag = "" if stats.point_fits(pt, budget) else " OVER"
                 cells.append(f"{pt['tokens_per_s']:.0f} tok/s, {pt['peak_bytes'] / 2**20:.0f} MiB{tag}")
-            elif pt["status"] == "unavailable":
-                cells.append("not available yet")
             elif pt["status"] == "skipped":
                 cells.append("not tried (missed smaller)")
             elif pt["status"] == "not_run":
@@ -185,9 +179,9 @@ def markdown(p: dict) -> str:
         f"{shape.get('precision')}, kept ratio {shape.get('min_tokens_ratio')}; memory budget "
         f"{budget / 2**20:.0f} MiB of {mem}; median of {st['steps']} steps after {st['warmup']} warm-up per point, "
         f"each point a fresh process. Grid: {st['sweep_file']}. {env['date_utc']}; load avg (1 min) median "
-        f"{H.r2(load.get('median'))}, max {H.r2(load.get('max'))} on {env['hardware']['cpu_count']} CPUs.\n"
+        f"{rio.r2(load.get('median'))}, max {rio.r2(load.get('max'))} on {env['hardware']['cpu_count']} CPUs.\n"
     )
-    return head + "\n" + H.md_table(header, rows) + "\n\nEvery point (OVER: ran, but above the budget):\n\n" + H.md_table(grid_header, grid)
+    return head + "\n" + rio.md_table(header, rows) + "\n\nEvery point (OVER: ran, but above the budget):\n\n" + rio.md_table(grid_header, grid)
 
 
 def plot(p: dict, path) -> None:
@@ -208,7 +202,7 @@ def plot(p: dict, path) -> None:
         line = a.plot([x["batch_size"] for x in pts], [x["tokens_per_s"] for x in pts], style, label=meta["label"])[0]
         b.plot([x["batch_size"] for x in pts], [x["peak_bytes"] / 2**20 for x in pts], style, color=line.get_color())
         for x in pts:
-            fits = H.point_fits(x, budget)
+            fits = stats.point_fits(x, budget)
             kw = dict(color=line.get_color(), marker="o", ms=5)
             kw.update({} if fits else {"markerfacecolor": "none"})
             a.plot([x["batch_size"]], [x["tokens_per_s"]], **kw)

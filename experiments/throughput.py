@@ -4,8 +4,9 @@
     python -m experiments.throughput --preset smollm2 --methods standard_naive,standard_fused,cggr_combined
     python -m experiments.throughput --preset tiny data.batch_size=32  # any Hydra override
 
-Timing: one process builds the model once; every method is a ``CGGRModule`` (its own cggr/loss
-settings) around that same model and one AdamW. Step i of every method runs on batch i, the order
+Timing: one process builds the model once; every method is the package's training step
+(``lightning_cggr.step.CGGRStep``, its own cggr/loss settings) around that same model, one AdamW and
+one LR schedule, stepped as ``train()`` steps it (``experiments.bench.Runner``). Step i of every method runs on batch i, the order
 of methods rotating each step, so slow drift of machine load hits every method alike. The first
 ``--warmup`` steps are dropped; the table gives the median of the next ``--steps``. Step = router
 + forward + loss + backward + grad clip + AdamW step, device-synchronized. tokens/s counts input
@@ -21,11 +22,16 @@ from __future__ import annotations
 
 import sys
 
-from experiments import harness as H
+from experiments import bench
+from experiments import compose
+from experiments import isolate
+from experiments import methods as methods_mod
+from experiments import results_io as rio
+from experiments import stats
 
 
 def main(argv=None) -> int:
-    ap = H.make_parser("throughput", __doc__)
+    ap = compose.make_parser("throughput", __doc__)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per method (median over these)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
     ap.add_argument("--mem-steps", type=int, default=2, help="steps per fresh memory process (CPU); 0: skip")
@@ -34,20 +40,17 @@ def main(argv=None) -> int:
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
 
-    device = H.pick_device(args.device)
-    H.set_threads(args.threads)
-    methods = H.parse_methods(args.methods)
+    device = compose.pick_device(args.device)
+    compose.set_threads(args.threads)
+    methods = methods_mod.parse_methods(args.methods)
     # Every timed step must route: the cggr warm-up (full-token steps) is for training, not timing.
-    base = H.base_overrides(args.preset, device, ["cggr.warmup_steps=0", *args.overrides])
-    resolved = H.resolve_methods(methods, base, device)
-    avail = [m for m in methods if resolved[m]["available"]]
-    if not avail:
-        print("error: no method is available", file=sys.stderr)
-        return 2
-    H.check_same_model_and_data(resolved)
+    base = compose.base_overrides(args.preset, device, ["cggr.warmup_steps=0", *args.overrides])
+    resolved = compose.resolve_methods(methods, base, device)
+    avail = methods
+    compose.check_same_model_and_data(resolved)
     name = args.name or f"throughput-{args.preset}"
-    env = H.environment(device)
-    with H.LoadSampler() as load:
+    env = rio.environment(device)
+    with rio.LoadSampler() as load:
         timing = time_interleaved(resolved, avail, device, args.warmup, args.steps)
         memory = {}
         if not device.startswith("cuda") and args.mem_steps > 0:
@@ -55,9 +58,9 @@ def main(argv=None) -> int:
                 print(f"[throughput] memory: {m}", file=sys.stderr, flush=True)
                 spec = {"config": resolved[m]["config"], "device": device, "warmup": 1, "steps": args.mem_steps,
                         "threads": args.threads}
-                memory[m] = H.run_isolated("experiments.harness:measure_point", spec)
+                memory[m] = isolate.run_isolated("experiments.isolate:measure_point", spec)
     tokens = timing["tokens_per_step"]
-    summary = H.throughput_summary(timing["step_times_s"], tokens)
+    summary = stats.throughput_summary(timing["step_times_s"], tokens)
     for m in avail:
         if m not in summary:  # failed in the timing run
             summary[m] = {"failed": timing["failed"].get(m, {}).get("error", "no timed steps")}
@@ -74,48 +77,50 @@ def main(argv=None) -> int:
         "experiment": name,
         "kind": "throughput",
         "environment": env,
-        "shape": H.shape_of(resolved[avail[0]]["config"]),
+        "shape": compose.shape_of(resolved[avail[0]]["config"]),
         "settings": {"steps": args.steps, "warmup": args.warmup, "mem_steps": args.mem_steps,
                      "preset": args.preset, "base_overrides": base, "methods": methods},
-        "methods": {m: {"label": H.METHODS[m].label, "kind": H.METHODS[m].kind, **resolved[m]} for m in methods},
+        "methods": methods_mod.describe(methods, resolved),
         "raw": {"timing": timing, "memory": memory},
         "summary": summary,
     }
-    return H.publish(payload, name, device, markdown, args.out)
+    return rio.publish(payload, name, device, markdown, args.out)
 
 
 def time_interleaved(resolved, avail, device, warmup, steps) -> dict:
     import torch
 
     first = resolved[avail[0]]["config"]
-    run0, model, dm = H.build_model_and_data(first)
+    _, model, dm = bench.build_model_and_data(first)
     model.to(device).train()
-    fingerprint = H.weights_fingerprint(model)
-    runs = {m: H.parse_run(resolved[m]["config"]) for m in avail}
-    modules = {m: H.make_module(model, runs[m]) for m in avail}
-    optimizer = H.make_optimizer(model, run0.optim)
-    ctx = H.autocast_for(first["trainer"]["precision"], device)
-    clip = first["trainer"].get("gradient_clip_val")
-    batches = H.take_batches(dm.train_dataloader, warmup + steps, device)
-    B, T = batches[0]["input_ids"].shape
+    fingerprint = bench.weights_fingerprint(model)
+    total = warmup + steps
+    lead = bench.Runner(model, first, device, total_steps=total)  # owns the shared AdamW
+    # each method its own LR schedule over the shared optimizer: all are at step i when they run step i
+    runners = {m: bench.Runner(model, resolved[m]["config"], device, total, lead.optimizer) for m in avail}
+    k = lead.accumulate
+    stream = bench.BatchStream(dm.train_dataloader, device)
+    batches = [[stream[i * k + j] for j in range(k)] for i in range(total)]
+    B, T = batches[0][0]["input_ids"].shape
     times = {m: [] for m in avail}
     cuda = device.startswith("cuda")
     peaks = {m: 0 for m in avail}
     base_bytes = None
     order_log, failed = [], {}
-    for i, batch in enumerate(batches):
+    for i, micro in enumerate(batches):
         live = [m for m in avail if m not in failed]
-        k = i % max(len(live), 1)
-        order = live[k:] + live[:k]
+        r = i % max(len(live), 1)
+        order = live[r:] + live[:r]
         order_log.append(order)
         for m in order:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
                 base_bytes = torch.cuda.memory_allocated() if base_bytes is None else base_bytes
-            res = H.guarded(lambda _: H.train_step(modules[m], optimizer, batch, i, clip, ctx, device), {})
+            runners[m].global_step = i  # every method at the same step of the same schedule
+            res = isolate.guarded(lambda _: runners[m].train_step(micro), {})
             if isinstance(res, dict):  # this method failed (e.g. out of memory): recorded, others go on
                 failed[m] = res
-                optimizer.zero_grad(set_to_none=True)
+                lead.optimizer.zero_grad(set_to_none=True)
                 if cuda:
                     torch.cuda.empty_cache()
                 print(f"[throughput] {m} FAILED: {res['error']}", file=sys.stderr, flush=True)
@@ -129,12 +134,13 @@ def time_interleaved(resolved, avail, device, warmup, steps) -> dict:
               file=sys.stderr, flush=True)
     out = {
         "step_times_s": times,
-        "tokens_per_step": B * T,
+        "tokens_per_step": B * T * k,
         "batch_size": B,
         "block_size": T,
+        "accumulate_grad_batches": k,
         "initial_weights_fingerprint": fingerprint,
         "order_per_step": order_log,
-        "loss_impl": {m: modules[m].loss_impl for m in avail},
+        "loss_impl": {m: runners[m].step.loss_impl for m in avail},
         "failed": failed,
     }
     if cuda:
@@ -159,10 +165,9 @@ def markdown(p: dict) -> str:
             continue
         rows.append([
             meta["label"], meta["kind"], f"{r['median_step_s']:.4f}", f"{r['tokens_per_s']:.0f}",
-            H.fmt_x(r.get("speedup_vs_standard_fused")), H.fmt_x(r.get("speedup_vs_standard_naive")),
-            H.fmt_mib(r.get("peak_bytes")), H.fmt_mib(r.get("peak_above_build_bytes")), r.get("loss_impl"),
+            rio.fmt_x(r.get("speedup_vs_standard_fused")), rio.fmt_x(r.get("speedup_vs_standard_naive")),
+            rio.fmt_mib(r.get("peak_bytes")), rio.fmt_mib(r.get("peak_above_build_bytes")), r.get("loss_impl"),
         ])
-    rows += H.unavailable_rows({m: p["methods"][m] for m in p["methods"]}, len(header))
     load = env.get("load", {})
     head = (
         f"### {p['experiment']} on {describe_device(env)}\n\n"
@@ -170,10 +175,10 @@ def markdown(p: dict) -> str:
         f"{shape['precision']}, kept ratio {shape['min_tokens_ratio']}, router {shape['router_layers']} layers. "
         f"Median of {p['settings']['steps']} steps after {p['settings']['warmup']} warm-up, methods interleaved "
         f"step by step on the same batches and one shared model. {env['date_utc']}; "
-        f"load avg (1 min) median {H.r2(load.get('median'))}, max {H.r2(load.get('max'))} on {env['hardware']['cpu_count']} CPUs.\n"
+        f"load avg (1 min) median {rio.r2(load.get('median'))}, max {rio.r2(load.get('max'))} on {env['hardware']['cpu_count']} CPUs.\n"
         f"'vs' columns: baseline median step time / method's (> 1 is faster).\n"
     )
-    return head + "\n" + H.md_table(header, rows)
+    return head + "\n" + rio.md_table(header, rows)
 
 
 def describe_device(env: dict) -> str:

@@ -11,18 +11,19 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-SCORING_STRATEGIES = ("entropy", "margin", "loss", "combined", "excess_loss", "random")
-SELECTION_SCOPES = ("sequence", "batch")
-SELECTION_UNITS = ("token", "sequence")
-SELECTION_STRATEGIES = ("topk", "stratified")
-ROUTER_SOURCES = ("truncated", "final")
-RATIO_SCHEDULES = ("constant", "curriculum", "dynamic")
-CURRICULUM_SHAPES = ("linear", "cosine")
-MODEL_SOURCES = ("random", "pretrained", "smollm2_gguf")
-MODEL_ARCHS = ("llama", "gpt2", "gpt_neox")
-DATA_SOURCES = ("pydoc", "files", "chat", "hf")
-TOKENIZERS = ("auto", "bpe", "model")
-DTYPES = ("float32", "bfloat16", "float16")
+# Choices are owned by the modules that implement them; this module only checks against them.
+from .data import SOURCES as DATA_SOURCES
+from .data import TOKENIZERS
+from .kernels import LOSS_IMPLS
+from .models import ARCHS as MODEL_ARCHS
+from .models import DTYPES
+from .models import SOURCES as MODEL_SOURCES
+from .routing.router import SOURCES as ROUTER_SOURCES
+from .routing.schedule import CURRICULUM_SHAPES, RATIO_SCHEDULES
+from .routing.scoring import SCORING_NAMES as SCORING_STRATEGIES
+from .routing.selection import SCOPES as SELECTION_SCOPES
+from .routing.selection import STRATEGIES as SELECTION_STRATEGIES
+from .routing.selection import UNITS as SELECTION_UNITS
 
 
 class ConfigError(ValueError):
@@ -185,6 +186,43 @@ class RunConfig:
     optim: OptimConfig
 
 
+GROUPS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "cggr": CGGRConfig,
+    "loss": LossConfig,
+    "optim": OptimConfig,
+}
+"""The config groups with a schema here, by their key in the composed config."""
+
+SCHEMA_NODE = "schema"
+"""Name of the Hydra config node holding every default above (first in ``conf/train.yaml``)."""
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def schema_defaults() -> dict[str, Any]:
+    """Every group's dataclass defaults as plain containers: the one source of default values."""
+    return {name: _plain(dataclasses.asdict(cls())) for name, cls in GROUPS.items()}
+
+
+def register_schema() -> None:
+    """Store :func:`schema_defaults` in Hydra's ConfigStore as ``schema``, the first entry of
+    ``conf/train.yaml``'s defaults list; the YAML groups then hold only what differs from it.
+
+    Stored as plain containers, not typed structured configs, so that a wrong value reaches
+    :func:`validate` and gets its one-line message (typed nodes would fail inside Hydra first)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NODE, node=schema_defaults())
+
+
 def _build(cls: type, values: Mapping[str, Any] | None, where: str, problems: list[str]):
     """Instantiate dataclass ``cls`` from ``values``, recording unknown keys instead of raising."""
     values = dict(values or {})
@@ -298,7 +336,7 @@ def validate(run: RunConfig) -> None:
     if not isinstance(c.router.chunk_size, int) or c.router.chunk_size < 1:
         p.append(f"cggr.router.chunk_size={c.router.chunk_size!r}: must be an integer >= 1")
     _validate_selection_extras(p, c)
-    _check_choice(p, "loss.impl", run.loss.impl, ("auto", "triton", "torch", "naive"))
+    _check_choice(p, "loss.impl", run.loss.impl, LOSS_IMPLS)
     _check_choice(p, "model.source", m.source, MODEL_SOURCES)
     _check_choice(p, "model.dtype", m.dtype, DTYPES)
     if m.source == "random":
@@ -345,13 +383,7 @@ def parse_config(cfg: Mapping[str, Any]) -> RunConfig:
     """Turn a composed (plain-container) config into validated dataclasses."""
     problems: list[str] = []
     parts = {}
-    for name, cls in (
-        ("model", ModelConfig),
-        ("data", DataConfig),
-        ("cggr", CGGRConfig),
-        ("loss", LossConfig),
-        ("optim", OptimConfig),
-    ):
+    for name, cls in GROUPS.items():
         parts[name] = _build(cls, cfg.get(name), name, problems)
     if problems:
         raise config_error(problems)

@@ -91,7 +91,7 @@ class KeptTokenNormalizer:
 
 def block_classes(model: torch.nn.Module) -> set[type]:
     """The decoder block classes of ``model``: the unit FSDP wraps (one unit per block)."""
-    from .router import find_blocks, find_decoder
+    from .routing.router import find_blocks, find_decoder
 
     _, blocks = find_blocks(find_decoder(model))
     return {type(b) for b in blocks}
@@ -110,7 +110,7 @@ def shard_fsdp2(module: torch.nn.Module, model: torch.nn.Module, mesh) -> bool:
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
-    from .router import find_blocks, find_decoder
+    from .routing.router import find_blocks, find_decoder
 
     if isinstance(module, FSDPModule):
         return False

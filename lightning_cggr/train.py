@@ -22,11 +22,12 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, parse_config
+from .config import ConfigError, parse_config, register_schema
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+register_schema()  # the dataclass defaults, first in conf/train.yaml's defaults list
 
 
 def check_trainer(trainer: dict) -> None:
@@ -77,7 +78,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     from .data import build_datamodule, build_tokenizer
     from .models import build_model
     from .module import CGGRModule
-    from .resumable import ResumableCheckpoint
+    from .callbacks import ResumableCheckpoint
 
     run, trainer_kw = check_config(cfg)
     ckpt_path = cfg.get("ckpt_path")

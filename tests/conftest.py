@@ -62,3 +62,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def kept_mean_loss(step, hidden, targets, selection):
+    """Mean cross-entropy over the kept tokens of one micro-batch, from the step's loss terms."""
+    nll_sum, kept = step.loss_terms(hidden, targets, selection)
+    return nll_sum / kept.clamp(min=1)

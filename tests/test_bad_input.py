@@ -16,9 +16,9 @@ import torch
 from conftest import make_tiny_model
 
 from lightning_cggr.config import CGGRConfig, ConfigError, LossConfig, RouterConfig, parse_config
-from lightning_cggr.data import pack_documents, train_bpe_tokenizer
-from lightning_cggr.module import CGGRModule
-from lightning_cggr.selection import IGNORE_INDEX
+from lightning_cggr.data.text import pack_documents, train_bpe_tokenizer
+from lightning_cggr.step import CGGRStep
+from lightning_cggr.routing.selection import IGNORE_INDEX
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -91,14 +91,14 @@ def test_missing_checkpoint_is_a_config_error(tmp_path):
 # ---- what only a built model can tell ------------------------------------------------------------
 def test_router_layers_beyond_the_model_fail_at_construction():
     with pytest.raises(ValueError, match=r"outside 1\.\.3"):
-        CGGRModule(make_tiny_model("llama", num_layers=3), CGGRConfig(router=RouterConfig(num_layers=4)))
+        CGGRStep(make_tiny_model("llama", num_layers=3), CGGRConfig(router=RouterConfig(num_layers=4)))
 
 
 def test_router_with_all_layers_is_defined_behaviour(batch):
     """k == model layers is allowed: the router is then the whole model (scores from a full pass)."""
     model = make_tiny_model("llama", num_layers=3)
-    module = CGGRModule(model, CGGRConfig(router=RouterConfig(num_layers=3), warmup_steps=0))
-    loss = module.training_step(batch, 0)
+    module = CGGRStep(model, CGGRConfig(router=RouterConfig(num_layers=3), warmup_steps=0))
+    loss = module(batch, 0).loss
     assert torch.isfinite(loss)
 
 
@@ -109,40 +109,40 @@ def test_unknown_architecture_is_a_clear_error():
             self.lin = torch.nn.Linear(4, 4)
 
     with pytest.raises(ValueError, match="not a Hugging Face"):
-        CGGRModule(NotAnLM())
+        CGGRStep(NotAnLM())
 
 
 # ---- defined behaviour during training -----------------------------------------------------------
 @pytest.mark.parametrize("active", [True, False], ids=["cggr", "warmup"])
 def test_batch_whose_labels_are_all_ignored(active):
     """Loss 0 with a graph, zero gradients, no NaN; the step's correction stays finite."""
-    module = CGGRModule(make_tiny_model("llama"), CGGRConfig(warmup_steps=0 if active else 100), LossConfig("torch"))
+    module = CGGRStep(make_tiny_model("llama"), CGGRConfig(warmup_steps=0 if active else 100), LossConfig("torch"))
     ids = torch.randint(1, 97, (2, 10))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, IGNORE_INDEX)}
-    loss = module.training_step(batch, 0)
+    loss = module(batch, 0).loss
     assert loss.item() == 0.0
     loss.backward()
-    module.token_norm.correct_gradients(module.parameters(), accumulate=1)
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    module.correct_gradients(module.model.parameters(), accumulate=1)
+    grads = [p.grad for p in module.model.parameters() if p.grad is not None]
     assert grads and all(torch.equal(g, torch.zeros_like(g)) for g in grads)
 
 
 def test_sequences_shorter_than_two_tokens_train_nothing_and_stay_finite():
     """A 1-token (or empty) row has no next-token target: it contributes no loss, the others do."""
-    module = CGGRModule(make_tiny_model("llama"), CGGRConfig(warmup_steps=0), LossConfig("torch"))
+    module = CGGRStep(make_tiny_model("llama"), CGGRConfig(warmup_steps=0), LossConfig("torch"))
     ids = torch.randint(1, 97, (3, 8))
     mask = torch.ones_like(ids)
     mask[0, 1:] = 0  # one real token
     mask[1, :] = 0  # none
     batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()}
-    loss = module.training_step(batch, 0)
+    loss = module(batch, 0).loss
     assert torch.isfinite(loss) and loss.item() > 0
 
 
 @pytest.mark.parametrize("scoring", ["combined", "entropy", "margin", "loss"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_non_finite_router_states_are_never_ranked_hard(monkeypatch, scoring, dtype):
-    module = CGGRModule(
+    module = CGGRStep(
         make_tiny_model("llama"), CGGRConfig(scoring=scoring, warmup_steps=0, router=RouterConfig(num_layers=1)),
         LossConfig("torch"),
     )
@@ -159,14 +159,14 @@ def test_non_finite_router_states_are_never_ranked_hard(monkeypatch, scoring, dt
         return h
 
     monkeypatch.setattr(module.router, "hidden_states", overflowing)
-    score = module.score_tokens(ids, None, targets)
+    score = module.score_and_stats(ids, None, targets)[0]
     bad = torch.zeros_like(targets, dtype=torch.bool)
     bad[0, 2] = bad[0, 5] = bad[1, 7] = True
     good = (targets != IGNORE_INDEX) & ~bad
     assert torch.isfinite(score[good]).all(), "one bad token must not poison the others' scores"
     assert (score[bad] == float("-inf")).all()
 
-    from lightning_cggr.selection import select
+    from lightning_cggr.routing.selection import select
 
     keep = select(score, targets != IGNORE_INDEX, 0.5, "sequence").keep
     assert not (keep & bad).any()
@@ -193,7 +193,7 @@ def test_tokenizer_without_pad_token_packs_with_eos_only(tokenizer):
 
 
 def test_chat_padding_without_pad_token_uses_eos(tokenizer):
-    from lightning_cggr.chat import pad_token_id_of
+    from lightning_cggr.data.chat import pad_token_id_of
 
     tokenizer.pad_token = None
     assert pad_token_id_of(tokenizer) == tokenizer.eos_token_id  # pads are masked: never attended, never labelled

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lightning_cggr.chat import (
+from lightning_cggr.data.chat import (
     IGNORE_INDEX,
     ChatCollator,
     ChatDataModule,
@@ -16,7 +16,7 @@ from lightning_cggr.chat import (
     read_chat_jsonl,
     sample_chat_path,
 )
-from lightning_cggr.gguf import fetch_smollm2_gguf, require_gguf
+from lightning_cggr.models.gguf import fetch_smollm2_gguf, require_gguf
 
 CONVERSATION = [
     {"role": "system", "content": "You answer in one short sentence."},

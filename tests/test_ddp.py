@@ -23,8 +23,8 @@ from torch.utils.data import Dataset
 from lightning_cggr.config import CGGRConfig, LossConfig, RouterConfig
 from lightning_cggr.distributed import block_classes
 from lightning_cggr.module import CGGRModule
-from lightning_cggr.resumable import ResumableLoader
-from lightning_cggr.router import find_blocks
+from lightning_cggr.data.resumable import ResumableLoader
+from lightning_cggr.routing.router import find_blocks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,10 +76,10 @@ class GradProbe(CGGRModule):
             full = [(n.replace("_fsdp_wrapped_module.", ""), g.detach().cpu().clone()) for n, g in full]
         if self.global_rank == 0:
             torch.save(dict(full), self.grad_path)
-            _, blocks = find_blocks(self.decoder)
+            _, blocks = find_blocks(self.step.decoder)
             torch.save({
                 "fsdp_units": [n for n, m in self.named_modules() if isinstance(m, (FSDPModule, FSDP1))],
-                "router_blocks_are_model_blocks": all(a is b for a, b in zip(self.router.blocks, blocks)),
+                "router_blocks_are_model_blocks": all(a is b for a, b in zip(self.step.router.blocks, blocks)),
                 "params": [(n, type(p).__name__, p.numel()) for n, p in self.named_parameters(remove_duplicate=False)],
             }, self.grad_path + ".info")
 
@@ -134,7 +134,7 @@ def keep_mask(model, batch, targets) -> torch.Tensor:
     """Top ceil(RATIO * n) router entropies per row (float64, written independently here)."""
     probe = CGGRModule(model, cggr_config(), LossConfig(impl="torch"))
     with torch.no_grad():
-        h = probe.router.hidden_states(batch["input_ids"], batch["attention_mask"]).double()
+        h = probe.step.router.hidden_states(batch["input_ids"], batch["attention_mask"]).double()
         logp = torch.log_softmax(h @ model.get_output_embeddings().weight.double().T, dim=-1)
         entropy = -(logp.exp() * logp).sum(-1)
     keep = torch.zeros_like(targets, dtype=torch.bool)

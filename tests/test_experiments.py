@@ -11,7 +11,8 @@ import signal
 import pytest
 import torch
 
-from experiments import harness as H
+from experiments import compose, isolate, methods, stats
+from experiments import results_io as rio
 from experiments.sweep import load_sweep, plan_points
 
 MiB = 2**20
@@ -22,7 +23,7 @@ MiB = 2**20
 
 def test_throughput_summary_medians_and_ratios():
     # medians: fused 2, naive 4, cggr 1 -> tokens/s 50, 25, 100; cggr is 2x fused and 4x naive
-    s = H.throughput_summary(
+    s = stats.throughput_summary(
         {"standard_fused": [2.0, 1.0, 3.0], "standard_naive": [4.0, 4.0, 5.0], "cggr_combined": [1.0, 1.0, 9.0]},
         tokens_per_step=100,
     )
@@ -52,9 +53,8 @@ def test_sweep_summary_largest_batch_within_budget():
         _pt("cggr_sequence", 8, peak=60, tps=3000.0),
         _pt("cggr_sequence", 16, peak=90, tps=2800.0),  # largest fitting is not the fastest
         _pt("random_token", 8, status="killed"),
-        _pt("cggr_final", 8, status="unavailable"),
     ]
-    s = H.sweep_summary(points, budget)
+    s = stats.sweep_summary(points, budget)
     assert s["standard_fused"]["best_batch_size"] == 16 and s["standard_fused"]["tokens_per_s"] == 1500.0
     assert s["cggr_combined"]["best_batch_size"] == 16
     assert s["cggr_combined"]["tokens_per_s_vs_baseline"] == pytest.approx(1400 / 1500)
@@ -62,28 +62,26 @@ def test_sweep_summary_largest_batch_within_budget():
     assert s["cggr_sequence"]["fastest_fitting_batch_size"] == 8
     assert s["cggr_sequence"]["tokens_per_s_vs_baseline"] == pytest.approx(2800 / 1500)
     assert s["random_token"]["best_batch_size"] is None and s["random_token"]["tokens_per_s_vs_baseline"] is None
-    assert s["cggr_final"]["unavailable"] and not s["cggr_combined"]["unavailable"]
 
 
 def test_fit_status_words():
     budget = 100 * MiB
-    assert H.fit_status(_pt("m", 1, peak=100, tps=1.0), budget) == "fits"  # at the budget fits
-    assert H.fit_status(_pt("m", 1, peak=101, tps=1.0), budget).startswith("does not fit: peak 101 MiB")
-    assert H.fit_status(_pt("m", 1, status="oom"), budget) == "does not fit: out of memory"
-    assert H.fit_status({"status": "killed", "error": "x"}, budget) == "does not fit: x"
-    assert H.fit_status({"status": "unavailable"}, budget) == "not available yet"
-    assert H.fit_status({"status": "error", "error": "boom"}, budget) == "error: boom"
+    assert stats.fit_status(_pt("m", 1, peak=100, tps=1.0), budget) == "fits"  # at the budget fits
+    assert stats.fit_status(_pt("m", 1, peak=101, tps=1.0), budget).startswith("does not fit: peak 101 MiB")
+    assert stats.fit_status(_pt("m", 1, status="oom"), budget) == "does not fit: out of memory"
+    assert stats.fit_status({"status": "killed", "error": "x"}, budget) == "does not fit: x"
+    assert stats.fit_status({"status": "error", "error": "boom"}, budget) == "error: boom"
 
 
 def test_interpolation_and_curve_at():
     curve = [{"step": 0, "time_s": 0.0, "loss": 10.0}, {"step": 10, "time_s": 5.0, "loss": 8.0},
              {"step": 20, "time_s": 10.0, "loss": 6.0}]
-    at = H.curve_at(curve, "time_s", 7.5)  # halfway between the 2nd and 3rd evaluations
+    at = stats.curve_at(curve, "time_s", 7.5)  # halfway between the 2nd and 3rd evaluations
     assert at["loss"] == pytest.approx(7.0) and at["step"] == pytest.approx(15.0)
     assert at["ppl"] == pytest.approx(math.exp(7.0))
-    assert H.curve_at(curve, "step", 20)["loss"] == 6.0
-    assert H.curve_at(curve, "time_s", 10.5) is None  # past the last evaluation: no extrapolation
-    assert H.interpolate_at([1.0], [3.0], 1.0) == 3.0
+    assert stats.curve_at(curve, "step", 20)["loss"] == 6.0
+    assert stats.curve_at(curve, "time_s", 10.5) is None  # past the last evaluation: no extrapolation
+    assert stats.interpolate_at([1.0], [3.0], 1.0) == 3.0
 
 
 def test_quality_summary_two_seeds():
@@ -94,7 +92,7 @@ def test_quality_summary_two_seeds():
             {"step": 20, "time_s": 10.0, "loss": 3.0}],
         1: [{"step": 0, "time_s": 0.0, "loss": 9.0}, {"step": 10, "time_s": 5.0, "loss": 6.0}],
     }}
-    s = H.quality_summary(runs, equal_steps=10, wall_budget_s={0: 6.0, 1: 5.0})["cggr_combined"]
+    s = stats.quality_summary(runs, equal_steps=10, wall_budget_s={0: 6.0, 1: 5.0})["cggr_combined"]
     assert s["loss_at_equal_steps"]["mean"] == pytest.approx(5.0)
     assert s["loss_at_equal_steps"]["std"] == pytest.approx(math.sqrt(2.0))  # sample std of 4 and 6
     assert s["loss_at_equal_time"]["mean"] == pytest.approx((3.8 + 6.0) / 2)
@@ -103,16 +101,16 @@ def test_quality_summary_two_seeds():
 
 def test_quality_summary_method_that_never_reached_the_budget():
     runs = {"m": {0: [{"step": 0, "time_s": 0.0, "loss": 9.0}, {"step": 10, "time_s": 2.0, "loss": 5.0}]}}
-    s = H.quality_summary(runs, equal_steps=10, wall_budget_s={0: 3.0})["m"]
+    s = stats.quality_summary(runs, equal_steps=10, wall_budget_s={0: 3.0})["m"]
     assert s["loss_at_equal_time"]["n"] == 0 and s["loss_at_equal_time"]["mean"] is None
 
 
 def test_mean_spread_single_value_has_no_spread():
-    assert H.mean_spread([2.5]) == {"n": 1, "mean": 2.5, "std": None, "min": 2.5, "max": 2.5}
+    assert stats.mean_spread([2.5]) == {"n": 1, "mean": 2.5, "std": None, "min": 2.5, "max": 2.5}
 
 
 def test_md_table_renders_none_as_dash():
-    t = H.md_table(["a", "b"], [[1, None]])
+    t = rio.md_table(["a", "b"], [[1, None]])
     assert t.splitlines() == ["| a | b |", "|---|---|", "| 1 | — |"]
 
 
@@ -124,21 +122,22 @@ def test_plan_points_ascend_and_rotate_methods():
 
 
 def test_method_overrides_substitute_the_device_fused_loss():
-    assert H.method_overrides("standard_fused", "cpu") == ["cggr.enabled=false", "loss.impl=torch"]
-    assert H.method_overrides("cggr_combined", "cuda") == ["cggr.scoring=combined", "loss.impl=triton"]
+    assert methods.method_overrides("standard_fused", "cpu") == ["cggr.enabled=false", "loss.impl=torch"]
+    assert methods.method_overrides("cggr_combined", "cuda") == ["cggr.scoring=combined", "loss.impl=triton"]
     with pytest.raises(ValueError, match="unknown method"):
-        H.method_overrides("nope", "cpu")
+        methods.method_overrides("nope", "cpu")
     with pytest.raises(SystemExit):
-        H.parse_methods("standard_fused,typo")
-    assert H.parse_methods("all") == list(H.METHODS)
+        methods.parse_methods("standard_fused,typo")
+    assert methods.parse_methods("all") == list(methods.METHODS)
 
 
-def test_resolve_method_reports_unavailable_instead_of_skipping():
-    base = H.base_overrides("tiny", "cpu", [])
-    ok = H.resolve_method("standard_fused", base, "cpu")
-    assert ok["available"] and ok["config"]["loss"]["impl"] == "torch"
-    bad = H.resolve_method("standard_fused", [*base, "cggr.scoring=no_such_scorer"], "cpu")
-    assert not bad["available"] and "cggr.scoring" in bad["reason"]
+def test_resolve_method_validates_with_the_package_and_fails_loudly():
+    base = compose.base_overrides("tiny", "cpu", [])
+    ok = compose.resolve_method("standard_fused", base, "cpu")
+    assert ok["config"]["loss"]["impl"] == "torch" and ok["config"]["cggr"]["enabled"] is False
+    assert ok["config"]["data"]["batch_size"] == 16  # the preset's shape (presets/bench/tiny.yaml)
+    with pytest.raises(SystemExit, match="cggr.scoring='no_such_scorer'"):
+        compose.resolve_method("standard_fused", [*base, "cggr.scoring=no_such_scorer"], "cpu")
 
 
 def test_load_sweep_rejects_unknown_keys_and_applies_dot_overrides():
@@ -174,24 +173,24 @@ def fake_sigkill(spec):
 
 
 def test_guarded_maps_oom_to_status_and_keeps_other_errors():
-    assert H.guarded(fake_cuda_oom, {})["status"] == "oom"
-    assert H.guarded(fake_host_oom, {})["status"] == "oom"
-    assert H.guarded(lambda s: (_ for _ in ()).throw(MemoryError()), {})["status"] == "oom"
-    bug = H.guarded(fake_bug, {})
+    assert isolate.guarded(fake_cuda_oom, {})["status"] == "oom"
+    assert isolate.guarded(fake_host_oom, {})["status"] == "oom"
+    assert isolate.guarded(lambda s: (_ for _ in ()).throw(MemoryError()), {})["status"] == "oom"
+    bug = isolate.guarded(fake_bug, {})
     assert bug["status"] == "error" and "a real bug" in bug["error"]
-    assert H.guarded(fake_ok, {})["status"] == "ok"
+    assert isolate.guarded(fake_ok, {})["status"] == "ok"
 
 
 def test_run_isolated_survives_oom_kill_and_watchdog():
-    pre = ("experiments.harness",)  # a light forkserver for the test
+    pre = ("experiments.isolate",)  # a light forkserver for the test
     here = __name__
-    assert H.run_isolated(f"{here}:fake_cuda_oom", {}, timeout_s=120, preload=pre)["status"] == "oom"
-    assert H.run_isolated(f"{here}:fake_ok", {}, timeout_s=120, preload=pre)["status"] == "ok"
-    killed = H.run_isolated(f"{here}:fake_sigkill", {}, timeout_s=120, preload=pre)
+    assert isolate.run_isolated(f"{here}:fake_cuda_oom", {}, timeout_s=120, preload=pre)["status"] == "oom"
+    assert isolate.run_isolated(f"{here}:fake_ok", {}, timeout_s=120, preload=pre)["status"] == "ok"
+    killed = isolate.run_isolated(f"{here}:fake_sigkill", {}, timeout_s=120, preload=pre)
     assert killed["status"] == "killed" and "signal 9" in killed["error"]
-    capped = H.run_isolated(f"{here}:fake_ok", {"rss_kill_bytes": 1}, timeout_s=120, preload=pre)
+    capped = isolate.run_isolated(f"{here}:fake_ok", {"rss_kill_bytes": 1}, timeout_s=120, preload=pre)
     assert capped["status"] == "killed" and "hard cap" in capped["error"]
-    assert H.fit_status(killed, 1) .startswith("does not fit")
+    assert stats.fit_status(killed, 1) .startswith("does not fit")
 
 
 def test_readme_results_block_is_replaced_between_markers_only(tmp_path, monkeypatch):
@@ -216,13 +215,13 @@ def test_report_on_another_results_folder_leaves_the_readme_alone(tmp_path, monk
 
     from experiments import report
 
-    shutil.copy(H.RESULTS_DIR / "throughput-tiny-cpu.json", tmp_path)
+    shutil.copy(rio.RESULTS_DIR / "throughput-tiny-cpu.json", tmp_path)
     touched = []
     monkeypatch.setattr(report, "make_plots", lambda results: None)
     monkeypatch.setattr(report, "update_readme", lambda path, results: touched.append(path) or True)
     assert report.main(["--results", str(tmp_path)]) == 0
     assert touched == [] and (tmp_path / "RESULTS.md").is_file()
-    assert report.main(["--results", str(H.RESULTS_DIR), "--output", str(tmp_path / "R.md")]) == 0
+    assert report.main(["--results", str(rio.RESULTS_DIR), "--output", str(tmp_path / "R.md")]) == 0
     assert [Path(p).name for p in touched] == ["README.md"]
 
 

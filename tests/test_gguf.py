@@ -14,8 +14,8 @@ import zipfile
 import pytest
 import torch
 
-from lightning_cggr import gguf
-from lightning_cggr.gguf import SMOLLM2_GGUF_FILE, fetch_smollm2_gguf, load_gguf_model
+from lightning_cggr.models import gguf
+from lightning_cggr.models.gguf import SMOLLM2_GGUF_FILE, fetch_smollm2_gguf, load_gguf_model
 
 
 @pytest.fixture(scope="session")
@@ -164,7 +164,7 @@ def test_load_rejects_a_non_gguf_path(tmp_path):
 
 
 def test_router_over_two_real_layers_shares_storage(smollm2):
-    from lightning_cggr.router import TruncatedRouter
+    from lightning_cggr.routing.router import TruncatedRouter
 
     model, tok = smollm2
     router = TruncatedRouter(model, 2)
@@ -183,7 +183,7 @@ def test_router_over_two_real_layers_shares_storage(smollm2):
 def _fit(model, tok, path, steps, ratio=0.25):
     import lightning as L
 
-    from lightning_cggr.chat import ChatDataModule
+    from lightning_cggr.data.chat import ChatDataModule
     from lightning_cggr.config import CGGRConfig, OptimConfig, RouterConfig
     from lightning_cggr.module import CGGRModule
 
@@ -209,8 +209,8 @@ def _fit(model, tok, path, steps, ratio=0.25):
 def test_two_cggr_steps_on_real_smollm2_keep_the_configured_ratio(smollm2):
     import copy
 
-    from lightning_cggr.chat import sample_chat_path
-    from lightning_cggr.selection import shift_targets
+    from lightning_cggr.data.chat import sample_chat_path
+    from lightning_cggr.routing.selection import shift_targets
 
     model, tok = smollm2
     trained = copy.deepcopy(model).train()

@@ -8,8 +8,8 @@ import types
 import pytest
 import torch
 
-from lightning_cggr import hub
-from lightning_cggr.hub import HubUnreachableError, hub_offline_reason, load_hf_texts, load_pretrained
+from lightning_cggr.models import hub
+from lightning_cggr.models.hub import HubUnreachableError, hub_offline_reason, load_hf_texts, load_pretrained
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ from torch.utils._pytree import tree_flatten
 
 from lightning_cggr.config import CGGRConfig, RouterConfig
 from lightning_cggr.kernels import token_stats
-from lightning_cggr.module import CGGRModule
-from lightning_cggr.scoring import get_scorer
+from lightning_cggr.step import CGGRStep
+from lightning_cggr.routing.scoring import get_scorer
 
 B, T, V, H = 16, 2048, 128_000, 16
 FULL_LOGITS = B * T * V * 4
@@ -55,7 +55,7 @@ def score_allocations(chunk_size: int) -> AllocationTracker:
     """Scoring statistics and scores as the module computes them (token_stats with the router's
     chunk_size, then the combined scorer) for a [B, T] batch of router states."""
     model = make_tiny_model("llama", num_layers=2, vocab_size=V, hidden=H)
-    module = CGGRModule(model, CGGRConfig(scoring="combined", router=RouterConfig(num_layers=1, chunk_size=chunk_size)))
+    module = CGGRStep(model, CGGRConfig(scoring="combined", router=RouterConfig(num_layers=1, chunk_size=chunk_size)))
     with FakeTensorMode(allow_non_fake_inputs=True):
         hidden = torch.empty(B, T, H)
         targets = torch.randint(0, V, (B, T))

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_batch, make_tiny_model
+from conftest import kept_mean_loss, make_batch, make_tiny_model
 from lightning_cggr.config import CGGRConfig, LossConfig, OptimConfig, RouterConfig
 from lightning_cggr.module import CGGRModule
-from lightning_cggr.selection import IGNORE_INDEX, select, shift_targets
+from lightning_cggr.routing.selection import IGNORE_INDEX, select, shift_targets
 
 
 def _module(arch="llama", impl="torch", **cggr):
@@ -28,13 +28,13 @@ def test_loss_is_mean_cross_entropy_over_kept_tokens(arch, impl):
     module = _module(arch, impl, min_tokens_ratio=0.3)
     batch = make_batch(batch_size=3, seq_len=14)
     targets = shift_targets(batch["labels"], batch["attention_mask"])
-    score = module.score_tokens(batch["input_ids"], batch["attention_mask"], targets)
+    score = module.step.score_and_stats(batch["input_ids"], batch["attention_mask"], targets)[0]
     sel = select(score, targets != IGNORE_INDEX, 0.3)
     hidden = module(batch["input_ids"], batch["attention_mask"])
-    loss = module.compute_loss(hidden, targets, sel)
+    loss = kept_mean_loss(module.step, hidden, targets, sel)
 
     # reference: float64 full logits, F.cross_entropy over the kept positions only
-    logits = hidden.double() @ module.head.weight.double().T
+    logits = hidden.double() @ module.step.head.weight.double().T
     want = F.cross_entropy(logits[sel.keep], targets[sel.keep])
     torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
 
@@ -43,10 +43,10 @@ def test_unkept_positions_get_zero_gradient():
     module = _module("llama", min_tokens_ratio=0.25)
     batch = make_batch(batch_size=2, seq_len=16, pad_tail=False)
     targets = shift_targets(batch["labels"], batch["attention_mask"])
-    score = module.score_tokens(batch["input_ids"], batch["attention_mask"], targets)
+    score = module.step.score_and_stats(batch["input_ids"], batch["attention_mask"], targets)[0]
     sel = select(score, targets != IGNORE_INDEX, 0.25)
     hidden = module(batch["input_ids"], batch["attention_mask"]).detach().requires_grad_(True)
-    module.compute_loss(hidden, targets, sel).backward()
+    kept_mean_loss(module.step, hidden, targets, sel).backward()
     row_has_grad = hidden.grad.abs().sum(-1) > 0
     assert torch.equal(row_has_grad, sel.keep)
 
@@ -93,13 +93,13 @@ def test_warmup_trains_all_tokens_then_routes():
 
 def test_disabled_cggr_is_the_standard_baseline():
     module = CGGRModule(make_tiny_model("llama"), CGGRConfig(enabled=False), LossConfig(impl="torch"))
-    assert module.router is None
+    assert module.step.router is None
     batch = make_batch()
     t = shift_targets(batch["labels"], batch["attention_mask"])
-    hidden, targets, selection, kept = module.route(batch["input_ids"], batch["attention_mask"], t)
+    hidden, targets, selection, kept = module.step.route(batch["input_ids"], batch["attention_mask"], t)[:4]
     assert selection is None and torch.equal(kept, t != IGNORE_INDEX)
-    loss = module.compute_loss(hidden, targets, selection)
-    logits = hidden.double() @ module.head.weight.double().T
+    loss = kept_mean_loss(module.step, hidden, targets, selection)
+    logits = hidden.double() @ module.step.head.weight.double().T
     want = F.cross_entropy(logits.view(-1, logits.shape[-1]), t.view(-1), ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
 
@@ -136,10 +136,10 @@ def test_training_step_goes_through_the_triton_kernel_and_matches_torch(monkeypa
     for impl in ("torch", "triton"):
         module = _module("llama", impl, min_tokens_ratio=0.5)
         t = shift_targets(batch["labels"], batch["attention_mask"])
-        hidden, targets, selection, _ = module.route(batch["input_ids"], batch["attention_mask"], t)
-        loss = module.compute_loss(hidden, targets, selection)
+        hidden, targets, selection, _ = module.step.route(batch["input_ids"], batch["attention_mask"], t)[:4]
+        loss = kept_mean_loss(module.step, hidden, targets, selection)
         loss.backward()
-        grads[impl] = (loss.detach(), selection.keep, module.head.weight.grad.clone())
+        grads[impl] = (loss.detach(), selection.keep, module.step.head.weight.grad.clone())
     assert calls == {"loss": 1, "stats": 1}
     torch.testing.assert_close(grads["triton"][0], grads["torch"][0], rtol=1e-5, atol=1e-5)
     assert torch.equal(grads["triton"][1], grads["torch"][1])
@@ -157,7 +157,7 @@ def test_validation_loss_is_token_weighted_mean_over_all_trainable_tokens():
         module.eval()
         for b in batches:
             t = shift_targets(b["labels"], b["attention_mask"])
-            logits = module(b["input_ids"], b["attention_mask"]).double() @ module.head.weight.double().T
+            logits = module(b["input_ids"], b["attention_mask"]).double() @ module.step.head.weight.double().T
             nll += F.cross_entropy(logits.view(-1, logits.shape[-1]), t.view(-1), reduction="sum").item()
             count += int((t != IGNORE_INDEX).sum())
     assert got[0]["val/loss"] == pytest.approx(nll / count, rel=1e-5)

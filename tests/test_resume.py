@@ -121,7 +121,7 @@ def test_twenty_steps_equal_ten_interrupt_resume_ten(tmp_path, restore_sigint):
 
 def test_resume_without_data_position_would_differ(tmp_path, restore_sigint, monkeypatch):
     """The check above can fail: restarting the epoch's data order changes the losses after resume."""
-    from lightning_cggr import resumable
+    from lightning_cggr.data import resumable
 
     train(make_cfg(tmp_path, "straight"))
     stop = Interrupt(at=10)

@@ -10,7 +10,7 @@ import torch
 from conftest import make_batch, make_tiny_model
 from lightning_cggr.config import CGGRConfig, RouterConfig
 from lightning_cggr.module import CGGRModule
-from lightning_cggr.router import TruncatedRouter
+from lightning_cggr.routing.router import TruncatedRouter
 
 
 def _reference_k_layer_model(model, arch: str, k: int):

@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_batch, make_tiny_model
+from conftest import kept_mean_loss, make_batch, make_tiny_model
 from lightning_cggr.config import CGGRConfig, RatioScheduleConfig, RouterConfig, SelectionConfig
 from lightning_cggr.module import CGGRModule
-from lightning_cggr.schedule import curriculum_ratio, host_ratio
-from lightning_cggr.selection import IGNORE_INDEX, shift_targets
+from lightning_cggr.step import CGGRStep
+from lightning_cggr.routing.schedule import curriculum_ratio, host_ratio
+from lightning_cggr.routing.selection import IGNORE_INDEX, shift_targets
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 
@@ -40,23 +41,19 @@ def _hand_topk_keep(score: torch.Tensor, trainable: torch.Tensor, ratio: float) 
     return keep
 
 
-def _set_step(monkeypatch, step: int) -> None:
-    monkeypatch.setattr(CGGRModule, "global_step", property(lambda self: step))
-
-
 # ---- router-free self-scoring --------------------------------------------------------------------
 @pytest.mark.parametrize("scoring", ["entropy", "loss"])
 def test_self_scoring_selection_and_gradient_match_float64_hand_computation(scoring):
     model = _sharp_model(arch="gpt2").eval()  # no dropout, so a second forward reproduces the scoring one
     cfg = CGGRConfig(scoring=scoring, min_tokens_ratio=0.3, warmup_steps=0, router=RouterConfig(source="final"))
-    module = CGGRModule(model, cfg)
+    module = CGGRStep(model, cfg)
     assert module.router is None  # no extra layers: nothing but the main forward
     batch = make_batch()
     ids, mask = batch["input_ids"], batch["attention_mask"]
     targets = shift_targets(batch["labels"], mask)
     trainable = targets != IGNORE_INDEX
 
-    hidden, _, selection, kept = module.route(ids, mask, targets)
+    hidden, _, selection, kept = module.route(ids, mask, targets)[:4]
     assert hidden.requires_grad  # the very forward that scored is the one trained
 
     W = model.get_output_embeddings().weight
@@ -65,7 +62,7 @@ def test_self_scoring_selection_and_gradient_match_float64_hand_computation(scor
     want = _hand_topk_keep(hand, trainable, 0.3)
     assert torch.equal(kept, want)
 
-    loss = module.compute_loss(hidden, targets, selection)
+    loss = kept_mean_loss(module, hidden, targets, selection)
     loss.backward()
     got = W.grad.clone()
     model.zero_grad()
@@ -81,11 +78,11 @@ def test_excess_loss_is_current_minus_reference_nll():
     model, reference = _sharp_model(seed=0), _sharp_model(seed=1)
     cfg = CGGRConfig(scoring="excess_loss", warmup_steps=0,
                      router=RouterConfig(num_layers=1, reference="given", reference_dtype="float32"))
-    module = CGGRModule(model, cfg, reference=reference)
+    module = CGGRStep(model, cfg, reference=reference)
     batch = make_batch()
     ids, mask = batch["input_ids"], batch["attention_mask"]
     targets = shift_targets(batch["labels"], mask)
-    got = module.score_tokens(ids, mask, targets)
+    got = module.score_and_stats(ids, mask, targets)[0]
 
     safe = targets.clamp(min=0)[..., None]
     nll_cur = -_hand_logp(module.router.hidden_states(ids, mask), model.get_output_embeddings().weight).gather(-1, safe)[..., 0]
@@ -98,26 +95,27 @@ def test_excess_loss_is_current_minus_reference_nll():
 
     # frozen and unregistered: no parameters, no state-dict keys, no gradients
     ref_params = {id(p) for p in reference.parameters()}
-    assert not ref_params & {id(p) for p in module.parameters()}
-    assert len(module.state_dict()) == len(model.state_dict())
+    wrapper = CGGRModule(model, cfg, reference=reference)  # what a Trainer would optimize and checkpoint
+    assert not ref_params & {id(p) for p in wrapper.parameters()}
+    assert len(wrapper.state_dict()) == len(model.state_dict())
     assert not any(p.requires_grad for p in reference.parameters())
 
 
 def test_excess_loss_reference_in_bf16_runs_and_checks_vocab():
     model = _sharp_model(seed=0)
     cfg = CGGRConfig(scoring="excess_loss", router=RouterConfig(num_layers=1, reference="given"))  # bf16 default
-    module = CGGRModule(model, cfg, reference=_sharp_model(seed=1))
+    module = CGGRStep(model, cfg, reference=_sharp_model(seed=1))
     assert next(module.reference.model.parameters()).dtype == torch.bfloat16
     batch = make_batch()
     targets = shift_targets(batch["labels"], batch["attention_mask"])
-    score = module.score_tokens(batch["input_ids"], batch["attention_mask"], targets)
+    score = module.score_and_stats(batch["input_ids"], batch["attention_mask"], targets)[0]
     assert torch.equal(torch.isfinite(score), targets != IGNORE_INDEX)
     with pytest.raises(ValueError, match="reference model vocabulary 50 != the trained model's 97"):
-        CGGRModule(model, cfg, reference=make_tiny_model("llama", num_layers=1, vocab_size=50))
+        CGGRStep(model, cfg, reference=make_tiny_model("llama", num_layers=1, vocab_size=50))
 
 
 # ---- random-token control ---------------------------------------------------------------------------
-def test_random_token_control_is_seeded_exact_and_trainable_only(monkeypatch):
+def test_random_token_control_is_seeded_exact_and_trainable_only():
     model = _sharp_model()
     batch = make_batch(batch_size=3, seq_len=16)
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -125,10 +123,9 @@ def test_random_token_control_is_seeded_exact_and_trainable_only(monkeypatch):
     trainable = targets != IGNORE_INDEX
 
     def keep(seed, step, **sel):
-        _set_step(monkeypatch, step)
         cfg = CGGRConfig(scoring="random", seed=seed, min_tokens_ratio=0.3, warmup_steps=0, selection=SelectionConfig(**sel))
         with torch.no_grad():
-            return CGGRModule(model, cfg).route(ids, mask, targets)[3]
+            return CGGRStep(model, cfg).route(ids, mask, targets, global_step=step).kept
 
     a = keep(0, 5)
     assert torch.equal(a, keep(0, 5))
@@ -152,22 +149,20 @@ def test_random_token_control_is_seeded_exact_and_trainable_only(monkeypatch):
         ("cosine", 400, 0.2),
     ],
 )
-def test_curriculum_ratio_in_force_follows_formula(monkeypatch, shape, step, want):
+def test_curriculum_ratio_in_force_follows_formula(shape, step, want):
     cfg = CGGRConfig(min_tokens_ratio=0.2, warmup_steps=5, ratio_schedule=RatioScheduleConfig(kind="curriculum", steps=10, shape=shape))
-    module = CGGRModule(_sharp_model(), cfg)
-    _set_step(monkeypatch, step)
-    assert module.ratio_in_force() == pytest.approx(want, abs=1e-12)
+    module = CGGRStep(_sharp_model(), cfg)
+    assert module.ratio_in_force(step) == pytest.approx(want, abs=1e-12)
 
 
-def test_curriculum_kept_count_at_a_chosen_step(monkeypatch):
+def test_curriculum_kept_count_at_a_chosen_step():
     cfg = CGGRConfig(scoring="loss", min_tokens_ratio=0.2, warmup_steps=5,
                      ratio_schedule=RatioScheduleConfig(kind="curriculum", steps=10, shape="linear"))
-    module = CGGRModule(_sharp_model(), cfg)
+    module = CGGRStep(_sharp_model(), cfg)
     batch = make_batch(batch_size=2, seq_len=20)
     targets = shift_targets(batch["labels"], batch["attention_mask"])
-    _set_step(monkeypatch, 9)  # p = 0.4 -> ratio 0.68
-    with torch.no_grad():
-        kept = module.route(batch["input_ids"], batch["attention_mask"], targets)[3]
+    with torch.no_grad():  # step 9: p = 0.4 -> ratio 0.68
+        kept = module.route(batch["input_ids"], batch["attention_mask"], targets, global_step=9).kept
     n = (targets != IGNORE_INDEX).sum(1)
     assert kept.sum(1).tolist() == [math.ceil(0.68 * int(x)) for x in n]
     assert curriculum_ratio(0.2, 4, 10, "linear") == pytest.approx(0.68)
@@ -179,29 +174,29 @@ def test_dynamic_ratio_and_score_metrics_follow_hand_computation():
     model = _sharp_model()
     cfg = CGGRConfig(scoring="loss", warmup_steps=0, router=RouterConfig(num_layers=1),
                      ratio_schedule=RatioScheduleConfig(kind="dynamic", min=0.2, max=0.8))
-    module = CGGRModule(model, cfg)
+    module = CGGRStep(model, cfg)
     batch = make_batch(batch_size=3, seq_len=16)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     targets = shift_targets(batch["labels"], mask)
     trainable = targets != IGNORE_INDEX
     with torch.no_grad():
-        _, _, selection, kept = module.route(ids, mask, targets)
+        _, _, selection, kept, metrics = module.route(ids, mask, targets)
         logp = _hand_logp(module.router.hidden_states(ids, mask), model.get_output_embeddings().weight)
     assert selection.index.numel() == 3 * math.ceil(0.8 * 16)  # static capacity from the max
     nll = -logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     conf = float(torch.exp(-nll)[trainable].mean())
     r = 0.8 - 0.6 * conf
-    torch.testing.assert_close(module.train_ratio.compute().double(), torch.tensor(r, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(metrics["train/ratio"].double(), torch.tensor(r, dtype=torch.float64), rtol=1e-5, atol=1e-6)
     n = trainable.sum(1).tolist()
     assert all(abs(r * x - round(r * x)) > 1e-3 for x in n)  # away from a rounding boundary
     assert torch.equal(kept, _hand_topk_keep(nll, trainable, r))
     # kept vs dropped mean score
     dropped = trainable & ~kept
-    torch.testing.assert_close(module.train_score_kept.compute().double(), nll[kept].mean(), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(module.train_score_dropped.compute().double(), nll[dropped].mean(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(metrics["train/score_kept"].double(), nll[kept].mean(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(metrics["train/score_dropped"].double(), nll[dropped].mean(), rtol=1e-4, atol=1e-4)
 
 
-def test_stratified_with_minimum_through_the_module_is_seeded(monkeypatch):
+def test_stratified_with_minimum_through_the_step_is_seeded():
     model = _sharp_model()
     batch = make_batch(batch_size=3, seq_len=16)
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -209,11 +204,10 @@ def test_stratified_with_minimum_through_the_module_is_seeded(monkeypatch):
     trainable = targets != IGNORE_INDEX
 
     def keep(seed, step):
-        _set_step(monkeypatch, step)
         sel = SelectionConfig(scope="batch", strategy="stratified", strata=3, min_per_sequence=2)
         cfg = CGGRConfig(scoring="loss", seed=seed, min_tokens_ratio=0.1, warmup_steps=0, selection=sel)
         with torch.no_grad():
-            return CGGRModule(model, cfg).route(ids, mask, targets)[3]
+            return CGGRStep(model, cfg).route(ids, mask, targets, global_step=step).kept
 
     a = keep(0, 1)
     assert torch.equal(a, keep(0, 1)) and not (a & ~trainable).any()
@@ -223,7 +217,7 @@ def test_stratified_with_minimum_through_the_module_is_seeded(monkeypatch):
 
 
 def test_reference_loads_by_name_from_a_local_checkpoint(tmp_path):
-    from lightning_cggr.reference import load_reference
+    from lightning_cggr.routing.reference import load_reference
 
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
@@ -236,5 +230,5 @@ def test_reference_loads_by_name_from_a_local_checkpoint(tmp_path):
     for (name, a), (_, b) in zip(saved.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     cfg = CGGRConfig(scoring="excess_loss", router=RouterConfig(num_layers=1, reference=str(tmp_path), reference_dtype="float32"))
-    module = CGGRModule(make_tiny_model("llama", num_layers=2), cfg)  # no module given: loaded by name
+    module = CGGRStep(make_tiny_model("llama", num_layers=2), cfg)  # no module given: loaded by name
     assert module.reference is not None and not module.reference.model.training

@@ -10,9 +10,9 @@ import torch
 
 from conftest import make_batch, make_tiny_model
 from lightning_cggr.config import CGGRConfig, RouterConfig
-from lightning_cggr.module import CGGRModule
-from lightning_cggr.scoring import SCORERS, get_scorer
-from lightning_cggr.selection import IGNORE_INDEX, kept_count, select, shift_targets
+from lightning_cggr.step import CGGRStep
+from lightning_cggr.routing.scoring import SCORERS, get_scorer
+from lightning_cggr.routing.selection import IGNORE_INDEX, kept_count, select, shift_targets
 
 
 def _hand_scores(logits64: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -35,10 +35,10 @@ def test_router_scores_match_float64_hand_computation(arch, strategy):
     with torch.no_grad():  # a random init predicts near-uniformly; sharpen it so scores differ clearly
         model.get_output_embeddings().weight.mul_(6.0)
     cfg = CGGRConfig(scoring=strategy, router=RouterConfig(num_layers=2, chunk_size=5))  # chunks of 5 rows
-    module = CGGRModule(model, cfg)
+    module = CGGRStep(model, cfg)
     batch = make_batch()
     targets = shift_targets(batch["labels"], batch["attention_mask"])
-    got = module.score_tokens(batch["input_ids"], batch["attention_mask"], targets)
+    got = module.score_and_stats(batch["input_ids"], batch["attention_mask"], targets)[0]
 
     hidden = module.router.hidden_states(batch["input_ids"], batch["attention_mask"]).double()
     logits = hidden @ model.get_output_embeddings().weight.double().T
@@ -116,10 +116,10 @@ def test_selection_is_deterministic_and_ranks_nan_last():
 
 def test_pads_and_prompt_tokens_are_never_kept(arch):
     model = make_tiny_model(arch)
-    module = CGGRModule(model, CGGRConfig(min_tokens_ratio=0.5, warmup_steps=0))
+    module = CGGRStep(model, CGGRConfig(min_tokens_ratio=0.5, warmup_steps=0))
     batch = make_batch(batch_size=4, seq_len=16)
     targets = shift_targets(batch["labels"], batch["attention_mask"])
-    score = module.score_tokens(batch["input_ids"], batch["attention_mask"], targets)
+    score = module.score_and_stats(batch["input_ids"], batch["attention_mask"], targets)[0]
     sel = select(score, targets != IGNORE_INDEX, 0.5)
     assert not sel.keep[batch["attention_mask"] == 0].any()
     assert not sel.keep[targets == IGNORE_INDEX].any()

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from lightning_cggr.config import CGGRConfig, ConfigError, parse_config
-from lightning_cggr.scoring import get_scorer, random_score, step_generator
-from lightning_cggr.selection import select, select_sequences, stratified_keep
+from lightning_cggr.routing.scoring import get_scorer, random_score, step_generator
+from lightning_cggr.routing.selection import select, select_sequences, stratified_keep
 
 
 def _rand_case(B=3, T=11, seed=0, p_train=0.7):
@@ -209,7 +209,9 @@ def test_every_cggr_yaml_composes_and_validates():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    conf = Path(__file__).resolve().parent.parent / "conf"
+    from lightning_cggr.train import CONF_DIR
+
+    conf = Path(CONF_DIR)
     names = sorted(p.stem for p in (conf / "cggr").glob("*.yaml"))
     assert {"sequence", "self_scoring", "random_token", "random_sequence", "stratified", "curriculum", "dynamic"} <= set(names)
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):

@@ -10,10 +10,10 @@ import contextlib
 import pytest
 import torch
 
-from conftest import make_batch, make_tiny_model
+from conftest import kept_mean_loss, make_batch, make_tiny_model
 from lightning_cggr.config import CGGRConfig, RatioScheduleConfig, RouterConfig, SelectionConfig
-from lightning_cggr.module import CGGRModule
-from lightning_cggr.selection import shift_targets
+from lightning_cggr.step import CGGRStep
+from lightning_cggr.routing.selection import shift_targets
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 
@@ -73,7 +73,7 @@ def test_route_has_no_host_sync(monkeypatch, case):
     kwargs.update(CASES[case])
     model = make_tiny_model("llama", num_layers=2)
     reference = make_tiny_model("llama", num_layers=1, seed=3) if kwargs["scoring"] == "excess_loss" else None
-    module = CGGRModule(model, CGGRConfig(**kwargs), reference=reference)
+    module = CGGRStep(model, CGGRConfig(**kwargs), reference=reference)
     batch = make_batch(batch_size=3, seq_len=12)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     targets = shift_targets(batch["labels"], mask)
@@ -88,12 +88,12 @@ def test_route_has_no_host_sync(monkeypatch, case):
             ref_stats = module.reference.token_stats(ids, mask, targets)
             monkeypatch.setattr(module.reference, "token_stats", lambda *a, **k: ref_stats)
         for rows in (3, 2, 1):
-            states[rows] = module(ids[:rows], mask[:rows])
-    monkeypatch.setattr(module, "forward", lambda i, m=None: states[i.shape[0]].clone().requires_grad_())
+            states[rows] = module.hidden_states(ids[:rows], mask[:rows])
+    monkeypatch.setattr(module, "hidden_states", lambda i, m=None: states[i.shape[0]].clone().requires_grad_())
 
     with forbid_host_sync():
-        hidden, sub_targets, selection, kept = module.route(ids, mask, targets)
-        loss = module.compute_loss(hidden, sub_targets, selection)
+        hidden, sub_targets, selection, kept = module.route(ids, mask, targets)[:4]
+        loss = kept_mean_loss(module, hidden, sub_targets, selection)
     assert torch.isfinite(loss)
     assert not (kept & (targets == -100)).any()
 

@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import kept_mean_loss
 from lightning_cggr.config import CGGRConfig, RatioScheduleConfig, RouterConfig, SelectionConfig
 from lightning_cggr.module import CGGRModule
-from lightning_cggr.selection import IGNORE_INDEX, shift_targets
+from lightning_cggr.routing.selection import IGNORE_INDEX, shift_targets
+from lightning_cggr.step import CGGRStep
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 
@@ -55,20 +57,20 @@ def test_backward_touches_only_kept_sequences_and_equals_their_loss():
     model = _untied_llama()
     cfg = CGGRConfig(scoring="loss", min_tokens_ratio=0.5, warmup_steps=0, router=RouterConfig(num_layers=1),
                      selection=SelectionConfig(unit="sequence"))
-    module = CGGRModule(model, cfg)
+    module = CGGRStep(model, cfg)
     input_ids, mask, labels = _disjoint_batch()
     targets = shift_targets(labels, mask)
 
     seq_nll = _hand_sequence_nll(module, input_ids, mask, targets)
     want_rows = sorted(sorted(range(B), key=lambda b: -seq_nll[b])[: math.ceil(0.5 * B)])
 
-    hidden, sub_targets, selection, kept = module.route(input_ids, mask, targets)
+    hidden, sub_targets, selection, kept, metrics = module.route(input_ids, mask, targets)
     assert selection is None and hidden.shape[0] == 2  # the decoder ran on 2 of 4 rows
     kept_rows = sorted(int(b) for b in kept.any(dim=1).nonzero()[:, 0])
     assert kept_rows == want_rows
     assert torch.equal(kept, (targets != IGNORE_INDEX) & torch.isin(torch.arange(B), torch.tensor(want_rows))[:, None])
-    assert float(module.train_kept_sequences.compute()) == 2.0
-    loss = module.compute_loss(hidden, sub_targets, selection)
+    assert float(metrics["train/kept_sequences"]) == 2.0
+    loss = kept_mean_loss(module, hidden, sub_targets, selection)
     loss.backward()
 
     emb = model.get_input_embeddings().weight.grad
@@ -96,11 +98,11 @@ def test_dynamic_ratio_keeps_static_capacity_rows():
     cfg = CGGRConfig(scoring="loss", warmup_steps=0, router=RouterConfig(num_layers=1),
                      selection=SelectionConfig(unit="sequence"),
                      ratio_schedule=RatioScheduleConfig(kind="dynamic", min=0.25, max=0.75))
-    module = CGGRModule(model, cfg)
+    module = CGGRStep(model, cfg)
     input_ids, mask, labels = _disjoint_batch()
     targets = shift_targets(labels, mask)
     with torch.no_grad():
-        hidden, sub_targets, _, kept = module.route(input_ids, mask, targets)
+        hidden, sub_targets, _, kept, metrics = module.route(input_ids, mask, targets)
     assert hidden.shape[0] == math.ceil(0.75 * B)  # capacity from ratio_schedule.max
     # hand ratio: max - (max - min) * mean p(true token) of the router
     with torch.no_grad():
@@ -113,22 +115,21 @@ def test_dynamic_ratio_keeps_static_capacity_rows():
     n_rows = math.ceil(r * B)
     assert int(kept.any(dim=1).sum()) == n_rows
     assert int((sub_targets != IGNORE_INDEX).any(dim=1).sum()) == n_rows
-    torch.testing.assert_close(module.train_ratio.compute().double(), torch.tensor(r, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(metrics["train/ratio"].double(), torch.tensor(r, dtype=torch.float64), rtol=1e-5, atol=1e-6)
 
 
-def test_random_sequence_control_is_seeded(monkeypatch):
+def test_random_sequence_control_is_seeded():
     model = _untied_llama()
     input_ids, mask, labels = _disjoint_batch()
     targets = shift_targets(labels, mask)
 
     def rows(seed, step):
-        monkeypatch.setattr(CGGRModule, "global_step", property(lambda self: step))
         cfg = CGGRConfig(scoring="random", seed=seed, min_tokens_ratio=0.5, warmup_steps=0,
                          selection=SelectionConfig(unit="sequence"))
-        module = CGGRModule(model, cfg)
+        module = CGGRStep(model, cfg)
         assert module.router is None  # the control runs no router
         with torch.no_grad():
-            _, _, _, kept = module.route(input_ids, mask, targets)
+            kept = module.route(input_ids, mask, targets, global_step=step).kept
         return tuple(kept.any(dim=1).tolist())
 
     draws = {(seed, step): rows(seed, step) for seed in (0, 1) for step in range(6)}

@@ -1,0 +1,51 @@
+"""Where batches come from: text corpora packed into blocks, chat SFT, and a resumable loader.
+
+- :mod:`.text`: the pydoc corpus (no download), local text files, Hugging Face datasets; a BPE
+  trained on the corpus; fixed-length packed blocks;
+- :mod:`.chat`: JSONL conversations through the model's chat template, assistant-only labels;
+- :mod:`.resumable`: a seeded loader whose position in the epoch survives a checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import lightning as L
+
+from .text import PackedTextDataModule, cache_dir, load_documents, split_documents, train_bpe_tokenizer
+
+if TYPE_CHECKING:
+    from ..config import DataConfig
+
+SOURCES = ("pydoc", "files", "chat", "hf")
+"""``data.source`` choices."""
+TOKENIZERS = ("auto", "bpe", "model")
+"""``data.tokenizer`` choices."""
+
+__all__ = ["SOURCES", "TOKENIZERS", "build_datamodule", "build_tokenizer", "cache_dir"]
+
+
+def build_tokenizer(cfg: DataConfig):
+    """The BPE tokenizer trained on the training split of the configured corpus (data.tokenizer=bpe)."""
+    train, _ = split_documents(load_documents(cfg), cfg.val_fraction)
+    return train_bpe_tokenizer(train, cfg.vocab_size, cfg.cache_dir)
+
+
+def build_datamodule(cfg: DataConfig, tokenizer, seed: int = 0) -> L.LightningDataModule:
+    """The data module for ``cfg.source``."""
+    if cfg.source in ("pydoc", "files", "hf"):
+        train, val = split_documents(load_documents(cfg), cfg.val_fraction)
+        return PackedTextDataModule(train, val, tokenizer, cfg, seed=seed)
+    if cfg.source == "chat":  # chat SFT: assistant-only labels, right padding (lightning_cggr.chat)
+        from .chat import ChatDataModule, sample_chat_path
+
+        return ChatDataModule(
+            list(cfg.paths) if cfg.paths else [sample_chat_path()],
+            tokenizer,
+            max_length=cfg.block_size,
+            batch_size=cfg.batch_size,
+            val_fraction=cfg.val_fraction,
+            seed=seed,
+            num_workers=cfg.num_workers,
+        )
+    raise ValueError(f"unknown data.source {cfg.source!r}")

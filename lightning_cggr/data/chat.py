@@ -1,0 +1,244 @@
+"""Chat SFT data: JSONL conversations -> token ids with labels on assistant turns only.
+
+Each non-blank line of a ``.jsonl`` file is ``{"messages": [{"role": ..., "content": ...}, ...]}``.
+A conversation is rendered once through the tokenizer's chat template and tokenized as a whole
+(exactly what the model sees at inference). Which characters belong to an assistant turn is found
+by rendering prefixes of the conversation: for assistant message ``i``, its turn starts where
+``render(messages[:i], add_generation_prompt=True)`` ends and stops where
+``render(messages[:i + 1])`` ends, trailing whitespace excluded. So a turn's labels cover its
+content and the template's end-of-turn marker (``<|im_end|>`` for SmolLM2), not the role header
+and not the newline after the marker. Tokens overlapping such a span keep their id as label;
+every other label is -100. An assistant message with empty content labels nothing.
+
+Labels are aligned with ``input_ids`` (Hugging Face convention): the training step shifts them by
+one. Sequences are right-truncated to ``max_length`` and right-padded per batch with
+``attention_mask`` 0 and label -100 on pads, so the model's default ``arange`` position ids are
+correct. A conversation without any labelled token stays in the data and contributes nothing.
+
+    from lightning_cggr.chat import ChatDataModule
+    dm = ChatDataModule("lightning_cggr/data/samples/chat.jsonl", tokenizer, max_length=256)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .resumable import ResumableLoader, fit_position
+
+IGNORE_INDEX = -100
+
+Conversation = list[dict[str, str]]
+
+
+def sample_chat_path() -> Path:
+    """The small chat JSONL shipped with the package (tests and the offline demo)."""
+    return Path(str(resources.files("lightning_cggr.data") / "samples" / "chat.jsonl"))
+
+
+def read_chat_jsonl(path: str | Path) -> list[Conversation]:
+    """Conversations of a JSONL file; a missing, empty or malformed file raises naming the line."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"chat data file not found: {path}")
+    conversations: list[Conversation] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+            conversations.append(_validate_record(record, where))
+    if not conversations:
+        raise ValueError(f"chat data file has no conversations: {path}")
+    return conversations
+
+
+def _validate_record(record: object, where: str) -> Conversation:
+    if not isinstance(record, dict) or "messages" not in record:
+        raise ValueError(f'{where}: expected an object with a "messages" list')
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f'{where}: "messages" must be a non-empty list')
+    out: Conversation = []
+    for k, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise ValueError(f"{where}: message {k} is not an object")
+        role, content = msg.get("role"), msg.get("content")
+        if not isinstance(role, str) or not role:
+            raise ValueError(f'{where}: message {k} needs a non-empty string "role"')
+        if not isinstance(content, str):
+            raise ValueError(f'{where}: message {k} needs a string "content"')
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _render(tokenizer, messages: Conversation, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def assistant_char_spans(tokenizer, messages: Conversation) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the ``[start, end)`` character spans of assistant turns."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no chat template")
+    full = _render(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant" or not msg["content"].strip():
+            continue
+        start_text = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (full.startswith(through) and through.startswith(start_text)):
+            raise ValueError(
+                "the chat template does not render this conversation incrementally (a prefix "
+                f"of the conversation renders differently at message {i}), so assistant turns "
+                "cannot be located; use a template without history rewriting"
+            )
+        end = len(through.rstrip())
+        if end > len(start_text):
+            spans.append((len(start_text), end))
+    return full, spans
+
+
+def encode_chat(tokenizer, messages: Conversation, max_length: int) -> dict[str, list[int]]:
+    """``input_ids`` and ``labels`` (assistant tokens only, else -100), cut to ``max_length``."""
+    text, spans = assistant_char_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [IGNORE_INDEX] * len(ids)
+    for j, (s, e) in enumerate(offsets):
+        if e > s and any(s < end and e > start for start, end in spans):
+            labels[j] = ids[j]
+    return {"input_ids": list(ids[:max_length]), "labels": labels[:max_length]}
+
+
+class ChatDataset(Dataset):
+    """Encoded conversations (lists of ints); ``encode_chat`` runs once per conversation."""
+
+    def __init__(self, conversations: Sequence[Conversation], tokenizer, max_length: int):
+        self.examples = [encode_chat(tokenizer, c, max_length) for c in conversations]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        return self.examples[index]
+
+
+class ChatCollator:
+    """Right-pad a list of examples to the longest: pads get attention 0 and label -100."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = int(pad_token_id)
+
+    def __call__(self, examples: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(ex["input_ids"]) for ex in examples)
+        shape = (len(examples), width)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(shape, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        for row, ex in enumerate(examples):
+            n = len(ex["input_ids"])
+            input_ids[row, :n] = torch.tensor(ex["input_ids"], dtype=torch.long)
+            attention_mask[row, :n] = 1
+            labels[row, :n] = torch.tensor(ex["labels"], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def pad_token_id_of(tokenizer) -> int:
+    """The tokenizer's pad id, else its eos id (never attended, never labelled), else an error."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError("the tokenizer has neither a pad nor an eos token to pad batches with")
+
+
+class ChatDataModule(L.LightningDataModule):
+    """Chat SFT batches from JSONL files, split into train/val deterministically by ``seed``."""
+
+    def __init__(
+        self,
+        paths: str | Path | Sequence[str | Path],
+        tokenizer,
+        max_length: int = 2048,
+        batch_size: int = 8,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        problems = []
+        if not self.paths:
+            problems.append("paths is empty: give at least one .jsonl file")
+        if max_length < 2:
+            problems.append(f"max_length must be >= 2, got {max_length}")
+        if batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= val_fraction < 1.0:
+            problems.append(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if num_workers < 0:
+            problems.append(f"num_workers must be >= 0, got {num_workers}")
+        if problems:
+            raise ValueError("ChatDataModule: " + "; ".join(problems))
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.num_workers = num_workers
+        self.collate = ChatCollator(pad_token_id_of(tokenizer))
+        self.train_set: ChatDataset | None = None
+        self.val_set: ChatDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        conversations = [c for p in self.paths for c in read_chat_jsonl(p)]
+        n = len(conversations)
+        n_val = round(n * self.val_fraction)
+        if self.val_fraction > 0 and n_val == 0:
+            n_val = 1
+        if n - n_val < 1:
+            raise ValueError(
+                f"{n} conversation(s) leave none for training with val_fraction="
+                f"{self.val_fraction}; add data or lower val_fraction"
+            )
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        val_idx, train_idx = order[:n_val], order[n_val:]
+        self.train_set = ChatDataset([conversations[i] for i in train_idx], self.tokenizer, self.max_length)
+        self.val_set = ChatDataset([conversations[i] for i in val_idx], self.tokenizer, self.max_length)
+
+    def _require(self, dataset: ChatDataset | None) -> ChatDataset:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        return dataset
+
+    def train_dataloader(self) -> ResumableLoader:
+        # order = f(seed, epoch), full batches only; the position is saved in checkpoints, so a
+        # run resumed mid-epoch continues with the next unseen batch (lightning_cggr.resumable)
+        return ResumableLoader(
+            self._require(self.train_set), batch_size=self.batch_size, seed=self.seed, collate_fn=self.collate,
+            num_workers=self.num_workers,
+            position=fit_position(self.trainer) if self.trainer is not None else None,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is not None and len(self.val_set) == 0:
+            return []  # Lightning skips validation for an empty list
+        return DataLoader(
+            self._require(self.val_set), batch_size=self.batch_size, collate_fn=self.collate,
+            num_workers=self.num_workers,
+        )

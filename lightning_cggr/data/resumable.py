@@ -1,0 +1,132 @@
+"""A training DataLoader that a checkpoint can resume in the middle of an epoch.
+
+Lightning 2.6 restores model, optimizer, scheduler and loop counters, but a plain DataLoader starts
+its epoch over: a run resumed mid-epoch would see the epoch's first batches again (Lightning only
+warns). :class:`ResumableLoader` implements Lightning's ``state_dict`` / ``load_state_dict``
+protocol for dataloaders, which the fit loop saves into checkpoints and restores before it creates
+the iterator. Its state is (epoch, batches already handed to the trainer in that epoch).
+
+The order is a pure function of ``(seed, epoch)``: :class:`EpochSampler` is a
+``DistributedSampler`` (so Lightning keeps it under DDP/FSDP instead of substituting its own),
+shuffled by ``seed + epoch``, each rank taking its share; resuming skips the batches of the saved
+epoch that were already trained on.
+
+How many is that? Batches handed out are not batches trained on: a checkpoint written on an
+exception (Ctrl-C) may come from inside a step whose batch was fetched but never finished, and
+Lightning then re-runs that batch. So after a resume the loader asks, at its first batch, for
+Lightning's own restored count (``position``, see :func:`fit_position`), and falls back to the
+saved count of batches handed out when it has no trainer.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Iterator
+
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+def _dist_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class EpochSampler(DistributedSampler):
+    """This rank's share of a ``(seed, epoch)`` permutation, optionally starting part-way in."""
+
+    def __init__(self, dataset: Dataset, seed: int = 0, shuffle: bool = True, num_replicas=None, rank=None):
+        world, r = _dist_world()
+        super().__init__(
+            dataset,
+            num_replicas=world if num_replicas is None else num_replicas,
+            rank=r if rank is None else rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=True,  # every rank the same number of samples, none repeated
+        )
+        self.start = 0
+        """Samples of ``self.epoch`` to skip on the next pass (set when resuming; one pass only)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start = 0
+        super().set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        start, self.start = self.start, 0
+        return iter(indices[start:])
+
+
+def fit_position(trainer) -> Callable[[], int]:
+    """Batches of the current epoch that ``trainer``'s fit loop has finished (read when called).
+
+    Read at the loader's first batch after a resume, i.e. after Lightning has reset its restored
+    progress counters: the index of the next batch Lightning will run.
+    """
+    return lambda: int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+
+
+class ResumableLoader(DataLoader):
+    """A shuffled, drop-last training loader whose position is saved in Lightning checkpoints.
+
+    ``len()`` stays the full epoch's batch count (Lightning's progress counters assume it); after a
+    resume the first pass yields only the batches not yet trained on. ``position`` (e.g.
+    ``fit_position(trainer)``) tells how many those are when the first batch is drawn.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        position: Callable[[], int] | None = None,
+        **kwargs: Any,
+    ):
+        world, _ = _dist_world()
+        if len(dataset) < batch_size * world:  # drop_last: not one batch, an epoch of nothing
+            raise ValueError(
+                f"{len(dataset)} training example(s) do not fill one batch of {batch_size}"
+                + (f" on each of {world} ranks" if world > 1 else "")
+                + ": lower data.batch_size or add data"
+            )
+        sampler = EpochSampler(dataset, seed=seed, shuffle=shuffle)
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kwargs)
+        self._consumed = 0
+        self._position = position
+        self._resumed = False
+
+    def __iter__(self):
+        # A generator: its body (sampler order, skip) runs at the first batch, after Lightning's
+        # set_epoch and after its loops have reset their restored counters.
+        if self._resumed and self._position is not None and self.sampler.start:
+            self.sampler.start = self._position() * self.batch_size
+        self._resumed = False
+        self._consumed = self.sampler.start // self.batch_size
+        for batch in super().__iter__():
+            self._consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        world, _ = _dist_world()
+        return {"epoch": int(self.sampler.epoch), "batches": int(self._consumed), "world_size": world,
+                "batch_size": int(self.batch_size)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        world, _ = _dist_world()
+        self.sampler.epoch = int(state["epoch"])
+        if state.get("world_size", world) != world or state.get("batch_size", self.batch_size) != self.batch_size:
+            warnings.warn(
+                f"the checkpoint's data position was saved with world_size={state.get('world_size')}, "
+                f"batch_size={state.get('batch_size')}; this run has world_size={world}, batch_size="
+                f"{self.batch_size}: epoch {state['epoch']} restarts from its first batch",
+                stacklevel=2,
+            )
+            self.sampler.start = self._consumed = 0
+            return
+        self.sampler.start = int(state["batches"]) * self.batch_size
+        self._consumed = int(state["batches"])
+        self._resumed = True

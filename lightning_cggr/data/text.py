@@ -1,0 +1,168 @@
+"""Plain-text corpora, the BPE tokenizer and packed-block data modules.
+
+The embedded default corpus is the English text of the Python reference documentation that ships
+with every CPython (``pydoc_data.topics``): real prose, no download. A byte-level BPE tokenizer is
+trained on its training split with ``tokenizers`` and cached on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .resumable import ResumableLoader, fit_position
+
+if TYPE_CHECKING:
+    from ..config import DataConfig
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+def cache_dir(override: str | None = None) -> Path:
+    """Where tokenizers and downloaded files are cached."""
+    root = override or os.environ.get("LIGHTNING_CGGR_CACHE") or Path.home() / ".cache" / "lightning_cggr"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def pydoc_documents() -> dict[str, str]:
+    """The pydoc topics: {topic name: English text}, about 750 KB."""
+    from pydoc_data.topics import topics
+
+    return {name: text for name, text in sorted(topics.items()) if text.strip()}
+
+
+def file_documents(paths: list[str]) -> dict[str, str]:
+    """Each file is one document; a missing or empty file is an error naming the path."""
+    docs = {}
+    for p in paths:
+        path = Path(p).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"data.paths: {path} does not exist or is not a file")
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise ValueError(f"data.paths: {path} is empty; give files with text in them")
+        docs[str(path)] = text
+    return docs
+
+
+def load_documents(cfg: DataConfig) -> dict[str, str]:
+    if cfg.source == "pydoc":
+        return pydoc_documents()
+    if cfg.source == "files":
+        return file_documents(list(cfg.paths or []))
+    if cfg.source == "hf":  # a Hugging Face dataset by name: each non-blank row is one document
+        from ..models.hub import load_hf_texts
+
+        texts = load_hf_texts(cfg.hf_name, cfg.hf_config, split=cfg.hf_split, text_field=cfg.hf_text_field)
+        return {f"{cfg.hf_name}/{cfg.hf_config}/{cfg.hf_split}/{i}": t for i, t in enumerate(texts)}
+    raise ValueError(f"unknown data.source {cfg.source!r}")
+
+
+def split_documents(docs: dict[str, str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """Deterministic document-level split by a checksum of each document's text.
+
+    The text, not the name, decides: the same files give the same split wherever they are stored.
+    """
+    train, val = [], []
+    for text in docs.values():
+        bucket = zlib.crc32(text.encode("utf-8")) % 10_000
+        (val if bucket < val_fraction * 10_000 else train).append(text)
+    if not val:  # tiny corpora: hold out the last document rather than validate on nothing
+        if len(train) < 2:
+            raise ValueError("the corpus needs at least two documents to hold one out for validation")
+        val.append(train.pop())
+    if not train:
+        raise ValueError("no training documents left after the validation split; lower data.val_fraction")
+    return train, val
+
+
+def train_bpe_tokenizer(texts: list[str], vocab_size: int, cache: str | None = None):
+    """A byte-level BPE trained on ``texts``, cached by content hash; returned as a HF fast tokenizer."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    digest = hashlib.sha256()
+    for t in texts:
+        digest.update(t.encode("utf-8"))
+        digest.update(b"\0")
+    path = cache_dir(cache) / f"bpe-{vocab_size}-{digest.hexdigest()[:16]}.json"
+    if path.exists():
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    else:
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN])
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        bpe.save(str(tmp))
+        tmp.replace(path)
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    tok.eos_token = EOS_TOKEN
+    tok.pad_token = EOS_TOKEN
+    return tok
+
+
+def pack_documents(texts: list[str], tokenizer, block_size: int) -> torch.Tensor:
+    """Tokenize, join with EOS and cut into [N, block_size] blocks (the remainder is dropped)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token to separate documents")
+    ids: list[int] = []
+    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        ids.append(eos)
+    n = len(ids) // block_size
+    if n == 0:
+        raise ValueError(
+            f"the corpus has {len(ids)} tokens, fewer than one block of data.block_size={block_size}"
+        )
+    return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+class BlockDataset(Dataset):
+    """Packed blocks as HF-style batches: labels equal input_ids; the module shifts them once."""
+
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x = self.blocks[i]
+        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+
+
+class PackedTextDataModule(L.LightningDataModule):
+    """Documents -> tokenizer -> packed fixed-length blocks; deterministic split and order."""
+
+    def __init__(self, train_texts: list[str], val_texts: list[str], tokenizer, cfg: DataConfig, seed: int = 0):
+        super().__init__()
+        self.train_texts, self.val_texts = train_texts, val_texts
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.seed = seed
+        self.train_set = self.val_set = None
+
+    def setup(self, stage: str | None = None):
+        if self.train_set is None:
+            self.train_set = BlockDataset(pack_documents(self.train_texts, self.tokenizer, self.cfg.block_size))
+            self.val_set = BlockDataset(pack_documents(self.val_texts, self.tokenizer, self.cfg.block_size))
+
+    def train_dataloader(self):
+        # order = f(seed, epoch); its position is saved in checkpoints, so a resume mid-epoch
+        # continues with the next unseen batch (lightning_cggr.resumable)
+        return ResumableLoader(
+            self.train_set, batch_size=self.cfg.batch_size, seed=self.seed, num_workers=self.cfg.num_workers,
+            position=fit_position(self.trainer) if self.trainer is not None else None,
+        )
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers)

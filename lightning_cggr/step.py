@@ -1,0 +1,398 @@
+"""The one training step: score -> select -> forward -> loss terms -> kept-token normalisation.
+
+:class:`CGGRStep` is plain PyTorch (no Lightning). :class:`~lightning_cggr.module.CGGRModule` wraps
+it for the Trainer (logging, hooks, checkpoints); the benchmarks in ``experiments/`` drive the same
+object through :func:`optimizer_step`, which performs exactly what Lightning's automatic
+optimization does around ``training_step`` (a test compares the two, gradients and update).
+
+One micro-batch (:meth:`CGGRStep.__call__`), all on the device and free of host syncs:
+
+1. shift labels once into next-token targets (:func:`~.routing.selection.shift_targets`);
+2. under ``no_grad``, the truncated router (the model's own first k blocks, final norm and head)
+   yields per-token statistics, chunked over tokens; a scorer turns them into difficulty;
+3. :func:`~.routing.selection.select` keeps the hardest ``min_tokens_ratio`` of the trainable
+   tokens, as a static-size list of candidate rows plus a validity mask;
+4. the decoder runs on every token (attention needs them all);
+5. only the kept rows of the final hidden states go through the LM head and cross-entropy
+   (``loss.impl``), as a NLL *sum* and a kept count;
+6. :class:`~.distributed.KeptTokenNormalizer` turns the sum into the value to backprop; after the
+   last micro-batch of an optimizer step, :meth:`CGGRStep.correct_gradients` rescales the
+   gradients to the mean over the step's kept tokens on every rank.
+
+``cggr.enabled=false`` (and the first ``cggr.warmup_steps`` steps) run the same path keeping every
+trainable token: the standard baseline.
+
+Variants (options in ``conf/cggr/``):
+
+- ``selection.unit=sequence``: only the ``ceil(ratio * B)`` hardest sequences (mean score over
+  trainable tokens) are index-selected and run through the decoder, forward and backward.
+- ``router.source=final``: no router; step 4 runs first and its final hidden states (detached,
+  in training mode, so with the model's dropout) give the statistics. Token unit only.
+- ``scoring=excess_loss``: score = current NLL - NLL of a frozen, unregistered reference model.
+- ``scoring=random``: seeded uniform scores from a generator on the device seeded by (seed, step).
+- ``ratio_schedule``: constant, curriculum (host ints) or dynamic (a device tensor; static buffers
+  sized by its max).
+
+Each call returns its metrics as 0-d device tensors (``train/loss``, ``train/kept_ratio``,
+``train/ratio``, ``train/score_kept``, ``train/score_dropped``, ``train/kept_sequences``); nothing
+is read on the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, NamedTuple, Sequence
+
+import torch
+
+from .config import CGGRConfig, LossConfig, OptimConfig
+from .distributed import KeptTokenNormalizer
+from .kernels import TokenStats, linear_cross_entropy, resolve_impl, token_stats
+from .routing.guards import sanitize_stats
+from .routing.reference import ReferenceModel, load_reference
+from .routing.router import TruncatedRouter, find_decoder, find_head
+from .routing.schedule import batch_confidence, dynamic_ratio, host_ratio
+from .routing.scoring import SCORERS, excess_loss_score, get_scorer, random_score, step_generator
+from .routing.selection import IGNORE_INDEX, Selection, mask_labels, select, select_sequences, shift_targets
+
+Metrics = dict[str, torch.Tensor]
+
+
+class Routed(NamedTuple):
+    """What the loss needs after routing, plus the routing metrics."""
+
+    hidden: torch.Tensor
+    """[B', T, H] final hidden states of the rows that ran (all rows, or the kept sequences)."""
+    targets: torch.Tensor
+    """[B', T] next-token targets of those rows (-100 where nothing is learned)."""
+    selection: Selection | None
+    """Token unit: which flat rows the head sees; None: every row of ``hidden``."""
+    kept: torch.Tensor
+    """[B, T] bool over the original batch: positions whose label trains this step."""
+    metrics: Metrics
+
+
+@dataclass
+class StepResult:
+    """One micro-batch's outcome."""
+
+    loss: torch.Tensor
+    """The value to backprop (NLL sum scaled for the step's global kept-token mean)."""
+    nll_sum: torch.Tensor
+    """Sum of the kept tokens' NLL (device, fp32)."""
+    kept: torch.Tensor
+    """Number of kept tokens (device, int)."""
+    metrics: Metrics = field(default_factory=dict)
+    """0-d device tensors keyed by their logged names."""
+
+
+class CGGRStep:
+    """The training step of one model under one CGGR / loss setting; holds no Lightning state.
+
+    ``model`` is a Hugging Face causal LM; it is referenced, never copied or registered here (the
+    owner registers it). ``reference``: the frozen model of ``scoring=excess_loss``, given directly
+    (else loaded from ``cggr.router.reference``); held unregistered, never trained or checkpointed.
+    Decoder and head are looked up on the model at each use, so wrappers applied later (FSDP) are
+    seen.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cggr: CGGRConfig | None = None,
+        loss: LossConfig | None = None,
+        reference: torch.nn.Module | None = None,
+    ):
+        self.model = model
+        self.cggr = cggr or CGGRConfig()
+        self.loss_cfg = loss or LossConfig()
+        find_decoder(model), find_head(model)  # fail early on an unsupported architecture
+        c = self.cggr
+        self.scorer = get_scorer(c.scoring) if c.scoring in SCORERS else None  # excess_loss/random: below
+        uses_router = c.enabled and c.router.source == "truncated" and c.scoring != "random"
+        self.router = TruncatedRouter(model, c.router.num_layers) if uses_router else None
+        self.reference = self._build_reference(reference) if c.enabled and c.scoring == "excess_loss" else None
+        # the loss is the mean over the kept tokens of the whole optimizer step: all ranks, all
+        # accumulated micro-batches (see lightning_cggr.distributed)
+        self.token_norm = KeptTokenNormalizer()
+
+    # ---- what the step runs on ----------------------------------------------------------------
+    @property
+    def decoder(self) -> torch.nn.Module:
+        return find_decoder(self.model)
+
+    @property
+    def head(self) -> torch.nn.Linear:
+        return find_head(self.model)
+
+    @property
+    def loss_impl(self) -> str:
+        """The concrete loss kernel on the head's device (``loss.impl`` resolved)."""
+        return resolve_impl(self.loss_cfg.impl, self.head.weight.device)
+
+    @property
+    def stats_impl(self) -> str:
+        """The kernel for scoring statistics: the loss's, except that naive (full logits) scores
+        with the chunked torch path, which never holds [tokens, vocab]."""
+        impl = self.loss_impl
+        return "torch" if impl == "naive" else impl
+
+    def _build_reference(self, model: torch.nn.Module | None) -> ReferenceModel:
+        name, dtype = self.cggr.router.reference, self.cggr.router.reference_dtype
+        if model is None:
+            if not name:
+                raise ValueError("scoring=excess_loss needs a reference model: set cggr.router.reference")
+            model = load_reference(name, dtype)
+        ref = ReferenceModel(model, dtype=getattr(torch, dtype))
+        vocab = self.head.weight.shape[0]
+        if ref.vocab_size != vocab:
+            raise ValueError(f"reference model vocabulary {ref.vocab_size} != the trained model's {vocab}")
+        return ref
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's final (normed) hidden states, [B, T, H]."""
+        return self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    # ---- schedule -----------------------------------------------------------------------------
+    def active(self, global_step: int) -> bool:
+        """Whether optimizer step ``global_step`` routes (a host-side int comparison: no sync)."""
+        return self.cggr.enabled and global_step >= self.cggr.warmup_steps
+
+    def ratio_in_force(self, global_step: int) -> float | None:
+        """Host-side keep ratio of a step (1.0 in warmup); None for the dynamic (device) ratio."""
+        c = self.cggr
+        if not self.active(global_step):
+            return 1.0
+        q = c.ratio_schedule
+        if q.kind == "dynamic":
+            return None
+        return host_ratio(q.kind, c.min_tokens_ratio, global_step, c.warmup_steps, q.steps, q.shape)
+
+    def _step_ratio(self, global_step: int, stats, trainable) -> tuple[float | torch.Tensor, float]:
+        """(ratio, capacity ratio): a host float both, or a device ratio bounded by ratio_schedule.max."""
+        ratio = self.ratio_in_force(global_step)
+        if ratio is not None:
+            return ratio, ratio
+        q = self.cggr.ratio_schedule
+        return dynamic_ratio(batch_confidence(stats, trainable), q.min, q.max), q.max
+
+    # ---- scoring ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def token_statistics(self, hidden: torch.Tensor, targets: torch.Tensor) -> TokenStats:
+        """[B, T] fp32 ``TokenStats`` of ``hidden @ head.T`` against ``targets``, chunked, no grad."""
+        B, T, H = hidden.shape
+        stats = token_stats(
+            hidden.detach().reshape(B * T, H),
+            self.head.weight,
+            targets.reshape(-1),
+            impl=self.stats_impl,
+            chunk_size=self.cggr.router.chunk_size,
+        )
+        return type(stats)(*(s.view(B, T) for s in stats))
+
+    @torch.no_grad()
+    def score_and_stats(
+        self, input_ids, attention_mask, targets, global_step: int = 0, final_hidden: torch.Tensor | None = None
+    ):
+        """([B, T] difficulty, stats or None); -inf where nothing is to be learned.
+
+        Statistics come from ``final_hidden`` (router.source=final, the main forward's own output,
+        detached) or else the truncated router; ``random`` draws from a (seed, step) generator.
+        """
+        trainable = targets != IGNORE_INDEX
+        c = self.cggr
+        if c.scoring == "random":
+            return random_score(trainable, step_generator(c.seed, global_step, targets.device)), None
+        hidden = final_hidden if final_hidden is not None else self.router.hidden_states(input_ids, attention_mask)
+        stats, finite = sanitize_stats(self.token_statistics(hidden, targets))
+        trainable = trainable & finite  # non-finite statistics never rank hard (routing.guards)
+        if c.scoring == "excess_loss":
+            ref = self.reference.token_stats(
+                input_ids, attention_mask, targets, impl=self.stats_impl, chunk_size=c.router.chunk_size
+            )
+            return excess_loss_score(stats, trainable, ref), stats
+        return self.scorer(stats, trainable), stats
+
+    # ---- routing ------------------------------------------------------------------------------
+    def route(self, input_ids, attention_mask, targets, global_step: int = 0) -> Routed:
+        """Score, select and run the decoder.
+
+        Token unit: the decoder runs on every row and ``selection`` says which rows the head sees.
+        Sequence unit: the decoder runs on the ``ceil(ratio * B)`` hardest rows only; the returned
+        hidden/targets are those rows' (invalid rows' targets ignored) and ``selection`` is None.
+        """
+        trainable = targets != IGNORE_INDEX
+        c, sel = self.cggr, self.cggr.selection
+        if not self.active(global_step):
+            return Routed(self.hidden_states(input_ids, attention_mask), targets, None, trainable, {})
+        metrics: Metrics = {}
+        if sel.unit == "sequence":
+            score, stats = self.score_and_stats(input_ids, attention_mask, targets, global_step)
+            ratio, cap = self._step_ratio(global_step, stats, trainable & torch.isfinite(score))
+            rows = select_sequences(score, trainable, ratio, capacity_ratio=cap)
+            row_kept = torch.zeros(targets.shape[0], dtype=torch.bool, device=targets.device)
+            row_kept.index_copy_(0, rows.index, rows.valid)
+            sub_ids = input_ids.index_select(0, rows.index)
+            sub_mask = attention_mask.index_select(0, rows.index) if attention_mask is not None else None
+            sub_targets = targets.index_select(0, rows.index).masked_fill(~rows.valid.unsqueeze(1), IGNORE_INDEX)
+            hidden = self.hidden_states(sub_ids, sub_mask)
+            has = trainable.any(dim=1)
+            metrics.update(_score_means(rows.score, row_kept, has & ~row_kept))
+            metrics["train/kept_sequences"] = rows.valid.sum().float()
+            metrics["train/ratio"] = _ratio_tensor(ratio, targets.device)
+            return Routed(hidden, sub_targets, None, trainable & row_kept.unsqueeze(1), metrics)
+        hidden = None
+        if c.router.source == "final":  # router-free: score from the forward's own final states
+            hidden = self.hidden_states(input_ids, attention_mask)
+        score, stats = self.score_and_stats(input_ids, attention_mask, targets, global_step, final_hidden=hidden)
+        ratio, cap = self._step_ratio(global_step, stats, trainable & torch.isfinite(score))  # sanitized: no vote
+        gen = step_generator(c.seed, global_step, targets.device, stream=1) if sel.strategy == "stratified" else None
+        selection = select(
+            score, trainable, ratio, sel.scope, strategy=sel.strategy, strata=sel.strata,
+            min_per_sequence=sel.min_per_sequence, capacity_ratio=cap, generator=gen,
+        )
+        if hidden is None:
+            hidden = self.hidden_states(input_ids, attention_mask)
+        metrics.update(_score_means(score, selection.keep, trainable & ~selection.keep))
+        metrics["train/ratio"] = _ratio_tensor(ratio, targets.device)
+        return Routed(hidden, targets, selection, selection.keep, metrics)
+
+    # ---- loss ---------------------------------------------------------------------------------
+    def loss_terms(
+        self, hidden: torch.Tensor, targets: torch.Tensor, selection: Selection | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(NLL sum, kept count) over kept tokens, both device tensors; the LM head runs on kept rows
+        only (except naive). The count is of the very labels the loss saw, so the two always agree."""
+        B, T, H = hidden.shape
+        impl = self.loss_impl
+        flat_h = hidden.reshape(B * T, H)
+        flat_y = targets.reshape(-1)
+        if selection is not None:
+            if impl == "naive":  # HF-style: full logits, easy labels masked
+                flat_y = mask_labels(targets, selection.keep).reshape(-1)
+            else:  # gather the static-size candidate rows; padding rows are ignored
+                flat_h = flat_h.index_select(0, selection.index)
+                flat_y = flat_y.index_select(0, selection.index).masked_fill(~selection.valid, IGNORE_INDEX)
+        nll_sum = linear_cross_entropy(flat_h, self.head.weight, flat_y, reduction="sum", impl=impl)
+        return nll_sum, (flat_y != IGNORE_INDEX).sum()
+
+    def __call__(self, batch: dict, global_step: int, world_size: int = 1) -> StepResult:
+        """One micro-batch: route, loss terms and the value to backprop (see the module docstring)."""
+        input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
+        targets = shift_targets(batch["labels"], attention_mask)
+        trainable = targets != IGNORE_INDEX
+        routed = self.route(input_ids, attention_mask, targets, global_step)
+        nll_sum, n_kept = self.loss_terms(routed.hidden, routed.targets, routed.selection)
+        loss = self.token_norm.loss(nll_sum, n_kept, world_size)  # exact global mean after correct_gradients
+        metrics = {
+            "train/loss": nll_sum.detach() / n_kept.clamp(min=1),  # this micro-batch's mean
+            "train/kept_ratio": routed.kept.sum() / trainable.sum().clamp(min=1),
+            **routed.metrics,
+        }
+        return StepResult(loss, nll_sum, n_kept, metrics)
+
+    def correct_gradients(self, params: Iterable[torch.nn.Parameter], accumulate: int) -> torch.Tensor | None:
+        """Once per optimizer step, after the last backward, before clipping: gradients become
+        those of the mean over the step's kept tokens on every rank. Returns that count (device)."""
+        return self.token_norm.correct_gradients(params, accumulate)
+
+    @torch.no_grad()
+    def eval_terms(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(NLL sum, token count) over every trainable token of ``batch``: held-out loss, the same
+        for every method."""
+        input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
+        targets = shift_targets(batch["labels"], attention_mask)
+        return self.loss_terms(self.hidden_states(input_ids, attention_mask), targets, None)
+
+
+def _ratio_tensor(ratio: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    if torch.is_tensor(ratio):
+        return ratio.float()
+    return torch.full((), ratio, dtype=torch.float32, device=device)  # a fill on the device, no copy
+
+
+def _score_means(score: torch.Tensor, kept: torch.Tensor, dropped: torch.Tensor) -> Metrics:
+    """Mean score of kept vs dropped entries (tokens or sequences), as device tensors."""
+    zero = torch.zeros((), dtype=torch.float32, device=score.device)
+    out = {}
+    for mask, name in ((kept, "kept"), (dropped, "dropped")):
+        total = torch.where(mask, score.float(), zero).sum()
+        out[f"train/score_{name}"] = total / mask.sum().clamp(min=1)
+    return out
+
+
+# ---- optimizer, schedule and the optimizer step outside Lightning --------------------------------
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (embeddings and linear weights), none on norms and biases."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+    )
+
+
+def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """The LR multiplier at optimizer step ``step``: linear warm-up from 0 over ``warmup_steps``
+    (capped at ``total_steps``), then a half cosine down to ``min_lr_ratio`` at ``total_steps``,
+    held there after (a run continued past its planned length keeps the floor)."""
+    total = max(int(total_steps), 1)
+    warmup = min(int(cfg.warmup_steps), total)
+    if step < warmup:
+        return step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    """:func:`lr_factor` as a ``LambdaLR``, stepped once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
+
+
+def autocast_for(precision: str, device: torch.device | str):
+    """The forward context Lightning uses for ``trainer.precision``: ``32-true`` or ``bf16-mixed``."""
+    p = str(precision)
+    if p in ("32-true", "32"):
+        return contextlib.nullcontext()
+    if p == "bf16-mixed":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    raise ValueError(f"the Trainer-free driver supports trainer.precision 32-true or bf16-mixed, not {p!r}")
+
+
+def optimizer_step(
+    step: CGGRStep,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Sequence[dict],
+    global_step: int,
+    *,
+    scheduler=None,
+    clip: float | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> list[StepResult]:
+    """One optimizer step without Lightning, in the order Lightning's automatic optimization uses:
+    each micro-batch's step, its loss divided by the number of micro-batches and backpropagated;
+    then :meth:`CGGRStep.correct_gradients` (the module's ``on_before_optimizer_step``), norm
+    clipping of all gradients, the optimizer step, ``zero_grad`` and the LR scheduler step."""
+    params = [p for p in step.model.parameters() if p.requires_grad]
+    k = len(micro_batches)
+    results = []
+    for batch in micro_batches:
+        with autocast():
+            res = step(batch, global_step)
+        (res.loss / k).backward()
+        results.append(res)
+    step.correct_gradients(params, k)
+    if clip:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
+    return results

@@ -1,0 +1,148 @@
+"""One training step for train() and the benchmarks: the benchmark harness (experiments.bench.Runner,
+driving lightning_cggr.step.optimizer_step) and Lightning's Trainer (driving CGGRModule) give the
+same gradients and the same parameter updates from the same weights and batches.
+
+Two optimizer steps of two accumulated micro-batches each, CGGR warm-up of one step (so step 0 is
+standard and step 1 routes: the step counter must reach the step), clipping at a norm that binds,
+and the LR schedule of train() (no LR warm-up, so both updates are non-zero).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import make_batch, make_tiny_model
+from experiments.bench import Runner
+from experiments.compose import compose, parse_run
+from lightning_cggr.module import CGGRModule
+
+CASES = {
+    "standard": ["cggr.enabled=false"],
+    "token": ["cggr.scoring=combined"],
+    "sequence": ["cggr.selection.unit=sequence", "cggr.scoring=loss"],
+}
+COMMON = [
+    "cggr.warmup_steps=1", "cggr.router.num_layers=1", "cggr.min_tokens_ratio=0.5", "loss.impl=torch",
+    "optim.warmup_steps=0", "trainer.accumulate_grad_batches=2",
+]
+CLIP = 0.05  # binds (the gradient norm is larger); without clipping the kept-token scale shows fully
+
+
+class _Snapshots(CGGRModule):
+    """CGGRModule recording the gradients the optimizer is about to apply (after the kept-token
+    correction and clipping), once per optimizer step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.snaps = []
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self.snaps.append({n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None})
+
+
+def _trainer_run(model, run, batches, clip):
+    module = _Snapshots(model, run.cggr, run.loss, run.optim)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, accumulate_grad_batches=2, gradient_clip_val=clip, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert trainer.global_step == 2
+    return module.snaps
+
+
+def _harness_run(model, config, batches):
+    runner = Runner(model, config, "cpu", total_steps=2)
+    snaps, step = [], runner.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        snaps.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        return step(*args, **kwargs)
+
+    runner.optimizer.step = recording_step
+    runner.train_step(batches[0:2])
+    runner.train_step(batches[2:4])
+    return snaps
+
+
+@pytest.mark.parametrize("clip", [None, CLIP], ids=["no-clip", "clip"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_harness_step_equals_trainer_step(case, clip, one_thread):
+    config = OmegaConf.to_container(compose([*COMMON, *CASES[case], f"trainer.gradient_clip_val={clip or 'null'}"]), resolve=True)
+    run = parse_run(config)
+    model = make_tiny_model("llama", num_layers=2)
+    batches = [make_batch(batch_size=4, seq_len=16, seed=10 + i) for i in range(4)]
+    by_trainer, by_harness = copy.deepcopy(model), copy.deepcopy(model)
+
+    snaps_t = _trainer_run(by_trainer, run, batches, clip)
+    snaps_h = _harness_run(by_harness, config, batches)
+
+    assert len(snaps_t) == len(snaps_h) == 2
+    for step, (gt, gh) in enumerate(zip(snaps_t, snaps_h)):
+        assert gt.keys() == gh.keys()
+        norm = torch.sqrt(sum(g.double().square().sum() for g in gt.values()))
+        if clip:
+            assert norm == pytest.approx(clip, rel=1e-3), "clipping must bind for the test to cover it"
+        else:
+            assert norm > 2 * CLIP
+        for name in gt:
+            torch.testing.assert_close(gh[name], gt[name], rtol=1e-5, atol=1e-7, msg=f"step {step}: {name}")
+    for (name, pt), ph in zip(by_trainer.named_parameters(), by_harness.parameters()):
+        torch.testing.assert_close(ph, pt, rtol=1e-5, atol=1e-7, msg=name)
+    moved = [not torch.equal(a, b) for a, b in zip(model.parameters(), by_harness.parameters())]
+    assert all(moved), "every parameter must have been updated"
+
+
+def test_routed_step_differs_from_the_standard_step(one_thread):
+    """The comparison above can tell routing from no routing: the token case's second update is not
+    the standard one."""
+    batches = [make_batch(batch_size=4, seq_len=16, seed=10 + i) for i in range(4)]
+    model = make_tiny_model("llama", num_layers=2)
+    out = {}
+    for case in ("standard", "token"):
+        config = OmegaConf.to_container(compose([*COMMON, *CASES[case], "trainer.gradient_clip_val=null"]), resolve=True)
+        out[case] = _harness_run(copy.deepcopy(model), config, batches)
+    assert all(torch.equal(out["standard"][0][n], out["token"][0][n]) for n in out["standard"][0])  # warm-up step
+    assert not all(torch.equal(out["standard"][1][n], out["token"][1][n]) for n in out["standard"][1])
+
+
+def _tensor_devices(module: torch.nn.Module) -> dict[str, torch.device]:
+    """Every parameter, buffer and torchmetrics state of ``module``, by name."""
+    from torchmetrics import Metric
+
+    out = {n: t.device for n, t in [*module.named_parameters(), *module.named_buffers()]}
+    for name, sub in module.named_modules():
+        if isinstance(sub, Metric):
+            for state in sub._defaults:
+                value = getattr(sub, state)
+                for i, t in enumerate(value if isinstance(value, list) else [value]):
+                    out[f"{name}.{state}[{i}]"] = t.device
+    return out
+
+
+def test_module_built_around_a_model_on_a_device_lives_on_that_device():
+    """The harness once built the module after ``model.to(cuda)`` and its metric states stayed on
+    the CPU. The meta device stands in for an accelerator: every state must follow the model."""
+    model = make_tiny_model("llama", num_layers=2).to("meta")
+    module = CGGRModule(model)
+    devices = _tensor_devices(module)
+    assert any("step_metrics" in n for n in devices) and any("val_nll_sum" in n for n in devices)
+    wrong = {n: d for n, d in devices.items() if d.type != "meta"}
+    assert not wrong, f"not on the model's device: {wrong}"
+
+
+def test_lr_factor_follows_warmup_cosine_and_holds_the_floor():
+    from lightning_cggr.config import OptimConfig
+    from lightning_cggr.step import lr_factor
+
+    cfg = OptimConfig(warmup_steps=4, min_lr_ratio=0.1)
+    assert [lr_factor(s, cfg, 12) for s in (0, 1, 4)] == [0.0, 0.25, 1.0]
+    assert lr_factor(8, cfg, 12) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
+    assert lr_factor(12, cfg, 12) == pytest.approx(0.1)
+    assert lr_factor(30, cfg, 12) == pytest.approx(0.1)  # past the end: the floor, not a new cycle
