@@ -25,9 +25,7 @@ from .routing.selection import SCOPES as SELECTION_SCOPES
 from .routing.selection import STRATEGIES as SELECTION_STRATEGIES
 from .routing.selection import UNITS as SELECTION_UNITS
 
-
-class ConfigError(ValueError):
-    """A configuration mistake, reported as one readable message before training starts."""
+from .errors import ConfigError  # re-exported: raised by validate()
 
 
 @dataclass

@@ -22,7 +22,8 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, parse_config, register_schema
+from .config import parse_config, register_schema
+from .errors import ConfigError, RunStopped, UserError
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +123,12 @@ def main(cfg: DictConfig) -> None:
         check_config(cfg)  # a mistake: one line, no config dump
         print(OmegaConf.to_yaml(cfg, resolve=True))
         train(cfg)
-    except ConfigError as err:
+    except UserError as err:  # a mistake in the inputs: one line, exit 2
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(err.exit_code)
+    except RunStopped as err:  # stopped on purpose (signal, divergence): its own exit code
+        print(f"stopped: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
 
 
 if __name__ == "__main__":
