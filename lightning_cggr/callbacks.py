@@ -1,31 +1,254 @@
-"""Lightning callbacks of a training run."""
+"""Lightning callbacks of a training run: the run's own checkpoint, and a step-counting progress bar.
+
+:class:`ResumableCheckpoint` is the one callback that keeps ``checkpoints/last.ckpt`` the newest
+complete, finite state of the run (always added by ``train()``, whatever ``callbacks=`` holds):
+
+- every ``every_n_steps`` optimizer steps, at every validation during fit, at the last step and at
+  the end of training; always the same file name (never ``last-v1.ckpt``), written atomically by
+  :class:`~lightning_cggr.checkpointing.AtomicCheckpointIO`;
+- on SIGTERM / SIGINT (:mod:`lightning_cggr.signals`): at the next optimizer-step boundary, agreed by
+  every rank, then the run raises :class:`~lightning_cggr.errors.RunStopped` (exit 128 + signal);
+- divergence: at each logging interval and before every save it reads the module's device-side
+  health flags (one host read where the logger syncs anyway); a non-finite loss, gradient norm or
+  weight stops the run with exit 3 and no checkpoint is written over the last finite one;
+- on any other exception (Ctrl-C twice, a crash, a dead DDP peer) it saves once more where that
+  needs no other rank (one process, or DDP's replicated state written by rank 0 without barriers).
+
+Periodic and signal saves happen at the *start* of the next step's first micro-batch: by then the
+previous step's metrics are logged (loggers are flushed before each save, so the metrics on disk
+always reach the checkpoint), and Lightning resumes from there exactly, as from Ctrl-C.
+"""
 
 from __future__ import annotations
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+import logging
+import math
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
+
+from .checkpointing import remove_stale_temporaries
+from .errors import RunStopped
+from .signals import StopRequest, exit_code
+
+log = logging.getLogger(__name__)
+
+DIVERGED_EXIT_CODE = 3
+
+
+def default_every_n_steps(max_steps: int) -> int:
+    """One tenth of the run, rounded up, so a killed run loses at most ~10% of its steps; 0 (only
+    at validation and at the end) for a run without ``max_steps``."""
+    return math.ceil(max_steps / 10) if max_steps and max_steps > 0 else 0
+
+
+@torch.no_grad()
+def _params_finite(module) -> torch.Tensor:
+    """0-d bool device tensor: every (local) weight finite."""
+    from torch.distributed.tensor import DTensor
+
+    flags = [torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all() for p in module.parameters()]
+    return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
 
 
 class ResumableCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``last.ckpt`` continues exactly when a finished run is resumed.
+    """``checkpoints/last.ckpt``: the newest complete, finite state (see the module docstring).
 
-    Lightning 2.6 treats a stop at ``max_steps`` in the middle of an epoch as the end of that epoch:
-    the ``last.ckpt`` it writes at epoch end counts the epoch as finished while keeping the batch
-    index, so ``ckpt_path=...last.ckpt trainer.max_steps=<more>`` resumed one epoch too far (and
-    past the end of an epoch that did finish). Here the last step's checkpoint is written at the end
-    of that training batch, the state Lightning restarts from correctly, and the epoch-end write
+    Also continues a finished run exactly: Lightning 2.6 treats a stop at ``max_steps`` in the
+    middle of an epoch as the end of that epoch, so the last step's checkpoint is written at the end
+    of that training batch (the state Lightning restarts from correctly) and the epoch-end write
     that would overwrite it is skipped.
     """
 
-    @staticmethod
-    def _reached_max_steps(trainer) -> bool:
-        return trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps
+    def __init__(self, dirpath: str, every_n_steps: int = 0, stop: StopRequest | None = None, **kwargs):
+        kwargs.setdefault("save_last", True)
+        super().__init__(dirpath=dirpath, save_top_k=0, enable_version_counter=False, save_on_exception=False,
+                         **kwargs)
+        self.every_n_steps = int(every_n_steps or 0)
+        self.stop = stop or StopRequest()
+        self._boundary = True  # the next batch starts an optimizer step
+        self._step_at_batch_start = -1
+
+    # ---- health and stop requests --------------------------------------------------------------
+    def _poll(self, trainer, pl_module, health: bool, saving: bool) -> tuple[int, int | None]:
+        """(agreed signal number or 0, agreed first non-finite step or None). Every rank calls this
+        at the same point with the same ``health`` / ``saving``; only then is anything read."""
+        from .module import NO_STEP
+
+        bad = NO_STEP
+        if health and hasattr(pl_module, "first_nonfinite_step"):
+            first = pl_module.first_nonfinite_step
+            if saving:
+                first = torch.where(_params_finite(pl_module), first, torch.full_like(first, trainer.global_step))
+            bad, empty = (int(v) for v in torch.stack([first, pl_module.empty_batches]).tolist())
+            pl_module.empty_batches.zero_()
+            if empty:
+                log.warning(rank_prefixed_message(
+                    f"{empty} training micro-batch(es) before step {trainer.global_step} had no trainable token "
+                    "(all labels -100): they trained nothing (loss 0, zero gradient)", trainer.global_rank))
+        signum, flag = self.stop.agreed(NO_STEP - bad)
+        return signum, (None if flag == 0 else NO_STEP - flag)
+
+    def _stop_diverged(self, trainer, bad_step: int) -> None:
+        if self._last_global_step_saved > 0 and self.last_model_path:
+            kept = f"the last finite checkpoint is {self.last_model_path} (step {self._last_global_step_saved})"
+        elif self.last_model_path:
+            kept = f"the last finite checkpoint is {self.last_model_path}"
+        else:
+            kept = "no checkpoint was written before it"
+        raise RunStopped(
+            f"training diverged: the loss or gradient norm was not finite at step {bad_step} (stopped at step "
+            f"{trainer.global_step}); {kept}. Lower optim.lr or raise optim.warmup_steps, then resume from "
+            "that checkpoint or start over",
+            DIVERGED_EXIT_CODE,
+        )
+
+    def _stop_on_signal(self, trainer, signum: int) -> None:
+        import signal
+
+        name = signal.Signals(signum).name
+        where = f"saved {self.last_model_path} at step {trainer.global_step}" if self.last_model_path else "nothing saved"
+        raise RunStopped(f"{name} received: stopped at step {trainer.global_step}, {where}; "
+                         "resume with ckpt_path=auto in the same run folder", exit_code(signum))
+
+    def _save(self, trainer) -> None:
+        if trainer.is_global_zero:  # metrics on disk reach the checkpoint's step
+            for logger in trainer.loggers:
+                logger.save()
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _checked_save(self, trainer, pl_module) -> None:
+        """Save unless the state is non-finite (then stop with exit 3) or already saved here."""
+        if trainer.global_step == self._last_global_step_saved:
+            return
+        signum, bad = self._poll(trainer, pl_module, health=True, saving=True)
+        if bad is not None:
+            self._stop_diverged(trainer, bad)
+        self._save(trainer)
+        if signum:
+            self._stop_on_signal(trainer, signum)
+
+    def _fitting(self, trainer) -> bool:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and not trainer.fast_dev_run
+
+    # ---- hooks ---------------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self.stop.connect()
+            if trainer.is_global_zero and self.dirpath:
+                remove_stale_temporaries(self.dirpath)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.stop.install()
+        self._boundary = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if pl_module.automatic_optimization:
+            # Lightning's logging step after a resume depends on where the checkpoint was written
+            # (one off after a mid-step save); it is the optimizer step count, so set it so
+            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+        self._step_at_batch_start = trainer.global_step
+        if not self._boundary:
+            return
+        self._boundary = False
+        step = trainer.global_step
+        due = self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
+        due = due and step != self._last_global_step_saved
+        health = due or (step > 0 and step % max(trainer.log_every_n_steps, 1) == 0)
+        signum, bad = self._poll(trainer, pl_module, health=health, saving=due)
+        if bad is not None:
+            self._stop_diverged(trainer, bad)
+        if signum or due:
+            if step != self._last_global_step_saved:
+                self._save(trainer)
+            if signum:
+                self._stop_on_signal(trainer, signum)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self.save_last and self._reached_max_steps(trainer) and not trainer.sanity_checking:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # every_n_train_steps=0: no-op
+        self._boundary = trainer.global_step != self._step_at_batch_start  # an optimizer step just ran
+        if self.save_last and self._reached_max_steps(trainer) and self._fitting(trainer):
+            self._checked_save(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._fitting(trainer) and trainer.global_step > 0:
+            self._checked_save(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._reached_max_steps(trainer):
             return
         super().on_train_epoch_end(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.stop.restore()
+        if self._fitting(trainer):
+            self._checked_save(trainer, pl_module)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self.stop.restore()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """One more save where it needs no other rank and the state is finite; never raises."""
+        from lightning.pytorch.strategies import DDPStrategy
+
+        self.stop.restore()
+        if isinstance(exception, RunStopped) or not self._fitting(trainer):
+            return
+        if trainer.global_step == self._last_global_step_saved or not self.save_last:
+            return
+        if trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
+            return  # sharded state needs every rank; the last periodic checkpoint stands
+        try:
+            from .module import NO_STEP
+
+            finite = bool(_params_finite(pl_module)) and int(getattr(pl_module, "first_nonfinite_step", NO_STEP)) == NO_STEP
+            if not finite:
+                log.warning("not saving a checkpoint after %s: the state is not finite", type(exception).__name__)
+                return
+            path = self.format_checkpoint_name(self._monitor_candidates(trainer), self.CHECKPOINT_NAME_LAST)
+            previous, self.last_model_path = self.last_model_path, path
+            if trainer.is_global_zero:  # no barrier: other ranks may be gone
+                checkpoint = trainer._checkpoint_connector.dump_checkpoint(False)
+                trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
+            self._last_global_step_saved = trainer.global_step
+            log.info(rank_prefixed_message(f"{type(exception).__name__}: saved {path} at step {trainer.global_step}",
+                                           trainer.global_rank))
+        except Exception as err:  # the original exception is what the user needs to see
+            self.last_model_path = previous
+            log.warning("could not save a checkpoint after %s: %s", type(exception).__name__, err)
+
+    @staticmethod
+    def _reached_max_steps(trainer) -> bool:
+        return trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One bar over the whole run in optimizer steps (``step/max_steps``), so a resumed run shows
+    where it is (Lightning's bar counts batches of the epoch against what is left: "24/19", and
+    "Epoch 2/-2" when the run is bounded by steps)."""
+
+    def _by_steps(self) -> bool:
+        return self.trainer.max_steps is not None and self.trainer.max_steps > 0
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        if self._by_steps():
+            bar = self.train_progress_bar
+            bar.total = trainer.max_steps
+            bar.n = bar.initial = trainer.global_step
+            bar.unit = "step"
+            bar.set_description(f"Epoch {trainer.current_epoch}")
+            bar.refresh()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._by_steps():
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        bar = self.train_progress_bar
+        if bar is not None and not bar.disable and self._should_update(trainer.global_step, bar.total):
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))

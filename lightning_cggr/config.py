@@ -176,12 +176,23 @@ class DataConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """How often ``<run>/checkpoints/last.ckpt`` is written (besides every validation, the last step,
+    a SIGTERM/SIGINT and, in one process, an exception)."""
+
+    every_n_steps: int | None = None
+    """Optimizer steps between saves; null: a tenth of ``trainer.max_steps`` (rounded up), so a killed
+    run loses at most ~10% of its steps; 0: only at validation, the end and on signals."""
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig
     data: DataConfig
     cggr: CGGRConfig
     loss: LossConfig
     optim: OptimConfig
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 GROUPS: dict[str, type] = {
@@ -190,6 +201,7 @@ GROUPS: dict[str, type] = {
     "cggr": CGGRConfig,
     "loss": LossConfig,
     "optim": OptimConfig,
+    "checkpoint": CheckpointConfig,
 }
 """The config groups with a schema here, by their key in the composed config."""
 
@@ -317,6 +329,11 @@ def _check_data_files(p: list[str], paths: Any) -> None:
             p.append(f"data.paths: {path} is empty")
 
 
+def _validate_checkpoint(p: list[str], c: CheckpointConfig) -> None:
+    if c.every_n_steps is not None and (not _is_int(c.every_n_steps) or c.every_n_steps < 0):
+        p.append(f"checkpoint.every_n_steps={c.every_n_steps!r}: must be an integer >= 0, or null (a tenth of the run)")
+
+
 def validate(run: RunConfig) -> None:
     """Check every value; raise one ConfigError listing all problems."""
     p: list[str] = []
@@ -373,6 +390,7 @@ def validate(run: RunConfig) -> None:
         p.append(f"optim.lr={run.optim.lr}: must be > 0")
     if d.source in ("files", "chat") and d.paths:
         _check_data_files(p, d.paths)
+    _validate_checkpoint(p, run.checkpoint)
     if p:
         raise config_error(p)
 

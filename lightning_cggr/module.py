@@ -5,10 +5,18 @@ in :class:`~lightning_cggr.step.CGGRStep`; this module only connects it to the T
 the model (so checkpoints hold it), logs the step's metrics (torchmetrics, device tensors, no host
 sync), rescales gradients in ``on_before_optimizer_step``, validates on every trainable token,
 builds the optimizer and LR schedule with the step's builders and applies FSDP2 sharding.
+
+Run health, kept on the device and read only where the host syncs anyway (the logging interval,
+a checkpoint): ``first_nonfinite_step`` is the first optimizer step whose loss or gradient norm was
+not finite (``NO_STEP`` while none was), ``empty_batches`` counts micro-batches without a single
+trainable token since it was last reset. :class:`~lightning_cggr.callbacks.ResumableCheckpoint`
+reads both, stops a diverged run and warns about empty batches. Validation reports a NaN loss as
+NaN (never dropped) and a validation set without trainable tokens as NaN with a warning.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 import lightning as L
@@ -21,6 +29,15 @@ from .step import CGGRStep, build_optimizer, build_scheduler
 
 # metrics the step may return, each averaged by its own torchmetrics object
 STEP_METRICS = ("kept_ratio", "ratio", "score_kept", "score_dropped", "kept_sequences")
+
+CONFIG_KEY = "lightning_cggr"
+"""Checkpoint key of ``{"config": the run's resolved config}`` (every checkpoint, weights-only ones
+included, when ``run_config`` is set): what :mod:`lightning_cggr.rundir` checks a resume against."""
+
+NO_STEP = torch.iinfo(torch.int64).max
+"""``first_nonfinite_step`` while every loss and gradient norm so far was finite."""
+
+log = logging.getLogger(__name__)
 
 
 class CGGRModule(L.LightningModule):
@@ -39,9 +56,16 @@ class CGGRModule(L.LightningModule):
         self.optim_cfg = optim or OptimConfig()
         # nan_strategy="disable": the default NaN check is a host sync (`if nans.any()`) every update
         self.step_metrics = torch.nn.ModuleDict({k: MeanMetric(nan_strategy="disable") for k in STEP_METRICS})
-        self.val_nll_sum = SumMetric()
-        self.val_tokens = SumMetric()
+        # "disable": a NaN loss must show as NaN (the default "warn" drops NaNs: a diverged model
+        # reported val/loss 0.0); it is also free of the default's per-update host sync
+        self.val_nll_sum = SumMetric(nan_strategy="disable")
+        self.val_tokens = SumMetric(nan_strategy="disable")
+        # run health (see the module docstring): device tensors, not checkpointed
+        self.register_buffer("first_nonfinite_step", torch.tensor(NO_STEP), persistent=False)
+        self.register_buffer("empty_batches", torch.tensor(0), persistent=False)
         self._last_step_time: float | None = None
+        self.run_config: dict | None = None
+        """The resolved run config (plain containers), stored in every checkpoint under CONFIG_KEY."""
         # metric states are created on the CPU: follow a model that is already on its device, so a
         # module used without a Trainer (which would move it) never mixes devices
         first = next(model.parameters(), None)
@@ -55,6 +79,8 @@ class CGGRModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         world = self.trainer.world_size if self._trainer is not None else 1
         result = self.step(batch, self.global_step, world)
+        self._note_finite(result.nll_sum)
+        self.empty_batches += result.kept == 0
         self.log("train/loss", result.metrics["train/loss"], prog_bar=True)
         for name, value in result.metrics.items():
             key = name.removeprefix("train/")
@@ -88,8 +114,25 @@ class CGGRModule(L.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_before_optimizer_step(self, optimizer):
-        """Rescale the accumulated gradients to the mean over the step's global kept-token count."""
+        """Rescale the accumulated gradients to the mean over the step's global kept-token count,
+        then note whether their norm is finite (and log it where gradients are whole, not shards)."""
         self.step.correct_gradients(self.parameters(), self.trainer.accumulate_grad_batches)
+        norm, whole = grad_norm(self.parameters())
+        if norm is None:
+            return
+        self._note_finite(norm)
+        if whole and self._trainer is not None and (self.trainer.world_size == 1 or _is_ddp(self)):
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    def _note_finite(self, value: torch.Tensor) -> None:
+        """Record the current step in ``first_nonfinite_step`` if ``value`` is not finite (device only)."""
+        step = self.global_step if self._trainer is not None else 0
+        bad = torch.where(~torch.isfinite(value.detach()), step, NO_STEP)
+        torch.minimum(self.first_nonfinite_step, bad, out=self.first_nonfinite_step)
+
+    def reset_health(self) -> None:
+        self.first_nonfinite_step.fill_(NO_STEP)
+        self.empty_batches.zero_()
 
     def on_train_epoch_start(self):
         self._last_step_time = None
@@ -101,13 +144,49 @@ class CGGRModule(L.LightningModule):
         self.val_tokens.update(count.float())
 
     def on_validation_epoch_end(self):
-        loss = self.val_nll_sum.compute() / self.val_tokens.compute().clamp(min=1)
+        """Mean NLL over every trainable validation token: NaN if the model gives NaN, and NaN (with a
+        warning) if there was no trainable token at all, never a perplexity of 1.0 for nothing."""
+        tokens = self.val_tokens.compute()
+        loss = self.val_nll_sum.compute() / tokens  # 0 / 0 = NaN
+        if not self.trainer.sanity_checking and float(tokens) == 0:  # once per validation: the
+            log.warning("validation saw no trainable token: val/loss and val/ppl are NaN")  # logger syncs too
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", torch.exp(loss), prog_bar=True)
         self.val_nll_sum.reset()
         self.val_tokens.reset()
 
+    def on_save_checkpoint(self, checkpoint):
+        if self.run_config is not None:
+            checkpoint[CONFIG_KEY] = {"config": self.run_config}
+
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.optim_cfg)
         scheduler = build_scheduler(optimizer, self.optim_cfg, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _is_ddp(module: L.LightningModule) -> bool:
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return module._trainer is not None and isinstance(module.trainer.strategy, DDPStrategy)
+
+
+@torch.no_grad()
+def grad_norm(params) -> tuple[torch.Tensor | None, bool]:
+    """(L2 norm of this process's gradients as a 0-d fp32 device tensor, whether they are whole
+    tensors). Sharded gradients (FSDP DTensors) give the norm of the local shards: enough to tell
+    finite from not, not the model's norm. (None, True) without gradients."""
+    from torch.distributed.tensor import DTensor
+
+    grads, whole = [], True
+    for p in params:
+        if p.grad is None:
+            continue
+        g = p.grad
+        if isinstance(g, DTensor):
+            g, whole = g.to_local(), False
+        grads.append(g)
+    if not grads:
+        return None, whole
+    norms = torch._foreach_norm(grads, 2.0)
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms])), whole

@@ -20,8 +20,10 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from . import rundir
 from .config import parse_config, register_schema
 from .errors import ConfigError, RunStopped, UserError
 
@@ -31,8 +33,20 @@ CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 register_schema()  # the dataclass defaults, first in conf/train.yaml's defaults list
 
 
+RESERVED_TRAINER_KEYS = {
+    "callbacks": "the callbacks group (callbacks=[best_checkpoint,lr_monitor,...] or +callbacks.NAME._target_=...)",
+    "logger": "the logger group (logger=csv, tensorboard, wandb or [csv,tensorboard])",
+    "plugins": "nothing: train() installs its own checkpoint writer",
+    "default_root_dir": "hydra.run.dir (the run folder)",
+    "enable_checkpointing": "checkpoint.every_n_steps (checkpoints/last.ckpt is always written)",
+}
+
+
 def check_trainer(trainer: dict) -> None:
     """Trainer settings that would otherwise fail only after the model and data are built."""
+    for key, use in RESERVED_TRAINER_KEYS.items():
+        if key in trainer:
+            raise ConfigError(f"invalid configuration: trainer.{key} is set by the run itself; use {use}")
     strategy, accelerator = trainer.get("strategy"), str(trainer.get("accelerator", "auto"))
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     if strategy == "fsdp" and on_cpu:
@@ -52,7 +66,8 @@ def check_config(cfg: DictConfig):
 
 def build_strategy(trainer: dict, model: torch.nn.Module):
     """``trainer.strategy`` as Lightning understands it; ``fsdp`` and ``fsdp2`` get a wrapping
-    of one unit per decoder block (lightning_cggr.distributed), other values pass through."""
+    of one unit per decoder block (lightning_cggr.distributed), other values pass through.
+    ``fsdp2`` saves its checkpoint folder atomically (lightning_cggr.checkpointing)."""
     name = trainer.get("strategy", "auto")
     if name == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
@@ -61,31 +76,63 @@ def build_strategy(trainer: dict, model: torch.nn.Module):
 
         return FSDPStrategy(auto_wrap_policy=block_classes(model))
     if name == "fsdp2":
-        from lightning.pytorch.strategies import ModelParallelStrategy
+        from .checkpointing import _model_parallel_strategy
 
-        return ModelParallelStrategy()  # CGGRModule.configure_model shards; see shard_fsdp2
+        return _model_parallel_strategy()()  # CGGRModule.configure_model shards; see shard_fsdp2
     return name
+
+
+def instantiate_group(node, group: str) -> list:
+    """The objects of a config group of ``{name: {_target_: class, **kwargs}}`` entries (the Hydra
+    way, so users add their own); an entry set to null is left out. A mistake is a ConfigError."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    if node is None:
+        return []
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"invalid configuration: {group} must be a mapping of NAME: {{_target_: ...}}, got {node!r}")
+    objects = []
+    for name, spec in node.items():
+        if spec is None:
+            continue
+        if not isinstance(spec, DictConfig) or "_target_" not in spec:
+            raise ConfigError(f"invalid configuration: {group}.{name} needs a _target_ (the class to build)")
+        try:
+            objects.append(instantiate(spec))
+        except InstantiationException as err:
+            cause = err.__cause__ or err
+            raise ConfigError(f"invalid configuration: {group}.{name}: {str(cause).splitlines()[0]}") from err
+    return objects
 
 
 def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     """Build data, model and trainer from a composed config, fit, validate; return final metrics.
 
-    ``cfg.ckpt_path`` resumes a run: model, optimizer, scheduler, step counters (so CGGR warmup and
-    ratio schedules continue) and the position in the epoch's data. An exception or Ctrl-C saves
-    ``checkpoints/last.ckpt`` first. ``callbacks`` are added to the trainer's own.
+    ``cfg.ckpt_path`` resumes a run (see :mod:`lightning_cggr.rundir`): ``auto`` continues the run
+    folder's own ``checkpoints/last.ckpt`` in place (or starts the run), a path resumes that
+    checkpoint. Model, optimizer, scheduler, step counters (so CGGR warmup and ratio schedules
+    continue), the position in the epoch's data and the loggers' history come back.
+    ``checkpoints/last.ckpt`` is written periodically, at validation, at the end, on SIGTERM/SIGINT
+    (then :class:`RunStopped`, exit 128 + signal) and, in one process, on an exception; a diverged
+    run stops with exit 3 (:class:`~lightning_cggr.callbacks.ResumableCheckpoint`).
+    ``callbacks`` are added to those of the ``callbacks`` group.
     """
-    from lightning.pytorch.loggers import CSVLogger
-
+    from .callbacks import ResumableCheckpoint, StepProgressBar, default_every_n_steps
+    from .checkpointing import AtomicCheckpointIO, estimate_checkpoint_bytes, preflight, recover_folder_checkpoint
     from .data import build_datamodule, build_tokenizer
+    from .loggers import prepare_loggers
     from .models import build_model
     from .module import CGGRModule
-    from .callbacks import ResumableCheckpoint
+    from .rundir import plan_run
+    from .signals import StopRequest
 
     run, trainer_kw = check_config(cfg)
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path is not None and not Path(ckpt_path).expanduser().exists():  # fsdp2 saves a folder
-        raise ConfigError(f"invalid configuration: ckpt_path={ckpt_path}: no such checkpoint")
-    out = Path(cfg.output_dir)
+    out = Path(cfg.output_dir).absolute()
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    plan = plan_run(resolved, out)  # before anything is written to the folder
+    loggers = instantiate_group(cfg.get("logger"), "logger")
+    user_callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -96,34 +143,47 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
         module = CGGRModule(model, run.cggr, run.loss, run.optim)
     except ValueError as err:
         raise ConfigError(f"invalid configuration: {err}") from err
+    module.run_config = resolved
 
-    logger = CSVLogger(save_dir=str(out), name="csv", version="")
-    checkpoint = ResumableCheckpoint(
-        dirpath=str(out / "checkpoints"), save_last=True, save_top_k=0, save_on_exception=True
-    )
+    ckpt_dir = out / "checkpoints"
+    if plan.ckpt is not None:
+        recover_folder_checkpoint(ckpt_dir / "last.ckpt")
+    preflight(ckpt_dir, estimate_checkpoint_bytes(model))
+    prepare_loggers(loggers, plan.start_step)
+    every = run.checkpoint.every_n_steps
+    every = default_every_n_steps(trainer_kw.get("max_steps", -1)) if every is None else every
+    checkpoint = ResumableCheckpoint(dirpath=str(ckpt_dir), every_n_steps=every, stop=StopRequest())
+    extra = [*user_callbacks, *(callbacks or [])]
+    if trainer_kw.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in extra):
+        extra.append(StepProgressBar())
     trainer_kw["strategy"] = build_strategy(trainer_kw, model)
     trainer = L.Trainer(
-        **trainer_kw, logger=logger, callbacks=[checkpoint, *(callbacks or [])], default_root_dir=str(out)
+        **trainer_kw, logger=loggers or False, callbacks=[checkpoint, *extra], plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(out),
     )
     initial = {}
-    if not ckpt_path:  # the starting point, so the end can be compared with it
+    if plan.ckpt is None:  # the starting point, so the end can be compared with it
         initial = {f"{k}_initial": v for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(Path(ckpt_path).expanduser()) if ckpt_path else None)
+    else:
+        log.info("resuming %s at step %d%s", plan.ckpt, plan.start_step, " in place" if plan.in_place else "")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(plan.ckpt) if plan.ckpt else None)
     trainer.validate(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     metrics.update(initial)
     log.info("final metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
-    log.info("run folder: %s (checkpoints/, csv/metrics.csv)", out)
+    log.info("run folder: %s (checkpoints/last.ckpt; resume with ckpt_path=auto hydra.run.dir=<this folder>)", out)
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Returns the final val/loss: the objective of Hydra sweepers (e.g. Optuna), to minimise."""
     try:
         check_config(cfg)  # a mistake: one line, no config dump
         print(OmegaConf.to_yaml(cfg, resolve=True))
-        train(cfg)
+        return train(cfg).get("val/loss")
     except UserError as err:  # a mistake in the inputs: one line, exit 2
+        rundir.discard_new_run_folder()  # a failed run leaves no empty run folder behind
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except RunStopped as err:  # stopped on purpose (signal, divergence): its own exit code

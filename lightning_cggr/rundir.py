@@ -1,0 +1,215 @@
+"""The run folder: what a new run or a resume may do with it, decided before anything is written.
+
+One run lives in one folder (``hydra.run.dir``; ``output_dir`` in the config): ``checkpoints/``,
+the loggers' files, ``.hydra/``. :func:`plan_run` decides, from the config and the folder alone:
+
+- ``ckpt_path=auto``: resume the folder's own ``checkpoints/last.ckpt`` in place, or start a new
+  run when there is none yet (so one command serves every job of a chain);
+- ``ckpt_path=<file or FSDP2 folder>``: resume that checkpoint (in place when it is this folder's);
+- ``ckpt_path=null``: a new run; refused when the folder already holds one (it would overwrite
+  that run's ``last.ckpt``).
+
+A resume must match the checkpoint: every setting that shapes the trajectory (model, data, cggr,
+loss, optim, seed) equals the one stored in the checkpoint, except those listed in
+:data:`CHANGEABLE_ON_RESUME`. A mismatch is a :class:`~lightning_cggr.errors.UserError` listing
+each difference. From the command line the check runs in :class:`RunFolderCallback`, a Hydra
+callback called before Hydra creates the folder or writes ``.hydra/config.yaml``, so a refused
+resume leaves the folder byte-identical; ``train()`` repeats it for programmatic use.
+
+A run that fails on a user error before it saved anything leaves no folder behind:
+:func:`discard_new_run_folder` removes the folder the callback saw created, when it holds nothing
+but Hydra's bookkeeping.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from hydra.experimental.callback import Callback as HydraCallback
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from .errors import ConfigError, UserError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "last.ckpt"
+IDENTITY_KEYS = ("model", "data", "cggr", "loss", "optim", "seed")
+"""Top-level settings a resume must keep (except the keys below)."""
+CHANGEABLE_ON_RESUME = ("data.batch_size", "data.num_workers", "data.cache_dir", "loss.impl")
+"""May differ on resume (as may everything outside IDENTITY_KEYS: trainer.*, checkpoint.*, logger,
+callbacks). A new batch size or device count restarts the interrupted epoch, with a warning."""
+
+
+@dataclass
+class RunPlan:
+    ckpt: Path | None
+    """The checkpoint to resume from; None for a new run."""
+    in_place: bool
+    """The checkpoint is this run folder's own: its loggers' history continues."""
+    start_step: int
+    """Optimizer steps already done (the checkpoint's global step; 0 for a new run)."""
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    path = out / "checkpoints" / CHECKPOINT_NAME
+    if path.exists():
+        return path
+    old = path.with_name(f".{CHECKPOINT_NAME}.old")  # an FSDP2 swap cut between its two renames
+    return old if old.is_dir() else None
+
+
+def read_checkpoint_meta(path: Path) -> dict[str, Any]:
+    """The global step and stored config of a checkpoint file or FSDP2 folder, without loading the
+    tensors into memory (memory-mapped)."""
+    import torch
+
+    file = path / "meta.pt" if path.is_dir() else path
+    try:
+        try:
+            ckpt = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+        except RuntimeError:  # not a zip archive (legacy format): mmap refuses it
+            ckpt = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise UserError(
+            f"ckpt_path={path}: not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            "give another checkpoint, e.g. <run>/checkpoints/last.ckpt"
+        ) from err
+    from .module import CONFIG_KEY
+
+    return {"global_step": int(ckpt.get("global_step", 0)), "config": (ckpt.get(CONFIG_KEY) or {}).get("config")}
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+    else:
+        out[prefix] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def config_differences(now: Mapping[str, Any], then: Mapping[str, Any]) -> list[str]:
+    """Settings of IDENTITY_KEYS that differ (dotted key: checkpoint value vs now)."""
+    a = _flatten({k: then.get(k) for k in IDENTITY_KEYS}, "", {})
+    b = _flatten({k: now.get(k) for k in IDENTITY_KEYS}, "", {})
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key in CHANGEABLE_ON_RESUME or any(key.startswith(c + ".") for c in CHANGEABLE_ON_RESUME):
+            continue
+        if a.get(key) != b.get(key):
+            out.append(f"{key}={b.get(key)!r} (the checkpoint has {a.get(key)!r})")
+    return out
+
+
+def _stored_config(path: Path, meta: dict) -> dict | None:
+    if meta.get("config") is not None:
+        return meta["config"]
+    saved = (path.parent if path.is_dir() else path).parent.parent / ".hydra" / "config.yaml"
+    return OmegaConf.to_container(OmegaConf.load(saved), resolve=False) if saved.is_file() else None
+
+
+def plan_run(cfg: Mapping[str, Any], out: Path) -> RunPlan:
+    """Decide what this run does with folder ``out`` (see the module docstring); raises a
+    UserError before anything is written when it must not run."""
+    ckpt_path = cfg.get("ckpt_path")
+    existing = last_checkpoint(out)
+    if ckpt_path in (None, ""):
+        if existing is not None:
+            step = read_checkpoint_meta(existing)["global_step"]
+            raise UserError(
+                f"{out} already holds a run (checkpoints/{CHECKPOINT_NAME}, step {step}): resume it with "
+                "ckpt_path=auto, or start a new run in another folder (hydra.run.dir=...)"
+            )
+        return RunPlan(None, False, 0)
+    if str(ckpt_path) == "auto":
+        if existing is None:
+            log.info("ckpt_path=auto: no checkpoint in %s yet, starting a new run", out / "checkpoints")
+            return RunPlan(None, False, 0)
+        path = existing
+    else:
+        path = Path(str(ckpt_path)).expanduser()
+        if not path.exists():  # an FSDP2 checkpoint is a folder
+            raise ConfigError(f"invalid configuration: ckpt_path={ckpt_path}: no such checkpoint")
+        if existing is not None and existing.resolve() != path.resolve():
+            raise UserError(
+                f"{out} already holds another run (checkpoints/{CHECKPOINT_NAME}): resume that one with "
+                f"ckpt_path=auto, or resume {path} in a new folder (hydra.run.dir=...)"
+            )
+    meta = read_checkpoint_meta(path)
+    stored = _stored_config(path, meta)
+    if stored is None:
+        log.warning("%s stores no config: the resume cannot be checked against it", path)
+    else:
+        diffs = config_differences(cfg, stored)
+        if diffs:
+            raise UserError(
+                f"cannot resume {path}: the config differs from the checkpoint's: {'; '.join(diffs)}. "
+                "Resume with the checkpoint's settings, or start a new run in another folder"
+            )
+    in_place = out.resolve() in path.resolve().parents
+    return RunPlan(path, in_place, meta["global_step"])
+
+
+# ---- the command line: before Hydra touches the folder ---------------------------------------
+
+NEW_RUN_FOLDER: Path | None = None
+"""The run folder this process's Hydra run created (None: it existed before, or no Hydra run)."""
+
+
+def _cli_output_dir(config: DictConfig) -> tuple[Path, dict]:
+    """(run folder, the task config resolved as train() will see it) from Hydra's full config."""
+    raw_out = OmegaConf.to_container(config, resolve=False).get("output_dir")
+    out = Path(str(OmegaConf.select(config, "hydra.run.dir"))).absolute()
+    task = copy.deepcopy(config)
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+        if isinstance(raw_out, str) and "hydra:" in raw_out:
+            task["output_dir"] = str(out)
+    resolved = OmegaConf.to_container(task, resolve=True)
+    return Path(str(resolved["output_dir"])).absolute(), resolved
+
+
+class RunFolderCallback(HydraCallback):
+    """Hydra callback (``hydra.callbacks`` in ``conf/train.yaml``): before Hydra creates the run
+    folder or writes into it, record whether it exists and refuse a run or resume that must not
+    touch it (one line on stderr, exit 2, the folder unchanged)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global NEW_RUN_FOLDER
+        try:
+            out, task = _cli_output_dir(config)
+        except Exception:  # a config mistake: main() reports it with its own message
+            return
+        NEW_RUN_FOLDER = None if Path(str(OmegaConf.select(config, "hydra.run.dir"))).exists() else out
+        try:
+            plan_run(task, out)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(err.exit_code)
+
+
+def discard_new_run_folder() -> bool:
+    """Remove the run folder this process's Hydra run created if it holds nothing but Hydra's
+    bookkeeping (``.hydra/``, log files, empty folders): a run that failed before it saved anything
+    leaves nothing behind. Returns whether it was removed."""
+    folder = NEW_RUN_FOLDER
+    if folder is None or not folder.is_dir():
+        return False
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder)
+        if path.is_dir() or rel.parts[0] == ".hydra" or (len(rel.parts) == 1 and path.suffix == ".log"):
+            continue
+        return False  # a checkpoint, metrics, anything the run wrote: keep it
+    import logging as _logging
+
+    for handler in _logging.getLogger().handlers:  # Hydra's file handler holds <folder>/<job>.log open
+        if isinstance(handler, _logging.FileHandler) and Path(handler.baseFilename).parent == folder:
+            handler.close()
+    shutil.rmtree(folder, ignore_errors=True)
+    return True
