@@ -98,7 +98,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         else:
             kept = "no checkpoint was written before it"
         raise RunStopped(
-            f"training diverged: the loss or gradient norm was not finite at step {bad_step} (stopped at step "
+            f"training diverged: the loss, gradient norm or weights were not finite at step {bad_step} (stopped at step "
             f"{trainer.global_step}); {kept}. Lower optim.lr or raise optim.warmup_steps, then resume from "
             "that checkpoint or start over",
             DIVERGED_EXIT_CODE,
@@ -146,6 +146,29 @@ class ResumableCheckpoint(ModelCheckpoint):
         super().on_train_start(trainer, pl_module)
         self.stop.install()
         self._boundary = True
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        """Make a checkpoint written before a batch finished restart as Lightning intends.
+
+        Lightning resets its per-epoch batch counters to the last completed batch on restart, but
+        not the run totals, so after a resume from a save made mid-batch (here: at the start of the
+        next step; Ctrl-C) the total count is one ahead and validation runs one batch off
+        (val_check_interval counts total batches). The totals are set the same way here. A save made
+        at the end of a batch (after its optimizer step) is Lightning's own case and left alone;
+        the logging step count is stored as the optimizer step count."""
+        loops = checkpoint.get("loops", {}).get("fit_loop", {})
+        progress = loops.get("epoch_loop.batch_progress")
+        if progress and pl_module.automatic_optimization:
+            total = progress["total"]
+            at_batch_end = total["started"] == total["ready"] == total["processed"] == total["completed"] + 1
+            if not at_batch_end:
+                total["ready"] = total["started"] = total["processed"] = total["completed"]
+                current = progress["current"]
+                current["ready"] = current["started"] = current["processed"] = current["completed"]
+                progress["is_last_batch"] = False
+        state = loops.get("epoch_loop.state_dict")
+        if state is not None and pl_module.automatic_optimization:
+            state["_batches_that_stepped"] = trainer.global_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if pl_module.automatic_optimization:
@@ -235,8 +258,7 @@ class StepProgressBar(TQDMProgressBar):
     def _by_steps(self) -> bool:
         return self.trainer.max_steps is not None and self.trainer.max_steps > 0
 
-    def on_train_epoch_start(self, trainer, *args) -> None:
-        super().on_train_epoch_start(trainer, *args)
+    def _count_steps(self, trainer) -> None:
         if self._by_steps():
             bar = self.train_progress_bar
             bar.total = trainer.max_steps
@@ -244,6 +266,14 @@ class StepProgressBar(TQDMProgressBar):
             bar.unit = "step"
             bar.set_description(f"Epoch {trainer.current_epoch}")
             bar.refresh()
+
+    def on_train_start(self, trainer, *args) -> None:  # a run resumed mid-epoch has no epoch start
+        super().on_train_start(trainer, *args)
+        self._count_steps(trainer)
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self._count_steps(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._by_steps():

@@ -8,14 +8,24 @@ shuffled data (the run crosses epoch boundaries, and the interruption falls mid-
 from __future__ import annotations
 
 import csv
+import multiprocessing
+import os
 import signal
+import subprocess
+import sys
+import time
+import traceback
 from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
+from lightning_cggr.errors import RunStopped, UserError
 from lightning_cggr.train import CONF_DIR, train
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,25 +45,27 @@ def write_corpus(root: Path) -> list[str]:
     return paths
 
 
-def make_cfg(tmp_path: Path, out: str, *extra: str):
+def overrides(tmp_path: Path, out: str, *extra: str) -> list[str]:
+    """A tiny model on a tiny corpus, 20 steps: the run every test here varies."""
     paths = write_corpus(tmp_path)
+    return [
+        f"output_dir={tmp_path / out}",
+        "model.hidden_size=32", "model.num_layers=3", "model.num_heads=4",
+        "model.intermediate_size=64", "model.max_position_embeddings=64",
+        "data.source=files", f"data.paths=[{','.join(paths)}]", "data.vocab_size=300",
+        f"data.cache_dir={tmp_path / 'tok'}", "data.block_size=16", "data.batch_size=2",
+        "data.val_fraction=0.3",
+        "cggr.scoring=entropy", "cggr.min_tokens_ratio=0.5", "cggr.warmup_steps=12",
+        "optim.warmup_steps=4",
+        "trainer.max_steps=20", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        *extra,
+    ]
+
+
+def make_cfg(tmp_path: Path, out: str, *extra: str):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[
-                f"output_dir={tmp_path / out}",
-                "model.hidden_size=32", "model.num_layers=3", "model.num_heads=4",
-                "model.intermediate_size=64", "model.max_position_embeddings=64",
-                "data.source=files", f"data.paths=[{','.join(paths)}]", "data.vocab_size=300",
-                f"data.cache_dir={tmp_path / 'tok'}", "data.block_size=16", "data.batch_size=2",
-                "data.val_fraction=0.3",
-                "cggr.scoring=entropy", "cggr.min_tokens_ratio=0.5", "cggr.warmup_steps=12",
-                "optim.warmup_steps=4",
-                "trainer.max_steps=20", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-                "trainer.enable_model_summary=false",
-                *extra,
-            ],
-        )
+        return compose("train", overrides=overrides(tmp_path, out, *extra))
 
 
 class Interrupt(L.Callback):
@@ -79,12 +91,15 @@ class Positions(L.Callback):
         self.seen.append((trainer.current_epoch, batch_idx))
 
 
-def losses(run_dir: Path) -> list[float]:
-    """train/loss of each logged step, in order, from the run's CSV (Lightning's logger step
-    numbering after a resume is its own affair: order is what counts)."""
+def rows(run_dir: Path, metric: str = "train/loss") -> list[tuple[int, float]]:
+    """(step label, value) of every logged ``metric``, in file order."""
     with open(run_dir / "csv" / "metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
-    return [float(r["train/loss"]) for r in sorted(rows, key=lambda r: int(r["step"]))]
+        return [(int(r["step"]), float(r[metric])) for r in csv.DictReader(f) if r.get(metric)]
+
+
+def losses(run_dir: Path) -> list[float]:
+    """train/loss of each logged step, in step order, from the run's CSV."""
+    return [v for _, v in sorted(rows(run_dir), key=lambda r: r[0])]
 
 
 @pytest.fixture
@@ -95,8 +110,9 @@ def restore_sigint():
 
 
 def test_twenty_steps_equal_ten_interrupt_resume_ten(tmp_path, restore_sigint):
+    val = "trainer.val_check_interval=5"  # validation timing must survive the mid-step checkpoint too
     positions = Positions()
-    train(make_cfg(tmp_path, "straight"), callbacks=[positions])
+    train(make_cfg(tmp_path, "straight", val), callbacks=[positions])
     straight = losses(tmp_path / "straight")
     assert len(straight) == 20
     epochs = {e for e, _ in positions.seen}
@@ -104,19 +120,25 @@ def test_twenty_steps_equal_ten_interrupt_resume_ten(tmp_path, restore_sigint):
 
     stop = Interrupt(at=10)
     with pytest.raises(SystemExit):  # Lightning turns Ctrl-C into a graceful exit(1)
-        train(make_cfg(tmp_path, "first"), callbacks=[stop])
+        train(make_cfg(tmp_path, "first", val), callbacks=[stop])
     ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
     assert ckpt.is_file(), "Ctrl-C must leave a usable last checkpoint"
     assert stop.where != (stop.where[0], 0), "the interruption should fall mid-epoch"
 
     resumed_positions = Positions()
-    train(make_cfg(tmp_path, "second", f"ckpt_path={ckpt}"), callbacks=[resumed_positions])
+    train(make_cfg(tmp_path, "second", val, f"ckpt_path={ckpt}"), callbacks=[resumed_positions])
     first, second = losses(tmp_path / "first"), losses(tmp_path / "second")
 
     assert len(first) == 10 and len(second) == 10
     assert positions.seen[10:] == resumed_positions.seen  # same epoch, same batch index, in order
     for step, got in enumerate(first + second):
         assert got == pytest.approx(straight[step], rel=1e-5, abs=1e-6), f"step {step}"
+    # step labels continue exactly: resumed step k is labelled as uninterrupted step k
+    labels = [s for s, _ in rows(tmp_path / "first") + rows(tmp_path / "second")]
+    assert labels == [s for s, _ in rows(tmp_path / "straight")] == list(range(20))
+    vals = rows(tmp_path / "first", "val/loss") + rows(tmp_path / "second", "val/loss")
+    assert [s for s, _ in vals] == [s for s, _ in rows(tmp_path / "straight", "val/loss")] == [0, 4, 9, 14, 19, 20]
+    assert [v for _, v in vals] == pytest.approx([v for _, v in rows(tmp_path / "straight", "val/loss")], rel=1e-5)
 
 
 def test_resume_without_data_position_would_differ(tmp_path, restore_sigint, monkeypatch):
@@ -154,3 +176,145 @@ def test_continuing_a_finished_run_equals_running_straight(tmp_path, first_steps
     assert len(first) == first_steps and len(second) == 20 - first_steps
     for step, got in enumerate(first + second):
         assert got == pytest.approx(straight[step], rel=1e-5, abs=1e-6), f"step {step}"
+
+
+# ---- resume in place ---------------------------------------------------------------------------
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_in_place_continues_the_same_metrics_and_last_checkpoint(tmp_path):
+    """20 steps, then ckpt_path=auto to 24 in the same folder: the metrics file keeps its 20 steps
+    (byte for byte) and gains 4, labels 0..23 once each; last.ckpt is replaced, never last-v1.ckpt;
+    the progress bar counts steps of the whole run (20 -> 24 of 24)."""
+    from lightning_cggr.callbacks import StepProgressBar
+
+    common = ("trainer.val_check_interval=10", "optim.min_lr_ratio=1.0")
+    train(make_cfg(tmp_path, "run", *common))
+    before = rows(tmp_path / "run")
+    bar = StepProgressBar()
+    train(make_cfg(tmp_path, "run", *common, "trainer.max_steps=24", "ckpt_path=auto",
+                   "trainer.enable_progress_bar=true"), callbacks=[bar])
+    after = rows(tmp_path / "run")
+    assert [s for s, _ in after] == list(range(24))
+    assert after[:20] == before
+    # initial, after steps 10 and 20, final (the first run's final validation at 20 is replaced)
+    assert [s for s, _ in rows(tmp_path / "run", "val/loss")] == [0, 9, 19, 24]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 24
+    assert (bar.train_progress_bar.initial, bar.train_progress_bar.n, bar.train_progress_bar.total) == (20, 24, 24)
+
+
+def test_a_resume_that_does_not_match_the_checkpoint_changes_nothing(tmp_path):
+    train(make_cfg(tmp_path, "run", "trainer.max_steps=4"))
+    before = snapshot(tmp_path / "run")
+    with pytest.raises(UserError, match=r"cannot resume .*last\.ckpt.*model\.hidden_size=64 \(the checkpoint has 32\)"):
+        train(make_cfg(tmp_path, "run", "trainer.max_steps=8", "ckpt_path=auto", "model.hidden_size=64"))
+    with pytest.raises(UserError, match=r"already holds a run .*step 4.*ckpt_path=auto"):
+        train(make_cfg(tmp_path, "run", "trainer.max_steps=8"))  # a new run would overwrite it
+    assert snapshot(tmp_path / "run") == before
+    # what may change on resume does not trip the check
+    train(make_cfg(tmp_path, "run", "trainer.max_steps=6", "ckpt_path=auto", "data.batch_size=2", "loss.impl=naive"))
+
+
+def _cli(tmp_path: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
+    run_dir = tmp_path / out
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_cggr.train", f"hydra.run.dir={run_dir}",
+         *overrides(tmp_path, out, *extra)],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "HYDRA_FULL_ERROR": "0"},
+    )
+
+
+def test_cli_mismatched_resume_leaves_the_run_folder_byte_identical(tmp_path):
+    """From the command line Hydra writes .hydra/config.yaml before train() runs: the check runs
+    earlier (a Hydra callback), so nothing in the folder changes, .hydra/ included."""
+    train(make_cfg(tmp_path, "run", "trainer.max_steps=4"))
+    (tmp_path / "run" / ".hydra").mkdir()
+    (tmp_path / "run" / ".hydra" / "config.yaml").write_text("# the run's own config\n")
+    before = snapshot(tmp_path / "run")
+    proc = _cli(tmp_path, "run", "trainer.max_steps=8", "ckpt_path=auto", "model.hidden_size=64")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "model.hidden_size=64 (the checkpoint has 32)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_cli_run_failing_on_a_user_error_leaves_no_run_folder(tmp_path):
+    proc = _cli(tmp_path, "run", "data.paths=[/no/such/file.txt]")
+    assert proc.returncode == 2 and "/no/such/file.txt does not exist" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# ---- killed runs -------------------------------------------------------------------------------
+
+
+class Slow(L.Callback):
+    """A pause after each batch, so a test can signal a run mid-way (numerics unchanged)."""
+
+    def on_train_batch_end(self, *args):
+        time.sleep(0.15)
+
+
+def _train_and_exit(cfg) -> None:
+    """A forked child's whole life: train, then leave with main()'s exit code (never return into pytest)."""
+    code = 1
+    try:
+        train(cfg, callbacks=[Slow()])
+        code = 0
+    except RunStopped as err:
+        code = err.exit_code
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def _step_of(ckpt: Path) -> int:
+    try:
+        return int(torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+    except (FileNotFoundError, RuntimeError):
+        return -1
+
+
+def _weights(ckpt: Path) -> dict:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_killed_run_resumed_in_place_equals_an_uninterrupted_run(tmp_path, sig):
+    """The run is killed after its checkpoint of step >= 5 (kill -9: wherever it is; SIGTERM: it
+    saves at the next step boundary and exits 143), then `ckpt_path=auto` in the same folder runs it
+    to the end: final weights and every logged train/val value and step label equal an
+    uninterrupted run's. Periodic saves every 3 steps (kill -9) or only at validation (SIGTERM, so
+    the signal's own save is seen)."""
+    every = "checkpoint.every_n_steps=3" if sig == signal.SIGKILL else "checkpoint.every_n_steps=0"
+    common = ("trainer.max_steps=16", "trainer.val_check_interval=5", "callbacks=none", every)
+    train(make_cfg(tmp_path, "straight", *common))
+    cfg = make_cfg(tmp_path, "run", *common, "ckpt_path=auto")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+
+    child = multiprocessing.get_context("fork").Process(target=_train_and_exit, args=(cfg,))
+    child.start()
+    deadline = time.monotonic() + 120
+    while _step_of(ckpt) < 5 and child.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    seen = _step_of(ckpt)
+    os.kill(child.pid, sig)
+    child.join(60)
+    assert 5 <= seen < 16, "the run should be killed mid-way"
+    if sig == signal.SIGTERM:
+        assert child.exitcode == 128 + signal.SIGTERM
+        assert seen < _step_of(ckpt) < 16  # saved at the step boundary after the signal
+    else:
+        assert child.exitcode == -signal.SIGKILL
+
+    train(cfg)  # resume in place, to the end
+    straight, resumed = _weights(tmp_path / "straight" / "checkpoints" / "last.ckpt"), _weights(ckpt)
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    for metric in ("train/loss", "val/loss"):
+        assert rows(tmp_path / "run", metric) == rows(tmp_path / "straight", metric), metric

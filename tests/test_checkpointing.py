@@ -1,0 +1,108 @@
+"""Checkpoint writes are atomic, and a folder that cannot take a checkpoint is an error at step 0."""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import pytest
+import torch
+from test_resume import make_cfg
+
+from lightning_cggr import checkpointing
+from lightning_cggr.checkpointing import AtomicCheckpointIO, preflight, remove_stale_temporaries
+from lightning_cggr.errors import UserError
+from lightning_cggr.train import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _crash_after_some_bytes(monkeypatch):
+    """torch.save that writes part of the file, then fails as a full disk would."""
+    real = torch.save
+
+    def partial_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpointing.torch, "save", partial_save)
+    return real
+
+
+def test_a_crash_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    first = {"state_dict": {"w": torch.arange(4.0)}, "global_step": 3}
+    io.save_checkpoint(first, path)
+    _crash_after_some_bytes(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(4)}, "global_step": 6}, path)
+    monkeypatch.undo()
+    loaded = io.load_checkpoint(path)
+    assert loaded["global_step"] == 3 and torch.equal(loaded["state_dict"]["w"], first["state_dict"]["w"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left
+
+
+def test_checkpoint_files_get_the_usual_permissions(tmp_path):
+    AtomicCheckpointIO().save_checkpoint({"x": 1}, tmp_path / "a.ckpt")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (tmp_path / "a.ckpt").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_leftovers_of_a_killed_save_are_removed(tmp_path):
+    (tmp_path / ".last.ckpt.abc123.tmp").write_bytes(b"half")
+    (tmp_path / "last.ckpt").write_bytes(b"whole")
+    (tmp_path / ".last.ckpt.partial").mkdir()
+    removed = remove_stale_temporaries(tmp_path)
+    assert len(removed) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_preflight_refuses_an_unwritable_folder_and_a_full_disk(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserError, match=r"checkpoint folder .*file/checkpoints is not writable"):
+        preflight(blocker / "checkpoints", 10)
+    preflight(tmp_path / "ok", 10)  # writable and room: no error, no probe file left
+    assert list((tmp_path / "ok").iterdir()) == []
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda p: usage(1 << 40, 0, 5 << 20))
+    with pytest.raises(UserError, match=r"has 5\.0 MiB free, but one checkpoint .* needs about 1\.0 GiB"):
+        preflight(tmp_path / "ok", 1 << 30)
+
+
+def test_estimate_counts_weights_and_two_adamw_moments():
+    model = torch.nn.Linear(10, 10)  # 110 fp32 parameters
+    assert checkpointing.estimate_checkpoint_bytes(model) == 110 * 4 * 3 + (1 << 20)
+
+
+def test_a_run_whose_checkpoint_folder_is_unwritable_fails_before_training(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("a file where the folder should be")
+    with pytest.raises(UserError, match="is not writable"):
+        train(make_cfg(tmp_path, "run"))
+    assert not (out / "csv").exists()  # nothing trained, nothing logged
+
+
+def test_a_save_that_fails_mid_run_keeps_the_previous_last_checkpoint(tmp_path, monkeypatch):
+    """From the second periodic save on the disk is full (the save fails half-way, and so does the
+    save attempted on the way out): the run stops with that error, and last.ckpt still holds the
+    first save, complete and loadable."""
+    calls = {"n": 0}
+    real = torch.save
+
+    def flaky(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            f.write(b"PK partial")
+            raise OSError(28, "No space left on device")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing.torch, "save", flaky)
+    with pytest.raises(OSError, match="No space left"):
+        train(make_cfg(tmp_path, "run", "checkpoint.every_n_steps=3", "callbacks=none"))
+    monkeypatch.undo()
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 3
+    assert [p.name for p in ckpt.parent.iterdir()] == ["last.ckpt"]
