@@ -43,6 +43,10 @@ def default_every_n_steps(max_steps: int) -> int:
     return math.ceil(max_steps / 10) if max_steps and max_steps > 0 else 0
 
 
+def _on_rank(message: str, trainer) -> str:
+    return rank_prefixed_message(message, trainer.global_rank) if trainer.world_size > 1 else message
+
+
 @torch.no_grad()
 def _params_finite(module) -> torch.Tensor:
     """0-d bool device tensor: every (local) weight finite."""
@@ -84,9 +88,9 @@ class ResumableCheckpoint(ModelCheckpoint):
             bad, empty = (int(v) for v in torch.stack([first, pl_module.empty_batches]).tolist())
             pl_module.empty_batches.zero_()
             if empty:
-                log.warning(rank_prefixed_message(
+                log.warning(_on_rank(
                     f"{empty} training micro-batch(es) before step {trainer.global_step} had no trainable token "
-                    "(all labels -100): they trained nothing (loss 0, zero gradient)", trainer.global_rank))
+                    "(all labels -100): they trained nothing (loss 0, zero gradient)", trainer))
         signum, flag = self.stop.agreed(NO_STEP - bad)
         return signum, (None if flag == 0 else NO_STEP - flag)
 
@@ -239,8 +243,7 @@ class ResumableCheckpoint(ModelCheckpoint):
                 checkpoint = trainer._checkpoint_connector.dump_checkpoint(False)
                 trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
             self._last_global_step_saved = trainer.global_step
-            log.info(rank_prefixed_message(f"{type(exception).__name__}: saved {path} at step {trainer.global_step}",
-                                           trainer.global_rank))
+            log.info(_on_rank(f"{type(exception).__name__}: saved {path} at step {trainer.global_step}", trainer))
         except Exception as err:  # the original exception is what the user needs to see
             self.last_model_path = previous
             log.warning("could not save a checkpoint after %s: %s", type(exception).__name__, err)

@@ -133,6 +133,11 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     plan = plan_run(resolved, out)  # before anything is written to the folder
     loggers = instantiate_group(cfg.get("logger"), "logger")
     user_callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
+    if not loggers:
+        for name, spec in (cfg.get("callbacks") or {}).items():
+            if spec is not None and str(spec.get("_target_", "")).endswith("LearningRateMonitor"):
+                raise ConfigError(f"invalid configuration: callbacks.{name} needs a logger to write to; with "
+                                  f"logger=none drop it (callbacks.{name}=null)")
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 

@@ -1,0 +1,135 @@
+"""A diverged run stops with exit 3 and keeps its last finite checkpoint; NaN is reported as NaN;
+batches without a trainable token are counted in a warning, never hidden."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import lightning as L
+import pytest
+import torch
+from conftest import make_tiny_model
+from test_resume import make_cfg, rows
+from torch.utils.data import Dataset
+
+from lightning_cggr.callbacks import DIVERGED_EXIT_CODE, ResumableCheckpoint
+from lightning_cggr.config import CGGRConfig, LossConfig
+from lightning_cggr.data.resumable import ResumableLoader
+from lightning_cggr.errors import RunStopped
+from lightning_cggr.module import CGGRModule
+from lightning_cggr.train import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _all_finite(ckpt) -> bool:
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    return all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_a_too_large_learning_rate_stops_with_exit_3_and_a_finite_last_checkpoint(tmp_path):
+    """optim.lr=30 with no warmup diverges this tiny model within a few steps (optim.lr=10 diverges
+    the default model at step ~30, too slow for a test; here clipping keeps lr=10 finite)."""
+    with pytest.raises(RunStopped) as stopped:
+        train(make_cfg(tmp_path, "run", "optim.lr=30", "optim.warmup_steps=0", "checkpoint.every_n_steps=2",
+                       "trainer.log_every_n_steps=2", "callbacks=none"))
+    assert stopped.value.exit_code == DIVERGED_EXIT_CODE == 3
+    message = str(stopped.value)
+    assert message.startswith("training diverged: the loss, gradient norm or weights were not finite at step ")
+    bad = int(message.split("at step ")[1].split()[0])
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+    assert f"the last finite checkpoint is {ckpt} (step {saved})" in message
+    assert 0 < saved <= bad and _all_finite(ckpt)
+    losses = [v for _, v in rows(tmp_path / "run")]
+    assert not all(math.isfinite(v) for v in losses)  # it really diverged
+    assert "\n" not in message
+
+
+class PoisonAt(L.Callback):
+    """Sets one weight to NaN right before optimizer step ``at`` runs its forward."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            with torch.no_grad():
+                next(pl_module.parameters()).view(-1)[0] = float("nan")
+
+
+def test_a_nan_stops_the_run_at_the_next_check_without_overwriting_the_finite_checkpoint(tmp_path):
+    """NaN weights before step 7: its loss is NaN. Checks run at every 2nd step (the logging
+    interval) and before every save (every 5 steps), so the run stops at step 8, naming step 7, with
+    last.ckpt still the finite state of step 5; step 10's save never happens."""
+    with pytest.raises(RunStopped, match=r"not finite at step 7 \(stopped at step 8\).*\(step 5\)") as stopped:
+        train(make_cfg(tmp_path, "run", "checkpoint.every_n_steps=5", "trainer.log_every_n_steps=2", "callbacks=none"),
+              callbacks=[PoisonAt(7)])
+    assert stopped.value.exit_code == 3
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 5 and _all_finite(ckpt)
+    assert [p.name for p in ckpt.parent.iterdir()] == ["last.ckpt"]
+
+
+class Rows(Dataset):
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def _rows(n: int, trainable: bool, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 97, (12,), generator=g)
+        labels = ids.clone() if trainable else torch.full_like(ids, -100)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return out
+
+
+def _trainer(tmp_path, **kw) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     default_root_dir=str(tmp_path), **kw)
+
+
+def _validate(tmp_path, module, rows) -> dict:
+    loader = torch.utils.data.DataLoader(Rows(rows), batch_size=2)
+    return _trainer(tmp_path, enable_checkpointing=False).validate(module, loader, verbose=False)[0]
+
+
+def test_validation_reports_nan_as_nan_and_no_tokens_as_nan(tmp_path, caplog):
+    """torchmetrics' default drops NaNs: a diverged model reported val/loss 0, val/ppl 1.0."""
+    module = CGGRModule(make_tiny_model("llama"), CGGRConfig(enabled=False), LossConfig(impl="torch"))
+    finite = _validate(tmp_path, module, _rows(4, True))
+    assert math.isfinite(finite["val/loss"]) and finite["val/ppl"] == pytest.approx(math.exp(finite["val/loss"]))
+    with torch.no_grad():
+        module.model.get_output_embeddings().weight[3, 0] = float("nan")
+    poisoned = _validate(tmp_path, module, _rows(4, True))
+    assert math.isnan(poisoned["val/loss"]) and math.isnan(poisoned["val/ppl"])
+
+    clean = CGGRModule(make_tiny_model("llama"), CGGRConfig(enabled=False), LossConfig(impl="torch"))
+    with caplog.at_level(logging.WARNING, logger="lightning_cggr.module"):
+        empty = _validate(tmp_path, clean, _rows(4, False))
+    assert math.isnan(empty["val/loss"]) and math.isnan(empty["val/ppl"])  # not a perplexity of 1.0
+    assert "validation saw no trainable token" in caplog.text
+
+
+def test_batches_without_trainable_tokens_are_counted_in_a_warning(tmp_path, caplog):
+    """Rows 0-3 (batches 0, 1) have labels only -100: a warning at the first check (step 2) counts
+    the two batches; the run goes on and the checkpoint is written."""
+    module = CGGRModule(make_tiny_model("llama"), CGGRConfig(enabled=False), LossConfig(impl="torch"))
+    data = _rows(4, False) + _rows(4, True, seed=1)
+    loader = ResumableLoader(Rows(data), batch_size=2, shuffle=False)
+    checkpoint = ResumableCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_steps=2)
+    trainer = _trainer(tmp_path, max_steps=4, log_every_n_steps=2, callbacks=[checkpoint], limit_val_batches=0)
+    with caplog.at_level(logging.WARNING, logger="lightning_cggr.callbacks"):
+        trainer.fit(module, loader)
+    warnings = [r.getMessage() for r in caplog.records if "no trainable token" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("2 training micro-batch(es) before step 2")
+    assert (tmp_path / "ckpt" / "last.ckpt").is_file()
