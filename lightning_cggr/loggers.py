@@ -7,8 +7,8 @@ are trained and logged again), so a resumed run's history equals an uninterrupte
 
 - :class:`CSVLogger`: ``metrics.csv`` is kept and appended to (Lightning's deletes "previous log
   files"); rows at or past the start step are dropped first, the header is kept.
-- :class:`TensorBoardLogger`: the event writer purges events at or past the start step
-  (TensorBoard's ``purge_step``); new events go to the same folder.
+- :class:`TensorBoardLogger`: a purge marker at the start step (TensorBoard's ``purge_step``) hides
+  the older events at or past it; new events go to the same folder.
 - :class:`WandbLogger`: the run id is kept in ``<save_dir>/wandb/run-id`` and the run resumed
   (``resume="allow"``); ``offline: true`` writes locally without a network (``wandb sync`` later).
 
@@ -26,35 +26,18 @@ from lightning.pytorch.loggers import CSVLogger as _CSVLogger
 from lightning.pytorch.loggers import TensorBoardLogger as _TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 
 class _AppendingWriter(ExperimentWriter):
-    """Lightning's CSV writer that keeps the rows logged before ``keep_below`` (all if None)."""
+    """Lightning's CSV writer, appending to an existing ``metrics.csv`` under its header (Lightning's
+    deletes the file when the folder is not empty)."""
 
-    def __init__(self, log_dir: str, keep_below: int | None) -> None:
-        self._keep_below = keep_below
-        super().__init__(log_dir)
-
-    def _check_log_dir_exists(self) -> None:  # Lightning deletes metrics.csv here
+    def _check_log_dir_exists(self) -> None:
         path = Path(self.metrics_file_path)
-        if not path.is_file():
-            return
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            header = list(reader.fieldnames or [])
-            rows = list(reader)
-        kept = rows if self._keep_below is None else [r for r in rows if _step(r) < self._keep_below]
-        if not kept:
-            path.unlink()
-            return
-        self.metrics_keys = header
-        if len(kept) != len(rows):
-            tmp = path.with_name(f".{path.name}.tmp")
-            with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=header)
-                writer.writeheader()
-                writer.writerows(kept)
-            os.replace(tmp, path)
+        if path.is_file():
+            with open(path, newline="") as f:
+                self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
 
 
 def _step(row: dict) -> float:
@@ -64,23 +47,41 @@ def _step(row: dict) -> float:
         return float("nan")
 
 
+def truncate_metrics_csv(path: Path, keep_below: int) -> None:
+    """Keep the rows of ``path`` whose step is below ``keep_below`` (atomically; no file if none)."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        rows = list(reader)
+    kept = [r for r in rows if _step(r) < keep_below]
+    if not kept:
+        path.unlink()
+    elif len(kept) != len(rows):
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(tmp, path)
+
+
 class CSVLogger(_CSVLogger):
     """``<save_dir>/<name>/metrics.csv``, continued in place on resume (see the module docstring)."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._keep_below: int | None = None
-
     def resume_from(self, step: int) -> None:
-        """Keep the rows logged before optimizer step ``step``; call before anything is logged."""
-        self._keep_below = int(step)
+        """Drop the rows logged at or after optimizer step ``step`` (now, once, on rank 0: strategies
+        that fork a process per ``fit``/``validate`` call build the writer anew each time)."""
+        if rank_zero_only.rank == 0:
+            truncate_metrics_csv(Path(self.log_dir) / _AppendingWriter.NAME_METRICS_FILE, int(step))
 
     @property
     @rank_zero_experiment
     def experiment(self):
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(self.log_dir, self._keep_below)
+            self._experiment = _AppendingWriter(self.log_dir)
         return self._experiment
 
 
@@ -88,30 +89,36 @@ class TensorBoardLogger(_TensorBoardLogger):
     """TensorBoard events in ``<save_dir>/<name>``; a resume purges events from its step on."""
 
     def resume_from(self, step: int) -> None:
-        self._kwargs["purge_step"] = int(step)
+        """Write TensorBoard's purge marker now (once, on rank 0): readers drop the events logged
+        at or after ``step`` before it; this run's events follow it in a new file."""
+        if rank_zero_only.rank != 0 or not Path(self.log_dir).is_dir():
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # Lightning's fallback writer
+            from tensorboardX import SummaryWriter
+        SummaryWriter(log_dir=self.log_dir, purge_step=int(step)).close()
 
 
 def _wandb_logger_class():
     from lightning.pytorch.loggers import WandbLogger as _WandbLogger
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     class WandbLogger(_WandbLogger):
         """Weights & Biases; one wandb run per run folder (its id kept in ``<save_dir>/wandb/run-id``),
         resumed with the folder. ``offline=True`` needs no network."""
 
         def __init__(self, save_dir: str = ".", id: str | None = None, **kwargs) -> None:
+            self._id_file = Path(save_dir) / "wandb" / "run-id"
             if id is None and rank_zero_only.rank == 0:
-                id_file = Path(save_dir) / "wandb" / "run-id"
-                if id_file.is_file():
-                    id = id_file.read_text().strip()
-                else:
-                    id = secrets.token_hex(4)
-                    id_file.parent.mkdir(parents=True, exist_ok=True)
-                    id_file.write_text(id + "\n")
+                id = self._id_file.read_text().strip() if self._id_file.is_file() else secrets.token_hex(4)
             super().__init__(save_dir=save_dir, id=id, **kwargs)
 
         def resume_from(self, step: int) -> None:
-            """Nothing to purge: the x-axis is ``trainer/global_step``, logged again from ``step`` on."""
+            """Keep the run id with the folder (nothing to purge: the x-axis is ``trainer/global_step``,
+            logged again from ``step`` on)."""
+            if rank_zero_only.rank == 0 and self._id and not self._id_file.is_file():
+                self._id_file.parent.mkdir(parents=True, exist_ok=True)
+                self._id_file.write_text(f"{self._id}\n")
 
     return WandbLogger
 
