@@ -283,13 +283,13 @@ def _weights(ckpt: Path) -> dict:
     return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["kill-9", "sigterm", "ctrl-c"])
 def test_killed_run_resumed_in_place_equals_an_uninterrupted_run(tmp_path, sig):
     """The run is killed after its checkpoint of step >= 5 (kill -9: wherever it is; SIGTERM: it
     saves at the next step boundary and exits 143), then `ckpt_path=auto` in the same folder runs it
     to the end: final weights and every logged train/val value and step label equal an
-    uninterrupted run's. Periodic saves every 3 steps (kill -9) or only at validation (SIGTERM, so
-    the signal's own save is seen)."""
+    uninterrupted run's. Periodic saves every 3 steps (kill -9) or only at validation (SIGTERM and
+    Ctrl-C, exit 130, so the signal's own save is seen)."""
     every = "checkpoint.every_n_steps=3" if sig == signal.SIGKILL else "checkpoint.every_n_steps=0"
     common = ("trainer.max_steps=16", "trainer.val_check_interval=5", "callbacks=none", every)
     train(make_cfg(tmp_path, "straight", *common))
@@ -305,8 +305,8 @@ def test_killed_run_resumed_in_place_equals_an_uninterrupted_run(tmp_path, sig):
     os.kill(child.pid, sig)
     child.join(60)
     assert 5 <= seen < 16, "the run should be killed mid-way"
-    if sig == signal.SIGTERM:
-        assert child.exitcode == 128 + signal.SIGTERM
+    if sig != signal.SIGKILL:
+        assert child.exitcode == 128 + sig
         assert seen < _step_of(ckpt) < 16  # saved at the step boundary after the signal
     else:
         assert child.exitcode == -signal.SIGKILL
