@@ -8,6 +8,7 @@ complete, finite state of the run (always added by ``train()``, whatever ``callb
   :class:`~lightning_cggr.checkpointing.AtomicCheckpointIO`;
 - on SIGTERM / SIGINT (:mod:`lightning_cggr.signals`): at the next optimizer-step boundary, agreed by
   every rank, then the run raises :class:`~lightning_cggr.errors.RunStopped` (exit 128 + signal);
+  during ``trainer.validate()`` (before and after fit) it stops at once, nothing to save;
 - divergence: at each logging interval and before every save it reads the module's device-side
   health flags (one host read where the logger syncs anyway); a non-finite loss, gradient norm or
   weight stops the run with exit 3 and no checkpoint is written over the last finite one;
@@ -202,8 +203,18 @@ class ResumableCheckpoint(ModelCheckpoint):
         if self.save_last and self._reached_max_steps(trainer) and self._fitting(trainer):
             self._checked_save(trainer, pl_module)
 
+    def on_validation_start(self, trainer, pl_module) -> None:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        if trainer.state.fn != TrainerFn.FITTING:  # trainer.validate(): nothing to save, stop at once
+            self.stop.install(immediate=True)  # (Lightning's own SIGTERM handler broadcasts: DDP hangs)
+
     def on_validation_end(self, trainer, pl_module) -> None:
-        if self._fitting(trainer) and trainer.global_step > 0:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        if trainer.state.fn != TrainerFn.FITTING:
+            self.stop.restore()
+        elif self._fitting(trainer) and trainer.global_step > 0:
             self._checked_save(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:

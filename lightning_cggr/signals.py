@@ -7,8 +7,11 @@ what Lightning 2.6's own SIGTERM handler does under DDP). The training loop asks
 combined by a MAX all-reduce of one host integer over a CPU (gloo) process group, so every rank
 learns of a signal that reached any rank at the same step, and no device is synchronised.
 
-A second Ctrl-C raises ``KeyboardInterrupt`` at once (Lightning's interrupt path). SIGUSR1 (the
-SLURM requeue signal of Lightning's ``SLURMEnvironment(auto_requeue=True)``) is left to Lightning.
+A second Ctrl-C raises ``KeyboardInterrupt`` at once (Lightning's interrupt path). Outside
+training (the validations before and after ``fit``) there is nothing to save: ``install(immediate=True)``
+makes the signal raise :class:`~lightning_cggr.errors.RunStopped` (exit 128 + signal) at once, on
+each rank that receives it. SIGUSR1 (the SLURM requeue signal of Lightning's
+``SLURMEnvironment(auto_requeue=True)``) is left to Lightning.
 """
 
 from __future__ import annotations
@@ -44,14 +47,22 @@ class StopRequest:
         if not self.signum:
             self.signum = int(signum)
 
-    def install(self) -> None:
-        """Replace the SIGTERM and SIGINT handlers (main thread only; elsewhere a no-op)."""
+    @staticmethod
+    def _stop_now(signum, frame) -> None:
+        from .errors import RunStopped
+
+        raise RunStopped(f"{signal.Signals(signum).name} received outside training: stopped, nothing to save",
+                         exit_code(signum))
+
+    def install(self, immediate: bool = False) -> None:
+        """Replace the SIGTERM and SIGINT handlers (main thread only; elsewhere a no-op): record the
+        signal for the next step boundary, or with ``immediate`` stop at once."""
         if threading.current_thread() is not threading.main_thread():
             return
         for s in STOP_SIGNALS:
             if s not in self._previous:
                 self._previous[s] = signal.getsignal(s)
-            signal.signal(s, self._handle)
+            signal.signal(s, self._stop_now if immediate else self._handle)
 
     def restore(self) -> None:
         if threading.current_thread() is not threading.main_thread():

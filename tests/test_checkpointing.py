@@ -106,3 +106,18 @@ def test_a_save_that_fails_mid_run_keeps_the_previous_last_checkpoint(tmp_path, 
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=False)["global_step"] == 3
     assert [p.name for p in ckpt.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_default_cadence_loses_at_most_a_tenth_of_a_killed_run():
+    from hydra import compose, initialize_config_dir
+
+    from lightning_cggr.callbacks import default_every_n_steps
+    from lightning_cggr.train import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["output_dir=/tmp/unused"])
+    assert cfg.checkpoint.every_n_steps is None  # resolved from the run's length
+    for max_steps in (1, 7, 100, 2345):
+        every = default_every_n_steps(max_steps)
+        assert 1 <= every <= max(1, max_steps // 10 + 1) and every >= max_steps / 10
+    assert default_every_n_steps(cfg.trainer.max_steps) == 10 and default_every_n_steps(-1) == 0

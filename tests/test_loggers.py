@@ -97,6 +97,12 @@ def test_logger_none_writes_no_metrics(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints"]
 
 
+def test_several_loggers_at_once_compose():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["logger=[csv,tensorboard]", "output_dir=/tmp/unused"])
+    assert sorted(cfg.logger) == ["csv", "tensorboard"]
+
+
 @pytest.mark.parametrize("preset, strategy", [("ddp", "ddp"), ("fsdp2", "fsdp2"), ("cpu", "auto")])
 def test_trainer_presets(preset, strategy):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

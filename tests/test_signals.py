@@ -14,6 +14,7 @@ import pytest
 import torch
 from test_resume import REPO, _step_of, _weights, make_cfg, overrides, rows
 
+from lightning_cggr.errors import RunStopped
 from lightning_cggr.signals import StopRequest, exit_code
 from lightning_cggr.train import train
 
@@ -118,3 +119,20 @@ def test_slurm_requeue_signal_still_saves_lightnings_hpc_checkpoint(tmp_path, mo
     assert hpc["global_step"] == 3
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
     assert "val/loss" in metrics
+
+
+class TermDuringFirstValidation(L.Callback):
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if trainer.global_step == 0 and batch_idx == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_during_a_validation_outside_training_stops_at_once_with_143(tmp_path):
+    """Before fit nothing is trained, so nothing is saved: the run stops right away with 143
+    (Lightning's own SIGTERM handler, which broadcasts inside the handler, is not in charge)."""
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RunStopped, match="SIGTERM received outside training") as stopped:
+        train(make_cfg(tmp_path, "run"), callbacks=[TermDuringFirstValidation()])
+    assert stopped.value.exit_code == 143
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+    assert signal.getsignal(signal.SIGTERM) == previous  # handlers restored
