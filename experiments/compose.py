@@ -61,15 +61,17 @@ def resolve_methods(names: Sequence[str], base: Sequence[str], device: str) -> d
 
 
 def check_same_model_and_data(resolved: dict[str, dict[str, Any]]) -> None:
-    """Every method must train the same model on the same data with the same seed and optimizer."""
+    """Every method must train the same model on the same data with the same seed, optimizer and
+    efficiency options (``perf``, ``optim.fused``, attention kernel): ratios compare routing alone."""
     ref = None
     for name, r in resolved.items():
         c = r["config"]
-        key = json.dumps({k: c.get(k) for k in ("model", "data", "seed", "optim", "trainer", BENCH_KEY)}, sort_keys=True)
+        key = json.dumps({k: c.get(k) for k in ("model", "data", "seed", "optim", "perf", "trainer", BENCH_KEY)}, sort_keys=True)
         if ref is None:
             ref = (name, key)
         elif key != ref[1]:
-            raise SystemExit(f"error: methods {ref[0]} and {name} differ outside cggr/loss; fix the overrides")
+            raise SystemExit(f"error: methods {ref[0]} and {name} differ outside cggr/loss (model, data, "
+                             "optimizer, efficiency options and trainer must be the same); fix the overrides")
 
 
 def base_overrides(preset: str, device: str, extra: Sequence[str]) -> list[str]:

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric, SumMetric
 
-from .config import CGGRConfig, LossConfig, OptimConfig
+from .config import CGGRConfig, LossConfig, OptimConfig, PerfConfig
 from .distributed import shard_fsdp2
 from .step import CGGRStep, build_optimizer, build_scheduler
 
@@ -31,11 +31,13 @@ class CGGRModule(L.LightningModule):
         loss: LossConfig | None = None,
         optim: OptimConfig | None = None,
         reference: torch.nn.Module | None = None,
+        perf: PerfConfig | None = None,
     ):
-        """``reference``: the frozen model of scoring=excess_loss (see :class:`CGGRStep`)."""
+        """``reference``: the frozen model of scoring=excess_loss; ``perf``: efficiency options
+        (see :class:`CGGRStep`)."""
         super().__init__()
         self.model = model
-        self.step = CGGRStep(model, cggr, loss, reference)
+        self.step = CGGRStep(model, cggr, loss, reference, perf=perf)
         self.optim_cfg = optim or OptimConfig()
         # nan_strategy="disable": the default NaN check is a host sync (`if nans.any()`) every update
         self.step_metrics = torch.nn.ModuleDict({k: MeanMetric(nan_strategy="disable") for k in STEP_METRICS})
