@@ -93,6 +93,9 @@ def shape_of(config: dict[str, Any]) -> dict[str, Any]:
         "dtype": m["dtype"],
         "min_tokens_ratio": config["cggr"]["min_tokens_ratio"],
         "router_layers": config["cggr"]["router"]["num_layers"],
+        "attn_implementation": m.get("attn_implementation"),
+        "compile": (config.get("perf") or {}).get("compile"),
+        "optim_fused": (config.get("optim") or {}).get("fused"),
     }
 
 

@@ -226,7 +226,9 @@ def markdown(p: dict) -> str:
     head = (
         f"### {p['experiment']} on {describe_device(env)}\n\n"
         f"{shape['model']} ({shape['model_source']}), batch {shape['batch_size']} x {shape['block_size']} tokens, "
-        f"{shape['precision']}, kept ratio {shape['min_tokens_ratio']}, router {shape['router_layers']} layers. "
+        f"{shape['precision']}, kept ratio {shape['min_tokens_ratio']}, router {shape['router_layers']} layers; "
+        f"attention {shape.get('attn_implementation')}, compile {shape.get('compile')}, "
+        f"fused AdamW {shape.get('optim_fused')} (every method alike). "
         f"Median of {p['settings']['steps']} steps after {p['settings']['warmup']} warm-up, methods interleaved "
         f"step by step on the same batches and one shared model. {env['date_utc']}; "
         f"load avg (1 min) median {rio.r2(load.get('median'))}, max {rio.r2(load.get('max'))} on {env['hardware']['cpu_count']} CPUs.\n"

@@ -260,3 +260,30 @@ def test_inductor_compiled_step_gives_the_eager_loss_and_gradients(one_thread):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ---- GPU only -----------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("unit", sorted(UNITS))
+def test_gpu_whole_optimizer_step_on_packed_text_never_syncs(unit):
+    """On CUDA, a whole optimizer step on a packed batch (router, decoder through transformers,
+    Triton loss, backward, clipping, fused AdamW) makes no synchronizing call: torch's sync debug
+    mode raises on any. The first step (autotuning, lazy initialization) runs outside the check."""
+    from lightning_cggr.step import autocast_for
+
+    model = make_tiny_model("llama", num_layers=2).cuda()
+    step = CGGRStep(model, UNITS[unit], LossConfig(impl="auto"))
+    opt = build_optimizer(model, OptimConfig())
+    assert opt.defaults["fused"] is True
+    batch = {k: v.cuda() for k, v in _packed_batch().items()}
+    bf16 = lambda: autocast_for("bf16-mixed", "cuda")  # noqa: E731
+    optimizer_step(step, opt, [batch], 0, clip=1.0, autocast=bf16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        optimizer_step(step, opt, [batch], 1, clip=1.0, autocast=bf16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
