@@ -226,9 +226,8 @@ def markdown(p: dict) -> str:
     head = (
         f"### {p['experiment']} on {describe_device(env)}\n\n"
         f"{shape['model']} ({shape['model_source']}), batch {shape['batch_size']} x {shape['block_size']} tokens, "
-        f"{shape['precision']}, kept ratio {shape['min_tokens_ratio']}, router {shape['router_layers']} layers; "
-        f"attention {shape.get('attn_implementation')}, compile {shape.get('compile')}, "
-        f"fused AdamW {shape.get('optim_fused')} (every method alike). "
+        f"{shape['precision']}, kept ratio {shape['min_tokens_ratio']}, router {shape['router_layers']} layers"
+        f"{_efficiency(shape)}. "
         f"Median of {p['settings']['steps']} steps after {p['settings']['warmup']} warm-up, methods interleaved "
         f"step by step on the same batches and one shared model. {env['date_utc']}; "
         f"load avg (1 min) median {rio.r2(load.get('median'))}, max {rio.r2(load.get('max'))} on {env['hardware']['cpu_count']} CPUs.\n"
@@ -248,6 +247,14 @@ def markdown(p: dict) -> str:
                   "cudaDeviceSynchronize also counts the harness's 2 per step; full lists in the JSON):\n\n"
                   + profiling.markdown(prof, labels))
     return table
+
+
+def _efficiency(shape: dict) -> str:
+    """The efficiency options every method ran with (absent from results older than them)."""
+    if "compile" not in shape:
+        return ""
+    return (f"; attention {shape.get('attn_implementation')}, compile {shape['compile']}, "
+            f"fused AdamW {shape.get('optim_fused')} (every method alike)")
 
 
 def _fmt(v, digits):

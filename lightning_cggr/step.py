@@ -49,6 +49,7 @@ import torch
 
 from .config import CGGRConfig, LossConfig, OptimConfig, PerfConfig
 from .distributed import KeptTokenNormalizer
+from .errors import ConfigError
 from .kernels import TokenStats, linear_cross_entropy, resolve_impl, token_stats
 from .models.attention import mask_free_attention, model_configs
 from .perf import adamw_kwargs, compile_blocks
@@ -113,8 +114,8 @@ class CGGRStep:
         self.cggr = cggr or CGGRConfig()
         self.loss_cfg = loss or LossConfig()
         self.perf = perf or PerfConfig()
-        compile_blocks(model, self.perf.compile, self.perf.compile_backend)
         find_decoder(model), find_head(model)  # fail early on an unsupported architecture
+        compile_blocks(model, self.perf.compile, self.perf.compile_backend)
         c = self.cggr
         self.scorer = get_scorer(c.scoring) if c.scoring in SCORERS else None  # excess_loss/random: below
         uses_router = c.enabled and c.router.source == "truncated" and c.scoring != "random"
@@ -354,8 +355,6 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     """AdamW with weight decay on matrices only (embeddings and linear weights), none on norms and
     biases; ``cfg.fused`` picks torch's implementation (:func:`lightning_cggr.perf.adamw_kwargs`).
     Build it after the model is on its device (Lightning's ``configure_optimizers`` is)."""
-    from .errors import ConfigError
-
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:

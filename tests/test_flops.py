@@ -168,3 +168,30 @@ def test_throughput_reports_model_flops_mfu_and_a_profile(tmp_path, one_thread):
     assert payload["summary"]["cggr_sequence"]["model_tflop_per_step"] < payload["summary"]["standard_fused"]["model_tflop_per_step"]
     md = (tmp_path / "throughput-tiny-cpu.md").read_text()
     assert "MFU" in md and "Profile (torch.profiler" in md
+
+
+def test_module_logs_mfu_on_a_card_with_a_known_peak(monkeypatch, one_thread):
+    """train/mfu = executed model FLOPs of the micro-batch / host seconds between steps / peak: the
+    same seconds as train/tokens_per_sec, so mfu = flops x tokens_per_sec / tokens / peak. The CPU
+    has no peak (no train/mfu); a fake 1 TFLOP/s card stands in."""
+    import lightning as L
+
+    from lightning_cggr import module as module_mod
+    from lightning_cggr.module import CGGRModule
+
+    cggr = CGGRConfig(warmup_steps=0, router=RouterConfig(num_layers=1))
+    batches = [make_batch(batch_size=4, seq_len=16, seed=i, pad_tail=False) for i in range(3)]
+
+    def fit():
+        module = CGGRModule(make_tiny_model("llama", num_layers=2), cggr, LossConfig(impl="torch"))
+        trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        return module, trainer.callback_metrics
+
+    _, metrics = fit()
+    assert "train/tokens_per_sec" in metrics and "train/mfu" not in metrics
+    monkeypatch.setattr(module_mod, "device_peak_tflops", lambda device: ("fake card", 1.0))
+    module, metrics = fit()
+    want = step_flops(FlopShape.of(module.model), cggr, 4, 16, loss_impl="torch")["total"]
+    assert float(metrics["train/mfu"]) == pytest.approx(want * float(metrics["train/tokens_per_sec"]) / 64 / 1e12, rel=1e-5)
