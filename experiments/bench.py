@@ -131,7 +131,7 @@ class Runner:
 
         run = parse_run(config)
         self.model, self.device = model, device
-        self.step = CGGRStep(model, run.cggr, run.loss)
+        self.step = CGGRStep(model, run.cggr, run.loss, perf=run.perf)  # the same perf/optim for every method
         if self.step.reference is not None:
             self.step.reference.to(device)
         self.optimizer = optimizer or build_optimizer(model, run.optim)

@@ -61,15 +61,17 @@ def resolve_methods(names: Sequence[str], base: Sequence[str], device: str) -> d
 
 
 def check_same_model_and_data(resolved: dict[str, dict[str, Any]]) -> None:
-    """Every method must train the same model on the same data with the same seed and optimizer."""
+    """Every method must train the same model on the same data with the same seed, optimizer and
+    efficiency options (``perf``, ``optim.fused``, attention kernel): ratios compare routing alone."""
     ref = None
     for name, r in resolved.items():
         c = r["config"]
-        key = json.dumps({k: c.get(k) for k in ("model", "data", "seed", "optim", "trainer", BENCH_KEY)}, sort_keys=True)
+        key = json.dumps({k: c.get(k) for k in ("model", "data", "seed", "optim", "perf", "trainer", BENCH_KEY)}, sort_keys=True)
         if ref is None:
             ref = (name, key)
         elif key != ref[1]:
-            raise SystemExit(f"error: methods {ref[0]} and {name} differ outside cggr/loss; fix the overrides")
+            raise SystemExit(f"error: methods {ref[0]} and {name} differ outside cggr/loss (model, data, "
+                             "optimizer, efficiency options and trainer must be the same); fix the overrides")
 
 
 def base_overrides(preset: str, device: str, extra: Sequence[str]) -> list[str]:
@@ -91,6 +93,9 @@ def shape_of(config: dict[str, Any]) -> dict[str, Any]:
         "dtype": m["dtype"],
         "min_tokens_ratio": config["cggr"]["min_tokens_ratio"],
         "router_layers": config["cggr"]["router"]["num_layers"],
+        "attn_implementation": m.get("attn_implementation"),
+        "compile": (config.get("perf") or {}).get("compile"),
+        "optim_fused": (config.get("optim") or {}).get("fused"),
     }
 
 

@@ -3,6 +3,8 @@
 #
 #   bash experiments/gpu_suite.sh                 # on the GPU machine, from the repository root
 #   GPU_SUITE_DRY=1 bash experiments/gpu_suite.sh # a minutes-long CPU rehearsal of the same flow
+#   GPU_SUITE_ONLY=perf bash experiments/gpu_suite.sh  # only the step-efficiency part (issue 16): the
+#                                                 # perf GPU test, SmolLM2-shape throughput eager and compiled
 #
 # Writes under $OUT (default ./gpu_out): gpu_results.tgz (every JSON, table and plot), RESULTS-gpu.md
 # and suite.log. Unpack the archive into experiments/results/ and run `python -m experiments.report`
@@ -43,11 +45,13 @@ export LIGHTNING_CGGR_CACHE=${LIGHTNING_CGGR_CACHE:-$(mktemp -d)/cache}
 export TOKENIZERS_PARALLELISM=false
 
 if [ "${GPU_SUITE_DRY:-0}" = "1" ]; then
-  DEV=cpu; SHAPE=(data.batch_size=2 data.block_size=64 model.num_layers=4); S=(--steps 2 --warmup 1)
+  DEV=cpu; SHAPE=(data.batch_size=2 data.block_size=64 model.num_layers=4); S=(--steps 2 --warmup 1); SC=(--steps 1 --warmup 2); SCX=(perf.compile_backend=aot_eager)
+  P=(--profile --profile-steps 1)
   FSDP=(trainer.strategy=fsdp2 trainer.devices=2 trainer.max_steps=4)
   Q=(--steps 4 --eval-every 2 --eval-batches 1); SW=(sweep.device=cpu sweep.batch_sizes=[2,4] sweep.steps=1 sweep.warmup=1 sweep.memory_budget_mib=8000 data.block_size=64 model.num_layers=4)
 else
-  DEV=cuda; SHAPE=(data.batch_size=8 data.block_size=2048); S=(--steps 15 --warmup 3)
+  DEV=cuda; SHAPE=(data.batch_size=8 data.block_size=2048); S=(--steps 15 --warmup 3); SC=(--steps 12 --warmup 4); SCX=()
+  P=(--profile --profile-steps 3)
   FSDP=(trainer=gpu trainer.strategy=fsdp trainer.devices=1 trainer.max_steps=30 trainer.val_check_interval=30)
   Q=(--steps 60 --eval-every 15 --eval-batches 4); SW=()
 fi
@@ -68,23 +72,39 @@ step() {  # step <seconds cap> <module> <args...>
   say "done rc=$?: $1"
 }
 
-# 0. the GPU-only tests: Triton kernels on CUDA (no host sync, no [N, V] logits, int64 offsets) and
-#    Lightning's FSDPStrategy (FSDP1) wrapping each block once with the router running; JUnit XML kept
-step 120 pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_ddp.py --junitxml="$RES/gpu_tests.xml"
+ONLY=${GPU_SUITE_ONLY:-}
+part() { [ -z "$ONLY" ] || [ "$ONLY" = "$1" ]; }  # part <name>: whether this part of the suite runs
+
+# 0. the GPU-only tests: Triton kernels on CUDA (no host sync, no [N, V] logits, int64 offsets),
+#    Lightning's FSDPStrategy (FSDP1) wrapping each block once with the router running, and the whole
+#    optimizer step on packed text without a synchronizing call (tests/test_perf.py); JUnit XML kept
+if part all; then
+  step 120 pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_ddp.py tests/test_perf.py --junitxml="$RES/gpu_tests.xml"
+else
+  step 60 pytest -q -m gpu -p no:cacheprovider tests/test_perf.py --junitxml="$RES/gpu_tests.xml"
+fi
 # 1. throughput at equal batch: tiny (16 x 128, as on CPU) and SmolLM2's shape at 8 x 2048, bf16-mixed
-step 90 experiments.throughput --device "$DEV" --preset tiny "${S[@]}" --out "$RES"
+part all && step 90 experiments.throughput --device "$DEV" --preset tiny "${S[@]}" --out "$RES"
 # 1b. the user's FSDP command end to end (on the rehearsal: FSDP2 on 2 CPU processes); metrics kept
-step 90 lightning_cggr.train "${FSDP[@]}" output_dir="$RES/fsdp_run" hydra.run.dir="$RES/fsdp_run/hydra" \
+part all && step 90 lightning_cggr.train "${FSDP[@]}" output_dir="$RES/fsdp_run" hydra.run.dir="$RES/fsdp_run/hydra" \
   trainer.enable_progress_bar=false
 rm -rf "$RES/fsdp_run/checkpoints"  # weights do not travel back
-step 150 experiments.throughput --device "$DEV" --preset smollm2_shape "${S[@]}" --out "$RES" "${SHAPE[@]}"
+# 1c. SmolLM2's shape, eager, with MFU and a torch.profiler summary per method (issue 16: where the time goes)
+step 150 experiments.throughput --device "$DEV" --preset smollm2_shape "${S[@]}" --out "$RES" "${P[@]}" "${SHAPE[@]}"
+# 1d. the same with every decoder block compiled (perf.compile=true), same efficiency options for every
+#     method; the first steps include compilation (dropped as warm-up). The rehearsal traces with
+#     aot_eager instead of generating kernels (CPU inductor would take minutes at this shape)
+step 180 experiments.throughput --device "$DEV" --preset smollm2_shape "${SC[@]}" --out "$RES" "${P[@]}" \
+  --name throughput-smollm2_shape_compiled \
+  --methods standard_naive,standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence \
+  "${SHAPE[@]}" perf.compile=true "${SCX[@]}"
 # 2. quality, SmolLM2 shape from random init, 8 x 512, one seed (GPU time is scarce)
-step 150 experiments.quality --device "$DEV" --preset smollm2_shape "${Q[@]}" --seeds 0 --out "$RES" \
+part all && step 150 experiments.quality --device "$DEV" --preset smollm2_shape "${Q[@]}" --seeds 0 --out "$RES" \
   --methods standard_naive,standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence,cggr_final \
   data.batch_size=8 data.block_size=512 optim.lr=1e-3 optim.warmup_steps=10 \
   $( [ "${GPU_SUITE_DRY:-0}" = "1" ] && echo "data.batch_size=2 data.block_size=64 model.num_layers=4" )
 # 3. batch-size sweep at a 12 GiB budget (block 2048), whatever time is left
-T=$(left); [ "$T" -gt 30 ] && step "$T" experiments.sweep --out "$RES" --deadline-s $((T - 25)) sweep=gpu_smollm2_shape "${SW[@]}"
+T=$(left); part all && [ "$T" -gt 30 ] && step "$T" experiments.sweep --out "$RES" --deadline-s $((T - 25)) sweep=gpu_smollm2_shape "${SW[@]}"
 
 python -m experiments.report --results "$RES" --output "$RES/RESULTS-gpu.md" --readme '' >>"$LOG" 2>&1
 cp "$RES/RESULTS-gpu.md" "$OUT/" 2>/dev/null

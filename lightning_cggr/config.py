@@ -16,8 +16,10 @@ from .data import SOURCES as DATA_SOURCES
 from .data import TOKENIZERS
 from .kernels import LOSS_IMPLS
 from .models import ARCHS as MODEL_ARCHS
+from .models import ATTN_IMPLS
 from .models import DTYPES
 from .models import SOURCES as MODEL_SOURCES
+from .perf import COMPILE_BACKENDS, COMPILE_MODES, FUSED_CHOICES
 from .routing.router import SOURCES as ROUTER_SOURCES
 from .routing.schedule import CURRICULUM_SHAPES, RATIO_SCHEDULES
 from .routing.scoring import SCORING_NAMES as SCORING_STRATEGIES
@@ -123,6 +125,10 @@ class OptimConfig:
     """Learning-rate warmup steps (unrelated to ``cggr.warmup_steps``)."""
     min_lr_ratio: float = 0.1
     """Cosine floor as a fraction of lr."""
+    fused: bool | str = "auto"
+    """AdamW implementation: auto (torch's fused kernel when every trained parameter is a CUDA
+    floating-point tensor, else torch's default) | true (fused; an error where torch has no fused
+    kernel for the parameters) | false (torch's default: foreach on CUDA, a loop on CPU)."""
 
 
 @dataclass
@@ -142,6 +148,10 @@ class ModelConfig:
     max_position_embeddings: int = 1024
     dtype: str = "float32"
     """Weights' dtype when loaded; mixed precision is the trainer's ``precision``."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel, set explicitly: sdpa (torch's scaled_dot_product_attention; causal flash /
+    cuDNN kernels on CUDA) | flash_attention_2 (the flash-attn package; CUDA only) | eager (plain
+    matmuls, a reference)."""
 
 
 @dataclass
@@ -186,6 +196,18 @@ class CheckpointConfig:
 
 
 @dataclass
+class PerfConfig:
+    """How fast the step runs, never what it computes (the ``perf`` group; see lightning_cggr.perf)."""
+
+    compile: bool | str = False
+    """torch.compile each decoder block in place (shared by the forward and the router's view):
+    false | true (mode default) | default | max-autotune-no-cudagraphs. Off by default until
+    measured on the GPU (see the perf README notes)."""
+    compile_backend: str = "inductor"
+    """inductor (generated kernels) | aot_eager | eager (tracing only, for debugging a compile problem)."""
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig
     data: DataConfig
@@ -193,6 +215,7 @@ class RunConfig:
     loss: LossConfig
     optim: OptimConfig
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
 
 GROUPS: dict[str, type] = {
@@ -202,6 +225,7 @@ GROUPS: dict[str, type] = {
     "loss": LossConfig,
     "optim": OptimConfig,
     "checkpoint": CheckpointConfig,
+    "perf": PerfConfig,
 }
 """The config groups with a schema here, by their key in the composed config."""
 
@@ -334,6 +358,23 @@ def _validate_checkpoint(p: list[str], c: CheckpointConfig) -> None:
         p.append(f"checkpoint.every_n_steps={c.every_n_steps!r}: must be an integer >= 0, or null (a tenth of the run)")
 
 
+def _validate_perf(p: list[str], run: RunConfig) -> None:
+    """The efficiency options: attention kernel (and whether it can run here), compile, fused AdamW."""
+    from .models.attention import availability_problem
+
+    impl = run.model.attn_implementation
+    _check_choice(p, "model.attn_implementation", impl, ATTN_IMPLS)
+    if impl in ATTN_IMPLS and availability_problem(impl):
+        p.append(availability_problem(impl))
+    c = run.perf.compile
+    if not (isinstance(c, bool) or c in COMPILE_MODES):
+        p.append(f"perf.compile={c!r}: must be true, false or one of {', '.join(COMPILE_MODES)}")
+    _check_choice(p, "perf.compile_backend", run.perf.compile_backend, COMPILE_BACKENDS)
+    f = run.optim.fused
+    if not any(f is v or (isinstance(v, str) and f == v) for v in FUSED_CHOICES):
+        p.append(f"optim.fused={f!r}: must be auto, true or false")
+
+
 def validate(run: RunConfig) -> None:
     """Check every value; raise one ConfigError listing all problems."""
     p: list[str] = []
@@ -388,6 +429,7 @@ def validate(run: RunConfig) -> None:
         p.append(f"data.val_fraction={d.val_fraction}: must be in (0, 1)")
     if run.optim.lr <= 0:
         p.append(f"optim.lr={run.optim.lr}: must be > 0")
+    _validate_perf(p, run)
     if d.source in ("files", "chat") and d.paths:
         _check_data_files(p, d.paths)
     _validate_checkpoint(p, run.checkpoint)

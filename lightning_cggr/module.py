@@ -23,8 +23,9 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric, SumMetric
 
-from .config import CGGRConfig, LossConfig, OptimConfig
+from .config import CGGRConfig, LossConfig, OptimConfig, PerfConfig
 from .distributed import shard_fsdp2
+from .flops import FlopShape, device_peak_tflops, mfu, step_flops
 from .step import CGGRStep, build_optimizer, build_scheduler
 
 # metrics the step may return, each averaged by its own torchmetrics object
@@ -48,11 +49,13 @@ class CGGRModule(L.LightningModule):
         loss: LossConfig | None = None,
         optim: OptimConfig | None = None,
         reference: torch.nn.Module | None = None,
+        perf: PerfConfig | None = None,
     ):
-        """``reference``: the frozen model of scoring=excess_loss (see :class:`CGGRStep`)."""
+        """``reference``: the frozen model of scoring=excess_loss; ``perf``: efficiency options
+        (see :class:`CGGRStep`)."""
         super().__init__()
         self.model = model
-        self.step = CGGRStep(model, cggr, loss, reference)
+        self.step = CGGRStep(model, cggr, loss, reference, perf=perf)
         self.optim_cfg = optim or OptimConfig()
         # nan_strategy="disable": the default NaN check is a host sync (`if nans.any()`) every update
         self.step_metrics = torch.nn.ModuleDict({k: MeanMetric(nan_strategy="disable") for k in STEP_METRICS})
@@ -66,6 +69,11 @@ class CGGRModule(L.LightningModule):
         self._last_step_time: float | None = None
         self.run_config: dict | None = None
         """The resolved run config (plain containers), stored in every checkpoint under CONFIG_KEY."""
+        self._peak: float | None = None  # dense bf16 TFLOPS of the card, found at the first step
+        try:  # the model as built, before any sharding wrapper flattens its parameters
+            self._flop_shape = FlopShape.of(model)
+        except ValueError:  # no recognizable block list: no train/mfu
+            self._flop_shape = None
         # metric states are created on the CPU: follow a model that is already on its device, so a
         # module used without a Trainer (which would move it) never mixes devices
         first = next(model.parameters(), None)
@@ -90,10 +98,25 @@ class CGGRModule(L.LightningModule):
                 self.log(name, metric, on_step=True, on_epoch=False, prog_bar=key == "kept_ratio")
         now = time.perf_counter()
         if self._last_step_time is not None:  # host clock between steps: no device sync
-            tps = batch["input_ids"].numel() / max(now - self._last_step_time, 1e-9)
-            self.log("train/tokens_per_sec", torch.tensor(tps), prog_bar=True)
+            seconds = max(now - self._last_step_time, 1e-9)
+            self.log("train/tokens_per_sec", torch.tensor(batch["input_ids"].numel() / seconds), prog_bar=True)
+            mfu = self._mfu(batch["input_ids"].shape, seconds)
+            if mfu is not None:
+                self.log("train/mfu", torch.tensor(mfu))
         self._last_step_time = now
         return result.loss
+
+    def _mfu(self, shape, seconds: float) -> float | None:
+        """Model FLOPs utilization of this micro-batch (lightning_cggr.flops: executed model FLOPs
+        over the card's dense bf16 peak), on a GPU in the peak table; None elsewhere. Host
+        arithmetic only."""
+        if self._peak is None:
+            self._peak = device_peak_tflops(self.device)[1] or 0.0
+        if not self._peak or self._flop_shape is None:
+            return None
+        routed = self.step.active(self.global_step)
+        total = step_flops(self._flop_shape, self.step.cggr, *shape, loss_impl=self.step.loss_impl, routed=routed)["total"]
+        return mfu(total, seconds, self._peak)
 
     def configure_model(self):
         """Under Lightning's ModelParallelStrategy (``trainer.strategy=fsdp2``): FSDP2, one unit per

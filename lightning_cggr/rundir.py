@@ -41,9 +41,11 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "last.ckpt"
 IDENTITY_KEYS = ("model", "data", "cggr", "loss", "optim", "seed")
 """Top-level settings a resume must keep (except the keys below)."""
-CHANGEABLE_ON_RESUME = ("data.batch_size", "data.num_workers", "data.cache_dir", "loss.impl")
-"""May differ on resume (as may everything outside IDENTITY_KEYS: trainer.*, checkpoint.*, logger,
-callbacks). A new batch size or device count restarts the interrupted epoch, with a warning."""
+CHANGEABLE_ON_RESUME = ("data.batch_size", "data.num_workers", "data.cache_dir", "loss.impl",
+                        "model.attn_implementation", "optim.fused")
+"""May differ on resume (as may everything outside IDENTITY_KEYS: trainer.*, checkpoint.*, perf.*,
+logger, callbacks): kernels and loader settings, not what is computed. A new batch size or device
+count restarts the interrupted epoch, with a warning."""
 
 
 @dataclass

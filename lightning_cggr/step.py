@@ -47,9 +47,12 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
-from .config import CGGRConfig, LossConfig, OptimConfig
+from .config import CGGRConfig, LossConfig, OptimConfig, PerfConfig
 from .distributed import KeptTokenNormalizer
+from .errors import ConfigError
 from .kernels import TokenStats, linear_cross_entropy, resolve_impl, token_stats
+from .models.attention import mask_free_attention, model_configs
+from .perf import adamw_kwargs, compile_blocks
 from .routing.guards import sanitize_stats
 from .routing.reference import ReferenceModel, load_reference
 from .routing.router import TruncatedRouter, find_decoder, find_head
@@ -95,7 +98,8 @@ class CGGRStep:
     owner registers it). ``reference``: the frozen model of ``scoring=excess_loss``, given directly
     (else loaded from ``cggr.router.reference``); held unregistered, never trained or checkpointed.
     Decoder and head are looked up on the model at each use, so wrappers applied later (FSDP) are
-    seen.
+    seen. ``perf``: efficiency options (:mod:`lightning_cggr.perf`); ``perf.compile`` compiles the
+    model's decoder blocks in place here.
     """
 
     def __init__(
@@ -104,11 +108,14 @@ class CGGRStep:
         cggr: CGGRConfig | None = None,
         loss: LossConfig | None = None,
         reference: torch.nn.Module | None = None,
+        perf: PerfConfig | None = None,
     ):
         self.model = model
         self.cggr = cggr or CGGRConfig()
         self.loss_cfg = loss or LossConfig()
+        self.perf = perf or PerfConfig()
         find_decoder(model), find_head(model)  # fail early on an unsupported architecture
+        compile_blocks(model, self.perf.compile, self.perf.compile_backend)
         c = self.cggr
         self.scorer = get_scorer(c.scoring) if c.scoring in SCORERS else None  # excess_loss/random: below
         uses_router = c.enabled and c.router.source == "truncated" and c.scoring != "random"
@@ -117,6 +124,8 @@ class CGGRStep:
         # the loss is the mean over the kept tokens of the whole optimizer step: all ranks, all
         # accumulated micro-batches (see lightning_cggr.distributed)
         self.token_norm = KeptTokenNormalizer()
+        # configs that name the attention implementation (see attention_scope)
+        self._attn_configs = model_configs([model] + ([self.reference.model] if self.reference is not None else []))
 
     # ---- what the step runs on ----------------------------------------------------------------
     @property
@@ -153,7 +162,19 @@ class CGGRStep:
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder's final (normed) hidden states, [B, T, H]."""
-        return self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        with self.attention_scope(attention_mask):
+            return self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    def attention_scope(self, attention_mask: torch.Tensor | None):
+        """Where decoders run on a batch without ``attention_mask`` (packed text: no padding), the
+        mask-free causal attention of :mod:`lightning_cggr.models.attention`: transformers builds
+        no mask, reads nothing back from the device and sdpa takes its causal kernel. Covers the
+        model, the router's view (its own config copy) and the reference model. A host-side check
+        of the argument, no sync; with a mask, transformers' own path runs unchanged."""
+        if attention_mask is not None:
+            return contextlib.nullcontext()
+        views = [self.router._build_view().config] if self.router is not None else []
+        return mask_free_attention([*self._attn_configs, *views])
 
     # ---- schedule -----------------------------------------------------------------------------
     def active(self, global_step: int) -> bool:
@@ -280,6 +301,10 @@ class CGGRStep:
 
     def __call__(self, batch: dict, global_step: int, world_size: int = 1) -> StepResult:
         """One micro-batch: route, loss terms and the value to backprop (see the module docstring)."""
+        with self.attention_scope(batch.get("attention_mask")):
+            return self._micro_batch(batch, global_step, world_size)
+
+    def _micro_batch(self, batch: dict, global_step: int, world_size: int) -> StepResult:
         input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
         targets = shift_targets(batch["labels"], attention_mask)
         trainable = targets != IGNORE_INDEX
@@ -327,16 +352,25 @@ def _score_means(score: torch.Tensor, kept: torch.Tensor, dropped: torch.Tensor)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (embeddings and linear weights), none on norms and biases."""
+    """AdamW with weight decay on matrices only (embeddings and linear weights), none on norms and
+    biases; ``cfg.fused`` picks torch's implementation (:func:`lightning_cggr.perf.adamw_kwargs`).
+    Build it after the model is on its device (Lightning's ``configure_optimizers`` is)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=tuple(cfg.betas),
-    )
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    impl = adamw_kwargs([*decay, *no_decay], cfg.fused)
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **impl)
+    except RuntimeError as err:
+        if not impl.get("fused"):
+            raise
+        where = sorted({f"{p.device.type} {p.dtype}" for p in (*decay, *no_decay)})
+        raise ConfigError(
+            f"invalid configuration: optim.fused=true, but torch has no fused AdamW for these parameters "
+            f"({', '.join(where)}): {' '.join(str(err).split())}; use optim.fused=auto"
+        ) from None
 
 
 def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:

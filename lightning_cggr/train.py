@@ -61,6 +61,11 @@ def check_config(cfg: DictConfig):
     run = parse_config(OmegaConf.to_container(cfg, resolve=True))
     trainer_kw = OmegaConf.to_container(cfg.trainer, resolve=True)
     check_trainer(trainer_kw)
+    if run.perf.compile and trainer_kw.get("strategy") == "fsdp":
+        raise ConfigError(
+            "invalid configuration: perf.compile with trainer.strategy=fsdp (FSDP1 swaps flat parameters "
+            "under the compiled blocks; untested): use trainer.strategy=fsdp2, or perf.compile=false"
+        )
     return run, trainer_kw
 
 
@@ -145,7 +150,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     model, tokenizer = build_model(run.model, tokenizer)
     datamodule = build_datamodule(run.data, tokenizer, seed=cfg.seed)
     try:  # what only the built model can tell: its architecture, its layer count for the router
-        module = CGGRModule(model, run.cggr, run.loss, run.optim)
+        module = CGGRModule(model, run.cggr, run.loss, run.optim, perf=run.perf)
     except ValueError as err:
         raise ConfigError(f"invalid configuration: {err}") from err
     module.run_config = resolved

@@ -127,7 +127,10 @@ def pack_documents(texts: list[str], tokenizer, block_size: int) -> torch.Tensor
 
 
 class BlockDataset(Dataset):
-    """Packed blocks as HF-style batches: labels equal input_ids; the module shifts them once."""
+    """Packed blocks as HF-style batches: labels equal input_ids; the module shifts them once.
+
+    No ``attention_mask``: a packed block has no padding, and a batch without a mask lets the step
+    attend causally without building one (lightning_cggr.models.attention), free of host syncs."""
 
     def __init__(self, blocks: torch.Tensor):
         self.blocks = blocks
@@ -137,7 +140,7 @@ class BlockDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         x = self.blocks[i]
-        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+        return {"input_ids": x, "labels": x.clone()}
 
 
 class PackedTextDataModule(L.LightningDataModule):

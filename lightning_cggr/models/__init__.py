@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .attention import ATTN_IMPLS, set_attn_implementation
 from .tiny import ARCHS, build_random_model, tiny_config
 
 if TYPE_CHECKING:
@@ -19,14 +20,20 @@ SOURCES = ("random", "pretrained", "smollm2_gguf")
 DTYPES = ("float32", "bfloat16", "float16")
 """``model.dtype`` (and reference) weight dtypes."""
 
-__all__ = ["ARCHS", "DTYPES", "SOURCES", "build_model", "build_random_model", "tiny_config"]
+__all__ = ["ARCHS", "ATTN_IMPLS", "DTYPES", "SOURCES", "build_model", "build_random_model", "tiny_config"]
 
 
 def build_model(cfg: ModelConfig, tokenizer=None):
-    """(model, tokenizer) for ``cfg.source``; ``tokenizer`` is required for source=random.
+    """(model, tokenizer) for ``cfg.source``, using attention ``cfg.attn_implementation``;
+    ``tokenizer`` is required for source=random.
 
     pretrained and smollm2_gguf return the checkpoint's own tokenizer (``tokenizer`` is unused).
     """
+    model, tokenizer = _build(cfg, tokenizer)
+    return set_attn_implementation(model, cfg.attn_implementation), tokenizer
+
+
+def _build(cfg: ModelConfig, tokenizer):
     if cfg.source == "random":
         if tokenizer is None:
             raise ValueError("model.source=random needs a tokenizer to size its vocabulary")

@@ -59,5 +59,7 @@ def tiny_config(cfg: ModelConfig, vocab_size: int, eos_token_id: int | None = No
 def build_random_model(cfg: ModelConfig, vocab_size: int, eos_token_id: int | None = None):
     from transformers import AutoModelForCausalLM
 
+    from .attention import set_attn_implementation
+
     model = AutoModelForCausalLM.from_config(tiny_config(cfg, vocab_size, eos_token_id))
-    return model.to(getattr(torch, cfg.dtype))
+    return set_attn_implementation(model.to(getattr(torch, cfg.dtype)), cfg.attn_implementation)

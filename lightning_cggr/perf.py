@@ -1,0 +1,98 @@
+"""Efficiency options of the training step: ``torch.compile`` of the decoder blocks and the AdamW
+implementation. They change how the step runs, never what it computes (tests compare each with
+the plain path), and a benchmark applies them to every method alike.
+
+What is compiled (``perf.compile``): each decoder block, in place (``nn.Module.compile``), so
+parameters, ``state_dict`` keys and checkpoints are unchanged. The blocks are shared by the model's
+forward and the router's view of its first k blocks (lightning_cggr.routing.router), so both run
+the compiled code; every block of a model has the same code, and with parameters as graph inputs
+one graph serves them all. A graph is made per distinct situation, not per step: training vs the
+router's no-grad eval pass, and the batch size (sequence routing runs ``ceil(ratio * B)`` rows;
+the second size makes the batch dimension dynamic). Left eager: embeddings, final norm and the
+mask code (a few launches per forward), the loss kernels (Triton or chunked torch, their own
+code) and scoring/selection (O(B x T) element-wise work and one sort; about 20 launches, no matmul).
+
+``optim.fused`` (:func:`adamw_kwargs`): ``auto`` uses torch's fused AdamW (one kernel per
+parameter group instead of a per-tensor or multi-tensor loop) when every trained parameter is a
+plain floating-point CUDA tensor, else torch's default; ``true`` asks for it wherever torch offers
+it (CUDA, and CPU in recent torch) and is an error where it does not; ``false`` keeps torch's default
+(foreach on CUDA, a per-tensor loop on CPU).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+"""``perf.compile`` modes besides true/false (true = default). CUDA-graph modes (reduce-overhead,
+max-autotune) are not offered: the step's dynamic ratio, Triton loss and per-step generator state
+have not been shown graph-safe (see the perf README notes)."""
+
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+"""``perf.compile_backend``: inductor generates kernels; aot_eager and eager only trace (to tell a
+tracing problem from a code-generation one)."""
+
+FUSED_CHOICES = ("auto", True, False)
+"""``optim.fused`` values."""
+
+
+def compile_mode(setting: Any) -> str | None:
+    """The torch.compile mode of a ``perf.compile`` value, or None when compilation is off."""
+    if setting is False or setting is None:
+        return None
+    if setting is True:
+        return "default"
+    if setting in COMPILE_MODES:
+        return setting
+    raise ValueError(f"perf.compile={setting!r}: must be true, false or one of {', '.join(COMPILE_MODES)}")
+
+
+def compile_blocks(model: torch.nn.Module, setting: Any, backend: str = "inductor") -> int:
+    """Compile every decoder block of ``model`` in place (``perf.compile``); returns how many.
+
+    Idempotent in effect: compiling again replaces each block's compiled wrapper, and torch's
+    cache of generated code is shared, so several steps around one model do not compile twice.
+    A copy of a compiled model must be compiled again (its wrappers call the original's blocks);
+    :class:`~lightning_cggr.step.CGGRStep` compiles the model it is given.
+    """
+    mode = compile_mode(setting)
+    if mode is None:
+        return 0
+    if backend not in COMPILE_BACKENDS:
+        raise ValueError(f"perf.compile_backend={backend!r}: must be one of {', '.join(COMPILE_BACKENDS)}")
+    from .routing.router import find_blocks, find_decoder
+
+    _, blocks = find_blocks(find_decoder(model))
+    options = {"backend": backend}
+    if backend == "inductor":
+        options["mode"] = mode
+    for block in blocks:
+        block.compile(**options)
+    return len(blocks)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _plain_cuda_float(p: torch.Tensor) -> bool:
+    # DTensor (FSDP2-sharded) parameters are left to torch's default choice
+    return p.is_cuda and p.is_floating_point() and not _is_dtensor(p.data)
+
+
+def adamw_kwargs(params: Iterable[torch.Tensor], fused: Any) -> dict[str, Any]:
+    """Keyword arguments choosing torch's AdamW implementation for ``params`` (``optim.fused``)."""
+    if fused == "auto":
+        params = list(params)
+        return {"fused": True} if params and all(_plain_cuda_float(p) for p in params) else {}
+    if fused is True:
+        return {"fused": True}
+    if fused is False:
+        return {}
+    raise ValueError(f"optim.fused={fused!r}: must be auto, true or false")

@@ -1,0 +1,197 @@
+"""Model FLOPs from the formula against torch's own count, by hand for SmolLM2, and MFU.
+
+The independent count is ``torch.utils.flop_counter.FlopCounterMode``, which adds up the FLOPs of
+every matmul the model actually runs. Eager attention multiplies the full [T, T] square, so the
+formula is compared with ``causal=False`` there; the loss is the naive full-logits one, whose
+matmuls the counter sees (the chunked kernel writes with ``mm(out=...)``, which it does not count).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import ARCHS, make_batch, make_tiny_model
+from lightning_cggr.config import CGGRConfig, LossConfig, RatioScheduleConfig, RouterConfig, SelectionConfig
+from lightning_cggr.flops import FlopShape, forward_flops, mfu, peak_tflops, step_flops
+from lightning_cggr.models.attention import set_attn_implementation
+from lightning_cggr.step import CGGRStep
+
+
+def _eager(arch, layers=3):
+    return set_attn_implementation(make_tiny_model(arch, num_layers=layers), "eager")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_and_training_flops_equal_the_counted_matmuls(arch):
+    model = _eager(arch)
+    B, T = 2, 11
+    ids = torch.randint(1, 90, (B, T))
+    with FlopCounterMode(display=False) as fwd:
+        h = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        model.lm_head(h)
+    with FlopCounterMode(display=False) as train:
+        h = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        model.lm_head(h).float().square().mean().backward()
+    formula = forward_flops(FlopShape.of(model), B, T, causal=False)
+    assert fwd.get_total_flops() == pytest.approx(formula, rel=1e-9)
+    assert train.get_total_flops() == pytest.approx(3 * formula, rel=1e-9)
+
+
+CASES = {
+    "standard": CGGRConfig(enabled=False),
+    "token": CGGRConfig(warmup_steps=0, router=RouterConfig(num_layers=1)),
+    "token_batch_min": CGGRConfig(warmup_steps=0, router=RouterConfig(num_layers=2),
+                                  selection=SelectionConfig(scope="batch", min_per_sequence=2)),
+    "dynamic": CGGRConfig(warmup_steps=0, ratio_schedule=RatioScheduleConfig(kind="dynamic", min=0.2, max=0.6)),
+    "final": CGGRConfig(warmup_steps=0, router=RouterConfig(source="final")),
+    "random_token": CGGRConfig(warmup_steps=0, scoring="random"),
+    "sequence": CGGRConfig(warmup_steps=0, router=RouterConfig(num_layers=1), selection=SelectionConfig(unit="sequence")),
+    "random_sequence": CGGRConfig(warmup_steps=0, scoring="random", selection=SelectionConfig(unit="sequence")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("loss", ["naive", "torch"])
+def test_step_flops_equal_the_counted_matmuls_of_each_method(case, loss, one_thread):
+    """Router, body and head sizes per method, against everything the real step multiplies."""
+    model = _eager("llama")
+    batch = make_batch(batch_size=4, seq_len=16, pad_tail=False)
+    step = CGGRStep(model, CASES[case], LossConfig(impl=loss))
+    with FlopCounterMode(display=False) as counted:
+        step(batch, global_step=0).loss.backward()
+    want = step_flops(FlopShape.of(model), CASES[case], 4, 16, loss_impl=loss, causal=False)
+    assert want["total"] == pytest.approx(want["router"] + want["body"] + want["head"])
+    if loss == "naive":
+        assert counted.get_total_flops() == pytest.approx(want["total"], rel=1e-9)
+    else:  # the chunked kernel's input-gradient mm(out=...) is invisible to the counter: 1 of 3 head matmuls
+        head_rows_fwd = want["head"] / 3
+        assert counted.get_total_flops() == pytest.approx(want["total"] - head_rows_fwd, rel=1e-9)
+
+
+def test_smollm2_shape_by_hand():
+    """SmolLM2-135M (30 layers, hidden 576, 9 query / 3 key-value heads of 64, MLP 1536, vocab
+    49152), 8 x 2048 tokens, causal. Per layer: q, o 576^2; k, v 576 x 192; MLP 3 x 576 x 1536
+    = 3,538,944 weights. Per token forward: body 2 x 30 x 3,538,944 = 212,336,640; head
+    2 x 576 x 49152 = 56,623,104; attention 4 x 576 x 30 x (2049 / 2) = 70,813,440;
+    sum 339,773,184. Training step: 3 x 16384 tokens x that = 16.70 TFLOP."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    shape = FlopShape.of(model)
+    assert shape.block_matrix_params == 30 * 3_538_944
+    assert forward_flops(shape, 1, 2048) / 2048 == pytest.approx(339_773_184)
+    total = step_flops(shape, CGGRConfig(enabled=False), 8, 2048)["total"]
+    assert total == pytest.approx(3 * 16384 * 339_773_184)
+    assert total / 1e12 == pytest.approx(16.70, abs=0.01)
+    # the same step in 0.150 s on an H100 SXM (the issue's measurement): 11.3% MFU
+    assert mfu(total, 0.150, peak_tflops("NVIDIA H100 80GB HBM3")) == pytest.approx(0.1125, abs=5e-4)
+
+
+def test_causal_attention_counts_the_lower_triangle():
+    shape = FlopShape(layers=1, hidden=8, vocab=0, attn_dim=8, block_matrix_params=0)
+    # T = 4: 10 query-key pairs under the causal mask, 16 in the full square; 4 FLOPs per pair and width unit
+    assert forward_flops(shape, 1, 4, head_rows=0) == 4 * 8 * 10
+    assert forward_flops(shape, 1, 4, head_rows=0, causal=False) == 4 * 8 * 16
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.5), ("NVIDIA H100 NVL", 835.5),
+    ("NVIDIA H200", 989.4), ("NVIDIA GH200 480GB", 989.4), ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA A100 80GB PCIe", 312.0), ("NVIDIA L40S", 362.05), ("NVIDIA L40", 181.05), ("NVIDIA L4", 121.0),
+    ("NVIDIA A10", 125.0), ("NVIDIA A10G", None), ("NVIDIA GeForce RTX 4090", 165.2), ("Tesla T4", None), ("", None),
+])
+def test_peak_by_device_name(name, peak):
+    assert peak_tflops(name) == peak
+
+
+def test_mfu_is_achieved_over_peak():
+    assert mfu(1e15, 2.0, 1000.0) == pytest.approx(0.5)
+    assert mfu(1e15, 2.0, None) is None
+
+
+# ---- the profile summary and the throughput report ------------------------------------------
+
+
+class _Row:
+    def __init__(self, key, count, cpu_us=0.0, dev_us=0.0, device=False):
+        from torch.autograd import DeviceType
+
+        self.key, self.count, self.self_cpu_time_total, self.self_device_time_total = key, count, cpu_us, dev_us
+        self.device_type = DeviceType.CUDA if device else DeviceType.CPU
+
+
+def test_profile_summary_per_step():
+    from experiments.profiling import summarize
+
+    rows = [
+        _Row("ampere_bf16_gemm", 60, dev_us=3000.0, device=True), _Row("triton_red_fused", 40, dev_us=1000.0, device=True),
+        _Row("cudaLaunchKernel", 80, cpu_us=400.0), _Row("cuLaunchKernel", 20, cpu_us=100.0),
+        _Row("cudaStreamSynchronize", 4, cpu_us=50.0), _Row("aten::item", 6, cpu_us=10.0), _Row("aten::mm", 60, cpu_us=900.0),
+    ]
+    s = summarize(rows, steps=2)
+    assert s["kernel_launches_per_step"] == 50  # (80 + 20) / 2
+    assert s["device_kernels_per_step"] == 50 and s["device_kernel_ms_per_step"] == 2.0  # 4000 us / 2 steps
+    assert s["syncs_per_step"]["cudaStreamSynchronize"] == 2 and s["syncs_per_step"]["aten::item"] == 3
+    assert [k["name"] for k in s["top_device_kernels"]] == ["ampere_bf16_gemm", "triton_red_fused"]
+    assert s["top_device_kernels"][0]["self_ms_per_step"] == 1.5
+    assert s["top_cpu_ops"][0]["name"] == "aten::mm" and s["top_cpu_ops"][0]["calls_per_step"] == 30
+
+
+def test_throughput_reports_model_flops_mfu_and_a_profile(tmp_path, one_thread):
+    """A CPU smoke run of the benchmark with --profile: every field is there and consistent."""
+    from experiments import throughput
+    from experiments.compose import parse_run
+
+    methods = "standard_fused,cggr_combined,cggr_sequence"
+    argv = ["--preset", "tiny", "--device", "cpu", "--methods", methods, "--steps", "1", "--warmup", "0",
+            "--mem-steps", "0", "--profile", "--profile-steps", "1", "--peak-tflops", "0.5", "--out", str(tmp_path),
+            "data.batch_size=2", "data.block_size=32", "model.num_layers=2"]
+    assert throughput.main(argv) == 0
+    payload = json.loads((tmp_path / "throughput-tiny-cpu.json").read_text())
+    shape = FlopShape(**payload["raw"]["timing"]["flop_shape"])
+    assert shape.layers == 2
+    for m in methods.split(","):
+        s = payload["summary"][m]
+        cggr = parse_run(payload["methods"][m]["config"]).cggr  # the method's resolved config
+        want = step_flops(shape, cggr, 2, 32, loss_impl="torch")["total"]
+        assert s["model_tflop_per_step"] == pytest.approx(want / 1e12)
+        assert s["mfu"] == pytest.approx(want / s["median_step_s"] / 0.5e12)
+        prof = payload["raw"]["profile"][m]
+        assert prof["steps"] == 1 and prof["top_cpu_ops"] and "cudaStreamSynchronize" in prof["syncs_per_step"]
+    assert payload["summary"]["cggr_sequence"]["model_tflop_per_step"] < payload["summary"]["standard_fused"]["model_tflop_per_step"]
+    md = (tmp_path / "throughput-tiny-cpu.md").read_text()
+    assert "MFU" in md and "Profile (torch.profiler" in md
+
+
+def test_module_logs_mfu_on_a_card_with_a_known_peak(monkeypatch, one_thread):
+    """train/mfu = executed model FLOPs of the micro-batch / host seconds between steps / peak: the
+    same seconds as train/tokens_per_sec, so mfu = flops x tokens_per_sec / tokens / peak. The CPU
+    has no peak (no train/mfu); a fake 1 TFLOP/s card stands in."""
+    import lightning as L
+
+    from lightning_cggr import module as module_mod
+    from lightning_cggr.module import CGGRModule
+
+    cggr = CGGRConfig(warmup_steps=0, router=RouterConfig(num_layers=1))
+    batches = [make_batch(batch_size=4, seq_len=16, seed=i, pad_tail=False) for i in range(3)]
+
+    def fit():
+        module = CGGRModule(make_tiny_model("llama", num_layers=2), cggr, LossConfig(impl="torch"))
+        trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        return module, trainer.callback_metrics
+
+    _, metrics = fit()
+    assert "train/tokens_per_sec" in metrics and "train/mfu" not in metrics
+    monkeypatch.setattr(module_mod, "device_peak_tflops", lambda device: ("fake card", 1.0))
+    module, metrics = fit()
+    want = step_flops(FlopShape.of(module.model), cggr, 4, 16, loss_impl="torch")["total"]
+    assert float(metrics["train/mfu"]) == pytest.approx(want * float(metrics["train/tokens_per_sec"]) / 64 / 1e12, rel=1e-5)

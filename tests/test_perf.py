@@ -1,0 +1,289 @@
+"""The step's efficiency options change how it runs, never what it computes.
+
+- mask-free causal attention for batches without ``attention_mask`` (packed text): the same loss and
+  gradients as the all-ones mask through transformers' own path, with no host sync in the whole
+  step (router and decoder included);
+- ``model.attn_implementation`` set explicitly and validated;
+- ``optim.fused``: torch's fused AdamW gives the per-tensor loop's update; ``auto`` picks it only for
+  CUDA floating-point parameters;
+- ``perf.compile``: the compiled step gives the eager loss and gradients, and compiles nothing new
+  after its first step.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import ARCHS, make_batch, make_tiny_model
+from test_selection_no_sync import forbid_host_sync
+from lightning_cggr.config import (
+    CGGRConfig, ConfigError, LossConfig, ModelConfig, OptimConfig, PerfConfig, RouterConfig, SelectionConfig,
+    parse_config,
+)
+from lightning_cggr.models.attention import MASK_FREE, set_attn_implementation
+from lightning_cggr.perf import adamw_kwargs, compile_blocks
+from lightning_cggr.step import CGGRStep, build_optimizer, optimizer_step
+
+UNITS = {
+    "standard": CGGRConfig(enabled=False),
+    "token": CGGRConfig(warmup_steps=0, min_tokens_ratio=0.3, router=RouterConfig(num_layers=1)),
+    "sequence": CGGRConfig(warmup_steps=0, min_tokens_ratio=0.5, router=RouterConfig(num_layers=1),
+                           selection=SelectionConfig(unit="sequence")),
+}
+
+
+def _packed_batch(seed=3, batch_size=4, seq_len=16):
+    """A batch as packed text gives it: no padding, no prompt, and no attention_mask."""
+    b = make_batch(batch_size=batch_size, seq_len=seq_len, seed=seed, pad_tail=False)
+    b["labels"] = b["input_ids"].clone()
+    del b["attention_mask"]
+    return b
+
+
+def _loss_and_grads(step, batch):
+    torch.manual_seed(0)  # the same dropout draws (GPT-2 and GPT-NeoX train with dropout)
+    res = step(batch, global_step=0)
+    res.loss.backward()
+    grads = {n: p.grad.clone() for n, p in step.model.named_parameters() if p.grad is not None}
+    step.model.zero_grad(set_to_none=True)
+    return res.loss.detach(), grads
+
+
+# ---- attention ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("unit", sorted(UNITS))
+def test_mask_free_step_equals_the_all_ones_mask_and_never_syncs(arch, unit, one_thread):
+    model = make_tiny_model(arch, num_layers=2)
+    free = _packed_batch()
+    masked = {**free, "attention_mask": torch.ones_like(free["input_ids"])}
+    ref_step = CGGRStep(copy.deepcopy(model), UNITS[unit], LossConfig(impl="torch"))
+    step = CGGRStep(model, UNITS[unit], LossConfig(impl="torch"))
+
+    ref_loss, ref_grads = _loss_and_grads(ref_step, masked)  # transformers' own mask path
+    torch.manual_seed(0)
+    with forbid_host_sync():  # .item(), bool(tensor), .cpu(), boolean indexing ... raise in here
+        res = step(free, global_step=0)
+    res.loss.backward()
+    torch.testing.assert_close(res.loss.detach(), ref_loss, rtol=1e-5, atol=1e-6)
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == ref_grads.keys()
+    for name in got:
+        torch.testing.assert_close(got[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    # outside the step the model is unchanged: a caller's own forward keeps transformers' mask handling
+    assert {m.config._attn_implementation for m in model.modules() if hasattr(m, "config")} == {"sdpa"}
+
+
+def test_the_masked_path_does_sync_so_the_guard_above_can_fail():
+    model = make_tiny_model("llama", num_layers=1)
+    batch = _packed_batch()
+    with pytest.raises(AssertionError, match="host sync"), forbid_host_sync():
+        model.base_model(input_ids=batch["input_ids"], attention_mask=torch.ones_like(batch["input_ids"]))
+
+
+def test_a_padded_batch_keeps_its_mask():
+    """With a mask the step runs transformers' path: the real tokens after a left padding do not
+    attend to the pads (the mask-free path would let them)."""
+    model = make_tiny_model("llama", num_layers=2).eval()
+    step = CGGRStep(model, UNITS["standard"])
+    ids = torch.randint(1, 90, (1, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[:, :3] = 0  # left padding
+    with torch.no_grad():
+        padded = step.hidden_states(ids, mask)[:, 3:]
+        unmasked = step.hidden_states(ids, None)[:, 3:]
+    assert not torch.allclose(padded, unmasked, atol=1e-4), "the mask must be honoured"
+
+
+def test_packed_text_batches_carry_no_attention_mask():
+    from lightning_cggr.data.text import BlockDataset
+
+    item = BlockDataset(torch.arange(12).view(2, 6))[1]
+    assert set(item) == {"input_ids", "labels"}
+    assert torch.equal(item["labels"], item["input_ids"])
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_attn_implementation_is_set_explicitly_and_kernels_agree(impl):
+    from lightning_cggr.models import build_random_model
+
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, attn_implementation=impl)
+    torch.manual_seed(0)
+    model = build_random_model(cfg, 97, 0).eval()
+    assert model.config._attn_implementation == impl
+    torch.manual_seed(0)
+    sdpa = build_random_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64), 97, 0).eval()
+    ids = torch.randint(1, 97, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model.base_model(input_ids=ids).last_hidden_state,
+                                   sdpa.base_model(input_ids=ids).last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_choices_are_validated():
+    with pytest.raises(ConfigError, match="model.attn_implementation='flash'.*sdpa, flash_attention_2, eager"):
+        parse_config({"model": {"attn_implementation": "flash"}})
+    from lightning_cggr.models.attention import availability_problem
+
+    if availability_problem("flash_attention_2") is None:
+        pytest.skip("flash-attn runs here")
+    with pytest.raises(ConfigError, match="flash_attention_2 needs .*use sdpa"):
+        parse_config({"model": {"attn_implementation": "flash_attention_2"}})
+    with pytest.raises(ValueError, match="flash_attention_2 needs"):
+        set_attn_implementation(make_tiny_model("llama", num_layers=1), "flash_attention_2")
+
+
+def test_mask_free_twins_are_registered_under_new_names_only():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    step = CGGRStep(make_tiny_model("llama", num_layers=1), UNITS["standard"])
+    with step.attention_scope(None):
+        assert step.model.config._attn_implementation == MASK_FREE["sdpa"]
+    assert ALL_ATTENTION_FUNCTIONS[MASK_FREE["sdpa"]] is ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+
+# ---- fused AdamW ------------------------------------------------------------------------------
+
+
+def test_fused_adamw_gives_the_per_tensor_loop_update(one_thread):
+    model = make_tiny_model("llama", num_layers=2)
+    twins = {f: copy.deepcopy(model) for f in (True, False)}
+    opts = {f: build_optimizer(m, OptimConfig(lr=1e-2, fused=f)) for f, m in twins.items()}
+    assert opts[True].defaults["fused"] is True and not opts[False].defaults.get("fused")
+    for i in range(3):
+        batch = make_batch(batch_size=2, seq_len=8, seed=i)
+        for f, m in twins.items():
+            m(**batch).loss.backward()
+            opts[f].step()
+            opts[f].zero_grad(set_to_none=True)
+    for (name, a), b in zip(twins[True].named_parameters(), twins[False].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(next(model.parameters()), next(twins[True].parameters()))
+
+
+def test_auto_fuses_only_cuda_floating_point_parameters():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cpu = [torch.nn.Parameter(torch.zeros(2, 2))]
+    assert adamw_kwargs(cpu, "auto") == {}
+    assert adamw_kwargs(cpu, True) == {"fused": True}
+    assert adamw_kwargs(cpu, False) == {}
+    with FakeTensorMode(allow_non_fake_inputs=True):  # CUDA tensors without a GPU
+        cuda = [torch.nn.Parameter(torch.zeros(2, 2, device="cuda")), torch.nn.Parameter(torch.zeros(3, device="cuda"))]
+        assert adamw_kwargs(cuda, "auto") == {"fused": True}
+        assert adamw_kwargs(cuda + cpu, "auto") == {}  # mixed devices: torch's default
+    assert adamw_kwargs([], "auto") == {}
+
+
+def test_fused_where_torch_has_no_kernel_is_a_config_error(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+
+    monkeypatch.setattr(torch.optim, "AdamW", refuse)
+    with pytest.raises(ConfigError, match="optim.fused=true.*cpu torch.float32.*use optim.fused=auto"):
+        build_optimizer(make_tiny_model("llama", num_layers=1), OptimConfig(fused=True))
+
+
+def test_efficiency_options_are_validated():
+    with pytest.raises(ConfigError) as err:
+        parse_config({"optim": {"fused": "yes"}, "perf": {"compile": "fast", "compile_backend": "tvm"}})
+    msg = str(err.value)
+    assert "optim.fused='yes'" in msg and "perf.compile='fast'" in msg and "perf.compile_backend='tvm'" in msg
+    run = parse_config({"optim": {"fused": True}, "perf": {"compile": "max-autotune-no-cudagraphs"}})
+    assert run.optim.fused is True and run.perf.compile == "max-autotune-no-cudagraphs"
+
+
+def test_compile_with_fsdp1_is_refused_before_anything_is_built():
+    from experiments.compose import compose
+    from lightning_cggr.train import check_config
+
+    with pytest.raises(ConfigError, match="perf.compile with trainer.strategy=fsdp"):
+        check_config(compose(["perf.compile=true", "trainer.strategy=fsdp", "trainer.accelerator=gpu"]))
+
+
+# ---- torch.compile ----------------------------------------------------------------------------
+
+
+def test_compiling_keeps_parameters_and_state_dict_keys():
+    model = make_tiny_model("llama", num_layers=3)
+    keys = list(model.state_dict())
+    assert compile_blocks(model, True, "eager") == 3
+    assert list(model.state_dict()) == keys
+    assert all(b._compiled_call_impl is not None for b in model.model.layers)
+    assert compile_blocks(model, False) == 0
+
+
+def _run_steps(model, cggr, perf, batches):
+    step = CGGRStep(model, cggr, LossConfig(impl="torch"), perf=perf)
+    opt = build_optimizer(model, OptimConfig(lr=1e-2))
+    losses = []
+    for i, b in enumerate(batches):
+        losses.append(optimizer_step(step, opt, [b], i, clip=1.0)[0].metrics["train/loss"].detach())
+        yield losses
+
+
+@pytest.mark.parametrize("unit", ["token", "sequence"])
+def test_compiled_steps_match_eager_and_compile_only_in_the_first(unit, one_thread):
+    """Five CGGR steps with the blocks compiled (aot_eager: dynamo + autograd tracing, no code
+    generation, so it is fast): after the first step no new graph is made, and every loss equals
+    the eager run's from the same weights and batches."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    batches = [_packed_batch(seed=20 + i) for i in range(5)]
+    model = make_tiny_model("llama", num_layers=2)
+    eager = list(_run_steps(copy.deepcopy(model), UNITS[unit], PerfConfig(), batches))[-1]
+    graphs = []
+    for losses in _run_steps(model, UNITS[unit], PerfConfig(compile=True, compile_backend="aot_eager"), batches):
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 2, f"the router's no-grad pass and the training forward each compile: {graphs}"
+    assert graphs == [graphs[0]] * 5, f"graphs made after each step: {graphs}"
+    torch.testing.assert_close(torch.stack(losses), torch.stack(eager), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_step_gives_the_eager_loss_and_gradients(one_thread):
+    """Generated (C++) kernels on CPU: one routed step, loss and every gradient against eager."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = make_tiny_model("llama", num_layers=1)
+    batch = _packed_batch(batch_size=2, seq_len=8)
+    cggr = CGGRConfig(warmup_steps=0, min_tokens_ratio=0.5, router=RouterConfig(num_layers=1))
+    ref_loss, ref_grads = _loss_and_grads(CGGRStep(copy.deepcopy(model), cggr, LossConfig(impl="torch")), batch)
+    loss, grads = _loss_and_grads(CGGRStep(model, cggr, LossConfig(impl="torch"), perf=PerfConfig(compile=True)), batch)
+    assert model.model.layers[0]._compiled_call_impl is not None
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ---- GPU only -----------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("unit", sorted(UNITS))
+def test_gpu_whole_optimizer_step_on_packed_text_never_syncs(unit):
+    """On CUDA, a whole optimizer step on a packed batch (router, decoder through transformers,
+    Triton loss, backward, clipping, fused AdamW) makes no synchronizing call: torch's sync debug
+    mode raises on any. The first step (autotuning, lazy initialization) runs outside the check."""
+    from lightning_cggr.step import autocast_for
+
+    model = make_tiny_model("llama", num_layers=2).cuda()
+    step = CGGRStep(model, UNITS[unit], LossConfig(impl="auto"))
+    opt = build_optimizer(model, OptimConfig())
+    assert opt.defaults["fused"] is True
+    batch = {k: v.cuda() for k, v in _packed_batch().items()}
+    bf16 = lambda: autocast_for("bf16-mixed", "cuda")  # noqa: E731
+    optimizer_step(step, opt, [batch], 0, clip=1.0, autocast=bf16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        optimizer_step(step, opt, [batch], 1, clip=1.0, autocast=bf16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
