@@ -86,7 +86,8 @@ def run_both(h, w, y, impl, grad_out=None, **kw):
     w2 = w.detach().double().requires_grad_(True)
     ref = ref_loss(h2, w2, y, **kw)
     if grad_out is None:
-        grad_out = torch.rand(ref.shape, dtype=torch.float64, device=ref.device) + 0.5
+        g = torch.Generator().manual_seed(99)
+        grad_out = (torch.rand(ref.shape, dtype=torch.float64, generator=g) + 0.5).to(ref.device)
     out.backward(grad_out.to(out.dtype))
     ref.backward(grad_out)
     return (out, h1.grad, w1.grad), (ref, h2.grad, w2.grad)
@@ -245,8 +246,9 @@ def test_extreme_logits(impl):
     ours, ref = run_both(h, w, y, impl, chunk_size=8)
     assert torch.isfinite(ours[0]).all()
     torch.testing.assert_close(ours[0].double(), ref[0], rtol=1e-5, atol=1e-3)
-    for a, b in zip(ours[1:], ref[1:]):  # gradients are O(1): softmax saturates to one-hots
-        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+    # gradients are O(1); an fp32 logit near 5e3 carries ~5e-4 of rounding into its softmax term
+    for a, b in zip(ours[1:], ref[1:]):
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
