@@ -68,17 +68,20 @@ _FP32_OUT_GEMM: dict[tuple[torch.device, torch.dtype], bool] = {}
 
 
 def fp32_out_gemm_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch.addmm(acc_fp32, a, b, out_dtype=torch.float32, out=acc_fp32)`` runs for
-    ``dtype`` operands on ``device`` (cuBLAS, torch >= 2.8; not on CPU). Probed once per pair on two
-    2x2 tensors: a failed dispatch raises at once, nothing is read back (no sync)."""
+    """Whether ``torch.mm``/``torch.addmm(acc_fp32, a, b, out_dtype=torch.float32, out=acc_fp32)`` run for
+    ``dtype`` operands on ``device`` (cuBLAS, torch >= 2.8; not on CPU). Probed once per pair on tiny
+    tensors laid out like the real call: a failed dispatch raises at once, nothing is read back (no
+    sync)."""
     key = (torch.device(device), dtype)
     if key not in _FP32_OUT_GEMM:
         ok = False
         if key[0].type == "cuda":
             try:
-                a = torch.zeros(2, 2, dtype=dtype, device=key[0])
+                a = torch.zeros(3, 2, dtype=dtype, device=key[0]).t()  # transposed, as dz.T is
+                b = torch.zeros(3, 2, dtype=dtype, device=key[0])
                 acc = torch.zeros(2, 2, dtype=torch.float32, device=key[0])
-                torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+                torch.mm(a, b, out_dtype=torch.float32, out=acc)
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
                 ok = True
             except (RuntimeError, TypeError, NotImplementedError):
                 ok = False
@@ -86,18 +89,27 @@ def fp32_out_gemm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return _FP32_OUT_GEMM[key]
 
 
-def accumulate_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` the fp32 (fp64) grad_W accumulator.
+def accumulate_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """``acc += a @ b`` (``acc = a @ b`` when ``first``: no zero fill) into the fp32 (fp64) grad_W
+    accumulator ``acc``.
 
-    Same dtype: ``addmm_``. bf16/fp16 operands: cuBLAS writes the fp32 sum straight into ``acc``
-    (``out_dtype``) where supported; elsewhere (CPU, older torch) the chunk's product is formed in the
-    operands' dtype (fp32 accumulation inside the GEMM, one rounding of each chunk's partial sum)
-    and added to ``acc`` in fp32 -- the fallback Liger-Kernel also uses.
+    Same dtype: ``mm``/``addmm_``. bf16/fp16 operands: cuBLAS writes the fp32 sum straight into
+    ``acc`` (``out_dtype``) where supported; elsewhere (CPU, older torch) the chunk's product is formed
+    in the operands' dtype (fp32 accumulation inside the GEMM, one rounding of each chunk's partial
+    sum) and added to ``acc`` in fp32 -- the fallback Liger-Kernel also uses.
     """
     if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
+        if first:
+            torch.mm(a, b, out=acc)
+        else:
+            acc.addmm_(a, b)
     elif fp32_out_gemm_supported(acc.device, a.dtype):
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        if first:
+            torch.mm(a, b, out_dtype=acc.dtype, out=acc)
+        else:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    elif first:
+        acc.copy_(torch.mm(a, b))
     else:
         acc.add_(torch.mm(a, b))
 
@@ -120,7 +132,9 @@ def chunk_pass(h, w, labels, opts: CEOptions, row_op: RowOp, chunk_rows: int, ro
         lse = torch.empty(n, dtype=torch.float32, device=dev)
     grad_h = torch.empty_like(h) if want_grad and need_h else None
     acc_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-    grad_w = torch.zeros((vocab, width), dtype=acc_dtype, device=dev) if want_grad and need_w else None
+    grad_w = None
+    if want_grad and need_w:  # written whole by the first chunk's GEMM
+        grad_w = (torch.empty if n > 0 else torch.zeros)((vocab, width), dtype=acc_dtype, device=dev)
     if n == 0:
         return loss, lse, grad_h, grad_w
     invalid = (labels == opts.ignore_index).unsqueeze(1)
@@ -140,7 +154,7 @@ def chunk_pass(h, w, labels, opts: CEOptions, row_op: RowOp, chunk_rows: int, ro
         if grad_h is not None:
             torch.mm(z, w, out=grad_h[start:end])
         if grad_w is not None:
-            accumulate_(grad_w, z.t(), hc)
+            accumulate_(grad_w, z.t(), hc, first=start == 0)
     return loss, lse, grad_h, grad_w
 
 
