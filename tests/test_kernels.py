@@ -381,6 +381,48 @@ def test_triton_rejects_float64():
         linear_cross_entropy(h.double(), w.double(), y, impl="triton")
 
 
+AOT_COMPILE = """
+import itertools, sys, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from lightning_cggr.kernels import cross_entropy as ce
+sig = dict(z_ptr="*bf16", z_stride="i64", y_ptr="*i64", scale_ptr="*fp32", scale_stride="i64", loss_ptr="*fp32",
+           lse_ptr="*fp32", V="i32", ignore_index="i32", label_smoothing="fp32", lse_square_scale="fp32",
+           softcap="fp32", WANT_GRAD="constexpr", LSE_KNOWN="constexpr", HAS_SOFTCAP="constexpr",
+           HAS_SMOOTHING="constexpr", HAS_ZLOSS="constexpr", BLOCK_V="constexpr")
+block, warps = ce.launch_config(128256)
+for want, known, opts in ((False, False, False), (True, False, False), (True, False, True), (True, True, True)):
+    const = dict(WANT_GRAD=want, LSE_KNOWN=known, HAS_SOFTCAP=opts, HAS_SMOOTHING=opts, HAS_ZLOSS=opts, BLOCK_V=block)
+    triton.compile(ASTSource(ce._ce_rows_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=warps))
+sig = dict(z_ptr="*bf16", z_stride="i64", y_ptr="*i64", lse_ptr="*fp32", ent_ptr="*fp32", margin_ptr="*fp32",
+           nll_ptr="*fp32", V="i32", ignore_index="i32", HAS_LABELS="constexpr", BLOCK_V="constexpr")
+for labels in (True, False):
+    triton.compile(ASTSource(ce._stats_rows_kernel, sig, dict(HAS_LABELS=labels, BLOCK_V=block)),
+                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_triton_kernels_compile_for_an_h100_without_one():
+    """The interpreter runs the kernels as numpy and forgives what the compiler does not: compile the
+    row kernels ahead of time for sm_90 (Triton's bundled ptxas, no GPU needed) at the Llama-3 launch
+    configuration, in a subprocess without the interpreter."""
+    import subprocess
+    import sys
+
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONWARNINGS="ignore")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", AOT_COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------- peers
 @pytest.mark.skipif("liger" not in PEERS, reason="liger-kernel not installed or triton cannot run")
 @pytest.mark.parametrize(

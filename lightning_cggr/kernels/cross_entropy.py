@@ -156,13 +156,13 @@ def _stats_rows_kernel(
     tl.store(lse_ptr + row, lse)
     tl.store(ent_ptr + row, lse - t / d)
     tl.store(margin_ptr + row, top1 - top2)
-    nll = 0.0
     if HAS_LABELS:
         y = tl.load(y_ptr + row).to(tl.int64)
-        if y != ignore_index:
-            in_range = (y >= 0) & (y < V)
-            nll = lse - tl.load(base + y, mask=in_range, other=float("nan")).to(tl.float32)
-    tl.store(nll_ptr + row, nll)
+        valid = y != ignore_index
+        z_y = tl.load(base + y, mask=valid & (y >= 0) & (y < V), other=float("nan")).to(tl.float32)
+        tl.store(nll_ptr + row, tl.where(valid, lse - z_y, 0.0))
+    else:
+        tl.store(nll_ptr + row, 0.0)
 
 
 def triton_ce_rows(z, y, scale, loss, lse, opts: CEOptions, *, want_grad: bool, lse_known: bool) -> None:
