@@ -39,7 +39,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from experiments.harness import LoadSampler, device_tag, environment, md_table
+from experiments.results_io import LoadSampler, device_tag, environment, md_table
 from lightning_cggr.kernels import compact_rows, linear_cross_entropy, resolve_impl
 
 RESULTS = Path(__file__).resolve().parent / "results"
