@@ -1,73 +1,115 @@
-"""Benchmark the linear cross-entropy implementations: forward+backward time and peak memory.
+"""Benchmark the linear cross-entropy implementations: forward+backward time and peak extra memory.
 
-Implementations: ``naive`` (full logits + F.cross_entropy, HF style), ``torch`` (this package's
-row-chunked torch path), ``F.linear_cross_entropy`` with ``LinearCrossEntropyOptions`` (torch >= 2.13),
-Liger-Kernel's fused linear cross-entropy (CUDA, if installed) and ``triton`` (ours, CUDA).
+Implementations: every ``impl`` of :mod:`lightning_cggr.kernels` that runs on the device (``naive``,
+``torch``, ``triton``, ``liger``, ``torch_lce``) plus ``liger_fp32acc`` (Liger with an fp32 grad_W
+accumulator, as ours uses; CUDA). ``triton`` and ``liger`` are CUDA-only here (the interpreter is for
+correctness, not speed).
 
-"Ratio" is the kept-token ratio: all N rows are passed and a random ``1 - ratio`` of the labels are
-set to -100, as CGGR's selection does. Every implementation gets the same inputs; runs are
-interleaved (the order rotates each repeat) and medians reported. Peak memory is the CUDA peak
-above the inputs (hidden, weight, labels) during forward+backward; on CPU it is not measured.
+``ratio`` is the kept fraction of the rows: exactly ``ceil(ratio * N)`` random rows keep their label.
+Below 1 every implementation runs on those rows gathered to a static capacity
+(``compact_rows`` + ``index_select``, as the training step does; its cost is included, and the
+gradient flows back to the full ``[N, H]`` hidden states); ``naive_masked`` is the HF way for
+comparison: all N rows with the dropped labels set to -100.
 
-GPU (one short command, < 5 min on one H100; both heads, N = 8x2048 and 16x2048, ratios 1.0/0.25):
-    python -m experiments.bench_cross_entropy
-CPU (smaller shape, torch paths only, < 3 min on 2 cores):
+Timing: one warm-up call per (implementation, ratio) (reported as ``first_call_s``: compilation and,
+for ours, the one-off probe of ``addmm(out_dtype)`` included), then ``--repeats`` rounds in which
+every (implementation, ratio) of a shape runs once, in an order that rotates each round; medians of
+wall time, and of this process's CPU time (less sensitive to other jobs sharing the cores). Memory: on CUDA the
+``max_memory_allocated`` above the inputs; on CPU the peak bytes of the tensors that torch ops create
+during one extra fwd+bwd (a dispatch-mode tracker: the same accounting, not the process RSS).
+
+GPU, both heads at N = 16384, bf16, stops starting new cases after ``--budget-s``:
+    python -m experiments.bench_cross_entropy --device cuda --budget-s 300
+CPU, fp32, N = 1024 at the SmolLM2 head (about 3 minutes on 2 cores):
     python -m experiments.bench_cross_entropy --device cpu
-Results: experiments/results/bench_cross_entropy_<device>.json and .md
+Results: ``<out>/bench_cross_entropy_<device tag>.{json,md}`` (default out: experiments/results).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
+import math
 import statistics
 import time
+import weakref
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-from lightning_cggr.kernels import linear_cross_entropy
+from experiments.results_io import LoadSampler, device_tag, environment, md_table
+from lightning_cggr.kernels import compact_rows, linear_cross_entropy, resolve_impl
 
 RESULTS = Path(__file__).resolve().parent / "results"
-GPU_SHAPES = [(h, v, n) for h, v in ((576, 49152), (4096, 128256)) for n in (8 * 2048, 16 * 2048)]
-CPU_SHAPES = [(576, 49152, 1024)]  # DESIGN.md's CPU measurement shape (N=1020 there)
+HEADS = ((576, 49152), (4096, 128256))  # SmolLM2-135M, Llama-3
+GPU_SHAPES = [(h, v, 16384) for h, v in HEADS]
+CPU_SHAPES = [(576, 49152, 1024)]  # the CPU target shape of issue 11
 
 
-def _torch_lce(h, w, y):
-    return F.linear_cross_entropy(h, w, y, options=torch.nn.LinearCrossEntropyOptions())
+# ----------------------------------------------------------------------------- implementations
+def _ours(impl):
+    return lambda h, w, y: linear_cross_entropy(h, w, y, impl=impl)
 
 
-def _liger():
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except ImportError:
-        return None
-    loss = LigerFusedLinearCrossEntropyLoss()
-    return lambda h, w, y: loss(w, h, y)
+def _liger_fp32acc(h, w, y):
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    total = liger_fused_linear_cross_entropy(h, w, y, reduction="sum", accum_dtype=torch.float32)
+    return total / (y != -100).sum().clamp_min(1)
 
 
 def implementations(device: torch.device, which: list[str] | None) -> dict:
-    impls = {
-        "naive": lambda h, w, y: linear_cross_entropy(h, w, y, impl="naive"),
-        "torch_chunked": lambda h, w, y: linear_cross_entropy(h, w, y, impl="torch"),
-    }
-    if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
-        impls["F.linear_cross_entropy"] = _torch_lce
-    if device.type == "cuda":
-        liger = _liger()
-        if liger is not None:
-            impls["liger_flce"] = liger
-        impls["triton (ours)"] = lambda h, w, y: linear_cross_entropy(h, w, y, impl="triton")
+    """name -> (fn(h, w, y) -> loss, compacted below ratio 1?)"""
+    out, unavailable = {}, {}
+    names = ["naive", "torch", "triton", "liger", "torch_lce"]
+    for name in names:
+        if device.type == "cpu" and name in ("triton", "liger"):
+            unavailable[name] = "Triton on CPU is the interpreter (correctness only)"
+            continue
+        try:
+            resolve_impl(name, device)
+        except (RuntimeError, ValueError) as e:
+            unavailable[name] = str(e)
+            continue
+        out[name] = _ours(name)
+    if "liger" in out:
+        out["liger_fp32acc"] = _liger_fp32acc
+    out["naive_masked"] = out["naive"]
     if which:
-        unknown = sorted(set(which) - set(impls))
+        unknown = sorted(set(which) - set(out))
         if unknown:
-            raise SystemExit(f"unknown or unavailable impl(s) {unknown}; available here: {sorted(impls)}")
-        impls = {k: v for k, v in impls.items() if k in which}
-    return impls
+            raise SystemExit(f"unknown or unavailable impl(s) {unknown}; available: {sorted(out)}; "
+                             f"unavailable: {unavailable}")
+        out = {k: v for k, v in out.items() if k in which}
+    return out, unavailable
+
+
+# ----------------------------------------------------------------------------- measurement
+class TensorBytes(TorchDispatchMode):
+    """Peak bytes of the storages torch ops create while active. An output whose storage is an
+    input's (a view, an in-place or ``out=`` op) adds nothing; a new storage counts until the tensor
+    the op returned is dropped (approximate where a view of it outlives it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                nbytes = t.untyped_storage().nbytes()
+                seen.add(t.untyped_storage().data_ptr())
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, nbytes)
+        return out
+
+    def _free(self, nbytes):
+        self.live -= nbytes
 
 
 def sync(device):
@@ -75,102 +117,173 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def measure(fn, h, w, y, device):
-    """One fwd+bwd: (seconds, peak extra bytes or None)."""
-    h.grad = None
-    w.grad = None
+def one_call(fn, h, w, y, capacity):
+    h.grad = w.grad = None
+    if capacity is None:
+        loss = fn(h, w, y)
+    else:
+        c = compact_rows(y, capacity)
+        loss = fn(h.index_select(0, c.index), w, c.labels)
+    loss.backward()
+    return loss
+
+
+def timed(fn, h, w, y, capacity, device):
+    """(wall seconds, process CPU seconds) of one fwd+bwd."""
     sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    one_call(fn, h, w, y, capacity)
+    sync(device)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def peak_extra_bytes(fn, h, w, y, capacity, device):
     if device.type == "cuda":
+        sync(device)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    t0 = time.perf_counter()
-    loss = fn(h, w, y)
-    loss.backward()
-    sync(device)
-    elapsed = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else None
-    del loss
-    return elapsed, peak
+        one_call(fn, h, w, y, capacity)
+        sync(device)
+        return torch.cuda.max_memory_allocated() - base
+    with TensorBytes() as tracker:
+        one_call(fn, h, w, y, capacity)
+    return tracker.peak
 
 
-def bench_shape(impls, hdim, vocab, n, ratio, dtype, device, repeats, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
+def bench_shape(impls, hdim, vocab, n, ratios, dtype, device, repeats, deadline, seed=0):
+    """Every (impl, ratio) pair at one shape, interleaved: each round runs every pair once, in an
+    order that rotates by one each round, so ratios and impls see the same machine load."""
+    g = torch.Generator().manual_seed(seed)
     h = (torch.randn(n, hdim, generator=g) * 0.5).to(device, dtype).requires_grad_(True)
     w = (torch.randn(vocab, hdim, generator=g) / hdim**0.5).to(device, dtype).requires_grad_(True)
-    y = torch.randint(0, vocab, (n,), generator=g)
-    if ratio < 1.0:
-        y[torch.rand(n, generator=g) >= ratio] = -100
-    y = y.to(device)
-    names = list(impls)
-    times = {k: [] for k in names}
-    peaks = {k: [] for k in names}
-    errors = {}
-    for k in names:  # warm-up (autotuning, allocator)
+    runs = {}  # (impl, ratio) -> (fn, labels, capacity or None)
+    for ratio in ratios:
+        kept = math.ceil(ratio * n)
+        y = torch.full((n,), -100, dtype=torch.int64)
+        rows = torch.randperm(n, generator=g)[:kept]
+        y[rows] = torch.randint(0, vocab, (kept,), generator=g)
+        y = y.to(device)
+        for name, fn in impls.items():
+            if name == "naive_masked" and ratio == 1.0:
+                continue  # identical to naive
+            runs[(name, ratio)] = (fn, y, None if (ratio == 1.0 or name == "naive_masked") else kept)
+    res = {k: dict(times=[], cpu=[], first=None, peak=None, error=None) for k in runs}
+    for key, (fn, y, cap) in runs.items():
         try:
-            measure(impls[k], h, w, y, device)
-        except torch.OutOfMemoryError as e:  # report, do not abort the whole benchmark
-            errors[k] = f"OOM: {str(e).splitlines()[0]}"
+            res[key]["first"] = timed(fn, h, w, y, cap, device)[0]
+            res[key]["peak"] = peak_extra_bytes(fn, h, w, y, cap, device)
+        except torch.OutOfMemoryError as e:
+            res[key]["error"] = "OOM: " + str(e).splitlines()[0][:120]
+            h.grad = w.grad = None
             torch.cuda.empty_cache()
+    keys = [k for k in runs if res[k]["error"] is None]
     for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for k in order:
-            if k in errors:
-                continue
-            t, p = measure(impls[k], h, w, y, device)
-            times[k].append(t)
-            if p is not None:
-                peaks[k].append(p)
-    rows = []
-    for k in names:
-        rows.append(dict(
-            impl=k, H=hdim, V=vocab, N=n, ratio=ratio, dtype=str(dtype).replace("torch.", ""),
-            median_s=statistics.median(times[k]) if times[k] else None,
-            times_s=times[k],
-            peak_extra_mib=(max(peaks[k]) / 2**20) if peaks[k] else None,
-            error=errors.get(k),
+        if r > 0 and time.perf_counter() > deadline:
+            break
+        for key in keys[r % len(keys):] + keys[: r % len(keys)]:
+            fn, y, cap = runs[key]
+            wall, cpu = timed(fn, h, w, y, cap, device)
+            res[key]["times"].append(wall)
+            res[key]["cpu"].append(cpu)
+    out = []
+    for (name, ratio), r in res.items():
+        cap = runs[(name, ratio)][2]
+        out.append(dict(
+            impl=name, H=hdim, V=vocab, N=n, ratio=ratio, rows_computed=n if cap is None else cap,
+            dtype=str(dtype).replace("torch.", ""), median_s=statistics.median(r["times"]) if r["times"] else None,
+            times_s=r["times"], process_cpu_s=r["cpu"],
+            median_process_cpu_s=statistics.median(r["cpu"]) if r["cpu"] else None, first_call_s=r["first"],
+            peak_extra_mib=None if r["peak"] is None else r["peak"] / 2**20, error=r["error"],
         ))
-    del h, w, y
+    del h, w, runs
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return rows
-
-
-def versions():
-    out = {"torch": torch.__version__, "python": platform.python_version()}
-    for mod in ("triton", "liger_kernel"):
-        try:
-            m = __import__(mod)
-            out[mod] = getattr(m, "__version__", "installed")
-        except ImportError:
-            out[mod] = None
     return out
 
 
-def to_markdown(meta, rows):
-    lines = [
-        f"# Linear cross-entropy fwd+bwd, {meta['device_name']}",
-        "",
-        f"{meta['date']}, torch {meta['versions']['torch']}, triton {meta['versions']['triton']}, "
-        f"liger {meta['versions']['liger_kernel']}; dtype {meta['dtype']}; median of {meta['repeats']} "
-        "interleaved repeats after one warm-up; ratio = kept fraction of labels (rest -100).",
-    ]
-    if meta.get("note"):
-        lines += ["", meta["note"]]
-    if "loadavg_start" in meta:
-        lines += ["", f"Machine load average (1/5/15 min) at start {meta['loadavg_start']}, at end "
-                  f"{meta.get('loadavg_end')}; wall {meta.get('total_wall_s')} s, process CPU "
-                  f"{meta.get('total_cpu_s')} s. Other jobs sharing the cores inflate absolute times; the "
-                  "interleaving keeps the ratios comparable."]
-    lines += ["", "| H | V | N | ratio | impl | median fwd+bwd (s) | vs naive | peak extra (MiB) |",
-              "|---|---|---|---|---|---|---|---|"]
-    naive = {(r["H"], r["V"], r["N"], r["ratio"]): r["median_s"] for r in rows if r["impl"] == "naive"}
+# ----------------------------------------------------------------------------- report
+def _find(rows, impl, hdim, vocab, n, ratio):
     for r in rows:
-        base = naive.get((r["H"], r["V"], r["N"], r["ratio"]))
+        if (r["impl"], r["H"], r["V"], r["N"], r["ratio"]) == (impl, hdim, vocab, n, ratio) and r["median_s"]:
+            return r
+    return None
+
+
+def paired(a, b, key="times_s"):
+    """Median over rounds of a's time / b's time in the same round (robust to load that drifts)."""
+    pairs = [x / y for x, y in zip(a[key], b[key]) if y > 0]
+    return statistics.median(pairs) if pairs else None
+
+
+def targets(rows, device_type):
+    """Issue 11's targets on these numbers (a statement, not an assertion): per-round paired ratios of
+    wall time (the target) and of process CPU time (shown for load robustness)."""
+    ours = "triton" if device_type == "cuda" else "torch"
+    checks = []
+    for hdim, vocab, n in sorted({(r["H"], r["V"], r["N"]) for r in rows}):
+        shape = f"H={hdim} V={vocab} N={n}"
+        full, quarter = _find(rows, ours, hdim, vocab, n, 1.0), _find(rows, ours, hdim, vocab, n, 0.25)
+        naive, liger = _find(rows, "naive", hdim, vocab, n, 1.0), _find(rows, "liger", hdim, vocab, n, 1.0)
+        if full and quarter:
+            limit = 0.35 if device_type == "cuda" else 0.45
+            checks.append((shape, f"{ours} ratio 0.25 <= {limit}x its ratio 1.0", paired(quarter, full),
+                           paired(quarter, full, "process_cpu_s"), limit))
+        if full and naive:
+            checks.append((shape, f"{ours} ratio 1.0 no slower than naive", paired(full, naive),
+                           paired(full, naive, "process_cpu_s"), 1.0))
+        if device_type == "cuda" and full and liger:
+            checks.append((shape, "triton ratio 1.0 <= 0.8x Liger's time", paired(full, liger), None, 0.8))
+            if full["peak_extra_mib"] is not None and liger["peak_extra_mib"] is not None:
+                checks.append((shape, "triton peak extra memory <= Liger's",
+                               full["peak_extra_mib"] / liger["peak_extra_mib"], None, 1.0))
+    return [dict(shape=c[0], target=c[1], wall_ratio=c[2], cpu_ratio=c[3], limit=c[4],
+                 met=c[2] is not None and c[2] <= c[4]) for c in checks]
+
+
+def to_markdown(meta, rows, checks):
+    env = meta["environment"]
+    hw = env["hardware"]
+    dev = hw.get("gpu") or f"CPU {hw['cpu']} ({hw['torch_threads']} torch threads)"
+    lines = [
+        f"# Linear cross-entropy fwd+bwd, {dev}",
+        "",
+        f"{env['date_utc']}, commit {str(env['git_commit'])[:10]}{' (dirty tree)' if env['git_tree_dirty'] else ''}, "
+        f"torch {env['versions']['torch']}, triton {env['versions']['triton']}, liger {meta['liger_version']}; "
+        f"dtype {meta['dtype']}; median of up to {meta['repeats']} interleaved rounds after one warm-up "
+        "(process CPU: median CPU seconds of this process per call, less sensitive to other jobs on the cores). "
+        "ratio = kept fraction of rows; below 1 every impl runs on the kept rows gathered by compact_rows "
+        "(its cost included) except naive_masked (all rows, dropped labels -100). Peak extra: "
+        + ("CUDA max_memory_allocated above the inputs." if meta["device"] == "cuda" else
+           "bytes of tensors created during one fwd+bwd (dispatch tracker), CPU."),
+        "",
+        f"Load average (1 min) during the run: {meta['load']}. Wall {meta['wall_s']} s.",
+    ]
+    if meta.get("unavailable"):
+        lines += ["", "Not measured here: " + "; ".join(f"{k}: {v}" for k, v in meta["unavailable"].items())]
+    if meta.get("skipped"):
+        lines += ["", f"Skipped for the time budget ({meta['budget_s']} s): {meta['skipped']}"]
+    table = []
+    for r in rows:
+        base = _find(rows, "naive", r["H"], r["V"], r["N"], r["ratio"])
         t = r["median_s"]
-        rel = f"{t / base:.2f}x" if (t and base) else "-"
-        peak = f"{r['peak_extra_mib']:.0f}" if r["peak_extra_mib"] is not None else "n/a"
-        tcell = f"{t:.4f}" if t is not None else (r["error"] or "-")
-        lines.append(f"| {r['H']} | {r['V']} | {r['N']} | {r['ratio']} | {r['impl']} | {tcell} | {rel} | {peak} |")
+        rel = paired(r, base) if t and base else None
+        table.append([r["H"], r["V"], r["N"], r["ratio"], r["impl"], r["rows_computed"],
+                      f"{t:.4f}" if t is not None else (r["error"] or None),
+                      f"{rel:.2f}x" if rel is not None else None,
+                      f"{r['median_process_cpu_s']:.3f}" if r["median_process_cpu_s"] is not None else None,
+                      f"{r['first_call_s']:.3f}" if r["first_call_s"] is not None else None,
+                      f"{r['peak_extra_mib']:.0f}" if r["peak_extra_mib"] is not None else None])
+    lines += ["", md_table(["H", "V", "N", "ratio", "impl", "rows computed", "median fwd+bwd (s)",
+                            "vs naive (paired)", "process CPU (s)", "first call (s)", "peak extra (MiB)"], table)]
+    if checks:
+        def fmt(x):
+            return None if x is None else f"{x:.2f}x"
+
+        lines += ["", "Targets of issue 11 on these numbers (median over rounds of the ratio within a round; "
+                  "'met' judges the wall-time ratio):", "",
+                  md_table(["shape", "target", "wall", "process CPU", "met"],
+                           [[c["shape"], c["target"], fmt(c["wall_ratio"]), fmt(c["cpu_ratio"]),
+                             "yes" if c["met"] else "NO"] for c in checks])]
     return "\n".join(lines) + "\n"
 
 
@@ -178,56 +291,63 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto (cuda if available) | cuda | cpu")
     p.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--shapes", default=None,
-                   help="comma-separated HxVxN, e.g. 576x49152x16384 (default: per device, see above)")
-    p.add_argument("--ratios", default="1.0,0.25", help="kept-label ratios")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per impl (default 5 CUDA, 3 CPU)")
-    p.add_argument("--impls", default=None, help="comma-separated subset of implementation names")
-    p.add_argument("--out", default=None, help="output stem (default experiments/results/bench_cross_entropy_<device>)")
+    p.add_argument("--shapes", default=None, help="comma-separated HxVxN, e.g. 576x49152x16384 (default per device)")
+    p.add_argument("--ratios", default="1.0,0.25", help="kept-row ratios")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7 CUDA, 5 CPU)")
+    p.add_argument("--impls", default=None, help="comma-separated subset of the implementation names")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new shape or round after this many seconds (default 360 CUDA, 900 CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--out", default=None, help="output folder (default experiments/results)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if args.shapes:
-        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+        device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    shapes = ([tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")] if args.shapes
+              else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES))
     ratios = [float(r) for r in args.ratios.split(",")]
-    repeats = args.repeats or (5 if device.type == "cuda" else 3)
-    impls = implementations(device, args.impls.split(",") if args.impls else None)
+    repeats = args.repeats or (7 if device.type == "cuda" else 5)
+    budget = args.budget_s or (360.0 if device.type == "cuda" else 900.0)
+    impls, unavailable = implementations(device, args.impls.split(",") if args.impls else None)
+    try:
+        from importlib.metadata import version
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-    meta = dict(device=device.type, device_name=device_name, dtype=str(dtype).replace("torch.", ""),
-                date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                versions=versions(), repeats=repeats, shapes=shapes, ratios=ratios, impls=list(impls))
-    if device.type == "cpu":
-        meta["note"] = ("CPU run: torch paths only (Triton/Liger need a GPU; the interpreter is for "
-                        "correctness, not speed). No GPU was available in the session that produced "
-                        "this file, so no GPU numbers exist yet: run `python -m experiments.bench_cross_entropy` "
-                        "on a GPU to produce bench_cross_entropy_cuda.{json,md}.")
-    rows = []
-    t_start, cpu_start = time.perf_counter(), time.process_time()
-    if hasattr(os, "getloadavg"):
-        meta["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
-    for hdim, vocab, n in shapes:
-        for ratio in ratios:
-            res = bench_shape(impls, hdim, vocab, n, ratio, dtype, device, repeats)
+        liger_version = version("liger-kernel")
+    except Exception:  # noqa: BLE001 - not installed is a fact worth recording
+        liger_version = None
+
+    env = environment(device.type)
+    t0 = time.perf_counter()
+    deadline = t0 + budget
+    rows, skipped = [], []
+    with LoadSampler(every=10.0) as load:
+        for hdim, vocab, n in shapes:
+            if time.perf_counter() > deadline:
+                skipped.append(f"{hdim}x{vocab}x{n}")
+                continue
+            res = bench_shape(impls, hdim, vocab, n, ratios, dtype, device, repeats, deadline)
             for r in res:
-                print(f"H={hdim} V={vocab} N={n} ratio={ratio} {r['impl']:>24}: "
-                      f"{r['median_s'] if r['median_s'] is not None else r['error']} s, "
-                      f"peak {r['peak_extra_mib']} MiB", flush=True)
+                print(f"H={hdim} V={vocab} N={n} ratio={r['ratio']} {r['impl']:>14}: median {r['median_s']} s "
+                      f"first {r['first_call_s']} s peak {r['peak_extra_mib']} MiB {r['error'] or ''}", flush=True)
             rows += res
-    meta["total_wall_s"] = round(time.perf_counter() - t_start, 1)
-    meta["total_cpu_s"] = round(time.process_time() - cpu_start, 1)
-    if hasattr(os, "getloadavg"):
-        meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    stem = Path(args.out) if args.out else RESULTS / f"bench_cross_entropy_{device.type}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
-    stem.with_suffix(".md").write_text(to_markdown(meta, rows))
-    print(to_markdown(meta, rows))
+    meta = dict(device=device.type, dtype=str(dtype).replace("torch.", ""), repeats=repeats, budget_s=budget,
+                shapes=shapes, ratios=ratios, impls=list(impls), unavailable=unavailable, skipped=skipped,
+                liger_version=liger_version, environment=env, load=load.summary(),
+                wall_s=round(time.perf_counter() - t0, 1))
+    checks = targets(rows, device.type)
+    md = to_markdown(meta, rows, checks)
+    out = Path(args.out) if args.out else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"bench_cross_entropy_{device_tag(device.type)}"
+    payload = dict(meta=meta, results=rows, targets=checks)
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    stem.with_suffix(".md").write_text(md)
+    print(md)
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
 
 

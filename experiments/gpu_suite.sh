@@ -41,6 +41,12 @@ if ! python -c "import pytest" 2>/dev/null; then  # for the GPU-only tests (step
   python -m pip install --quiet --no-index --no-deps --target "$PYDEPS" experiments/wheels/pytest/*.whl >>"$LOG" 2>&1 \
     && export PYTHONPATH="$PYDEPS${PYTHONPATH:+:$PYTHONPATH}" || say "offline install of pytest failed"
 fi
+if ! python -c "import liger_kernel" 2>/dev/null; then  # the loss benchmark's peer and loss.impl=liger
+  LIGER=$(mktemp -d)/liger
+  python -m pip install --quiet --no-index --no-deps --target "$LIGER" experiments/wheels/liger/*.whl >>"$LOG" 2>&1 \
+    && export PYTHONPATH="$LIGER${PYTHONPATH:+:$PYTHONPATH}" || say "offline install of liger-kernel failed"
+fi
+export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1  # the machine's pytest plugins crash older carried pytest wheels
 export LIGHTNING_CGGR_CACHE=${LIGHTNING_CGGR_CACHE:-$(mktemp -d)/cache}
 export TOKENIZERS_PARALLELISM=false
 
@@ -83,12 +89,10 @@ if part all; then
 else
   step 60 pytest -q -m gpu -p no:cacheprovider tests/test_perf.py --junitxml="$RES/gpu_tests.xml"
 fi
-# 1. throughput at equal batch: tiny (16 x 128, as on CPU) and SmolLM2's shape at 8 x 2048, bf16-mixed
-part all && step 90 experiments.throughput --device "$DEV" --preset tiny "${S[@]}" --out "$RES"
-# 1b. the user's FSDP command end to end (on the rehearsal: FSDP2 on 2 CPU processes); metrics kept
-part all && step 90 lightning_cggr.train "${FSDP[@]}" output_dir="$RES/fsdp_run" hydra.run.dir="$RES/fsdp_run/hydra" \
-  trainer.enable_progress_bar=false
-rm -rf "$RES/fsdp_run/checkpoints"  # weights do not travel back
+# 1. the loss alone at both heads (SmolLM2 576 x 49152, Llama-3 4096 x 128256), every impl incl. Liger,
+#    ratio 1.0 and 0.25 (compacted), interleaved (issue 11's targets are checked in its report)
+step 150 experiments.bench_cross_entropy --device "$DEV" --budget-s 100 --out "$RES" \
+  $( [ "${GPU_SUITE_DRY:-0}" = "1" ] && echo "--shapes 64x1000x128 --repeats 2" )
 # 1c. SmolLM2's shape, eager, with MFU and a torch.profiler summary per method (issue 16: where the time goes)
 step 150 experiments.throughput --device "$DEV" --preset smollm2_shape "${S[@]}" --out "$RES" "${P[@]}" "${SHAPE[@]}"
 # 1d. the same with every decoder block compiled (perf.compile=true), same efficiency options for every
@@ -103,6 +107,12 @@ part all && step 150 experiments.quality --device "$DEV" --preset smollm2_shape 
   --methods standard_naive,standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence,cggr_final \
   data.batch_size=8 data.block_size=512 optim.lr=1e-3 optim.warmup_steps=10 \
   $( [ "${GPU_SUITE_DRY:-0}" = "1" ] && echo "data.batch_size=2 data.block_size=64 model.num_layers=4" )
+# 2b. throughput at the tiny shape (16 x 128, as on CPU) and the user's FSDP command end to end (on the
+#     rehearsal: FSDP2 on 2 CPU processes); metrics kept
+part all && step 90 experiments.throughput --device "$DEV" --preset tiny "${S[@]}" --out "$RES"
+part all && step 90 lightning_cggr.train "${FSDP[@]}" output_dir="$RES/fsdp_run" hydra.run.dir="$RES/fsdp_run/hydra" \
+  trainer.enable_progress_bar=false
+rm -rf "$RES/fsdp_run/checkpoints"  # weights do not travel back
 # 3. batch-size sweep at a 12 GiB budget (block 2048), whatever time is left
 T=$(left); part all && [ "$T" -gt 30 ] && step "$T" experiments.sweep --out "$RES" --deadline-s $((T - 25)) sweep=gpu_smollm2_shape "${SW[@]}"
 

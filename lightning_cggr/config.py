@@ -36,8 +36,9 @@ class RouterConfig:
 
     num_layers: int = 2
     """First k blocks of the model that the router runs (shared weights); 1 <= k <= model layers."""
-    chunk_size: int = 1024
-    """Rows of [tokens, vocab] logits the router materializes at once while scoring."""
+    chunk_size: int | None = None
+    """Rows of [tokens, vocab] logits scoring holds at once; null: the kernels' rule per head shape
+    (lightning_cggr.kernels: a few thousand rows, bounded memory)."""
     source: str = "truncated"
     """'truncated': the first ``num_layers`` blocks score before the forward; 'final': router-free,
     the main forward's own final hidden states (detached) score, no extra layers run (token unit only)."""
@@ -111,7 +112,9 @@ class LossConfig:
     """Which cross-entropy implementation computes the training loss."""
 
     impl: str = "auto"
-    """auto | triton | torch | naive (naive = full-logits, HF-style; the benchmark baseline)."""
+    """auto (triton on CUDA, the chunked torch path elsewhere) | triton | torch | naive (full logits,
+    HF-style: the benchmark baseline) | liger (Liger-Kernel's fused linear cross-entropy; needs
+    liger-kernel) | torch_lce (torch's F.linear_cross_entropy; no z-loss, softcap or smoothing)."""
 
 
 @dataclass
@@ -389,8 +392,8 @@ def validate(run: RunConfig) -> None:
         p.append(f"cggr.warmup_steps={c.warmup_steps!r}: must be an integer >= 0")
     if not isinstance(c.router.num_layers, int) or c.router.num_layers < 1:
         p.append(f"cggr.router.num_layers={c.router.num_layers!r}: must be an integer >= 1")
-    if not isinstance(c.router.chunk_size, int) or c.router.chunk_size < 1:
-        p.append(f"cggr.router.chunk_size={c.router.chunk_size!r}: must be an integer >= 1")
+    if c.router.chunk_size is not None and (not _is_int(c.router.chunk_size) or c.router.chunk_size < 1):
+        p.append(f"cggr.router.chunk_size={c.router.chunk_size!r}: must be an integer >= 1 or null (by rule)")
     _validate_selection_extras(p, c)
     _check_choice(p, "loss.impl", run.loss.impl, LOSS_IMPLS)
     _check_choice(p, "model.source", m.source, MODEL_SOURCES)

@@ -50,7 +50,7 @@ import torch
 from .config import CGGRConfig, LossConfig, OptimConfig, PerfConfig
 from .distributed import KeptTokenNormalizer
 from .errors import ConfigError
-from .kernels import TokenStats, linear_cross_entropy, resolve_impl, token_stats
+from .kernels import TokenStats, linear_cross_entropy, resolve_impl, resolve_stats_impl, token_stats
 from .models.attention import mask_free_attention, model_configs
 from .perf import adamw_kwargs, compile_blocks
 from .routing.guards import sanitize_stats
@@ -143,10 +143,10 @@ class CGGRStep:
 
     @property
     def stats_impl(self) -> str:
-        """The kernel for scoring statistics: the loss's, except that naive (full logits) scores
-        with the chunked torch path, which never holds [tokens, vocab]."""
-        impl = self.loss_impl
-        return "torch" if impl == "naive" else impl
+        """The kernel for scoring statistics: the loss's where it has one; naive (full logits) scores
+        with the chunked torch path, which never holds [tokens, vocab], and the peers (liger,
+        torch_lce), which have no statistics kernel, with the device's own (``auto``)."""
+        return resolve_stats_impl(self.loss_cfg.impl, self.head.weight.device)
 
     def _build_reference(self, model: torch.nn.Module | None) -> ReferenceModel:
         name, dtype = self.cggr.router.reference, self.cggr.router.reference_dtype

@@ -1,8 +1,9 @@
 """Linear cross-entropy and token statistics vs an independent float64 full-logits reference.
 
-The Triton kernels run here under the Triton interpreter (``TRITON_INTERPRET=1``, set below before
-anything imports triton) when CUDA is absent; shapes stay small so the file runs in well under a
-minute on two CPU cores.
+The Triton kernels (and Liger-Kernel's, the peer) run here under the Triton interpreter
+(``TRITON_INTERPRET=1``, set below before anything imports triton) when CUDA is absent; shapes stay
+small so the CPU part runs in about a minute on two cores. Tests marked ``gpu`` run the real head
+shapes on CUDA (under a minute on one H100).
 """
 
 import os
@@ -17,26 +18,35 @@ import importlib.util  # noqa: E402
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import lightning_cggr.kernels as K  # noqa: E402
 from lightning_cggr.kernels import (  # noqa: E402
     LOSS_IMPLS,
     TokenStats,
     linear_cross_entropy,
     resolve_impl,
+    resolve_stats_impl,
     token_stats,
 )
+from lightning_cggr.kernels.contract import default_chunk_rows  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
 TRITON_RUNS = HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+HAS_TORCH_LCE = hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-IMPLS = ["torch", "naive"] + (["triton"] if TRITON_RUNS else [])
+OURS = ["torch"] + (["triton"] if TRITON_RUNS else [])  # the chunk pass, both row ops
+IMPLS = OURS + ["naive"]
+PEERS = (["liger"] if HAS_LIGER and TRITON_RUNS else []) + (["torch_lce"] if HAS_TORCH_LCE else [])
+CHUNKED = {"torch", "triton", "torch_lce"}  # accept chunk_size
 TOL = {torch.float32: dict(rtol=2e-4, atol=2e-5), torch.bfloat16: dict(rtol=4e-2, atol=4e-2),
        torch.float16: dict(rtol=1e-2, atol=1e-2)}
+needs_triton = pytest.mark.skipif(not TRITON_RUNS, reason="triton not installed or no CUDA/interpreter")
 
 
 # ----------------------------------------------------------------------------- reference
 def ref_loss(h, w, y, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-             lse_square_scale=0.0, softcap=None, chunk_size=None):
+             lse_square_scale=0.0, softcap=None, chunk_size=None, row_weight=None):
     """float64 full-logits loss written from the definition (log_softmax, explicit smoothing)."""
     z = h.double() @ w.double().t()
     if softcap is not None:
@@ -49,6 +59,8 @@ def ref_loss(h, w, y, *, ignore_index=-100, reduction="mean", label_smoothing=0.
     lse = torch.logsumexp(z, dim=-1)
     loss = (1 - label_smoothing) * nll + label_smoothing * smooth + lse_square_scale * lse**2
     loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if row_weight is not None:
+        loss = loss * row_weight.double()
     if reduction == "none":
         return loss
     if reduction == "sum":
@@ -74,69 +86,117 @@ def run_both(h, w, y, impl, grad_out=None, **kw):
     w2 = w.detach().double().requires_grad_(True)
     ref = ref_loss(h2, w2, y, **kw)
     if grad_out is None:
-        grad_out = torch.rand(ref.shape, dtype=torch.float64, device=ref.device) + 0.5
+        g = torch.Generator().manual_seed(99)
+        grad_out = (torch.rand(ref.shape, dtype=torch.float64, generator=g) + 0.5).to(ref.device)
     out.backward(grad_out.to(out.dtype))
     ref.backward(grad_out)
     return (out, h1.grad, w1.grad), (ref, h2.grad, w2.grad)
 
 
+REL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # relative Frobenius error
+
+
+def rel_err(a, b):
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
 def assert_close(ours, ref, dtype):
+    """Elementwise within TOL, and as a whole within REL (elementwise atol alone would let small
+    gradients pass whatever their value)."""
     tol = TOL[dtype]
     for a, b, name in zip(ours, ref, ("loss", "grad_hidden", "grad_weight")):
         assert a.dtype == (torch.float32 if name == "loss" else dtype), name
         torch.testing.assert_close(a.double(), b, **tol, msg=lambda m, name=name: f"{name}: {m}")
+        if b.abs().sum() > 0:
+            assert rel_err(a, b) < REL[dtype], f"{name}: relative error {rel_err(a, b):.2e}"
 
 
 # ----------------------------------------------------------------------------- contract
 def test_impls_and_resolve():
-    assert LOSS_IMPLS == ("auto", "triton", "torch", "naive")
+    assert set(LOSS_IMPLS) == {"auto", "triton", "torch", "naive", "liger", "torch_lce"}
     assert resolve_impl("torch", torch.device("cpu")) == "torch"
     assert resolve_impl("naive", torch.device("cpu")) == "naive"
+    assert resolve_impl("auto", torch.device("cpu")) == "torch"
     expected_auto = "triton" if (DEVICE.type == "cuda" and HAS_TRITON) else "torch"
     assert resolve_impl("auto", DEVICE) == expected_auto
-    assert resolve_impl("auto", torch.device("cpu")) == "torch"
-    with pytest.raises(ValueError, match="torch.*naive|auto"):
+    with pytest.raises(ValueError, match="liger"):
         resolve_impl("tritn", torch.device("cpu"))
+    assert resolve_stats_impl("naive", torch.device("cpu")) == "torch"
+    assert resolve_stats_impl("torch_lce", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="resolve_stats_impl"):
+        token_stats(*make(4, 8, 10)[:2], impl="torch_lce")
 
 
 def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if HAS_TRITON:
-        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-            resolve_impl("triton", torch.device("cpu"))
+        for impl in ("triton", "liger") if HAS_LIGER else ("triton",):
+            with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+                resolve_impl(impl, torch.device("cpu"))
     h, w, y = make(4, 8, 10)
     with pytest.raises((ValueError, RuntimeError), match="triton"):
         linear_cross_entropy(h.cpu(), w.cpu(), y.cpu(), impl="triton")
 
 
-def test_triton_missing_raises(monkeypatch):
-    import lightning_cggr.kernels as k
-
-    monkeypatch.setattr(k, "_triton_available", lambda: False)
+def test_missing_dependencies_raise_with_the_fix(monkeypatch):
+    monkeypatch.setattr(K, "_triton_available", lambda: False)
+    monkeypatch.setattr(K, "_liger_available", lambda: False)
+    monkeypatch.setattr(K, "torch_lce_available", lambda: False)
     with pytest.raises(RuntimeError, match="not installed"):
         resolve_impl("triton", torch.device("cuda"))
     assert resolve_impl("auto", torch.device("cuda")) == "torch"
+    with pytest.raises(RuntimeError, match="pip install liger-kernel"):
+        resolve_impl("liger", torch.device("cuda"))
+    with pytest.raises(RuntimeError, match="torch >= 2.13"):
+        resolve_impl("torch_lce", torch.device("cpu"))
 
 
 def test_bad_arguments_raise():
     h, w, y = make(4, 8, 10)
-    with pytest.raises(ValueError, match="reduction"):
-        linear_cross_entropy(h, w, y, impl="torch", reduction="avg")
-    with pytest.raises(ValueError, match="label_smoothing"):
-        linear_cross_entropy(h, w, y, impl="torch", label_smoothing=1.5)
+    cases = [
+        (dict(reduction="avg"), "reduction"),
+        (dict(label_smoothing=1.5), "label_smoothing"),
+        (dict(softcap=0.0), "softcap"),
+        (dict(row_weight=torch.ones(3)), "row_weight must be"),
+        (dict(row_weight=torch.ones(4, requires_grad=True)), "detach"),
+        (dict(chunk_size=0), "chunk_size"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            linear_cross_entropy(h, w, y, impl="torch", **kw)
     with pytest.raises(ValueError, match="width"):
         linear_cross_entropy(h, w[:, :4], y, impl="torch")
-    with pytest.raises(ValueError, match="softcap"):
-        linear_cross_entropy(h, w, y, impl="torch", softcap=0.0)
+    with pytest.raises(ValueError, match="chunk_size does not"):
+        linear_cross_entropy(h, w, y, impl="naive", chunk_size=2)
+    if HAS_TORCH_LCE:
+        with pytest.raises(ValueError, match="torch_lce.*softcap"):
+            linear_cross_entropy(h, w, y, impl="torch_lce", softcap=3.0)
+        with pytest.raises(ValueError, match="torch_lce.*z-loss"):
+            linear_cross_entropy(h, w, y, impl="torch_lce", lse_square_scale=1e-3)
+        with pytest.raises(ValueError, match="torch_lce.*label_smoothing"):
+            linear_cross_entropy(h, w, y, impl="torch_lce", label_smoothing=0.1)
+    if "liger" in PEERS:
+        with pytest.raises(ValueError, match="liger.*chunk_size"):
+            linear_cross_entropy(h, w, y, impl="liger", chunk_size=2)
 
 
-# ----------------------------------------------------------------------------- loss, all impls
+def test_chunk_rule():
+    """The documented rule: 2048 rows of bf16 logits at V=49152, 1024 at V=128256, within [64, 4096]."""
+    assert default_chunk_rows(49152, 2) == 2048
+    assert default_chunk_rows(128256, 2) == 1024
+    assert default_chunk_rows(49152, 4) == 1024
+    assert default_chunk_rows(97, 4) == 4096 and default_chunk_rows(10**9, 4) == 64
+
+
+# ----------------------------------------------------------------------------- loss values and gradients
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("v", [1000, 4099])
+@pytest.mark.parametrize("shape", [(37, 48, 1000), (50, 24, 4099), (9, 64, 257)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_loss_and_grads_fp32(impl, v, reduction):
-    h, w, y = make(37, 48, v, seed=v)
-    ours, ref = run_both(h, w, y, impl, reduction=reduction, chunk_size=16)
+def test_loss_and_grads_fp32(impl, shape, reduction):
+    n, hdim, v = shape
+    h, w, y = make(n, hdim, v, seed=v)
+    kw = dict(chunk_size=16) if impl in CHUNKED else {}  # several chunks, a ragged last one
+    ours, ref = run_both(h, w, y, impl, reduction=reduction, **kw)
     assert_close(ours, ref, torch.float32)
 
 
@@ -150,25 +210,38 @@ def test_loss_and_grads_fp32(impl, v, reduction):
         dict(label_smoothing=0.2, lse_square_scale=1e-3, softcap=5.0, reduction="none"),
         dict(ignore_index=7),
     ],
-    ids=["smoothing", "zloss", "softcap", "all_options", "ignore_index"],
+    ids=["smoothing", "zloss", "softcap", "all_options_none", "ignore_index"],
 )
 def test_options(impl, opts):
     h, w, y = make(29, 32, 1000, seed=3, scale=3.0)  # scale: softcap must bite
     if opts.get("ignore_index") == 7:
         y[y == -100] = 1  # -100 is an ordinary (out-of-range) label now: make it valid
         y[::3] = 7
-    ours, ref = run_both(h, w, y, impl, chunk_size=8, **opts)
+    kw = dict(chunk_size=8) if impl in CHUNKED else {}
+    ours, ref = run_both(h, w, y, impl, **kw, **opts)
     assert_close(ours, ref, torch.float32)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + PEERS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_row_weights(impl, reduction):
+    """Each row's loss (and gradient) times its weight; 'mean' still divides by the kept count."""
+    h, w, y = make(33, 32, 1000, seed=17, ignore_frac=0.4)
+    rw = (torch.rand(33, generator=torch.Generator().manual_seed(2)) * 3).to(DEVICE)
+    rw[0] = 0.0
+    kw = dict(chunk_size=8) if impl in CHUNKED else {}
+    ours, ref = run_both(h, w, y, impl, reduction=reduction, row_weight=rw, **kw)
+    assert_close(ours, ref, torch.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS + PEERS)
 def test_all_ignored_is_zero_with_zero_grads(impl):
     h, w, y = make(16, 32, 1000)
     y[:] = -100
     h.requires_grad_(True)
     w.requires_grad_(True)
     loss = linear_cross_entropy(h, w, y, impl=impl)
-    assert loss.requires_grad
+    assert loss.requires_grad and loss.dtype == torch.float32
     loss.backward()
     assert loss.detach().cpu().tolist() == 0.0
     assert torch.count_nonzero(h.grad) == 0 and torch.count_nonzero(w.grad) == 0
@@ -176,10 +249,23 @@ def test_all_ignored_is_zero_with_zero_grads(impl):
     assert torch.isnan(F.cross_entropy(h.detach() @ w.detach().t(), y))
 
 
+@pytest.mark.parametrize("impl", OURS)
+def test_extreme_logits(impl):
+    """Logits of several thousand (and one row far above the rest): no overflow, exact gradients."""
+    h, w, y = make(20, 32, 1000, seed=4, scale=400.0)
+    h[3] *= 10
+    ours, ref = run_both(h, w, y, impl, chunk_size=8)
+    assert torch.isfinite(ours[0]).all()
+    torch.testing.assert_close(ours[0].double(), ref[0], rtol=1e-5, atol=1e-3)
+    # gradients are O(1); an fp32 logit near 5e3 carries ~5e-4 of rounding into its softmax term
+    for a, b in zip(ours[1:], ref[1:]):
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_single_kept_row(impl):
     h, w, y = make(33, 32, 4099, ignore_frac=1.0, seed=5)
-    y[17] = 4098  # last vocabulary entry, in the ragged tail tile
+    y[17] = 4098  # last vocabulary entry, in the ragged tail block
     ours, ref = run_both(h, w, y, impl)
     assert_close(ours, ref, torch.float32)
     assert torch.count_nonzero(ours[1].abs().sum(1)) == 1
@@ -188,12 +274,27 @@ def test_single_kept_row(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision(impl, dtype):
+    """bf16/fp16 inputs; for triton also the GEMMs (grad_W still accumulated in fp32)."""
     h, w, y = make(40, 64, 1000, dtype=dtype, seed=11)
-    ours, ref = run_both(h, w, y, impl, reduction="sum", chunk_size=16)
+    kw = dict(chunk_size=16) if impl in CHUNKED else {}
+    ours, ref = run_both(h, w, y, impl, reduction="sum", **kw)
     assert_close(ours, ref, dtype)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", OURS)
+def test_grad_weight_accumulates_in_fp32_across_chunks(impl):
+    """Many chunks of bf16 rows: the weight gradient is one fp32 sum, rounded to bf16 once. A bf16
+    running sum over 32 chunks would be off by far more than one bf16 rounding."""
+    h, w, y = make(256, 32, 300, dtype=torch.bfloat16, seed=19, ignore_frac=0.0)
+    h1 = h.clone().requires_grad_(True)
+    w1 = w.clone().requires_grad_(True)
+    linear_cross_entropy(h1, w1, y, impl=impl, reduction="sum", chunk_size=8).backward()
+    w2 = w.double().requires_grad_(True)
+    ref_loss(h.double(), w2, y, reduction="sum").backward()
+    torch.testing.assert_close(w1.grad.double(), w2.grad, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("impl", OURS)
 def test_tied_embedding_weight(impl):
     """The head weight is also the input embedding: both gradient paths must add up."""
     n, hdim, v = 24, 32, 1000
@@ -212,8 +313,8 @@ def test_tied_embedding_weight(impl):
     torch.testing.assert_close(ours.double(), ref, rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_int32_labels_and_frozen_weight(impl):
+@pytest.mark.parametrize("impl", OURS)
+def test_int32_labels_frozen_weight_and_no_grad(impl):
     h, w, y = make(20, 32, 1000, seed=8)
     h1 = h.clone().requires_grad_(True)
     loss = linear_cross_entropy(h1, w, y.int(), impl=impl)
@@ -223,16 +324,152 @@ def test_int32_labels_and_frozen_weight(impl):
     ref.backward()
     torch.testing.assert_close(loss.double(), ref, rtol=2e-4, atol=2e-5)
     torch.testing.assert_close(h1.grad.double(), h2.grad, rtol=2e-4, atol=2e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, w, y, impl=impl).double(), ref.detach(),
+                                   rtol=2e-4, atol=2e-5)
 
 
-def test_torch_path_matches_torch_linear_cross_entropy():
-    """Peer check against torch's own chunked implementation where this torch has it."""
-    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
-        pytest.skip("torch.nn.functional.linear_cross_entropy needs torch >= 2.13")
-    h, w, y = make(64, 32, 1000, seed=9)
-    theirs = F.linear_cross_entropy(h, w, y, options=torch.nn.LinearCrossEntropyOptions())
-    ours = linear_cross_entropy(h, w, y, impl="torch", chunk_size=16)
+@pytest.mark.parametrize("impl", OURS)
+def test_ignored_rows_never_leak(impl):
+    """Ignored rows are zeroed before the GEMMs: NaN hidden states there change nothing (a 0 * NaN
+    product would poison grad_weight)."""
+    h, w, y = make(45, 32, 1000, ignore_frac=0.7, seed=13)
+    poisoned = torch.where((y == -100)[:, None], torch.full_like(h, float("nan")), h)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    ours, _ = run_both(poisoned, w, y, impl, grad_out=one, chunk_size=16)
+    _, ref = run_both(h, w, y, impl, grad_out=one)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.double(), b, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("impl", OURS)
+def test_second_backward_raises_but_none_reduction_recomputes(impl):
+    h, w, y = make(12, 16, 100, seed=9)
+    h.requires_grad_(True)
+    loss = linear_cross_entropy(h, w, y, impl=impl)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
+    h.grad = None
+    rows = linear_cross_entropy(h, w, y, impl=impl, reduction="none")
+    rows.sum().backward(retain_graph=True)
+    first = h.grad.clone()
+    rows.sum().backward()  # 'none' keeps its inputs and recomputes: a second backward is exact
+    torch.testing.assert_close(h.grad, 2 * first)
+
+
+@needs_triton
+def test_triton_mixed_dtypes_and_autocast():
+    """bf16 activations + fp32 weight compute in the promoted dtype; under autocast in its dtype,
+    with the fp32 weight's gradient returned in fp32."""
+    h, w, y = make(24, 32, 1000, dtype=torch.float32, seed=12)
+    hb = h.bfloat16()
+    _, ref = run_both(hb.float(), w, y, "torch", grad_out=torch.tensor(1.0, dtype=torch.float64))
+    for autocast in (False, True):
+        h1 = hb.clone().requires_grad_(True)
+        w1 = w.clone().requires_grad_(True)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = linear_cross_entropy(h1, w1, y, impl="triton")
+        loss.backward()
+        assert loss.dtype == torch.float32 and h1.grad.dtype == torch.bfloat16 and w1.grad.dtype == torch.float32
+        tol = dict(rtol=3e-2, atol=3e-2) if autocast else dict(rtol=1e-2, atol=1e-3)
+        for a, b in zip((loss, h1.grad, w1.grad), ref):
+            torch.testing.assert_close(a.double(), b, **tol)
+
+
+@needs_triton
+def test_triton_out_of_range_label_gives_nan_not_a_wrong_number():
+    h, w, y = make(8, 16, 100, seed=3, ignore_frac=0.0)
+    y[2] = 100
+    rows = linear_cross_entropy(h, w, y, impl="triton", reduction="none")
+    assert torch.isnan(rows[2]) and torch.isfinite(rows[torch.arange(8, device=DEVICE) != 2]).all()
+
+
+@needs_triton
+def test_triton_rejects_float64():
+    h, w, y = make(8, 16, 100)
+    with pytest.raises(ValueError, match="float64"):
+        linear_cross_entropy(h.double(), w.double(), y, impl="triton")
+
+
+AOT_COMPILE = """
+import itertools, sys, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from lightning_cggr.kernels import cross_entropy as ce
+sig = dict(z_ptr="*bf16", z_stride="i64", y_ptr="*i64", scale_ptr="*fp32", scale_stride="i64", loss_ptr="*fp32",
+           lse_ptr="*fp32", V="i32", ignore_index="i32", label_smoothing="fp32", lse_square_scale="fp32",
+           softcap="fp32", WANT_GRAD="constexpr", LSE_KNOWN="constexpr", HAS_SOFTCAP="constexpr",
+           HAS_SMOOTHING="constexpr", HAS_ZLOSS="constexpr", BLOCK_V="constexpr")
+block, warps = ce.launch_config(128256)
+for want, known, opts in ((False, False, False), (True, False, False), (True, False, True), (True, True, True)):
+    const = dict(WANT_GRAD=want, LSE_KNOWN=known, HAS_SOFTCAP=opts, HAS_SMOOTHING=opts, HAS_ZLOSS=opts, BLOCK_V=block)
+    triton.compile(ASTSource(ce._ce_rows_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=warps))
+sig = dict(z_ptr="*bf16", z_stride="i64", y_ptr="*i64", lse_ptr="*fp32", ent_ptr="*fp32", margin_ptr="*fp32",
+           nll_ptr="*fp32", V="i32", ignore_index="i32", HAS_LABELS="constexpr", BLOCK_V="constexpr")
+for labels in (True, False):
+    triton.compile(ASTSource(ce._stats_rows_kernel, sig, dict(HAS_LABELS=labels, BLOCK_V=block)),
+                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_triton_kernels_compile_for_an_h100_without_one():
+    """The interpreter runs the kernels as numpy and forgives what the compiler does not: compile the
+    row kernels ahead of time for sm_90 (Triton's bundled ptxas, no GPU needed) at the Llama-3 launch
+    configuration, in a subprocess without the interpreter."""
+    import subprocess
+    import sys
+
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONWARNINGS="ignore")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", AOT_COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- peers
+@pytest.mark.skipif("liger" not in PEERS, reason="liger-kernel not installed or triton cannot run")
+@pytest.mark.parametrize(
+    "opts", [dict(), dict(label_smoothing=0.1, lse_square_scale=1e-2)], ids=["plain", "smoothing_zloss"]
+)
+def test_triton_matches_liger_flce(opts):
+    """Peer check against Liger-Kernel's fused linear cross-entropy called directly (interpreter on CPU).
+
+    Soft-capping is not compared on CPU: Liger's kernel calls ``softcap.to`` on a Python float, which
+    the Triton interpreter rejects; the GPU test covers it.
+    """
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    h, w, y = make(37, 48, 1000, seed=21, scale=2.0)
+    h1, w1 = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    h2, w2 = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    theirs = LigerFusedLinearCrossEntropyLoss(**opts)(w1, h1, y)
+    theirs.backward()
+    ours = linear_cross_entropy(h2, w2, y, impl="triton", chunk_size=16, **opts)
+    ours.backward()
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_TORCH_LCE, reason="torch.nn.functional.linear_cross_entropy needs torch >= 2.13")
+def test_torch_path_matches_torch_linear_cross_entropy():
+    """Peer check against torch's own chunked implementation called directly."""
+    h, w, y = make(64, 32, 1000, seed=9)
+    h1, h2 = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
+    theirs = F.linear_cross_entropy(h1, w, y, options=torch.nn.LinearCrossEntropyOptions(batch_chunk_size=16))
+    theirs.backward()
+    ours = linear_cross_entropy(h2, w, y, impl="torch", chunk_size=16)
+    ours.backward()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- token stats
@@ -265,122 +502,109 @@ def test_token_stats(impl, v, with_labels):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_token_stats_ties_and_bf16(impl):
-    h, w, y = make(16, 32, 1000, dtype=torch.bfloat16, seed=6)
+@pytest.mark.parametrize("impl", OURS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_stats_ties_extremes_and_bf16(impl, dtype):
+    """Tied top-1 logits give margin 0; fp32 rows with logits in the thousands stay exact. (In bf16
+    the triton path's logits are bf16 GEMM outputs, so extreme rows are only checked in fp32.)"""
+    h, w, y = make(16, 32, 1000, seed=6)
     w[5] = w[3]  # duplicate rows -> duplicate logits
     h[0] = w[3] * 40  # row 0: top-1 logit tied between classes 3 and 5 -> margin 0
+    if dtype == torch.float32:
+        h[1] = h[1] * 300  # row 1: logits in the thousands
+    h, w = h.to(dtype), w.to(dtype)
     stats = token_stats(h, w, y, impl=impl)
-    ref = ref_stats(h.float(), w.float(), y)
+    ref = ref_stats(h, w, y)
     assert stats.margin[0].abs().max() == 0
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for got, want in zip(stats, ref):
-        torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want, **tol)
 
 
-# ----------------------------------------------------------------------------- triton specifics
-needs_triton = pytest.mark.skipif(not TRITON_RUNS, reason="triton not installed or no CUDA/interpreter")
-
-
-@needs_triton
-def test_triton_rejects_float64():
-    h, w, y = make(8, 16, 100)
-    with pytest.raises(ValueError, match="float64"):
-        linear_cross_entropy(h.double(), w.double(), y, impl="triton")
-
-
-@needs_triton
-def test_triton_never_reads_ignored_rows():
-    """Ignored rows are skipped, not multiplied by zero: NaN hidden states there change nothing
-    (a 0 * NaN path would poison grad_weight)."""
-    h, w, y = make(45, 32, 1000, ignore_frac=0.7, seed=13)
-    poisoned = torch.where((y == -100)[:, None], torch.full_like(h, float("nan")), h)
-    ours, ref = run_both(poisoned, w, y, "triton", grad_out=torch.tensor(1.0, dtype=torch.float64))
-    _, ref = run_both(h, w, y, "torch", grad_out=torch.tensor(1.0, dtype=torch.float64))
-    for a, b in zip(ours, ref):
-        torch.testing.assert_close(a.double(), b.double(), rtol=2e-4, atol=2e-5)
-
-
-@needs_triton
-def test_triton_bf16_hidden_fp32_weight_promotes():
-    """Mixed inputs (bf16 activations, fp32 master weight) compute in the promoted dtype."""
-    h, w, y = make(24, 32, 1000, dtype=torch.float32, seed=12)
-    hb = h.bfloat16()
-    h1 = hb.clone().requires_grad_(True)
-    w1 = w.clone().requires_grad_(True)
-    loss = linear_cross_entropy(h1, w1, y, impl="triton")
-    loss.backward()
-    ours = (loss, h1.grad, w1.grad)
-    assert ours[1].dtype == torch.bfloat16 and ours[2].dtype == torch.float32
-    _, ref = run_both(hb.float(), w, y, "torch", grad_out=torch.tensor(1.0, dtype=torch.float64))
-    for a, b in zip(ours, ref):
-        torch.testing.assert_close(a.double(), b, rtol=1e-2, atol=1e-3)
-
-
-@needs_triton
-@pytest.mark.parametrize(
-    "opts", [dict(), dict(label_smoothing=0.1, lse_square_scale=1e-2)], ids=["plain", "smoothing_zloss"]
-)
-def test_triton_matches_liger_flce(opts):
-    """Peer check: Liger-Kernel's fused linear cross-entropy (also runs under the interpreter).
-
-    Soft-capping is not compared: Liger's kernel calls ``softcap.to`` on a Python float, which the
-    Triton interpreter rejects (AttributeError), so it only runs on GPUs.
-    """
-    liger = pytest.importorskip("liger_kernel.transformers", reason="liger-kernel not installed")
-    h, w, y = make(37, 48, 1000, seed=21, scale=2.0)
-    h1, w1 = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    h2, w2 = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    theirs = liger.LigerFusedLinearCrossEntropyLoss(**opts)(w1, h1, y)
-    theirs.backward()
-    ours = linear_cross_entropy(h2, w2, y, impl="triton", **opts)
-    ours.backward()
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-4, atol=1e-6)
+@pytest.mark.parametrize("impl", OURS)
+def test_rows_longer_than_one_kernel_block(impl):
+    """V = 20011 spans three of the row kernels' 8192-column blocks (ragged last block): the online
+    logsumexp and the top-2 merge must carry across blocks, including a top-1 that arrives in a later
+    block than the top-2 (row 0) and the reverse (row 1)."""
+    h, w, y = make(12, 16, 20011, seed=23, ignore_frac=0.2)
+    direction = torch.nn.functional.normalize(torch.randn(16, generator=torch.Generator().manual_seed(5)), dim=0)
+    w[100], w[17000] = 0.9 * direction.to(DEVICE), direction.to(DEVICE)
+    h[0], h[1] = 30 * direction.to(DEVICE), -30 * direction.to(DEVICE)
+    w[20010] = -0.95 * direction.to(DEVICE)  # row 1's top-2 in the ragged last block
+    y[0], y[1] = 20010, 100
+    ours, ref = run_both(h, w, y, impl, reduction="none")
+    assert_close(ours, ref, torch.float32)
+    stats = token_stats(h, w, y, impl=impl)
+    for got, want, name in zip(stats, ref_stats(h, w, y), TokenStats._fields):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
 # ----------------------------------------------------------------------------- GPU only
+HEADS = [(576, 49152), (4096, 128256)]
 
 
-@pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_no_host_sync_and_no_full_logits(impl):
-    """No device->host sync in forward+backward, and peak memory far below one [N, V] fp32 logits."""
-    n, hdim, v = 4096, 64, 32768
-    h, w, y = make(n, hdim, v, ignore_frac=0.75, seed=31)
+@pytest.mark.parametrize("head", HEADS, ids=["smollm2", "llama3"])
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_gpu_real_heads_vs_float64(head, impl):
+    """Values and gradients at the real head shapes, bf16, several chunks, vs float64 of the same inputs."""
+    hdim, v = head
+    h, w, y = make(384, hdim, v, dtype=torch.bfloat16, seed=hdim, ignore_frac=0.25)
+    ours, ref = run_both(h, w, y, impl, reduction="none", chunk_size=128, label_smoothing=0.05)
+    assert_close(ours, ref, torch.bfloat16)  # bf16 logits (triton) or fp32 compute of bf16 inputs (torch)
+    stats = token_stats(h, w, y, impl=impl, chunk_size=128)
+    for got, want, name in zip(stats, ref_stats(h, w, y), TokenStats._fields):
+        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=5e-2, msg=lambda m, n=name: f"{n}: {m}")
+        assert rel_err(got, want) < (5e-2 if name == "margin" else 1e-2), name  # margins are small differences
+
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_gpu_compacted_step_no_host_sync_no_full_logits(impl):
+    """Compaction + loss + backward at the SmolLM2 head: no device->host sync, and the peak extra
+    memory (one logits chunk, the fp32 grad_W and its cast) stays far below one [N, V] fp32 logits."""
+    n, hdim, v = 16384, 576, 49152
+    h, w, y = make(n, hdim, v, dtype=torch.bfloat16, ignore_frac=0.75, seed=31)
     h.requires_grad_(True)
     w.requires_grad_(True)
-    linear_cross_entropy(h, w, y, impl=impl, chunk_size=256).backward()  # warm-up / autotune
+    capacity = n // 2
+
+    def step():
+        c = K.compact_rows(y, capacity)
+        linear_cross_entropy(h.index_select(0, c.index), w, c.labels, impl=impl, reduction="sum").backward()
+
+    step()  # warm-up: compile the kernels, probe addmm(out_dtype)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss = linear_cross_entropy(h, w, y, impl=impl, chunk_size=256)
-        loss.backward()
+        step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     peak = torch.cuda.max_memory_allocated() - base
-    assert peak < 0.25 * n * v * 4, f"peak extra memory {peak} vs logits {n * v * 4}"
+    assert peak < 0.25 * n * v * 4, f"peak extra memory {peak} vs fp32 logits {n * v * 4}"
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_int64_offsets_large_n_times_v():
-    """N*V > 2**31: nothing may index the (never allocated) logits with int32. The float64
-    reference is computed for the last rows only (where row * V is largest)."""
+def test_gpu_int64_offsets_one_chunk_beyond_2_31():
+    """One chunk of 17000 x 128256 logits (> 2**31 elements): the row kernels' offsets must be int64.
+    The float64 reference is computed for the last rows (where row * V is largest)."""
     n, hdim, v = 17_000, 32, 128_256
-    h, w, y = make(n, hdim, v, ignore_frac=0.5, seed=41)
+    h, w, y = make(n, hdim, v, dtype=torch.bfloat16, ignore_frac=0.5, seed=41)
     h1 = h.clone().requires_grad_(True)
-    losses = linear_cross_entropy(h1, w, y, impl="triton", reduction="none")
+    losses = linear_cross_entropy(h1, w, y, impl="triton", reduction="none", chunk_size=n)
     losses.sum().backward()
     tail = slice(n - 64, n)
     h2 = h[tail].double().requires_grad_(True)
     ref = ref_loss(h2, w.double(), y[tail], reduction="none")
     ref.sum().backward()
-    torch.testing.assert_close(losses[tail].double(), ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(h1.grad[tail].double(), h2.grad, rtol=1e-3, atol=1e-5)
-    stats = token_stats(h, w, y, impl="triton")
-    ref_nll = ref_stats(h[tail], w, y[tail])[3]
-    torch.testing.assert_close(stats.nll[tail].double(), ref_nll, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(losses[tail].double(), ref, rtol=2e-2, atol=2e-2)
+    assert rel_err(h1.grad[tail], h2.grad) < 1e-2
+    stats = token_stats(h, w, y, impl="triton", chunk_size=n)
+    torch.testing.assert_close(stats.nll[tail].double(), ref_stats(h[tail], w, y[tail])[3], rtol=2e-2, atol=2e-2)

@@ -1,26 +1,29 @@
-"""Triton fused linear cross-entropy and per-token logit statistics (``impl="triton"``).
+"""``impl="triton"``: the chunk pass of :mod:`lightning_cggr.kernels.chunked` with Triton row kernels.
 
-Never allocates logits: every program computes a ``[BLOCK_M, BLOCK_V]`` logits tile from
-``BLOCK_H``-wide slices of ``hidden`` and ``weight`` (``tl.dot``, fp32 accumulation) and consumes it.
+The GEMMs are torch's (cuBLAS on GPUs) in the compute dtype -- the autocast dtype under autocast,
+else the promoted input dtype (bf16 in, bf16 logits, fp32 accumulation inside the GEMM) -- and
+``grad_W`` accumulates in one fp32 buffer (``addmm(..., out_dtype=torch.float32)`` where the
+installed torch supports it for the device, see :func:`~lightning_cggr.kernels.chunked.accumulate_`).
+Between them, per chunk, one Triton kernel with one program per row:
 
-Forward (``_lce_fwd_kernel``, grid = row blocks): online logsumexp over vocabulary tiles; per row
-also the label logit, the logit sum (label smoothing), and -- for :func:`triton_token_stats` -- the
-online entropy and the running top-2 logits. Writes fp32 ``lse`` and the per-row loss.
+- ``_ce_rows_kernel``: pass 1 reads the row once (online max / sum of exp in fp32, plus the label
+  logit and, for label smoothing, the logit sum) and writes the row's loss and lse; pass 2 (only when
+  gradients are wanted) reads it again and overwrites it in place with
+  ``scale * (softmax * (1 + 2 s lse) - eps / V - (1 - eps) onehot)`` (times ``1 - tanh^2`` under a
+  soft cap). Ignored rows write zeros and read nothing. With a known lse (the ``"none"``-reduction
+  backward) pass 1 is skipped.
+- ``_stats_rows_kernel``: one read of the row: lse, entropy (online ``sum p z``), top-2 margin, nll.
 
-Backward (``_lce_bwd_kernel``, grid = row blocks x vocabulary tiles): recomputes its logits tile,
-forms ``dL/dz = softmax * (1 + 2 s lse) - (1 - eps) onehot - eps / V`` (times the soft-cap chain
-factor and the per-row upstream gradient) and adds ``dz @ W`` into ``grad_hidden`` and
-``dz.T @ h`` into ``grad_weight`` with fp32 atomics. ``grad_weight`` accumulates in an fp32 buffer
-and is cast to the weight's dtype once at the end.
+Launch configuration is fixed by rule, never autotuned: ``BLOCK_V = min(8192, next_pow2(V))``
+columns per step, ``num_warps = clamp(BLOCK_V / 512, 4, 16)``; the chunk rows come from
+:func:`~lightning_cggr.kernels.contract.default_chunk_rows` (2048 rows of bf16 logits at V = 49152,
+1024 at V = 128256). So the first call compiles two small kernels and runs; nothing is tried.
+Row offsets are int64 (``row * stride`` exceeds 2**31 at 16k rows x 128k vocab), labels are read as
+int64, and no kernel or wrapper reads a value back to the host. A label outside ``[0, V)`` (and not
+``ignore_index``) makes that row's loss NaN rather than reading out of bounds.
 
-Ignored rows cost nothing: a stable device-side argsort puts the kept rows first, the kept count
-stays a device tensor that the kernels read, and programs whose row block starts past it exit at
-once -- no host sync, no data-dependent shapes. All offsets are int64.
-
-Cost: one logits pass forward, one recompute plus two gradient matmuls backward (4 N·V·H MACs in
-all, like Apple's Cut Cross-Entropy; Liger's FLCE spends 3 but holds chunk x V logits).
-On CUDA the tile sizes are autotuned; under ``TRITON_INTERPRET=1`` (CPU) one small fixed config
-is used. fp32 inputs use IEEE fp32 dots (no TF32), bf16/fp16 use tensor-core dots.
+On CPU the kernels run under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is
+imported): correctness only.
 """
 
 from __future__ import annotations
@@ -31,34 +34,16 @@ import torch
 import triton
 import triton.language as tl
 
-from lightning_cggr.kernels.reference import TokenStats, check_args
+from lightning_cggr.kernels.chunked import Backend, linear_ce, stats_pass
+from lightning_cggr.kernels.contract import CEOptions, TokenStats
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-_FIXED = dict(BLOCK_M=16, BLOCK_V=128, BLOCK_H=32)  # interpreter config: small, fast to simulate
 
-
-def _configs(bwd: bool):
-    out = []
-    for bm, bv, bh, warps in (
-        (64, 128, 64, 4),
-        (64, 256, 32, 8),
-        (128, 128, 32, 8),
-        (128, 64, 64, 4),
-        (32, 256, 64, 4),
-    ):
-        out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_V=bv, BLOCK_H=bh), num_warps=warps, num_stages=3))
-    return out
-
-
-def _maybe_autotune(bwd: bool):
-    def wrap(fn):
-        if INTERPRET:
-            return fn
-        reset = ["grad_h_ptr", "grad_w_ptr"] if bwd else None
-        return triton.autotune(configs=_configs(bwd), key=["H", "V", "N_BUCKET"], reset_to_zero=reset)(fn)
-
-    return wrap
+def launch_config(vocab: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a row of ``vocab`` logits: see the module docstring."""
+    block = min(8192, triton.next_power_of_2(max(vocab, 2)))
+    return block, max(4, min(16, block // 512))
 
 
 @triton.jit
@@ -67,174 +52,148 @@ def _tanh(x):
 
 
 @triton.jit
-def _logits_tile(h_ptr, w_ptr, rows, row_mask, offs_v, v_mask, H, stride_h, stride_w,
-                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """fp32 [BLOCK_M, BLOCK_V] tile of hidden[rows] @ weight[offs_v].T (rows, offs_v int64)."""
-    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_H):
-        offs_k = k0 + tl.arange(0, BLOCK_H)
-        k_mask = offs_k < H
-        hk = tl.load(h_ptr + rows[:, None] * stride_h + offs_k[None, :],
-                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        wk = tl.load(w_ptr + offs_v[:, None] * stride_w + offs_k[None, :],
-                     mask=v_mask[:, None] & k_mask[None, :], other=0.0)
-        if UPCAST:
-            hk = hk.to(tl.float32)
-            wk = wk.to(tl.float32)
-        acc = tl.dot(hk, tl.trans(wk), acc, input_precision=DOT_PRECISION)
-    return acc
-
-
-@triton.jit
-def _lce_fwd_kernel(
-    h_ptr, w_ptr, y_ptr, perm_ptr, count_ptr,
-    lse_ptr, loss_ptr, ent_ptr, margin_ptr,
-    N, V, H, N_BUCKET, stride_h, stride_w,
-    ignore_index, label_smoothing, lse_square_scale, softcap,
-    HAS_LABELS: tl.constexpr, USE_PERM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr, STATS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+def _ce_rows_kernel(
+    z_ptr, z_stride, y_ptr, scale_ptr, scale_stride, loss_ptr, lse_ptr,
+    V, ignore_index, label_smoothing, lse_square_scale, softcap,
+    WANT_GRAD: tl.constexpr, LSE_KNOWN: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    row_start = pid.to(tl.int64) * BLOCK_M
-    if USE_PERM:
-        n_active = tl.load(count_ptr).to(tl.int64)
-    else:
-        n_active = N
-    if row_start < n_active:
-        offs_m = row_start + tl.arange(0, BLOCK_M).to(tl.int64)
-        row_mask = offs_m < n_active
-        if USE_PERM:
-            rows = tl.load(perm_ptr + offs_m, mask=row_mask, other=0).to(tl.int64)
-        else:
-            rows = offs_m
-        if HAS_LABELS:
-            y = tl.load(y_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
-        else:
-            y = tl.zeros((BLOCK_M,), tl.int64) + ignore_index  # no labels: every row "ignored"
-        valid = row_mask & (y != ignore_index)
+    row = tl.program_id(0).to(tl.int64)
+    base = z_ptr + row * z_stride
+    cols = tl.arange(0, BLOCK_V).to(tl.int64)
+    y = tl.load(y_ptr + row).to(tl.int64)
+    if y == ignore_index:
+        if not LSE_KNOWN:
+            tl.store(loss_ptr + row, 0.0)
+            tl.store(lse_ptr + row, 0.0)
+        if WANT_GRAD:
+            zero = tl.zeros((BLOCK_V,), dtype=z_ptr.dtype.element_ty)
+            for v0 in range(0, V, BLOCK_V):
+                tl.store(base + v0 + cols, zero, mask=v0 + cols < V)
+        return
 
-        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        s = tl.zeros((BLOCK_M,), tl.float32)
-        z_y = tl.zeros((BLOCK_M,), tl.float32)
-        z_sum = tl.zeros((BLOCK_M,), tl.float32)
-        t = tl.zeros((BLOCK_M,), tl.float32)  # sum exp(z - m) * z, for the entropy
-        top1 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        top2 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    in_range = (y >= 0) & (y < V)
+    z_y = tl.load(base + y, mask=in_range, other=float("nan")).to(tl.float32)
+    if HAS_SOFTCAP:
+        z_y = softcap * _tanh(z_y / softcap)
+    z_sum = 0.0
+    if LSE_KNOWN:
+        lse = tl.load(lse_ptr + row)
+    else:
+        m = float("-inf")
+        d = 0.0
         for v0 in range(0, V, BLOCK_V):
-            offs_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-            v_mask = offs_v < V
-            z = _logits_tile(h_ptr, w_ptr, rows, row_mask, offs_v, v_mask, H, stride_h, stride_w,
-                             BLOCK_M, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST)
+            offs = v0 + cols
+            mask = offs < V
+            x = tl.load(base + offs, mask=mask, other=float("-inf")).to(tl.float32)
             if HAS_SOFTCAP:
-                z = softcap * _tanh(z / softcap)
-            z_fin = tl.where(v_mask[None, :], z, 0.0)
-            z = tl.where(v_mask[None, :], z, float("-inf"))
-            tile_max = tl.max(z, axis=1)
-            m_new = tl.maximum(m, tile_max)
-            alpha = tl.exp(m - m_new)
-            e = tl.exp(z - m_new[:, None])
-            s = s * alpha + tl.sum(e, axis=1)
-            z_y += tl.sum(tl.where(offs_v[None, :] == y[:, None], z_fin, 0.0), axis=1)
+                x = tl.where(mask, softcap * _tanh(x / softcap), float("-inf"))
             if HAS_SMOOTHING:
-                z_sum += tl.sum(z_fin, axis=1)
-            if STATS:
-                t = t * alpha + tl.sum(e * z_fin, axis=1)
-                arg = tl.argmax(z, axis=1).to(tl.int64)
-                second = tl.max(tl.where(offs_v[None, :] == (v0 + arg)[:, None], float("-inf"), z), axis=1)
-                top2 = tl.maximum(tl.minimum(top1, tile_max), tl.maximum(top2, second))
-                top1 = tl.maximum(top1, tile_max)
+                z_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
             m = m_new
-        lse = m + tl.log(s)
+        lse = m + tl.log(d)
+        tl.store(lse_ptr + row, lse)
+    if not LSE_KNOWN:  # (the lse-known backward pass wants the gradient only)
         loss = lse - (1.0 - label_smoothing) * z_y
         if HAS_SMOOTHING:
             loss -= label_smoothing / V * z_sum
-        loss += lse_square_scale * lse * lse
-        loss = tl.where(valid, loss, 0.0)
-        tl.store(lse_ptr + rows, lse, mask=row_mask)
-        tl.store(loss_ptr + rows, loss, mask=row_mask)
-        if STATS:
-            tl.store(ent_ptr + rows, lse - t / s, mask=row_mask)
-            tl.store(margin_ptr + rows, top1 - top2, mask=row_mask)
+        if HAS_ZLOSS:
+            loss += lse_square_scale * lse * lse
+        tl.store(loss_ptr + row, loss)
+
+    if WANT_GRAD:
+        scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+        p_scale = scale
+        if HAS_ZLOSS:
+            p_scale = scale * (1.0 + 2.0 * lse_square_scale * lse)
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + cols
+            mask = offs < V
+            x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                t = _tanh(x / softcap)
+                x = softcap * t
+            g = tl.exp(x - lse) * p_scale
+            if HAS_SMOOTHING:
+                g -= scale * (label_smoothing / V)
+            g = tl.where(offs == y, g - scale * (1.0 - label_smoothing), g)
+            if HAS_SOFTCAP:
+                g *= 1.0 - t * t
+            tl.store(base + offs, g.to(z_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _lce_bwd_kernel(
-    h_ptr, w_ptr, y_ptr, perm_ptr, count_ptr, lse_ptr, scale_ptr, scale_stride,
-    grad_h_ptr, grad_w_ptr,
-    N, V, H, N_BUCKET, stride_h, stride_w,
-    ignore_index, label_smoothing, lse_square_scale, softcap,
-    HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, NEED_H: tl.constexpr,
-    NEED_W: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+def _stats_rows_kernel(
+    z_ptr, z_stride, y_ptr, lse_ptr, ent_ptr, margin_ptr, nll_ptr,
+    V, ignore_index, HAS_LABELS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    row_start = pid_m.to(tl.int64) * BLOCK_M
-    n_active = tl.load(count_ptr).to(tl.int64)
-    if row_start < n_active:
-        offs_m = row_start + tl.arange(0, BLOCK_M).to(tl.int64)
-        row_mask = offs_m < n_active
-        rows = tl.load(perm_ptr + offs_m, mask=row_mask, other=0).to(tl.int64)
-        y = tl.load(y_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
-        valid = row_mask & (y != ignore_index)
-        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-        scale = tl.load(scale_ptr + rows * scale_stride, mask=row_mask, other=0.0).to(tl.float32)
-        offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-        v_mask = offs_v < V
-
-        z = _logits_tile(h_ptr, w_ptr, rows, row_mask, offs_v, v_mask, H, stride_h, stride_w,
-                         BLOCK_M, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST)
-        if HAS_SOFTCAP:
-            th = _tanh(z / softcap)
-            z = softcap * th
-        g = tl.exp(z - lse[:, None]) * (1.0 + 2.0 * lse_square_scale * lse)[:, None]
-        if HAS_SMOOTHING:
-            g -= label_smoothing / V
-        g -= tl.where(offs_v[None, :] == y[:, None], 1.0 - label_smoothing, 0.0)
-        if HAS_SOFTCAP:
-            g *= 1.0 - th * th
-        g = tl.where(valid[:, None] & v_mask[None, :], g * scale[:, None], 0.0)
-        g = g.to(h_ptr.dtype.element_ty)
-        if UPCAST:
-            g = g.to(tl.float32)
-
-        for k0 in range(0, H, BLOCK_H):
-            offs_k = k0 + tl.arange(0, BLOCK_H)
-            k_mask = offs_k < H
-            if NEED_H:
-                wk = tl.load(w_ptr + offs_v[:, None] * stride_w + offs_k[None, :],
-                             mask=v_mask[:, None] & k_mask[None, :], other=0.0)
-                if UPCAST:
-                    wk = wk.to(tl.float32)
-                dh = tl.dot(g, wk, input_precision=DOT_PRECISION)
-                tl.atomic_add(grad_h_ptr + rows[:, None] * H + offs_k[None, :], dh,
-                              mask=row_mask[:, None] & k_mask[None, :])
-            if NEED_W:
-                hk = tl.load(h_ptr + rows[:, None] * stride_h + offs_k[None, :],
-                             mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                if UPCAST:
-                    hk = hk.to(tl.float32)
-                dw = tl.dot(tl.trans(g), hk, input_precision=DOT_PRECISION)
-                tl.atomic_add(grad_w_ptr + offs_v[:, None] * H + offs_k[None, :], dw,
-                              mask=v_mask[:, None] & k_mask[None, :])
+    row = tl.program_id(0).to(tl.int64)
+    base = z_ptr + row * z_stride
+    cols = tl.arange(0, BLOCK_V).to(tl.int64)
+    m = float("-inf")
+    d = 0.0
+    t = 0.0  # sum exp(x - m) * x, rescaled like d: entropy = lse - t / d
+    top1 = float("-inf")
+    top2 = float("-inf")
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + cols
+        mask = offs < V
+        x = tl.load(base + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        b1 = tl.max(x, axis=0)
+        arg = tl.argmax(x, axis=0)
+        b2 = tl.max(tl.where(cols == arg, float("-inf"), x), axis=0)  # one copy of the max removed
+        top2 = tl.maximum(tl.minimum(top1, b1), tl.maximum(top2, b2))
+        top1 = tl.maximum(top1, b1)
+        m_new = tl.maximum(m, b1)
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(x - m_new)
+        d = d * alpha + tl.sum(e, axis=0)
+        t = t * alpha + tl.sum(e * tl.where(mask, x, 0.0), axis=0)  # (never 0 * -inf)
+        m = m_new
+    lse = m + tl.log(d)
+    tl.store(lse_ptr + row, lse)
+    tl.store(ent_ptr + row, lse - t / d)
+    tl.store(margin_ptr + row, top1 - top2)
+    if HAS_LABELS:
+        y = tl.load(y_ptr + row).to(tl.int64)
+        valid = y != ignore_index
+        z_y = tl.load(base + y, mask=valid & (y >= 0) & (y < V), other=float("nan")).to(tl.float32)
+        tl.store(nll_ptr + row, tl.where(valid, lse - z_y, 0.0))
+    else:
+        tl.store(nll_ptr + row, 0.0)
 
 
-_fwd = _maybe_autotune(False)(_lce_fwd_kernel)
-_bwd = _maybe_autotune(True)(_lce_bwd_kernel)
+def triton_ce_rows(z, y, scale, loss, lse, opts: CEOptions, *, want_grad: bool, lse_known: bool) -> None:
+    """Row operation of the chunk pass (see :data:`lightning_cggr.kernels.chunked.RowOp`)."""
+    rows, vocab = z.shape
+    ignore_index, eps, zscale, cap = opts
+    block, warps = launch_config(vocab)
+    if scale is None:
+        scale, scale_stride = loss, 0  # never read
+    else:
+        scale_stride = 0 if scale.dim() == 0 else scale.stride(0)
+    _ce_rows_kernel[(rows,)](
+        z, z.stride(0), y, scale, scale_stride, loss, lse,
+        vocab, ignore_index, eps, zscale, 1.0 if cap is None else cap,
+        WANT_GRAD=want_grad, LSE_KNOWN=lse_known, HAS_SOFTCAP=cap is not None,
+        HAS_SMOOTHING=eps > 0.0, HAS_ZLOSS=zscale > 0.0, BLOCK_V=block, num_warps=warps,
+    )
 
 
-def _meta():
-    return dict(_FIXED) if INTERPRET else {}
+def triton_stats_rows(z, y, out, ignore_index: int) -> None:
+    """Statistics row operation (see :data:`lightning_cggr.kernels.chunked.StatsOp`)."""
+    rows, vocab = z.shape
+    block, warps = launch_config(vocab)
+    _stats_rows_kernel[(rows,)](
+        z, z.stride(0), out[3] if y is None else y, out[0], out[1], out[2], out[3],
+        vocab, ignore_index, HAS_LABELS=y is not None, BLOCK_V=block, num_warps=warps,
+    )
 
 
-def _n_bucket(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()  # autotune key: next power of two of N
-
-
-def _prepare(hidden: torch.Tensor, weight: torch.Tensor):
-    """Common compute dtype (autocast dtype under autocast), contiguous rows, the dot precision."""
+def _triton_prepare(hidden: torch.Tensor, weight: torch.Tensor):
+    """Both operands in the compute dtype (autocast's under autocast, else promoted), row-major."""
     if torch.float64 in (hidden.dtype, weight.dtype):
         raise ValueError("impl='triton' supports fp32/bf16/fp16 inputs; use impl='torch' for float64")
     dev = hidden.device.type
@@ -242,85 +201,10 @@ def _prepare(hidden: torch.Tensor, weight: torch.Tensor):
         cdt = torch.get_autocast_dtype(dev)
     else:
         cdt = torch.promote_types(hidden.dtype, weight.dtype)
-    h = hidden.to(cdt)
-    w = weight.to(cdt)
-    if h.stride(-1) != 1:
-        h = h.contiguous()
-    if w.stride(-1) != 1:
-        w = w.contiguous()
-    # the interpreter's tl.dot mis-handles bf16 operands (numpy has no bf16): upcast the tiles
-    # there; on GPUs bf16 tiles go to the tensor cores as they are
-    upcast = INTERPRET and cdt == torch.bfloat16
-    return h, w, ("ieee" if cdt == torch.float32 else "tf32"), upcast
+    return hidden.to(cdt).contiguous(), weight.to(cdt).contiguous()
 
 
-def _grid_fwd(n):
-    return lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)
-
-
-class _TritonLinearCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, reduction, label_smoothing,
-                lse_square_scale, softcap):
-        h, w, prec, upcast = _prepare(hidden, weight)
-        n, hdim = h.shape
-        vocab = w.shape[0]
-        labels = labels.long().contiguous()
-        valid = labels != ignore_index
-        count = valid.sum(dtype=torch.int32).reshape(1)
-        # kept rows first (stable), so that programs past the kept count exit at once
-        perm = torch.argsort((~valid).to(torch.int8), stable=True)
-        lse = torch.empty(n, dtype=torch.float32, device=h.device)
-        losses = torch.zeros(n, dtype=torch.float32, device=h.device)
-        if n > 0:
-            _fwd[_grid_fwd(n)](
-                h, w, labels, perm, count, lse, losses, lse, lse,
-                n, vocab, hdim, _n_bucket(n), h.stride(0), w.stride(0),
-                ignore_index, label_smoothing, lse_square_scale, softcap or 1.0,
-                HAS_LABELS=True, USE_PERM=True, HAS_SOFTCAP=softcap is not None,
-                HAS_SMOOTHING=label_smoothing > 0.0, STATS=False, DOT_PRECISION=prec, UPCAST=upcast, **_meta(),
-            )
-        denom = count.clamp_min(1).to(torch.float32).reshape(())
-        ctx.save_for_backward(h, w, labels, perm, count, lse, denom)
-        ctx.opts = (ignore_index, reduction, label_smoothing, lse_square_scale, softcap, prec, upcast)
-        ctx.dtypes = (hidden.dtype, weight.dtype)
-        if reduction == "none":
-            return losses
-        total = losses.sum()
-        return total if reduction == "sum" else total / denom
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        h, w, labels, perm, count, lse, denom = ctx.saved_tensors
-        ignore_index, reduction, label_smoothing, lse_square_scale, softcap, prec, upcast = ctx.opts
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        n, hdim = h.shape
-        vocab = w.shape[0]
-        if reduction == "none":
-            scale, scale_stride = grad_out.float().contiguous(), 1
-        else:
-            scale = grad_out.float().reshape(1)
-            if reduction == "mean":
-                scale = scale / denom
-            scale_stride = 0
-        grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_h else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
-        if n > 0 and (need_h or need_w):
-            dummy = torch.empty(1, dtype=torch.float32, device=h.device)  # never written
-            _bwd[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(vocab, meta["BLOCK_V"]))](
-                h, w, labels, perm, count, lse, scale, scale_stride,
-                grad_h if need_h else dummy, grad_w if need_w else dummy,
-                n, vocab, hdim, _n_bucket(n), h.stride(0), w.stride(0),
-                ignore_index, label_smoothing, lse_square_scale, softcap or 1.0,
-                HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing > 0.0,
-                NEED_H=need_h, NEED_W=need_w, DOT_PRECISION=prec, UPCAST=upcast, **_meta(),
-            )
-        hdt, wdt = ctx.dtypes
-        return (
-            grad_h.to(hdt) if need_h else None,
-            grad_w.to(wdt) if need_w else None,
-            None, None, None, None, None, None,
-        )
+TRITON = Backend("triton", _triton_prepare, triton_ce_rows, triton_stats_rows)
 
 
 def _check_device(t: torch.Tensor) -> None:
@@ -331,59 +215,17 @@ def _check_device(t: torch.Tensor) -> None:
         )
 
 
-def triton_linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    lse_square_scale: float = 0.0,
-    softcap: float | None = None,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """Fused Triton linear cross-entropy; same contract as :func:`lightning_cggr.kernels.linear_cross_entropy`.
-
-    ``chunk_size`` is accepted for signature compatibility and ignored (tiles are autotuned).
-    """
-    del chunk_size
-    check_args(hidden, weight, labels, reduction, label_smoothing, lse_square_scale, softcap)
+def triton_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction="mean",
+                                label_smoothing=0.0, lse_square_scale=0.0, softcap=None,
+                                chunk_size=None, row_weight=None) -> torch.Tensor:
+    """Chunked cuBLAS GEMMs + Triton row kernels (contract: :func:`lightning_cggr.kernels.linear_cross_entropy`)."""
     _check_device(hidden)
-    return _TritonLinearCE.apply(
-        hidden, weight, labels, int(ignore_index), reduction, float(label_smoothing),
-        float(lse_square_scale), None if softcap is None else float(softcap),
-    )
+    return linear_ce(TRITON, hidden, weight, labels, ignore_index=ignore_index, reduction=reduction,
+                     label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
+                     chunk_size=chunk_size, row_weight=row_weight)
 
 
-@torch.no_grad()
-def triton_token_stats(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    *,
-    ignore_index: int = -100,
-) -> TokenStats:
-    """Per-token fp32 ``lse``, ``entropy``, ``margin``, ``nll`` in one fused pass, no logits tensor."""
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"token_stats: need hidden [N, H] and weight [V, H], got {tuple(hidden.shape)}, {tuple(weight.shape)}"
-        )
-    if weight.shape[0] < 2:
-        raise ValueError("token_stats: the margin needs a vocabulary of at least 2")
-    if labels is not None and (labels.dim() != 1 or labels.shape[0] != hidden.shape[0]):
-        raise ValueError(f"token_stats: labels must be [N], got {tuple(labels.shape)}")
+def triton_token_stats(hidden, weight, labels=None, *, ignore_index=-100, chunk_size=None) -> TokenStats:
+    """Per-token fp32 ``lse``, ``entropy``, ``margin``, ``nll``: chunk GEMM + one Triton row pass."""
     _check_device(hidden)
-    h, w, prec, upcast = _prepare(hidden, weight)
-    n, hdim = h.shape
-    out = torch.zeros(4, n, dtype=torch.float32, device=h.device)
-    y = labels.long().contiguous() if labels is not None else out[3]
-    if n > 0:
-        _fwd[_grid_fwd(n)](
-            h, w, y, y, y, out[0], out[3], out[1], out[2],
-            n, w.shape[0], hdim, _n_bucket(n), h.stride(0), w.stride(0),
-            ignore_index, 0.0, 0.0, 1.0,
-            HAS_LABELS=labels is not None, USE_PERM=False, HAS_SOFTCAP=False,
-            HAS_SMOOTHING=False, STATS=True, DOT_PRECISION=prec, UPCAST=upcast, **_meta(),
-        )
-    return TokenStats(out[0], out[1], out[2], out[3])
+    return stats_pass(TRITON, hidden, weight, labels, ignore_index=ignore_index, chunk_size=chunk_size)

@@ -57,7 +57,7 @@ class ReferenceModel:
         targets: torch.Tensor,
         *,
         impl: str = "torch",
-        chunk_size: int = 1024,
+        chunk_size: int | None = None,
     ) -> TokenStats:
         """[B, T]-shaped statistics of the reference's logits against ``targets`` (shifted labels)."""
         self.to(input_ids.device)
