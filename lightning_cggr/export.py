@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -113,7 +114,9 @@ def _read_sharded(path: Path, template: dict[str, torch.Tensor] | None) -> dict[
         raise CheckpointError(f"{path} is a sharded checkpoint: reading it needs the model (use load_trained)")
     state = {"state_dict": {PREFIX + k: torch.empty_like(v) for k, v in template.items()}}
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+            dcp.load(state, checkpoint_id=str(path))
     except Exception as err:  # missing keys, other shapes, damaged shards
         raise CheckpointError(
             f"cannot read the sharded checkpoint {path} into this run's model: {' '.join(str(err).split())[:300]}"
