@@ -8,10 +8,7 @@ built from the run's own ``config.json``): the same tensors, the same logits, th
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,6 @@ from lightning_cggr.errors import CheckpointError, UserError
 from lightning_cggr.export import export, load_trained, read_model_state
 from lightning_cggr.train import CONF_DIR, train
 
-REPO = Path(__file__).resolve().parent.parent
 TEXT = "The for statement is used to iterate over the elements of a sequence."
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -215,19 +211,20 @@ def test_errors_name_the_fix(run_dir, tmp_path):
         read_model_state(tmp_path / "w.ckpt")
 
 
-def test_commands_export_and_generate(run_dir, tmp_path):
-    """The documented commands, as processes: export, then sample from the folder; a mistake exits 2."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def test_commands_export_and_generate(run_dir, tmp_path, capsys):
+    """The command-line entries (processes: tests/test_readme.py's run block): export, sample from
+    the folder; a mistake exits 2 with one line."""
+    from lightning_cggr import export as export_cmd
+    from lightning_cggr import generate as generate_cmd
+
     out = tmp_path / "hf"
-    done = subprocess.run([sys.executable, "-m", "lightning_cggr.export", str(run_dir), str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
+    export_cmd.main([str(run_dir), str(out)])
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
-    sample = subprocess.run([sys.executable, "-m", "lightning_cggr.generate", str(out), "The for statement",
-                             "--max-new-tokens", "5"], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
-    assert sample.returncode == 0, sample.stderr[-2000:]
-    assert sample.stdout.startswith("The for statement")
-    again = subprocess.run([sys.executable, "-m", "lightning_cggr.export", str(run_dir), str(out)],
-                           capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
-    assert again.returncode == 2
-    assert again.stderr.strip().splitlines() == [f"error: {out} is not empty; choose a new folder or pass --overwrite"]
+    capsys.readouterr()
+    generate_cmd.main([str(out), "The for statement", "--max-new-tokens", "5"])
+    assert capsys.readouterr().out.startswith("The for statement")
+    with pytest.raises(SystemExit) as info:
+        export_cmd.main([str(run_dir), str(out)])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {out} is not empty; choose a new folder or pass --overwrite"]
