@@ -8,6 +8,7 @@ tokenizer is built. A misspelled key is an error, never ignored.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -165,8 +166,10 @@ class DataConfig:
     """pydoc (the English text of CPython's pydoc_data.topics, no download) | files (data.paths) |
     chat (JSONL conversations, assistant-only labels) | hf (a Hugging Face dataset, data.hf_name)."""
     paths: list[str] | None = None
-    """Local UTF-8 text files for source=files; each file is one document. For source=chat: JSONL
-    files of {"messages": [...]}; null means the chat sample shipped in lightning_cggr/samples."""
+    """Local UTF-8 text files for source=files (one path or a list): each file is one document, and
+    a single file is cut into documents at blank lines (else into blocks of about
+    ``data.text.DOCUMENT_CHARS`` characters). For source=chat: JSONL files of {"messages": [...]};
+    null means the chat sample shipped in lightning_cggr/data/samples."""
     tokenizer: str = "auto"
     """bpe: a byte-level BPE trained on the corpus and cached; model: the pretrained model's own;
     auto: bpe for model.source=random, model otherwise (resolved by parse_config)."""
@@ -262,12 +265,17 @@ def register_schema() -> None:
 
 def _build(cls: type, values: Mapping[str, Any] | None, where: str, problems: list[str]):
     """Instantiate dataclass ``cls`` from ``values``, recording unknown keys instead of raising."""
+    if values is not None and not isinstance(values, Mapping):
+        problems.append(f"{where}={values!r}: must be a group of settings (a mapping), not a single value")
+        values = None
     values = dict(values or {})
     kwargs = {}
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in values.items():
         if key not in known:
-            problems.append(f"{where}.{key}: unknown key (known: {', '.join(known)})")
+            close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+            hint = f"; did you mean {where}.{close[0]}?" if close else ""
+            problems.append(f"{where}.{key}: unknown key{hint} (known: {', '.join(known)})")
             continue
         sub = known[key].default_factory if known[key].default_factory is not dataclasses.MISSING else None
         if sub is not None and dataclasses.is_dataclass(sub):
@@ -284,6 +292,10 @@ def _check_choice(problems: list[str], name: str, value: Any, choices: tuple[str
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_ratio(value: Any) -> bool:
@@ -342,20 +354,6 @@ def config_error(problems: list[str]) -> ConfigError:
     return ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
-def _check_data_files(p: list[str], paths: Any) -> None:
-    """Every data file exists and is not empty (a cheap stat, before anything is built)."""
-    from pathlib import Path
-
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    for raw in paths:
-        path = Path(str(raw)).expanduser()
-        if not path.is_file():
-            p.append(f"data.paths: {path} does not exist or is not a file")
-        elif path.stat().st_size == 0:
-            p.append(f"data.paths: {path} is empty")
-
-
 def _validate_checkpoint(p: list[str], c: CheckpointConfig) -> None:
     if c.every_n_steps is not None and (not _is_int(c.every_n_steps) or c.every_n_steps < 0):
         p.append(f"checkpoint.every_n_steps={c.every_n_steps!r}: must be an integer >= 0, or null (a tenth of the run)")
@@ -400,41 +398,59 @@ def validate(run: RunConfig) -> None:
     _check_choice(p, "model.dtype", m.dtype, DTYPES)
     if m.source == "random":
         _check_choice(p, "model.arch", m.arch, MODEL_ARCHS)
-        if isinstance(c.router.num_layers, int) and c.enabled and c.router.source == "truncated":
+        if _is_int(c.router.num_layers) and _is_int(m.num_layers) and c.enabled and c.router.source == "truncated":
             if c.router.num_layers > m.num_layers:
                 p.append(
                     f"cggr.router.num_layers={c.router.num_layers}: the model has only "
                     f"{m.num_layers} layers (model.num_layers)"
                 )
-        if m.hidden_size % max(m.num_heads, 1):
+        sizes = {k: getattr(m, k) for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size",
+                                              "max_position_embeddings")}
+        for name, value in sizes.items():
+            if not _is_int(value) or value < 1:
+                p.append(f"model.{name}={value!r}: must be an integer >= 1")
+        if all(_is_int(v) and v >= 1 for v in sizes.values()) and m.hidden_size % m.num_heads:
             p.append(f"model.hidden_size={m.hidden_size} must be divisible by model.num_heads={m.num_heads}")
     if m.source == "pretrained" and not m.name:
         p.append("model.name: required for model.source=pretrained (a hub id or a local folder)")
     _check_choice(p, "data.source", d.source, DATA_SOURCES)
     _check_choice(p, "data.tokenizer", d.tokenizer, TOKENIZERS)
-    if d.tokenizer == "model" and m.source == "random":
-        p.append("data.tokenizer=model needs a pretrained model (model.source); use data.tokenizer=bpe")
+    if d.source == "chat" and m.source == "random":  # the one fix: a model that has a chat template
+        p.append(
+            "data=chat needs a pretrained model with a chat template, not the random tiny model: add "
+            "model=smollm2_gguf (SmolLM2-135M-Instruct, offline) or model=smollm / model.name=<hub id or folder>"
+        )
+    elif d.tokenizer == "model" and m.source == "random":
+        p.append("data.tokenizer=model needs a pretrained model (e.g. model=smollm2_gguf); with the tiny "
+                 "random model use data.tokenizer=bpe")
+    elif d.source == "chat" and d.tokenizer != "model":
+        p.append("data.source=chat renders conversations with the model's chat template; use data.tokenizer=model")
     if d.tokenizer == "bpe" and m.source != "random":
         p.append(
             "data.tokenizer=bpe with a pretrained model would not match its vocabulary; use data.tokenizer=model"
         )
+    paths_ok = d.paths is None or (isinstance(d.paths, list) and all(isinstance(x, str) and x for x in d.paths))
+    if not paths_ok:
+        p.append(f"data.paths={d.paths!r}: must be a file path or a list of them, e.g. 'data.paths=[a.txt,b.txt]'")
     if d.source == "files" and not d.paths:
-        p.append("data.paths: required for data.source=files (a list of text files)")
-    if d.source == "chat" and d.tokenizer != "model":
-        p.append("data.source=chat renders conversations with the model's chat template; use data.tokenizer=model")
+        p.append("data.paths: required for data.source=files (a text file or a list of them)")
     if d.source == "hf" and not d.hf_name:
         p.append("data.hf_name: required for data.source=hf (e.g. wikitext, with data.hf_config=wikitext-2-raw-v1)")
     for name in ("block_size", "batch_size", "vocab_size"):
         value = getattr(d, name)
         if not isinstance(value, int) or value < 2:
             p.append(f"data.{name}={value!r}: must be an integer >= 2")
-    if not 0.0 < d.val_fraction < 1.0:
-        p.append(f"data.val_fraction={d.val_fraction}: must be in (0, 1)")
-    if run.optim.lr <= 0:
-        p.append(f"optim.lr={run.optim.lr}: must be > 0")
+    if not _is_int(d.num_workers) or d.num_workers < 0:
+        p.append(f"data.num_workers={d.num_workers!r}: must be an integer >= 0")
+    if not _is_number(d.val_fraction) or not 0.0 < d.val_fraction < 1.0:
+        p.append(f"data.val_fraction={d.val_fraction!r}: must be a number in (0, 1)")
+    if not _is_number(run.optim.lr) or run.optim.lr <= 0:
+        p.append(f"optim.lr={run.optim.lr!r}: must be a number > 0")
     _validate_perf(p, run)
-    if d.source in ("files", "chat") and d.paths:
-        _check_data_files(p, d.paths)
+    if d.source in ("files", "chat") and d.paths and paths_ok:
+        from .data import data_file_problems  # reads the files: after the cheap checks
+
+        p += data_file_problems(d.source, d.paths)
     _validate_checkpoint(p, run.checkpoint)
     if p:
         raise config_error(p)
@@ -450,6 +466,8 @@ def parse_config(cfg: Mapping[str, Any]) -> RunConfig:
         raise config_error(problems)
     if isinstance(parts["optim"].betas, list):
         parts["optim"].betas = tuple(parts["optim"].betas)
+    if isinstance(parts["data"].paths, str):  # data.paths=/a/file.txt: one file, not its characters
+        parts["data"].paths = [parts["data"].paths]
     run = RunConfig(**parts)
     if run.data.tokenizer == "auto":  # the documented rule, resolved before validation
         run.data.tokenizer = "bpe" if run.model.source == "random" else "model"

@@ -2,14 +2,24 @@
 
 - :class:`UserError` (exit 2): a mistake in what was asked for — a config value, a data file, a
   model name, a checkpoint — reported as one line that names the problem and the fix.
+  :class:`ConfigError` (the config), :class:`DataError` (a data file: it names the file, and the
+  line for JSONL) and :class:`CheckpointError` (a checkpoint or run folder) are its kinds.
 - :class:`RunStopped` (its own exit code): the run stopped before its end for a reason that is not
   a bug, e.g. a signal (128 + signal number) or a diverged loss (3); the state worth keeping has
   been saved before it is raised.
 
-Anything else is a bug and keeps its traceback.
+Anything else is a bug and keeps its traceback. :func:`run_command` applies this to a
+command-line entry point; ``HYDRA_FULL_ERROR=1`` in the environment (Hydra's own switch, honoured by
+every command of this package) prints the traceback of a user mistake too, before the same exit.
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import traceback
+from typing import Any, Callable, Iterator
 
 
 class UserError(ValueError):
@@ -22,9 +32,58 @@ class ConfigError(UserError):
     """A configuration mistake, reported before anything is built."""
 
 
+class DataError(UserError):
+    """A data file that cannot be used: the message names the file (and the line of a JSONL file)."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint or run folder that cannot be read or does not hold what was asked for."""
+
+
 class RunStopped(RuntimeError):
     """The run ended early on purpose (signal, divergence); ``exit_code`` tells a job chain why."""
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
+"""``HYDRA_FULL_ERROR=1``: print the traceback of a user mistake as well (debugging)."""
+
+_USER_FULL_ERROR_ENV = "LIGHTNING_CGGR_USER_FULL_ERROR"
+# The user's own HYDRA_FULL_ERROR while lightning_cggr.train sets it for Hydra (which then re-raises
+# instead of printing); kept in the environment so processes launched by the run (DDP ranks) see it.
+
+
+def full_tracebacks() -> bool:
+    """Whether the user asked for tracebacks (``HYDRA_FULL_ERROR=1``)."""
+    value = os.environ.get(_USER_FULL_ERROR_ENV, os.environ.get(FULL_ERROR_ENV, ""))
+    return value.strip() == "1"
+
+
+def report(err: BaseException, prefix: str = "error") -> None:
+    """Print ``err`` as the command's last words: ``prefix: message`` on stderr (traceback first on request)."""
+    if full_tracebacks():
+        traceback.print_exception(err)
+    print(f"{prefix}: {err}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """Inside it, a :class:`UserError` ends the process with one line and exit code 2, a
+    :class:`RunStopped` with its message and its own exit code; anything else propagates (a bug)."""
+    try:
+        yield
+    except UserError as err:
+        report(err)
+        sys.exit(err.exit_code)
+    except RunStopped as err:
+        report(err, "stopped")
+        sys.exit(err.exit_code)
+
+
+def run_command(entry: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call a command-line entry point under :func:`exit_on_user_error`."""
+    with exit_on_user_error():
+        return entry(*args, **kwargs)

@@ -71,6 +71,9 @@ def read_checkpoint_meta(path: Path) -> dict[str, Any]:
     tensors into memory (memory-mapped)."""
     import torch
 
+    from .export import check_checkpoint
+
+    check_checkpoint(path, what="ckpt_path")  # complete file or sharded folder, with its own message
     file = path / "meta.pt" if path.is_dir() else path
     try:
         try:
@@ -191,21 +194,27 @@ class RunFolderCallback(HydraCallback):
         NEW_RUN_FOLDER = None if Path(str(OmegaConf.select(config, "hydra.run.dir"))).exists() else out
         try:
             plan_run(task, out)
-        except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
+        except UserError as err:  # reported like every user mistake (lightning_cggr.errors)
+            from .errors import report
+
+            report(err)
             sys.exit(err.exit_code)
 
 
+BOOKKEEPING = (".hydra", "model")
+"""What a run writes before it trains: Hydra's config copies, the model's HF config and tokenizer."""
+
+
 def discard_new_run_folder() -> bool:
-    """Remove the run folder this process's Hydra run created if it holds nothing but Hydra's
-    bookkeeping (``.hydra/``, log files, empty folders): a run that failed before it saved anything
+    """Remove the run folder this process's Hydra run created if it holds nothing but bookkeeping
+    (``.hydra/``, ``model/``, log files, empty folders): a run that failed before it saved anything
     leaves nothing behind. Returns whether it was removed."""
     folder = NEW_RUN_FOLDER
     if folder is None or not folder.is_dir():
         return False
     for path in folder.rglob("*"):
         rel = path.relative_to(folder)
-        if path.is_dir() or rel.parts[0] == ".hydra" or (len(rel.parts) == 1 and path.suffix == ".log"):
+        if path.is_dir() or rel.parts[0] in BOOKKEEPING or (len(rel.parts) == 1 and path.suffix == ".log"):
             continue
         return False  # a checkpoint, metrics, anything the run wrote: keep it
     import logging as _logging

@@ -14,7 +14,6 @@ Every setting is a Hydra override; ``--cfg job`` prints the composed config with
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -24,8 +23,9 @@ from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from . import rundir
-from .config import parse_config, register_schema
-from .errors import ConfigError, RunStopped, UserError
+from .cli import omegaconf_problem, run_hydra, unknown_key_problems
+from .config import config_error, parse_config, register_schema
+from .errors import ConfigError, UserError, exit_on_user_error
 
 log = logging.getLogger(__name__)
 
@@ -34,38 +34,88 @@ register_schema()  # the dataclass defaults, first in conf/train.yaml's defaults
 
 
 RESERVED_TRAINER_KEYS = {
-    "callbacks": "the callbacks group (callbacks=[best_checkpoint,lr_monitor,...] or +callbacks.NAME._target_=...)",
-    "logger": "the logger group (logger=csv, tensorboard, wandb or [csv,tensorboard])",
-    "plugins": "nothing: train() installs its own checkpoint writer",
-    "default_root_dir": "hydra.run.dir (the run folder)",
-    "enable_checkpointing": "checkpoint.every_n_steps (checkpoints/last.ckpt is always written)",
+    "callbacks": "the run's callbacks come from the callbacks group (callbacks=[best_checkpoint,lr_monitor,...] "
+                 "or +callbacks.NAME._target_=...)",
+    "logger": "the run's loggers come from the logger group (logger=csv, tensorboard, wandb or [csv,tensorboard])",
+    "plugins": "train() installs its own checkpoint writer",
+    "default_root_dir": "the run folder is hydra.run.dir (output_dir follows it)",
+    "enable_checkpointing": "checkpoints/last.ckpt is always written; its cadence is checkpoint.every_n_steps",
 }
+"""Trainer arguments that train() passes itself; setting them under ``trainer`` is a mistake."""
+
+
+def run_device(trainer: dict) -> str:
+    """The device type the trainer will train on: cpu, cuda or mps."""
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda"):
+        return "cuda"
+    if accelerator == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    return accelerator
 
 
 def check_trainer(trainer: dict) -> None:
     """Trainer settings that would otherwise fail only after the model and data are built."""
-    for key, use in RESERVED_TRAINER_KEYS.items():
-        if key in trainer:
-            raise ConfigError(f"invalid configuration: trainer.{key} is set by the run itself; use {use}")
     strategy, accelerator = trainer.get("strategy"), str(trainer.get("accelerator", "auto"))
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if strategy == "fsdp" and on_cpu:
+    device = run_device(trainer)
+    if strategy == "fsdp" and device == "cpu":
         raise ConfigError(
             f"invalid configuration: trainer.strategy=fsdp needs GPUs (torch's FSDP1 refuses a CPU "
             f"device; trainer.accelerator={accelerator}); on CPU use trainer.strategy=fsdp2 or ddp"
         )
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"invalid configuration: trainer.accelerator={accelerator} but torch sees no CUDA GPU "
+            f"(torch {torch.__version__}); use trainer=cpu or trainer.accelerator=auto"
+        )
+
+
+def check_loss_impl(impl: str, trainer: dict) -> None:
+    """``loss.impl`` can run on the device the trainer will use (e.g. triton needs CUDA)."""
+    from .kernels import resolve_impl
+
+    device = run_device(trainer)
+    try:
+        resolve_impl(impl, torch.device(device))
+    except (ValueError, RuntimeError) as err:
+        reason = " ".join(str(err).split())
+        raise ConfigError(
+            f"invalid configuration: loss.impl={impl} cannot run on this run's device ({device}): {reason}; "
+            f"use loss.impl=auto (triton on CUDA, torch elsewhere) or loss.impl=torch"
+        ) from err
 
 
 def check_config(cfg: DictConfig):
-    """Every config mistake, before anything is built: (validated run config, trainer kwargs)."""
-    run = parse_config(OmegaConf.to_container(cfg, resolve=True))
-    trainer_kw = OmegaConf.to_container(cfg.trainer, resolve=True)
-    check_trainer(trainer_kw)
+    """Every config mistake, before anything is built: (validated run config, trainer kwargs).
+
+    Unknown keys anywhere (top level, ``trainer``, the schema groups), values, data files, the loss
+    kernel against the run's device and a given checkpoint file: one :class:`ConfigError` (or the
+    :class:`~lightning_cggr.errors.UserError` of the file at fault)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"invalid configuration: {omegaconf_problem(err)}") from err
+    problems = unknown_key_problems(plain, CONF_DIR, RESERVED_TRAINER_KEYS)
+    if problems:
+        raise config_error(problems)
+    run = parse_config(plain)
+    trainer_kw = dict(plain.get("trainer") or {})
     if run.perf.compile and trainer_kw.get("strategy") == "fsdp":
         raise ConfigError(
             "invalid configuration: perf.compile with trainer.strategy=fsdp (FSDP1 swaps flat parameters "
             "under the compiled blocks; untested): use trainer.strategy=fsdp2, or perf.compile=false"
         )
+    check_trainer(trainer_kw)
+    check_loss_impl(run.loss.impl, trainer_kw)
+    ckpt_path = plain.get("ckpt_path")
+    if isinstance(ckpt_path, str) and Path(ckpt_path).expanduser().exists():  # a missing one: train() says so
+        from .export import check_checkpoint
+
+        check_checkpoint(Path(ckpt_path).expanduser(), what="ckpt_path")
     return run, trainer_kw
 
 
@@ -126,6 +176,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     from .callbacks import ResumableCheckpoint, StepProgressBar, default_every_n_steps
     from .checkpointing import AtomicCheckpointIO, estimate_checkpoint_bytes, preflight, recover_folder_checkpoint
     from .data import build_datamodule, build_tokenizer
+    from .export import save_run_model_files
     from .loggers import prepare_loggers
     from .models import build_model
     from .module import CGGRModule
@@ -148,6 +199,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
 
     tokenizer = build_tokenizer(run.data) if run.data.tokenizer == "bpe" else None
     model, tokenizer = build_model(run.model, tokenizer)
+    save_run_model_files(out, model, tokenizer)  # model/: the HF config and tokenizer, for export
     datamodule = build_datamodule(run.data, tokenizer, seed=cfg.seed)
     try:  # what only the built model can tell: its architecture, its layer count for the router
         module = CGGRModule(model, run.cggr, run.loss, run.optim, perf=run.perf)
@@ -187,19 +239,24 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Returns the final val/loss: the objective of Hydra sweepers (e.g. Optuna), to minimise."""
-    try:
-        check_config(cfg)  # a mistake: one line, no config dump
-        print(OmegaConf.to_yaml(cfg, resolve=True))
-        return train(cfg).get("val/loss")
-    except UserError as err:  # a mistake in the inputs: one line, exit 2
-        rundir.discard_new_run_folder()  # a failed run leaves no empty run folder behind
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
-    except RunStopped as err:  # stopped on purpose (signal, divergence): its own exit code
-        print(f"stopped: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+    """The Hydra task: validate, print the resolved config, train; returns the final val/loss, the
+    objective of Hydra sweepers (e.g. Optuna), to minimise. The command line enters through
+    :func:`cli`, which presents mistakes as one line."""
+    with exit_on_user_error():  # inside the Hydra job, so that Hydra adds no report of its own
+        try:
+            check_config(cfg)  # a mistake: one line, no config dump
+            print(OmegaConf.to_yaml(cfg, resolve=True))
+            return train(cfg).get("val/loss")
+        except UserError:
+            rundir.discard_new_run_folder()  # a failed run leaves no empty run folder behind
+            raise
+
+
+def cli() -> None:
+    """``python -m lightning_cggr.train`` and the ``lightning-cggr-train`` console script: a user
+    mistake ends with one line and exit code 2 (see :func:`lightning_cggr.cli.run_hydra`)."""
+    run_hydra(main, CONF_DIR)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

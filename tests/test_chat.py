@@ -16,6 +16,7 @@ from lightning_cggr.data.chat import (
     read_chat_jsonl,
     sample_chat_path,
 )
+from lightning_cggr.errors import DataError
 from lightning_cggr.models.gguf import fetch_smollm2_gguf, require_gguf
 
 CONVERSATION = [
@@ -180,14 +181,14 @@ def test_chat_training_order_resumes_mid_epoch(tokenizer):
 def test_chat_train_set_smaller_than_a_batch_is_an_error(tokenizer):
     dm = ChatDataModule(sample_chat_path(), tokenizer, max_length=64, batch_size=1000)
     dm.setup("fit")
-    with pytest.raises(ValueError, match="do not fill one batch of 1000.*lower data.batch_size"):
+    with pytest.raises(DataError, match="do not fill one batch of 1000.*lower data.batch_size"):
         dm.train_dataloader()
 
 
 @pytest.mark.parametrize(
     "content, message",
     [
-        (None, "not found"),
+        (None, "does not exist or is not a file"),
         ("\n  \n", "no conversations"),
         ('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [\n', r"bad\.jsonl:2: not valid JSON"),
         ('{"messages": [{"role": "user", "content": "hi"}]}\n\n{"text": "x"}\n', r"bad\.jsonl:3: .*messages"),
@@ -200,9 +201,31 @@ def test_bad_files_fail_with_the_line(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     if content is not None:
         path.write_text(content)
-    with pytest.raises((ValueError, FileNotFoundError), match=message):
+    with pytest.raises(DataError, match=message):
         read_chat_jsonl(path)
 
+
+def test_non_utf8_line_is_named(tmp_path):
+    path = tmp_path / "latin.jsonl"
+    good = '{"messages": [{"role": "user", "content": "hi"}]}\n'
+    path.write_bytes(good.encode() + '{"messages": [{"role": "user", "content": "caf\u00e9"}]}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=rf"{path}:2: not UTF-8 text \(byte 0xe9\)"):
+        read_chat_jsonl(path)
+
+
+def test_conversations_without_assistant_tokens_are_an_error_at_setup(tokenizer, tmp_path):
+    """Nothing to train on: no assistant turn, or every one cut off by the truncation length."""
+    path = tmp_path / "questions.jsonl"
+    lines = [{"messages": [{"role": "user", "content": f"Question {i}?"}]} for i in range(6)]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    dm = ChatDataModule(path, tokenizer, max_length=64, batch_size=2, val_fraction=0.2)
+    with pytest.raises(DataError, match=r"nothing to train on: no training conversation of .*questions\.jsonl has "
+                                        r"assistant content within data.block_size=64 tokens"):
+        dm.setup("fit")
+    cut = ChatDataModule(sample_chat_path(), tokenizer, max_length=8, batch_size=2)  # the system prompt fills 8
+    with pytest.raises(DataError, match="raise data.block_size"):
+        cut.setup("fit")
+    ChatDataModule(sample_chat_path(), tokenizer, max_length=256, batch_size=2).setup("fit")  # has labels: fine
 
 @pytest.mark.parametrize(
     "kwargs, message",
@@ -217,7 +240,7 @@ def test_too_small_file_for_the_split_is_an_error(tokenizer, tmp_path):
     path = tmp_path / "one.jsonl"
     path.write_text(json.dumps({"messages": CONVERSATION}) + "\n")
     dm = ChatDataModule(path, tokenizer, val_fraction=0.5)
-    with pytest.raises(ValueError, match="none for training"):
+    with pytest.raises(DataError, match="none for training"):
         dm.setup("fit")
 
 
@@ -239,6 +262,25 @@ def test_offline_smollm_chat_job_composes(tokenizer):
     dm = build_datamodule(run.data, tokenizer, seed=0)
     assert isinstance(dm, ChatDataModule)
     assert dm.paths == [sample_chat_path()] and dm.max_length == 2048 and dm.batch_size == 8
+
+
+def test_offline_showcase_experiment_routes_and_logs_every_step(tokenizer):
+    """README's offline real-model showcase: routed steps after the warm-up and a metrics row per step."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from lightning_cggr.config import parse_config
+    from lightning_cggr.train import CONF_DIR, check_config
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", ["+experiment=smollm2_chat", "output_dir=/tmp/unused"])
+    run, trainer = check_config(cfg)
+    assert (run.model.source, run.data.source) == ("smollm2_gguf", "chat")
+    assert trainer["max_steps"] - run.cggr.warmup_steps >= 3  # several routed steps
+    assert trainer["log_every_n_steps"] == 1 and trainer["val_check_interval"] == trainer["max_steps"]
+    assert run.cggr.enabled and run.cggr.min_tokens_ratio < 1
+    train_conversations = round(len(read_chat_jsonl(sample_chat_path())) * (1 - run.data.val_fraction))
+    assert train_conversations // run.data.batch_size >= 1  # the sample fills a batch
 
 
 @pytest.mark.parametrize(

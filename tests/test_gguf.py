@@ -228,9 +228,16 @@ def test_two_cggr_steps_on_real_smollm2_keep_the_configured_ratio(smollm2):
     assert not torch.equal(trained.model.layers[5].mlp.down_proj.weight, before)  # it trained
 
 
-def test_conversations_without_assistant_tokens_train_to_a_finite_zero(smollm2, tmp_path):
+def test_conversations_without_assistant_tokens_are_an_error_but_such_a_batch_trains_to_zero(smollm2, tmp_path):
+    """A data set with nothing to train on stops at setup (issue 13); a batch without an assistant
+    token (inside data that has some) still gives a finite zero loss on the real model."""
     import copy
     import json
+
+    from lightning_cggr.config import CGGRConfig, RouterConfig
+    from lightning_cggr.data.chat import ChatCollator, encode_chat
+    from lightning_cggr.errors import DataError
+    from lightning_cggr.step import CGGRStep
 
     model, tok = smollm2
     path = tmp_path / "no_answers.jsonl"
@@ -239,7 +246,11 @@ def test_conversations_without_assistant_tokens_train_to_a_finite_zero(smollm2, 
     path.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
     frozen = copy.deepcopy(model).train().requires_grad_(False)
     frozen.model.norm.weight.requires_grad_(True)  # one small trainable tensor keeps the step cheap
-    seen = _fit(frozen, tok, path, steps=1)
-    (batch, loss, logged_loss, kept_ratio), = seen
+    with pytest.raises(DataError, match="nothing to train on"):
+        _fit(frozen, tok, path, steps=1)
+    batch = ChatCollator(tok.pad_token_id)([encode_chat(tok, r, max_length=48) for r in rows[-2:]])
     assert (batch["labels"] == -100).all()
-    assert loss.item() == 0.0 and logged_loss.item() == 0.0 and kept_ratio.item() == 0.0
+    result = CGGRStep(frozen, CGGRConfig(warmup_steps=0, router=RouterConfig(num_layers=2)))(batch, 0)
+    result.loss.backward()
+    assert result.loss.item() == 0.0 and result.metrics["train/kept_ratio"].item() == 0.0
+    assert torch.equal(frozen.model.norm.weight.grad, torch.zeros_like(frozen.model.norm.weight))

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from lightning_cggr.models import hub
-from lightning_cggr.models.hub import HubUnreachableError, hub_offline_reason, load_hf_texts, load_pretrained
+from lightning_cggr.errors import DataError, UserError
+from lightning_cggr.models.hub import (
+    HubUnreachableError,
+    MissingExtraError,
+    ModelNotFoundError,
+    hub_offline_reason,
+    load_hf_texts,
+    load_pretrained,
+)
 
 
 @pytest.fixture
@@ -57,10 +65,17 @@ def test_unresolvable_endpoint_counts_as_offline(monkeypatch):
     assert reason is not None and "hub.lightning-cggr.invalid is unreachable" in reason
 
 
+def test_folder_without_a_model_is_a_user_error_naming_the_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(ModelNotFoundError, match=rf"model.name={tmp_path}: cannot load a causal LM") as info:
+        load_pretrained(str(tmp_path))
+    assert "\n" not in str(info.value)
+
+
 def test_missing_local_folder_is_not_sent_to_the_hub(tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint folder not found"):
+    with pytest.raises(ModelNotFoundError, match="checkpoint folder not found"):
         load_pretrained(str(tmp_path / "nope"))
-    with pytest.raises(ValueError, match="smollm2_gguf"):
+    with pytest.raises(UserError, match="model=smollm2_gguf"):
         load_pretrained("weights.gguf")
 
 
@@ -71,7 +86,7 @@ def test_bad_dtype_is_rejected():
 
 def test_hf_texts_without_datasets_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
-    with pytest.raises(ImportError, match=r"pip install -e \.\[hf\]"):
+    with pytest.raises(MissingExtraError, match=r"pip install -e \.\[hf\]"):
         load_hf_texts("wikitext", "wikitext-2-raw-v1")
 
 
@@ -102,5 +117,5 @@ def test_hf_texts_returns_the_non_blank_column(monkeypatch):
     monkeypatch.setattr(hub, "hub_offline_reason", lambda *a, **k: None)
     assert load_hf_texts("wikitext", "wikitext-2-raw-v1", split="validation") == [" = Title = \n", "A paragraph.\n"]
     assert calls == [(("wikitext", "wikitext-2-raw-v1"), {"split": "validation"})]
-    with pytest.raises(ValueError, match="no column 'body'"):
+    with pytest.raises(DataError, match="no column 'body'"):
         load_hf_texts("wikitext", text_field="body")

@@ -50,7 +50,7 @@ def test_callbacks_group_builds_checkpoints_monitors_early_stopping_and_user_cal
 def test_callbacks_can_be_dropped_and_mistakes_are_config_errors(tmp_path):
     train(make_cfg(tmp_path, "run", "trainer.max_steps=2", "callbacks.best_checkpoint=null"))
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["last.ckpt"]
-    with pytest.raises(ConfigError, match=r"trainer\.callbacks is set by the run itself; use the callbacks group"):
+    with pytest.raises(ConfigError, match=r"trainer\.callbacks: the run's callbacks come from the callbacks group"):
         train(make_cfg(tmp_path, "bad1", "+trainer.callbacks=null"))
     with pytest.raises(ConfigError, match=r"callbacks\.mine needs a _target_"):
         train(make_cfg(tmp_path, "bad2", "+callbacks.mine.patience=3"))
@@ -94,7 +94,7 @@ def test_logger_none_writes_no_metrics(tmp_path):
     with pytest.raises(ConfigError, match=r"callbacks\.lr_monitor needs a logger.*callbacks\.lr_monitor=null"):
         train(make_cfg(tmp_path, "bad", "logger=none"))  # the default callbacks log the learning rate
     train(make_cfg(tmp_path, "run", "logger=none", "callbacks.lr_monitor=null", "trainer.max_steps=2"))
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints", "model"]  # no csv/
 
 
 def test_several_loggers_at_once_compose():

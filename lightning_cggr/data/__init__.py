@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING
 
 import lightning as L
 
-from .text import PackedTextDataModule, cache_dir, load_documents, split_documents, train_bpe_tokenizer
+from .text import (
+    PackedTextDataModule,
+    cache_dir,
+    load_documents,
+    split_documents,
+    text_file_problem,
+    train_bpe_tokenizer,
+)
 
 if TYPE_CHECKING:
     from ..config import DataConfig
@@ -22,7 +29,16 @@ SOURCES = ("pydoc", "files", "chat", "hf")
 TOKENIZERS = ("auto", "bpe", "model")
 """``data.tokenizer`` choices."""
 
-__all__ = ["SOURCES", "TOKENIZERS", "build_datamodule", "build_tokenizer", "cache_dir"]
+__all__ = ["SOURCES", "TOKENIZERS", "build_datamodule", "build_tokenizer", "cache_dir", "data_file_problems"]
+
+
+def data_file_problems(source: str, paths: list[str]) -> list[str]:
+    """Every problem of the data files of ``source`` (files: UTF-8 text; chat: JSONL conversations),
+    one line each naming the file (and the line), found before any model or tokenizer is built."""
+    from .chat import chat_file_problem
+
+    check = chat_file_problem if source == "chat" else text_file_problem
+    return [f"data.paths: {problem}" for problem in map(check, paths) if problem]
 
 
 def build_tokenizer(cfg: DataConfig):

@@ -21,6 +21,7 @@ correct. A conversation without any labelled token stays in the data and contrib
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from importlib import resources
@@ -30,6 +31,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import DataError, UserError
 from .resumable import ResumableLoader, fit_position
 
 IGNORE_INDEX = -100
@@ -43,41 +45,69 @@ def sample_chat_path() -> Path:
 
 
 def read_chat_jsonl(path: str | Path) -> list[Conversation]:
-    """Conversations of a JSONL file; a missing, empty or malformed file raises naming the line."""
+    """Conversations of a JSONL file; a missing, empty, non-UTF-8 or malformed file is a
+    :class:`DataError` naming the file and the line."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"chat data file not found: {path}")
+        raise DataError(f"{path} does not exist or is not a file")
     conversations: list[Conversation] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x}); chat files must be UTF-8 JSONL"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+                raise DataError(
+                    f'{where}: not valid JSON ({err.msg}, column {err.colno}); each line must be one '
+                    '{"messages": [{"role": ..., "content": ...}, ...]} object'
+                ) from None
             conversations.append(_validate_record(record, where))
     if not conversations:
-        raise ValueError(f"chat data file has no conversations: {path}")
+        raise DataError(f"{path} has no conversations; give JSONL lines of {{\"messages\": [...]}}")
     return conversations
+
+
+@functools.lru_cache(maxsize=256)
+def _chat_file_problem(path: str, mtime_ns: int, size: int) -> str | None:
+    try:
+        read_chat_jsonl(path)
+    except DataError as err:
+        return str(err)
+    return None
+
+
+def chat_file_problem(path: str | Path) -> str | None:
+    """What is wrong with a chat JSONL file, or None (remembered while the file is unchanged)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        return f"{path} does not exist or is not a file"
+    st = path.stat()
+    return _chat_file_problem(str(path), st.st_mtime_ns, st.st_size)
 
 
 def _validate_record(record: object, where: str) -> Conversation:
     if not isinstance(record, dict) or "messages" not in record:
-        raise ValueError(f'{where}: expected an object with a "messages" list')
+        raise DataError(f'{where}: expected an object with a "messages" list')
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f'{where}: "messages" must be a non-empty list')
+        raise DataError(f'{where}: "messages" must be a non-empty list')
     out: Conversation = []
     for k, msg in enumerate(messages):
         if not isinstance(msg, dict):
-            raise ValueError(f"{where}: message {k} is not an object")
+            raise DataError(f"{where}: message {k} is not an object")
         role, content = msg.get("role"), msg.get("content")
         if not isinstance(role, str) or not role:
-            raise ValueError(f'{where}: message {k} needs a non-empty string "role"')
+            raise DataError(f'{where}: message {k} needs a non-empty string "role"')
         if not isinstance(content, str):
-            raise ValueError(f'{where}: message {k} needs a string "content"')
+            raise DataError(f'{where}: message {k} needs a string "content"')
         out.append({"role": role, "content": content})
     return out
 
@@ -91,7 +121,10 @@ def _render(tokenizer, messages: Conversation, add_generation_prompt: bool) -> s
 def assistant_char_spans(tokenizer, messages: Conversation) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the ``[start, end)`` character spans of assistant turns."""
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no chat template")
+        raise UserError(
+            f"tokenizer {type(tokenizer).__name__} has no chat template; data=chat needs a model that has "
+            "one (e.g. model=smollm2_gguf)"
+        )
     full = _render(tokenizer, messages, add_generation_prompt=False)
     spans = []
     for i, msg in enumerate(messages):
@@ -162,7 +195,7 @@ def pad_token_id_of(tokenizer) -> int:
         value = getattr(tokenizer, name, None)
         if isinstance(value, int):
             return value
-    raise ValueError("the tokenizer has neither a pad nor an eos token to pad batches with")
+    raise UserError("the tokenizer has neither a pad nor an eos token to pad batches with; use a tokenizer with one")
 
 
 class ChatDataModule(L.LightningDataModule):
@@ -212,14 +245,20 @@ class ChatDataModule(L.LightningDataModule):
         if self.val_fraction > 0 and n_val == 0:
             n_val = 1
         if n - n_val < 1:
-            raise ValueError(
-                f"{n} conversation(s) leave none for training with val_fraction="
-                f"{self.val_fraction}; add data or lower val_fraction"
+            raise DataError(
+                f"{n} conversation(s) leave none for training with data.val_fraction="
+                f"{self.val_fraction}; add conversations or lower data.val_fraction"
             )
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
         val_idx, train_idx = order[:n_val], order[n_val:]
         self.train_set = ChatDataset([conversations[i] for i in train_idx], self.tokenizer, self.max_length)
         self.val_set = ChatDataset([conversations[i] for i in val_idx], self.tokenizer, self.max_length)
+        if not any(label != IGNORE_INDEX for ex in self.train_set.examples for label in ex["labels"]):
+            raise DataError(
+                f"nothing to train on: no training conversation of {', '.join(map(str, self.paths))} has "
+                f"assistant content within data.block_size={self.max_length} tokens (only assistant turns "
+                "are labelled); add assistant answers or raise data.block_size"
+            )
 
     def _require(self, dataset: ChatDataset | None) -> ChatDataset:
         if dataset is None:

@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterator
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ..errors import DataError
+
 
 def _dist_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -88,7 +90,7 @@ class ResumableLoader(DataLoader):
     ):
         world, _ = _dist_world()
         if len(dataset) < batch_size * world:  # drop_last: not one batch, an epoch of nothing
-            raise ValueError(
+            raise DataError(
                 f"{len(dataset)} training example(s) do not fill one batch of {batch_size}"
                 + (f" on each of {world} ranks" if world > 1 else "")
                 + ": lower data.batch_size or add data"

