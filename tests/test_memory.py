@@ -70,19 +70,27 @@ def score_allocations(chunk_size: int) -> AllocationTracker:
     return tracker
 
 
+def default_rows() -> int:
+    """The rows scoring holds at once by default: cggr.router.chunk_size, or the kernels' rule when
+    it is null (fp32 router states here)."""
+    from lightning_cggr.kernels.contract import default_chunk_rows
+
+    return CGGRConfig().router.chunk_size or default_chunk_rows(V, 4)
+
+
 @pytest.fixture(scope="module")
 def default_chunk() -> AllocationTracker:
     return score_allocations(CGGRConfig().router.chunk_size)
 
 
 def test_scoring_never_holds_token_by_vocab_logits(default_chunk):
-    chunk = CGGRConfig().router.chunk_size
+    chunk = default_rows()
     assert default_chunk.largest <= chunk * V * 4  # one chunk of fp32 logits at most
     assert default_chunk.largest < FULL_LOGITS / 16
 
 
 def test_scoring_peak_is_bounded_by_a_few_chunks(default_chunk):
-    chunk = CGGRConfig().router.chunk_size
+    chunk = default_rows()
     assert default_chunk.peak <= 4 * chunk * V * 4  # logits + a few same-size temporaries
     assert default_chunk.peak < 2 * 2**30  # 2 GiB, vs 16 GiB for full logits
 
