@@ -69,6 +69,16 @@ def report(err: BaseException, prefix: str = "error") -> None:
     print(f"{prefix}: {err}", file=sys.stderr, flush=True)
 
 
+def _global_rank() -> int:
+    """This process's rank in a distributed run (0 when there is none), as launchers set it."""
+    import os
+
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
 @contextlib.contextmanager
 def exit_on_user_error() -> Iterator[None]:
     """Inside it, a :class:`UserError` ends the process with one line and exit code 2, a
@@ -79,7 +89,8 @@ def exit_on_user_error() -> Iterator[None]:
         report(err)
         sys.exit(err.exit_code)
     except RunStopped as err:
-        report(err, "stopped")
+        if _global_rank() == 0:  # every rank stops; one line says why
+            report(err, "stopped")
         sys.exit(err.exit_code)
 
 

@@ -195,7 +195,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
                 raise ConfigError(f"invalid configuration: callbacks.{name} needs a logger to write to; with "
                                   f"logger=none drop it (callbacks.{name}=null)")
     out.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # no line before a user error's one line
 
     tokenizer = build_tokenizer(run.data) if run.data.tokenizer == "bpe" else None
     model, tokenizer = build_model(run.model, tokenizer)
