@@ -20,7 +20,7 @@ from .distributed import shard_fsdp2
 from .step import CGGRStep, build_optimizer, build_scheduler
 
 # metrics the step may return, each averaged by its own torchmetrics object
-STEP_METRICS = ("kept_ratio", "ratio", "score_kept", "score_dropped", "kept_sequences")
+STEP_METRICS = ("kept_ratio", "ratio", "score_kept", "score_dropped", "kept_sequences", "weight_mean", "prune")
 
 
 class CGGRModule(L.LightningModule):
@@ -109,5 +109,7 @@ class CGGRModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.optim_cfg)
-        scheduler = build_scheduler(optimizer, self.optim_cfg, self.trainer.estimated_stepping_batches)
+        total = self.trainer.estimated_stepping_batches
+        self.step.total_steps = int(total) if total != float("inf") else None  # infobatch anneals over its tail
+        scheduler = build_scheduler(optimizer, self.optim_cfg, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
