@@ -62,19 +62,12 @@ from .config import CGGRConfig, LossConfig, OptimConfig
 from .distributed import KeptTokenNormalizer
 from .kernels import TokenStats, linear_cross_entropy, resolve_impl, token_stats
 from .routing.guards import sanitize_stats
-from .routing.importance import importance_sample, importance_sample_sequences
 from .routing.reference import ReferenceModel, load_reference
 from .routing.router import TruncatedRouter, find_decoder, find_head
 from .routing.schedule import batch_confidence, dynamic_ratio, host_ratio
-from .routing.sampling import (
-    infobatch_prune,
-    infobatch_prune_fraction,
-    infobatch_prune_sequences,
-    noise_excluded_topk,
-    noise_excluded_topk_sequences,
-)
+from .routing.rules import choose_rows, choose_tokens, prune_in_force, rule_generator
 from .routing.scoring import SCORERS, excess_loss_score, get_scorer, random_score, step_generator
-from .routing.selection import IGNORE_INDEX, Selection, mask_labels, select, select_sequences, shift_targets
+from .routing.selection import IGNORE_INDEX, Selection, mask_labels, shift_targets
 
 Metrics = dict[str, torch.Tensor]
 
@@ -264,95 +257,40 @@ class CGGRStep:
             hidden = self.hidden_states(input_ids, attention_mask)
         score, stats = self.score_and_stats(input_ids, attention_mask, targets, global_step, final_hidden=hidden)
         ratio, cap = self._step_ratio(global_step, stats, trainable & torch.isfinite(score))  # sanitized: no vote
-        selection, weight, normaliser, metrics = self._select_tokens(score, trainable, ratio, cap, global_step)
+        choice = choose_tokens(c.selection, score, trainable, ratio, cap, self._generator(global_step, targets.device),
+                               self._prune(global_step))
         if hidden is None:
             hidden = self.hidden_states(input_ids, attention_mask)
-        metrics.update(_score_means(score, selection.keep, trainable & ~selection.keep))
-        return Routed(hidden, targets, selection, selection.keep, metrics, weight, normaliser)
-
-    def _select_tokens(self, score, trainable, ratio, cap, global_step: int):
-        """(Selection, [B, T] weight or None, normaliser or None, metrics) by ``selection.strategy``."""
-        sel = self.cggr.selection
-        gen = self._generator(global_step, trainable.device)
-        metrics: Metrics = {}
-        if sel.strategy in ("topk", "stratified"):
-            s = select(score, trainable, ratio, sel.scope, strategy=sel.strategy, strata=sel.strata,
-                       min_per_sequence=sel.min_per_sequence, capacity_ratio=cap, generator=gen)
-            metrics["train/ratio"] = _ratio_tensor(ratio, trainable.device)
-            return s, None, None, metrics
-        if sel.strategy == "importance":
-            w = importance_sample(score, trainable, ratio, p_min=sel.p_min, scope=sel.scope,
-                                  transform=sel.importance_transform, capacity_ratio=cap, generator=gen)
-            metrics["train/ratio"] = _ratio_tensor(ratio, trainable.device)
-        elif sel.strategy == "infobatch":
-            prune = self.prune_in_force(global_step)
-            w = infobatch_prune(score, trainable, prune, scope=sel.scope, generator=gen)
-            metrics["train/prune"] = _ratio_tensor(prune, trainable.device)
-        else:  # noise_excluded
-            w = noise_excluded_topk(score, trainable, ratio, noise_fraction=sel.noise_fraction, scope=sel.scope,
-                                    capacity_ratio=cap)
-            metrics["train/ratio"] = _ratio_tensor(ratio, trainable.device)
-        metrics["train/weight_mean"] = _masked_mean(w.weight, w.keep)
-        return Selection(w.keep, w.index, w.valid), w.weight, w.normaliser, metrics
+        keep = choice.selection.keep
+        metrics = {**choice.metrics, **_score_means(score, keep, trainable & ~keep)}
+        return Routed(hidden, targets, choice.selection, keep, metrics, choice.weight, choice.normaliser)
 
     def _route_sequences(self, input_ids, attention_mask, targets, trainable, global_step: int) -> Routed:
         """Sequence unit: choose rows, run the decoder on them alone (see :meth:`route`)."""
-        sel = self.cggr.selection
         score, stats = self.score_and_stats(input_ids, attention_mask, targets, global_step)
         ratio, cap = self._step_ratio(global_step, stats, trainable & torch.isfinite(score))
-        gen = self._generator(global_step, targets.device)
-        metrics: Metrics = {}
-        row_weight = normaliser = None
-        if sel.strategy == "topk":
-            rows = select_sequences(score, trainable, ratio, capacity_ratio=cap)
-        elif sel.strategy == "importance":
-            rows = importance_sample_sequences(score, trainable, ratio, p_min=sel.p_min,
-                                               transform=sel.importance_transform, capacity_ratio=cap, generator=gen)
-        elif sel.strategy == "infobatch":
-            prune = self.prune_in_force(global_step)
-            rows = infobatch_prune_sequences(score, trainable, prune, generator=gen)
-            metrics["train/prune"] = _ratio_tensor(prune, targets.device)
-        else:  # noise_excluded
-            rows = noise_excluded_topk_sequences(score, trainable, ratio, noise_fraction=sel.noise_fraction,
-                                                 capacity_ratio=cap)
-        if sel.strategy != "topk":
-            row_weight, normaliser = rows.weight, rows.normaliser
-            metrics["train/weight_mean"] = _masked_mean(rows.weight, rows.valid)
-        if sel.strategy != "infobatch":
-            metrics["train/ratio"] = _ratio_tensor(ratio, targets.device)
+        rows = choose_rows(self.cggr.selection, score, trainable, ratio, cap,
+                           self._generator(global_step, targets.device), self._prune(global_step))
         row_kept = torch.zeros(targets.shape[0], dtype=torch.bool, device=targets.device)
         row_kept.index_copy_(0, rows.index, rows.valid)  # index entries are distinct
         sub_ids = input_ids.index_select(0, rows.index)
         sub_mask = attention_mask.index_select(0, rows.index) if attention_mask is not None else None
         sub_targets = targets.index_select(0, rows.index).masked_fill(~rows.valid.unsqueeze(1), IGNORE_INDEX)
         hidden = self.hidden_states(sub_ids, sub_mask)
-        weight = None if row_weight is None else row_weight.unsqueeze(1).expand(sub_targets.shape)
+        weight = None if rows.weight is None else rows.weight.unsqueeze(1).expand(sub_targets.shape)
         has = trainable.any(dim=1)
-        metrics.update(_score_means(rows.score, row_kept, has & ~row_kept))
-        metrics["train/kept_sequences"] = rows.valid.sum().float()
-        return Routed(hidden, sub_targets, None, trainable & row_kept.unsqueeze(1), metrics, weight, normaliser)
+        metrics = {**rows.metrics, **_score_means(rows.score, row_kept, has & ~row_kept),
+                   "train/kept_sequences": rows.valid.sum().float()}
+        return Routed(hidden, sub_targets, None, trainable & row_kept.unsqueeze(1), metrics, weight, rows.normaliser)
 
     def _generator(self, global_step: int, device) -> torch.Generator | None:
-        """The seeded draws of stratified (stream 1) and of the random weighted rules (stream 2)."""
-        strategy = self.cggr.selection.strategy
-        if strategy == "stratified":
-            return step_generator(self.cggr.seed, global_step, device, stream=1)
-        if strategy in ("importance", "infobatch"):
-            return step_generator(self.cggr.seed, global_step, device, stream=2)
-        return None
+        return rule_generator(self.cggr.selection.strategy, self.cggr.seed, global_step, device)
 
-    def prune_in_force(self, global_step: int) -> float:
-        """strategy=infobatch: the host-side prune fraction at ``global_step`` (0 in the annealed tail)."""
-        s = self.cggr.selection
-        if self.total_steps is None:
-            if s.anneal_fraction > 0:
-                raise ValueError(
-                    "cggr.selection.strategy=infobatch anneals over the last anneal_fraction of the run, so the "
-                    "step needs the run's length: build CGGRStep(..., total_steps=trainer.max_steps) "
-                    "(train() does), or set cggr.selection.anneal_fraction=0"
-                )
-            return float(s.prune)
-        return infobatch_prune_fraction(s.prune, global_step, self.total_steps, s.anneal_fraction)
+    def _prune(self, global_step: int) -> float | None:
+        """strategy=infobatch: the prune fraction in force (see :func:`~.routing.rules.prune_in_force`)."""
+        if self.cggr.selection.strategy != "infobatch":
+            return None
+        return prune_in_force(self.cggr.selection, global_step, self.total_steps)
 
     # ---- loss ---------------------------------------------------------------------------------
     def loss_terms(
@@ -409,18 +347,6 @@ class CGGRStep:
         input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
         targets = shift_targets(batch["labels"], attention_mask)
         return self.loss_terms(self.hidden_states(input_ids, attention_mask), targets, None)
-
-
-def _ratio_tensor(ratio: float | torch.Tensor, device: torch.device) -> torch.Tensor:
-    if torch.is_tensor(ratio):
-        return ratio.float()
-    return torch.full((), ratio, dtype=torch.float32, device=device)  # a fill on the device, no copy
-
-
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """0-d fp32 mean of ``x`` over ``mask`` (0 where the mask is empty), on the device."""
-    total = torch.where(mask, x.float(), torch.zeros((), dtype=torch.float32, device=x.device)).sum()
-    return total / mask.sum().clamp(min=1)
 
 
 _KERNEL_ROW_WEIGHT = "row_weight" in inspect.signature(linear_cross_entropy).parameters
