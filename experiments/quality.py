@@ -89,11 +89,11 @@ def main(argv=None) -> int:
     def resolve(seed):
         return compose.resolve_methods(methods, [*base, f"seed={seed}", f"cggr.seed={seed}"], device, args.reference)
 
-    runs, budgets, fingerprints, per_step, failures, plans = {}, {}, {}, {}, {}, {}
+    runs, budgets, fingerprints, per_step, failures = {}, {}, {}, {}, {}
     with rio.LoadSampler() as load:
         first = resolve(seeds[0])
         compose.check_same_model_and_data(first)
-        calib = calibrate(first, methods, device, args.calibrate_steps)
+        calib, built = calibrate(first, methods, device, args.calibrate_steps)
         print(f"[quality] calibrated step times (s): " + ", ".join(f"{m}={t:.3f}" for m, t in calib.items()),
               file=sys.stderr, flush=True)
         if args.budget_s is not None:
@@ -110,7 +110,6 @@ def main(argv=None) -> int:
             res = train_seed(resolved, methods, plan, device, args, seed, calib[BASELINE] * args.steps, cap)
             fingerprints[seed], budgets[seed] = res["fingerprint"], res["budget_s"]
             per_step[seed], failures[seed] = res["step_times_s"], res["failed"]
-            plans[seed] = plan
             for m in methods:
                 runs.setdefault(m, {})[seed] = res["curves"][m]
     env["load"] = load.summary()
@@ -120,7 +119,7 @@ def main(argv=None) -> int:
         "kind": "quality",
         "protocol": "time-budget",
         "environment": env,
-        "shape": compose.shape_of(first[methods[0]]["config"]),
+        "shape": {**compose.shape_of(first[methods[0]]["config"]), **built},
         "settings": {"steps": args.steps, "budget_s": args.budget_s, "evals": args.evals, "eval_every": args.eval_every,
                      "eval_batches": args.eval_batches, "seeds": seeds, "max_factor": args.max_factor,
                      "calibrate_steps": args.calibrate_steps, "schedule": args.schedule, "preset": args.preset,
@@ -144,12 +143,28 @@ def _warmup_of(config: dict) -> int:
     return int(c["warmup_steps"]) if c["enabled"] else 0
 
 
-def calibrate(resolved: dict, methods: list[str], device: str, timed: int) -> dict[str, float]:
+def built_shape(model, config: dict) -> dict:
+    """The model as built (a pretrained source's sizes are not in the config): for the results' shape."""
+    from lightning_cggr.routing.router import find_blocks, find_decoder
+
+    c = model.config
+    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", None)
+    layers = len(find_blocks(find_decoder(model))[1])
+    vocab = model.get_output_embeddings().weight.shape[0]
+    out = {"model": f"{c.model_type} h{hidden} L{layers} V{vocab}", "parameters": sum(p.numel() for p in model.parameters())}
+    if (config.get(compose.BENCH_KEY) or {}).get("random_init_layers"):
+        out["model_source"] = f"random init; {config['model']['source']} architecture and tokenizer"
+    return out
+
+
+def calibrate(resolved: dict, methods: list[str], device: str, timed: int) -> tuple[dict[str, float], dict]:
     """Median routed step time per method: one untimed then ``timed`` timed steps, interleaved, from
-    the same weights (throwaway copies), at the first routed step (past CGGR warm-up)."""
+    the same weights (throwaway copies), at the first routed step (past CGGR warm-up); and the built
+    model's shape."""
     first = resolved[methods[0]]["config"]
     _, model0, dm = bench.build_model_and_data(first)
     model0.to(device)
+    built = built_shape(model0, first)
     batches = bench.BatchStream(dm.train_dataloader, device)
     runners = {}
     for m in methods:
@@ -168,7 +183,7 @@ def calibrate(resolved: dict, methods: list[str], device: str, timed: int) -> di
             dt, _ = r.train_step(micro)
             if i > 0:
                 times[m].append(dt)
-    return {m: stats.median(ts) for m, ts in times.items()}
+    return {m: stats.median(ts) for m, ts in times.items()}, built
 
 
 def plan_steps(calib: dict[str, float], resolved: dict, methods: list[str], steps: int, cap: int,
@@ -217,7 +232,9 @@ def train_seed(resolved, methods, plan, device, args, seed, budget_estimate, cap
             return True
         if s["step"] < max(plan[m], args.steps):
             return False
-        return budget is not None and s["time"] >= budget
+        if budget is None:  # the baseline has not finished: go on, unless it never will
+            return BASELINE in failed
+        return s["time"] >= budget
 
     def evaluate(m):
         s = state[m]
@@ -279,7 +296,10 @@ def summarize(runs, budgets, plan, methods, steps, per_step) -> dict[str, dict]:
     budgets = {s: b for s, b in budgets.items() if b is not None}
     summary = stats.quality_summary(runs, steps, budgets)
     base_runs = runs.get(BASELINE, {})
-    targets = {s: Q.final_loss(c, steps) for s, c in base_runs.items() if any(p["step"] == steps for p in c)}
+    # the target: the baseline's final loss of that seed; a baseline that did not improve on the initial
+    # loss (e.g. a run shorter than its LR warm-up) gives no target: every method would "reach" it at 0 s
+    targets = {s: Q.final_loss(c, steps) for s, c in base_runs.items()
+               if any(p["step"] == steps for p in c) and Q.final_loss(c, steps) < c[0]["loss"]}
     eq_time = {m: {s: _at(c, "time_s", budgets[s]) for s, c in runs[m].items() if s in budgets} for m in runs}
     eq_steps = {m: {s: _at(c, "step", steps) for s, c in runs[m].items()} for m in runs}
     base_row = summary.get(BASELINE, {})

@@ -108,23 +108,25 @@ def test_every_method_validates_and_every_rule_names_a_control_of_its_unit():
 @pytest.mark.slow
 def test_tiny_end_to_end_run_writes_curves_schedules_and_the_summary(tmp_path, one_thread):
     code = quality.main([
-        "--preset", "tiny", "--steps", "3", "--seeds", "0", "--evals", "2", "--eval-batches", "1",
+        "--preset", "tiny", "--steps", "8", "--seeds", "0", "--evals", "2", "--eval-batches", "1",
         "--calibrate-steps", "1", "--cggr-warmup", "0", "--out", str(tmp_path),
         "--methods", "importance_sequence,standard_fused,random_sequence",
         "model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "model.intermediate_size=64",
-        "data.batch_size=4", "data.block_size=32", "cggr.router.num_layers=1", f"data.cache_dir={tmp_path}/tok",
+        "data.batch_size=4", "data.block_size=32", "cggr.router.num_layers=1", "optim.warmup_steps=0", "optim.lr=0.01",
+        f"data.cache_dir={tmp_path}/tok",
     ])
     assert code == 0
     p = json.loads((tmp_path / "quality-tiny-cpu.json").read_text())
     assert p["settings"]["methods"][0] == "standard_fused"  # the baseline first
+    assert p["shape"]["model"].startswith("llama h32 L2 V")  # the model as built
     plan = p["raw"]["schedule_steps"]
-    assert plan["standard_fused"] == 3 and all(n >= 1 for n in plan.values())
+    assert plan["standard_fused"] == 8 and all(n >= 1 for n in plan.values())
     budget = p["raw"]["wall_budget_s"]["0"]
     for m, seeds in p["raw"]["curves"].items():
         curve = seeds["0"]
-        assert curve[0]["step"] == 0 and curve[-1]["step"] >= max(3, plan[m])
-        assert curve[-1]["time_s"] >= budget or curve[-1]["step"] >= 3 * 4  # ran to the budget or the cap
-        assert any(c["step"] == 3 for c in curve)  # the equal-steps evaluation
+        assert curve[0]["step"] == 0 and curve[-1]["step"] >= max(8, plan[m])
+        assert curve[-1]["time_s"] >= budget or curve[-1]["step"] >= 8 * 4  # ran to the budget or the cap
+        assert any(c["step"] == 8 for c in curve)  # the equal-steps evaluation
     s = p["summary"]
     assert s["standard_fused"]["time_to_target"]["per_seed"]["0"]["ratio"] <= 1.0
     assert "paired_vs_control_time" in s["importance_sequence"]
