@@ -3,25 +3,31 @@
 # run after another (never two at once: they time steps). Results go to experiments/results/ and
 # RESULTS.md / the README blocks are regenerated at the end.
 #
-#   bash experiments/quality_suite.sh            # all three parts, ~6.5 h on a quiet 2-core CPU
-#   bash experiments/quality_suite.sh tiny       # tiny model, 400 steps x 5 seeds, 11 methods      ~1.6 h
-#   bash experiments/quality_suite.sh mid        # SmolLM2 arch, 8 blocks, random init, 200 x 3, 7   ~4 h
+#   bash experiments/quality_suite.sh            # all three parts, ~7.3 h on a quiet 2-core CPU
+#   bash experiments/quality_suite.sh tiny       # tiny model, 400 steps x 5 seeds, 11 methods      ~2.1 h
+#   bash experiments/quality_suite.sh mid        # SmolLM2 arch, 8 blocks, random init, 200 x 3, 7   ~4.1 h
 #   bash experiments/quality_suite.sh smollm2    # SmolLM2-135M real weights, 1 h of runs, 3 seeds   ~1.1 h
 #   QUALITY_SMOKE=1 bash experiments/quality_suite.sh [part]   # every command for a few steps, into /tmp
 #
-# Time estimates (quiet machine: load = our own 2 threads), from the committed quiet-machine step
-# times (experiments/results/throughput-*-cpu.json: tiny 16x128 standard 0.235 s/step, SmolLM2 4x256
-# 7.5 s/step) and the mid model's FLOPs (~0.42x SmolLM2's per token: ~3 s/step at 8x128); every method
-# trains for the baseline's time W (faster methods take more steps, slower ones run to --steps):
-#   tiny:    W = 400 x 0.235 s = 94 s; 11 methods -> ~18 min/seed, 5 seeds ~1.5 h; reference ~1 min
-#   mid:     W = 200 x ~3 s = 600 s; 7 methods + evaluation (~14 x 4 batches) -> ~75 min/seed, 3 seeds
-#            ~3.8 h; reference (2 blocks, 200 steps) ~4 min; first GGUF load ~1 min
-#   smollm2: --budget-s 190 per method and seed (~25 steps of standard), 5 methods x 3 seeds = 48 min
-#            of training + evaluation and calibration ~12 min = 1 h; reference only if an excess-loss
-#            rule is among the two best (SmolLM2 itself continued 30 steps on holdout text, ~5 min)
-# Under the load of a shared machine every figure scales with it: the smoke runs of this suite took
-# ~6x the quiet step times at a load average of 6-8 (see /work/notes/select-readme.md). quality.py
-# prints its calibrated projection ("projected training time") before each long part starts.
+# Every method trains for at least the baseline's time W (faster ones take more steps, slower ones run
+# to --steps), so a part costs about seeds x sum over methods of max(W, steps x its step time), plus
+# evaluation. Step times measured with this suite's calibration on this machine in quiet moments
+# (2026-11-27, load < 2; the committed throughput results agree: tiny standard 0.235 s, SmolLM2 7.5 s):
+#   tiny 16x128:  standard 0.26 s; token rules 0.27-0.28 s, infobatch 0.36-0.48 s (no compute saved, every
+#                 row through the head), rho_token 0.46 s (reference forward), sequence rules 0.06-0.30 s.
+#                 W = 104 s; 11 methods ~23 min/seed + evaluation ~1 min; 5 seeds ~2 h; reference ~1 min.
+#   mid 8x128:    standard 2.5-3.1 s (0.46x SmolLM2's, interleaved); routed methods from SmolLM2's ratios
+#                 below. W = 600 s; 7 methods ~75 min/seed + evaluation ~6 min; 3 seeds ~4 h; reference
+#                 (2 blocks, 200 steps) ~4 min; first GGUF load and build cache ~1 min.
+#   smollm2 4x256: standard 5.9 s, importance_sequence 2.9 s, random_sequence 2.1 s, random_token 5.1 s,
+#                 rho_token 8.2 s (a SmolLM2-size reference runs on every token). --budget-s 180 per method
+#                 and seed (~30 steps of standard): 5 methods x 3 seeds = 45 min + slower methods to --steps
+#                 ~4 min + evaluation ~7 min + calibration and builds ~4 min = ~1 h; its reference (only if
+#                 an excess-loss rule is among the two best: SmolLM2 continued 30 steps) ~4 min.
+# On a shared machine these figures do not hold: with 2-3 other processes on the 2 cores (OpenMP
+# oversubscription) single steps took 5-20x their quiet time in the smoke runs, and calibration takes
+# whatever the load is at that moment. quality.py prints its own projection ("projected training
+# time") after calibrating, before each long part starts: check it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -40,7 +46,7 @@ else
   REF=${QUALITY_REF:-$HOME/.cache/lightning_cggr/references}
   TINY=(--steps 400 --seeds 0,1,2,3,4 --evals 10 --eval-batches 4)
   MID=(--steps 200 --seeds 0,1,2 --evals 10 --eval-batches 4)
-  SMOL=(--budget-s 190 --seeds 0,1,2 --evals 4 --eval-batches 2)
+  SMOL=(--budget-s 180 --seeds 0,1,2 --evals 4 --eval-batches 2)
   REF_STEPS=200; SMOL_REF_STEPS=30
   WARM=()
 fi

@@ -120,7 +120,9 @@ class CGGRConfig:
     """Seed of scoring=random and strategy=stratified: draws come from a device generator seeded by
     (seed, global_step), so the same seed and step give the same selection."""
     min_tokens_ratio: float = 0.25
-    """Fraction of trainable tokens that keep their label, in (0, 1]; ceil, at least 1 per sequence."""
+    """Fraction of trainable tokens that keep their label, in (0, 1]; ceil, at least 1 per sequence.
+    selection.strategy=importance: the expected fraction; noise_excluded: of the units left after the
+    exclusion; infobatch: not used."""
     warmup_steps: int = 10
     """The first N optimizer steps train on all tokens."""
     router: RouterConfig = field(default_factory=RouterConfig)
