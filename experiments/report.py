@@ -141,7 +141,7 @@ def verdict_block(results: list[dict]) -> str:
         shape = r["experiment"].split("-", 1)[-1]
         rows = verdict_rows(r)
         n = len(r["settings"]["seeds"])
-        where = f"{shape} ({r['shape']['model']}, {r['environment']['device_tag']}, {n} seeds)"
+        where = f"{shape} ({r['shape']['model']}, {r['environment']['device_tag']}, {n} seed{'s' if n != 1 else ''})"
         best = rows[0] if rows else None
         if best and best["ok"]:
             winners[shape] = best
