@@ -26,6 +26,8 @@ def build_model_and_data(config: dict[str, Any]):
 
     ``bench.pad_vocab`` (a harness-only key of the bench presets) pads the embedding and head to that
     many rows, for throughput at a real model's vocabulary with a smaller tokenizer.
+    ``bench.random_init_layers``: replace the built (e.g. pretrained) model by a random-init one of the
+    same architecture and vocabulary with that many blocks (its tokenizer stays the real one).
     """
     import lightning as L
 
@@ -44,6 +46,11 @@ def _build(config: dict[str, Any], run):
 
     tokenizer = build_tokenizer(run.data) if run.data.tokenizer == "bpe" else None
     model, tokenizer = build_model(run.model, tokenizer)
+    layers = (config.get(BENCH_KEY) or {}).get("random_init_layers")
+    if layers:  # the loaded model's architecture and tokenizer, `layers` blocks, random init (seeded above)
+        from lightning_cggr.routing.holdout import small_model_like
+
+        model = small_model_like(model, int(layers)).train()
     pad_vocab = (config.get(BENCH_KEY) or {}).get("pad_vocab")
     if pad_vocab and pad_vocab > model.get_input_embeddings().weight.shape[0]:
         # Throughput-only shapes (e.g. SmolLM2's 49152-row head on a small tokenizer): unused rows.

@@ -43,11 +43,16 @@ def parse_run(config: dict[str, Any]):
     return parse_config({k: v for k, v in config.items() if k != BENCH_KEY})
 
 
-def resolve_method(name: str, base: Sequence[str], device: str) -> dict[str, Any]:
-    """{'overrides', 'config'}: the method's composed and validated config; a bad one exits with its error."""
+def resolve_method(name: str, base: Sequence[str], device: str, reference: str | None = None) -> dict[str, Any]:
+    """{'overrides', 'config'}: the method's composed and validated config; a bad one exits with its error.
+    ``reference``: the folder that excess-loss methods' ``{reference}`` stands for."""
     from omegaconf import OmegaConf
 
-    overrides = [*base, *method_overrides(name, device)]
+    try:
+        own = method_overrides(name, device, reference)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    overrides = [*base, *own]
     try:
         container = OmegaConf.to_container(compose(overrides), resolve=True)
         parse_run(container)
@@ -56,8 +61,9 @@ def resolve_method(name: str, base: Sequence[str], device: str) -> dict[str, Any
     return {"overrides": overrides, "config": container}
 
 
-def resolve_methods(names: Sequence[str], base: Sequence[str], device: str) -> dict[str, dict[str, Any]]:
-    return {n: resolve_method(n, base, device) for n in names}
+def resolve_methods(names: Sequence[str], base: Sequence[str], device: str,
+                    reference: str | None = None) -> dict[str, dict[str, Any]]:
+    return {n: resolve_method(n, base, device, reference) for n in names}
 
 
 def check_same_model_and_data(resolved: dict[str, dict[str, Any]]) -> None:

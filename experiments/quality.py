@@ -1,183 +1,330 @@
-"""Quality at equal steps AND equal wall-clock: held-out full-token loss for every method.
+"""Quality per second: held-out loss at equal wall-clock and equal steps, and time to standard's loss.
 
-    python -m experiments.quality --preset tiny                               # CPU, ~8 min
-    python -m experiments.quality --preset smollm2 --steps 8 --seeds 0 \\
-        --methods standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence
+    python -m experiments.quality --preset tiny --steps 400 --seeds 0,1,2,3,4          # CPU, see quality_suite.sh
+    python -m experiments.quality --preset tiny --steps 6 --seeds 0 --evals 2 \\
+        --methods standard_fused,importance_sequence,random_sequence                   # a smoke run, ~1 min
 
-Per seed, every method starts from the same initial weights (one model built after seeding, then
-deep-copied per method) and sees the same batches in the same order; methods are interleaved step
-by step in one process, so machine-load drift is shared. Each method has its own model copy, AdamW
-and the learning-rate schedule ``train()`` uses for ``trainer.max_steps=--steps`` (linear warm-up over
-``optim.warmup_steps``, cosine decay to ``optim.min_lr_ratio`` at ``--steps``, then held at that floor
-by a method that trains on past ``--steps`` for the equal-time point), all through the package's own
-training step (``experiments.bench.Runner``). Evaluation (not timed) runs every
-``--eval-every`` steps on the same ``--eval-batches`` held-out batches, on every trainable token,
-with the same code for all methods.
+The protocol (issue 14; "No Train No Gain" asks that every method's LR schedule fully decay within the
+shared budget):
 
-- Equal steps: the held-out loss at step ``--steps``.
-- Equal wall-clock: the budget W is the fair baseline's (standard, fused loss) summed step time to
-  reach ``--steps`` in that seed; methods faster than it keep training until their own summed step
-  time passes W (at most ``--max-factor`` x ``--steps`` steps); the loss at W is interpolated
-  linearly between the evaluations around it.
+1. **Calibrate.** Every method runs ``--calibrate-steps`` timed steps (after one untimed) from the same
+   initial weights, with routing active, interleaved; its median step time is ``t_m``.
+2. **Size schedules.** The time budget is the fair baseline's (standard training, fused loss) for
+   ``--steps`` steps, ``W = --steps x t_base``. Each method's LR schedule (``train()``'s: linear warm-up,
+   cosine to ``optim.min_lr_ratio``) is sized to the steps it can run in ``W``
+   (:func:`experiments.quality_stats.schedule_steps`, CGGR warm-up steps at the baseline's cost;
+   at most ``--max-factor x --steps``). ``--schedule steps`` sizes every schedule to ``--steps`` instead.
+3. **Train, interleaved by time.** Per seed, every method starts from the same initial weights and
+   reads the same batches in the same order (batch i at its step i); the next step always goes to the
+   method with the least training time so far, so load drift on the machine is shared at equal
+   wall-clock. A method trains until its schedule is done, it has ``--steps`` steps, and its training
+   time reaches the baseline's actual ``W`` of that seed (past its schedule, at the LR floor).
+4. **Evaluate** (not timed): the held-out loss on every trainable token of the same ``--eval-batches``
+   validation batches, at ``--evals`` points of a time grid over ``W``, at step ``--steps``, at the end
+   of each schedule and at the end (and every ``--eval-every`` steps if given).
 
-Mean and sample standard deviation over ``--seeds`` (the seed sets model init, data order and the
-random controls' draws via ``cggr.seed``).
+Reported per method, mean and sample std over ``--seeds`` (a seed fixes initial weights, data order and
+the rules' draws): loss at equal time (interpolated at the seed's ``W``) and at equal steps; **time to
+target**, the wall-clock at which the held-out loss first reaches the baseline's final loss of that seed
+(interpolated between evaluations; "not reached" within the run), as a fraction of ``W``; and paired
+comparisons (same seed, same batches) with the baseline and with the method's random control: per-seed
+differences, wins/losses, an exact sign test and a paired t test, with n stated. Wall-clock is the summed
+training step time (device-synchronized), evaluation excluded.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 
 from experiments import bench
 from experiments import compose
 from experiments import isolate
 from experiments import methods as methods_mod
+from experiments import quality_stats as Q
 from experiments import results_io as rio
 from experiments import stats
+
+BASELINE = methods_mod.BASELINE
 
 
 def main(argv=None) -> int:
     ap = compose.make_parser("quality", __doc__)
-    ap.add_argument("--steps", type=int, default=150, help="the equal-steps point")
-    ap.add_argument("--eval-every", type=int, default=25, help="held-out evaluation interval (steps)")
+    ap.add_argument("--steps", type=int, default=150,
+                    help="the baseline's steps: its schedule, the time budget W and the equal-steps point")
+    ap.add_argument("--evals", type=int, default=10, help="held-out evaluations on a time grid over W")
+    ap.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: time grid only)")
     ap.add_argument("--eval-batches", type=int, default=4, help="held-out batches per evaluation")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    ap.add_argument("--max-factor", type=float, default=3.0, help="cap on steps past --steps for the wall-clock point")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="time budget W per seed in seconds: --steps becomes W / the baseline's calibrated step time")
+    ap.add_argument("--max-factor", type=float, default=4.0, help="cap on any method's steps, x --steps")
+    ap.add_argument("--calibrate-steps", type=int, default=3, help="timed calibration steps per method")
+    ap.add_argument("--schedule", choices=("time", "steps"), default="time",
+                    help="time: LR schedules sized to the steps each method runs in W; steps: all sized to --steps")
+    ap.add_argument("--reference", default=None,
+                    help="reference model folder for the excess-loss methods (python -m lightning_cggr.routing.holdout)")
     ap.add_argument("--cggr-warmup", type=int, default=None, help="override cggr.warmup_steps (default: the config's)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for the base config")
     args = ap.parse_args(argv)
-    if args.steps < 1 or args.eval_every < 1 or args.eval_batches < 1:
-        ap.error("--steps, --eval-every and --eval-batches must be >= 1")
+    if min(args.steps, args.evals, args.eval_batches, args.calibrate_steps) < 1 or args.eval_every < 0:
+        ap.error("--steps, --evals, --eval-batches and --calibrate-steps must be >= 1, --eval-every >= 0")
+    if args.budget_s is not None and args.budget_s <= 0:
+        ap.error("--budget-s must be > 0")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     device = compose.pick_device(args.device)
     compose.set_threads(args.threads)
     methods = methods_mod.parse_methods(args.methods)
+    if BASELINE not in methods:
+        ap.error(f"--methods must include {BASELINE}: the baseline every budget and target is taken from")
+    methods = [BASELINE] + [m for m in methods if m != BASELINE]
     extra = list(args.overrides)
     if args.cggr_warmup is not None:
         extra.append(f"cggr.warmup_steps={args.cggr_warmup}")
     base = compose.base_overrides(args.preset, device, extra)
     name = args.name or f"quality-{args.preset}"
     env = rio.environment(device)
-    resolved_by_seed, runs, budgets, fingerprints, per_step, failures = {}, {}, {}, {}, {}, {}
+
+    def resolve(seed):
+        return compose.resolve_methods(methods, [*base, f"seed={seed}", f"cggr.seed={seed}"], device, args.reference)
+
+    runs, budgets, fingerprints, per_step, failures = {}, {}, {}, {}, {}
     with rio.LoadSampler() as load:
+        first = resolve(seeds[0])
+        compose.check_same_model_and_data(first)
+        calib, built = calibrate(first, methods, device, args.calibrate_steps)
+        print(f"[quality] calibrated step times (s): " + ", ".join(f"{m}={t:.3f}" for m, t in calib.items()),
+              file=sys.stderr, flush=True)
+        if args.budget_s is not None:
+            args.steps = max(1, int(args.budget_s / calib[BASELINE]))
+            print(f"[quality] --budget-s {args.budget_s:.0f}: --steps {args.steps}", file=sys.stderr, flush=True)
+        cap = max(args.steps, int(math.ceil(args.steps * args.max_factor)))
+        plan = plan_steps(calib, first, methods, args.steps, cap, args.schedule)
+        print(f"[quality] schedule steps: " + ", ".join(f"{m}={n}" for m, n in plan.items()), file=sys.stderr, flush=True)
+        print(f"[quality] projected training time (calibrated, evaluation not included): "
+              f"{projected_s(calib, plan, args.steps, len(seeds)) / 60:.1f} min for {len(seeds)} seed(s)",
+              file=sys.stderr, flush=True)
         for seed in seeds:
-            resolved = compose.resolve_methods(methods, [*base, f"seed={seed}", f"cggr.seed={seed}"], device)
-            avail = methods
-            compose.check_same_model_and_data(resolved)
-            resolved_by_seed[seed] = resolved
-            res = train_interleaved(resolved, avail, device, args, seed)
-            fingerprints[seed] = res["fingerprint"]
-            budgets[seed] = res["budget_s"]
-            per_step[seed] = res["step_times_s"]
-            failures[seed] = res["failed"]
-            for m in avail:
+            resolved = first if seed == seeds[0] else resolve(seed)
+            res = train_seed(resolved, methods, plan, device, args, seed, calib[BASELINE] * args.steps, cap)
+            fingerprints[seed], budgets[seed] = res["fingerprint"], res["budget_s"]
+            per_step[seed], failures[seed] = res["step_times_s"], res["failed"]
+            for m in methods:
                 runs.setdefault(m, {})[seed] = res["curves"][m]
-    summary = stats.quality_summary(runs, args.steps, budgets)
-    base_ref = summary.get(methods_mod.BASELINE, {})
-    for m, row in summary.items():
-        for key in ("loss_at_equal_steps", "loss_at_equal_time"):
-            ref = (base_ref.get(key) or {}).get("mean")
-            row[f"{key}_minus_baseline"] = row[key]["mean"] - ref if ref is not None and row[key]["mean"] is not None else None
-        times = [sum(t) / len(t) for t in (per_step[s].get(m, []) for s in seeds) if t]
-        row["mean_step_s"] = sum(times) / len(times) if times else None
     env["load"] = load.summary()
-    first = resolved_by_seed[seeds[0]]
+    summary = summarize(runs, budgets, plan, methods, args.steps, per_step)
     payload = {
         "experiment": name,
         "kind": "quality",
+        "protocol": "time-budget",
         "environment": env,
-        "shape": compose.shape_of(first[methods[0]]["config"]),
-        "settings": {"steps": args.steps, "eval_every": args.eval_every, "eval_batches": args.eval_batches,
-                     "seeds": seeds, "max_factor": args.max_factor, "preset": args.preset,
-                     "base_overrides": base, "methods": methods, "lr_schedule": "train()'s: linear warm-up, cosine to the floor at --steps, then the floor"},
+        "shape": {**compose.shape_of(first[methods[0]]["config"]), **built},
+        "settings": {"steps": args.steps, "budget_s": args.budget_s, "evals": args.evals, "eval_every": args.eval_every,
+                     "eval_batches": args.eval_batches, "seeds": seeds, "max_factor": args.max_factor,
+                     "calibrate_steps": args.calibrate_steps, "schedule": args.schedule, "preset": args.preset,
+                     "reference": args.reference, "base_overrides": base, "methods": methods,
+                     "lr_schedule": ("train()'s (linear warm-up, cosine to the floor), sized per method to the steps "
+                                     "it runs in the baseline's time; the floor after" if args.schedule == "time"
+                                     else "train()'s, sized to --steps for every method; the floor after")},
         "methods": methods_mod.describe(methods, first),
         "raw": {"curves": runs, "wall_budget_s": budgets, "initial_weights_fingerprint": fingerprints,
-                "step_times_s": per_step, "failed": failures},
+                "step_times_s": per_step, "failed": failures, "calibration_step_s": calib, "schedule_steps": plan},
         "summary": summary,
     }
     return rio.publish(payload, name, device, markdown, args.out, plot)
 
 
-def train_interleaved(resolved, avail, device, args, seed) -> dict:
-    first = resolved[avail[0]]["config"]
+# ---- calibration and schedules ------------------------------------------------------------------
+
+
+def _warmup_of(config: dict) -> int:
+    c = config["cggr"]
+    return int(c["warmup_steps"]) if c["enabled"] else 0
+
+
+def built_shape(model, config: dict) -> dict:
+    """The model as built (a pretrained source's sizes are not in the config): for the results' shape."""
+    from lightning_cggr.routing.router import find_blocks, find_decoder
+
+    c = model.config
+    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", None)
+    layers = len(find_blocks(find_decoder(model))[1])
+    vocab = model.get_output_embeddings().weight.shape[0]
+    out = {"model": f"{c.model_type} h{hidden} L{layers} V{vocab}", "parameters": sum(p.numel() for p in model.parameters())}
+    if (config.get(compose.BENCH_KEY) or {}).get("random_init_layers"):
+        out["model_source"] = f"random init; {config['model']['source']} architecture and tokenizer"
+    return out
+
+
+def calibrate(resolved: dict, methods: list[str], device: str, timed: int) -> tuple[dict[str, float], dict]:
+    """Median routed step time per method: one untimed then ``timed`` timed steps, interleaved, from
+    the same weights (throwaway copies), at the first routed step (past CGGR warm-up); and the built
+    model's shape."""
+    first = resolved[methods[0]]["config"]
+    _, model0, dm = bench.build_model_and_data(first)
+    model0.to(device)
+    built = built_shape(model0, first)
+    batches = bench.BatchStream(dm.train_dataloader, device)
+    runners = {}
+    for m in methods:
+        cfg = resolved[m]["config"]
+        r = bench.Runner(bench.deepcopy_model(model0).train(), cfg, device, total_steps=10**6)
+        r.step.total_steps = 10**6  # infobatch: far from its annealed tail
+        r.global_step = _warmup_of(cfg)  # routing active, as after warm-up
+        runners[m] = r
+    del model0
+    times = {m: [] for m in methods}
+    for i in range(1 + timed):
+        k = i % len(methods)
+        for m in methods[k:] + methods[:k]:
+            r = runners[m]
+            micro = [batches[i * r.accumulate + j] for j in range(r.accumulate)]
+            dt, _ = r.train_step(micro)
+            if i > 0:
+                times[m].append(dt)
+    return {m: stats.median(ts) for m, ts in times.items()}, built
+
+
+def plan_steps(calib: dict[str, float], resolved: dict, methods: list[str], steps: int, cap: int,
+               schedule: str) -> dict[str, int]:
+    """Each method's schedule length: the steps it runs in the baseline's time (``schedule='time'``)."""
+    if schedule == "steps":
+        return {m: steps for m in methods}
+    return {m: steps if m == BASELINE else
+            Q.schedule_steps(calib[m], calib[BASELINE], steps, _warmup_of(resolved[m]["config"]), cap)
+            for m in methods}
+
+
+def projected_s(calib: dict[str, float], plan: dict[str, int], steps: int, seeds: int) -> float:
+    """Training seconds the run will take at the calibrated step times: every method trains at least
+    the baseline's time W, and at least max(its schedule, --steps) steps."""
+    budget = steps * calib[BASELINE]
+    return seeds * sum(max(budget, max(plan[m], steps) * calib[m]) for m in plan)
+
+
+# ---- one seed -----------------------------------------------------------------------------------
+
+
+def train_seed(resolved, methods, plan, device, args, seed, budget_estimate, cap) -> dict:
+    """Train every method of one seed, interleaved by training time (see the module docstring)."""
+    first = resolved[methods[0]]["config"]
     _, model0, dm = bench.build_model_and_data(first)
     model0.to(device)
     fingerprint = bench.weights_fingerprint(model0)
     val = bench.take_batches(dm.val_dataloader, args.eval_batches, device)
-    cap = max(args.steps, int(math.ceil(args.steps * args.max_factor)))
     batches = bench.BatchStream(dm.train_dataloader, device)
+    grid_dt = budget_estimate / args.evals
     state = {}
-    for m in avail:
-        # train()'s schedule for trainer.max_steps = --steps: warm-up, cosine to the floor, then the floor
-        runner = bench.Runner(bench.deepcopy_model(model0).train(), resolved[m]["config"], device, args.steps)
-        state[m] = {"runner": runner, "step": 0, "time": 0.0, "times": [], "losses": []}
+    for m in methods:
+        runner = bench.Runner(bench.deepcopy_model(model0).train(), resolved[m]["config"], device, plan[m])
+        runner.step.total_steps = plan[m]  # infobatch anneals over the tail of its own schedule
+        state[m] = {"runner": runner, "step": 0, "time": 0.0, "times": [], "grid": 1}
     del model0
-    loss0 = state[avail[0]]["runner"].heldout_loss(val)  # identical weights: one evaluation serves all
-    curves = {m: [{"step": 0, "time_s": 0.0, "loss": loss0}] for m in avail}
+    loss0 = state[methods[0]]["runner"].heldout_loss(val)  # identical weights: one evaluation serves all
+    curves = {m: [{"step": 0, "time_s": 0.0, "loss": loss0}] for m in methods}
+    failed: dict[str, str] = {}
+    budget = None  # the baseline's actual training time for --steps steps
 
-    failed = {}
+    def done(m) -> bool:
+        s = state[m]
+        if m in failed or s["step"] >= cap:
+            return True
+        if s["step"] < max(plan[m], args.steps):
+            return False
+        if budget is None:  # the baseline has not finished: go on, unless it never will
+            return BASELINE in failed
+        return s["time"] >= budget
 
-    def one_step(m):
+    def evaluate(m):
+        s = state[m]
+        if curves[m][-1]["step"] != s["step"]:
+            curves[m].append({"step": s["step"], "time_s": s["time"], "loss": s["runner"].heldout_loss(val)})
+
+    while True:
+        active = [m for m in methods if not done(m)]
+        if not active:
+            break
+        m = min(active, key=lambda x: (state[x]["time"], methods.index(x)))
         s = state[m]
         k = s["runner"].accumulate
         micro = [batches[s["step"] * k + j] for j in range(k)]
         res = isolate.guarded(lambda _: s["runner"].train_step(micro), {})
         if isinstance(res, dict):  # recorded; the method leaves the rotation, the others go on
             failed[m] = res["error"]
-            print(f"[quality] {m} FAILED: {res['error']}", file=sys.stderr, flush=True)
-            return
-        dt, loss = res
+            print(f"[quality] seed {seed} {m} FAILED: {res['error']}", file=sys.stderr, flush=True)
+            continue
+        dt, _ = res
         s["step"] += 1
         s["time"] += dt
         s["times"].append(dt)
-        s["losses"].append(loss)
-
-    def evaluate(m):
-        s = state[m]
-        curves[m].append({"step": s["step"], "time_s": s["time"], "loss": s["runner"].heldout_loss(val)})
-
-    # phase 1: everyone to --steps, interleaved with a rotating order
-    for i in range(args.steps):
-        k = i % len(avail)
-        for m in avail[k:] + avail[:k]:
-            if m in failed:
-                continue
-            one_step(m)
-            if m not in failed and (state[m]["step"] % args.eval_every == 0 or state[m]["step"] == args.steps):
-                evaluate(m)
-        if (i + 1) % max(1, args.eval_every) == 0:
-            print(f"[quality] seed {seed} step {i + 1}/{args.steps} " +
-                  " ".join(f"{m}={curves[m][-1]['loss']:.3f}" for m in avail), file=sys.stderr, flush=True)
-    ref = methods_mod.BASELINE if methods_mod.BASELINE in state else avail[0]
-    budget = state[ref]["time"]
-    # phase 2: methods faster than the baseline continue until their training time passes the budget
-    i = 0
-    while True:
-        behind = [m for m in avail if state[m]["time"] < budget and state[m]["step"] < cap and m not in failed]
-        if not behind:
-            break
-        k = i % len(behind)
-        for m in behind[k:] + behind[:k]:
-            one_step(m)
-            s = state[m]
-            if m in failed:
-                continue
-            if s["time"] >= budget or s["step"] % args.eval_every == 0 or s["step"] >= cap:
-                evaluate(m)
-        i += 1
-    for m in avail:  # a method capped before the budget gets no wall-clock value (curve ends early)
-        if state[m]["time"] < budget:
-            print(f"[quality] {m}: reached the step cap {cap} before the wall-clock budget", file=sys.stderr)
+        if m == BASELINE and s["step"] == args.steps:
+            budget = s["time"]
+        crossed = s["time"] >= s["grid"] * grid_dt
+        while s["time"] >= s["grid"] * grid_dt:
+            s["grid"] += 1
+        if (crossed or s["step"] in (args.steps, plan[m]) or done(m)
+                or (args.eval_every and s["step"] % args.eval_every == 0)):
+            evaluate(m)
+            if m == BASELINE:
+                print(f"[quality] seed {seed} t={s['time']:.1f}s " + " ".join(
+                    f"{x}:{state[x]['step']}/{plan[x]}={curves[x][-1]['loss']:.3f}" for x in methods),
+                    file=sys.stderr, flush=True)
+    for m in methods:
+        if m not in failed and budget is not None and state[m]["time"] < budget:
+            print(f"[quality] seed {seed} {m}: reached the step cap {cap} before the wall-clock budget", file=sys.stderr)
     return {
         "fingerprint": fingerprint,
         "budget_s": budget,
-        "budget_method": ref,
         "curves": curves,
-        "step_times_s": {m: state[m]["times"] for m in avail},
-        "train_loss": {m: [float(x) for x in state[m]["losses"]] for m in avail},
+        "step_times_s": {m: state[m]["times"] for m in methods},
         "failed": failed,
     }
+
+
+# ---- summary ------------------------------------------------------------------------------------
+
+
+def _at(curve, key, value):
+    point = stats.curve_at(curve, key, value)
+    return None if point is None else point["loss"]
+
+
+def summarize(runs, budgets, plan, methods, steps, per_step) -> dict[str, dict]:
+    """Per method: stats.quality_summary's equal-steps/equal-time figures, time to target, paired
+    comparisons with the baseline and with the method's control, and the goal check."""
+    budgets = {s: b for s, b in budgets.items() if b is not None}
+    summary = stats.quality_summary(runs, steps, budgets)
+    base_runs = runs.get(BASELINE, {})
+    # the target: the baseline's final loss of that seed; a baseline that did not improve on the initial
+    # loss (e.g. a run shorter than its LR warm-up) gives no target: every method would "reach" it at 0 s
+    targets = {s: Q.final_loss(c, steps) for s, c in base_runs.items()
+               if any(p["step"] == steps for p in c) and Q.final_loss(c, steps) < c[0]["loss"]}
+    eq_time = {m: {s: _at(c, "time_s", budgets[s]) for s, c in runs[m].items() if s in budgets} for m in runs}
+    eq_steps = {m: {s: _at(c, "step", steps) for s, c in runs[m].items()} for m in runs}
+    base_row = summary.get(BASELINE, {})
+    for m, row in summary.items():
+        for key in ("loss_at_equal_steps", "loss_at_equal_time"):
+            ref = (base_row.get(key) or {}).get("mean")
+            mine = (row.get(key) or {}).get("mean")
+            row[f"{key}_minus_baseline"] = mine - ref if ref is not None and mine is not None else None
+        times = [statistics.fmean(ts) for ts in (per_step[s].get(m, []) for s in per_step) if ts]
+        row["mean_step_s"] = statistics.fmean(times) if times else None
+        row["schedule_steps"] = plan[m]
+        row["time_to_target"] = Q.time_to_target(runs[m], targets, budgets)
+        row["paired_vs_baseline_time"] = Q.paired(eq_time[m], eq_time.get(BASELINE, {}))
+        row["paired_vs_baseline_steps"] = Q.paired(eq_steps[m], eq_steps.get(BASELINE, {}))
+        control = methods_mod.METHODS[m].control
+        if control in runs:
+            row["control"] = control
+            row["paired_vs_control_time"] = Q.paired(eq_time[m], eq_time[control])
+            row["goal"] = Q.meets_goal(row["time_to_target"], row["paired_vs_control_time"])
+        elif methods_mod.METHODS[m].kind == "cggr":
+            row["goal"] = Q.meets_goal(row["time_to_target"], None)
+    return summary
+
+
+# ---- markdown and plot --------------------------------------------------------------------------
 
 
 def _pm(stat: dict, digits: int = 3) -> str | None:
@@ -188,34 +335,60 @@ def _pm(stat: dict, digits: int = 3) -> str | None:
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
+def _delta(p: dict | None) -> str | None:
+    """Paired mean difference, its spread, wins/losses and the sign-test p: '-0.052 ± 0.010 (3/3, p=0.25)'."""
+    if not p or not p.get("n"):
+        return None
+    spread = f" ± {p['std']:.3f}" if p.get("std") is not None else ""
+    return f"{0.0 if abs(p['mean']) < 5e-4 else p['mean']:+.3f}{spread} ({p['wins']}/{p['n']} lower, p={p['p_sign']:.2f})"
+
+
+def _ttt(t: dict | None) -> str | None:
+    if not t or not t.get("n"):
+        return None
+    if not t["reached"]:
+        return f"not reached (0/{t['n']})"
+    spread = f" ± {t['ratio_std']:.2f}" if t.get("ratio_std") is not None else ""
+    return f"{t['ratio_mean']:.2f}x{spread} ({t['reached']}/{t['n']})"
+
+
 def markdown(p: dict) -> str:
     env, shape, s, st = p["environment"], p["shape"], p["summary"], p["settings"]
-    header = ["method", "kind", f"loss @ {st['steps']} steps", "ppl @ steps", "Δ loss vs std fused",
-              "loss @ equal time", "ppl @ equal time", "Δ loss vs std fused", "steps in that time", "mean step (s)"]
+    header = ["method", "kind", "schedule steps", "mean step (s)", "loss @ equal time", "Δ vs std (paired)",
+              "Δ vs its control (paired)", "time to std's final loss", f"loss @ {st['steps']} steps",
+              "Δ vs std (paired)"]
     rows = []
     for m, meta in p["methods"].items():
         if m not in s:
             continue
         r = s[m]
         rows.append([
-            meta["label"], meta["kind"], _pm(r["loss_at_equal_steps"]), _pm(r["ppl_at_equal_steps"], 2),
-            _signed(r["loss_at_equal_steps_minus_baseline"]), _pm(r["loss_at_equal_time"]),
-            _pm(r["ppl_at_equal_time"], 2), _signed(r["loss_at_equal_time_minus_baseline"]),
-            _pm(r["steps_at_equal_time"], 0), None if r["mean_step_s"] is None else f"{r['mean_step_s']:.4f}",
+            meta["label"], meta["kind"], r.get("schedule_steps"),
+            None if r.get("mean_step_s") is None else f"{r['mean_step_s']:.3f}",
+            _pm(r["loss_at_equal_time"]), None if m == BASELINE else _delta(r.get("paired_vs_baseline_time")),
+            _delta(r.get("paired_vs_control_time")), _ttt(r.get("time_to_target")),
+            _pm(r["loss_at_equal_steps"]), None if m == BASELINE else _delta(r.get("paired_vs_baseline_steps")),
         ])
     load = env.get("load", {})
-    budgets = ", ".join(f"{v:.1f}" for v in p["raw"]["wall_budget_s"].values())
+    budgets = ", ".join(f"{v:.1f}" for v in p["raw"]["wall_budget_s"].values() if v is not None)
     from experiments.throughput import describe_device
 
+    sched = ("each method's LR schedule sized to the steps it runs in W (calibrated step times), cosine to the "
+             "floor there" if st.get("schedule") == "time" else f"every LR schedule sized to {st['steps']} steps")
+    order = ("interleaved by training time" if p.get("protocol") == "time-budget" else
+             "interleaved step by step, faster ones continued at the LR floor up to W (earlier protocol)")
     head = (
         f"### {p['experiment']} on {describe_device(env)}\n\n"
         f"{shape['model']} ({shape['model_source']}), batch {shape['batch_size']} x {shape['block_size']}, "
         f"{shape['precision']}, kept ratio {shape['min_tokens_ratio']}, router {shape['router_layers']} layers; "
-        f"seeds {st['seeds']} (mean ± sample std), held-out loss on every token of {st['eval_batches']} "
-        f"validation batches, same initial weights and batch order per seed, methods interleaved step by step. "
-        f"Equal time = the standard fused baseline's training time for {st['steps']} steps "
-        f"({budgets} s per seed). Δ < 0 is better than the baseline. {env['date_utc']}; load avg (1 min) "
-        f"median {rio.r2(load.get('median'))}, max {rio.r2(load.get('max'))} on {env['hardware']['cpu_count']} CPUs.\n"
+        f"seeds {st['seeds']} (mean ± sample std; n = {len(st['seeds'])}). Budget W = standard training's (fused "
+        f"loss) time for {st['steps']} steps ({budgets} s per seed); {sched}. Held-out loss on every token of "
+        f"{st['eval_batches']} validation batches; same initial weights and batch order per seed; methods "
+        f"{order}. Paired Δ: per-seed difference (< 0 better), its mean ± sd, seeds lower, "
+        f"exact two-sided sign-test p (at n = 3 it cannot go below 0.25). Time to target: wall-clock until the "
+        f"held-out loss reaches standard's final loss of the same seed, as a multiple of W (seeds that reached "
+        f"it / seeds). {env['date_utc']}; load avg (1 min) median {rio.r2(load.get('median'))}, max "
+        f"{rio.r2(load.get('max'))} on {env['hardware']['cpu_count']} CPUs.\n"
     )
     spikes = []
     for seed, per in (p["raw"].get("step_times_s") or {}).items():
@@ -225,45 +398,62 @@ def markdown(p: dict) -> str:
     if spikes:
         head += ("\n**Timing spikes** (a step over 3x its method's median: the machine was disturbed; "
                  "equal-time values are less reliable): " + "; ".join(spikes) + "\n")
+    calib = p["raw"].get("calibration_step_s") or {}
+    drift = []
+    for m, t_cal in calib.items():
+        ts = [x for per in p["raw"]["step_times_s"].values() for x in per.get(m, [])]
+        if ts and t_cal and abs(stats.median(ts) / t_cal - 1) > 0.15:
+            drift.append(f"{p['methods'][m]['label']}: calibrated {t_cal:.3f} s, ran at median {stats.median(ts):.3f} s")
+    if drift:
+        head += ("\n**Calibration drift** (> 15%: that schedule ends away from W): " + "; ".join(drift) + "\n")
     fails = [f"{p['methods'][m]['label']} (seed {seed}): {err[:200]}"
              for seed, fs in (p["raw"].get("failed") or {}).items() for m, err in fs.items()]
     tail = ("\n\nFAILED during training (its numbers stop there): " + "; ".join(fails)) if fails else ""
     return head + "\n" + rio.md_table(header, rows) + tail
 
 
-def _signed(v):
-    return None if v is None else f"{0.0 if abs(v) < 5e-4 else v:+.3f}"
-
-
 def plot(p: dict, path) -> None:
-    """Held-out loss vs training wall-clock and vs step, mean over seeds, one line per method."""
+    """Held-out loss vs training wall-clock and vs step: mean over seeds with a min-max seed band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for m, seeds in p["raw"]["curves"].items():
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
+    budgets = [v for v in p["raw"]["wall_budget_s"].values() if v is not None]
+    t_end = max(c[-1]["time_s"] for seeds in p["raw"]["curves"].values() for c in seeds.values())
+    s_end = max(c[-1]["step"] for seeds in p["raw"]["curves"].values() for c in seeds.values())
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (m, seeds) in enumerate(p["raw"]["curves"].items()):
         meta = p["methods"][m]
         style = {"baseline": "-", "cggr": "-", "control": "--"}[meta["kind"]]
         width = 2.2 if meta["kind"] == "baseline" else 1.3
-        steps = sorted(set.intersection(*(set(c["step"] for c in cur) for cur in seeds.values())))
-        mean_loss, mean_time = [], []
-        for st in steps:
-            pts = [next(c for c in cur if c["step"] == st) for cur in seeds.values()]
-            mean_loss.append(sum(x["loss"] for x in pts) / len(pts))
-            mean_time.append(sum(x["time_s"] for x in pts) / len(pts))
-        a.plot(mean_time, mean_loss, style, lw=width, label=meta["label"])
-        b.plot(steps, mean_loss, style, lw=width, label=meta["label"])
+        color = "black" if m == BASELINE else colors[i % len(colors)]
+        for ax, key, end in ((a, "time_s", t_end), (b, "step", s_end)):
+            grid = [end * j / 120 for j in range(121)]
+            band = Q.band(list(seeds.values()), key, grid)
+            ax.plot(band["x"], band["mean"], style, lw=width, color=color, label=meta["label"])
+            ax.fill_between(band["x"], band["lo"], band["hi"], color=color, alpha=0.12, lw=0)
+    targets = [Q.final_loss(c, p["settings"]["steps"]) for c in p["raw"]["curves"].get(BASELINE, {}).values()
+               if any(x["step"] == p["settings"]["steps"] for x in c)]
     for ax, xl in ((a, "training wall-clock (s, summed step time)"), (b, "optimizer step")):
         ax.set_xlabel(xl)
         ax.set_ylabel("held-out loss (all tokens)")
         ax.grid(alpha=0.3)
-    budget = sum(p["raw"]["wall_budget_s"].values()) / len(p["raw"]["wall_budget_s"])
-    a.axvline(budget, color="grey", lw=0.8, ls=":")
+        if targets:
+            ax.axhline(statistics.fmean(targets), color="grey", lw=0.8, ls=":")
+    if budgets:
+        a.axvline(statistics.fmean(budgets), color="grey", lw=0.8, ls=":")
+        a.axvline(Q.TARGET_RATIO * statistics.fmean(budgets), color="grey", lw=0.6, ls="-.")
     b.axvline(p["settings"]["steps"], color="grey", lw=0.8, ls=":")
+    lo = min(min(x["loss"] for x in c[1:] or c) for seeds in p["raw"]["curves"].values() for c in seeds.values())
+    hi = max(c[min(1, len(c) - 1)]["loss"] for seeds in p["raw"]["curves"].values() for c in seeds.values())
+    if hi > lo:
+        for ax in (a, b):
+            ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
     b.legend(fontsize=7)
-    fig.suptitle(f"{p['experiment']} ({p['environment']['device_tag']}): mean over seeds {p['settings']['seeds']}")
+    fig.suptitle(f"{p['experiment']} ({p['environment']['device_tag']}): mean over seeds {p['settings']['seeds']}, "
+                 "band = min-max over seeds; dotted: W and standard's final loss; dash-dot: 0.75 W")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

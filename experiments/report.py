@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from experiments import methods as methods_mod
+from experiments import quality_stats as Q
 from experiments import results_io as rio
 
 ORDER = {"throughput": 0, "sweep": 1, "quality": 2}
@@ -69,34 +70,113 @@ def findings(p: dict) -> list[str]:
                        f"(standard fused: {base.get('best_batch_size')}), tokens/s there "
                        + (f"{v:.2f}x the baseline's." if v else "—."))
     elif p["kind"] == "quality":
-        base = s.get(methods_mod.BASELINE)
-        for m, r in s.items():
-            if m == methods_mod.BASELINE or base is None:
-                continue
-            parts = []
-            for key, what in (("loss_at_equal_steps", "equal steps"), ("loss_at_equal_time", "equal wall-clock")):
-                d = r.get(f"{key}_minus_baseline")
-                if d is None:
-                    parts.append(f"{what}: no value" + (" (its step cap, --max-factor x --steps, came before the "
-                                                        "baseline's time)" if key == "loss_at_equal_time" else ""))
-                    continue
-                d = 0.0 if abs(d) < 5e-4 else d
-                spread = max(x for x in ((r[key] or {}).get("std") or 0.0, (base[key] or {}).get("std") or 0.0))
-                verdict = "better" if d < 0 else "worse" if d > 0 else "equal"
-                if spread and abs(d) <= spread:
-                    verdict += ", within the seed spread"
-                elif (r[key] or {}).get("n") == 1:
-                    verdict += ", one seed"
-                parts.append(f"{what}: Δ loss {d:+.3f} ({verdict})")
-            out.append(f"{lab[m]}: " + "; ".join(parts) + ".")
-        for a, b in (("cggr_combined", "random_token"), ("cggr_sequence", "random_sequence")):
-            if a in s and b in s:
-                for key, what in (("loss_at_equal_steps", "equal steps"), ("loss_at_equal_time", "equal wall-clock")):
-                    x, y = (s[a][key] or {}).get("mean"), (s[b][key] or {}).get("mean")
-                    if x is not None and y is not None:
-                        word = "beats" if x < y else "loses to" if x > y else "ties"
-                        out.append(f"At {what}, {lab[a]} {word} its control {lab[b]} ({x:.3f} vs {y:.3f}).")
+        out += quality_findings(p)
     return out
+
+
+def quality_findings(p: dict) -> list[str]:
+    """Per method: equal-time and equal-steps Δ against the baseline and its control as paired
+    statements with n and p, time to the baseline's final loss, and the issue-14 goal check."""
+    s, meta = p["summary"], p["methods"]
+    lab = {m: meta[m]["label"] for m in meta}
+    if methods_mod.BASELINE not in s:
+        return []
+    out = []
+    for m, r in s.items():
+        if m == methods_mod.BASELINE:
+            continue
+        parts = []
+        vs = r.get("paired_vs_baseline_time")
+        if vs and vs.get("n"):
+            parts.append("at equal wall-clock, " + Q.describe_paired(vs, "held-out loss") + " vs standard")
+        elif r.get("loss_at_equal_time_minus_baseline") is not None:  # results of the earlier protocol
+            parts.append(f"at equal wall-clock Δ loss {r['loss_at_equal_time_minus_baseline']:+.3f} vs standard")
+        else:
+            parts.append("no equal-time value (its step cap came before the baseline's time)")
+        ctrl = r.get("paired_vs_control_time")
+        if ctrl and ctrl.get("n"):
+            parts.append(f"vs its control {lab.get(r['control'], r['control'])}: " + Q.describe_paired(ctrl, "loss"))
+        ttt = r.get("time_to_target")
+        if ttt and ttt.get("n"):
+            if ttt["reached"]:
+                parts.append(f"reached standard's final loss in {ttt['reached']}/{ttt['n']} seeds, at "
+                             f"{ttt['ratio_mean']:.2f}x standard's time on average (worst {ttt['ratio_max']:.2f}x)")
+            else:
+                parts.append(f"did not reach standard's final loss within the run in any of {ttt['n']} seeds")
+        goal = r.get("goal")
+        if goal is not None:
+            parts.append("meets the goal (<= 0.75x time in every seed and ahead of its control in every seed)"
+                         if goal["ok"] else "does not meet the goal")
+        out.append(f"{lab[m]}: " + "; ".join(parts) + ".")
+    return out
+
+
+def verdict_rows(p: dict) -> list[dict]:
+    """One row per routing method of a quality result, best first: what the README verdict needs."""
+    s, meta = p["summary"], p["methods"]
+    rows = []
+    for m, r in s.items():
+        if meta[m]["kind"] != "cggr":
+            continue
+        ttt = r.get("time_to_target") or {}
+        goal = r.get("goal") or {}
+        resolved = meta[m].get("overrides", [])  # the base overrides, then the method's own
+        own = resolved[len(resolved) - len(methods_mod.METHODS[m].overrides):] if m in methods_mod.METHODS else resolved
+        own = [o for o in own if o.startswith("cggr.")]
+        rows.append({"method": m, "label": meta[m]["label"], "overrides": own, "ttt": ttt,
+                     "vs_std": r.get("paired_vs_baseline_time"), "vs_control": r.get("paired_vs_control_time"),
+                     "control": r.get("control"), "ok": bool(goal.get("ok"))})
+    order = Q.rank_rules(s, {m: meta[m]["kind"] for m in meta})
+    return sorted(rows, key=lambda x: order.index(x["method"]))
+
+
+def verdict_block(results: list[dict]) -> str:
+    """The README's verdict: per quality result (shape), a paragraph and a table, from the numbers only."""
+    quality = [r for r in results if r["kind"] == "quality" and r.get("protocol") == "time-budget"]
+    if not quality:
+        return ("No time-budgeted quality results yet (`bash experiments/quality_suite.sh`); until then there is "
+                "no measured reason to prefer any routing configuration over standard training.")
+    lines, winners = [], {}
+    for r in quality:
+        shape = r["experiment"].split("-", 1)[-1]
+        rows = verdict_rows(r)
+        n = len(r["settings"]["seeds"])
+        where = f"{shape} ({r['shape']['model']}, {r['environment']['device_tag']}, {n} seed{'s' if n != 1 else ''})"
+        best = rows[0] if rows else None
+        if best and best["ok"]:
+            winners[shape] = best
+            lines.append(f"- **{where}: pick `{' '.join(best['overrides'])}`** ({best['label']}): standard's final "
+                         f"held-out loss in {best['ttt']['ratio_mean']:.2f}x its wall-clock (worst seed "
+                         f"{best['ttt']['ratio_max']:.2f}x), ahead of its random control at equal time in every seed.")
+        else:
+            near = next((x for x in rows if x["ttt"].get("reached")), None)
+            lines.append(f"- **{where}: none** — no routing configuration reached standard training's final held-out "
+                         f"loss within {Q.TARGET_RATIO}x its wall-clock in every seed while beating its random control; "
+                         + (f"the closest, {near['label']}, reached it in {near['ttt']['reached']}/{near['ttt']['n']} "
+                            f"seeds at {near['ttt']['ratio_mean']:.2f}x on average. " if near else
+                            "none reached it within the run at all. ")
+                         + "Use standard training (`cggr.enabled=false`).")
+    header = ["shape", "configuration", "time to std's final loss (x std)", "Δ loss @ equal time vs std",
+              "Δ vs its random control", "goal met"]
+    table = []
+    for r in quality:
+        shape = r["experiment"].split("-", 1)[-1]
+        for x in verdict_rows(r):
+            t = x["ttt"]
+            ttt = (f"{t['ratio_mean']:.2f}x ({t['reached']}/{t['n']} seeds)" if t.get("reached")
+                   else f"not reached (0/{t.get('n', 0)})")
+            d = lambda pr: None if not pr or not pr.get("n") else (
+                f"{pr['mean']:+.3f} ({pr['wins']}/{pr['n']} lower" + (f", t-test p={pr['p_t']:.2f}" if pr.get("p_t") is not None else "") + ")")
+            table.append([shape, x["label"], ttt, d(x["vs_std"]), d(x["vs_control"]), "yes" if x["ok"] else "no"])
+    both = [s for s in ("mid", "smollm2") if s in winners]
+    default = ("The default `cggr` config stays the upstream PR's (combined score, ratio 0.25, warmup 10): "
+               + ("no measured rule dominates it." if len(both) < 2 else
+                  f"but {winners['mid']['label']} met the goal on both the mid-size model and SmolLM2 "
+                  f"(`{' '.join(winners['mid']['overrides'])}`); it ships as a named option."))
+    return "\n".join(["Which configuration to pick for speed at equal quality (measured; goal: standard's final "
+                      f"held-out loss in <= {Q.TARGET_RATIO}x its wall-clock in every seed, and lower equal-time loss "
+                      "than random selection of the same size in every seed):", "", *lines, "", default, "",
+                      rio.md_table(header, table)])
 
 
 def headline(results: list[dict]) -> str:
@@ -106,7 +186,7 @@ def headline(results: list[dict]) -> str:
         shape = r["experiment"].split("-", 1)[-1]
         groups.setdefault((shape, r["environment"]["device_tag"]), {})[r["kind"]] = r
     header = ["shape", "device", "method", "step rate vs std fused", "largest batch in budget (std fused)",
-              "Δ loss @ equal steps", "Δ loss @ equal time"]
+              "Δ loss @ equal steps", "Δ loss @ equal time", "time to std's final loss"]
     rows = []
     for (shape, dev), kinds in sorted(groups.items(), key=lambda kv: (kv[0][1] != "cpu", kv[0][0] != "tiny", kv[0][0])):
         methods = []
@@ -130,9 +210,12 @@ def headline(results: list[dict]) -> str:
 
             if speed is None and bs is None and not q:
                 continue
+            ttt = q.get("time_to_target") or {}
             rows.append([shape, dev, label, None if speed is None else f"{speed:.2f}x",
                          None if m not in sw else f"{bs or 'none'} ({base_bs or 'none'})",
-                         dq("loss_at_equal_steps"), dq("loss_at_equal_time")])
+                         dq("loss_at_equal_steps"), dq("loss_at_equal_time"),
+                         None if not ttt.get("n") else (f"{ttt['ratio_mean']:.2f}x ({ttt['reached']}/{ttt['n']})"
+                                                        if ttt["reached"] else f"not reached (0/{ttt['n']})")])
     return rio.md_table(header, rows)
 
 
@@ -167,6 +250,8 @@ def render(results: list[dict], folder: Path) -> str:
               "Δ loss: held-out loss on all tokens minus the fair baseline's (< 0 is better; ± is the seed "
               "spread where there were several seeds). Details, shapes and raw figures below.", "",
               headline(results), ""]
+    if any(r["kind"] == "quality" and r.get("protocol") == "time-budget" for r in results):
+        lines += ["## Verdict", "", verdict_block(results), ""]
     for r in results:
         env = r["environment"]
         argv = " ".join(env.get("argv") or [])
@@ -210,6 +295,7 @@ def make_plots(results: list[dict]) -> None:
 
 
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+VERDICT_START, VERDICT_END = "<!-- verdict:start -->", "<!-- verdict:end -->"
 
 
 def readme_block(results: list[dict]) -> str:
@@ -246,14 +332,22 @@ def shapes_line(results: list[dict]) -> str:
     return "; ".join(parts) + (f"; {tail}" if tail else "")
 
 
+def _replace_between(text: str, start: str, end: str, body: str) -> str | None:
+    if start not in text or end not in text:
+        return None
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return head + start + "\n" + body + "\n" + end + tail
+
+
 def update_readme(path: Path, results: list[dict]) -> bool:
-    """Replace the text between the README's results markers; False when the markers are absent."""
-    text = path.read_text()
-    if README_START not in text or README_END not in text:
+    """Replace the text between the README's results markers (and its verdict markers, where present);
+    False when the results markers are absent."""
+    text = _replace_between(path.read_text(), README_START, README_END, readme_block(results))
+    if text is None:
         return False
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    path.write_text(head + README_START + "\n" + readme_block(results) + "\n" + README_END + tail)
+    text = _replace_between(text, VERDICT_START, VERDICT_END, verdict_block(results)) or text
+    path.write_text(text)
     return True
 
 

@@ -21,10 +21,12 @@ from .models import ATTN_IMPLS
 from .models import DTYPES
 from .models import SOURCES as MODEL_SOURCES
 from .perf import COMPILE_BACKENDS, COMPILE_MODES, FUSED_CHOICES
+from .routing.importance import TRANSFORMS as IMPORTANCE_TRANSFORMS
 from .routing.router import SOURCES as ROUTER_SOURCES
 from .routing.schedule import CURRICULUM_SHAPES, RATIO_SCHEDULES
 from .routing.scoring import SCORING_NAMES as SCORING_STRATEGIES
 from .routing.selection import SCOPES as SELECTION_SCOPES
+from .routing.selection import SEQUENCE_STRATEGIES
 from .routing.selection import STRATEGIES as SELECTION_STRATEGIES
 from .routing.selection import UNITS as SELECTION_UNITS
 
@@ -55,19 +57,41 @@ class SelectionConfig:
     """Which tokens keep their label."""
 
     unit: str = "token"
-    """'token': labels of easy tokens are masked; 'sequence': only the hardest ``ceil(ratio * B)``
-    sequences of the batch (mean score over trainable tokens) run forward and backward at all."""
+    """'token': labels of easy tokens are masked; 'sequence': only the chosen sequences of the batch
+    (``ceil(ratio * B)`` rows for topk, ranked by mean score over trainable tokens) run forward and
+    backward at all."""
     scope: str = "sequence"
     """unit=token: 'sequence': top ratio of each sequence's trainable tokens; 'batch': of the whole
     batch's (batch-global top-k)."""
     strategy: str = "topk"
-    """unit=token: 'topk' keeps the hardest; 'stratified' keeps the same count drawn (seeded) across
-    ``strata`` difficulty buckets in proportion to their size, so easy-but-not-trivial tokens train too."""
+    """'topk' keeps the hardest; 'stratified' (unit=token) keeps the same count drawn (seeded) across
+    ``strata`` difficulty buckets in proportion to their size, so easy-but-not-trivial tokens train too.
+    Weighted rules (lightning_cggr.routing.sampling / .importance), for either unit:
+    'importance' keeps each unit with probability p ∝ its transformed score, clipped to [p_min, 1],
+    expected count = the ratio, loss weight 1/p (unbiased for the full-token mean);
+    'infobatch' drops each below-mean unit with probability ``prune``, weighting the kept ones
+    1/(1 - prune) (unbiased; no ratio; prunes nothing in the last ``anneal_fraction`` of training);
+    'noise_excluded' skips the top ``noise_fraction`` of units (likely noise), keeps the ratio of the rest."""
     strata: int = 4
     """strategy=stratified: number of difficulty buckets (contiguous rank ranges), >= 1."""
     min_per_sequence: int = 0
-    """unit=token: every sequence keeps at least min(this, its trainable tokens), on top of the
-    ratio (with scope=batch its hardest ones are reserved first); 0 = the ratio alone."""
+    """unit=token, strategy topk or stratified: every sequence keeps at least min(this, its trainable
+    tokens), on top of the ratio (with scope=batch its hardest ones are reserved first); 0 = the ratio alone."""
+    p_min: float = 0.05
+    """strategy=importance: the lowest keep probability, in (0, 1]; bounds the loss weight 1/p by
+    1/p_min. At most the ratio (min_tokens_ratio; with ratio_schedule.kind=dynamic, ratio_schedule.min)."""
+    importance_transform: str = "rank"
+    """strategy=importance: score -> importance. 'rank' (scale-free, outlier-proof); 'relu'
+    (max(score, 0): p ∝ score for non-negative scores such as loss or entropy); 'shift' (score minus
+    the budget's minimum: signed scores such as combined or excess_loss); 'softplus'."""
+    prune: float = 0.5
+    """strategy=infobatch: chance that a below-mean ("well-learned") unit is dropped, in [0, 1)."""
+    anneal_fraction: float = 0.125
+    """strategy=infobatch: the last fraction of the run's optimizer steps (trainer.max_steps) that
+    prunes nothing, in [0, 1] (InfoBatch's annealing)."""
+    noise_fraction: float = 0.05
+    """strategy=noise_excluded: fraction of each budget's highest-scoring units excluded as likely
+    noise (RHO-LOSS), in [0, 1); meant for scoring=excess_loss or loss."""
 
 
 @dataclass
@@ -100,7 +124,9 @@ class CGGRConfig:
     """Seed of scoring=random and strategy=stratified: draws come from a device generator seeded by
     (seed, global_step), so the same seed and step give the same selection."""
     min_tokens_ratio: float = 0.25
-    """Fraction of trainable tokens that keep their label, in (0, 1]; ceil, at least 1 per sequence."""
+    """Fraction of trainable tokens that keep their label, in (0, 1]; ceil, at least 1 per sequence.
+    selection.strategy=importance: the expected fraction; noise_excluded: of the units left after the
+    exclusion; infobatch: not used."""
     warmup_steps: int = 10
     """The first N optimizer steps train on all tokens."""
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -317,6 +343,7 @@ def _validate_selection_extras(p: list[str], c: CGGRConfig) -> None:
         p.append(f"cggr.selection.strata={s.strata!r}: must be an integer >= 1")
     if not _is_int(s.min_per_sequence) or s.min_per_sequence < 0:
         p.append(f"cggr.selection.min_per_sequence={s.min_per_sequence!r}: must be an integer >= 0")
+    _validate_weighted_rules(p, c)
     if c.scoring == "excess_loss" and (not r.reference or r.reference == "???"):
         p.append("cggr.scoring=excess_loss needs cggr.router.reference (the frozen reference checkpoint)")
     if r.reference is not None and c.scoring != "excess_loss":
@@ -331,8 +358,9 @@ def _validate_selection_extras(p: list[str], c: CGGRConfig) -> None:
             )
         if s.scope != "sequence":
             p.append(f"cggr.selection.scope={s.scope!r} applies to unit=token; leave it at sequence")
-        if s.strategy != "topk":
-            p.append(f"cggr.selection.strategy={s.strategy!r} applies to unit=token; use topk")
+        if s.strategy not in SEQUENCE_STRATEGIES and s.strategy in SELECTION_STRATEGIES:
+            p.append(f"cggr.selection.strategy={s.strategy!r} applies to unit=token; use one of "
+                     f"{', '.join(SEQUENCE_STRATEGIES)}")
         if _is_int(s.min_per_sequence) and s.min_per_sequence > 0:
             p.append("cggr.selection.min_per_sequence applies to unit=token; set it to 0")
     if q.kind == "curriculum" and (not _is_int(q.steps) or q.steps < 1):
@@ -345,6 +373,43 @@ def _validate_selection_extras(p: list[str], c: CGGRConfig) -> None:
             p.append(f"cggr.ratio_schedule.min={q.min} > max={q.max}")
         if c.scoring == "random":
             p.append("cggr.ratio_schedule.kind=dynamic needs a confidence; scoring=random has none")
+
+
+def _fraction(p: list[str], name: str, value: Any, *, zero_ok: bool, one_ok: bool) -> bool:
+    """Record a problem unless ``value`` is a number in the stated interval; True when it is."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value >= 0 if zero_ok else value > 0) and (value <= 1 if one_ok else value < 1)
+    if not ok:
+        lo, hi = ("[" if zero_ok else "("), ("]" if one_ok else ")")
+        p.append(f"{name}={value!r}: must be a number in {lo}0, 1{hi}")
+    return ok
+
+
+def _validate_weighted_rules(p: list[str], c: CGGRConfig) -> None:
+    """The weighted rules' knobs (always range-checked) and the combinations they do not support."""
+    s, q = c.selection, c.ratio_schedule
+    _check_choice(p, "cggr.selection.importance_transform", s.importance_transform, IMPORTANCE_TRANSFORMS)
+    p_min_ok = _fraction(p, "cggr.selection.p_min", s.p_min, zero_ok=False, one_ok=True)
+    _fraction(p, "cggr.selection.prune", s.prune, zero_ok=True, one_ok=False)
+    _fraction(p, "cggr.selection.anneal_fraction", s.anneal_fraction, zero_ok=True, one_ok=True)
+    _fraction(p, "cggr.selection.noise_fraction", s.noise_fraction, zero_ok=True, one_ok=False)
+    rule = s.strategy
+    if rule not in ("importance", "infobatch", "noise_excluded"):
+        return
+    if _is_int(s.min_per_sequence) and s.min_per_sequence > 0:
+        p.append(f"cggr.selection.min_per_sequence applies to strategy topk or stratified, not {rule}; set it to 0")
+    if rule in ("importance", "noise_excluded") and c.scoring == "random":
+        p.append(f"cggr.selection.strategy={rule} with cggr.scoring=random is a random draw of another size; "
+                 "the random control is strategy=topk with scoring=random")
+    if rule == "infobatch" and q.kind != "constant":
+        p.append(f"cggr.selection.strategy=infobatch keeps every above-mean unit and has no keep ratio, so "
+                 f"cggr.ratio_schedule.kind={q.kind} does not apply; use kind=constant")
+    if rule == "importance" and p_min_ok:
+        bound, name = ((q.min, "cggr.ratio_schedule.min") if q.kind == "dynamic"
+                       else (c.min_tokens_ratio, "cggr.min_tokens_ratio"))
+        if _is_ratio(bound) and s.p_min > bound:
+            p.append(f"cggr.selection.p_min={s.p_min} exceeds {name}={bound}: the floor alone would keep "
+                     f"more than the ratio; lower p_min")
 
 
 def config_error(problems: list[str]) -> ConfigError:

@@ -17,6 +17,10 @@ corrected once, in ``on_before_optimizer_step`` (after the last backward, before
 which leaves exactly the gradient of the global mean. Everything stays on the device: the count is
 a device tensor all-reduced without a host read, the correction a device-side multiply.
 
+The weighted selection rules (``cggr.selection.strategy`` importance / infobatch / noise_excluded)
+pass their ``normaliser`` as ``kept`` and a weighted NLL sum: ``N`` is then the step's summed
+normaliser, for the unbiased rules the trainable-token count, which does not depend on the draw.
+
 ``s`` only keeps the backpropagated values near the size of a mean loss (fp16 loss scaling
 overflows on raw sums): it is the previous step's kept tokens per micro-batch, rounded to a power of
 two so that multiplying and dividing by it is exact and the result does not depend on it. A step
@@ -56,7 +60,9 @@ class KeptTokenNormalizer:
             self.scale = torch.ones((), dtype=torch.float32, device=device)
 
     def loss(self, nll_sum: torch.Tensor, kept: torch.Tensor, world_size: int = 1) -> torch.Tensor:
-        """The value to backprop for one micro-batch: ``nll_sum * world_size / s`` (no sync)."""
+        """The value to backprop for one micro-batch: ``nll_sum * world_size / s`` (no sync).
+
+        ``kept``: the micro-batch's share of the denominator (its kept count, or a rule's normaliser)."""
         self._ensure(nll_sum.device)
         self.count += kept.to(torch.long)
         return nll_sum * (float(world_size) / self.scale)

@@ -29,7 +29,7 @@ from .flops import FlopShape, device_peak_tflops, mfu, step_flops
 from .step import CGGRStep, build_optimizer, build_scheduler
 
 # metrics the step may return, each averaged by its own torchmetrics object
-STEP_METRICS = ("kept_ratio", "ratio", "score_kept", "score_dropped", "kept_sequences")
+STEP_METRICS = ("kept_ratio", "ratio", "score_kept", "score_dropped", "kept_sequences", "weight_mean", "prune")
 
 CONFIG_KEY = "lightning_cggr"
 """Checkpoint key of ``{"config": the run's resolved config}`` (every checkpoint, weights-only ones
@@ -184,7 +184,9 @@ class CGGRModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.optim_cfg)
-        scheduler = build_scheduler(optimizer, self.optim_cfg, self.trainer.estimated_stepping_batches)
+        total = self.trainer.estimated_stepping_batches
+        self.step.total_steps = int(total) if total != float("inf") else None  # infobatch anneals over its tail
+        scheduler = build_scheduler(optimizer, self.optim_cfg, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

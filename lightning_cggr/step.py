@@ -14,10 +14,13 @@ One micro-batch (:meth:`CGGRStep.__call__`), all on the device and free of host 
    tokens, as a static-size list of candidate rows plus a validity mask;
 4. the decoder runs on every token (attention needs them all);
 5. only the kept rows of the final hidden states go through the LM head and cross-entropy
-   (``loss.impl``), as a NLL *sum* and a kept count;
+   (``loss.impl``), as a NLL *sum* (each token's NLL times its loss weight, 1 for top-k) and a
+   kept count;
 6. :class:`~.distributed.KeptTokenNormalizer` turns the sum into the value to backprop; after the
    last micro-batch of an optimizer step, :meth:`CGGRStep.correct_gradients` rescales the
-   gradients to the mean over the step's kept tokens on every rank.
+   gradients to the sum over the step's micro-batches and ranks divided by the step's summed
+   normaliser: the kept-token count (top-k, stratified, noise_excluded) or the trainable-token count
+   (importance, infobatch: the weighted sum is then unbiased for the full-token mean).
 
 ``cggr.enabled=false`` (and the first ``cggr.warmup_steps`` steps) run the same path keeping every
 trainable token: the standard baseline.
@@ -32,10 +35,17 @@ Variants (options in ``conf/cggr/``):
 - ``scoring=random``: seeded uniform scores from a generator on the device seeded by (seed, step).
 - ``ratio_schedule``: constant, curriculum (host ints) or dynamic (a device tensor; static buffers
   sized by its max).
+- ``selection.strategy`` (either unit): ``importance`` (keep with probability p, weight 1/p),
+  ``infobatch`` (drop below-mean units with probability ``prune``, weight the kept ones
+  1/(1 - prune), nothing pruned in the last ``anneal_fraction`` of ``total_steps``) and
+  ``noise_excluded`` (skip the hardest ``noise_fraction``, keep the ratio of the rest); draws from a
+  (seed, step) generator, stream 2. Under static shapes infobatch saves no compute (its capacity
+  is every unit); importance and noise_excluded keep the top-k capacity.
 
 Each call returns its metrics as 0-d device tensors (``train/loss``, ``train/kept_ratio``,
-``train/ratio``, ``train/score_kept``, ``train/score_dropped``, ``train/kept_sequences``); nothing
-is read on the host.
+``train/ratio``, ``train/score_kept``, ``train/score_dropped``, ``train/kept_sequences``, and for the
+weighted rules ``train/weight_mean`` (mean loss weight of the kept units) and ``train/prune``);
+nothing is read on the host.
 """
 
 from __future__ import annotations
@@ -57,8 +67,9 @@ from .routing.guards import sanitize_stats
 from .routing.reference import ReferenceModel, load_reference
 from .routing.router import TruncatedRouter, find_decoder, find_head
 from .routing.schedule import batch_confidence, dynamic_ratio, host_ratio
+from .routing.rules import choose_rows, choose_tokens, prune_in_force, rule_generator
 from .routing.scoring import SCORERS, excess_loss_score, get_scorer, random_score, step_generator
-from .routing.selection import IGNORE_INDEX, Selection, mask_labels, select, select_sequences, shift_targets
+from .routing.selection import IGNORE_INDEX, Selection, mask_labels, shift_targets
 
 Metrics = dict[str, torch.Tensor]
 
@@ -75,6 +86,10 @@ class Routed(NamedTuple):
     kept: torch.Tensor
     """[B, T] bool over the original batch: positions whose label trains this step."""
     metrics: Metrics
+    weight: torch.Tensor | None = None
+    """[B', T] fp32 loss weight per position of ``targets`` (weighted rules); None: weight 1."""
+    normaliser: torch.Tensor | None = None
+    """0-d long: what the weighted NLL sum is divided by (weighted rules); None: the kept count."""
 
 
 @dataclass
@@ -84,11 +99,14 @@ class StepResult:
     loss: torch.Tensor
     """The value to backprop (NLL sum scaled for the step's global kept-token mean)."""
     nll_sum: torch.Tensor
-    """Sum of the kept tokens' NLL (device, fp32)."""
+    """Sum of the kept tokens' NLL, each times its loss weight (device, fp32)."""
     kept: torch.Tensor
     """Number of kept tokens (device, int)."""
     metrics: Metrics = field(default_factory=dict)
     """0-d device tensors keyed by their logged names."""
+    normaliser: torch.Tensor | None = None
+    """What ``nll_sum`` is divided by: ``kept``, or for the unbiased weighted rules the trainable-token
+    count (device, int); summed over micro-batches and ranks by the :class:`KeptTokenNormalizer`."""
 
 
 class CGGRStep:
@@ -109,8 +127,11 @@ class CGGRStep:
         loss: LossConfig | None = None,
         reference: torch.nn.Module | None = None,
         perf: PerfConfig | None = None,
+        total_steps: int | None = None,
     ):
         self.model = model
+        self.total_steps = total_steps
+        """The run's optimizer steps (``trainer.max_steps``): needed by strategy=infobatch's annealing."""
         self.cggr = cggr or CGGRConfig()
         self.loss_cfg = loss or LossConfig()
         self.perf = perf or PerfConfig()
@@ -241,62 +262,80 @@ class CGGRStep:
         """Score, select and run the decoder.
 
         Token unit: the decoder runs on every row and ``selection`` says which rows the head sees.
-        Sequence unit: the decoder runs on the ``ceil(ratio * B)`` hardest rows only; the returned
-        hidden/targets are those rows' (invalid rows' targets ignored) and ``selection`` is None.
+        Sequence unit: the decoder runs on the selected rows only (a static-size list); the
+        returned hidden/targets are those rows' (invalid rows' targets ignored), ``selection`` None.
+        The weighted rules also return per-position loss weights and the normaliser.
         """
         trainable = targets != IGNORE_INDEX
-        c, sel = self.cggr, self.cggr.selection
+        c = self.cggr
         if not self.active(global_step):
             return Routed(self.hidden_states(input_ids, attention_mask), targets, None, trainable, {})
-        metrics: Metrics = {}
-        if sel.unit == "sequence":
-            score, stats = self.score_and_stats(input_ids, attention_mask, targets, global_step)
-            ratio, cap = self._step_ratio(global_step, stats, trainable & torch.isfinite(score))
-            rows = select_sequences(score, trainable, ratio, capacity_ratio=cap)
-            row_kept = torch.zeros(targets.shape[0], dtype=torch.bool, device=targets.device)
-            row_kept.index_copy_(0, rows.index, rows.valid)
-            sub_ids = input_ids.index_select(0, rows.index)
-            sub_mask = attention_mask.index_select(0, rows.index) if attention_mask is not None else None
-            sub_targets = targets.index_select(0, rows.index).masked_fill(~rows.valid.unsqueeze(1), IGNORE_INDEX)
-            hidden = self.hidden_states(sub_ids, sub_mask)
-            has = trainable.any(dim=1)
-            metrics.update(_score_means(rows.score, row_kept, has & ~row_kept))
-            metrics["train/kept_sequences"] = rows.valid.sum().float()
-            metrics["train/ratio"] = _ratio_tensor(ratio, targets.device)
-            return Routed(hidden, sub_targets, None, trainable & row_kept.unsqueeze(1), metrics)
+        if c.selection.unit == "sequence":
+            return self._route_sequences(input_ids, attention_mask, targets, trainable, global_step)
         hidden = None
         if c.router.source == "final":  # router-free: score from the forward's own final states
             hidden = self.hidden_states(input_ids, attention_mask)
         score, stats = self.score_and_stats(input_ids, attention_mask, targets, global_step, final_hidden=hidden)
         ratio, cap = self._step_ratio(global_step, stats, trainable & torch.isfinite(score))  # sanitized: no vote
-        gen = step_generator(c.seed, global_step, targets.device, stream=1) if sel.strategy == "stratified" else None
-        selection = select(
-            score, trainable, ratio, sel.scope, strategy=sel.strategy, strata=sel.strata,
-            min_per_sequence=sel.min_per_sequence, capacity_ratio=cap, generator=gen,
-        )
+        choice = choose_tokens(c.selection, score, trainable, ratio, cap, self._generator(global_step, targets.device),
+                               self._prune(global_step))
         if hidden is None:
             hidden = self.hidden_states(input_ids, attention_mask)
-        metrics.update(_score_means(score, selection.keep, trainable & ~selection.keep))
-        metrics["train/ratio"] = _ratio_tensor(ratio, targets.device)
-        return Routed(hidden, targets, selection, selection.keep, metrics)
+        keep = choice.selection.keep
+        metrics = {**choice.metrics, **_score_means(score, keep, trainable & ~keep)}
+        return Routed(hidden, targets, choice.selection, keep, metrics, choice.weight, choice.normaliser)
+
+    def _route_sequences(self, input_ids, attention_mask, targets, trainable, global_step: int) -> Routed:
+        """Sequence unit: choose rows, run the decoder on them alone (see :meth:`route`)."""
+        score, stats = self.score_and_stats(input_ids, attention_mask, targets, global_step)
+        ratio, cap = self._step_ratio(global_step, stats, trainable & torch.isfinite(score))
+        rows = choose_rows(self.cggr.selection, score, trainable, ratio, cap,
+                           self._generator(global_step, targets.device), self._prune(global_step))
+        row_kept = torch.zeros(targets.shape[0], dtype=torch.bool, device=targets.device)
+        row_kept.index_copy_(0, rows.index, rows.valid)  # index entries are distinct
+        sub_ids = input_ids.index_select(0, rows.index)
+        sub_mask = attention_mask.index_select(0, rows.index) if attention_mask is not None else None
+        sub_targets = targets.index_select(0, rows.index).masked_fill(~rows.valid.unsqueeze(1), IGNORE_INDEX)
+        hidden = self.hidden_states(sub_ids, sub_mask)
+        weight = None if rows.weight is None else rows.weight.unsqueeze(1).expand(sub_targets.shape)
+        has = trainable.any(dim=1)
+        metrics = {**rows.metrics, **_score_means(rows.score, row_kept, has & ~row_kept),
+                   "train/kept_sequences": rows.valid.sum().float()}
+        return Routed(hidden, sub_targets, None, trainable & row_kept.unsqueeze(1), metrics, weight, rows.normaliser)
+
+    def _generator(self, global_step: int, device) -> torch.Generator | None:
+        return rule_generator(self.cggr.selection.strategy, self.cggr.seed, global_step, device)
+
+    def _prune(self, global_step: int) -> float | None:
+        """strategy=infobatch: the prune fraction in force (see :func:`~.routing.rules.prune_in_force`)."""
+        if self.cggr.selection.strategy != "infobatch":
+            return None
+        return prune_in_force(self.cggr.selection, global_step, self.total_steps)
 
     # ---- loss ---------------------------------------------------------------------------------
     def loss_terms(
-        self, hidden: torch.Tensor, targets: torch.Tensor, selection: Selection | None
+        self, hidden: torch.Tensor, targets: torch.Tensor, selection: Selection | None,
+        weight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(NLL sum, kept count) over kept tokens, both device tensors; the LM head runs on kept rows
-        only (except naive). The count is of the very labels the loss saw, so the two always agree."""
+        only (except naive). The count is of the very labels the loss saw, so the two always agree.
+
+        ``weight`` ([B, T] like ``targets``, fp32, no grad): each token's NLL is multiplied by it
+        (the weighted rules' ``1/p`` or ``1/(1 - prune)``); None is weight 1.
+        """
         B, T, H = hidden.shape
         impl = self.loss_impl
         flat_h = hidden.reshape(B * T, H)
         flat_y = targets.reshape(-1)
+        flat_w = None if weight is None else weight.reshape(-1)
         if selection is not None:
             if impl == "naive":  # HF-style: full logits, easy labels masked
                 flat_y = mask_labels(targets, selection.keep).reshape(-1)
             else:  # gather the static-size candidate rows; padding rows are ignored
                 flat_h = flat_h.index_select(0, selection.index)
                 flat_y = flat_y.index_select(0, selection.index).masked_fill(~selection.valid, IGNORE_INDEX)
-        nll_sum = linear_cross_entropy(flat_h, self.head.weight, flat_y, reduction="sum", impl=impl)
+                flat_w = None if flat_w is None else flat_w.index_select(0, selection.index)
+        nll_sum = weighted_nll_sum(flat_h, self.head.weight, flat_y, flat_w, impl)
         return nll_sum, (flat_y != IGNORE_INDEX).sum()
 
     def __call__(self, batch: dict, global_step: int, world_size: int = 1) -> StepResult:
@@ -309,14 +348,16 @@ class CGGRStep:
         targets = shift_targets(batch["labels"], attention_mask)
         trainable = targets != IGNORE_INDEX
         routed = self.route(input_ids, attention_mask, targets, global_step)
-        nll_sum, n_kept = self.loss_terms(routed.hidden, routed.targets, routed.selection)
-        loss = self.token_norm.loss(nll_sum, n_kept, world_size)  # exact global mean after correct_gradients
+        nll_sum, n_kept = self.loss_terms(routed.hidden, routed.targets, routed.selection, routed.weight)
+        # top-k: the mean over kept tokens; the unbiased rules: over every trainable token (sampling.py)
+        normaliser = n_kept if routed.normaliser is None else routed.normaliser
+        loss = self.token_norm.loss(nll_sum, normaliser, world_size)  # exact global mean after correct_gradients
         metrics = {
-            "train/loss": nll_sum.detach() / n_kept.clamp(min=1),  # this micro-batch's mean
+            "train/loss": nll_sum.detach() / normaliser.clamp(min=1),  # this micro-batch's (estimated) mean
             "train/kept_ratio": routed.kept.sum() / trainable.sum().clamp(min=1),
             **routed.metrics,
         }
-        return StepResult(loss, nll_sum, n_kept, metrics)
+        return StepResult(loss, nll_sum, n_kept, metrics, normaliser)
 
     def correct_gradients(self, params: Iterable[torch.nn.Parameter], accumulate: int) -> torch.Tensor | None:
         """Once per optimizer step, after the last backward, before clipping: gradients become
@@ -332,10 +373,13 @@ class CGGRStep:
         return self.loss_terms(self.hidden_states(input_ids, attention_mask), targets, None)
 
 
-def _ratio_tensor(ratio: float | torch.Tensor, device: torch.device) -> torch.Tensor:
-    if torch.is_tensor(ratio):
-        return ratio.float()
-    return torch.full((), ratio, dtype=torch.float32, device=device)  # a fill on the device, no copy
+def weighted_nll_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, row_weight: torch.Tensor | None, impl: str
+) -> torch.Tensor:
+    """``sum_i row_weight_i * NLL_i`` over the rows whose label is not ignored (``row_weight`` None: 1);
+    the weights (detached: they are estimator weights, not parameters) go into the loss kernel."""
+    rw = None if row_weight is None else row_weight.detach().float()
+    return linear_cross_entropy(hidden, weight, labels, reduction="sum", impl=impl, row_weight=rw)
 
 
 def _score_means(score: torch.Tensor, kept: torch.Tensor, dropped: torch.Tensor) -> Metrics:

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from lightning_cggr.routing import importance as I
 from lightning_cggr.routing import sampling as S
 
 P_MIN = 0.05
@@ -119,18 +120,18 @@ def ref_sequence_means(score: torch.Tensor, trainable: torch.Tensor) -> list[flo
 )
 def test_hand_worked_probabilities(values, ratio, p_min, transform, expected):
     score = torch.tensor([values], dtype=torch.float32)
-    p = S.importance_probabilities(score, torch.ones_like(score, dtype=torch.bool), ratio, p_min=p_min, transform=transform)
+    p = I.importance_probabilities(score, torch.ones_like(score, dtype=torch.bool), ratio, p_min=p_min, transform=transform)
     torch.testing.assert_close(p[0], torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
     assert p.sum().item() == pytest.approx(ratio * len(values), abs=1e-12)
 
 
-@pytest.mark.parametrize("transform", S.TRANSFORMS)
+@pytest.mark.parametrize("transform", I.TRANSFORMS)
 @pytest.mark.parametrize("scope", S.SCOPES)
 @pytest.mark.parametrize("ratio, p_min", [(0.3, 0.05), (0.5, 0.2), (0.125, 0.125), (0.9, 0.01)])
 def test_probabilities_match_bisection_reference(transform, scope, ratio, p_min):
     for seed in range(3):
         score, trainable = messy_batch(seed=seed)
-        p = S.importance_probabilities(score, trainable, ratio, p_min=p_min, scope=scope, transform=transform)
+        p = I.importance_probabilities(score, trainable, ratio, p_min=p_min, scope=scope, transform=transform)
         assert (p[~trainable] == 0).all()
         flat = p.reshape(-1).tolist()
         for positions, values in budgets(score, trainable, scope):
@@ -139,27 +140,27 @@ def test_probabilities_match_bisection_reference(transform, scope, ratio, p_min)
             assert sum(flat[i] for i in positions) == pytest.approx(ratio * len(positions), abs=1e-9)
 
 
-@pytest.mark.parametrize("transform", S.TRANSFORMS)
+@pytest.mark.parametrize("transform", I.TRANSFORMS)
 def test_probabilities_over_wide_ranges_and_many_units(transform):
     """Importances spanning 1e-30..1e38 (no cancellation in the segment sums), and 500 units."""
     values = [2.0, 1e38, -1e38, 0.0, 1e-30, 5e37, 3.0, -7.0, 1e-3]
     score = torch.tensor([values], dtype=torch.float64)
-    p = S.importance_probabilities(score, torch.ones_like(score, dtype=torch.bool), 0.5, p_min=P_MIN, transform=transform)
+    p = I.importance_probabilities(score, torch.ones_like(score, dtype=torch.bool), 0.5, p_min=P_MIN, transform=transform)
     assert p[0].tolist() == pytest.approx(ref_probabilities(values, 0.5, P_MIN, transform), abs=1e-9)
     g = gen(11)
     score = torch.randn(1, 500, generator=g, dtype=torch.float64) ** 3
     for ratio, p_min in ((0.1, 0.01), (0.6, 0.3)):
-        p = S.importance_probabilities(score, torch.ones_like(score, dtype=torch.bool), ratio, p_min=p_min, transform=transform)
+        p = I.importance_probabilities(score, torch.ones_like(score, dtype=torch.bool), ratio, p_min=p_min, transform=transform)
         assert p[0].tolist() == pytest.approx(ref_probabilities(score[0].tolist(), ratio, p_min, transform), abs=1e-9)
 
 
 def test_non_finite_scores_rank_easiest():
     score, trainable = messy_batch()
-    for transform in S.TRANSFORMS:
-        p = S.importance_probabilities(score, trainable, 0.4, p_min=P_MIN, transform=transform)
+    for transform in I.TRANSFORMS:
+        p = I.importance_probabilities(score, trainable, 0.4, p_min=P_MIN, transform=transform)
         assert torch.all(p[0, :3] == p[0][trainable[0]].min())  # nan, +inf, -inf sit at the row's floor
     # rank gives every finite score an importance >= 1, so the target is reachable and the floor is p_min
-    assert torch.all(S.importance_probabilities(score, trainable, 0.4, p_min=P_MIN)[0, :3] == P_MIN)
+    assert torch.all(I.importance_probabilities(score, trainable, 0.4, p_min=P_MIN)[0, :3] == P_MIN)
 
 
 def test_sequence_probabilities_use_the_row_means():
@@ -171,7 +172,7 @@ def test_sequence_probabilities_use_the_row_means():
     ref = ref_probabilities([means[i] for i in active], 0.5, 0.1, "shift")
     # importance_sample_sequences draws from exactly these probabilities; a one-row probe reproduces them
     probe = torch.tensor([[means[i] for i in active]])
-    p = S.importance_probabilities(probe, torch.ones_like(probe, dtype=torch.bool), 0.5, p_min=0.1, transform="shift")
+    p = I.importance_probabilities(probe, torch.ones_like(probe, dtype=torch.bool), 0.5, p_min=0.1, transform="shift")
     assert p[0].tolist() == pytest.approx(ref, abs=1e-9)
 
 
@@ -200,9 +201,9 @@ def test_importance_sample_per_sequence_is_unbiased(transform):
     score = torch.tensor([[2.0, -1.0, 0.5, float("nan"), 3.0, 0.0, 1.0, -0.5]])
     trainable = torch.tensor([[True, True, True, True, True, False, True, True]])
     x = torch.tensor([1.0, 3.0, 0.2, 5.0, 0.7, 9.0, 1.5, 2.5], dtype=torch.float64)  # per-token NLL stand-ins
-    sel = S.importance_sample(score.expand(M, -1), trainable.expand(M, -1), 0.4, p_min=0.1, transform=transform,
+    sel = I.importance_sample(score.expand(M, -1), trainable.expand(M, -1), 0.4, p_min=0.1, transform=transform,
                               generator=gen(1))
-    p = S.importance_probabilities(score, trainable, 0.4, p_min=0.1, transform=transform)[0]
+    p = I.importance_probabilities(score, trainable, 0.4, p_min=0.1, transform=transform)[0]
     check_monte_carlo(sel.keep, sel.weight, torch.tensor(7), p, x)
     assert sel.normaliser.item() == 7 * M
 
@@ -210,8 +211,8 @@ def test_importance_sample_per_sequence_is_unbiased(transform):
 def test_systematic_sample_frequencies_on_batch_budget():
     """The batch budget's probabilities, drawn 20k times: frequencies and the weighted sum as stated."""
     score, trainable = messy_batch(B=3, T=5, seed=2)
-    p = S.importance_probabilities(score, trainable, 0.3, p_min=P_MIN, scope="batch", transform="softplus").reshape(-1)
-    keep = S.systematic_sample(p.expand(20000, -1), gen(3))
+    p = I.importance_probabilities(score, trainable, 0.3, p_min=P_MIN, scope="batch", transform="softplus").reshape(-1)
+    keep = I.systematic_sample(p.expand(20000, -1), gen(3))
     weight = torch.where(keep, 1 / p, torch.zeros_like(p))
     x = torch.linspace(0.1, 3.0, p.numel(), dtype=torch.float64)
     check_monte_carlo(keep, weight, trainable.sum(), p, x)
@@ -222,10 +223,10 @@ def test_importance_sample_batch_and_sequence_unit_through_the_api():
     M = 2000
     score, trainable = messy_batch(B=3, T=5, seed=4)
     g = gen(5)
-    p = S.importance_probabilities(score, trainable, 0.3, p_min=P_MIN, scope="batch").reshape(-1)
+    p = I.importance_probabilities(score, trainable, 0.3, p_min=P_MIN, scope="batch").reshape(-1)
     keeps, weights = [], []
     for _ in range(M):
-        sel = S.importance_sample(score, trainable, 0.3, p_min=P_MIN, scope="batch", generator=g)
+        sel = I.importance_sample(score, trainable, 0.3, p_min=P_MIN, scope="batch", generator=g)
         keeps.append(sel.keep.reshape(-1))
         weights.append(sel.weight.reshape(-1))
     x = torch.linspace(0.5, 2.0, p.numel(), dtype=torch.float64)
@@ -236,7 +237,7 @@ def test_importance_sample_batch_and_sequence_unit_through_the_api():
     row_nll = torch.linspace(1.0, 3.0, 6, dtype=torch.float64) * tokens  # per-row NLL sums
     keeps, weights = [], []
     for _ in range(M):
-        sel = S.importance_sample_sequences(score, trainable, 0.5, p_min=0.1, transform="shift", generator=g)
+        sel = I.importance_sample_sequences(score, trainable, 0.5, p_min=0.1, transform="shift", generator=g)
         w = torch.zeros(6).index_put_((sel.index,), sel.weight)
         assert torch.equal(w > 0, sel.keep)
         keeps.append(sel.keep)
@@ -347,10 +348,10 @@ def all_rules(score, trainable, ratio, capacity_ratio=None, g=None):
     kw = dict(capacity_ratio=capacity_ratio)
     out = {}
     for scope in S.SCOPES:
-        out[f"is_{scope}"] = S.importance_sample(score, trainable, ratio, p_min=P_MIN, scope=scope, generator=g, **kw)
+        out[f"is_{scope}"] = I.importance_sample(score, trainable, ratio, p_min=P_MIN, scope=scope, generator=g, **kw)
         out[f"info_{scope}"] = S.infobatch_prune(score, trainable, 0.5, scope=scope, generator=g)
         out[f"noise_{scope}"] = S.noise_excluded_topk(score, trainable, ratio, noise_fraction=0.2, scope=scope, **kw)
-    out["is_rows"] = S.importance_sample_sequences(score, trainable, ratio, p_min=P_MIN, generator=g, **kw)
+    out["is_rows"] = I.importance_sample_sequences(score, trainable, ratio, p_min=P_MIN, generator=g, **kw)
     out["info_rows"] = S.infobatch_prune_sequences(score, trainable, 0.5, generator=g)
     out["noise_rows"] = S.noise_excluded_topk_sequences(score, trainable, ratio, noise_fraction=0.2, **kw)
     return out
@@ -384,20 +385,20 @@ def test_static_shapes_depend_only_on_shape_and_host_floats():
 def test_tensor_ratio_matches_host_ratio():
     score, trainable = messy_batch()
     for scope in S.SCOPES:
-        host = S.importance_probabilities(score, trainable, 0.3, p_min=P_MIN, scope=scope)
-        dev = S.importance_probabilities(score, trainable, torch.tensor(0.3, dtype=torch.float64), p_min=P_MIN,
+        host = I.importance_probabilities(score, trainable, 0.3, p_min=P_MIN, scope=scope)
+        dev = I.importance_probabilities(score, trainable, torch.tensor(0.3, dtype=torch.float64), p_min=P_MIN,
                                          scope=scope, capacity_ratio=0.5)
         torch.testing.assert_close(host, dev, rtol=0, atol=1e-12)
-        dev32 = S.importance_probabilities(score, trainable, torch.tensor(0.3), p_min=P_MIN, scope=scope, capacity_ratio=0.5)
+        dev32 = I.importance_probabilities(score, trainable, torch.tensor(0.3), p_min=P_MIN, scope=scope, capacity_ratio=0.5)
         torch.testing.assert_close(host, dev32, rtol=1e-6, atol=0)  # float32 0.3 is 0.3 + 1.2e-8
-        clamped = S.importance_probabilities(score, trainable, torch.tensor(0.9), p_min=P_MIN, scope=scope, capacity_ratio=0.5)
-        torch.testing.assert_close(clamped, S.importance_probabilities(score, trainable, 0.5, p_min=P_MIN, scope=scope))
+        clamped = I.importance_probabilities(score, trainable, torch.tensor(0.9), p_min=P_MIN, scope=scope, capacity_ratio=0.5)
+        torch.testing.assert_close(clamped, I.importance_probabilities(score, trainable, 0.5, p_min=P_MIN, scope=scope))
         a = S.noise_excluded_topk(score, trainable, 0.3, noise_fraction=0.2, scope=scope)
         b = S.noise_excluded_topk(score, trainable, torch.tensor(0.3), noise_fraction=0.2, scope=scope, capacity_ratio=0.3)
         assert all(torch.equal(x, y) for x, y in zip(a, b))
         assert torch.equal(
-            S.importance_sample(score, trainable, 0.3, p_min=P_MIN, scope=scope, generator=gen(1)).keep,
-            S.importance_sample(score, trainable, torch.tensor(0.3), p_min=P_MIN, scope=scope, capacity_ratio=0.3,
+            I.importance_sample(score, trainable, 0.3, p_min=P_MIN, scope=scope, generator=gen(1)).keep,
+            I.importance_sample(score, trainable, torch.tensor(0.3), p_min=P_MIN, scope=scope, capacity_ratio=0.3,
                                 generator=gen(1)).keep,
         )
 
@@ -422,8 +423,8 @@ def test_non_finite_scores_never_crash():
     for name, sel in all_rules(score, trainable, 0.5, g=gen(0)).items():
         assert torch.isfinite(sel.weight).all(), name
         assert sel.normaliser.item() >= 0
-    for transform in S.TRANSFORMS:
-        p = S.importance_probabilities(score, trainable, 0.5, p_min=P_MIN, transform=transform)
+    for transform in I.TRANSFORMS:
+        p = I.importance_probabilities(score, trainable, 0.5, p_min=P_MIN, transform=transform)
         assert torch.isfinite(p).all() and torch.all(p[trainable] >= P_MIN) and torch.all(p <= 1)
         assert p.sum(1).tolist() == pytest.approx([2.0, 1.5, 2.0])
     assert S.noise_excluded_topk(score, trainable, 0.25, noise_fraction=0.0).keep[0].tolist() == [False, False, False, True]
@@ -465,8 +466,8 @@ def test_rules_have_no_host_sync():
     with forbid_host_sync():
         for ratio, cap in ((0.3, None), (torch.tensor(0.35), 0.5)):
             all_rules(score, trainable, ratio, cap, gen(0))
-            for transform in S.TRANSFORMS:
-                S.importance_probabilities(score, trainable, ratio, p_min=P_MIN, transform=transform, capacity_ratio=cap)
+            for transform in I.TRANSFORMS:
+                I.importance_probabilities(score, trainable, ratio, p_min=P_MIN, transform=transform, capacity_ratio=cap)
     with pytest.raises(HostSync), forbid_host_sync():
         torch.ones(2).sum().item()
 
@@ -477,18 +478,18 @@ def test_rules_have_no_host_sync():
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda s, t: S.importance_sample(s, t, 0.0, p_min=0.1), "ratio"),
-        (lambda s, t: S.importance_sample(s, t, 1.5, p_min=0.1), "ratio"),
-        (lambda s, t: S.importance_sample(s, t, 0.5, p_min=0.0), "p_min"),
-        (lambda s, t: S.importance_sample(s, t, 0.5, p_min=1.5), "p_min"),
-        (lambda s, t: S.importance_sample(s, t, 0.2, p_min=0.3), "p_min"),
-        (lambda s, t: S.importance_sample_sequences(s, t, 0.2, p_min=0.3), "p_min"),
-        (lambda s, t: S.importance_sample(s, t, torch.tensor(0.2), p_min=0.1), "capacity_ratio"),
-        (lambda s, t: S.importance_sample(s, t, torch.tensor(0.2), p_min=0.3, capacity_ratio=0.25), "p_min"),
-        (lambda s, t: S.importance_sample(s, t, 0.5, p_min=0.1, capacity_ratio=0.25), "capacity_ratio"),
-        (lambda s, t: S.importance_sample(s, t, 0.5, p_min=0.1, scope="row"), "scope"),
-        (lambda s, t: S.importance_sample(s, t, 0.5, p_min=0.1, transform="exp"), "transform"),
-        (lambda s, t: S.importance_sample(s[:, :2], t, 0.5, p_min=0.1), r"\[B, T\]"),
+        (lambda s, t: I.importance_sample(s, t, 0.0, p_min=0.1), "ratio"),
+        (lambda s, t: I.importance_sample(s, t, 1.5, p_min=0.1), "ratio"),
+        (lambda s, t: I.importance_sample(s, t, 0.5, p_min=0.0), "p_min"),
+        (lambda s, t: I.importance_sample(s, t, 0.5, p_min=1.5), "p_min"),
+        (lambda s, t: I.importance_sample(s, t, 0.2, p_min=0.3), "p_min"),
+        (lambda s, t: I.importance_sample_sequences(s, t, 0.2, p_min=0.3), "p_min"),
+        (lambda s, t: I.importance_sample(s, t, torch.tensor(0.2), p_min=0.1), "capacity_ratio"),
+        (lambda s, t: I.importance_sample(s, t, torch.tensor(0.2), p_min=0.3, capacity_ratio=0.25), "p_min"),
+        (lambda s, t: I.importance_sample(s, t, 0.5, p_min=0.1, capacity_ratio=0.25), "capacity_ratio"),
+        (lambda s, t: I.importance_sample(s, t, 0.5, p_min=0.1, scope="row"), "scope"),
+        (lambda s, t: I.importance_sample(s, t, 0.5, p_min=0.1, transform="exp"), "transform"),
+        (lambda s, t: I.importance_sample(s[:, :2], t, 0.5, p_min=0.1), r"\[B, T\]"),
         (lambda s, t: S.infobatch_prune(s, t, 1.0), "prune"),
         (lambda s, t: S.infobatch_prune_sequences(s, t, -0.1), "prune"),
         (lambda s, t: S.noise_excluded_topk(s, t, 0.5, noise_fraction=1.0), "noise_fraction"),
@@ -513,13 +514,13 @@ def test_cuda_matches_cpu_and_stays_on_device():
     for name, sel in out.items():
         assert all(t.device.type == "cuda" for t in sel), name
     for scope in S.SCOPES:
-        for transform in S.TRANSFORMS:
-            cpu = S.importance_probabilities(score, trainable, 0.3, p_min=P_MIN, scope=scope, transform=transform)
-            gpu = S.importance_probabilities(score.to(dev), trainable.to(dev), 0.3, p_min=P_MIN, scope=scope,
+        for transform in I.TRANSFORMS:
+            cpu = I.importance_probabilities(score, trainable, 0.3, p_min=P_MIN, scope=scope, transform=transform)
+            gpu = I.importance_probabilities(score.to(dev), trainable.to(dev), 0.3, p_min=P_MIN, scope=scope,
                                              transform=transform)
             torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-12)
-    p = S.importance_probabilities(score[:1], trainable[:1], 0.3, p_min=P_MIN)[0]
-    sel = S.importance_sample(score[:1].to(dev).expand(20000, -1), trainable[:1].to(dev).expand(20000, -1), 0.3,
+    p = I.importance_probabilities(score[:1], trainable[:1], 0.3, p_min=P_MIN)[0]
+    sel = I.importance_sample(score[:1].to(dev).expand(20000, -1), trainable[:1].to(dev).expand(20000, -1), 0.3,
                               p_min=P_MIN, generator=g)
     x = torch.linspace(0.1, 2.0, p.numel(), dtype=torch.float64)
     check_monte_carlo(sel.keep.cpu(), sel.weight.cpu(), trainable[0].sum(), p, x)

@@ -64,6 +64,27 @@ CASES = {
                              ratio_schedule=RatioScheduleConfig(kind="dynamic", min=0.2, max=0.6)),
     "random_sequence": dict(scoring="random", selection=SelectionConfig(unit="sequence")),
     "excess_loss": dict(scoring="excess_loss", router=RouterConfig(num_layers=1, reference="given", reference_dtype="float32")),
+    "importance": dict(selection=SelectionConfig(strategy="importance")),
+    "importance_batch_relu": dict(selection=SelectionConfig(strategy="importance", scope="batch", importance_transform="relu")),
+    "importance_dynamic": dict(selection=SelectionConfig(strategy="importance", p_min=0.1),
+                               ratio_schedule=RatioScheduleConfig(kind="dynamic", min=0.2, max=0.6)),
+    "importance_curriculum": dict(selection=SelectionConfig(strategy="importance"),
+                                  ratio_schedule=RatioScheduleConfig(kind="curriculum", steps=4)),
+    "importance_sequence": dict(selection=SelectionConfig(unit="sequence", strategy="importance", p_min=0.1)),
+    "importance_sequence_dynamic": dict(selection=SelectionConfig(unit="sequence", strategy="importance", p_min=0.1),
+                                        ratio_schedule=RatioScheduleConfig(kind="dynamic", min=0.2, max=0.6)),
+    "infobatch": dict(selection=SelectionConfig(strategy="infobatch")),
+    "infobatch_batch": dict(selection=SelectionConfig(strategy="infobatch", scope="batch")),
+    "infobatch_sequence": dict(selection=SelectionConfig(unit="sequence", strategy="infobatch")),
+    "infobatch_random": dict(scoring="random", selection=SelectionConfig(strategy="infobatch")),
+    "noise_excluded": dict(selection=SelectionConfig(strategy="noise_excluded", noise_fraction=0.1)),
+    "noise_excluded_dynamic": dict(selection=SelectionConfig(strategy="noise_excluded", noise_fraction=0.1),
+                                   ratio_schedule=RatioScheduleConfig(kind="dynamic", min=0.2, max=0.6)),
+    "noise_excluded_sequence": dict(selection=SelectionConfig(unit="sequence", strategy="noise_excluded", noise_fraction=0.3)),
+    "rho_loss": dict(scoring="excess_loss", selection=SelectionConfig(strategy="noise_excluded"),
+                     router=RouterConfig(num_layers=1, reference="given", reference_dtype="float32")),
+    "self_scoring_importance": dict(router=RouterConfig(num_layers=1, source="final"),
+                                    selection=SelectionConfig(strategy="importance")),
 }
 
 
@@ -73,7 +94,7 @@ def test_route_has_no_host_sync(monkeypatch, case):
     kwargs.update(CASES[case])
     model = make_tiny_model("llama", num_layers=2)
     reference = make_tiny_model("llama", num_layers=1, seed=3) if kwargs["scoring"] == "excess_loss" else None
-    module = CGGRStep(model, CGGRConfig(**kwargs), reference=reference)
+    module = CGGRStep(model, CGGRConfig(**kwargs), reference=reference, total_steps=10)
     batch = make_batch(batch_size=3, seq_len=12)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     targets = shift_targets(batch["labels"], mask)
@@ -92,10 +113,17 @@ def test_route_has_no_host_sync(monkeypatch, case):
     monkeypatch.setattr(module, "hidden_states", lambda i, m=None: states[i.shape[0]].clone().requires_grad_())
 
     with forbid_host_sync():
-        hidden, sub_targets, selection, kept = module.route(ids, mask, targets)[:4]
-        loss = kept_mean_loss(module, hidden, sub_targets, selection)
+        routed = module.route(ids, mask, targets)
+        hidden, sub_targets, selection, kept = routed[:4]
+        if routed.weight is None:
+            loss = kept_mean_loss(module, hidden, sub_targets, selection)
+        else:  # the weighted rules: weighted NLL sum over the rule's normaliser
+            nll, _ = module.loss_terms(hidden, sub_targets, selection, routed.weight)
+            loss = nll / routed.normaliser.clamp(min=1)
+        metrics = {k: v for k, v in routed.metrics.items()}
     assert torch.isfinite(loss)
     assert not (kept & (targets == -100)).any()
+    assert all(torch.is_tensor(v) and v.dim() == 0 for v in metrics.values())
 
 
 def test_the_guard_catches_a_sync():

@@ -25,6 +25,9 @@ CASES = {
     "standard": ["cggr.enabled=false"],
     "token": ["cggr.scoring=combined"],
     "sequence": ["cggr.selection.unit=sequence", "cggr.scoring=loss"],
+    "importance": ["cggr.selection.strategy=importance", "cggr.scoring=loss", "cggr.selection.p_min=0.1"],
+    "importance_sequence": ["cggr.selection.unit=sequence", "cggr.selection.strategy=importance", "cggr.scoring=loss",
+                            "cggr.selection.p_min=0.1"],
 }
 COMMON = [
     "cggr.warmup_steps=1", "cggr.router.num_layers=1", "cggr.min_tokens_ratio=0.5", "loss.impl=torch",

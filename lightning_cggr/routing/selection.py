@@ -30,8 +30,14 @@ UNITS = ("token", "sequence")
 """What is selected: tokens (labels masked) or whole sequences (rows not run)."""
 SCOPES = ("sequence", "batch")
 """Token unit: the ratio applies per sequence or to the whole batch."""
-STRATEGIES = ("topk", "stratified")
-"""Token unit: the hardest, or the same count spread over difficulty strata."""
+STRATEGIES = ("topk", "stratified", "importance", "infobatch", "noise_excluded")
+"""``cggr.selection.strategy``: ``topk`` keeps the hardest; ``stratified`` (token unit) the same count
+spread over difficulty strata (both here); the weighted rules ``importance`` (:mod:`.importance`),
+``infobatch`` and ``noise_excluded`` (:mod:`.sampling`) return loss weights and a normaliser too."""
+WEIGHTED_STRATEGIES = ("importance", "infobatch", "noise_excluded")
+"""Strategies whose loss is ``sum(weight * nll) / normaliser`` (see :mod:`.sampling`)."""
+SEQUENCE_STRATEGIES = ("topk", "importance", "infobatch", "noise_excluded")
+"""Strategies that also select whole sequences (``unit=sequence``)."""
 
 Ratio = float | torch.Tensor
 
@@ -154,8 +160,9 @@ def select(
         raise ValueError(f"score {tuple(score.shape)} and trainable {tuple(trainable.shape)} must both be [B, T]")
     if scope not in SCOPES:
         raise ValueError(f"unknown selection scope {scope!r}; choose sequence or batch")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown selection strategy {strategy!r}; choose {' or '.join(STRATEGIES)}")
+    if strategy not in ("topk", "stratified"):
+        hint = " (a weighted rule: see routing.sampling / routing.importance)" if strategy in WEIGHTED_STRATEGIES else ""
+        raise ValueError(f"select() implements strategy topk or stratified, not {strategy!r}{hint}")
     if torch.is_tensor(ratio) and capacity_ratio is None:
         raise ValueError("a tensor ratio needs capacity_ratio, a host float bounding it, for static shapes")
     cap_ratio = float(ratio) if capacity_ratio is None else capacity_ratio

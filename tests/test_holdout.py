@@ -1,0 +1,72 @@
+"""The holdout-trained reference of RHO-LOSS (lightning_cggr.routing.holdout): built by one command on
+the tiny model, trained on training documents only, and loadable by cggr.router.reference."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lightning_cggr.config import CGGRConfig, DataConfig, RouterConfig, SelectionConfig
+from lightning_cggr.routing import holdout
+from lightning_cggr.routing.selection import IGNORE_INDEX
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "model.intermediate_size=64",
+        "data.batch_size=4", "data.block_size=32"]
+
+
+def test_holdout_documents_are_a_deterministic_part_of_the_training_split_only():
+    from lightning_cggr.data import load_documents, split_documents
+
+    train, val = split_documents(load_documents(DataConfig()), 0.05)
+    part = holdout.holdout_documents(train, 0.5)
+    assert part == holdout.holdout_documents(list(train), 0.5)
+    assert set(part) <= set(train) and not set(part) & set(val)
+    assert 0.25 * len(train) < len(part) < 0.75 * len(train)
+    assert len(holdout.holdout_documents(train, 1e-4)) == 1  # never empty
+    with pytest.raises(ValueError, match="--fraction=0"):
+        holdout.holdout_documents(train, 0)
+
+
+def test_one_command_builds_a_reference_that_excess_loss_scoring_loads(tmp_path, one_thread):
+    from lightning_cggr.config import ModelConfig
+    from lightning_cggr.data import build_tokenizer
+    from lightning_cggr.models import build_model
+    from lightning_cggr.step import CGGRStep
+
+    cache = tmp_path / "tok"
+    out = tmp_path / "reference"
+    code = holdout.main(["--out", str(out), "--steps", "6", "--layers", "1", *TINY, f"data.cache_dir={cache}"])
+    assert code == 0
+    rec = json.loads((out / "holdout.json").read_text())
+    assert rec["layers"] == 1 and rec["steps"] == 6
+    assert rec["heldout_loss_after"] < rec["heldout_loss_before"]  # it learned something of the corpus
+    # the run it serves: the same tokenizer, the full-size model
+    tok = build_tokenizer(DataConfig(cache_dir=str(cache), batch_size=4, block_size=32))
+    model, _ = build_model(ModelConfig(num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64), tok)
+    cfg = CGGRConfig(scoring="excess_loss", warmup_steps=0,
+                     router=RouterConfig(num_layers=1, reference=str(out), reference_dtype="float32"),
+                     selection=SelectionConfig(strategy="noise_excluded", noise_fraction=0.1))
+    step = CGGRStep(model, cfg)
+    assert step.reference.vocab_size == len(tok) == model.get_output_embeddings().weight.shape[0]
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "model.safetensors"))
+    loaded = step.reference.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in saved.items())  # the trained weights, not a fresh init
+    ids = torch.randint(0, len(tok), (2, 16))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    res = step(batch, global_step=0)
+    assert torch.isfinite(res.loss) and 0 < int(res.kept) < int((ids[:, 1:] != IGNORE_INDEX).sum())
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    assert holdout.main(["--out", str(tmp_path), "--fraction", "0", *TINY]) == 2
+    assert "--fraction=0.0: must be in (0, 1]" in capsys.readouterr().err
+    assert holdout.main(["--out", str(tmp_path), "--steps", "0"]) == 2
+    assert "--steps=0: must be >= 1" in capsys.readouterr().err
+    assert holdout.main(["--out", str(tmp_path), "data=chat", "model=smollm2_gguf"]) == 2
+    assert "built for packed text" in capsys.readouterr().err
