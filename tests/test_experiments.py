@@ -215,13 +215,17 @@ def test_report_on_another_results_folder_leaves_the_readme_alone(tmp_path, monk
 
     from experiments import report
 
-    shutil.copy(rio.RESULTS_DIR / "throughput-tiny-cpu.json", tmp_path)
+    other, committed = tmp_path / "gpu_out", tmp_path / "committed"
+    for folder in (other, committed):  # copies: the report rewrites each experiment's .md beside its JSON
+        folder.mkdir()
+        shutil.copy(rio.RESULTS_DIR / "throughput-tiny-cpu.json", folder)
+    monkeypatch.setattr(rio, "RESULTS_DIR", committed)  # stands for experiments/results
     touched = []
     monkeypatch.setattr(report, "make_plots", lambda results: None)
     monkeypatch.setattr(report, "update_readme", lambda path, results: touched.append(path) or True)
-    assert report.main(["--results", str(tmp_path)]) == 0
-    assert touched == [] and (tmp_path / "RESULTS.md").is_file()
-    assert report.main(["--results", str(rio.RESULTS_DIR), "--output", str(tmp_path / "R.md")]) == 0
+    assert report.main(["--results", str(other)]) == 0
+    assert touched == [] and (other / "RESULTS.md").is_file()
+    assert report.main(["--results", str(committed), "--output", str(tmp_path / "R.md")]) == 0
     assert [Path(p).name for p in touched] == ["README.md"]
 
 
