@@ -138,7 +138,8 @@ class Runner:
 
         run = parse_run(config)
         self.model, self.device = model, device
-        self.step = CGGRStep(model, run.cggr, run.loss, perf=run.perf)  # the same perf/optim for every method
+        # the same perf/optim for every method; total_steps: the run length strategy=infobatch anneals over
+        self.step = CGGRStep(model, run.cggr, run.loss, perf=run.perf, total_steps=total_steps)
         if self.step.reference is not None:
             self.step.reference.to(device)
         self.optimizer = optimizer or build_optimizer(model, run.optim)
