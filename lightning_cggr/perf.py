@@ -28,7 +28,7 @@ import torch
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 """``perf.compile`` modes besides true/false (true = default). CUDA-graph modes (reduce-overhead,
 max-autotune) are not offered: the step's dynamic ratio, Triton loss and per-step generator state
-have not been shown graph-safe (see the perf README notes)."""
+have not been shown graph-safe (README, "Efficiency options")."""
 
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 """``perf.compile_backend``: inductor generates kernels; aot_eager and eager only trace (to tell a
