@@ -220,9 +220,9 @@ def headline(results: list[dict]) -> str:
 
 
 def render(results: list[dict], folder: Path) -> str:
-    from experiments import quality, sweep, throughput
+    from experiments import quality_report, sweep, throughput
 
-    fmt = {"throughput": throughput.markdown, "sweep": sweep.markdown, "quality": quality.markdown}
+    fmt = {"throughput": throughput.markdown, "sweep": sweep.markdown, "quality": quality_report.markdown}
     lines = [
         "# Results",
         "",
@@ -286,10 +286,10 @@ def make_plots(results: list[dict]) -> None:
     except ImportError:
         print("note: matplotlib is not installed; plots not drawn (pip install matplotlib)", file=sys.stderr)
         return
-    from experiments import quality, sweep
+    from experiments import quality_report, sweep
 
     for r in results:
-        draw = {"sweep": sweep.plot, "quality": quality.plot}.get(r["kind"])
+        draw = {"sweep": sweep.plot, "quality": quality_report.plot}.get(r["kind"])
         if draw:
             draw(r, r["_path"].with_suffix(".png"))
 

@@ -194,7 +194,7 @@ class CGGRStep:
         of the argument, no sync; with a mask, transformers' own path runs unchanged."""
         if attention_mask is not None:
             return contextlib.nullcontext()
-        views = [self.router._build_view().config] if self.router is not None else []
+        views = [self.router.view.config] if self.router is not None else []
         return mask_free_attention([*self._attn_configs, *views])
 
     # ---- schedule -----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from torch.utils.data import Dataset
 
 # Triton kernels run on CPU only through the interpreter; it must be chosen before triton is imported.
 if not torch.cuda.is_available():
@@ -68,3 +69,16 @@ def kept_mean_loss(step, hidden, targets, selection):
     """Mean cross-entropy over the kept tokens of one micro-batch, from the step's loss terms."""
     nll_sum, kept = step.loss_terms(hidden, targets, selection)
     return nll_sum / kept.clamp(min=1)
+
+
+class Rows(Dataset):
+    """A map-style dataset over a list of ready examples (dicts of tensors)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]

@@ -267,9 +267,7 @@ def test_offline_smollm_chat_job_composes(tokenizer):
 def test_offline_showcase_experiment_routes_and_logs_every_step(tokenizer):
     """README's offline real-model showcase: routed steps after the warm-up and a metrics row per step."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
-    from lightning_cggr.config import parse_config
     from lightning_cggr.train import CONF_DIR, check_config
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

@@ -12,13 +12,12 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_model
+from conftest import Rows, make_tiny_model
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 from torch.distributed.tensor import DTensor
-from torch.utils.data import Dataset
 
 from lightning_cggr.config import CGGRConfig, LossConfig, RouterConfig
 from lightning_cggr.distributed import block_classes
@@ -43,17 +42,6 @@ def make_rows() -> list[dict[str, torch.Tensor]]:
         labels[:masked] = -100
         rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     return rows
-
-
-class Rows(Dataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
 
 
 class GradProbe(CGGRModule):

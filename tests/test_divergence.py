@@ -9,9 +9,8 @@ import math
 import lightning as L
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import Rows, make_tiny_model
 from test_resume import make_cfg, rows
-from torch.utils.data import Dataset
 
 from lightning_cggr.callbacks import DIVERGED_EXIT_CODE, ResumableCheckpoint
 from lightning_cggr.config import CGGRConfig, LossConfig
@@ -70,17 +69,6 @@ def test_a_nan_stops_the_run_at_the_next_check_without_overwriting_the_finite_ch
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=False)["global_step"] == 5 and _all_finite(ckpt)
     assert [p.name for p in ckpt.parent.iterdir()] == ["last.ckpt"]
-
-
-class Rows(Dataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
 
 
 def _rows(n: int, trainable: bool, seed: int = 0) -> list[dict]:

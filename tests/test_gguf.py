@@ -173,7 +173,7 @@ def test_router_over_two_real_layers_shares_storage(smollm2):
     for mine, theirs in zip(router.blocks, layers[:2]):
         assert mine is theirs
         assert [p.data_ptr() for p in mine.parameters()] == [p.data_ptr() for p in theirs.parameters()]
-    assert router.head_weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert router.head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     ids = torch.tensor([tok.encode("The capital of France is Paris.")])
     with torch.no_grad():
         ref = model(input_ids=ids, output_hidden_states=True).hidden_states[2]  # after 2 blocks

@@ -17,7 +17,7 @@ import copy
 import pytest
 import torch
 
-from conftest import ARCHS, make_batch, make_tiny_model
+from conftest import make_batch, make_tiny_model
 from test_selection_no_sync import forbid_host_sync
 from lightning_cggr.config import (
     CGGRConfig, ConfigError, LossConfig, ModelConfig, OptimConfig, PerfConfig, RouterConfig, SelectionConfig,

@@ -45,7 +45,7 @@ def test_router_shares_storage_and_adds_no_parameters(arch):
         for p, q in zip(mine.parameters(), theirs.parameters()):
             assert p.data_ptr() == q.data_ptr()
     assert len(router.blocks) == 2
-    assert router.head_weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    assert router.head.weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()
 
     module = CGGRModule(model, CGGRConfig(router=RouterConfig(num_layers=2)))
     n_module = sum(p.numel() for p in module.parameters())

@@ -14,7 +14,6 @@ from conftest import make_batch, make_tiny_model
 from lightning_cggr.config import (
     CGGRConfig,
     ConfigError,
-    RatioScheduleConfig,
     RouterConfig,
     SelectionConfig,
     parse_config,

@@ -88,7 +88,11 @@ class TruncatedRouter:
         self._view_key = None
         self._view = None
 
-    def _build_view(self) -> nn.Module:
+    @property
+    def view(self) -> nn.Module:
+        """The decoder view the router runs: the model's decoder object copied shallowly, with only
+        the first ``num_layers`` blocks and its own config copy (rebuilt if the model's blocks change,
+        e.g. when FSDP wraps them)."""
         decoder = find_decoder(self.model)
         _, blocks = find_blocks(decoder)
         key = (id(decoder), id(blocks), tuple(id(b) for b in list(blocks)[: self.num_layers]))
@@ -105,11 +109,12 @@ class TruncatedRouter:
 
     @property
     def blocks(self) -> list[nn.Module]:
-        return list(self._build_view()._modules[self.block_attr])
+        """The model's own block objects the router runs (its first ``num_layers``)."""
+        return list(self.view._modules[self.block_attr])
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states after the first k blocks, shape [B, T, H]."""
-        view = self._build_view()
+        view = self.view
         # Score in eval mode (no dropout) so equal inputs give equal scores; the blocks are shared
         # with the model being trained, so restore each module's own mode afterwards.
         modes = [(m, m.training) for m in view.modules()]
@@ -121,7 +126,3 @@ class TruncatedRouter:
             for m, mode in modes:
                 m.training = mode
         return out.last_hidden_state
-
-    @property
-    def head_weight(self) -> torch.Tensor:
-        return self.head.weight
