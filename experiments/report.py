@@ -298,14 +298,61 @@ README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 VERDICT_START, VERDICT_END = "<!-- verdict:start -->", "<!-- verdict:end -->"
 
 
+README_METHODS = ("standard_naive", "standard_fused", "cggr_combined", "random_token", "cggr_sequence",
+                  "random_sequence", "importance_token", "importance_sequence", "infobatch_token", "rho_token",
+                  "rho_sequence")
+"""The README's rows (RESULTS.md has every method): the baselines, the upstream rule, the rules of
+issue 14 and the random controls they are judged against."""
+
+
+def readme_table(results: list[dict]) -> str:
+    """Methods x shapes: per shape, the step rate against standard (fused loss) from the throughput run
+    and, from the quality run, the held-out loss at equal time minus standard's and the time to reach
+    standard's final loss (x standard's time, seeds that reached it)."""
+    shapes: dict[str, dict[str, dict]] = {}
+    for r in results:
+        if r["environment"]["device_tag"] == "cpu":
+            shapes.setdefault(r["experiment"].split("-", 1)[-1], {})[r["kind"]] = r
+    order = sorted(shapes, key=lambda n: (n != "tiny", n != "mid", n))
+    header = ["method", *[f"{n}: step rate / Δ loss @ equal time / time to std's loss" for n in order]]
+    rows = []
+    for m in README_METHODS:
+        cells, label = [], None
+        for n in order:
+            kinds = shapes[n]
+            t = (kinds.get("throughput") or {}).get("summary", {}).get(m) or {}
+            q = (kinds.get("quality") or {}).get("summary", {}).get(m) or {}
+            for r in kinds.values():
+                label = label or (r["methods"].get(m) or {}).get("label")
+            bits = []
+            if t.get("speedup_vs_standard_fused") is not None:
+                bits.append(f"{t['speedup_vs_standard_fused']:.2f}x")
+            if q:
+                d = q.get("loss_at_equal_time_minus_baseline")
+                bits.append("—" if d is None else f"{0.0 if abs(d) < 5e-4 else d:+.3f}")
+                ttt = q.get("time_to_target") or {}
+                if ttt.get("n"):
+                    bits.append(f"{ttt['ratio_mean']:.2f}x ({ttt['reached']}/{ttt['n']})" if ttt["reached"]
+                                else f"not reached (0/{ttt['n']})")
+            cells.append(" / ".join(bits) if bits else None)
+        if any(cells):
+            rows.append([label or m, *cells])
+    return rio.md_table(header, rows)
+
+
 def readme_block(results: list[dict]) -> str:
-    """The README's results table: which runs, on what, when; then the headline rows."""
+    """The README's results: which runs, on what, when; the shapes; the compact methods x shapes table."""
     runs = []
     for r in results:
         env = r["environment"]
         runs.append(f"`{r['experiment']}` ({env['device_tag']}, {env.get('date_utc', '?')})")
     return "\n".join(["Runs: " + ", ".join(sorted(runs)) + ". Shapes: " + shapes_line(results) + ".", "",
-                      headline(results)])
+                      readme_table(results), "",
+                      "Step rate: median step time of standard training (fused loss) / the method's, at equal "
+                      "batch (> 1 is faster). Δ loss: held-out loss on every token at standard's wall-clock "
+                      "budget minus standard's, mean over seeds (< 0 is better). Time to std's loss: "
+                      "wall-clock to standard's final held-out loss, as a multiple of standard's time (seeds "
+                      "that reached it). Every other method, the spreads and the tests: RESULTS.md."])
 
 
 def shapes_line(results: list[dict]) -> str:

@@ -240,3 +240,30 @@ def test_readme_shapes_line_is_read_from_the_results():
     line = shapes_line([result("throughput-mini", "throughput", 16), result("quality-mini", "quality", 4, [0, 5], 30)])
     assert line == ("mini = llama h8 L2 (random init), 16x64 tokens, quality 4x64, 2 seeds, 30 steps; "
                     "kept ratio 0.5, 1-layer router")
+
+
+def test_readme_table_pivots_methods_by_shape_from_hand_made_results():
+    from experiments.report import readme_table
+
+    def res(exp, kind, summary):
+        meta = {m: {"label": m.replace("_", " ")} for m in summary}
+        return {"experiment": exp, "kind": kind, "environment": {"device_tag": "cpu"}, "methods": meta,
+                "summary": summary}
+
+    results = [
+        res("throughput-tiny", "throughput", {"standard_fused": {"speedup_vs_standard_fused": 1.0},
+                                              "random_sequence": {"speedup_vs_standard_fused": 3.456}}),
+        res("quality-tiny", "quality", {
+            "standard_fused": {"loss_at_equal_time_minus_baseline": 0.0,
+                               "time_to_target": {"n": 2, "reached": 2, "ratio_mean": 1.0}},
+            "random_sequence": {"loss_at_equal_time_minus_baseline": 0.1234,
+                                "time_to_target": {"n": 2, "reached": 0}}}),
+        res("quality-mid", "quality", {"random_sequence": {"loss_at_equal_time_minus_baseline": -0.05,
+                                                           "time_to_target": {"n": 3, "reached": 2, "ratio_mean": 0.7}}}),
+    ]
+    lines = readme_table(results).splitlines()
+    assert lines[0] == ("| method | tiny: step rate / Δ loss @ equal time / time to std's loss "
+                        "| mid: step rate / Δ loss @ equal time / time to std's loss |")
+    assert lines[2] == "| standard fused | 1.00x / +0.000 / 1.00x (2/2) | — |"
+    assert lines[3] == "| random sequence | 3.46x / +0.123 / not reached (0/2) | -0.050 / 0.70x (2/3) |"
+    assert len(lines) == 4  # methods without a result anywhere get no row
