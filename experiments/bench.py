@@ -87,6 +87,20 @@ def _cached_build(config: dict[str, Any], run):
     return model, datamodule
 
 
+def built_shape(model, config: dict) -> dict:
+    """The model as built (a pretrained source's sizes are not in the config): for the results' shape."""
+    from lightning_cggr.routing.router import find_blocks, find_decoder
+
+    c = model.config
+    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", None)
+    layers = len(find_blocks(find_decoder(model))[1])
+    vocab = model.get_output_embeddings().weight.shape[0]
+    out = {"model": f"{c.model_type} h{hidden} L{layers} V{vocab}", "parameters": sum(p.numel() for p in model.parameters())}
+    if (config.get(BENCH_KEY) or {}).get("random_init_layers"):
+        out["model_source"] = f"random init; {config['model']['source']} architecture and tokenizer"
+    return out
+
+
 def take_batches(loader_fn: Callable[[], Iterable], n: int, device) -> list[dict]:
     """The first ``n`` batches of the loader (re-iterated when it runs out), moved to ``device``."""
     stream = BatchStream(loader_fn, device)

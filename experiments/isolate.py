@@ -14,7 +14,8 @@ import time
 import traceback
 from typing import Any, Callable, Sequence
 
-from experiments.bench import BatchStream, Runner, build_model_and_data, current_rss_bytes, peak_rss_bytes
+from experiments.bench import (BatchStream, Runner, build_model_and_data, built_shape, current_rss_bytes,
+                              peak_rss_bytes)
 from experiments.compose import set_threads
 from experiments.stats import median
 
@@ -62,6 +63,7 @@ def measure_point(spec: dict[str, Any]) -> dict[str, Any]:
         "rss_after_build_bytes": rss_built,
         "peak_rss_bytes": peak_rss_bytes(),
         "loss_impl": runner.step.loss_impl,
+        "built_shape": built_shape(model, spec["config"]),
     }
     if cuda:
         out["cuda_after_build_bytes"] = cuda_built

@@ -144,20 +144,6 @@ def _warmup_of(config: dict) -> int:
     return int(c["warmup_steps"]) if c["enabled"] else 0
 
 
-def built_shape(model, config: dict) -> dict:
-    """The model as built (a pretrained source's sizes are not in the config): for the results' shape."""
-    from lightning_cggr.routing.router import find_blocks, find_decoder
-
-    c = model.config
-    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", None)
-    layers = len(find_blocks(find_decoder(model))[1])
-    vocab = model.get_output_embeddings().weight.shape[0]
-    out = {"model": f"{c.model_type} h{hidden} L{layers} V{vocab}", "parameters": sum(p.numel() for p in model.parameters())}
-    if (config.get(compose.BENCH_KEY) or {}).get("random_init_layers"):
-        out["model_source"] = f"random init; {config['model']['source']} architecture and tokenizer"
-    return out
-
-
 def calibrate(resolved: dict, methods: list[str], device: str, timed: int) -> tuple[dict[str, float], dict]:
     """Median routed step time per method: one untimed then ``timed`` timed steps, interleaved, from
     the same weights (throwaway copies), at the first routed step (past CGGR warm-up); and the built
@@ -165,7 +151,7 @@ def calibrate(resolved: dict, methods: list[str], device: str, timed: int) -> tu
     first = resolved[methods[0]]["config"]
     _, model0, dm = bench.build_model_and_data(first)
     model0.to(device)
-    built = built_shape(model0, first)
+    built = bench.built_shape(model0, first)
     batches = bench.BatchStream(dm.train_dataloader, device)
     runners = {}
     for m in methods:

@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         "experiment": name,
         "kind": "throughput",
         "environment": env,
-        "shape": compose.shape_of(resolved[avail[0]]["config"]),
+        "shape": {**compose.shape_of(resolved[avail[0]]["config"]), **timing["built_shape"]},
         "settings": {"steps": args.steps, "warmup": args.warmup, "mem_steps": args.mem_steps,
                      "preset": args.preset, "base_overrides": base, "methods": methods},
         "methods": methods_mod.describe(methods, resolved),
@@ -131,6 +131,7 @@ def time_interleaved(resolved, avail, device, warmup, steps, profile_steps: int 
     model.to(device).train()
     flop_shape = flops.FlopShape.of(model)
     fingerprint = bench.weights_fingerprint(model)
+    built = bench.built_shape(model, first)
     total = warmup + steps
     lead = bench.Runner(model, first, device, total_steps=total)  # owns the shared AdamW
     # each method its own LR schedule over the shared optimizer: all are at step i when they run step i
@@ -189,6 +190,7 @@ def time_interleaved(resolved, avail, device, warmup, steps, profile_steps: int 
         "block_size": T,
         "accumulate_grad_batches": k,
         "initial_weights_fingerprint": fingerprint,
+        "built_shape": built,
         "order_per_step": order_log,
         "loss_impl": {m: runners[m].step.loss_impl for m in avail},
         "failed": failed,
