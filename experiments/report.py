@@ -252,6 +252,9 @@ def render(results: list[dict], folder: Path) -> str:
               headline(results), ""]
     if any(r["kind"] == "quality" and r.get("protocol") == "time-budget" for r in results):
         lines += ["## Verdict", "", verdict_block(results), ""]
+    notes = folder / NOTES_FILE
+    if notes.is_file():  # the one hand-written part: what the numbers changed, read against earlier runs
+        lines += [notes.read_text().strip(), ""]
     for r in results:
         env = r["environment"]
         argv = " ".join(env.get("argv") or [])
@@ -272,7 +275,7 @@ def render(results: list[dict], folder: Path) -> str:
         if f:
             lines += ["Findings:", ""] + [f"- {x}" for x in f] + [""]
     others = sorted(p.name for p in folder.glob("*.md")
-                    if p.name != "RESULTS.md" and not any(p.stem == r["_path"].stem for r in results))
+                    if p.name not in ("RESULTS.md", NOTES_FILE) and not any(p.stem == r["_path"].stem for r in results))
     if others:
         lines += ["## Other result files in this folder", "",
                   *[f"- [{n}]({n}) (written by its own script; not generated here)" for n in others], ""]
@@ -293,6 +296,9 @@ def make_plots(results: list[dict]) -> None:
         if draw:
             draw(r, r["_path"].with_suffix(".png"))
 
+
+NOTES_FILE = "NOTES.md"
+"""A hand-written section (e.g. which findings changed since earlier runs), included in RESULTS.md as is."""
 
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 VERDICT_START, VERDICT_END = "<!-- verdict:start -->", "<!-- verdict:end -->"

@@ -267,3 +267,17 @@ def test_readme_table_pivots_methods_by_shape_from_hand_made_results():
     assert lines[2] == "| standard fused | 1.00x / +0.000 / 1.00x (2/2) | — |"
     assert lines[3] == "| random sequence | 3.46x / +0.123 / not reached (0/2) | -0.050 / 0.70x (2/3) |"
     assert len(lines) == 4  # methods without a result anywhere get no row
+
+
+def test_hand_written_notes_are_included_once(tmp_path, monkeypatch):
+    import shutil
+
+    from experiments import report
+
+    shutil.copy(rio.RESULTS_DIR / "throughput-tiny-cpu.json", tmp_path)
+    (tmp_path / report.NOTES_FILE).write_text("## What changed\n\nA sentence.\n")
+    monkeypatch.setattr(report, "make_plots", lambda results: None)
+    assert report.main(["--results", str(tmp_path)]) == 0
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert text.count("## What changed\n\nA sentence.") == 1
+    assert report.NOTES_FILE not in text  # not listed among the other result files
