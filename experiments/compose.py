@@ -129,7 +129,9 @@ def make_parser(prog: str, doc: str, common: bool = True) -> argparse.ArgumentPa
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc.split("\n\n", 1)[1])
     if common:
         ap.add_argument("--preset", default="tiny", help=f"bench shape: {', '.join(PRESETS)} (experiments/presets/bench)")
-        ap.add_argument("--methods", default="all", help="comma-separated method names or 'all': " + ", ".join(METHODS))
+        ap.add_argument("--methods", default="no_reference",
+                        help="comma-separated method names, 'all', or 'no_reference' (the default: every method "
+                             "that needs no --reference model): " + ", ".join(METHODS))
         ap.add_argument("--device", default="auto", help="cpu | cuda | auto")
         ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
         ap.add_argument("--name", default=None, help=f"experiment name for results files (default {prog}-<preset>)")

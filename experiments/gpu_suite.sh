@@ -94,7 +94,8 @@ fi
 step 150 experiments.bench_cross_entropy --device "$DEV" --budget-s 100 --out "$RES" \
   $( [ "${GPU_SUITE_DRY:-0}" = "1" ] && echo "--shapes 64x1000x128 --repeats 2" )
 # 1c. SmolLM2's shape, eager, with MFU and a torch.profiler summary per method (issue 16: where the time goes)
-step 150 experiments.throughput --device "$DEV" --preset smollm2_shape "${S[@]}" --out "$RES" "${P[@]}" "${SHAPE[@]}"
+MAIN=standard_naive,standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence,cggr_final,importance_sequence
+step 150 experiments.throughput --device "$DEV" --preset smollm2_shape "${S[@]}" --out "$RES" "${P[@]}" --methods "$MAIN" "${SHAPE[@]}"
 # 1d. the same with every decoder block compiled (perf.compile=true), same efficiency options for every
 #     method; the first steps include compilation (dropped as warm-up). The rehearsal traces with
 #     aot_eager instead of generating kernels (CPU inductor would take minutes at this shape)
@@ -109,7 +110,7 @@ part all && step 150 experiments.quality --device "$DEV" --preset smollm2_shape 
   $( [ "${GPU_SUITE_DRY:-0}" = "1" ] && echo "data.batch_size=2 data.block_size=64 model.num_layers=4" )
 # 2b. throughput at the tiny shape (16 x 128, as on CPU) and the user's FSDP command end to end (on the
 #     rehearsal: FSDP2 on 2 CPU processes); metrics kept
-part all && step 90 experiments.throughput --device "$DEV" --preset tiny "${S[@]}" --out "$RES"
+part all && step 90 experiments.throughput --device "$DEV" --preset tiny "${S[@]}" --out "$RES" --methods "$MAIN"
 part all && step 90 lightning_cggr.train "${FSDP[@]}" output_dir="$RES/fsdp_run" hydra.run.dir="$RES/fsdp_run/hydra" \
   trainer.enable_progress_bar=false
 rm -rf "$RES/fsdp_run/checkpoints"  # weights do not travel back

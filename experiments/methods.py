@@ -100,13 +100,16 @@ def method_overrides(name: str, device: str, reference: str | None = None) -> li
 
 
 def parse_methods(text: str | Sequence[str]) -> list[str]:
-    """'a,b' or ['a', 'b'] or 'all' -> validated method names, order kept."""
+    """'a,b' or ['a', 'b'] or 'all' or 'no_reference' (every method that runs without ``--reference``)
+    -> validated method names, order kept."""
     names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
     if names == ["all"]:
         return list(METHODS)
+    if names == ["no_reference"]:
+        return [m for m in METHODS if m not in NEEDS_REFERENCE]
     unknown = [n for n in names if n not in METHODS]
     if unknown:
-        raise SystemExit(f"error: unknown method(s) {', '.join(unknown)}; choose from all, {', '.join(METHODS)}")
+        raise SystemExit(f"error: unknown method(s) {', '.join(unknown)}; choose from all, no_reference, {', '.join(METHODS)}")
     return names
 
 

@@ -129,6 +129,9 @@ def test_method_overrides_substitute_the_device_fused_loss():
     with pytest.raises(SystemExit):
         methods.parse_methods("standard_fused,typo")
     assert methods.parse_methods("all") == list(methods.METHODS)
+    no_ref = methods.parse_methods("no_reference")
+    assert "rho_token" not in no_ref and "standard_fused" in no_ref
+    assert set(no_ref) | set(methods.NEEDS_REFERENCE) == set(methods.METHODS)
 
 
 def test_resolve_method_validates_with_the_package_and_fails_loudly():
