@@ -56,6 +56,7 @@ class CGGRModule(L.LightningModule):
         super().__init__()
         self.model = model
         self.step = CGGRStep(model, cggr, loss, reference, perf=perf)
+        self.sanity_metrics: dict[str, torch.Tensor] = {}  # the last sanity pass (see on_validation_epoch_end)
         self.optim_cfg = optim or OptimConfig()
         # nan_strategy="disable": the default NaN check is a host sync (`if nans.any()`) every update
         self.step_metrics = torch.nn.ModuleDict({k: MeanMetric(nan_strategy="disable") for k in STEP_METRICS})
@@ -175,6 +176,8 @@ class CGGRModule(L.LightningModule):
             log.warning("validation saw no trainable token: val/loss and val/ppl are NaN")  # logger syncs too
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", torch.exp(loss), prog_bar=True)
+        if self.trainer.sanity_checking:  # Lightning drops what a sanity pass logs; train() may need it
+            self.sanity_metrics = {"val/loss": loss.detach(), "val/ppl": torch.exp(loss).detach()}
         self.val_nll_sum.reset()
         self.val_tokens.reset()
 

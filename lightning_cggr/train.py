@@ -20,12 +20,14 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from . import rundir
 from .cli import omegaconf_problem, run_hydra, unknown_key_problems
 from .config import config_error, parse_config, register_schema
 from .errors import ConfigError, UserError, exit_on_user_error
+from .perf import uses_cuda_graphs
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,11 @@ def check_config(cfg: DictConfig):
             "under the compiled blocks; untested): use trainer.strategy=fsdp2, or perf.compile=false"
         )
     check_trainer(trainer_kw)
+    if uses_cuda_graphs(run.perf.compile) and run_device(trainer_kw) != "cuda":
+        raise ConfigError(
+            f"invalid configuration: perf.compile={run.perf.compile} records CUDA graphs and needs a CUDA "
+            f"device (this run's is {run_device(trainer_kw)}); use perf.compile=true"
+        )
     check_loss_impl(run.loss.impl, trainer_kw)
     ckpt_path = plain.get("ckpt_path")
     if isinstance(ckpt_path, str) and Path(ckpt_path).expanduser().exists():  # a missing one: train() says so
@@ -219,16 +226,24 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     if trainer_kw.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in extra):
         extra.append(StepProgressBar())
     trainer_kw["strategy"] = build_strategy(trainer_kw, model)
+    # FSDP1 wraps the blocks in place when a trainer first sets the model up: a validate() before fit
+    # would leave fit a model whose blocks are wrapped but whose root is not (embeddings and head in
+    # no FSDP unit, clipping refused). Its starting point is measured by fit's own sanity pass instead.
+    in_fit_start = isinstance(trainer_kw["strategy"], FSDPStrategy) and plan.ckpt is None
+    if in_fit_start:
+        trainer_kw["num_sanity_val_steps"] = -1  # every validation batch, as validate() would
     trainer = L.Trainer(
         **trainer_kw, logger=loggers or False, callbacks=[checkpoint, *extra], plugins=[AtomicCheckpointIO()],
         default_root_dir=str(out),
     )
     initial = {}
-    if plan.ckpt is None:  # the starting point, so the end can be compared with it
+    if plan.ckpt is None and not in_fit_start:  # the starting point, so the end can be compared with it
         initial = {f"{k}_initial": v for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
-    else:
+    elif plan.ckpt is not None:
         log.info("resuming %s at step %d%s", plan.ckpt, plan.start_step, " in place" if plan.in_place else "")
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(plan.ckpt) if plan.ckpt else None)
+    if in_fit_start:
+        initial = {f"{k}_initial": float(v) for k, v in module.sanity_metrics.items()}
     trainer.validate(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     metrics.update(initial)

@@ -6,6 +6,7 @@ whole global batch (keep mask re-derived here from the router's hidden states in
 from __future__ import annotations
 
 import math
+import os
 from contextlib import nullcontext
 
 import lightning as L
@@ -252,12 +253,20 @@ class ForkedCPUFSDP1(FSDPStrategy):
         return None  # gloo's barrier takes no device ids
 
     def _setup_model(self, model):
-        real = torch.distributed.fsdp.FullyShardedDataParallel
-        torch.distributed.fsdp.FullyShardedDataParallel = _FSDP1OnCPU
-        try:
-            return super()._setup_model(model)
-        finally:
-            torch.distributed.fsdp.FullyShardedDataParallel = real
+        return _setup_fsdp1_on_cpu(self, model)
+
+
+def _setup_fsdp1_on_cpu(strategy: FSDPStrategy, model):
+    """Lightning's own ``FSDPStrategy._setup_model``, with only the FSDP1 class it instantiates swapped
+    (its nested units are torch's own class, so a model wrapped before is recognised by that class)."""
+    if any(isinstance(m, FSDP1) for m in model.modules()):
+        return FSDPStrategy._setup_model(strategy, model)
+    real = torch.distributed.fsdp.FullyShardedDataParallel
+    torch.distributed.fsdp.FullyShardedDataParallel = _FSDP1OnCPU
+    try:
+        return FSDPStrategy._setup_model(strategy, model)
+    finally:
+        torch.distributed.fsdp.FullyShardedDataParallel = real
 
 
 @pytest.mark.parametrize("clip", [False, True], ids=["no-clip", "clip-half-norm"])
@@ -292,3 +301,47 @@ def test_lightning_fsdp1_wraps_each_block_once_and_matches_the_reference(tmp_pat
     info = torch.load(tmp_path / "fsdp1.pt.info")
     assert sorted(info["fsdp_units"]) == ["model.model.layers.0", "model.model.layers.1", "model.model.layers.2"]
     assert info["router_blocks_are_model_blocks"]
+
+
+class InProcessCPUFSDP1(FSDPStrategy):
+    """Lightning's FSDPStrategy in this very process (one rank, gloo), torch's FSDP1 told its device is
+    the CPU. Unlike the forked strategy above, the module keeps what FSDP1 did to it from one trainer
+    entry to the next, as in ``train()`` on a GPU: validate (the starting point), fit, validate."""
+
+    def _determine_device_ids(self):
+        return None
+
+    def _setup_model(self, model):
+        return _setup_fsdp1_on_cpu(self, model)
+
+
+class RootSeen(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.root_is_fsdp = isinstance(trainer.strategy.model, FSDP1)
+
+
+def test_train_under_fsdp1_keeps_the_root_wrapper_through_its_evaluations(tmp_path, monkeypatch):
+    """Seen on an H200: train() validated first (the starting point), which wrapped the blocks in
+    place; fit then found them wrapped, left the root unwrapped (embeddings and head outside every
+    FSDP unit) and gradient clipping failed ("'norm' is not supported for FSDPPrecision")."""
+    from test_resume import make_cfg
+
+    from lightning_cggr import train as train_mod
+
+    monkeypatch.setattr(train_mod, "build_strategy", lambda trainer, model: InProcessCPUFSDP1(
+        auto_wrap_policy=block_classes(model), process_group_backend="gloo"))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    seen = RootSeen()
+    try:
+        metrics = train_mod.train(make_cfg(tmp_path, "run", "trainer.val_check_interval=20"),
+                                  callbacks=[seen])
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert seen.root_is_fsdp  # the whole model is one FSDP tree while it trains
+    monkeypatch.undo()
+    plain = train_mod.train(make_cfg(tmp_path, "plain", "trainer.val_check_interval=20"))  # one process, no FSDP
+    for key in ("val/loss_initial", "val/loss"):  # one rank: FSDP1 must train exactly as plain training does
+        assert metrics[key] == pytest.approx(plain[key], rel=1e-4), key
+    assert metrics["val/loss"] != pytest.approx(metrics["val/loss_initial"], rel=1e-3)  # it did train
