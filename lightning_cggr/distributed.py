@@ -78,13 +78,30 @@ class KeptTokenNormalizer:
             return None
         total = all_reduce_sum(self.count.clone())
         factor = (self.scale.double() * accumulate / total.clamp(min=1).double()).float()
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(factor.to(device=p.grad.device, dtype=p.grad.dtype))
+        scale_gradients(params, factor)
         per_micro = (total.double() / accumulate).clamp(min=1.0)
         self.scale = torch.exp2(torch.round(torch.log2(per_micro))).float()
         self.count.zero_()
         return total
+
+
+def scale_gradients(params: Iterable[torch.nn.Parameter], factor: torch.Tensor) -> None:
+    """Every gradient times ``factor`` (a 0-d device tensor): one multi-tensor kernel per (device,
+    dtype) group of plain tensors, not one launch per parameter (272 of them per step at SmolLM2's
+    size, seen in the H200 profile); sharded DTensor gradients one by one."""
+    from torch.distributed.tensor import DTensor
+
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if isinstance(g, DTensor):
+            g.mul_(factor.to(device=g.device, dtype=g.dtype))
+        else:
+            groups.setdefault((g.device, g.dtype), []).append(g)
+    for (device, dtype), grads in groups.items():
+        torch._foreach_mul_(grads, factor.to(device=device, dtype=dtype))
 
 
 # ---- FSDP ------------------------------------------------------------------------------------

@@ -25,10 +25,15 @@ from typing import Any, Iterable
 
 import torch
 
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-"""``perf.compile`` modes besides true/false (true = default). CUDA-graph modes (reduce-overhead,
-max-autotune) are not offered: the step's dynamic ratio, Triton loss and per-step generator state
-have not been shown graph-safe (README, "Efficiency options")."""
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
+"""``perf.compile`` modes besides true/false (true = default). ``reduce-overhead`` (CUDA only)
+replays each compiled block as a CUDA graph (torch's cudagraph trees; the step marks where each
+micro-batch begins, see :func:`mark_step_begin`): the blocks are pure tensor code, while the
+dynamic ratio, the Triton loss and the selection stay eager around them. It is there because the
+H200 profile showed the compiled step bound by the host's launch cost (experiments/results)."""
+
+CUDA_GRAPH_MODES = ("reduce-overhead",)
+"""Modes that record CUDA graphs: they need a CUDA device."""
 
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 """``perf.compile_backend``: inductor generates kernels; aot_eager and eager only trace (to tell a
@@ -47,6 +52,17 @@ def compile_mode(setting: Any) -> str | None:
     if setting in COMPILE_MODES:
         return setting
     raise ValueError(f"perf.compile={setting!r}: must be true, false or one of {', '.join(COMPILE_MODES)}")
+
+
+def uses_cuda_graphs(setting: Any) -> bool:
+    return compile_mode(setting) in CUDA_GRAPH_MODES
+
+
+def mark_step_begin(setting: Any) -> None:
+    """Before each micro-batch's forward under a CUDA-graph mode: tells torch's cudagraph trees that
+    the previous step's graph outputs are no longer read, so their memory can be replayed into."""
+    if uses_cuda_graphs(setting):
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def compile_blocks(model: torch.nn.Module, setting: Any, backend: str = "inductor") -> int:

@@ -62,7 +62,7 @@ from .distributed import KeptTokenNormalizer
 from .errors import ConfigError
 from .kernels import TokenStats, linear_cross_entropy, resolve_impl, resolve_stats_impl, token_stats
 from .models.attention import mask_free_attention, model_configs
-from .perf import adamw_kwargs, compile_blocks
+from .perf import adamw_kwargs, compile_blocks, mark_step_begin
 from .routing.guards import sanitize_stats
 from .routing.reference import ReferenceModel, load_reference
 from .routing.router import TruncatedRouter, find_decoder, find_head
@@ -340,6 +340,7 @@ class CGGRStep:
 
     def __call__(self, batch: dict, global_step: int, world_size: int = 1) -> StepResult:
         """One micro-batch: route, loss terms and the value to backprop (see the module docstring)."""
+        mark_step_begin(self.perf.compile)
         with self.attention_scope(batch.get("attention_mask")):
             return self._micro_batch(batch, global_step, world_size)
 
@@ -368,6 +369,7 @@ class CGGRStep:
     def eval_terms(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(NLL sum, token count) over every trainable token of ``batch``: held-out loss, the same
         for every method."""
+        mark_step_begin(self.perf.compile)
         input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
         targets = shift_targets(batch["labels"], attention_mask)
         return self.loss_terms(self.hidden_states(input_ids, attention_mask), targets, None)

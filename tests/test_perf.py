@@ -203,6 +203,15 @@ def test_compile_with_fsdp1_is_refused_before_anything_is_built():
         check_config(compose(["perf.compile=true", "trainer.strategy=fsdp", "trainer.accelerator=gpu"]))
 
 
+def test_cuda_graph_compile_mode_is_refused_off_cuda_before_anything_is_built():
+    from experiments.compose import compose
+    from lightning_cggr.train import check_config
+
+    with pytest.raises(ConfigError, match=r"perf.compile=reduce-overhead records CUDA graphs.*this run's is cpu"):
+        check_config(compose(["perf.compile=reduce-overhead", "trainer.accelerator=cpu"]))
+    assert parse_config({"perf": {"compile": "reduce-overhead"}}).perf.compile == "reduce-overhead"  # a valid value
+
+
 # ---- torch.compile ----------------------------------------------------------------------------
 
 
