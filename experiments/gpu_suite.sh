@@ -3,8 +3,8 @@
 #
 #   bash experiments/gpu_suite.sh                 # on the GPU machine, from the repository root
 #   GPU_SUITE_DRY=1 bash experiments/gpu_suite.sh # a minutes-long CPU rehearsal of the same flow
-#   GPU_SUITE_ONLY=perf bash experiments/gpu_suite.sh  # only the step-efficiency part (issue 16): the
-#                                                 # perf GPU test, SmolLM2-shape throughput eager and compiled
+#   GPU_SUITE_ONLY=fsdp,large bash experiments/gpu_suite.sh  # only the named parts, of: tests, loss,
+#       eager, compiled, large, graphs, quality, tiny, fsdp, sweep (perf = tests,eager,compiled: issue 16)
 #
 # Writes under $OUT (default ./gpu_out): gpu_results.tgz (every JSON, table and plot), RESULTS-gpu.md
 # and suite.log. Unpack the archive into experiments/results/ and run `python -m experiments.report`
@@ -51,12 +51,12 @@ export LIGHTNING_CGGR_CACHE=${LIGHTNING_CGGR_CACHE:-$(mktemp -d)/cache}
 export TOKENIZERS_PARALLELISM=false
 
 if [ "${GPU_SUITE_DRY:-0}" = "1" ]; then
-  DEV=cpu; SHAPE=(data.batch_size=2 data.block_size=64 model.num_layers=4); S=(--steps 2 --warmup 1); SC=(--steps 1 --warmup 2); SCX=(perf.compile_backend=aot_eager)
+  DEV=cpu; SHAPE=(data.batch_size=2 data.block_size=64 model.num_layers=4); LARGE=(data.batch_size=4 data.block_size=64 model.num_layers=4); S=(--steps 2 --warmup 1); SC=(--steps 1 --warmup 2); SCX=(perf.compile_backend=aot_eager)
   P=(--profile --profile-steps 1)
   FSDP=(trainer.strategy=fsdp2 trainer.devices=2 trainer.max_steps=4)
   Q=(--steps 4 --eval-every 2 --eval-batches 1); SW=(sweep.device=cpu sweep.batch_sizes=[2,4] sweep.steps=1 sweep.warmup=1 sweep.memory_budget_mib=8000 data.block_size=64 model.num_layers=4)
 else
-  DEV=cuda; SHAPE=(data.batch_size=8 data.block_size=2048); S=(--steps 15 --warmup 3); SC=(--steps 12 --warmup 4); SCX=()
+  DEV=cuda; SHAPE=(data.batch_size=8 data.block_size=2048); LARGE=(data.batch_size=32 data.block_size=2048); S=(--steps 15 --warmup 3); SC=(--steps 12 --warmup 4); SCX=()
   P=(--profile --profile-steps 3)
   FSDP=(trainer=gpu trainer.strategy=fsdp trainer.devices=1 trainer.max_steps=30 trainer.val_check_interval=30)
   Q=(--steps 60 --eval-every 15 --eval-batches 4); SW=()
@@ -79,43 +79,52 @@ step() {  # step <seconds cap> <module> <args...>
 }
 
 ONLY=${GPU_SUITE_ONLY:-}
-part() { [ -z "$ONLY" ] || [ "$ONLY" = "$1" ]; }  # part <name>: whether this part of the suite runs
+[ "$ONLY" = perf ] && ONLY=tests,eager,compiled
+part() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }  # part <name>: whether this part of the suite runs
 
 # 0. the GPU-only tests: Triton kernels on CUDA (no host sync, no [N, V] logits, int64 offsets),
 #    Lightning's FSDPStrategy (FSDP1) wrapping each block once with the router running, and the whole
 #    optimizer step on packed text without a synchronizing call (tests/test_perf.py); JUnit XML kept
-if part all; then
+if part tests; then
   step 120 pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_ddp.py tests/test_perf.py --junitxml="$RES/gpu_tests.xml"
-else
-  step 60 pytest -q -m gpu -p no:cacheprovider tests/test_perf.py --junitxml="$RES/gpu_tests.xml"
 fi
+# 0b. the user's FSDP command end to end (on the rehearsal: FSDP2 on 2 CPU processes); metrics kept
+part fsdp && step 90 lightning_cggr.train "${FSDP[@]}" output_dir="$RES/fsdp_run" hydra.run.dir="$RES/fsdp_run/hydra" \
+  trainer.enable_progress_bar=false
+rm -rf "$RES/fsdp_run/checkpoints"  # weights do not travel back
 # 1. the loss alone at both heads (SmolLM2 576 x 49152, Llama-3 4096 x 128256), every impl incl. Liger,
 #    ratio 1.0 and 0.25 (compacted), interleaved (issue 11's targets are checked in its report)
-step 150 experiments.bench_cross_entropy --device "$DEV" --budget-s 100 --out "$RES" \
+part loss && step 150 experiments.bench_cross_entropy --device "$DEV" --budget-s 100 --out "$RES" \
   $( [ "${GPU_SUITE_DRY:-0}" = "1" ] && echo "--shapes 64x1000x128 --repeats 2" )
 # 1c. SmolLM2's shape, eager, with MFU and a torch.profiler summary per method (issue 16: where the time goes)
 MAIN=standard_naive,standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence,cggr_final,importance_sequence
-step 150 experiments.throughput --device "$DEV" --preset smollm2_shape "${S[@]}" --out "$RES" "${P[@]}" --methods "$MAIN" "${SHAPE[@]}"
+part eager && step 150 experiments.throughput --device "$DEV" --preset smollm2_shape "${S[@]}" --out "$RES" "${P[@]}" --methods "$MAIN" "${SHAPE[@]}"
 # 1d. the same with every decoder block compiled (perf.compile=true), same efficiency options for every
 #     method; the first steps include compilation (dropped as warm-up). The rehearsal traces with
 #     aot_eager instead of generating kernels (CPU inductor would take minutes at this shape)
-step 180 experiments.throughput --device "$DEV" --preset smollm2_shape "${SC[@]}" --out "$RES" "${P[@]}" \
+part compiled && step 180 experiments.throughput --device "$DEV" --preset smollm2_shape "${SC[@]}" --out "$RES" "${P[@]}" \
   --name throughput-smollm2_shape_compiled \
   --methods standard_naive,standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence \
   "${SHAPE[@]}" perf.compile=true "${SCX[@]}"
+# 1e. the same compiled step at 4x the batch (32 x 2048): whether the step is bound by the host (launch and
+#     Python cost per step, fixed) or by the GPU's math, which routing removes
+part large && step 150 experiments.throughput --device "$DEV" --preset smollm2_shape "${SC[@]}" --out "$RES" \
+  --name throughput-smollm2_shape_compiled_b32 --methods standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence \
+  "${LARGE[@]}" perf.compile=true "${SCX[@]}"
+# 1f. the 8 x 2048 compiled step with each compiled block replayed as a CUDA graph (perf.compile=reduce-overhead):
+#     the host's launch cost per block goes, the eager parts (loss, selection, optimizer) stay
+part graphs && step 150 experiments.throughput --device "$DEV" --preset smollm2_shape "${SC[@]}" --out "$RES" "${P[@]}" \
+  --name throughput-smollm2_shape_cudagraphs --methods standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence \
+  "${SHAPE[@]}" perf.compile=reduce-overhead "${SCX[@]}"
 # 2. quality, SmolLM2 shape from random init, 8 x 512, one seed (GPU time is scarce)
-part all && step 150 experiments.quality --device "$DEV" --preset smollm2_shape "${Q[@]}" --seeds 0 --out "$RES" \
+part quality && step 150 experiments.quality --device "$DEV" --preset smollm2_shape "${Q[@]}" --seeds 0 --out "$RES" \
   --methods standard_naive,standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence,cggr_final \
   data.batch_size=8 data.block_size=512 optim.lr=1e-3 optim.warmup_steps=10 \
   $( [ "${GPU_SUITE_DRY:-0}" = "1" ] && echo "data.batch_size=2 data.block_size=64 model.num_layers=4" )
-# 2b. throughput at the tiny shape (16 x 128, as on CPU) and the user's FSDP command end to end (on the
-#     rehearsal: FSDP2 on 2 CPU processes); metrics kept
-part all && step 90 experiments.throughput --device "$DEV" --preset tiny "${S[@]}" --out "$RES" --methods "$MAIN"
-part all && step 90 lightning_cggr.train "${FSDP[@]}" output_dir="$RES/fsdp_run" hydra.run.dir="$RES/fsdp_run/hydra" \
-  trainer.enable_progress_bar=false
-rm -rf "$RES/fsdp_run/checkpoints"  # weights do not travel back
+# 2b. throughput at the tiny shape (16 x 128, as on CPU)
+part tiny && step 90 experiments.throughput --device "$DEV" --preset tiny "${S[@]}" --out "$RES" --methods "$MAIN"
 # 3. batch-size sweep at a 12 GiB budget (block 2048), whatever time is left
-T=$(left); part all && [ "$T" -gt 30 ] && step "$T" experiments.sweep --out "$RES" --deadline-s $((T - 25)) sweep=gpu_smollm2_shape "${SW[@]}"
+T=$(left); part sweep && [ "$T" -gt 30 ] && step "$T" experiments.sweep --out "$RES" --deadline-s $((T - 25)) sweep=gpu_smollm2_shape "${SW[@]}"
 
 python -m experiments.report --results "$RES" --output "$RES/RESULTS-gpu.md" --readme '' >>"$LOG" 2>&1
 cp "$RES/RESULTS-gpu.md" "$OUT/" 2>/dev/null

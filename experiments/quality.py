@@ -95,14 +95,14 @@ def main(argv=None) -> int:
         first = resolve(seeds[0])
         compose.check_same_model_and_data(first)
         calib, built = calibrate(first, methods, device, args.calibrate_steps)
-        print(f"[quality] calibrated step times (s): " + ", ".join(f"{m}={t:.3f}" for m, t in calib.items()),
+        print("[quality] calibrated step times (s): " + ", ".join(f"{m}={t:.3f}" for m, t in calib.items()),
               file=sys.stderr, flush=True)
         if args.budget_s is not None:
             args.steps = max(1, int(args.budget_s / calib[BASELINE]))
             print(f"[quality] --budget-s {args.budget_s:.0f}: --steps {args.steps}", file=sys.stderr, flush=True)
         cap = max(args.steps, int(math.ceil(args.steps * args.max_factor)))
         plan = plan_steps(calib, first, methods, args.steps, cap, args.schedule)
-        print(f"[quality] schedule steps: " + ", ".join(f"{m}={n}" for m, n in plan.items()), file=sys.stderr, flush=True)
+        print("[quality] schedule steps: " + ", ".join(f"{m}={n}" for m, n in plan.items()), file=sys.stderr, flush=True)
         print(f"[quality] projected training time (calibrated, evaluation not included): "
               f"{projected_s(calib, plan, args.steps, len(seeds)) / 60:.1f} min for {len(seeds)} seed(s)",
               file=sys.stderr, flush=True)

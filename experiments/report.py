@@ -18,6 +18,7 @@ from pathlib import Path
 from experiments import methods as methods_mod
 from experiments import quality_stats as Q
 from experiments import results_io as rio
+from experiments import stats
 
 ORDER = {"throughput": 0, "sweep": 1, "quality": 2}
 
@@ -31,6 +32,8 @@ def load_results(folder: Path) -> list[dict]:
             continue
         if isinstance(data, dict) and data.get("kind") in ORDER:
             data["_path"] = path
+            if data["kind"] == "sweep":  # from the raw points: files written before a summary field existed get it too
+                data["summary"] = stats.sweep_summary(data["raw"]["points"], data["settings"]["memory_budget_bytes"])
             out.append(data)
     return sorted(out, key=lambda d: (d["environment"]["device_tag"] != "cpu", d["experiment"].split("-", 1)[-1] != "tiny",
                                       d["experiment"].split("-", 1)[-1], ORDER[d["kind"]]))
@@ -64,9 +67,7 @@ def findings(p: dict) -> list[str]:
                 out.append(f"{lab[m]}: no batch size fits the budget.")
                 continue
             v = r["tokens_per_s_vs_baseline"]
-            grid_max = r["best_batch_size"] == max(p["settings"]["batch_sizes"])
-            out.append(f"{lab[m]}: largest batch within budget {r['best_batch_size']}"
-                       f"{' (the largest tried)' if grid_max else ''} "
+            out.append(f"{lab[m]}: largest batch within budget {r['best_batch_size']}{stats.bound_note(r)} "
                        f"(standard fused: {base.get('best_batch_size')}), tokens/s there "
                        + (f"{v:.2f}x the baseline's." if v else "—."))
     elif p["kind"] == "quality":
@@ -179,6 +180,10 @@ def verdict_block(results: list[dict]) -> str:
                       rio.md_table(header, table)])
 
 
+def _at_least(row: dict) -> str:
+    return ">= " if row.get("bound") == "unmeasured" and row.get("best_batch_size") else ""
+
+
 def headline(results: list[dict]) -> str:
     """One row per (shape, device, method): speed, memory-budget and quality against the fair baseline."""
     groups: dict[tuple[str, str], dict[str, dict]] = {}
@@ -212,7 +217,7 @@ def headline(results: list[dict]) -> str:
                 continue
             ttt = q.get("time_to_target") or {}
             rows.append([shape, dev, label, None if speed is None else f"{speed:.2f}x",
-                         None if m not in sw else f"{bs or 'none'} ({base_bs or 'none'})",
+                         None if m not in sw else f"{_at_least(sw[m])}{bs or 'none'} ({base_bs or 'none'})",
                          dq("loss_at_equal_steps"), dq("loss_at_equal_time"),
                          None if not ttt.get("n") else (f"{ttt['ratio_mean']:.2f}x ({ttt['reached']}/{ttt['n']})"
                                                         if ttt["reached"] else f"not reached (0/{ttt['n']})")])

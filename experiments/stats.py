@@ -82,14 +82,17 @@ def sweep_summary(points: list[dict[str, Any]], budget_bytes: float, baseline: s
     """Per method: the largest batch size within the budget, its tokens/s and the ratio to the baseline's.
 
     ``points`` hold ``method``, ``batch_size``, ``status``, ``peak_bytes``, ``tokens_per_s``. A method
-    with no fitting point gets ``best_batch_size=None``. ``tokens_per_s_vs_baseline`` compares each
+    with no fitting point gets ``best_batch_size=None``. ``bound`` says what stopped the largest batch
+    from being larger: ``budget`` (a larger one ran out of it), ``grid`` (none larger in the grid) or
+    ``unmeasured`` (the next larger was not run, e.g. the run's time limit, or failed otherwise). ``tokens_per_s_vs_baseline`` compares each
     method's best fitting point with the baseline's best fitting point (equal memory budget).
     """
     by_method: dict[str, list[dict]] = {}
     for p in points:
         by_method.setdefault(p["method"], []).append(p)
     out: dict[str, dict] = {}
-    for m, ps in by_method.items():
+    for m, every in by_method.items():
+        ps = [p for p in every if p.get("status") not in ("skipped", "not_run")] or every
         fitting = [p for p in ps if point_fits(p, budget_bytes)]
         best = max(fitting, key=lambda p: p["batch_size"]) if fitting else None
         fastest = max(fitting, key=lambda p: p["tokens_per_s"]) if fitting else None
@@ -100,11 +103,29 @@ def sweep_summary(points: list[dict[str, Any]], budget_bytes: float, baseline: s
             "fastest_fitting_batch_size": fastest["batch_size"] if fastest else None,
             "fastest_fitting_tokens_per_s": fastest["tokens_per_s"] if fastest else None,
             "largest_tried": max(p["batch_size"] for p in ps),
+            "bound": _bound(every, best, budget_bytes),
         }
     base = out.get(baseline, {}).get("tokens_per_s")
     for row in out.values():
         row["tokens_per_s_vs_baseline"] = row["tokens_per_s"] / base if base and row["tokens_per_s"] else None
     return out
+
+
+def bound_note(row: dict) -> str:
+    """What a sweep summary row's largest batch means beyond "the next larger exceeded the budget"."""
+    return {"grid": " (grid max: may fit more)",
+            "unmeasured": " (the next larger was not measured: may fit more)"}.get(row.get("bound"), "")
+
+
+def _bound(points: list[dict], best: dict | None, budget_bytes: float) -> str:
+    above = sorted((p for p in points if best is None or p["batch_size"] > best["batch_size"]),
+                   key=lambda p: p["batch_size"])
+    if not above:
+        return "grid"
+    nxt = above[0]
+    if nxt.get("status") in ("oom", "killed", "skipped") or (nxt.get("status") == "ok" and not point_fits(nxt, budget_bytes)):
+        return "budget"
+    return "unmeasured"
 
 
 def interpolate_at(xs: Sequence[float], ys: Sequence[float], x: float) -> float | None:

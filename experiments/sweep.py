@@ -117,7 +117,7 @@ def main(argv=None) -> int:
                      if point.get("status") == "ok" else ""), file=sys.stderr, flush=True)
             points.append(point)
     env["load"] = load.summary()
-    summary = stats.sweep_summary([p for p in points if p["status"] not in ("skipped", "not_run")] or points, budget)
+    summary = stats.sweep_summary(points, budget)
     name = s["name"]
     first = resolved[methods[0]]["config"]
     payload = {
@@ -149,7 +149,7 @@ def markdown(p: dict) -> str:
         if r is None:
             continue
         best = r["best_batch_size"]
-        best = "none fits" if best is None else f"{best} (grid max: may fit more)" if best == max(st["batch_sizes"]) else best
+        best = "none fits" if best is None else f"{best}{stats.bound_note(r)}"
         rows.append([meta["label"], meta["kind"], best,
                      rio.fmt_f0(r["tokens_per_s"]), rio.fmt_x(r["tokens_per_s_vs_baseline"]), rio.fmt_mib(r["peak_bytes"]),
                      r["fastest_fitting_batch_size"], rio.fmt_f0(r["fastest_fitting_tokens_per_s"])])

@@ -167,8 +167,8 @@ def time_interleaved(resolved, avail, device, warmup, steps, profile_steps: int 
                 peaks[m] = max(peaks[m], torch.cuda.max_memory_allocated())
             if i >= warmup:
                 times[m].append(res[0])
-        print(f"[throughput] step {i + 1}/{len(batches)} " +
-              " ".join(f"{m}={times[m][-1] if times[m] else float('nan'):.3f}s" for m in live),
+        print(f"[throughput] step {i + 1}/{len(batches)} " + ("(warm-up, not timed)" if i < warmup else
+              " ".join(f"{m}={times[m][-1]:.3f}s" for m in live if times[m])),
               file=sys.stderr, flush=True)
     profiles = {}
     for m in (avail if profile_steps else []):

@@ -62,6 +62,21 @@ def test_sweep_summary_largest_batch_within_budget():
     assert s["cggr_sequence"]["fastest_fitting_batch_size"] == 8
     assert s["cggr_sequence"]["tokens_per_s_vs_baseline"] == pytest.approx(2800 / 1500)
     assert s["random_token"]["best_batch_size"] is None and s["random_token"]["tokens_per_s_vs_baseline"] is None
+    assert s["standard_fused"]["bound"] == "budget" and s["cggr_combined"]["bound"] == "budget"
+    assert s["cggr_sequence"]["bound"] == "grid"  # nothing above 16 was in its points
+
+
+def test_sweep_summary_says_when_the_largest_batch_was_only_the_last_one_measured():
+    """A run that hit its time limit before B=4 must not read as 'B=4 does not fit' (seen on the H200)."""
+    budget = 100 * MiB
+    points = [_pt("standard_fused", 2, peak=40, tps=10.0), _pt("standard_fused", 4, peak=80, tps=20.0),
+              _pt("random_sequence", 2, peak=20, tps=12.0), _pt("random_sequence", 4, status="not_run"),
+              _pt("cggr_final", 2, peak=60, tps=9.0), _pt("cggr_final", 4, status="error")]
+    s = stats.sweep_summary(points, budget)
+    assert s["random_sequence"]["best_batch_size"] == 2 and s["random_sequence"]["bound"] == "unmeasured"
+    assert s["random_sequence"]["largest_tried"] == 2  # the not-run point is not a tried one
+    assert s["cggr_final"]["bound"] == "unmeasured"
+    assert "may fit more" in stats.bound_note(s["random_sequence"]) and stats.bound_note({"bound": "budget"}) == ""
 
 
 def test_fit_status_words():
