@@ -338,6 +338,8 @@ def readme_table(results: list[dict]) -> str:
             bits = []
             if t.get("speedup_vs_standard_fused") is not None:
                 bits.append(f"{t['speedup_vs_standard_fused']:.2f}x")
+            elif q:  # keep the columns in place: step rate, Δ loss, time to target
+                bits.append("—")
             if q:
                 d = q.get("loss_at_equal_time_minus_baseline")
                 bits.append("—" if d is None else f"{0.0 if abs(d) < 5e-4 else d:+.3f}")

@@ -330,8 +330,8 @@ def test_train_under_fsdp1_keeps_the_root_wrapper_through_its_evaluations(tmp_pa
 
     monkeypatch.setattr(train_mod, "build_strategy", lambda trainer, model: InProcessCPUFSDP1(
         auto_wrap_policy=block_classes(model), process_group_backend="gloo"))
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    saved = dict(os.environ)  # Lightning sets RANK, WORLD_SIZE, MASTER_PORT, ... in this process
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
     seen = RootSeen()
     try:
         metrics = train_mod.train(make_cfg(tmp_path, "run", "trainer.val_check_interval=20"),
@@ -339,6 +339,8 @@ def test_train_under_fsdp1_keeps_the_root_wrapper_through_its_evaluations(tmp_pa
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        os.environ.clear()  # left set, later tests' subprocesses would think they are rank 0 of 1
+        os.environ.update(saved)
     assert seen.root_is_fsdp  # the whole model is one FSDP tree while it trains
     monkeypatch.undo()
     plain = train_mod.train(make_cfg(tmp_path, "plain", "trainer.val_check_interval=20"))  # one process, no FSDP
