@@ -234,8 +234,8 @@ class PerfConfig:
     compile: bool | str = False
     """torch.compile each decoder block in place (shared by the forward and the router's view):
     false | true (mode default) | default | max-autotune-no-cudagraphs | reduce-overhead (CUDA graphs,
-    CUDA only). Off by default until
-    measured on the GPU (README, "Efficiency options")."""
+    CUDA only). Off by default: measured on one GPU in the benchmark, not yet under the Trainer
+    (README, "Efficiency options")."""
     compile_backend: str = "inductor"
     """inductor (generated kernels) | aot_eager | eager (tracing only, for debugging a compile problem)."""
 

@@ -174,10 +174,11 @@ class CGGRModule(L.LightningModule):
         loss = self.val_nll_sum.compute() / tokens  # 0 / 0 = NaN
         if not self.trainer.sanity_checking and float(tokens) == 0:  # once per validation: the
             log.warning("validation saw no trainable token: val/loss and val/ppl are NaN")  # logger syncs too
+        ppl = torch.exp(loss)
         self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", torch.exp(loss), prog_bar=True)
+        self.log("val/ppl", ppl, prog_bar=True)
         if self.trainer.sanity_checking:  # Lightning drops what a sanity pass logs; train() may need it
-            self.sanity_metrics = {"val/loss": loss.detach(), "val/ppl": torch.exp(loss).detach()}
+            self.sanity_metrics = {"val/loss": loss.detach(), "val/ppl": ppl.detach()}
         self.val_nll_sum.reset()
         self.val_tokens.reset()
 
