@@ -5,6 +5,13 @@ Implementations: every ``impl`` of :mod:`lightning_cggr.kernels` that runs on th
 accumulator, as ours uses; CUDA). ``triton`` and ``liger`` are CUDA-only here (the interpreter is for
 correctness, not speed).
 
+Variants of ours (``--variants``, e.g. ``triton:512,triton:256:weight``): the same impl with
+``chunk_size`` (rows per chunk; ``rule`` = the default rule) and ``grad_accum`` set, named
+``triton[512]``, ``triton[256,weight]``: the memory/speed frontier of the two options users can set
+(``loss.chunk_size``, ``loss.grad_accum``). ``gemm_floor`` is our chunk pass at the default chunking
+with the row kernel left out (logits GEMM, ``grad_h`` GEMM, ``grad_W`` GEMM into the fp32 accumulator,
+per chunk): not a loss, a bound -- no implementation built on these cuBLAS GEMMs can be faster.
+
 ``ratio`` is the kept fraction of the rows: exactly ``ceil(ratio * N)`` random rows keep their label.
 Below 1 every implementation runs on those rows gathered to a static capacity
 (``compact_rows`` + ``index_select``, as the training step does; its cost is included, and the
@@ -15,7 +22,8 @@ Timing: one warm-up call per (implementation, ratio) (reported as ``first_call_s
 for ours, the one-off probe of ``addmm(out_dtype)`` included), then ``--repeats`` rounds in which
 every (implementation, ratio) of a shape runs once, in an order that rotates each round; medians of
 wall time, and of this process's CPU time (less sensitive to other jobs sharing the cores). Memory: on CUDA the
-``max_memory_allocated`` above the inputs; on CPU the peak bytes of the tensors that torch ops create
+``max_memory_allocated`` above the inputs and the gradients (the previous call's gradients are alive
+when the base is read and are replaced by this call's: the difference is the workspace); on CPU the peak bytes of the tensors that torch ops create
 during one extra fwd+bwd (a dispatch-mode tracker: the same accounting, not the process RSS).
 
 GPU, both heads at N = 16384, bf16, stops starting new cases after ``--budget-s``:
@@ -60,8 +68,47 @@ def _liger_fp32acc(h, w, y):
     return total / (y != -100).sum().clamp_min(1)
 
 
-def implementations(device: torch.device, which: list[str] | None) -> dict:
-    """name -> (fn(h, w, y) -> loss, compacted below ratio 1?)"""
+def _variant(impl, chunk, accum):
+    return lambda h, w, y: linear_cross_entropy(h, w, y, impl=impl, chunk_size=chunk, grad_accum=accum)
+
+
+def parse_variants(spec: str | None) -> dict:
+    """``impl:chunk[:accum]`` items -> {name: (impl, chunk or None, accum or None)}."""
+    out = {}
+    for item in filter(None, (spec or "").split(",")):
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or parts[0] not in ("triton", "torch"):
+            raise SystemExit(f"--variants item {item!r}: expected triton|torch:<rows|rule>[:fp32|weight]")
+        impl, chunk = parts[0], parts[1]
+        accum = parts[2] if len(parts) == 3 else None
+        if chunk != "rule" and not chunk.isdigit():
+            raise SystemExit(f"--variants item {item!r}: rows must be an integer or 'rule'")
+        if accum not in (None, "fp32", "weight"):
+            raise SystemExit(f"--variants item {item!r}: accumulation must be fp32 or weight")
+        name = f"{impl}[{chunk}{',' + accum if accum else ''}]"
+        out[name] = (impl, None if chunk == "rule" else int(chunk), accum)
+    return out
+
+
+def _noop_rows(z, y, scale, loss, lse, opts, *, want_grad, lse_known):
+    """gemm_floor's row op: nothing (the logits chunk stands in for its own gradient)."""
+
+
+def _gemm_floor(device: torch.device):
+    from lightning_cggr.kernels.chunked import TORCH, Backend, linear_ce
+
+    prepare = TORCH.prepare
+    if device.type == "cuda":
+        from lightning_cggr.kernels.cross_entropy import TRITON
+
+        prepare = TRITON.prepare
+    backend = Backend("gemm_floor", prepare, _noop_rows, TORCH.stats_op)
+    return lambda h, w, y: linear_ce(backend, h, w, y, ignore_index=-100, reduction="sum", label_smoothing=0.0,
+                                     lse_square_scale=0.0, softcap=None, chunk_size=None, row_weight=None)
+
+
+def implementations(device: torch.device, which: list[str] | None, variants: dict | None = None) -> dict:
+    """name -> fn(h, w, y) -> loss"""
     out, unavailable = {}, {}
     names = ["naive", "torch", "triton", "liger", "torch_lce"]
     for name in names:
@@ -77,6 +124,13 @@ def implementations(device: torch.device, which: list[str] | None) -> dict:
     if "liger" in out:
         out["liger_fp32acc"] = _liger_fp32acc
     out["naive_masked"] = out["naive"]
+    for name, (impl, chunk, accum) in (variants or {}).items():
+        if impl in out:
+            out[name] = _variant(impl, chunk, accum)
+        else:
+            unavailable[name] = unavailable.get(impl, f"{impl} not available")
+    if variants:
+        out["gemm_floor"] = _gemm_floor(device)
     if which:
         unknown = sorted(set(which) - set(out))
         if unknown:
@@ -150,9 +204,10 @@ def peak_extra_bytes(fn, h, w, y, capacity, device):
     return tracker.peak
 
 
-def bench_shape(impls, hdim, vocab, n, ratios, dtype, device, repeats, deadline, seed=0):
+def bench_shape(impls, hdim, vocab, n, ratios, dtype, device, repeats, deadline, seed=0, profile=()):
     """Every (impl, ratio) pair at one shape, interleaved: each round runs every pair once, in an
-    order that rotates by one each round, so ratios and impls see the same machine load."""
+    order that rotates by one each round, so ratios and impls see the same machine load. Returns the
+    rows and, for the impls named in ``profile``, a torch.profiler summary of 3 calls per ratio."""
     g = torch.Generator().manual_seed(seed)
     h = (torch.randn(n, hdim, generator=g) * 0.5).to(device, dtype).requires_grad_(True)
     w = (torch.randn(vocab, hdim, generator=g) / hdim**0.5).to(device, dtype).requires_grad_(True)
@@ -185,6 +240,13 @@ def bench_shape(impls, hdim, vocab, n, ratios, dtype, device, repeats, deadline,
             wall, cpu = timed(fn, h, w, y, cap, device)
             res[key]["times"].append(wall)
             res[key]["cpu"].append(cpu)
+    profiles = {}
+    for (name, ratio), (fn, y, cap) in runs.items():
+        if name in profile and res[(name, ratio)]["error"] is None:
+            from experiments.profiling import profile_steps
+
+            profiles[f"{name} H={hdim} V={vocab} ratio={ratio}"] = profile_steps(
+                lambda i, fn=fn, y=y, cap=cap: one_call(fn, h, w, y, cap), 3, device.type == "cuda")
     out = []
     for (name, ratio), r in res.items():
         cap = runs[(name, ratio)][2]
@@ -198,7 +260,7 @@ def bench_shape(impls, hdim, vocab, n, ratios, dtype, device, repeats, deadline,
     del h, w, runs
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return out
+    return out, profiles
 
 
 # ----------------------------------------------------------------------------- report
@@ -231,11 +293,18 @@ def targets(rows, device_type):
         if full and naive:
             checks.append((shape, f"{ours} ratio 1.0 no slower than naive", paired(full, naive),
                            paired(full, naive, "process_cpu_s"), 1.0))
-        if device_type == "cuda" and full and liger:
-            checks.append((shape, "triton ratio 1.0 <= 0.8x Liger's time", paired(full, liger), None, 0.8))
-            if full["peak_extra_mib"] is not None and liger["peak_extra_mib"] is not None:
-                checks.append((shape, "triton peak extra memory <= Liger's",
-                               full["peak_extra_mib"] / liger["peak_extra_mib"], None, 1.0))
+        if device_type == "cuda" and liger:
+            # the default, then each variant of it (the frontier users can choose on), then the GEMM bound
+            names = [ours] + sorted({r["impl"] for r in rows if r["impl"].startswith(ours + "[")}) + ["gemm_floor"]
+            for name in names:
+                row = _find(rows, name, hdim, vocab, n, 1.0)
+                if row is None:
+                    continue
+                what = "the three GEMMs alone (a bound)" if name == "gemm_floor" else f"{name} ratio 1.0"
+                checks.append((shape, f"{what} <= 0.8x Liger's time", paired(row, liger), None, 0.8))
+                if name != "gemm_floor" and row["peak_extra_mib"] is not None and liger["peak_extra_mib"] is not None:
+                    checks.append((shape, f"{name} peak extra memory <= Liger's",
+                                   row["peak_extra_mib"] / liger["peak_extra_mib"], None, 1.0))
     return [dict(shape=c[0], target=c[1], wall_ratio=c[2], cpu_ratio=c[3], limit=c[4],
                  met=c[2] is not None and c[2] <= c[4]) for c in checks]
 
@@ -253,7 +322,8 @@ def to_markdown(meta, rows, checks):
         "(process CPU: median CPU seconds of this process per call, less sensitive to other jobs on the cores). "
         "ratio = kept fraction of rows; below 1 every impl runs on the kept rows gathered by compact_rows "
         "(its cost included) except naive_masked (all rows, dropped labels -100). Peak extra: "
-        + ("CUDA max_memory_allocated above the inputs." if meta["device"] == "cuda" else
+        + ("CUDA max_memory_allocated above the inputs and the gradients (what one call needs on top of "
+           "its inputs and outputs: its workspace)." if meta["device"] == "cuda" else
            "bytes of tensors created during one fwd+bwd (dispatch tracker), CPU."),
         "",
         f"Load average (1 min) during the run: {meta['load']}. Wall {meta['wall_s']} s.",
@@ -284,6 +354,12 @@ def to_markdown(meta, rows, checks):
                   md_table(["shape", "target", "wall", "process CPU", "met"],
                            [[c["shape"], c["target"], fmt(c["wall_ratio"]), fmt(c["cpu_ratio"]),
                              "yes" if c["met"] else "NO"] for c in checks])]
+    if meta.get("profiles"):
+        from experiments import profiling
+
+        lines += ["", "Profiles (torch.profiler, per call: kernel launches, GPU kernel time, top kernels; a GPU "
+                  "kernel time well under the wall time means the call waits on the host):", "",
+                  profiling.markdown(meta["profiles"], {})]
     return "\n".join(lines) + "\n"
 
 
@@ -295,8 +371,12 @@ def main(argv=None):
     p.add_argument("--ratios", default="1.0,0.25", help="kept-row ratios")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7 CUDA, 5 CPU)")
     p.add_argument("--impls", default=None, help="comma-separated subset of the implementation names")
+    p.add_argument("--variants", default=None,
+                   help="extra settings of ours, impl:rows[:accum] items, e.g. triton:512,triton:256:weight "
+                        "(rows: an integer or 'rule'; accum: fp32 | weight); adds gemm_floor")
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no new shape or round after this many seconds (default 360 CUDA, 900 CPU)")
+    p.add_argument("--profile", default="", help="comma-separated impls to profile (3 calls per shape and ratio)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--out", default=None, help="output folder (default experiments/results)")
     args = p.parse_args(argv)
@@ -313,7 +393,8 @@ def main(argv=None):
     ratios = [float(r) for r in args.ratios.split(",")]
     repeats = args.repeats or (7 if device.type == "cuda" else 5)
     budget = args.budget_s or (360.0 if device.type == "cuda" else 900.0)
-    impls, unavailable = implementations(device, args.impls.split(",") if args.impls else None)
+    impls, unavailable = implementations(device, args.impls.split(",") if args.impls else None,
+                                         parse_variants(args.variants))
     try:
         from importlib.metadata import version
 
@@ -324,13 +405,15 @@ def main(argv=None):
     env = environment(device.type)
     t0 = time.perf_counter()
     deadline = t0 + budget
-    rows, skipped = [], []
+    rows, skipped, profiles = [], [], {}
     with LoadSampler(every=10.0) as load:
         for hdim, vocab, n in shapes:
             if time.perf_counter() > deadline:
                 skipped.append(f"{hdim}x{vocab}x{n}")
                 continue
-            res = bench_shape(impls, hdim, vocab, n, ratios, dtype, device, repeats, deadline)
+            res, prof = bench_shape(impls, hdim, vocab, n, ratios, dtype, device, repeats, deadline,
+                                    profile=tuple(filter(None, args.profile.split(","))))
+            profiles.update(prof)
             for r in res:
                 print(f"H={hdim} V={vocab} N={n} ratio={r['ratio']} {r['impl']:>14}: median {r['median_s']} s "
                       f"first {r['first_call_s']} s peak {r['peak_extra_mib']} MiB {r['error'] or ''}", flush=True)
@@ -338,7 +421,7 @@ def main(argv=None):
     meta = dict(device=device.type, dtype=str(dtype).replace("torch.", ""), repeats=repeats, budget_s=budget,
                 shapes=shapes, ratios=ratios, impls=list(impls), unavailable=unavailable, skipped=skipped,
                 liger_version=liger_version, environment=env, load=load.summary(),
-                wall_s=round(time.perf_counter() - t0, 1))
+                wall_s=round(time.perf_counter() - t0, 1), profiles=profiles)
     checks = targets(rows, device.type)
     md = to_markdown(meta, rows, checks)
     out = Path(args.out) if args.out else RESULTS

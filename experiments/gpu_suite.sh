@@ -3,8 +3,9 @@
 #
 #   bash experiments/gpu_suite.sh                 # on the GPU machine, from the repository root
 #   GPU_SUITE_DRY=1 bash experiments/gpu_suite.sh # a minutes-long CPU rehearsal of the same flow
-#   GPU_SUITE_ONLY=fsdp,large bash experiments/gpu_suite.sh  # only the named parts, of: tests, loss,
-#       eager, compiled, large, graphs, quality, tiny, fsdp, sweep (perf = tests,eager,compiled: issue 16)
+#   GPU_SUITE_ONLY=fsdp,large bash experiments/gpu_suite.sh  # only the named parts, of: tests, kernel_tests,
+#       loss, eager, compiled, large, graphs, trainer, quality, mid, tiny, fsdp, sweep
+#       (perf = tests,eager,compiled: issue 16)
 #
 # Writes under $OUT (default ./gpu_out): gpu_results.tgz (every JSON, table and plot), RESULTS-gpu.md
 # and suite.log. Unpack the archive into experiments/results/ and run `python -m experiments.report`
@@ -54,11 +55,19 @@ if [ "${GPU_SUITE_DRY:-0}" = "1" ]; then
   DEV=cpu; SHAPE=(data.batch_size=2 data.block_size=64 model.num_layers=4); LARGE=(data.batch_size=4 data.block_size=64 model.num_layers=4); S=(--steps 2 --warmup 1); SC=(--steps 1 --warmup 2); SCX=(perf.compile_backend=aot_eager)
   P=(--profile --profile-steps 1)
   FSDP=(trainer.strategy=fsdp2 trainer.devices=2 trainer.max_steps=4)
+  LOSSX=(--shapes 64x1000x128 --repeats 2 --variants torch:32,torch:16:weight --profile torch,gemm_floor)
+  TC=(--device cpu --steps 6 --skip 2 --settings false,true checkpoint.every_n_steps=1000 perf.compile_backend=aot_eager model.num_layers=2 data.batch_size=2 data.block_size=64)
+  MID=(--steps 4 --seeds 0,1 --evals 2 --eval-batches 1 --calibrate-steps 1); MIDX=(model.num_layers=2 data.batch_size=4 data.block_size=64)
   Q=(--steps 4 --eval-every 2 --eval-batches 1); SW=(sweep.device=cpu sweep.batch_sizes=[2,4] sweep.steps=1 sweep.warmup=1 sweep.memory_budget_mib=8000 data.block_size=64 model.num_layers=4)
 else
   DEV=cuda; SHAPE=(data.batch_size=8 data.block_size=2048); LARGE=(data.batch_size=32 data.block_size=2048); S=(--steps 15 --warmup 3); SC=(--steps 12 --warmup 4); SCX=()
   P=(--profile --profile-steps 3)
   FSDP=(trainer=gpu trainer.strategy=fsdp trainer.devices=1 trainer.max_steps=30 trainer.val_check_interval=30)
+  LOSSX=(--variants triton:1024,triton:512,triton:256,triton:256:weight,triton:rule:weight --profile triton,gemm_floor)
+  TC=(--device cuda --steps 40 --skip 10 --settings false,true,reduce-overhead --timeout-s 110 trainer=gpu checkpoint.every_n_steps=1000
+      model.hidden_size=576 model.num_layers=30 model.num_heads=9 model.intermediate_size=1536 model.max_position_embeddings=2048
+      data.batch_size=8 data.block_size=2048)
+  MID=(--steps 200 --seeds 0,1,2 --evals 8 --eval-batches 4); MIDX=(model.num_layers=8 data.batch_size=32 data.block_size=512)
   Q=(--steps 60 --eval-every 15 --eval-batches 4); SW=()
 fi
 python - <<'EOF' >>"$LOG" 2>&1
@@ -87,6 +96,8 @@ part() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }  # part <name>: whethe
 #    optimizer step on packed text without a synchronizing call (tests/test_perf.py); JUnit XML kept
 if part tests; then
   step 120 pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_ddp.py tests/test_perf.py --junitxml="$RES/gpu_tests.xml"
+elif part kernel_tests; then  # the loss kernels' GPU tests alone
+  step 90 pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py --junitxml="$RES/gpu_tests.xml"
 fi
 # 0b. the user's FSDP command end to end (on the rehearsal: FSDP2 on 2 CPU processes); metrics kept
 part fsdp && step 90 lightning_cggr.train "${FSDP[@]}" output_dir="$RES/fsdp_run" hydra.run.dir="$RES/fsdp_run/hydra" \
@@ -94,8 +105,8 @@ part fsdp && step 90 lightning_cggr.train "${FSDP[@]}" output_dir="$RES/fsdp_run
 rm -rf "$RES/fsdp_run/checkpoints"  # weights do not travel back
 # 1. the loss alone at both heads (SmolLM2 576 x 49152, Llama-3 4096 x 128256), every impl incl. Liger,
 #    ratio 1.0 and 0.25 (compacted), interleaved (issue 11's targets are checked in its report)
-part loss && step 150 experiments.bench_cross_entropy --device "$DEV" --budget-s 100 --out "$RES" \
-  $( [ "${GPU_SUITE_DRY:-0}" = "1" ] && echo "--shapes 64x1000x128 --repeats 2" )
+#    plus the frontier of loss.chunk_size / loss.grad_accum, the GEMMs-alone bound and a profile of each call
+part loss && step 150 experiments.bench_cross_entropy --device "$DEV" --budget-s 100 --out "$RES" "${LOSSX[@]}"
 # 1c. SmolLM2's shape, eager, with MFU and a torch.profiler summary per method (issue 16: where the time goes)
 MAIN=standard_naive,standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence,cggr_final,importance_sequence
 part eager && step 150 experiments.throughput --device "$DEV" --preset smollm2_shape "${S[@]}" --out "$RES" "${P[@]}" --methods "$MAIN" "${SHAPE[@]}"
@@ -116,6 +127,14 @@ part large && step 150 experiments.throughput --device "$DEV" --preset smollm2_s
 part graphs && step 150 experiments.throughput --device "$DEV" --preset smollm2_shape "${SC[@]}" --out "$RES" "${P[@]}" \
   --name throughput-smollm2_shape_cudagraphs --methods standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence \
   "${SHAPE[@]}" perf.compile=reduce-overhead "${SCX[@]}"
+# 1g. perf.compile under the Trainer: the user's command (python -m lightning_cggr.train) per setting, SmolLM2's
+#     body (8k-token BPE head) at 8 x 2048: tokens/s, MFU and the final val/loss from each run's metrics.csv
+part trainer && step 400 experiments.trainer_check --out "$RES" "${TC[@]}"
+# 2a. issue 14's mid-size model on the GPU: SmolLM2's width with 8 blocks (head padded to 49152 rows), 32 x 512,
+#     200 steps x 3 seeds, standard vs the two best rules of the CPU SmolLM2 run vs their random controls
+part mid && step 280 experiments.quality --device "$DEV" --preset smollm2_shape --name quality-mid_shape "${MID[@]}" --out "$RES" \
+  --methods standard_fused,importance_sequence,random_sequence,infobatch_token,infobatch_random_token \
+  optim.lr=1e-3 optim.warmup_steps=20 "${MIDX[@]}"
 # 2. quality, SmolLM2 shape from random init, 8 x 512, one seed (GPU time is scarce)
 part quality && step 150 experiments.quality --device "$DEV" --preset smollm2_shape "${Q[@]}" --seeds 0 --out "$RES" \
   --methods standard_naive,standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence,cggr_final \

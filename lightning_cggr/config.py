@@ -15,7 +15,7 @@ from typing import Any, Mapping
 # Choices are owned by the modules that implement them; this module only checks against them.
 from .data import SOURCES as DATA_SOURCES
 from .data import TOKENIZERS
-from .kernels import LOSS_IMPLS
+from .kernels import GRAD_ACCUMS, LOSS_IMPLS
 from .models import ARCHS as MODEL_ARCHS
 from .models import ATTN_IMPLS
 from .models import DTYPES
@@ -142,6 +142,14 @@ class LossConfig:
     """auto (triton on CUDA, the chunked torch path elsewhere) | triton | torch | naive (full logits,
     HF-style: the benchmark baseline) | liger (Liger-Kernel's fused linear cross-entropy; needs
     liger-kernel) | torch_lce (torch's F.linear_cross_entropy; no z-loss, softcap or smoothing)."""
+    chunk_size: int | None = None
+    """Rows per chunk of the chunked paths (torch, triton; torch_lce's batch chunk): null = by rule
+    (a 256 MiB logits chunk: 2048 bf16 rows at V = 49152). Smaller chunks hold less memory."""
+    grad_accum: str | None = None
+    """What the LM head's weight gradient is summed in over the chunks: null = the impl's default
+    (fp32 for torch/triton, the weight's dtype for liger) | fp32 | weight (the weight's dtype: with
+    bf16 weights it saves the V x H fp32 buffer and rounds once per chunk; same as fp32 for fp32
+    weights, e.g. under bf16-mixed). naive and torch_lce take neither key but chunk_size on torch_lce."""
 
 
 @dataclass
@@ -329,6 +337,21 @@ def _is_ratio(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value <= 1.0
 
 
+def _validate_loss(p: list[str], loss: LossConfig) -> None:
+    if loss.chunk_size is not None:
+        if not _is_int(loss.chunk_size) or loss.chunk_size < 1:
+            p.append(f"loss.chunk_size={loss.chunk_size!r}: must be an integer >= 1 or null (by rule)")
+        elif loss.impl in ("naive", "liger"):
+            p.append(f"loss.chunk_size={loss.chunk_size}: loss.impl={loss.impl} has no chunks of ours; "
+                     "use loss.impl=auto|triton|torch|torch_lce or leave loss.chunk_size null")
+    if loss.grad_accum is not None:
+        if loss.grad_accum not in GRAD_ACCUMS:
+            p.append(f"loss.grad_accum={loss.grad_accum!r}: must be null or one of {', '.join(GRAD_ACCUMS)}")
+        elif loss.impl in ("naive", "torch_lce"):
+            p.append(f"loss.grad_accum={loss.grad_accum}: loss.impl={loss.impl} chooses its own accumulation; "
+                     "use loss.impl=auto|triton|torch|liger or leave loss.grad_accum null")
+
+
 def _validate_selection_extras(p: list[str], c: CGGRConfig) -> None:
     """Router source, reference model, selection unit/strategy, ratio schedule and their combinations."""
     r, s, q = c.router, c.selection, c.ratio_schedule
@@ -460,6 +483,7 @@ def validate(run: RunConfig) -> None:
         p.append(f"cggr.router.chunk_size={c.router.chunk_size!r}: must be an integer >= 1 or null (by rule)")
     _validate_selection_extras(p, c)
     _check_choice(p, "loss.impl", run.loss.impl, LOSS_IMPLS)
+    _validate_loss(p, run.loss)
     _check_choice(p, "model.source", m.source, MODEL_SOURCES)
     _check_choice(p, "model.dtype", m.dtype, DTYPES)
     if m.source == "random":

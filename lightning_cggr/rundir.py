@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "last.ckpt"
 IDENTITY_KEYS = ("model", "data", "cggr", "loss", "optim", "seed")
 """Top-level settings a resume must keep (except the keys below)."""
-CHANGEABLE_ON_RESUME = ("data.batch_size", "data.num_workers", "data.cache_dir", "loss.impl",
-                        "model.attn_implementation", "optim.fused")
+CHANGEABLE_ON_RESUME = ("data.batch_size", "data.num_workers", "data.cache_dir", "loss.impl", "loss.chunk_size",
+                        "loss.grad_accum", "model.attn_implementation", "optim.fused")
 """May differ on resume (as may everything outside IDENTITY_KEYS: trainer.*, checkpoint.*, perf.*,
 logger, callbacks): kernels and loader settings, not what is computed. A new batch size or device
 count restarts the interrupted epoch, with a warning."""

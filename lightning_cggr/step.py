@@ -335,7 +335,8 @@ class CGGRStep:
                 flat_h = flat_h.index_select(0, selection.index)
                 flat_y = flat_y.index_select(0, selection.index).masked_fill(~selection.valid, IGNORE_INDEX)
                 flat_w = None if flat_w is None else flat_w.index_select(0, selection.index)
-        nll_sum = weighted_nll_sum(flat_h, self.head.weight, flat_y, flat_w, impl)
+        nll_sum = weighted_nll_sum(flat_h, self.head.weight, flat_y, flat_w, impl,
+                                   chunk_size=self.loss_cfg.chunk_size, grad_accum=self.loss_cfg.grad_accum)
         return nll_sum, (flat_y != IGNORE_INDEX).sum()
 
     def __call__(self, batch: dict, global_step: int, world_size: int = 1) -> StepResult:
@@ -376,12 +377,13 @@ class CGGRStep:
 
 
 def weighted_nll_sum(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, row_weight: torch.Tensor | None, impl: str
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, row_weight: torch.Tensor | None, impl: str,
+    **kernel_options,
 ) -> torch.Tensor:
     """``sum_i row_weight_i * NLL_i`` over the rows whose label is not ignored (``row_weight`` None: 1);
     the weights (detached: they are estimator weights, not parameters) go into the loss kernel."""
     rw = None if row_weight is None else row_weight.detach().float()
-    return linear_cross_entropy(hidden, weight, labels, reduction="sum", impl=impl, row_weight=rw)
+    return linear_cross_entropy(hidden, weight, labels, reduction="sum", impl=impl, row_weight=rw, **kernel_options)
 
 
 def _score_means(score: torch.Tensor, kept: torch.Tensor, dropped: torch.Tensor) -> Metrics:

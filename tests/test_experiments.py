@@ -299,3 +299,29 @@ def test_hand_written_notes_are_included_once(tmp_path, monkeypatch):
     text = (tmp_path / "RESULTS.md").read_text()
     assert text.count("## What changed\n\nA sentence.") == 1
     assert report.NOTES_FILE not in text  # not listed among the other result files
+
+
+# ---- the loss benchmark's variants and its GEMM bound -------------------------------------------
+
+
+def test_bench_variants_parse_and_gemm_floor_is_the_three_gemms():
+    from experiments import bench_cross_entropy as bce
+
+    assert bce.parse_variants("triton:512,torch:rule:weight") == {
+        "triton[512]": ("triton", 512, None), "torch[rule,weight]": ("torch", None, "weight")}
+    for bad in ("triton", "naive:512", "triton:x", "triton:64:bf16"):
+        with pytest.raises(SystemExit):
+            bce.parse_variants(bad)
+    impls, _ = bce.implementations(torch.device("cpu"), None, bce.parse_variants("torch:4:weight"))
+    assert {"torch[4,weight]", "gemm_floor"} <= set(impls)
+    # gemm_floor leaves the logits as their own "gradient": grad_h = (h W^T) W and grad_W = (h W^T)^T h,
+    # with ignored rows zeroed before the GEMMs
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, -100, 2, 3, -100, 4])
+    impls["gemm_floor"](h, w, y).backward()
+    hm = h.detach() * (y != -100).double()[:, None]
+    z = hm @ w.detach().t()
+    torch.testing.assert_close(h.grad, z @ w.detach())
+    torch.testing.assert_close(w.grad, z.t() @ hm)

@@ -160,6 +160,7 @@ def test_bad_arguments_raise():
         (dict(row_weight=torch.ones(3)), "row_weight must be"),
         (dict(row_weight=torch.ones(4, requires_grad=True)), "detach"),
         (dict(chunk_size=0), "chunk_size"),
+        (dict(grad_accum="bf16"), "grad_accum must be"),
     ]
     for kw, msg in cases:
         with pytest.raises(ValueError, match=msg):
@@ -168,6 +169,8 @@ def test_bad_arguments_raise():
         linear_cross_entropy(h, w[:, :4], y, impl="torch")
     with pytest.raises(ValueError, match="chunk_size does not"):
         linear_cross_entropy(h, w, y, impl="naive", chunk_size=2)
+    with pytest.raises(ValueError, match="naive.*grad_accum does not"):
+        linear_cross_entropy(h, w, y, impl="naive", grad_accum="fp32")
     if HAS_TORCH_LCE:
         with pytest.raises(ValueError, match="torch_lce.*softcap"):
             linear_cross_entropy(h, w, y, impl="torch_lce", softcap=3.0)
@@ -175,6 +178,8 @@ def test_bad_arguments_raise():
             linear_cross_entropy(h, w, y, impl="torch_lce", lse_square_scale=1e-3)
         with pytest.raises(ValueError, match="torch_lce.*label_smoothing"):
             linear_cross_entropy(h, w, y, impl="torch_lce", label_smoothing=0.1)
+        with pytest.raises(ValueError, match="torch_lce.*grad_accum"):
+            linear_cross_entropy(h, w, y, impl="torch_lce", grad_accum="weight")
     if "liger" in PEERS:
         with pytest.raises(ValueError, match="liger.*chunk_size"):
             linear_cross_entropy(h, w, y, impl="liger", chunk_size=2)
@@ -292,6 +297,35 @@ def test_grad_weight_accumulates_in_fp32_across_chunks(impl):
     w2 = w.double().requires_grad_(True)
     ref_loss(h.double(), w2, y, reduction="sum").backward()
     torch.testing.assert_close(w1.grad.double(), w2.grad, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("impl", OURS)
+def test_grad_accum_weight_sums_in_the_weights_dtype(impl):
+    """grad_accum="weight": grad_W summed in bf16 across 32 chunks (one rounding per chunk, Liger's
+    default) -- still close to float64, but further from it than the fp32 accumulator; the loss and
+    grad_hidden do not depend on it. With fp32 weights both settings are the same computation."""
+    h, w, y = make(256, 32, 300, dtype=torch.bfloat16, seed=19, ignore_frac=0.0)
+    w2 = w.double().requires_grad_(True)
+    ref_loss(h.double(), w2, y, reduction="sum").backward()
+    got = {}
+    for acc in ("fp32", "weight"):
+        h1, w1 = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss = linear_cross_entropy(h1, w1, y, impl=impl, reduction="sum", chunk_size=8, grad_accum=acc)
+        loss.backward()
+        assert w1.grad.dtype == torch.bfloat16
+        got[acc] = (loss.detach(), h1.grad, w1.grad)
+    assert torch.equal(got["fp32"][0], got["weight"][0]) and torch.equal(got["fp32"][1], got["weight"][1])
+    torch.testing.assert_close(got["weight"][2].double(), w2.grad, rtol=5e-2, atol=5e-2)
+    assert rel_err(got["weight"][2], w2.grad) < 3e-2
+    assert rel_err(got["fp32"][2], w2.grad) < rel_err(got["weight"][2], w2.grad)
+
+    h32, w32, y32 = make(64, 32, 300, seed=3)
+    grads = []
+    for acc in ("fp32", "weight"):
+        w1 = w32.clone().requires_grad_(True)
+        linear_cross_entropy(h32, w1, y32, impl=impl, chunk_size=8, grad_accum=acc).backward()
+        grads.append(w1.grad)
+    assert grads[0].dtype == torch.float32 and torch.equal(grads[0], grads[1])
 
 
 @pytest.mark.parametrize("impl", OURS)
@@ -559,6 +593,20 @@ def test_gpu_real_heads_vs_float64(head, impl):
         torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=5e-2, msg=lambda m, n=name: f"{n}: {m}")
         assert rel_err(got, want) < (5e-2 if name == "margin" else 1e-2), name  # margins are small differences
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("head", HEADS, ids=["smollm2", "llama3"])
+def test_gpu_grad_accum_weight_at_real_heads(head):
+    """grad_accum="weight" on cuBLAS (bf16 addmm into the bf16 gradient, 6 chunks): grad_W within bf16
+    tolerance of float64, the loss and grad_hidden identical to the fp32-accumulating default."""
+    hdim, v = head
+    h, w, y = make(384, hdim, v, dtype=torch.bfloat16, seed=hdim + 1, ignore_frac=0.25)
+    fp32, ref = run_both(h, w, y, "triton", reduction="sum", chunk_size=64)
+    lean, _ = run_both(h, w, y, "triton", reduction="sum", chunk_size=64, grad_accum="weight")
+    assert_close(lean, ref, torch.bfloat16)
+    assert torch.equal(lean[0], fp32[0]) and torch.equal(lean[1], fp32[1])
 
 
 @pytest.mark.gpu

@@ -114,6 +114,32 @@ def test_each_architecture_trains_one_step(arch):
     assert changed > 0
 
 
+def test_loss_chunk_size_and_grad_accum_reach_the_kernel(monkeypatch):
+    """loss.chunk_size / loss.grad_accum are passed to the loss kernel by the shared step (and the
+    loss does not change: fp32 weights accumulate in fp32 either way)."""
+    import lightning_cggr.step as step_mod
+
+    seen = []
+    real = step_mod.linear_cross_entropy
+
+    def spy(*args, **kwargs):
+        seen.append({k: kwargs.get(k) for k in ("chunk_size", "grad_accum")})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(step_mod, "linear_cross_entropy", spy)
+    batch = make_batch(batch_size=2, seq_len=10)
+    losses = []
+    for loss_cfg in (LossConfig(impl="torch"), LossConfig(impl="torch", chunk_size=3, grad_accum="weight")):
+        module = _module("llama", "torch", min_tokens_ratio=0.5)
+        module.step.loss_cfg = loss_cfg
+        t = shift_targets(batch["labels"], batch["attention_mask"])
+        hidden, targets, selection, _ = module.step.route(batch["input_ids"], batch["attention_mask"], t)[:4]
+        losses.append(kept_mean_loss(module.step, hidden, targets, selection))
+    assert seen[0] == {"chunk_size": None, "grad_accum": None}
+    assert seen[-1] == {"chunk_size": 3, "grad_accum": "weight"}
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+
+
 def test_training_step_goes_through_the_triton_kernel_and_matches_torch(monkeypatch):
     """loss.impl=triton really calls the Triton kernel (interpreter on CPU) and equals impl=torch."""
     import lightning_cggr.kernels.cross_entropy as triton_ce

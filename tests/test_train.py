@@ -64,12 +64,16 @@ def test_smollm_experiment_composes_with_upstream_defaults():
         ("cggr.router.num_layers=9", "the model has only 4 layers"),
         ("cggr.selection.scope=global", "cggr.selection.scope='global'"),
         ("loss.impl=cuda", "loss.impl='cuda'"),
+        ("loss.chunk_size=0", "loss.chunk_size=0: must be an integer >= 1"),
+        ("loss.grad_accum=bf16", "loss.grad_accum='bf16': must be null or one of fp32, weight"),
+        ("loss.impl=naive loss.grad_accum=weight", "loss.impl=naive chooses its own accumulation"),
+        ("loss.impl=naive loss.chunk_size=512", "loss.impl=naive has no chunks of ours"),
         ("model.arch=mamba", "model.arch='mamba'"),
     ],
 )
 def test_bad_values_fail_before_anything_is_built(override, message):
     with pytest.raises(ConfigError) as err:
-        parse_config(_plain(_compose(override, "output_dir=/tmp/unused")))
+        parse_config(_plain(_compose(*override.split(), "output_dir=/tmp/unused")))
     assert message in str(err.value)
 
 

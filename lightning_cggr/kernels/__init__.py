@@ -31,10 +31,10 @@ from lightning_cggr.kernels.baselines import (
 )
 from lightning_cggr.kernels.chunked import chunked_linear_cross_entropy, chunked_token_stats
 from lightning_cggr.kernels.compact import CompactRows, compact_rows
-from lightning_cggr.kernels.contract import REDUCTIONS, TokenStats
+from lightning_cggr.kernels.contract import GRAD_ACCUMS, REDUCTIONS, TokenStats
 
 __all__ = [
-    "LOSS_IMPLS", "REDUCTIONS", "STATS_IMPLS", "CompactRows", "TokenStats", "compact_rows",
+    "GRAD_ACCUMS", "LOSS_IMPLS", "REDUCTIONS", "STATS_IMPLS", "CompactRows", "TokenStats", "compact_rows",
     "linear_cross_entropy", "resolve_impl", "resolve_stats_impl", "token_stats",
 ]
 
@@ -128,6 +128,7 @@ def linear_cross_entropy(
     softcap: float | None = None,
     chunk_size: int | None = None,
     row_weight: torch.Tensor | None = None,
+    grad_accum: str | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden[N, H] @ weight[V, H].T`` against ``labels[N]``.
 
@@ -139,6 +140,10 @@ def linear_cross_entropy(
     returns fp32 ``[N]`` with 0 at ignored rows. No host sync in ``triton``/``torch``/``naive``/
     ``torch_lce``. ``chunk_size``: rows per chunk (default by rule, see
     :func:`~lightning_cggr.kernels.contract.default_chunk_rows`); ``naive`` and ``liger`` reject it.
+    ``grad_accum``: what ``grad_W`` is summed in over the chunks (``"fp32"``, the chunked paths'
+    default, or ``"weight"``: the weight's dtype, less memory, one bf16 rounding per chunk; see
+    :data:`~lightning_cggr.kernels.contract.GRAD_ACCUMS`); ``liger`` maps it to its ``accum_dtype``
+    (its default is ``"weight"``); ``naive`` and ``torch_lce`` reject it.
     """
     kind = resolve_impl(impl, hidden.device)
     fn = _LOSSES[kind]
@@ -148,7 +153,7 @@ def linear_cross_entropy(
         fn = cross_entropy.triton_linear_cross_entropy
     return fn(hidden, weight, labels, ignore_index=ignore_index, reduction=reduction,
               label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
-              chunk_size=chunk_size, row_weight=row_weight)
+              chunk_size=chunk_size, row_weight=row_weight, grad_accum=grad_accum)
 
 
 def token_stats(

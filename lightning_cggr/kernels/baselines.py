@@ -52,12 +52,14 @@ def _promote(hidden: torch.Tensor, weight: torch.Tensor):
 
 def naive_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction="mean",
                                label_smoothing=0.0, lse_square_scale=0.0, softcap=None,
-                               chunk_size=None, row_weight=None) -> torch.Tensor:
+                               chunk_size=None, row_weight=None, grad_accum=None) -> torch.Tensor:
     """``impl="naive"``: full fp32 logits, ``F.cross_entropy``."""
-    check_args(hidden, weight, labels, reduction, label_smoothing, lse_square_scale, softcap, row_weight, chunk_size)
-    if chunk_size is not None:
-        raise ValueError("linear_cross_entropy: impl='naive' computes all rows at once; chunk_size does not "
-                         "apply (use impl='torch' or 'triton' for a chunked path)")
+    check_args(hidden, weight, labels, reduction, label_smoothing, lse_square_scale, softcap, row_weight, chunk_size,
+               grad_accum)
+    for name, value in (("chunk_size", chunk_size), ("grad_accum", grad_accum)):
+        if value is not None:
+            raise ValueError(f"linear_cross_entropy: impl='naive' computes all rows at once (grad_W in one GEMM); "
+                             f"{name} does not apply (use impl='torch' or 'triton' for a chunked path)")
     logits = F.linear(*_promote(hidden, weight)).float()
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
@@ -71,9 +73,11 @@ def naive_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, red
 
 def liger_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction="mean",
                                label_smoothing=0.0, lse_square_scale=0.0, softcap=None,
-                               chunk_size=None, row_weight=None) -> torch.Tensor:
-    """``impl="liger"``: Liger-Kernel's ``liger_fused_linear_cross_entropy``."""
-    check_args(hidden, weight, labels, reduction, label_smoothing, lse_square_scale, softcap, row_weight, chunk_size)
+                               chunk_size=None, row_weight=None, grad_accum=None) -> torch.Tensor:
+    """``impl="liger"``: Liger-Kernel's ``liger_fused_linear_cross_entropy`` (``grad_accum``: None or
+    ``"weight"`` is Liger's default, ``"fp32"`` its ``accum_dtype=torch.float32``)."""
+    check_args(hidden, weight, labels, reduction, label_smoothing, lse_square_scale, softcap, row_weight, chunk_size,
+               grad_accum)
     if chunk_size is not None:
         raise ValueError("linear_cross_entropy: impl='liger' sizes its own chunks; chunk_size is not supported")
     try:
@@ -85,9 +89,10 @@ def liger_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, red
     per_row = reduction == "none" or row_weight is not None
     h, w = _promote(hidden, weight)
     labels = labels.long()
+    extra = {"accum_dtype": torch.float32} if grad_accum == "fp32" else {}
     out = liger_fused_linear_cross_entropy(
         h, w, labels, ignore_index=ignore_index, lse_square_scale=lse_square_scale,
-        label_smoothing=label_smoothing, reduction="none" if per_row else "sum", softcap=softcap,
+        label_smoothing=label_smoothing, reduction="none" if per_row else "sum", softcap=softcap, **extra,
     )
     return _reduce(out, labels, ignore_index, reduction, row_weight, per_row)
 
@@ -98,9 +103,10 @@ def torch_lce_available() -> bool:
 
 def torch_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction="mean",
                                label_smoothing=0.0, lse_square_scale=0.0, softcap=None,
-                               chunk_size=None, row_weight=None) -> torch.Tensor:
+                               chunk_size=None, row_weight=None, grad_accum=None) -> torch.Tensor:
     """``impl="torch_lce"``: ``torch.nn.functional.linear_cross_entropy`` with chunking options."""
-    check_args(hidden, weight, labels, reduction, label_smoothing, lse_square_scale, softcap, row_weight, chunk_size)
+    check_args(hidden, weight, labels, reduction, label_smoothing, lse_square_scale, softcap, row_weight, chunk_size,
+               grad_accum)
     if not torch_lce_available():
         raise RuntimeError(
             f"loss impl 'torch_lce' needs torch >= 2.13 (torch.nn.functional.linear_cross_entropy); this is "
@@ -113,6 +119,8 @@ def torch_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, red
         unsupported.append(f"softcap={softcap}")
     if label_smoothing > 0.0:  # torch would run its full-logits reference path instead (with a warning)
         unsupported.append(f"label_smoothing={label_smoothing} (its chunked path needs 0)")
+    if grad_accum is not None:
+        unsupported.append(f"grad_accum={grad_accum!r} (torch chooses its own accumulation)")
     if unsupported:
         raise ValueError(f"linear_cross_entropy: impl='torch_lce' does not support {', '.join(unsupported)}; "
                          "use impl='torch', 'triton' or 'liger'")

@@ -7,7 +7,8 @@ One pass over row chunks of ``hidden`` (the structure of Liger's FLCE, QuACK's a
 2. one row operation reads ``z``, writes each row's fp32 loss and lse and, when gradients are wanted,
    overwrites ``z`` in place with ``dloss/dz * scale`` (0 at ignored rows);
 3. ``grad_h_c = dz @ W`` (one GEMM) and ``grad_W += dz.T @ h_c`` (one GEMM into a single fp32
-   accumulator, cast to the weight's dtype once, in backward).
+   accumulator, cast to the weight's dtype once, in backward; with ``grad_accum="weight"`` into a
+   buffer of the weight's dtype instead, see :data:`~lightning_cggr.kernels.contract.GRAD_ACCUMS`).
 
 Gradients are therefore computed in forward whenever an input requires grad; backward only multiplies
 them by the upstream gradient (the reduction's ``scale``, a device tensor ``row_weight / kept count``
@@ -90,20 +91,22 @@ def fp32_out_gemm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def accumulate_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
-    """``acc += a @ b`` (``acc = a @ b`` when ``first``: no zero fill) into the fp32 (fp64) grad_W
-    accumulator ``acc``.
+    """``acc += a @ b`` (``acc = a @ b`` when ``first``: no zero fill) into the grad_W accumulator ``acc``.
 
-    Same dtype: ``mm``/``addmm_``. bf16/fp16 operands: cuBLAS writes the fp32 sum straight into
-    ``acc`` (``out_dtype``) where supported; elsewhere (CPU, older torch) the chunk's product is formed
-    in the operands' dtype (fp32 accumulation inside the GEMM, one rounding of each chunk's partial
-    sum) and added to ``acc`` in fp32 -- the fallback Liger-Kernel also uses.
+    Same dtype: ``mm``/``addmm_`` (for a bf16/fp16 ``acc``, the ``grad_accum="weight"`` case, the GEMM
+    sums in fp32 and adds to ``acc`` with one rounding per chunk). bf16/fp16 operands into an fp32
+    ``acc``: cuBLAS writes the fp32 sum straight into ``acc`` (``out_dtype``) where supported;
+    elsewhere (CPU, older torch) the chunk's product is formed in the operands' dtype (fp32
+    accumulation inside the GEMM, one rounding of each chunk's partial sum) and added to ``acc`` in
+    fp32 -- the fallback Liger-Kernel also uses. Any other pairing (fp32 operands of the torch path
+    into a bf16 ``acc``): the product, then one rounding into ``acc``.
     """
     if a.dtype == acc.dtype:
         if first:
             torch.mm(a, b, out=acc)
         else:
             acc.addmm_(a, b)
-    elif fp32_out_gemm_supported(acc.device, a.dtype):
+    elif acc.dtype == torch.float32 and fp32_out_gemm_supported(acc.device, a.dtype):
         if first:
             torch.mm(a, b, out_dtype=acc.dtype, out=acc)
         else:
@@ -115,12 +118,13 @@ def accumulate_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool
 
 
 # ----------------------------------------------------------------------------- the chunk pass
-def chunk_pass(h, w, labels, opts: CEOptions, row_op: RowOp, chunk_rows: int, row_scale, need_h, need_w, lse=None):
+def chunk_pass(h, w, labels, opts: CEOptions, row_op: RowOp, chunk_rows: int, row_scale, need_h, need_w,
+               acc_dtype: torch.dtype, lse=None):
     """One sweep over row chunks. ``h``/``w``: GEMM dtype, row-major; ``labels``: int64 [N].
 
     ``row_scale`` (fp32, 0-d or [N]) is d(output)/d(row loss); gradients are formed only when it is
     given. ``lse`` (fp32 [N]) given: the row op skips its logsumexp pass. Returns
-    ``(loss [N] fp32, lse [N] fp32, grad_h [N, H] in h's dtype or None, grad_w [V, H] fp32/fp64 or None)``.
+    ``(loss [N] fp32, lse [N] fp32, grad_h [N, H] in h's dtype or None, grad_w [V, H] in acc_dtype or None)``.
     """
     n, width = h.shape
     vocab = w.shape[0]
@@ -131,7 +135,6 @@ def chunk_pass(h, w, labels, opts: CEOptions, row_op: RowOp, chunk_rows: int, ro
     if lse is None:
         lse = torch.empty(n, dtype=torch.float32, device=dev)
     grad_h = torch.empty_like(h) if want_grad and need_h else None
-    acc_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
     grad_w = None
     if want_grad and need_w:  # written whole by the first chunk's GEMM
         grad_w = (torch.empty if n > 0 else torch.zeros)((vocab, width), dtype=acc_dtype, device=dev)
@@ -162,7 +165,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """Autograd wrapper of :func:`chunk_pass` for any :class:`Backend` (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, row_weight, opts, reduction, backend, chunk_size):
+    def forward(ctx, hidden, weight, labels, row_weight, opts, reduction, backend, chunk_size, grad_accum):
         dev = hidden.device
         h, w = backend.prepare(hidden, weight)
         labels = labels.long().contiguous()
@@ -171,6 +174,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         rw = None if row_weight is None else row_weight.to(torch.float32).contiguous()
         chunk_rows = chunk_size or default_chunk_rows(w.shape[0], h.element_size())
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc_dtype = accumulator_dtype(h.dtype, weight.dtype, grad_accum)
         eager = (need_h or need_w) and reduction != "none"
         row_scale = None
         if eager:
@@ -178,11 +182,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             row_scale = base if rw is None else rw * base
         with torch.autocast(dev.type, enabled=False):
             loss, lse, grad_h, grad_w = chunk_pass(
-                h, w, labels, opts, backend.row_op, chunk_rows, row_scale, need_h, need_w
+                h, w, labels, opts, backend.row_op, chunk_rows, row_scale, need_h, need_w, acc_dtype
             )
         if rw is not None:
             loss = torch.where(valid, loss * rw, torch.zeros_like(loss))
         ctx.reduction, ctx.opts, ctx.backend, ctx.chunk_rows = reduction, opts, backend, chunk_rows
+        ctx.acc_dtype = acc_dtype
         ctx.dtypes = (hidden.dtype, weight.dtype)
         ctx.grads = None
         if eager:
@@ -213,7 +218,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             scale = go.contiguous() if rw is None else (go * rw).contiguous()
             with torch.autocast(h.device.type, enabled=False):
                 _, _, grad_h, grad_w = chunk_pass(
-                    h, w, labels, ctx.opts, ctx.backend.row_op, ctx.chunk_rows, scale, need_h, need_w, lse=lse
+                    h, w, labels, ctx.opts, ctx.backend.row_op, ctx.chunk_rows, scale, need_h, need_w,
+                    ctx.acc_dtype, lse=lse
                 )
             go = None
         dh = dw = None
@@ -221,16 +227,27 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             dh = (grad_h if go is None else grad_h.mul_(go.to(grad_h.dtype))).to(hdt)
         if need_w:
             dw = (grad_w if go is None else grad_w.mul_(go.to(grad_w.dtype))).to(wdt)
-        return dh, dw, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None
+
+
+def accumulator_dtype(gemm_dtype: torch.dtype, weight_dtype: torch.dtype, grad_accum: str) -> torch.dtype:
+    """The dtype ``grad_W`` is summed in (:data:`~lightning_cggr.kernels.contract.GRAD_ACCUMS`)."""
+    if torch.float64 in (gemm_dtype, weight_dtype):
+        return torch.float64
+    if grad_accum == "weight":
+        return weight_dtype  # (None, the default, and "fp32" sum in fp32)
+    return torch.float32
 
 
 def linear_ce(backend: Backend, hidden, weight, labels, *, ignore_index, reduction, label_smoothing,
-              lse_square_scale, softcap, chunk_size, row_weight) -> torch.Tensor:
+              lse_square_scale, softcap, chunk_size, row_weight, grad_accum=None) -> torch.Tensor:
     """Validate, then run :class:`LinearCrossEntropyFunction` with ``backend``."""
-    check_args(hidden, weight, labels, reduction, label_smoothing, lse_square_scale, softcap, row_weight, chunk_size)
+    check_args(hidden, weight, labels, reduction, label_smoothing, lse_square_scale, softcap, row_weight, chunk_size,
+               grad_accum)
     opts = CEOptions(int(ignore_index), float(label_smoothing), float(lse_square_scale),
                      None if softcap is None else float(softcap))
-    return LinearCrossEntropyFunction.apply(hidden, weight, labels, row_weight, opts, reduction, backend, chunk_size)
+    return LinearCrossEntropyFunction.apply(hidden, weight, labels, row_weight, opts, reduction, backend, chunk_size,
+                                            grad_accum)
 
 
 @torch.no_grad()
@@ -331,11 +348,11 @@ TORCH = Backend("torch", _torch_prepare, torch_ce_rows, torch_stats_rows)
 
 def chunked_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction="mean",
                                  label_smoothing=0.0, lse_square_scale=0.0, softcap=None,
-                                 chunk_size=None, row_weight=None) -> torch.Tensor:
+                                 chunk_size=None, row_weight=None, grad_accum=None) -> torch.Tensor:
     """``impl="torch"``: the chunk pass with torch row ops, fp32 (fp64) compute."""
     return linear_ce(TORCH, hidden, weight, labels, ignore_index=ignore_index, reduction=reduction,
                      label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
-                     chunk_size=chunk_size, row_weight=row_weight)
+                     chunk_size=chunk_size, row_weight=row_weight, grad_accum=grad_accum)
 
 
 def chunked_token_stats(hidden, weight, labels=None, *, ignore_index=-100, chunk_size=None) -> TokenStats:

@@ -18,6 +18,12 @@ from typing import NamedTuple
 import torch
 
 REDUCTIONS = ("mean", "sum", "none")
+GRAD_ACCUMS = ("fp32", "weight")
+"""Where the chunked paths sum ``grad_W`` over row chunks: ``"fp32"`` in one fp32 buffer (fp64 for
+fp64 inputs) cast to the weight's dtype once at the end (the default: one rounding); ``"weight"``
+straight into a buffer of the weight's dtype (for bf16/fp16 weights one rounding per chunk, as
+Liger-Kernel does by default; it saves the ``V x H`` fp32 accumulator, 2 GiB at a 128k x 4096 head).
+With fp32 (fp64) weights both are the same."""
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 LOGITS_BUDGET_BYTES = 256 << 20
@@ -67,9 +73,13 @@ def check_args(
     softcap: float | None,
     row_weight: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    grad_accum: str | None = None,
 ) -> None:
     """Validate shapes and options; raise one ValueError listing every problem (host-side only)."""
     problems = []
+    if grad_accum is not None and grad_accum not in GRAD_ACCUMS:
+        problems.append(f"grad_accum must be None (the implementation's default) or one of {GRAD_ACCUMS}, "
+                        f"got {grad_accum!r}")
     if hidden.dim() != 2:
         problems.append(f"hidden must be [N, H], got shape {tuple(hidden.shape)}")
     if weight.dim() != 2:

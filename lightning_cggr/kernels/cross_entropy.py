@@ -217,12 +217,12 @@ def _check_device(t: torch.Tensor) -> None:
 
 def triton_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction="mean",
                                 label_smoothing=0.0, lse_square_scale=0.0, softcap=None,
-                                chunk_size=None, row_weight=None) -> torch.Tensor:
+                                chunk_size=None, row_weight=None, grad_accum=None) -> torch.Tensor:
     """Chunked cuBLAS GEMMs + Triton row kernels (contract: :func:`lightning_cggr.kernels.linear_cross_entropy`)."""
     _check_device(hidden)
     return linear_ce(TRITON, hidden, weight, labels, ignore_index=ignore_index, reduction=reduction,
                      label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
-                     chunk_size=chunk_size, row_weight=row_weight)
+                     chunk_size=chunk_size, row_weight=row_weight, grad_accum=grad_accum)
 
 
 def triton_token_stats(hidden, weight, labels=None, *, ignore_index=-100, chunk_size=None) -> TokenStats:

@@ -1,0 +1,127 @@
+"""``perf.compile`` under the Trainer: the user's command, once per setting, compared side by side.
+
+The throughput benchmark drives the product's step (experiments.bench.Runner) without Lightning's
+loop; this runs ``python -m lightning_cggr.train`` itself -- Lightning's optimizer step, clipping,
+logging, validation and checkpoints included -- once per ``perf.compile`` setting, each in a fresh
+process (as a user runs it), with the same config, seed and batches otherwise. From each run's
+``metrics.csv`` (logged every step here) it reports the median ``train/tokens_per_sec`` and
+``train/mfu`` over the steps after ``--skip`` (compilation happens in the first ones), the final
+``val/loss`` (settings must agree up to kernel rounding), the process's wall time start to exit
+(compilation included) and its exit status::
+
+    python -m experiments.trainer_check --settings false,true,reduce-overhead --steps 60 \\
+        trainer=gpu model.hidden_size=576 model.num_layers=30 model.num_heads=9 \\
+        model.intermediate_size=1536 data.batch_size=8 data.block_size=2048
+
+Writes ``<out>/trainer_check-<device>.{json,md}``. Settings run one after another, never at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from experiments.results_io import environment, md_table, publish
+from experiments.stats import median
+
+
+def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every numeric column of the run's ``metrics.csv`` as (step, value) pairs."""
+    files = sorted(run_dir.rglob("metrics.csv"))
+    if not files:
+        return {}
+    out: dict[str, list[tuple[int, float]]] = {}
+    with files[0].open() as f:
+        for row in csv.DictReader(f):
+            step = int(float(row.get("step") or 0))
+            for key, value in row.items():
+                if key == "step" or value in (None, ""):
+                    continue
+                try:
+                    out.setdefault(key, []).append((step, float(value)))
+                except ValueError:
+                    continue
+    return out
+
+
+def summarize(metrics: dict, skip: int) -> dict:
+    def after(key):
+        return [v for s, v in metrics.get(key, []) if s >= skip and math.isfinite(v)]
+
+    tps, mfu = after("train/tokens_per_sec"), after("train/mfu")
+    val = metrics.get("val/loss", [])
+    return dict(tokens_per_sec=median(tps) if tps else None, mfu=median(mfu) if mfu else None,
+                steps_timed=len(tps), final_val_loss=val[-1][1] if val else None,
+                final_step=max((s for s, _ in metrics.get("train/loss", [])), default=None))
+
+
+def run_setting(setting: str, overrides: list[str], steps: int, out_dir: Path, timeout: float) -> dict:
+    run_dir = out_dir / f"compile_{setting}"
+    cmd = [sys.executable, "-m", "lightning_cggr.train", *overrides, f"perf.compile={setting}",
+           f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "trainer.log_every_n_steps=1",
+           "trainer.enable_progress_bar=false", "logger=csv", f"output_dir={run_dir}", f"hydra.run.dir={run_dir}"]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-1500:]
+    except subprocess.TimeoutExpired as e:
+        rc, tail = "timeout", str(e)[-500:]
+    return dict(setting=setting, rc=rc, wall_s=round(time.perf_counter() - t0, 1), command=" ".join(cmd[1:]),
+                log_tail=tail if rc != 0 else "", run_dir=str(run_dir))
+
+
+def markdown(p: dict) -> str:
+    rows = []
+    base = next((r for r in p["runs"] if r["setting"] == "false" and r.get("tokens_per_sec")), None)
+    for r in p["runs"]:
+        ratio = (r["tokens_per_sec"] / base["tokens_per_sec"]) if base and r.get("tokens_per_sec") else None
+        rows.append([r["setting"], r["rc"], r.get("final_step"), r.get("steps_timed"),
+                     None if r.get("tokens_per_sec") is None else f"{r['tokens_per_sec']:.0f}",
+                     None if ratio is None else f"{ratio:.2f}x",
+                     None if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%",
+                     None if r.get("final_val_loss") is None else f"{r['final_val_loss']:.4f}", r["wall_s"]])
+    env = p["environment"]
+    lines = [f"# perf.compile under the Trainer ({env['device_tag']})", "",
+             f"{env['date_utc']}, torch {env['versions']['torch']}, lightning {env['versions']['lightning']}. "
+             f"`python -m lightning_cggr.train {' '.join(p['overrides'])}` for {p['steps']} steps per setting, "
+             f"one fresh process each; medians over the steps from {p['skip']} on (compilation happens before).", "",
+             md_table(["perf.compile", "exit", "last step", "steps timed", "tokens/s (median)", "vs eager",
+                       "MFU (median)", "final val/loss", "process wall (s)"], rows), ""]
+    for r in p["runs"]:
+        if r["rc"] != 0:
+            lines += [f"`perf.compile={r['setting']}` failed ({r['rc']}):", "", "```", r["log_tail"], "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--settings", default="false,true,reduce-overhead", help="comma-separated perf.compile values")
+    ap.add_argument("--steps", type=int, default=60, help="trainer.max_steps of each run")
+    ap.add_argument("--skip", type=int, default=10, help="steps left out of the medians (compilation, warm-up)")
+    ap.add_argument("--timeout-s", type=float, default=300.0, help="limit per run")
+    ap.add_argument("--device", default="cuda", help="device tag of the results file (cuda | cpu)")
+    ap.add_argument("--out", default=None, help="results folder (default experiments/results)")
+    ap.add_argument("--runs-dir", default=None, help="where the run folders go (default: a temporary folder)")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides shared by every run")
+    args = ap.parse_args(argv)
+    runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="trainer_check_"))
+    runs = []
+    for setting in args.settings.split(","):
+        r = run_setting(setting, args.overrides, args.steps, runs_dir, args.timeout_s)
+        r.update(summarize(read_metrics(Path(r["run_dir"])), args.skip))
+        print(f"perf.compile={setting}: rc {r['rc']} tokens/s {r['tokens_per_sec']} mfu {r['mfu']} "
+              f"val {r['final_val_loss']} wall {r['wall_s']} s", file=sys.stderr, flush=True)
+        runs.append(r)
+    payload = dict(experiment="trainer_check", kind="trainer_check", overrides=args.overrides, steps=args.steps,
+                   skip=args.skip, runs=runs, environment=environment(args.device))
+    return publish(payload, "trainer_check", args.device, markdown, args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
