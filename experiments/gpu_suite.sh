@@ -67,7 +67,7 @@ else
   TC=(--device cuda --steps 40 --skip 10 --settings false,true,reduce-overhead --timeout-s 110 trainer=gpu checkpoint.every_n_steps=1000
       model.hidden_size=576 model.num_layers=30 model.num_heads=9 model.intermediate_size=1536 model.max_position_embeddings=2048
       data.batch_size=8 data.block_size=2048)
-  MID=(--steps 200 --seeds 0,1,2 --evals 8 --eval-batches 4); MIDX=(model.num_layers=8 data.batch_size=32 data.block_size=512)
+  MID=(--steps 200 --seeds 0,1,2 --evals 8 --eval-batches 4); MIDX=(model.num_layers=8 data.batch_size=16 data.block_size=512)
   Q=(--steps 60 --eval-every 15 --eval-batches 4); SW=()
 fi
 python - <<'EOF' >>"$LOG" 2>&1
@@ -127,14 +127,14 @@ part large && step 150 experiments.throughput --device "$DEV" --preset smollm2_s
 part graphs && step 150 experiments.throughput --device "$DEV" --preset smollm2_shape "${SC[@]}" --out "$RES" "${P[@]}" \
   --name throughput-smollm2_shape_cudagraphs --methods standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence \
   "${SHAPE[@]}" perf.compile=reduce-overhead "${SCX[@]}"
-# 1g. perf.compile under the Trainer: the user's command (python -m lightning_cggr.train) per setting, SmolLM2's
-#     body (8k-token BPE head) at 8 x 2048: tokens/s, MFU and the final val/loss from each run's metrics.csv
-part trainer && step 400 experiments.trainer_check --out "$RES" "${TC[@]}"
-# 2a. issue 14's mid-size model on the GPU: SmolLM2's width with 8 blocks (head padded to 49152 rows), 32 x 512,
+# 2a. issue 14's mid-size model on the GPU: SmolLM2's width with 8 blocks (head padded to 49152 rows), 16 x 512,
 #     200 steps x 3 seeds, standard vs the two best rules of the CPU SmolLM2 run vs their random controls
 part mid && step 280 experiments.quality --device "$DEV" --preset smollm2_shape --name quality-mid_shape "${MID[@]}" --out "$RES" \
   --methods standard_fused,importance_sequence,random_sequence,infobatch_token,infobatch_random_token \
   optim.lr=1e-3 optim.warmup_steps=20 "${MIDX[@]}"
+# 1g. perf.compile under the Trainer: the user's command (python -m lightning_cggr.train) per setting, SmolLM2's
+#     body (8k-token BPE head) at 8 x 2048: tokens/s, MFU and the final val/loss from each run's metrics.csv
+part trainer && step 400 experiments.trainer_check --out "$RES" "${TC[@]}"
 # 2. quality, SmolLM2 shape from random init, 8 x 512, one seed (GPU time is scarce)
 part quality && step 150 experiments.quality --device "$DEV" --preset smollm2_shape "${Q[@]}" --seeds 0 --out "$RES" \
   --methods standard_naive,standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence,cggr_final \

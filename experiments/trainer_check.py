@@ -118,9 +118,11 @@ def main(argv=None) -> int:
         print(f"perf.compile={setting}: rc {r['rc']} tokens/s {r['tokens_per_sec']} mfu {r['mfu']} "
               f"val {r['final_val_loss']} wall {r['wall_s']} s", file=sys.stderr, flush=True)
         runs.append(r)
-    payload = dict(experiment="trainer_check", kind="trainer_check", overrides=args.overrides, steps=args.steps,
-                   skip=args.skip, runs=runs, environment=environment(args.device))
-    return publish(payload, "trainer_check", args.device, markdown, args.out)
+        # written after every setting: a run cut short by an outer time limit keeps what it measured
+        payload = dict(experiment="trainer_check", kind="trainer_check", overrides=args.overrides, steps=args.steps,
+                       skip=args.skip, runs=runs, environment=environment(args.device))
+        publish(payload, "trainer_check", args.device, markdown, args.out)
+    return 0
 
 
 if __name__ == "__main__":
