@@ -128,12 +128,27 @@ class CGGRModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Clip by the norm of the whole model. Under FSDP1 each rank holds a shard of every
-        gradient, so the norm must come from the root wrapper (Lightning's plugin refuses 'norm')."""
+        gradient, so the norm must come from the root wrapper (Lightning's plugin refuses 'norm').
+
+        Under ``bf16-mixed`` the gradients are unscaled (no GradScaler), so clipping them before a
+        fused AdamW step is exact; Lightning's mixed-precision plugin refuses any optimizer that
+        "unscales internally" (fused AdamW) whatever the precision, which made the default GPU run
+        (``trainer=gpu``: bf16-mixed, ``optim.fused=auto``, clipping 1.0) fail at its first step.
+        Here the plugin's own clipping runs without that check when no scaler is in use; with
+        ``16-mixed`` (a scaler) ``optim.fused=auto`` chooses the unfused AdamW instead
+        (:meth:`configure_optimizers`)."""
+        from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+        from lightning.pytorch.utilities import GradClipAlgorithmType
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         root = self.trainer.strategy.model
         if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and isinstance(root, FullyShardedDataParallel):
             root.clip_grad_norm_(gradient_clip_val)
+            return
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
@@ -187,7 +202,9 @@ class CGGRModule(L.LightningModule):
             checkpoint[CONFIG_KEY] = {"config": self.run_config}
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.model, self.optim_cfg)
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        optimizer = build_optimizer(self.model, self.optim_cfg,
+                                    scaled_clipping=scaled and bool(self.trainer.gradient_clip_val))
         total = self.trainer.estimated_stepping_batches
         self.step.total_steps = int(total) if total != float("inf") else None  # infobatch anneals over its tail
         scheduler = build_scheduler(optimizer, self.optim_cfg, total)

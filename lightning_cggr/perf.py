@@ -102,12 +102,23 @@ def _plain_cuda_float(p: torch.Tensor) -> bool:
     return p.is_cuda and p.is_floating_point() and not _is_dtensor(p.data)
 
 
-def adamw_kwargs(params: Iterable[torch.Tensor], fused: Any) -> dict[str, Any]:
-    """Keyword arguments choosing torch's AdamW implementation for ``params`` (``optim.fused``)."""
+def adamw_kwargs(params: Iterable[torch.Tensor], fused: Any, *, scaled_clipping: bool = False) -> dict[str, Any]:
+    """Keyword arguments choosing torch's AdamW implementation for ``params`` (``optim.fused``).
+
+    ``scaled_clipping``: gradients are clipped while a loss scaler is in use (``16-mixed``): a fused
+    step unscales inside its kernel, after clipping would have run on scaled gradients, so ``auto``
+    keeps torch's default there and ``true`` is an error."""
     if fused == "auto":
         params = list(params)
+        if scaled_clipping:
+            return {}
         return {"fused": True} if params and all(_plain_cuda_float(p) for p in params) else {}
     if fused is True:
+        if scaled_clipping:
+            raise ValueError("optim.fused=true with a loss scaler (trainer.precision=16-mixed) and gradient clipping "
+                             "(trainer.gradient_clip_val > 0): a fused AdamW unscales the gradients inside its step, "
+                             "after they would be clipped; use optim.fused=auto|false, bf16-mixed, or "
+                             "trainer.gradient_clip_val=0")
         return {"fused": True}
     if fused is False:
         return {}

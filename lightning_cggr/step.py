@@ -399,16 +399,20 @@ def _score_means(score: torch.Tensor, kept: torch.Tensor, dropped: torch.Tensor)
 # ---- optimizer, schedule and the optimizer step outside Lightning --------------------------------
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, *, scaled_clipping: bool = False) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (embeddings and linear weights), none on norms and
-    biases; ``cfg.fused`` picks torch's implementation (:func:`lightning_cggr.perf.adamw_kwargs`).
+    biases; ``cfg.fused`` picks torch's implementation (:func:`lightning_cggr.perf.adamw_kwargs`;
+    ``scaled_clipping``: gradients are clipped under a loss scaler, which a fused step cannot allow).
     Build it after the model is on its device (Lightning's ``configure_optimizers`` is)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    impl = adamw_kwargs([*decay, *no_decay], cfg.fused)
+    try:
+        impl = adamw_kwargs([*decay, *no_decay], cfg.fused, scaled_clipping=scaled_clipping)
+    except ValueError as err:
+        raise ConfigError(f"invalid configuration: {err}") from None
     try:
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **impl)
     except RuntimeError as err:

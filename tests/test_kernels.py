@@ -46,8 +46,9 @@ needs_triton = pytest.mark.skipif(not TRITON_RUNS, reason="triton not installed 
 
 # ----------------------------------------------------------------------------- reference
 def ref_loss(h, w, y, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-             lse_square_scale=0.0, softcap=None, chunk_size=None, row_weight=None):
-    """float64 full-logits loss written from the definition (log_softmax, explicit smoothing)."""
+             lse_square_scale=0.0, softcap=None, chunk_size=None, row_weight=None, grad_accum=None):
+    """float64 full-logits loss written from the definition (log_softmax, explicit smoothing);
+    ``chunk_size`` and ``grad_accum`` say how ours computes, not what, and are ignored here."""
     z = h.double() @ w.double().t()
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)

@@ -188,3 +188,49 @@ def test_validation_loss_is_token_weighted_mean_over_all_trainable_tokens():
             count += int((t != IGNORE_INDEX).sum())
     assert got[0]["val/loss"] == pytest.approx(nll / count, rel=1e-5)
     assert got[0]["val/ppl"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_fused_adamw_with_gradient_clipping_clips_like_the_unfused_step(precision):
+    """The default GPU run is bf16-mixed + fused AdamW (optim.fused=auto) + clipping at 1.0; Lightning's
+    mixed-precision plugin refused to clip for a fused optimizer (it failed at step 1 on an H100).
+    With no loss scaler the clipping is exact: the gradient norm the optimizer sees is the clip value,
+    fused or not, and both end at the same weights (to AdamW's rounding)."""
+    class Recording(CGGRModule):  # the gradient norm the optimizer step sees, after the clipping hook
+        seen: list
+
+        def configure_gradient_clipping(self, optimizer, *args, **kwargs):
+            super().configure_gradient_clipping(optimizer, *args, **kwargs)
+            grads = [p.grad.detach().double().flatten() for p in self.parameters() if p.grad is not None]
+            self.seen.append(torch.cat(grads).norm().item())
+
+    def fit(fused, clip):
+        torch.manual_seed(0)
+        module = Recording(make_tiny_model("llama"), CGGRConfig(enabled=False), LossConfig(impl="torch"),
+                           OptimConfig(lr=1e-2, warmup_steps=0, fused=fused))
+        module.seen = []
+        batches = [make_batch(4, 16, seed=i) for i in range(3)]
+        trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, precision=precision,
+                            gradient_clip_val=clip)
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        assert trainer.optimizers[0].defaults["fused"] is (True if fused is True else None)
+        return torch.cat([p.detach().flatten() for p in module.parameters()]), module.seen
+
+    (fused, fused_norms), (plain, plain_norms) = fit(True, 0.05), fit(False, 0.05)
+    _, raw_norms = fit(True, 0.0)
+    assert len(fused_norms) == 3 and min(raw_norms) > 0.1  # clipping at 0.05 has work to do
+    for norm in fused_norms + plain_norms:
+        assert norm == pytest.approx(0.05, rel=1e-3)
+    torch.testing.assert_close(fused, plain, rtol=1e-3, atol=1e-4)
+
+
+def test_fused_adamw_is_refused_where_a_loss_scaler_clips():
+    from lightning_cggr.errors import ConfigError
+    from lightning_cggr.perf import adamw_kwargs
+    from lightning_cggr.step import build_optimizer
+
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    assert adamw_kwargs(p, "auto", scaled_clipping=True) == {}
+    with pytest.raises(ConfigError, match="optim.fused=true with a loss scaler"):
+        build_optimizer(torch.nn.Linear(2, 2), OptimConfig(fused=True), scaled_clipping=True)
