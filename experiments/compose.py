@@ -55,6 +55,12 @@ def resolve_method(name: str, base: Sequence[str], device: str, reference: str |
     overrides = [*base, *own]
     try:
         container = OmegaConf.to_container(compose(overrides), resolve=True)
+        perf = container.get("perf") or {}
+        if perf.get("compile") == "auto":  # concrete in the config every report shows
+            from lightning_cggr.perf import resolve_compile
+
+            trainer = container.get("trainer") or {}
+            perf["compile"] = resolve_compile("auto", device.split(":")[0], trainer.get("strategy"), trainer.get("devices", 1))
         parse_run(container)
     except Exception as err:  # noqa: BLE001 - Hydra and ConfigError both mean "cannot run this config"
         raise SystemExit(f"error: method {name} ({' '.join(overrides)}): {' '.join(str(err).split())}") from None

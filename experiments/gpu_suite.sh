@@ -4,7 +4,7 @@
 #   bash experiments/gpu_suite.sh                 # on the GPU machine, from the repository root
 #   GPU_SUITE_DRY=1 bash experiments/gpu_suite.sh # a minutes-long CPU rehearsal of the same flow
 #   GPU_SUITE_ONLY=fsdp,large bash experiments/gpu_suite.sh  # only the named parts, of: tests, kernel_tests,
-#       loss, eager, compiled, large, graphs, trainer, quality, mid, tiny, fsdp, sweep
+#       loss, eager, compiled, large, graphs, trainer, trainer_sequence, quality, mid, tiny, fsdp, sweep
 #       (perf = tests,eager,compiled: issue 16)
 #
 # Writes under $OUT (default ./gpu_out): gpu_results.tgz (every JSON, table and plot), RESULTS-gpu.md
@@ -87,6 +87,8 @@ step() {  # step <seconds cap> <module> <args...>
   say "done rc=$?: $1"
 }
 
+# perf.compile defaults to auto (compiled on CUDA); the eager parts say perf.compile=false, as when measured
+EAGER=(perf.compile=false)
 ONLY=${GPU_SUITE_ONLY:-}
 [ "$ONLY" = perf ] && ONLY=tests,eager,compiled
 part() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }  # part <name>: whether this part of the suite runs
@@ -109,7 +111,7 @@ rm -rf "$RES/fsdp_run/checkpoints"  # weights do not travel back
 part loss && step 150 experiments.bench_cross_entropy --device "$DEV" --budget-s 100 --out "$RES" "${LOSSX[@]}"
 # 1c. SmolLM2's shape, eager, with MFU and a torch.profiler summary per method (issue 16: where the time goes)
 MAIN=standard_naive,standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence,cggr_final,importance_sequence
-part eager && step 150 experiments.throughput --device "$DEV" --preset smollm2_shape "${S[@]}" --out "$RES" "${P[@]}" --methods "$MAIN" "${SHAPE[@]}"
+part eager && step 150 experiments.throughput --device "$DEV" --preset smollm2_shape "${S[@]}" --out "$RES" "${P[@]}" --methods "$MAIN" "${SHAPE[@]}" "${EAGER[@]}"
 # 1d. the same with every decoder block compiled (perf.compile=true), same efficiency options for every
 #     method; the first steps include compilation (dropped as warm-up). The rehearsal traces with
 #     aot_eager instead of generating kernels (CPU inductor would take minutes at this shape)
@@ -131,19 +133,23 @@ part graphs && step 150 experiments.throughput --device "$DEV" --preset smollm2_
 #     200 steps x 3 seeds, standard vs the two best rules of the CPU SmolLM2 run vs their random controls
 part mid && step 280 experiments.quality --device "$DEV" --preset smollm2_shape --name quality-mid_shape "${MID[@]}" --out "$RES" \
   --methods standard_fused,importance_sequence,random_sequence,infobatch_token,infobatch_random_token \
-  optim.lr=1e-3 optim.warmup_steps=20 "${MIDX[@]}"
+  optim.lr=1e-3 optim.warmup_steps=20 "${MIDX[@]}" "${EAGER[@]}"
 # 1g. perf.compile under the Trainer: the user's command (python -m lightning_cggr.train) per setting, SmolLM2's
 #     body (8k-token BPE head) at 8 x 2048: tokens/s, MFU and the final val/loss from each run's metrics.csv
 part trainer && step 400 experiments.trainer_check --out "$RES" "${TC[@]}"
+# 1h. the same with sequence routing (cggr=sequence: the routed batch is a quarter of the rows, so the
+#     compiled blocks see a second batch size), eager vs the default compiled mode
+part trainer_sequence && step 200 experiments.trainer_check --out "$RES" --name trainer_check_sequence \
+  "${TC[@]}" --settings false,true cggr=sequence
 # 2. quality, SmolLM2 shape from random init, 8 x 512, one seed (GPU time is scarce)
 part quality && step 150 experiments.quality --device "$DEV" --preset smollm2_shape "${Q[@]}" --seeds 0 --out "$RES" \
   --methods standard_naive,standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence,cggr_final \
-  data.batch_size=8 data.block_size=512 optim.lr=1e-3 optim.warmup_steps=10 \
+  data.batch_size=8 data.block_size=512 optim.lr=1e-3 optim.warmup_steps=10 "${EAGER[@]}" \
   $( [ "${GPU_SUITE_DRY:-0}" = "1" ] && echo "data.batch_size=2 data.block_size=64 model.num_layers=4" )
 # 2b. throughput at the tiny shape (16 x 128, as on CPU)
-part tiny && step 90 experiments.throughput --device "$DEV" --preset tiny "${S[@]}" --out "$RES" --methods "$MAIN"
+part tiny && step 90 experiments.throughput --device "$DEV" --preset tiny "${S[@]}" --out "$RES" --methods "$MAIN" "${EAGER[@]}"
 # 3. batch-size sweep at a 12 GiB budget (block 2048), whatever time is left
-T=$(left); part sweep && [ "$T" -gt 30 ] && step "$T" experiments.sweep --out "$RES" --deadline-s $((T - 25)) sweep=gpu_smollm2_shape "${SW[@]}"
+T=$(left); part sweep && [ "$T" -gt 30 ] && step "$T" experiments.sweep --out "$RES" --deadline-s $((T - 25)) sweep=gpu_smollm2_shape "${SW[@]}" "${EAGER[@]}"
 
 python -m experiments.report --results "$RES" --output "$RES/RESULTS-gpu.md" --readme '' >>"$LOG" 2>&1
 cp "$RES/RESULTS-gpu.md" "$OUT/" 2>/dev/null

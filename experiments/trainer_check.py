@@ -107,9 +107,10 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout-s", type=float, default=300.0, help="limit per run")
     ap.add_argument("--device", default="cuda", help="device tag of the results file (cuda | cpu)")
     ap.add_argument("--out", default=None, help="results folder (default experiments/results)")
+    ap.add_argument("--name", default="trainer_check", help="results file name (before -<device>)")
     ap.add_argument("--runs-dir", default=None, help="where the run folders go (default: a temporary folder)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides shared by every run")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # options may follow the overrides (the last one wins)
     runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="trainer_check_"))
     runs = []
     for setting in args.settings.split(","):
@@ -119,9 +120,9 @@ def main(argv=None) -> int:
               f"val {r['final_val_loss']} wall {r['wall_s']} s", file=sys.stderr, flush=True)
         runs.append(r)
         # written after every setting: a run cut short by an outer time limit keeps what it measured
-        payload = dict(experiment="trainer_check", kind="trainer_check", overrides=args.overrides, steps=args.steps,
+        payload = dict(experiment=args.name, kind="trainer_check", overrides=args.overrides, steps=args.steps,
                        skip=args.skip, runs=runs, environment=environment(args.device))
-        publish(payload, "trainer_check", args.device, markdown, args.out)
+        publish(payload, args.name, args.device, markdown, args.out)
     return 0
 
 

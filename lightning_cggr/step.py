@@ -51,6 +51,7 @@ nothing is read on the host.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, NamedTuple, Sequence
@@ -62,7 +63,7 @@ from .distributed import KeptTokenNormalizer
 from .errors import ConfigError
 from .kernels import TokenStats, linear_cross_entropy, resolve_impl, resolve_stats_impl, token_stats
 from .models.attention import mask_free_attention, model_configs
-from .perf import adamw_kwargs, compile_blocks, mark_step_begin
+from .perf import adamw_kwargs, compile_blocks, mark_step_begin, resolve_compile
 from .routing.guards import sanitize_stats
 from .routing.reference import ReferenceModel, load_reference
 from .routing.router import TruncatedRouter, find_decoder, find_head
@@ -117,7 +118,8 @@ class CGGRStep:
     (else loaded from ``cggr.router.reference``); held unregistered, never trained or checkpointed.
     Decoder and head are looked up on the model at each use, so wrappers applied later (FSDP) are
     seen. ``perf``: efficiency options (:mod:`lightning_cggr.perf`); ``perf.compile`` compiles the
-    model's decoder blocks in place here.
+    model's decoder blocks in place here (``auto`` by the model's device at this point: ``train()``
+    resolves it earlier, from the Trainer's device and strategy).
     """
 
     def __init__(
@@ -136,6 +138,9 @@ class CGGRStep:
         self.loss_cfg = loss or LossConfig()
         self.perf = perf or PerfConfig()
         find_decoder(model), find_head(model)  # fail early on an unsupported architecture
+        if self.perf.compile == "auto" and not isinstance(self.perf.compile, bool):  # by the model's device
+            device = next(model.parameters()).device.type
+            self.perf = dataclasses.replace(self.perf, compile=resolve_compile("auto", device))
         compile_blocks(model, self.perf.compile, self.perf.compile_backend)
         c = self.cggr
         self.scorer = get_scorer(c.scoring) if c.scoring in SCORERS else None  # excess_loss/random: below

@@ -27,7 +27,7 @@ from . import rundir
 from .cli import omegaconf_problem, run_hydra, unknown_key_problems
 from .config import config_error, parse_config, register_schema
 from .errors import ConfigError, UserError, exit_on_user_error
-from .perf import uses_cuda_graphs
+from .perf import resolve_compile, uses_cuda_graphs
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,8 @@ def check_config(cfg: DictConfig):
         raise config_error(problems)
     run = parse_config(plain)
     trainer_kw = dict(plain.get("trainer") or {})
+    run.perf.compile = resolve_compile(run.perf.compile, run_device(trainer_kw), trainer_kw.get("strategy"),
+                                       trainer_kw.get("devices", 1))
     if run.perf.compile and trainer_kw.get("strategy") == "fsdp":
         raise ConfigError(
             "invalid configuration: perf.compile with trainer.strategy=fsdp (FSDP1 swaps flat parameters "
