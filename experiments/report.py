@@ -131,6 +131,26 @@ def verdict_rows(p: dict) -> list[dict]:
     return sorted(rows, key=lambda x: order.index(x["method"]))
 
 
+def _controls_ahead(p: dict) -> str:
+    """A sentence on the random controls that ended below standard at equal time in every seed: not a
+    selection rule, but a measured fact a user should see next to "none"."""
+    s, meta = p["summary"], p["methods"]
+    found = []
+    for m, r in s.items():
+        pv = r.get("paired_vs_baseline_time") or {}
+        if meta[m]["kind"] != "control" or not pv.get("n") or pv.get("wins") != pv["n"] or pv["mean"] >= 0:
+            continue
+        t = r.get("time_to_target") or {}
+        reach = (f", standard's final loss at {t['ratio_mean']:.2f}x its time ({t['reached']}/{t['n']} seeds)"
+                 if t.get("reached") else "")
+        found.append(f"{meta[m]['label']} ({pv['mean']:+.3f} at equal time, {pv['wins']}/{pv['n']} seeds lower{reach})")
+    if not found:
+        return ""
+    return (" Random selection did better than standard here: " + "; ".join(found) + ". It scores nothing: "
+            "it trains fewer rows per step and so takes more steps in the same time, an effect of the batch "
+            "size, not of a selection rule (compare a smaller `data.batch_size`).")
+
+
 def verdict_block(results: list[dict]) -> str:
     """The README's verdict: per quality result (shape), a paragraph and a table, from the numbers only."""
     quality = [r for r in results if r["kind"] == "quality" and r.get("protocol") == "time-budget"]
@@ -156,7 +176,8 @@ def verdict_block(results: list[dict]) -> str:
                          + (f"the closest, {near['label']}, reached it in {near['ttt']['reached']}/{near['ttt']['n']} "
                             f"seeds at {near['ttt']['ratio_mean']:.2f}x on average. " if near else
                             "none reached it within the run at all. ")
-                         + "Use standard training (`cggr.enabled=false`).")
+                         + "Use standard training (`cggr.enabled=false`)."
+                         + _controls_ahead(r))
     header = ["shape", "configuration", "time to std's final loss (x std)", "Δ loss @ equal time vs std",
               "Δ vs its random control", "goal met"]
     table = []

@@ -61,7 +61,13 @@ def test_verdict_picks_a_rule_only_when_it_meets_the_goal():
     text = report.verdict_block([slow])
     assert "mini (llama h8 L2, cpu, 3 seeds): none" in text and "0.80x on average" in text
     behind = _payload(fast_time=6.0, rule_loss=2.95, control_loss=2.9)  # loses to its control
-    assert ": none" in report.verdict_block([behind])
+    text = report.verdict_block([behind])
+    assert ": none" in text
+    # its control ended 0.1 below standard at equal time in every seed: said next to "none"
+    assert "Random selection did better than standard here: random-sequence control (-0.100 at equal time, " \
+           "3/3 seeds lower, standard's final loss at 0.95x its time (3/3 seeds))" in text
+    worse_control = _payload(fast_time=8.0, rule_loss=2.8, control_loss=3.1)  # control above standard
+    assert "Random selection did better" not in report.verdict_block([worse_control])
     assert "stays the upstream PR's" in report.verdict_block([good])
     assert "No time-budgeted quality results yet" in report.verdict_block([])
     lines = report.quality_findings(good)
