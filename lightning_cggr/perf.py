@@ -56,7 +56,7 @@ def resolve_compile(setting: Any, device_type: str, strategy: Any = None, device
     command, SmolLM2's body at 8 x 2048, bf16-mixed): 1.99x the eager run's tokens/s with ``true``,
     2.12x with ``reduce-overhead``; ``auto`` takes ``true``, which records no CUDA graphs (no extra
     memory per batch shape, nothing to re-record when sequence routing changes the batch)."""
-    if setting != "auto" or isinstance(setting, bool):
+    if setting != "auto":
         return setting
     single = strategy in SINGLE_DEVICE_STRATEGIES and str(devices) in ("1", "[0]")
     return device_type == "cuda" and single
@@ -65,7 +65,7 @@ def resolve_compile(setting: Any, device_type: str, strategy: Any = None, device
 def compile_mode(setting: Any) -> str | None:
     """The torch.compile mode of a ``perf.compile`` value, or None when compilation is off
     (``auto`` must be resolved first: :func:`resolve_compile`)."""
-    if setting == "auto" and not isinstance(setting, bool):
+    if setting == "auto":
         raise ValueError("perf.compile=auto must be resolved against the run's device first (resolve_compile)")
     if setting is False or setting is None:
         return None

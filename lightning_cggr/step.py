@@ -138,7 +138,7 @@ class CGGRStep:
         self.loss_cfg = loss or LossConfig()
         self.perf = perf or PerfConfig()
         find_decoder(model), find_head(model)  # fail early on an unsupported architecture
-        if self.perf.compile == "auto" and not isinstance(self.perf.compile, bool):  # by the model's device
+        if self.perf.compile == "auto":  # by the model's device
             device = next(model.parameters()).device.type
             self.perf = dataclasses.replace(self.perf, compile=resolve_compile("auto", device))
         compile_blocks(model, self.perf.compile, self.perf.compile_backend)
