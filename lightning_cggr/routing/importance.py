@@ -16,11 +16,11 @@ import math
 
 import torch
 
+from .selection import static_capacity
 from .sampling import (  # the shared checks and packing of the weighted rules
     Ratio,
     WeightedSelection,
     WeightedSequenceSelection,
-    _capacity,
     _check_fraction,
     _check_inputs,
     _check_ratio,
@@ -186,7 +186,7 @@ def importance_sample(
                                  capacity_ratio=capacity_ratio)
     cap_ratio = _check_ratio(ratio, capacity_ratio)
     rows = _rows(p, scope)
-    index, valid, keep = _pack(systematic_sample(rows, generator), _capacity(rows.shape[1], cap_ratio))
+    index, valid, keep = _pack(systematic_sample(rows, generator), static_capacity(rows.shape[1], cap_ratio))
     keep = keep.view(score.shape)
     weight = torch.where(keep, 1.0 / p.clamp(min=p_min), torch.zeros_like(p)).float()
     return WeightedSelection(keep, index, valid, weight, trainable.sum())
@@ -217,7 +217,7 @@ def importance_sample_sequences(
     seq = sequence_mean_scores(score, trainable)
     has = trainable.any(dim=1)
     p = _importance_rows(seq.unsqueeze(0), has.unsqueeze(0), ratio, cap_ratio, p_min, transform)
-    index, valid, keep = _pack(systematic_sample(p, generator), _capacity(score.shape[0], cap_ratio))
+    index, valid, keep = _pack(systematic_sample(p, generator), static_capacity(score.shape[0], cap_ratio))
     p_rows = p[0].index_select(0, index)
     weight = torch.where(valid, 1.0 / p_rows.clamp(min=p_min), torch.zeros_like(p_rows))
     return WeightedSequenceSelection(index, valid, seq, weight.float(), keep[0], trainable.sum())

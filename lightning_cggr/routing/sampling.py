@@ -41,8 +41,7 @@ for the global full-token mean (dividing by the random kept count instead would 
 Static shapes: ``index``/``valid`` have a length fixed by ``B``, ``T`` and host floats; nothing here
 reads a device value on the host. ``ratio`` may be a 0-d device tensor (the dynamic ratio) when a host
 ``capacity_ratio`` bounds it; it is then clamped on the device into the range the capacity allows.
-This module depends only on torch; it re-derives the static capacity (``_capacity``, the same
-formula as ``selection.static_capacity``) so that it has no import from the rest of the package.
+The static capacity is ``selection.static_capacity``, the one formula every rule sizes its buffers by.
 """
 
 from __future__ import annotations
@@ -51,6 +50,8 @@ import math
 from typing import NamedTuple
 
 import torch
+
+from .selection import static_capacity
 
 Ratio = float | torch.Tensor
 SCOPES = ("sequence", "batch")
@@ -133,11 +134,6 @@ def _device_ratio(ratio: Ratio, device: torch.device, lo: float, hi: float) -> t
     if torch.is_tensor(ratio):
         return ratio.to(device=device, dtype=torch.float64).clamp(lo, hi)
     return float(ratio)
-
-
-def _capacity(length: int, ratio: float) -> int:
-    """max(1, min(length, ceil(ratio * length))): bounds ceil(ratio * n) for every n <= length."""
-    return max(1, min(length, math.ceil(length * ratio - _EPS)))
 
 
 def _inverse(order: torch.Tensor) -> torch.Tensor:
@@ -278,7 +274,7 @@ def _exclude_then_topk(score_rows, active, ratio, cap_ratio, noise_fraction):
     rest = n - excluded
     r = _device_ratio(ratio, dev, 0.0, cap_ratio)
     k = torch.ceil(rest.double() * r - _EPS).clamp(min=0).long().minimum(rest)
-    cap = _capacity(L, cap_ratio)
+    cap = static_capacity(L, cap_ratio)
     keep = active & (rank >= excluded) & (rank < excluded + k)
     slots = torch.arange(cap, device=dev).unsqueeze(0)
     positions = order.gather(1, (excluded + slots) % L)  # distinct: cap <= L consecutive ranks mod L
