@@ -20,7 +20,7 @@ from .models import ARCHS as MODEL_ARCHS
 from .models import ATTN_IMPLS
 from .models import DTYPES
 from .models import SOURCES as MODEL_SOURCES
-from .perf import COMPILE_BACKENDS, COMPILE_MODES, FUSED_CHOICES
+from .perf import COMPILE_BACKENDS, COMPILE_MODES, DYNAMIC_CHOICES, FUSED_CHOICES
 from .routing.importance import TRANSFORMS as IMPORTANCE_TRANSFORMS
 from .routing.router import SOURCES as ROUTER_SOURCES
 from .routing.schedule import CURRICULUM_SHAPES, RATIO_SCHEDULES
@@ -247,6 +247,11 @@ class PerfConfig:
     reduce-overhead (README, "Efficiency options")."""
     compile_backend: str = "inductor"
     """inductor (generated kernels) | aot_eager | eager (tracing only, for debugging a compile problem)."""
+    compile_dynamic: bool | str = "auto"
+    """What a second batch size (sequence routing) or sequence length does to the compiled blocks:
+    auto (torch's default: one recompile makes that dimension symbolic) | false (a graph specialized
+    to each shape; refused for chat data and for a curriculum under sequence routing) | true (symbolic
+    from the start). Not yet measured on a GPU (lightning_cggr.perf.dynamic_arg)."""
 
 
 @dataclass
@@ -461,6 +466,9 @@ def _validate_perf(p: list[str], run: RunConfig) -> None:
     if not (isinstance(c, bool) or c in COMPILE_MODES or c == "auto"):
         p.append(f"perf.compile={c!r}: must be auto, true, false or one of {', '.join(COMPILE_MODES)}")
     _check_choice(p, "perf.compile_backend", run.perf.compile_backend, COMPILE_BACKENDS)
+    d = run.perf.compile_dynamic
+    if not any(d is v or (isinstance(v, str) and d == v) for v in DYNAMIC_CHOICES):
+        p.append(f"perf.compile_dynamic={d!r}: must be auto, true or false")
     f = run.optim.fused
     if not any(f is v or (isinstance(v, str) and f == v) for v in FUSED_CHOICES):
         p.append(f"optim.fused={f!r}: must be auto, true or false")

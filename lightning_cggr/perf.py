@@ -8,7 +8,7 @@ forward and the router's view of its first k blocks (lightning_cggr.routing.rout
 the compiled code; every block of a model has the same code, and with parameters as graph inputs
 one graph serves them all. A graph is made per distinct situation, not per step: training vs the
 router's no-grad eval pass, and the batch size (sequence routing runs ``ceil(ratio * B)`` rows;
-the second size makes the batch dimension dynamic). Left eager: embeddings, final norm and the
+``perf.compile_dynamic`` says what the second size does: see :func:`dynamic_arg`). Left eager: embeddings, final norm and the
 mask code (a few launches per forward), the loss kernels (Triton or chunked torch, their own
 code) and scoring/selection (O(B x T) element-wise work and one sort; about 20 launches, no matmul).
 
@@ -38,6 +38,9 @@ CUDA_GRAPH_MODES = ("reduce-overhead",)
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 """``perf.compile_backend``: inductor generates kernels; aot_eager and eager only trace (to tell a
 tracing problem from a code-generation one)."""
+
+DYNAMIC_CHOICES = ("auto", True, False)
+"""``perf.compile_dynamic`` values (:func:`dynamic_arg`)."""
 
 FUSED_CHOICES = ("auto", True, False)
 """``optim.fused`` values."""
@@ -87,15 +90,88 @@ def mark_step_begin(setting: Any) -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
-def compile_blocks(model: torch.nn.Module, setting: Any, backend: str = "inductor") -> int:
+def dynamic_arg(setting: Any) -> bool | None:
+    """torch.compile's ``dynamic`` argument for a ``perf.compile_dynamic`` value.
+
+    ``auto`` (None, torch's default): the first batch size gets a specialized graph; a second size
+    recompiles once with that dimension symbolic, and the symbolic graph then serves every size.
+    ``false``: a graph specialized to each size (sequence routing with a constant or dynamic ratio
+    has two: the full batch and ``ceil(ratio * B)`` rows), so no kernel is generated for symbolic
+    shapes; each new size compiles, and torch runs a block eagerly once it has
+    ``torch._dynamo.config.recompile_limit`` graphs (:func:`static_shape_problem` refuses runs that
+    would get there). ``true``: symbolic from the first call.
+
+    Why the choice exists: compiled sequence routing is bound by the host, not the GPU (H200 profile,
+    experiments/results/throughput-smollm2_shape_compiled-h200.md: 25 ms of kernels in a 78 ms step),
+    and under the Trainer on an H100 it ran at 0.67x token routing's compiled rate
+    (trainer_check_sequence-h100.md). A symbolic batch dimension adds host work to every block call
+    (shape arithmetic, guards); whether specialized graphs win is not measured yet (the GPU suite's
+    ``trainer_sequence`` part compares them with CUDA graphs), so ``auto`` keeps torch's default."""
+    if setting is True or setting is False:
+        return setting
+    if setting == "auto":
+        return None
+    raise ValueError(f"perf.compile_dynamic={setting!r}: must be auto, true or false")
+
+
+def training_batch_sizes(cggr: Any, batch_size: int) -> set[int]:
+    """Every batch size the decoder blocks run with gradients in a run of ``cggr`` at ``batch_size``
+    rows: the full batch (warm-up, standard and token routing) and, under sequence routing, each
+    routed row capacity the ratio schedule gives (host arithmetic, no model)."""
+    from .routing.schedule import curriculum_ratio
+    from .routing.selection import static_capacity
+
+    sizes = {int(batch_size)}
+    sel = cggr.selection
+    if not cggr.enabled or sel.unit != "sequence" or sel.strategy == "infobatch":  # infobatch: every row
+        return sizes
+    q = cggr.ratio_schedule
+    if q.kind == "dynamic":
+        ratios = [q.max]  # the static capacity; the ratio itself only marks rows valid
+    elif q.kind == "curriculum":
+        ratios = [curriculum_ratio(cggr.min_tokens_ratio, s, q.steps, q.shape) for s in range(int(q.steps) + 1)]
+    else:
+        ratios = [cggr.min_tokens_ratio]
+    return sizes | {static_capacity(int(batch_size), float(r)) for r in ratios}
+
+
+def static_shape_problem(run: Any) -> str | None:
+    """Why ``perf.compile_dynamic=false`` cannot serve ``run`` (a RunConfig), or None.
+
+    Specialized graphs need few distinct shapes: chat batches are padded to their longest
+    conversation (a new sequence length nearly every batch), and a curriculum under sequence routing
+    gives one routed batch size per capacity it passes through. Counted against torch's recompile
+    limit: the training sizes, plus the no-grad full batch (router, validation) and a last, partial
+    validation batch."""
+    if dynamic_arg(run.perf.compile_dynamic) is not False or not compile_mode(run.perf.compile):
+        return None
+    fix = "use perf.compile_dynamic=auto (one graph with a symbolic dimension serves every shape)"
+    if run.data.source == "chat":
+        return (f"perf.compile_dynamic=false with data.source=chat: chat batches are padded to their longest "
+                f"conversation, so nearly every batch has a new length and compiles a new graph; {fix}")
+    import torch._dynamo.config as dynamo_config
+
+    limit = getattr(dynamo_config, "recompile_limit", None) or dynamo_config.cache_size_limit
+    sizes = training_batch_sizes(run.cggr, run.data.batch_size)
+    if len(sizes) + 2 > limit:
+        return (f"perf.compile_dynamic=false: this run's decoder sees {len(sizes)} training batch sizes "
+                f"(sequence routing under a ratio curriculum), more than torch compiles before it falls back to "
+                f"eager (recompile_limit={limit}, with the no-grad and last validation batches); {fix}, "
+                f"or cggr.ratio_schedule.kind=constant")
+    return None
+
+
+def compile_blocks(model: torch.nn.Module, setting: Any, backend: str = "inductor", dynamic: Any = "auto") -> int:
     """Compile every decoder block of ``model`` in place (``perf.compile``); returns how many.
 
     Idempotent in effect: compiling again replaces each block's compiled wrapper, and torch's
     cache of generated code is shared, so several steps around one model do not compile twice.
     A copy of a compiled model must be compiled again (its wrappers call the original's blocks);
-    :class:`~lightning_cggr.step.CGGRStep` compiles the model it is given.
+    :class:`~lightning_cggr.step.CGGRStep` compiles the model it is given. ``dynamic``: a
+    ``perf.compile_dynamic`` value (:func:`dynamic_arg`).
     """
     mode = compile_mode(setting)
+    dynamic = dynamic_arg(dynamic)
     if mode is None:
         return 0
     if backend not in COMPILE_BACKENDS:
@@ -103,7 +179,7 @@ def compile_blocks(model: torch.nn.Module, setting: Any, backend: str = "inducto
     from .routing.router import find_blocks, find_decoder
 
     _, blocks = find_blocks(find_decoder(model))
-    options = {"backend": backend}
+    options = {"backend": backend, "dynamic": dynamic}
     if backend == "inductor":
         options["mode"] = mode
     for block in blocks:

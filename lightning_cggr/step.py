@@ -141,7 +141,7 @@ class CGGRStep:
         if self.perf.compile == "auto":  # by the model's device
             device = next(model.parameters()).device.type
             self.perf = dataclasses.replace(self.perf, compile=resolve_compile("auto", device))
-        compile_blocks(model, self.perf.compile, self.perf.compile_backend)
+        compile_blocks(model, self.perf.compile, self.perf.compile_backend, self.perf.compile_dynamic)
         c = self.cggr
         self.scorer = get_scorer(c.scoring) if c.scoring in SCORERS else None  # excess_loss/random: below
         uses_router = c.enabled and c.router.source == "truncated" and c.scoring != "random"

@@ -7,7 +7,8 @@
 - ``optim.fused``: torch's fused AdamW gives the per-tensor loop's update; ``auto`` picks it only for
   CUDA floating-point parameters;
 - ``perf.compile``: the compiled step gives the eager loss and gradients, and compiles nothing new
-  after its first step.
+  after its first step; ``perf.compile_dynamic`` decides whether a second batch size makes the
+  batch dimension symbolic, and is refused where shapes keep changing.
 """
 
 from __future__ import annotations
@@ -277,6 +278,90 @@ def test_compiled_steps_match_eager_and_compile_only_in_the_first(unit, one_thre
     assert graphs[0] >= 2, f"the router's no-grad pass and the training forward each compile: {graphs}"
     assert graphs == [graphs[0]] * 5, f"graphs made after each step: {graphs}"
     torch.testing.assert_close(torch.stack(losses), torch.stack(eager), rtol=1e-5, atol=1e-6)
+
+
+class GraphRecorder:
+    """A torch.compile backend that runs each graph as traced (like ``eager``) and records, per graph,
+    whether any of its inputs has a symbolic size (torch made a dimension dynamic)."""
+
+    def __init__(self):
+        self.symbolic: list[bool] = []
+
+    def __call__(self, gm, example_inputs):
+        def is_symbolic(v):
+            if isinstance(v, torch.SymInt):
+                return True
+            return isinstance(v, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in v.shape)
+
+        values = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        self.symbolic.append(any(is_symbolic(v) for v in values))
+        return gm.forward
+
+
+@pytest.mark.parametrize("dynamic", ["auto", False])
+def test_compile_dynamic_decides_whether_sequence_routing_makes_the_batch_symbolic(dynamic, monkeypatch, one_thread):
+    """Sequence routing runs the blocks at two batch sizes (the router's no-grad pass over all 4 rows,
+    the training pass over 2). perf.compile_dynamic=auto leaves torch's default, which makes the batch
+    dimension symbolic at the second size; false gives one specialized graph per (grad mode, size):
+    exactly 2, none symbolic. Both compile nothing after the first step and give the eager losses."""
+    import torch._dynamo
+
+    from lightning_cggr import perf
+
+    torch._dynamo.reset()
+    recorder = GraphRecorder()
+    monkeypatch.setattr(perf, "COMPILE_BACKENDS", (*perf.COMPILE_BACKENDS, recorder))
+    batches = [_packed_batch(seed=40 + i) for i in range(4)]
+    model = make_tiny_model("llama", num_layers=2)
+    eager = list(_run_steps(copy.deepcopy(model), UNITS["sequence"], PerfConfig(), batches))[-1]
+    made = []
+    compiled = PerfConfig(compile=True, compile_backend=recorder, compile_dynamic=dynamic)
+    for losses in _run_steps(model, UNITS["sequence"], compiled, batches):
+        made.append(len(recorder.symbolic))
+    assert made == [made[0]] * 4, f"graphs made after each step: {made}"
+    if dynamic is False:
+        assert recorder.symbolic == [False, False]
+    else:
+        assert any(recorder.symbolic), f"torch's default kept every graph static: {recorder.symbolic}"
+    torch.testing.assert_close(torch.stack(losses), torch.stack(eager), rtol=1e-5, atol=1e-6)
+
+
+def test_training_batch_sizes_follow_the_unit_and_the_ratio_schedule():
+    """Hand-worked: ceil(ratio * 8) rows, under each schedule (sequence unit only)."""
+    from lightning_cggr.config import RatioScheduleConfig
+    from lightning_cggr.perf import training_batch_sizes
+
+    seq = SelectionConfig(unit="sequence")
+    assert training_batch_sizes(CGGRConfig(min_tokens_ratio=0.25, selection=seq), 8) == {8, 2}
+    assert training_batch_sizes(CGGRConfig(min_tokens_ratio=0.25), 8) == {8}  # token unit: every row
+    assert training_batch_sizes(CGGRConfig(enabled=False, selection=seq), 8) == {8}
+    infobatch = SelectionConfig(unit="sequence", strategy="infobatch")
+    assert training_batch_sizes(CGGRConfig(selection=infobatch), 8) == {8}  # its capacity is every row
+    dyn = RatioScheduleConfig(kind="dynamic", min=0.1, max=0.3)
+    assert training_batch_sizes(CGGRConfig(selection=seq, ratio_schedule=dyn), 8) == {8, 3}  # sized by max
+    cur = RatioScheduleConfig(kind="curriculum", steps=100)
+    assert training_batch_sizes(CGGRConfig(min_tokens_ratio=0.25, selection=seq, ratio_schedule=cur), 8) == {
+        8, 7, 6, 5, 4, 3, 2}
+
+
+def test_static_shapes_are_refused_where_shapes_keep_changing():
+    """perf.compile_dynamic=false: refused for chat data (padded per batch) and for a curriculum under
+    sequence routing with more sizes than torch compiles; accepted for packed text, and ignored when
+    nothing is compiled."""
+    from experiments.compose import compose
+    from lightning_cggr.train import check_config
+
+    base = ["trainer.accelerator=cpu", "perf.compile=true", "perf.compile_dynamic=false"]
+    run, _ = check_config(compose([*base, "cggr=sequence"]))
+    assert run.perf.compile_dynamic is False
+    with pytest.raises(ConfigError, match=r"perf.compile_dynamic=false with data.source=chat.*compile_dynamic=auto"):
+        check_config(compose([*base, "data=chat", "data.tokenizer=model", "model=smollm2_gguf"]))
+    curriculum = ["cggr=sequence", "cggr.ratio_schedule.kind=curriculum", "data.batch_size=16"]
+    with pytest.raises(ConfigError, match=r"sees 13 training batch sizes.*recompile_limit"):
+        check_config(compose([*base, *curriculum]))
+    check_config(compose(["trainer.accelerator=cpu", "perf.compile=false", "perf.compile_dynamic=false", *curriculum]))
+    with pytest.raises(ConfigError, match=r"perf.compile_dynamic='sometimes': must be auto, true or false"):
+        parse_config({"perf": {"compile_dynamic": "sometimes"}})
 
 
 @pytest.mark.slow
