@@ -63,7 +63,7 @@ else
   DEV=cuda; SHAPE=(data.batch_size=8 data.block_size=2048); LARGE=(data.batch_size=32 data.block_size=2048); S=(--steps 15 --warmup 3); SC=(--steps 12 --warmup 4); SCX=()
   P=(--profile --profile-steps 3)
   FSDP=(trainer=gpu trainer.strategy=fsdp trainer.devices=1 trainer.max_steps=30 trainer.val_check_interval=30)
-  LOSSX=(--variants triton:1024,triton:512,triton:256,triton:256:weight,triton:rule:weight --profile triton,gemm_floor)
+  LOSSX=(--variants triton:4096,triton:2048,triton:512,triton:2048:weight,triton:256:weight,triton:rule:weight --profile triton,gemm_floor)
   TC=(--device cuda --steps 40 --skip 10 --settings false,true,reduce-overhead --timeout-s 110 trainer=gpu checkpoint.every_n_steps=1000
       model.hidden_size=576 model.num_layers=30 model.num_heads=9 model.intermediate_size=1536 model.max_position_embeddings=2048
       data.batch_size=8 data.block_size=2048)
@@ -138,9 +138,10 @@ part mid && step 280 experiments.quality --device "$DEV" --preset smollm2_shape 
 #     body (8k-token BPE head) at 8 x 2048: tokens/s, MFU and the final val/loss from each run's metrics.csv
 part trainer && step 400 experiments.trainer_check --out "$RES" "${TC[@]}"
 # 1h. the same with sequence routing (cggr=sequence: the routed batch is a quarter of the rows, so the
-#     compiled blocks see a second batch size), eager vs the default compiled mode
-part trainer_sequence && step 200 experiments.trainer_check --out "$RES" --name trainer_check_sequence \
-  "${TC[@]}" --settings false,true cggr=sequence
+#     compiled blocks see a second batch size): eager, compiled with torch's automatic dynamic shapes (the
+#     default), compiled with a graph specialized to each batch size, and CUDA graphs
+part trainer_sequence && step 280 experiments.trainer_check --out "$RES" --name trainer_check_sequence \
+  "${TC[@]}" --settings false,true,true:perf.compile_dynamic=false,reduce-overhead cggr=sequence
 # 2. quality, SmolLM2 shape from random init, 8 x 512, one seed (GPU time is scarce)
 part quality && step 150 experiments.quality --device "$DEV" --preset smollm2_shape "${Q[@]}" --seeds 0 --out "$RES" \
   --methods standard_naive,standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence,cggr_final \

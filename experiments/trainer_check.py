@@ -13,7 +13,9 @@ process (as a user runs it), with the same config, seed and batches otherwise. F
         trainer=gpu model.hidden_size=576 model.num_layers=30 model.num_heads=9 \\
         model.intermediate_size=1536 data.batch_size=8 data.block_size=2048
 
-Writes ``<out>/trainer_check-<device>.{json,md}``. Settings run one after another, never at once.
+A setting may carry more overrides after colons, e.g. ``true:perf.compile_dynamic=false`` (the
+compiled blocks specialized to each batch size). Writes ``<out>/trainer_check-<device>.{json,md}``.
+Settings run one after another, never at once.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -61,19 +65,43 @@ def summarize(metrics: dict, skip: int) -> dict:
                 final_step=max((s for s, _ in metrics.get("train/loss", [])), default=None))
 
 
+def setting_overrides(setting: str) -> list[str]:
+    """``VALUE[:KEY=V...]``: perf.compile=VALUE and the extra overrides of one setting."""
+    value, *extra = setting.split(":")
+    for o in extra:
+        if "=" not in o:
+            raise SystemExit(f"--settings: {o!r} in {setting!r} is not an override KEY=VALUE")
+    return [f"perf.compile={value}", *extra]
+
+
 def run_setting(setting: str, overrides: list[str], steps: int, out_dir: Path, timeout: float) -> dict:
-    run_dir = out_dir / f"compile_{setting}"
-    cmd = [sys.executable, "-m", "lightning_cggr.train", *overrides, f"perf.compile={setting}",
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in setting)
+    run_dir = out_dir / f"compile_{safe}"
+    cmd = [sys.executable, "-m", "lightning_cggr.train", *overrides, *setting_overrides(setting),
            f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "trainer.log_every_n_steps=1",
            "trainer.enable_progress_bar=false", "logger=csv", f"output_dir={run_dir}", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "TORCH_LOGS": os.environ.get("TORCH_LOGS", "recompiles,graph_breaks")}
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-1500:]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        rc, text = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as e:
-        rc, tail = "timeout", str(e)[-500:]
+        rc, text = "timeout", str(e)
     return dict(setting=setting, rc=rc, wall_s=round(time.perf_counter() - t0, 1), command=" ".join(cmd[1:]),
-                log_tail=tail if rc != 0 else "", run_dir=str(run_dir))
+                log_tail=text[-1500:] if rc != 0 else "", run_dir=str(run_dir), **compile_events(text))
+
+
+def compile_events(log: str) -> dict:
+    """From a run's output under ``TORCH_LOGS=recompiles,graph_breaks``: how many times a compiled
+    function was compiled again and how many graph breaks torch reported, with the first reasons."""
+    lines = [re.sub(r"^.*\[__\w+\]\s*", "", line).strip() for line in log.splitlines()]  # torch's log prefix
+    recompiles = [i for i, line in enumerate(lines) if line.startswith("Recompiling function")]
+    breaks = [line for line in lines if "Graph break" in line]
+    reasons = []
+    for i in recompiles[:4]:  # "triggered by the following guard failure(s):" and the guard on the next lines
+        reasons.append(" ".join(lines[i:i + 4])[:400])
+    return dict(recompiles=len(recompiles), graph_breaks=len(breaks), recompile_reasons=reasons,
+                graph_break_lines=[b[:300] for b in breaks[:4]])
 
 
 def markdown(p: dict) -> str:
@@ -85,14 +113,20 @@ def markdown(p: dict) -> str:
                      None if r.get("tokens_per_sec") is None else f"{r['tokens_per_sec']:.0f}",
                      None if ratio is None else f"{ratio:.2f}x",
                      None if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%",
-                     None if r.get("final_val_loss") is None else f"{r['final_val_loss']:.4f}", r["wall_s"]])
+                     None if r.get("final_val_loss") is None else f"{r['final_val_loss']:.4f}", r["wall_s"],
+                     r.get("recompiles"), r.get("graph_breaks")])
     env = p["environment"]
     lines = [f"# perf.compile under the Trainer ({env['device_tag']})", "",
              f"{env['date_utc']}, torch {env['versions']['torch']}, lightning {env['versions']['lightning']}. "
              f"`python -m lightning_cggr.train {' '.join(p['overrides'])}` for {p['steps']} steps per setting, "
              f"one fresh process each; medians over the steps from {p['skip']} on (compilation happens before).", "",
              md_table(["perf.compile", "exit", "last step", "steps timed", "tokens/s (median)", "vs eager",
-                       "MFU (median)", "final val/loss", "process wall (s)"], rows), ""]
+                       "MFU (median)", "final val/loss", "process wall (s)", "recompiles", "graph breaks"], rows),
+             "", "Recompiles and graph breaks are counted from torch's own logs (TORCH_LOGS=recompiles,graph_breaks).", ""]
+    for r in p["runs"]:
+        for what, key in (("recompiled", "recompile_reasons"), ("graph breaks", "graph_break_lines")):
+            if r.get(key):
+                lines += [f"`{r['setting']}` {what} (first {len(r[key])}):", "", "```", *r[key], "```", ""]
     for r in p["runs"]:
         if r["rc"] != 0:
             lines += [f"`perf.compile={r['setting']}` failed ({r['rc']}):", "", "```", r["log_tail"], "```", ""]
@@ -101,7 +135,7 @@ def markdown(p: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--settings", default="false,true,reduce-overhead", help="comma-separated perf.compile values")
+    ap.add_argument("--settings", default="false,true,reduce-overhead", help="comma-separated perf.compile values, each optionally VALUE:KEY=V[:KEY=V] (more overrides)")
     ap.add_argument("--steps", type=int, default=60, help="trainer.max_steps of each run")
     ap.add_argument("--skip", type=int, default=10, help="steps left out of the medians (compilation, warm-up)")
     ap.add_argument("--timeout-s", type=float, default=300.0, help="limit per run")
@@ -113,7 +147,10 @@ def main(argv=None) -> int:
     args = ap.parse_intermixed_args(argv)  # options may follow the overrides (the last one wins)
     runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="trainer_check_"))
     runs = []
-    for setting in args.settings.split(","):
+    settings = args.settings.split(",")
+    for setting in settings:
+        setting_overrides(setting)  # a malformed one fails before anything runs
+    for setting in settings:
         r = run_setting(setting, args.overrides, args.steps, runs_dir, args.timeout_s)
         r.update(summarize(read_metrics(Path(r["run_dir"])), args.skip))
         print(f"perf.compile={setting}: rc {r['rc']} tokens/s {r['tokens_per_sec']} mfu {r['mfu']} "

@@ -325,3 +325,30 @@ def test_bench_variants_parse_and_gemm_floor_is_the_three_gemms():
     z = hm @ w.detach().t()
     torch.testing.assert_close(h.grad, z @ w.detach())
     torch.testing.assert_close(w.grad, z.t() @ hm)
+
+
+def test_trainer_check_settings_and_compile_events_from_a_hand_written_log():
+    """A setting is perf.compile's value plus optional overrides; recompiles and graph breaks are
+    counted from torch's log lines (TORCH_LOGS=recompiles,graph_breaks), with the first reasons."""
+    from experiments.trainer_check import compile_events, setting_overrides
+
+    assert setting_overrides("true") == ["perf.compile=true"]
+    assert setting_overrides("true:perf.compile_dynamic=false:cggr=sequence") == [
+        "perf.compile=true", "perf.compile_dynamic=false", "cggr=sequence"]
+    with pytest.raises(SystemExit, match="not an override"):
+        setting_overrides("true:dynamic")
+    log = "\n".join([
+        "Epoch 0: 10/40",
+        "V1127 17:38:01.1 42 torch/_dynamo/guards.py:3000] [0/1] [__recompiles] Recompiling function forward in modeling_llama.py:250",
+        "    triggered by the following guard failure(s):",
+        "    - 0/0: tensor 'hidden_states' size mismatch at index 0. expected 8, actual 2",
+        "V1127 17:38:09.1 42 torch/_dynamo/symbolic_convert.py:500] [1/0] [__graph_breaks] Graph break in user code at x.py:3",
+        "Epoch 0: 40/40",
+    ])
+    ev = compile_events(log)
+    assert ev["recompiles"] == 1 and ev["graph_breaks"] == 1
+    assert "size mismatch at index 0. expected 8, actual 2" in ev["recompile_reasons"][0]
+    assert ev["recompile_reasons"][0].startswith("Recompiling function forward in modeling_llama.py:250 triggered by")
+    assert ev["graph_break_lines"] == ["Graph break in user code at x.py:3"]
+    assert compile_events("Epoch 0: 40/40") == dict(recompiles=0, graph_breaks=0, recompile_reasons=[],
+                                                    graph_break_lines=[])
