@@ -98,8 +98,11 @@ def compile_events(log: str) -> dict:
     recompiles = [i for i, line in enumerate(lines) if line.startswith("Recompiling function")]
     breaks = [line for line in lines if "Graph break" in line]
     reasons = []
-    for i in recompiles[:4]:  # "triggered by the following guard failure(s):" and the guard on the next lines
-        reasons.append(" ".join(lines[i:i + 4])[:400])
+    for i in recompiles[:4]:  # "triggered by the following guard failure(s):" and "- guard" lines follow
+        j = i + 1
+        while j < len(lines) and (lines[j].startswith("triggered by") or lines[j].startswith("- ")):
+            j += 1
+        reasons.append(" ".join(lines[i:j])[:400])
     return dict(recompiles=len(recompiles), graph_breaks=len(breaks), recompile_reasons=reasons,
                 graph_break_lines=[b[:300] for b in breaks[:4]])
 

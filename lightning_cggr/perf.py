@@ -94,7 +94,11 @@ def dynamic_arg(setting: Any) -> bool | None:
     """torch.compile's ``dynamic`` argument for a ``perf.compile_dynamic`` value.
 
     ``auto`` (None, torch's default): the first batch size gets a specialized graph; a second size
-    recompiles once with that dimension symbolic, and the symbolic graph then serves every size.
+    recompiles once with that dimension symbolic, and the symbolic graph then serves every size. A
+    second size comes from sequence routing and also from the validation loader's last, partial
+    batch: ``train()`` validates once before training (the starting loss), so when the validation
+    set is not a multiple of the batch, even standard and token routing train with a symbolic batch
+    dimension (seen on CPU with experiments.trainer_check: 124 validation rows at batch 8).
     ``false``: a graph specialized to each size (sequence routing with a constant or dynamic ratio
     has two: the full batch and ``ceil(ratio * B)`` rows), so no kernel is generated for symbolic
     shapes; each new size compiles, and torch runs a block eagerly once it has
