@@ -331,6 +331,12 @@ def _check_choice(problems: list[str], name: str, value: Any, choices: tuple[str
         problems.append(f"{name}={value!r}: must be one of {', '.join(choices)}")
 
 
+def _check_auto_flag(problems: list[str], name: str, value: Any, choices: tuple) -> None:
+    """``auto``/``true``/``false`` by identity for the booleans (so 1 or 0 is not taken for one)."""
+    if not any(value is v or (isinstance(v, str) and value == v) for v in choices):
+        problems.append(f"{name}={value!r}: must be auto, true or false")
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -466,12 +472,8 @@ def _validate_perf(p: list[str], run: RunConfig) -> None:
     if not (isinstance(c, bool) or c in COMPILE_MODES or c == "auto"):
         p.append(f"perf.compile={c!r}: must be auto, true, false or one of {', '.join(COMPILE_MODES)}")
     _check_choice(p, "perf.compile_backend", run.perf.compile_backend, COMPILE_BACKENDS)
-    d = run.perf.compile_dynamic
-    if not any(d is v or (isinstance(v, str) and d == v) for v in DYNAMIC_CHOICES):
-        p.append(f"perf.compile_dynamic={d!r}: must be auto, true or false")
-    f = run.optim.fused
-    if not any(f is v or (isinstance(v, str) and f == v) for v in FUSED_CHOICES):
-        p.append(f"optim.fused={f!r}: must be auto, true or false")
+    _check_auto_flag(p, "perf.compile_dynamic", run.perf.compile_dynamic, DYNAMIC_CHOICES)
+    _check_auto_flag(p, "optim.fused", run.optim.fused, FUSED_CHOICES)
 
 
 def validate(run: RunConfig) -> None:

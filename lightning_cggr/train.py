@@ -114,8 +114,8 @@ def check_config(cfg: DictConfig):
             "under the compiled blocks; untested): use trainer.strategy=fsdp2, or perf.compile=false"
         )
     check_trainer(trainer_kw)
-    if static_shape_problem(run):
-        raise ConfigError(f"invalid configuration: {static_shape_problem(run)}")
+    if problem := static_shape_problem(run):
+        raise ConfigError(f"invalid configuration: {problem}")
     if uses_cuda_graphs(run.perf.compile) and run_device(trainer_kw) != "cuda":
         raise ConfigError(
             f"invalid configuration: perf.compile={run.perf.compile} records CUDA graphs and needs a CUDA "
