@@ -4,7 +4,7 @@
 #   bash experiments/gpu_suite.sh                 # on the GPU machine, from the repository root
 #   GPU_SUITE_DRY=1 bash experiments/gpu_suite.sh # a minutes-long CPU rehearsal of the same flow
 #   GPU_SUITE_ONLY=fsdp,large bash experiments/gpu_suite.sh  # only the named parts, of: tests, kernel_tests,
-#       loss, eager, compiled, large, graphs, trainer, trainer_sequence, quality, mid, tiny, fsdp, sweep
+#       loss, eager, compiled, large, graphs, trainer, trainer_sequence, scope, quality, mid, tiny, fsdp, sweep
 #       (perf = tests,eager,compiled: issue 16)
 #
 # Writes under $OUT (default ./gpu_out): gpu_results.tgz (every JSON, table and plot), RESULTS-gpu.md
@@ -142,6 +142,11 @@ part trainer && step 400 experiments.trainer_check --out "$RES" "${TC[@]}"
 #     default), compiled with a graph specialized to each batch size, and CUDA graphs
 part trainer_sequence && step 280 experiments.trainer_check --out "$RES" --name trainer_check_sequence \
   "${TC[@]}" --settings false,true,true:perf.compile_dynamic=false,reduce-overhead cggr=sequence
+# 1i. perf.compile_scope under the Trainer, sequence routing: each block a compiled region (the default) vs the
+#     decoder compiled whole (the host enters one region per pass instead of 30), plain and with CUDA graphs;
+#     the process wall column shows what the longer compile costs
+part scope && step 420 experiments.trainer_check --out "$RES" --name trainer_check_scope "${TC[@]}" --timeout-s 170 \
+  --settings true,true:perf.compile_scope=decoder,reduce-overhead,reduce-overhead:perf.compile_scope=decoder cggr=sequence
 # 2. quality, SmolLM2 shape from random init, 8 x 512, one seed (GPU time is scarce)
 part quality && step 150 experiments.quality --device "$DEV" --preset smollm2_shape "${Q[@]}" --seeds 0 --out "$RES" \
   --methods standard_naive,standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence,cggr_final \

@@ -20,7 +20,7 @@ from .models import ARCHS as MODEL_ARCHS
 from .models import ATTN_IMPLS
 from .models import DTYPES
 from .models import SOURCES as MODEL_SOURCES
-from .perf import COMPILE_BACKENDS, COMPILE_MODES, DYNAMIC_CHOICES, FUSED_CHOICES
+from .perf import COMPILE_BACKENDS, COMPILE_MODES, COMPILE_SCOPES, DYNAMIC_CHOICES, FUSED_CHOICES
 from .routing.importance import TRANSFORMS as IMPORTANCE_TRANSFORMS
 from .routing.router import SOURCES as ROUTER_SOURCES
 from .routing.schedule import CURRICULUM_SHAPES, RATIO_SCHEDULES
@@ -252,6 +252,11 @@ class PerfConfig:
     auto (torch's default: one recompile makes that dimension symbolic) | false (a graph specialized
     to each shape; refused for chat data and for a curriculum under sequence routing) | true (symbolic
     from the start). Not yet measured on a GPU (lightning_cggr.perf.dynamic_arg)."""
+    compile_scope: str = "blocks"
+    """What one compiled region is: blocks (each decoder block on its own; seconds of compilation) |
+    decoder (the decoder's whole forward as one graph, and the router's view as another: the host
+    enters one region per pass instead of one per block, for a longer compile; one device only).
+    Measured on CPU only so far (lightning_cggr.perf, README "Efficiency options")."""
 
 
 @dataclass
@@ -473,6 +478,7 @@ def _validate_perf(p: list[str], run: RunConfig) -> None:
         p.append(f"perf.compile={c!r}: must be auto, true, false or one of {', '.join(COMPILE_MODES)}")
     _check_choice(p, "perf.compile_backend", run.perf.compile_backend, COMPILE_BACKENDS)
     _check_auto_flag(p, "perf.compile_dynamic", run.perf.compile_dynamic, DYNAMIC_CHOICES)
+    _check_choice(p, "perf.compile_scope", run.perf.compile_scope, COMPILE_SCOPES)
     _check_auto_flag(p, "optim.fused", run.optim.fused, FUSED_CHOICES)
 
 

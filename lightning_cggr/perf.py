@@ -2,15 +2,29 @@
 implementation. They change how the step runs, never what it computes (tests compare each with
 the plain path), and a benchmark applies them to every method alike.
 
-What is compiled (``perf.compile``): each decoder block, in place (``nn.Module.compile``), so
-parameters, ``state_dict`` keys and checkpoints are unchanged. The blocks are shared by the model's
-forward and the router's view of its first k blocks (lightning_cggr.routing.router), so both run
-the compiled code; every block of a model has the same code, and with parameters as graph inputs
-one graph serves them all. A graph is made per distinct situation, not per step: training vs the
-router's no-grad eval pass, and the batch size (sequence routing runs ``ceil(ratio * B)`` rows;
-``perf.compile_dynamic`` says what the second size does: see :func:`dynamic_arg`). Left eager: embeddings, final norm and the
-mask code (a few launches per forward), the loss kernels (Triton or chunked torch, their own
-code) and scoring/selection (O(B x T) element-wise work and one sort; about 20 launches, no matmul).
+What is compiled (``perf.compile``, with ``perf.compile_scope=blocks``, the default): each decoder
+block, in place (``nn.Module.compile``), so parameters, ``state_dict`` keys and checkpoints are
+unchanged. The blocks are shared by the model's forward and the router's view of its first k blocks
+(lightning_cggr.routing.router), so both run the compiled code; every block of a model has the same
+code, and with parameters as graph inputs one graph serves them all. A graph is made per distinct
+situation, not per step: training vs the router's no-grad eval pass, and the batch size (sequence
+routing runs ``ceil(ratio * B)`` rows; ``perf.compile_dynamic`` says what the second size does: see
+:func:`dynamic_arg`). Left eager: embeddings, final norm and the mask code (a few launches per
+forward), the loss kernels (Triton or chunked torch, their own code) and scoring/selection (O(B x T)
+element-wise work and one sort; about 20 launches, no matmul).
+
+``perf.compile_scope=decoder`` compiles the decoder's whole forward (embeddings, every block, final
+norm) as one graph instead, in place too, and the router's view of its first k blocks as a second
+one (:func:`compile_model`). Why: each compiled block is a region the host enters on its own, and at
+SmolLM2's depth that entry cost is what bounds the compiled GPU step (H200 profile of
+``reduce-overhead``, experiments/results/throughput-smollm2_shape_cudagraphs-h200.json: 30 region calls each
+way -- dynamo's cache lookups, the compiled functions' wrappers, 60 CUDA-graph launches -- add up to
+about 24 ms of host time per step under the profiler, while random-sequence selection's GPU kernels
+take 21 ms of its 35 ms step). One region is entered once per forward and once per backward. The
+price is compile time, which grows with depth (torch inlines every block: on this project's CPU, 30
+small Llama blocks took 51 s to compile as one decoder against 9 s per block) and more compiled
+graphs (the decoder and the router's view). Only on one device: FSDP's and DDP's hooks sit on each
+block.
 
 ``optim.fused`` (:func:`adamw_kwargs`): ``auto`` uses torch's fused AdamW (one kernel per
 parameter group instead of a per-tensor or multi-tensor loop) when every trained parameter is a
@@ -39,6 +53,9 @@ COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 """``perf.compile_backend``: inductor generates kernels; aot_eager and eager only trace (to tell a
 tracing problem from a code-generation one)."""
 
+COMPILE_SCOPES = ("blocks", "decoder")
+"""``perf.compile_scope``: what one compiled region is (:func:`compile_model`)."""
+
 DYNAMIC_CHOICES = ("auto", True, False)
 """``perf.compile_dynamic`` values (:func:`dynamic_arg`)."""
 
@@ -61,8 +78,21 @@ def resolve_compile(setting: Any, device_type: str, strategy: Any = None, device
     memory per batch shape, nothing to re-record when sequence routing changes the batch)."""
     if setting != "auto":
         return setting
-    single = strategy in SINGLE_DEVICE_STRATEGIES and str(devices) in ("1", "[0]")
-    return device_type == "cuda" and single
+    return device_type == "cuda" and single_device(strategy, devices)
+
+
+def single_device(strategy: Any, devices: Any) -> bool:
+    """Whether a Trainer's ``strategy`` and ``devices`` make a run on one device."""
+    return strategy in SINGLE_DEVICE_STRATEGIES and str(devices) in ("1", "[0]")
+
+
+def scope_problem(scope: Any, setting: Any, strategy: Any, devices: Any) -> str | None:
+    """Why ``perf.compile_scope=scope`` cannot serve a run (``setting``: a resolved ``perf.compile``), or None."""
+    if scope != "decoder" or not compile_mode(setting) or single_device(strategy, devices):
+        return None
+    return (f"perf.compile_scope=decoder with trainer.strategy={strategy} on devices={devices}: the whole-decoder "
+            f"graph is for one device (DDP's and FSDP's hooks sit on each block, which would run inside it); "
+            f"use perf.compile_scope=blocks")
 
 
 def compile_mode(setting: Any) -> str | None:
@@ -165,27 +195,47 @@ def static_shape_problem(run: Any) -> str | None:
     return None
 
 
-def compile_blocks(model: torch.nn.Module, setting: Any, backend: str = "inductor", dynamic: Any = "auto") -> int:
-    """Compile every decoder block of ``model`` in place (``perf.compile``); returns how many.
+COMPILED_WITH = "_cggr_compile_options"
+"""Attribute a decoder compiled whole carries: its torch.compile options, so the router's view of
+it (a shallow copy, lightning_cggr.routing.router) compiles itself the same way instead of calling
+the whole decoder's compiled code."""
 
-    Idempotent in effect: compiling again replaces each block's compiled wrapper, and torch's
-    cache of generated code is shared, so several steps around one model do not compile twice.
-    A copy of a compiled model must be compiled again (its wrappers call the original's blocks);
+
+def compile_model(model: torch.nn.Module, setting: Any, backend: str = "inductor", dynamic: Any = "auto",
+                  scope: str = "blocks") -> int:
+    """Compile ``model``'s decoder in place (``perf.compile``); returns how many regions were compiled.
+
+    ``scope`` (``perf.compile_scope``): ``blocks`` compiles every decoder block on its own; ``decoder``
+    the decoder's forward as one region (every block inlined), and the router's view compiles its
+    own copy on first use. Either way parameters and ``state_dict`` keys are unchanged. Idempotent in
+    effect: compiling again replaces the compiled wrappers (and those of the other scope), and torch's
+    cache of generated code is shared, so several steps around one model do not compile twice. A
+    copy of a compiled model must be compiled again (its wrappers call the original's modules);
     :class:`~lightning_cggr.step.CGGRStep` compiles the model it is given. ``dynamic``: a
     ``perf.compile_dynamic`` value (:func:`dynamic_arg`).
     """
     mode = compile_mode(setting)
     dynamic = dynamic_arg(dynamic)
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"perf.compile_scope={scope!r}: must be one of {', '.join(COMPILE_SCOPES)}")
     if mode is None:
         return 0
     if backend not in COMPILE_BACKENDS:
         raise ValueError(f"perf.compile_backend={backend!r}: must be one of {', '.join(COMPILE_BACKENDS)}")
     from .routing.router import find_blocks, find_decoder
 
-    _, blocks = find_blocks(find_decoder(model))
+    decoder = find_decoder(model)
+    _, blocks = find_blocks(decoder)
     options = {"backend": backend, "dynamic": dynamic}
     if backend == "inductor":
         options["mode"] = mode
+    for module in (decoder, *blocks):  # the other scope's wrappers, if any
+        module._compiled_call_impl = None
+    decoder.__dict__.pop(COMPILED_WITH, None)
+    if scope == "decoder":
+        decoder.compile(**options)
+        setattr(decoder, COMPILED_WITH, dict(options))
+        return 1
     for block in blocks:
         block.compile(**options)
     return len(blocks)

@@ -63,7 +63,7 @@ from .distributed import KeptTokenNormalizer
 from .errors import ConfigError
 from .kernels import TokenStats, linear_cross_entropy, resolve_impl, resolve_stats_impl, token_stats
 from .models.attention import mask_free_attention, model_configs
-from .perf import adamw_kwargs, compile_blocks, mark_step_begin, resolve_compile
+from .perf import adamw_kwargs, compile_model, mark_step_begin, resolve_compile
 from .routing.guards import sanitize_stats
 from .routing.reference import ReferenceModel, load_reference
 from .routing.router import TruncatedRouter, find_decoder, find_head
@@ -118,7 +118,7 @@ class CGGRStep:
     (else loaded from ``cggr.router.reference``); held unregistered, never trained or checkpointed.
     Decoder and head are looked up on the model at each use, so wrappers applied later (FSDP) are
     seen. ``perf``: efficiency options (:mod:`lightning_cggr.perf`); ``perf.compile`` compiles the
-    model's decoder blocks in place here (``auto`` by the model's device at this point: ``train()``
+    model's decoder blocks (or its whole decoder: ``perf.compile_scope``) in place here (``auto`` by the model's device at this point: ``train()``
     resolves it earlier, from the Trainer's device and strategy).
     """
 
@@ -141,7 +141,8 @@ class CGGRStep:
         if self.perf.compile == "auto":  # by the model's device
             device = next(model.parameters()).device.type
             self.perf = dataclasses.replace(self.perf, compile=resolve_compile("auto", device))
-        compile_blocks(model, self.perf.compile, self.perf.compile_backend, self.perf.compile_dynamic)
+        compile_model(model, self.perf.compile, self.perf.compile_backend, self.perf.compile_dynamic,
+                      self.perf.compile_scope)
         c = self.cggr
         self.scorer = get_scorer(c.scoring) if c.scoring in SCORERS else None  # excess_loss/random: below
         uses_router = c.enabled and c.router.source == "truncated" and c.scoring != "random"

@@ -27,7 +27,7 @@ from . import rundir
 from .cli import omegaconf_problem, run_hydra, unknown_key_problems
 from .config import config_error, parse_config, register_schema
 from .errors import ConfigError, UserError, exit_on_user_error
-from .perf import resolve_compile, static_shape_problem, uses_cuda_graphs
+from .perf import resolve_compile, scope_problem, static_shape_problem, uses_cuda_graphs
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,9 @@ def check_config(cfg: DictConfig):
             "under the compiled blocks; untested): use trainer.strategy=fsdp2, or perf.compile=false"
         )
     check_trainer(trainer_kw)
+    if problem := scope_problem(run.perf.compile_scope, run.perf.compile, trainer_kw.get("strategy"),
+                                trainer_kw.get("devices", 1)):
+        raise ConfigError(f"invalid configuration: {problem}")
     if problem := static_shape_problem(run):
         raise ConfigError(f"invalid configuration: {problem}")
     if uses_cuda_graphs(run.perf.compile) and run_device(trainer_kw) != "cuda":

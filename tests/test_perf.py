@@ -8,7 +8,9 @@
   CUDA floating-point parameters;
 - ``perf.compile``: the compiled step gives the eager loss and gradients, and compiles nothing new
   after its first step; ``perf.compile_dynamic`` decides whether a second batch size makes the
-  batch dimension symbolic, and is refused where shapes keep changing.
+  batch dimension symbolic, and is refused where shapes keep changing; ``perf.compile_scope=decoder``
+  compiles the decoder whole (and the router's view of its first k blocks on its own), with the
+  same losses and gradients.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from lightning_cggr.config import (
     parse_config,
 )
 from lightning_cggr.models.attention import MASK_FREE, set_attn_implementation
-from lightning_cggr.perf import adamw_kwargs, compile_blocks
+from lightning_cggr.perf import adamw_kwargs, compile_model
 from lightning_cggr.step import CGGRStep, build_optimizer, optimizer_step
 
 UNITS = {
@@ -242,12 +244,47 @@ def test_compile_auto_is_on_for_cuda_only_and_never_under_fsdp():
 
 
 def test_compiling_keeps_parameters_and_state_dict_keys():
+    """Either scope compiles in place (same parameters and keys); compiling again with the other
+    scope removes the first one's wrappers, so no region is ever compiled inside another."""
     model = make_tiny_model("llama", num_layers=3)
     keys = list(model.state_dict())
-    assert compile_blocks(model, True, "eager") == 3
+    params = [id(p) for p in model.parameters()]
+    layers = model.model.layers
+    assert compile_model(model, True, "eager") == 3
     assert list(model.state_dict()) == keys
-    assert all(b._compiled_call_impl is not None for b in model.model.layers)
-    assert compile_blocks(model, False) == 0
+    assert all(b._compiled_call_impl is not None for b in layers)
+    assert model.model._compiled_call_impl is None
+    assert compile_model(model, True, "eager", scope="decoder") == 1
+    assert model.model._compiled_call_impl is not None
+    assert all(b._compiled_call_impl is None for b in layers)
+    assert list(model.state_dict()) == keys and [id(p) for p in model.parameters()] == params
+    assert compile_model(model, True, "eager") == 3
+    assert model.model._compiled_call_impl is None
+    assert compile_model(model, False) == 0
+    with pytest.raises(ValueError, match=r"perf.compile_scope='model': must be one of blocks, decoder"):
+        compile_model(model, True, "eager", scope="model")
+
+
+def test_router_view_of_a_decoder_compiled_whole_runs_only_its_blocks(one_thread):
+    """The router's view is a shallow copy of the decoder: compiled whole, the decoder holds a
+    compiled call of itself, which the view must not inherit (it would run every block). The view
+    compiles its own: its hidden states are the eager router's, not the full decoder's."""
+    from lightning_cggr.routing.router import TruncatedRouter
+
+    batch = _packed_batch()
+    model = make_tiny_model("llama", num_layers=3)
+    eager = copy.deepcopy(model)
+    want = TruncatedRouter(eager, 1).hidden_states(batch["input_ids"])
+    full = eager.model(input_ids=batch["input_ids"]).last_hidden_state
+    compile_model(model, True, "aot_eager", scope="decoder")
+    router = TruncatedRouter(model, 1)
+    got = router.hidden_states(batch["input_ids"])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, full, atol=1e-3)
+    assert router.view._compiled_call_impl is not None
+    assert router.view._compiled_call_impl is not model.model._compiled_call_impl
+    compile_model(model, True, "aot_eager")  # back to blocks: the view is rebuilt, uncompiled
+    assert router.view._compiled_call_impl is None
 
 
 def _run_steps(model, cggr, perf, batches):
@@ -259,11 +296,12 @@ def _run_steps(model, cggr, perf, batches):
         yield losses
 
 
+@pytest.mark.parametrize("scope", ["blocks", "decoder"])
 @pytest.mark.parametrize("unit", ["token", "sequence"])
-def test_compiled_steps_match_eager_and_compile_only_in_the_first(unit, one_thread):
-    """Five CGGR steps with the blocks compiled (aot_eager: dynamo + autograd tracing, no code
-    generation, so it is fast): after the first step no new graph is made, and every loss equals
-    the eager run's from the same weights and batches."""
+def test_compiled_steps_match_eager_and_compile_only_in_the_first(unit, scope, one_thread):
+    """Five CGGR steps compiled (aot_eager: dynamo + autograd tracing, no code generation, so it is
+    fast), block by block or the decoder whole: after the first step no new graph is made, and
+    every loss equals the eager run's from the same weights and batches."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -273,7 +311,8 @@ def test_compiled_steps_match_eager_and_compile_only_in_the_first(unit, one_thre
     model = make_tiny_model("llama", num_layers=2)
     eager = list(_run_steps(copy.deepcopy(model), UNITS[unit], PerfConfig(), batches))[-1]
     graphs = []
-    for losses in _run_steps(model, UNITS[unit], PerfConfig(compile=True, compile_backend="aot_eager"), batches):
+    perf = PerfConfig(compile=True, compile_backend="aot_eager", compile_scope=scope)
+    for losses in _run_steps(model, UNITS[unit], perf, batches):
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] >= 2, f"the router's no-grad pass and the training forward each compile: {graphs}"
     assert graphs == [graphs[0]] * 5, f"graphs made after each step: {graphs}"
@@ -364,18 +403,42 @@ def test_static_shapes_are_refused_where_shapes_keep_changing():
         parse_config({"perf": {"compile_dynamic": "sometimes"}})
 
 
+def test_compile_scope_is_validated_and_decoder_scope_is_for_one_device():
+    from experiments.compose import compose
+    from lightning_cggr.train import check_config
+
+    run, _ = check_config(compose(["trainer.accelerator=cpu", "perf.compile=true", "perf.compile_scope=decoder"]))
+    assert run.perf.compile_scope == "decoder"
+    assert check_config(compose(["trainer.accelerator=cpu"]))[0].perf.compile_scope == "blocks"
+    with pytest.raises(ConfigError, match=r"perf.compile_scope='layers': must be one of blocks, decoder"):
+        parse_config({"perf": {"compile_scope": "layers"}})
+    for strategy in ("ddp", "fsdp2"):
+        multi = [f"trainer.strategy={strategy}", "trainer.devices=2", "trainer.accelerator=cpu",
+                 "perf.compile_scope=decoder"]
+        with pytest.raises(ConfigError, match=rf"compile_scope=decoder with trainer.strategy={strategy}.*"
+                                              r"use perf.compile_scope=blocks"):
+            check_config(compose([*multi, "perf.compile=true"]))
+        check_config(compose(multi))  # nothing compiled (auto is false across devices): nothing to refuse
+
+
 @pytest.mark.slow
-def test_inductor_compiled_step_gives_the_eager_loss_and_gradients(one_thread):
-    """Generated (C++) kernels on CPU: one routed step, loss and every gradient against eager."""
+@pytest.mark.parametrize("scope", ["blocks", "decoder"])
+def test_inductor_compiled_step_gives_the_eager_loss_and_gradients(scope, one_thread):
+    """Generated (C++) kernels on CPU: one routed step, loss and every gradient against eager. (Torch's
+    hierarchical compilation, ``nested_compile_region`` around each block inside the decoder's
+    graph, was tried for decoder scope's compile time and gave wrong block gradients with inductor
+    on torch 2.13 while aot_eager's were right; a test like this one is what catches that.)"""
     import torch._dynamo
 
     torch._dynamo.reset()
-    model = make_tiny_model("llama", num_layers=1)
+    model = make_tiny_model("llama", num_layers=2)
     batch = _packed_batch(batch_size=2, seq_len=8)
     cggr = CGGRConfig(warmup_steps=0, min_tokens_ratio=0.5, router=RouterConfig(num_layers=1))
     ref_loss, ref_grads = _loss_and_grads(CGGRStep(copy.deepcopy(model), cggr, LossConfig(impl="torch")), batch)
-    loss, grads = _loss_and_grads(CGGRStep(model, cggr, LossConfig(impl="torch"), perf=PerfConfig(compile=True)), batch)
-    assert model.model.layers[0]._compiled_call_impl is not None
+    perf = PerfConfig(compile=True, compile_scope=scope)
+    loss, grads = _loss_and_grads(CGGRStep(model, cggr, LossConfig(impl="torch"), perf=perf), batch)
+    compiled = model.model if scope == "decoder" else model.model.layers[0]
+    assert compiled._compiled_call_impl is not None
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -17,6 +17,8 @@ import copy
 import torch
 from torch import nn
 
+from ..perf import COMPILED_WITH
+
 # Names under which decoders keep their list of blocks, in the families this project tests:
 # Llama, Mistral, Qwen2, SmolLM2, GPT-NeoX ("layers"); GPT-2, GPT-Neo, Falcon, Bloom ("h").
 BLOCK_LIST_NAMES = ("layers", "h", "blocks")
@@ -92,10 +94,12 @@ class TruncatedRouter:
     def view(self) -> nn.Module:
         """The decoder view the router runs: the model's decoder object copied shallowly, with only
         the first ``num_layers`` blocks and its own config copy (rebuilt if the model's blocks change,
-        e.g. when FSDP wraps them)."""
+        e.g. when FSDP wraps them, or the decoder is compiled again); compiled as a whole where the
+        decoder is (``perf.compile_scope=decoder``)."""
         decoder = find_decoder(self.model)
         _, blocks = find_blocks(decoder)
-        key = (id(decoder), id(blocks), tuple(id(b) for b in list(blocks)[: self.num_layers]))
+        key = (id(decoder), id(blocks), tuple(id(b) for b in list(blocks)[: self.num_layers]),
+               id(decoder.__dict__.get(COMPILED_WITH)))
         if key == self._view_key:
             return self._view
         view = copy.copy(decoder)  # new module object; same parameter/buffer dicts
@@ -104,6 +108,12 @@ class TruncatedRouter:
         config = copy.copy(decoder.config)
         setattr(config, _num_layers_attr(config), self.num_layers)
         view.config = config
+        # A decoder compiled whole (perf.compile_scope=decoder) holds a compiled call of *itself*,
+        # which the copy would inherit and run all blocks with: the view compiles its own instead.
+        view._compiled_call_impl = None
+        options = decoder.__dict__.get(COMPILED_WITH)
+        if options is not None:
+            view.compile(**options)
         self._view_key, self._view = key, view
         return view
 
