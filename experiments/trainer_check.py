@@ -14,7 +14,9 @@ process (as a user runs it), with the same config, seed and batches otherwise. F
         model.intermediate_size=1536 data.batch_size=8 data.block_size=2048
 
 A setting may carry more overrides after colons, e.g. ``true:perf.compile_dynamic=false`` (the
-compiled blocks specialized to each batch size). Writes ``<out>/trainer_check-<device>.{json,md}``.
+compiled blocks specialized to each batch size), and may repeat (``false`` first and last shows how
+far the machine drifted between runs; ratios are to the first ``false``). Writes
+``<out>/trainer_check-<device>.{json,md}``.
 Settings run one after another, never at once.
 """
 
@@ -74,9 +76,11 @@ def setting_overrides(setting: str) -> list[str]:
     return [f"perf.compile={value}", *extra]
 
 
-def run_setting(setting: str, overrides: list[str], steps: int, out_dir: Path, timeout: float) -> dict:
+def run_setting(setting: str, overrides: list[str], steps: int, out_dir: Path, timeout: float, index: int = 0) -> dict:
+    """Run ``setting`` (the ``index``-th of the list: each run has its own folder, so a setting may
+    repeat, e.g. eager first and last to see how much the machine drifted)."""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in setting)
-    run_dir = out_dir / f"compile_{safe}"
+    run_dir = out_dir / f"{index:02d}_compile_{safe}"
     cmd = [sys.executable, "-m", "lightning_cggr.train", *overrides, *setting_overrides(setting),
            f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "trainer.log_every_n_steps=1",
            "trainer.enable_progress_bar=false", "logger=csv", f"output_dir={run_dir}", f"hydra.run.dir={run_dir}"]
@@ -153,8 +157,8 @@ def main(argv=None) -> int:
     settings = args.settings.split(",")
     for setting in settings:
         setting_overrides(setting)  # a malformed one fails before anything runs
-    for setting in settings:
-        r = run_setting(setting, args.overrides, args.steps, runs_dir, args.timeout_s)
+    for index, setting in enumerate(settings):
+        r = run_setting(setting, args.overrides, args.steps, runs_dir, args.timeout_s, index)
         r.update(summarize(read_metrics(Path(r["run_dir"])), args.skip))
         print(f"perf.compile={setting}: rc {r['rc']} tokens/s {r['tokens_per_sec']} mfu {r['mfu']} "
               f"val {r['final_val_loss']} wall {r['wall_s']} s", file=sys.stderr, flush=True)

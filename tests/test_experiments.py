@@ -353,3 +353,24 @@ def test_trainer_check_settings_and_compile_events_from_a_hand_written_log():
     assert ev["graph_break_lines"] == ["Graph break in user code at x.py:3"]
     assert compile_events("Epoch 0: 40/40") == dict(recompiles=0, graph_breaks=0, recompile_reasons=[],
                                                     graph_break_lines=[])
+
+
+def test_trainer_check_gives_a_repeated_setting_its_own_run_folder(monkeypatch, tmp_path):
+    """Each run of the list trains in its own folder: a repeated setting (eager first and last, to
+    see the machine's drift) must not find the first run's checkpoint and refuse to start."""
+    import subprocess
+
+    from experiments import trainer_check
+
+    commands = []
+
+    class Done:
+        returncode, stdout, stderr = 0, "", ""
+
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: commands.append(cmd) or Done())
+    runs = [trainer_check.run_setting(s, ["cggr=sequence"], 4, tmp_path, 60, i)
+            for i, s in enumerate(["false", "true", "false"])]
+    dirs = [r["run_dir"] for r in runs]
+    assert len(set(dirs)) == 3
+    assert [f"output_dir={d}" in cmd for d, cmd in zip(dirs, commands)] == [True] * 3
+    assert ["perf.compile=false" in c for c in commands] == [True, False, True]

@@ -407,9 +407,10 @@ def test_compile_scope_is_validated_and_decoder_scope_is_for_one_device():
     from experiments.compose import compose
     from lightning_cggr.train import check_config
 
-    run, _ = check_config(compose(["trainer.accelerator=cpu", "perf.compile=true", "perf.compile_scope=decoder"]))
+    decoder = ["trainer.accelerator=cpu", "perf.compile=true", "perf.compile_scope=decoder"]
+    run, _ = check_config(compose(decoder))
     assert run.perf.compile_scope == "decoder"
-    assert check_config(compose(["trainer.accelerator=cpu"]))[0].perf.compile_scope == "blocks"
+    assert check_config(compose(["trainer.accelerator=cpu", "perf.compile=true"]))[0].perf.compile_scope == "blocks"
     with pytest.raises(ConfigError, match=r"perf.compile_scope='layers': must be one of blocks, decoder"):
         parse_config({"perf": {"compile_scope": "layers"}})
     for strategy in ("ddp", "fsdp2"):
