@@ -145,7 +145,8 @@ part trainer_sequence && step 280 experiments.trainer_check --out "$RES" --name 
 # 1i. perf.compile_scope under the Trainer, sequence routing: each block a compiled region (the default) vs the
 #     decoder compiled whole (the host enters one region per pass instead of 30), plain and with CUDA graphs;
 #     the process wall column shows what the longer compile costs
-part scope && step 420 experiments.trainer_check --out "$RES" --name trainer_check_scope "${TC[@]}" --timeout-s 170 \
+#     (30 steps each, up to 150 s a run: the whole-decoder compile of 30 blocks is the unknown; run it on its own)
+part scope && step 560 experiments.trainer_check --out "$RES" --name trainer_check_scope "${TC[@]}" --steps 30 --timeout-s 150 \
   --settings true,true:perf.compile_scope=decoder,reduce-overhead,reduce-overhead:perf.compile_scope=decoder cggr=sequence
 # 2. quality, SmolLM2 shape from random init, 8 x 512, one seed (GPU time is scarce)
 part quality && step 150 experiments.quality --device "$DEV" --preset smollm2_shape "${Q[@]}" --seeds 0 --out "$RES" \
