@@ -4,7 +4,8 @@
 #   bash experiments/gpu_suite.sh                 # on the GPU machine, from the repository root
 #   GPU_SUITE_DRY=1 bash experiments/gpu_suite.sh # a minutes-long CPU rehearsal of the same flow
 #   GPU_SUITE_ONLY=fsdp,large bash experiments/gpu_suite.sh  # only the named parts, of: tests, kernel_tests,
-#       loss, eager, compiled, large, graphs, trainer, trainer_sequence, scope, quality, mid, tiny, fsdp, sweep
+#       loss, eager, compiled, large, graphs, graphs_decoder, trainer, trainer_sequence, scope, quality, mid, tiny,
+#       fsdp, sweep
 #       (perf = tests,eager,compiled: issue 16)
 #
 # Writes under $OUT (default ./gpu_out): gpu_results.tgz (every JSON, table and plot), RESULTS-gpu.md
@@ -129,6 +130,11 @@ part large && step 150 experiments.throughput --device "$DEV" --preset smollm2_s
 part graphs && step 150 experiments.throughput --device "$DEV" --preset smollm2_shape "${SC[@]}" --out "$RES" "${P[@]}" \
   --name throughput-smollm2_shape_cudagraphs --methods standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence \
   "${SHAPE[@]}" perf.compile=reduce-overhead "${SCX[@]}"
+# 1f'. the same CUDA-graph step with the decoder compiled whole (perf.compile_scope=decoder): one region per pass
+#     instead of 30; its profile (launches, host time per step) against 1f's
+part graphs_decoder && step 200 experiments.throughput --device "$DEV" --preset smollm2_shape "${SC[@]}" --out "$RES" "${P[@]}" \
+  --name throughput-smollm2_shape_cudagraphs_decoder --methods standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence \
+  "${SHAPE[@]}" perf.compile=reduce-overhead perf.compile_scope=decoder "${SCX[@]}"
 # 2a. issue 14's mid-size model on the GPU: SmolLM2's width with 8 blocks (head padded to 49152 rows), 16 x 512,
 #     200 steps x 3 seeds, standard vs the two best rules of the CPU SmolLM2 run vs their random controls
 part mid && step 280 experiments.quality --device "$DEV" --preset smollm2_shape --name quality-mid_shape "${MID[@]}" --out "$RES" \
