@@ -246,7 +246,7 @@ def bench_shape(impls, hdim, vocab, n, ratios, dtype, device, repeats, deadline,
             from experiments.profiling import profile_steps
 
             profiles[f"{name} H={hdim} V={vocab} ratio={ratio}"] = profile_steps(
-                lambda i, fn=fn, y=y, cap=cap: one_call(fn, h, w, y, cap), 3, device.type == "cuda")
+                lambda i, fn=fn, y=y, cap=cap, h=h, w=w: one_call(fn, h, w, y, cap), 3, device.type == "cuda")
     out = []
     for (name, ratio), r in res.items():
         cap = runs[(name, ratio)][2]

@@ -240,7 +240,8 @@ class PerfConfig:
     """How fast the step runs, never what it computes (the ``perf`` group; see lightning_cggr.perf)."""
 
     compile: bool | str = "auto"
-    """torch.compile each decoder block in place (shared by the forward and the router's view):
+    """torch.compile each decoder block in place (or the whole decoder: compile_scope), shared by the
+    forward and the router's view:
     auto (true on one CUDA device, false elsewhere: lightning_cggr.perf.resolve_compile) |
     false | true (mode default) | default | max-autotune-no-cudagraphs | reduce-overhead (CUDA graphs,
     CUDA only). Measured under the Trainer on one H100: 1.99x the eager tokens/s with true, 2.12x with

@@ -118,8 +118,9 @@ class CGGRStep:
     (else loaded from ``cggr.router.reference``); held unregistered, never trained or checkpointed.
     Decoder and head are looked up on the model at each use, so wrappers applied later (FSDP) are
     seen. ``perf``: efficiency options (:mod:`lightning_cggr.perf`); ``perf.compile`` compiles the
-    model's decoder blocks (or its whole decoder: ``perf.compile_scope``) in place here (``auto`` by the model's device at this point: ``train()``
-    resolves it earlier, from the Trainer's device and strategy).
+    model's decoder blocks (or its whole decoder: ``perf.compile_scope``) in place here (``auto`` by
+    the model's device at this point: ``train()`` resolves it earlier, from the Trainer's device and
+    strategy).
     """
 
     def __init__(
