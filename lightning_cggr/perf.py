@@ -126,10 +126,11 @@ def dynamic_arg(setting: Any) -> bool | None:
 
     ``auto`` (None, torch's default): the first batch size gets a specialized graph; a second size
     recompiles once with that dimension symbolic, and the symbolic graph then serves every size. A
-    second size comes from sequence routing and also from the validation loader's last, partial
-    batch: ``train()`` validates once before training (the starting loss), so when the validation
-    set is not a multiple of the batch, even standard and token routing train with a symbolic batch
-    dimension (seen on CPU with experiments.trainer_check: 124 validation rows at batch 8).
+    second size comes from sequence routing. (It also came from the validation loader's last,
+    partial batch, before training, since ``train()`` validates first, so every compiled run trained
+    with a symbolic batch dimension; packed text's validation batches are now padded to full size,
+    lightning_cggr.data.text.FullBatches. Chat batches are padded to their longest conversation, so
+    their sequence length changes anyway.)
     ``false``: a graph specialized to each size (sequence routing with a constant or dynamic ratio
     has two: the full batch and ``ceil(ratio * B)`` rows), so no kernel is generated for symbolic
     shapes; each new size compiles, and torch runs a block eagerly once it has
@@ -176,8 +177,8 @@ def static_shape_problem(run: Any) -> str | None:
     Specialized graphs need few distinct shapes: chat batches are padded to their longest
     conversation (a new sequence length nearly every batch), and a curriculum under sequence routing
     gives one routed batch size per capacity it passes through. Counted against torch's recompile
-    limit: the training sizes, plus the no-grad full batch (router, validation) and a last, partial
-    validation batch."""
+    limit: the training sizes, plus the no-grad full batch (router, validation) and one more to spare
+    (a last, partial validation batch from a loader that does not pad it)."""
     if dynamic_arg(run.perf.compile_dynamic) is not False or not compile_mode(run.perf.compile):
         return None
     fix = "use perf.compile_dynamic=auto (one graph with a symbolic dimension serves every shape)"

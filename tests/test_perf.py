@@ -365,6 +365,59 @@ def test_compile_dynamic_decides_whether_sequence_routing_makes_the_batch_symbol
     torch.testing.assert_close(torch.stack(losses), torch.stack(eager), rtol=1e-5, atol=1e-6)
 
 
+def _val_loader(n_blocks=5, batch_size=2, seq_len=12, vocab=50):
+    """The packed-text data module's validation loader over ``n_blocks`` random blocks."""
+    from types import SimpleNamespace
+
+    from lightning_cggr.config import DataConfig
+    from lightning_cggr.data.text import BlockDataset, PackedTextDataModule
+
+    dm = PackedTextDataModule([], [], SimpleNamespace(eos_token_id=0), DataConfig(batch_size=batch_size))
+    dm.val_set = BlockDataset(torch.randint(1, vocab, (n_blocks, seq_len), generator=torch.Generator().manual_seed(5)))
+    return dm.val_dataloader()
+
+
+def test_validation_batches_are_padded_to_full_size_and_give_the_same_loss(one_thread):
+    """5 validation blocks at batch 2: three batches of 2 rows, the last padded with one row of EOS
+    tokens whose labels are all ignored; the held-out NLL sum and token count equal those of the
+    plain loader's 2 + 2 + 1 rows."""
+    from torch.utils.data import DataLoader
+
+    padded = list(_val_loader())
+    assert [b["input_ids"].shape[0] for b in padded] == [2, 2, 2]
+    assert (padded[-1]["input_ids"][1] == 0).all() and (padded[-1]["labels"][1] == -100).all()
+    plain = list(DataLoader(_val_loader().dataset, batch_size=2))
+    assert [b["input_ids"].shape[0] for b in plain] == [2, 2, 1]
+    torch.testing.assert_close(padded[-1]["input_ids"][:1], plain[-1]["input_ids"])
+    step = CGGRStep(make_tiny_model("llama", num_layers=1), CGGRConfig(enabled=False), LossConfig(impl="torch"))
+    got = [sum(t) for t in zip(*(step.eval_terms(b) for b in padded))]
+    want = [sum(t) for t in zip(*(step.eval_terms(b) for b in plain))]
+    assert int(got[1]) == int(want[1]) == 5 * 11  # every block's 11 next-token targets
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+
+
+def test_validation_before_training_leaves_the_compiled_batch_dimension_static(monkeypatch, one_thread):
+    """train() validates before the first step: the padded last validation batch compiles nothing
+    new, so under torch's automatic dynamic shapes the training graph that follows is still
+    specialized (with the plain loader's short batch, torch made the batch dimension symbolic)."""
+    import torch._dynamo
+
+    from lightning_cggr import perf
+
+    torch._dynamo.reset()
+    recorder = GraphRecorder()
+    monkeypatch.setattr(perf, "COMPILE_BACKENDS", (*perf.COMPILE_BACKENDS, recorder))
+    model = make_tiny_model("llama", num_layers=2, vocab_size=50)
+    step = CGGRStep(model, CGGRConfig(enabled=False), LossConfig(impl="torch"),
+                    perf=PerfConfig(compile=True, compile_backend=recorder))
+    with torch.no_grad():
+        for batch in _val_loader():
+            step.eval_terms(batch)
+    train = {"input_ids": torch.randint(1, 50, (2, 12)), "labels": torch.randint(1, 50, (2, 12))}
+    step(train, global_step=0).loss.backward()
+    assert len(recorder.symbolic) == 2 and not any(recorder.symbolic), recorder.symbolic  # no-grad, training
+
+
 def test_training_batch_sizes_follow_the_unit_and_the_ratio_schedule():
     """Hand-worked: ceil(ratio * 8) rows, under each schedule (sequence unit only)."""
     from lightning_cggr.config import RatioScheduleConfig

@@ -213,6 +213,33 @@ class BlockDataset(Dataset):
         return {"input_ids": x, "labels": x.clone()}
 
 
+class FullBatches:
+    """``collate_fn`` of the validation loader: stacks a batch, and pads a short one (the last, when the
+    validation blocks are not a multiple of the batch size) to ``batch_size`` rows that train nothing
+    (``pad_id`` tokens, labels -100).
+
+    Why: the validation loss counts trainable tokens only, so the padding changes no value, but a batch
+    of another size makes compiled decoder code compile again, and under torch's automatic dynamic
+    shapes (``perf.compile_dynamic=auto``) that recompile makes the batch dimension symbolic for the
+    rest of the run, training included: ``train()`` validates before the first step, so before this
+    padding every compiled run whose validation set was not a multiple of the batch trained with a
+    symbolic batch dimension (experiments/results/trainer_check_tiny_cggr_default-cpu.md: 124 rows at
+    batch 8). The padded rows cost one partial batch's worth of compute per validation."""
+
+    def __init__(self, batch_size: int, pad_id: int):
+        self.batch_size, self.pad_id = int(batch_size), int(pad_id)
+
+    def __call__(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+        short = self.batch_size - len(samples)
+        if short > 0:
+            fill = {"input_ids": self.pad_id, "labels": -100}
+            for key, value in batch.items():
+                pad = value.new_full((short, *value.shape[1:]), fill[key])
+                batch[key] = torch.cat([value, pad])
+        return batch
+
+
 class PackedTextDataModule(L.LightningDataModule):
     """Documents -> tokenizer -> packed fixed-length blocks; deterministic split and order."""
 
@@ -240,4 +267,5 @@ class PackedTextDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self):
-        return DataLoader(self.val_set, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers)
+        return DataLoader(self.val_set, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers,
+                          collate_fn=FullBatches(self.cfg.batch_size, self.tokenizer.eos_token_id))
