@@ -204,24 +204,37 @@ def time_interleaved(resolved, avail, device, warmup, steps, profile_steps: int 
     return out
 
 
+def flop_bound(summary: dict, method: str, baseline: str = "standard_fused") -> float | None:
+    """The step-rate ratio to ``baseline`` that ``method`` would reach if both steps took time in
+    proportion to their model FLOPs (``lightning_cggr.flops``): the baseline's FLOPs / the method's.
+    Routing cannot beat it without doing less math than counted; a measured ratio below it is what
+    the step loses to anything but the math (launches, host work, memory-bound kernels)."""
+    base, r = summary.get(baseline) or {}, summary.get(method) or {}
+    if not base.get("model_tflop_per_step") or not r.get("model_tflop_per_step"):
+        return None
+    return base["model_tflop_per_step"] / r["model_tflop_per_step"]
+
+
 def markdown(p: dict) -> str:
     env, shape, s = p["environment"], p["shape"], p["summary"]
     cuda = env["device"].startswith("cuda")
     mem_label = "peak CUDA alloc (MiB)" if cuda else "peak RSS, fresh process (MiB)"
     header = ["method", "kind", "median step (s)", "tokens/s", "vs standard fused", "vs standard naive",
-              "model TFLOP / step", "achieved TFLOP/s", "MFU", mem_label, "above model build (MiB)", "loss impl"]
+              "model TFLOP / step", "FLOP bound vs standard fused", "achieved TFLOP/s", "MFU", mem_label,
+              "above model build (MiB)", "loss impl"]
     rows = []
     for m, meta in p["methods"].items():
         if m not in s:
             continue
         r = s[m]
         if "failed" in r:
-            rows.append([meta["label"], meta["kind"], "FAILED: " + r["failed"][:160], *[None] * 9])
+            rows.append([meta["label"], meta["kind"], "FAILED: " + r["failed"][:160], *[None] * 10])
             continue
         rows.append([
             meta["label"], meta["kind"], f"{r['median_step_s']:.4f}", f"{r['tokens_per_s']:.0f}",
             rio.fmt_x(r.get("speedup_vs_standard_fused")), rio.fmt_x(r.get("speedup_vs_standard_naive")),
-            _fmt(r.get("model_tflop_per_step"), 3), _fmt(r.get("achieved_tflops"), 2), _fmt_pct(r.get("mfu")),
+            _fmt(r.get("model_tflop_per_step"), 3), rio.fmt_x(flop_bound(s, m)), _fmt(r.get("achieved_tflops"), 2),
+            _fmt_pct(r.get("mfu")),
             rio.fmt_mib(r.get("peak_bytes")), rio.fmt_mib(r.get("peak_above_build_bytes")), r.get("loss_impl"),
         ])
     load = env.get("load", {})
@@ -233,7 +246,8 @@ def markdown(p: dict) -> str:
         f"Median of {p['settings']['steps']} steps after {p['settings']['warmup']} warm-up, methods interleaved "
         f"step by step on the same batches and one shared model. {env['date_utc']}; "
         f"load avg (1 min) median {rio.r2(load.get('median'))}, max {rio.r2(load.get('max'))} on {env['hardware']['cpu_count']} CPUs.\n"
-        f"'vs' columns: baseline median step time / method's (> 1 is faster).\n"
+        f"'vs' columns: baseline median step time / method's (> 1 is faster). FLOP bound: standard fused's "
+        f"model FLOPs per step / the method's, the speed-up a step bound by its math alone would show.\n"
     )
     peak = env.get("peak_bf16_tflops") or {}
     head += (f"MFU: executed model FLOPs per step (lightning_cggr.flops: matmuls, causal attention, training = 3 x "

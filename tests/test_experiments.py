@@ -374,3 +374,24 @@ def test_trainer_check_gives_a_repeated_setting_its_own_run_folder(monkeypatch, 
     assert len(set(dirs)) == 3
     assert [f"output_dir={d}" in cmd for d, cmd in zip(dirs, commands)] == [True] * 3
     assert ["perf.compile=false" in c for c in commands] == [True, False, True]
+
+
+def test_throughput_flop_bound_is_the_baseline_flops_over_the_methods():
+    """Hand-worked: 18 TFLOP for standard, 6 for a method -> 3.00x; a method without a FLOP count
+    (failed) or no baseline gives no bound. The committed H200 run's table shows the column."""
+    from experiments import throughput
+
+    s = {"standard_fused": {"model_tflop_per_step": 18.0}, "seq": {"model_tflop_per_step": 6.0},
+         "failed": {"failed": "OOM"}}
+    assert throughput.flop_bound(s, "seq") == pytest.approx(3.0)
+    assert throughput.flop_bound(s, "standard_fused") == pytest.approx(1.0)
+    assert throughput.flop_bound(s, "failed") is None
+    assert throughput.flop_bound({"seq": {"model_tflop_per_step": 6.0}}, "seq") is None
+    import json
+
+    payload = json.loads((rio.RESULTS_DIR / "throughput-smollm2_shape-h200.json").read_text())
+    table = throughput.markdown(payload)
+    row = next(line for line in table.splitlines() if line.startswith("| CGGR sequence"))
+    want = payload["summary"]["standard_fused"]["model_tflop_per_step"] / payload["summary"]["cggr_sequence"][
+        "model_tflop_per_step"]
+    assert f"| {want:.2f}x |" in row
