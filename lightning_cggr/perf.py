@@ -178,7 +178,9 @@ def static_shape_problem(run: Any) -> str | None:
     conversation (a new sequence length nearly every batch), and a curriculum under sequence routing
     gives one routed batch size per capacity it passes through. Counted against torch's recompile
     limit: the training sizes, plus the no-grad full batch (router, validation) and one more to spare
-    (a last, partial validation batch from a loader that does not pad it)."""
+    (a last, partial validation batch from a loader that does not pad it); under
+    ``perf.compile_scope=decoder`` one more, the router's view, whose graph shares the decoder's code
+    and so its count."""
     if dynamic_arg(run.perf.compile_dynamic) is not False or not compile_mode(run.perf.compile):
         return None
     fix = "use perf.compile_dynamic=auto (one graph with a symbolic dimension serves every shape)"
@@ -189,10 +191,14 @@ def static_shape_problem(run: Any) -> str | None:
 
     limit = getattr(dynamo_config, "recompile_limit", None) or dynamo_config.cache_size_limit
     sizes = training_batch_sizes(run.cggr, run.data.batch_size)
-    if len(sizes) + 2 > limit:
+    others = "the no-grad and last validation batches"
+    extra = 2
+    if run.perf.compile_scope == "decoder":
+        others, extra = others + " and the router's view", 3
+    if len(sizes) + extra > limit:
         return (f"perf.compile_dynamic=false: this run's decoder sees {len(sizes)} training batch sizes "
                 f"(sequence routing under a ratio curriculum), more than torch compiles before it falls back to "
-                f"eager (recompile_limit={limit}, with the no-grad and last validation batches); {fix}, "
+                f"eager (recompile_limit={limit}, with {others}); {fix}, "
                 f"or cggr.ratio_schedule.kind=constant")
     return None
 
