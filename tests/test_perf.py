@@ -436,7 +436,7 @@ def test_training_batch_sizes_follow_the_unit_and_the_ratio_schedule():
         8, 7, 6, 5, 4, 3, 2}
 
 
-def test_static_shapes_are_refused_where_shapes_keep_changing(monkeypatch):
+def test_static_shapes_are_refused_where_shapes_keep_changing():
     """perf.compile_dynamic=false: refused for chat data (padded per batch) and for a curriculum under
     sequence routing with more sizes than torch compiles; accepted for packed text, and ignored when
     nothing is compiled."""
@@ -456,11 +456,11 @@ def test_static_shapes_are_refused_where_shapes_keep_changing(monkeypatch):
     # graphs also count the router's view (it shares the decoder's code): 9
     import torch._dynamo.config as dynamo_config
 
-    monkeypatch.setattr(dynamo_config, "recompile_limit", 8)  # torch's default, stated
     six = ["cggr=sequence", "cggr.ratio_schedule.kind=curriculum", "data.batch_size=7"]
-    check_config(compose([*base, *six]))
-    with pytest.raises(ConfigError, match=r"sees 6 training batch sizes.*and the router's view"):
-        check_config(compose([*base, *six, "perf.compile_scope=decoder"]))
+    with dynamo_config.patch(recompile_limit=8):  # torch's default, stated (config's own patcher)
+        check_config(compose([*base, *six]))
+        with pytest.raises(ConfigError, match=r"sees 6 training batch sizes.*and the router's view"):
+            check_config(compose([*base, *six, "perf.compile_scope=decoder"]))
     with pytest.raises(ConfigError, match=r"perf.compile_dynamic='sometimes': must be auto, true or false"):
         parse_config({"perf": {"compile_dynamic": "sometimes"}})
 
