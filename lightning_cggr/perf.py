@@ -16,16 +16,16 @@ element-wise work and one sort; about 20 launches, no matmul).
 ``perf.compile_scope=decoder`` compiles the decoder's whole forward (embeddings, every block, final
 norm) as one graph instead, in place too, and the router's view of its first k blocks as a second
 one (:func:`compile_model`). Why: each compiled block is a region the host enters on its own, and at
-SmolLM2's depth that entry cost is what bounds the compiled GPU step (H200 profile of ``reduce-
-overhead``, experiments/results/throughput-smollm2_shape_cudagraphs-h200.json: 30 region calls each
-way -- dynamo's cache lookups, the compiled functions' wrappers, 60 CUDA-graph launches -- add up to
-about 24 ms of host time per step under the profiler, while random-sequence selection's GPU kernels
-take 21 ms of its 35 ms step). One region is entered once per forward and once per backward. The
-price is compile time, which grows with depth, since torch inlines every block. Measured with the
-user's command on this project's CPU at 30 blocks, 32 wide (experiments/results/NOTES.md): 1.24x
-(token routing) and 1.16x (sequence routing) the per-block tokens/s, and 100 s and 166 s of start-up
-on a cold cache against 33 s and 38 s; not yet on a GPU. Only on one device: DDP's and FSDP's hooks
-sit on each block.
+SmolLM2's depth that entry cost is what bounds the compiled GPU step (H200 profile of
+``reduce-overhead``, experiments/results/throughput-smollm2_shape_cudagraphs-h200.json: 30 region
+calls each way -- dynamo's cache lookups, the compiled functions' wrappers, 60 CUDA-graph launches
+-- add up to about 24 ms of host time per step under the profiler, while random-sequence selection's
+GPU kernels take 21 ms of its 35 ms step). One region is entered once per forward and once per
+backward. The price is compile time, which grows with depth, since torch inlines every block.
+Measured with the user's command on this project's CPU at 30 blocks, 32 wide
+(experiments/results/NOTES.md): 1.24x (token routing) and 1.16x (sequence routing) the per-block
+tokens/s, and 100 s and 166 s of start-up on a cold cache against 33 s and 38 s; not yet on a GPU.
+Only on one device: DDP's and FSDP's hooks sit on each block.
 
 ``optim.fused`` (:func:`adamw_kwargs`): ``auto`` uses torch's fused AdamW (one kernel per
 parameter group instead of a per-tensor or multi-tensor loop) when every trained parameter is a

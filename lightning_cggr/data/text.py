@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ..errors import DataError, UserError
 from .resumable import ResumableLoader, fit_position
@@ -230,7 +230,7 @@ class FullBatches:
         self.batch_size, self.pad_id = int(batch_size), int(pad_id)
 
     def __call__(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+        batch = default_collate(samples)
         short = self.batch_size - len(samples)
         if short > 0:
             fill = {"input_ids": self.pad_id, "labels": -100}
