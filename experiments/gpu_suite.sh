@@ -4,8 +4,8 @@
 #   bash experiments/gpu_suite.sh                 # on the GPU machine, from the repository root
 #   GPU_SUITE_DRY=1 bash experiments/gpu_suite.sh # a minutes-long CPU rehearsal of the same flow
 #   GPU_SUITE_ONLY=fsdp,large bash experiments/gpu_suite.sh  # only the named parts, of: tests, kernel_tests,
-#       loss, eager, compiled, large, graphs, graphs_decoder, trainer, trainer_sequence, scope, quality, mid, tiny,
-#       fsdp, sweep
+#       loss, eager, compiled, large, graphs, graphs_decoder, trainer, trainer_sequence, scope, routing, quality,
+#       mid, tiny, fsdp, sweep
 #       (perf = tests,eager,compiled: issue 16)
 #
 # Writes under $OUT (default ./gpu_out): gpu_results.tgz (every JSON, table and plot), RESULTS-gpu.md
@@ -154,6 +154,11 @@ part trainer_sequence && step 280 experiments.trainer_check --out "$RES" --name 
 #     (30 steps each, up to 150 s a run: the whole-decoder compile of 30 blocks is the unknown; run it on its own)
 part scope && step 560 experiments.trainer_check --out "$RES" --name trainer_check_scope "${TC[@]}" --steps 30 --timeout-s 150 \
   --settings true,true:perf.compile_scope=decoder,reduce-overhead,reduce-overhead:perf.compile_scope=decoder cggr=sequence
+# 1j. perf.compile_routing under the Trainer, sequence routing (the host-bound step): the routing decision
+#     compiled as one graph (the default) vs its ~100 eager ops, plain and with CUDA graphs on the blocks
+part routing && step 300 experiments.trainer_check --out "$RES" --name trainer_check_routing "${TC[@]}" --steps 30 \
+  --timeout-s 90 --settings true,true:perf.compile_routing=false,reduce-overhead,reduce-overhead:perf.compile_routing=false \
+  cggr=sequence
 # 2. quality, SmolLM2 shape from random init, 8 x 512, one seed (GPU time is scarce)
 part quality && step 150 experiments.quality --device "$DEV" --preset smollm2_shape "${Q[@]}" --seeds 0 --out "$RES" \
   --methods standard_naive,standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence,cggr_final \

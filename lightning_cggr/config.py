@@ -258,6 +258,11 @@ class PerfConfig:
     decoder (the decoder's whole forward as one graph, and the router's view as another: the host
     enters one region per pass instead of one per block, for a longer compile; one device only).
     Measured on CPU only so far (lightning_cggr.perf, README "Efficiency options")."""
+    compile_routing: bool = True
+    """Under perf.compile, also compile the routing decision (scores, keep ratio, selection and their
+    metrics: about a hundred small eager ops per routed step, each a kernel launch on a GPU) as one
+    graph (lightning_cggr.step.decide); false keeps it eager. Not compiled either way: the rules that
+    draw from a generator (stratified, importance, infobatch) and a ratio curriculum."""
 
 
 @dataclass
@@ -480,6 +485,8 @@ def _validate_perf(p: list[str], run: RunConfig) -> None:
     _check_choice(p, "perf.compile_backend", run.perf.compile_backend, COMPILE_BACKENDS)
     _check_auto_flag(p, "perf.compile_dynamic", run.perf.compile_dynamic, DYNAMIC_CHOICES)
     _check_choice(p, "perf.compile_scope", run.perf.compile_scope, COMPILE_SCOPES)
+    if not isinstance(run.perf.compile_routing, bool):
+        p.append(f"perf.compile_routing={run.perf.compile_routing!r}: must be true or false")
     _check_auto_flag(p, "optim.fused", run.optim.fused, FUSED_CHOICES)
 
 

@@ -10,8 +10,10 @@ code, and with parameters as graph inputs one graph serves them all. A graph is 
 situation, not per step: training vs the router's no-grad eval pass, and the batch size (sequence
 routing runs ``ceil(ratio * B)`` rows; ``perf.compile_dynamic`` says what the second size does: see
 :func:`dynamic_arg`). Left eager: embeddings, final norm and the mask code (a few launches per
-forward), the loss kernels (Triton or chunked torch, their own code) and scoring/selection (O(B x T)
-element-wise work and one sort; about 20 launches, no matmul).
+forward) and the loss kernels (Triton or chunked torch, their own code). The routing decision
+(scoring, the keep ratio, selection and their metrics: O(B x T) element-wise work and a sort, about
+a hundred eager ops) is compiled as a function of its own (:func:`compile_function`), except for the
+rules that draw from a generator (``stratified``, ``importance``, ``infobatch``), which run it eagerly.
 
 ``perf.compile_scope=decoder`` compiles the decoder's whole forward (embeddings, every block, final
 norm) as one graph instead, in place too, and the router's view of its first k blocks as a second
@@ -36,6 +38,7 @@ it (CUDA, and CPU in recent torch) and is an error where it does not; ``false`` 
 
 from __future__ import annotations
 
+import types
 from typing import Any, Iterable
 
 import torch
@@ -247,6 +250,32 @@ def compile_model(model: torch.nn.Module, setting: Any, backend: str = "inductor
     for block in blocks:
         block.compile(**options)
     return len(blocks)
+
+
+def compile_function(fn, setting: Any, backend: str = "inductor"):
+    """``fn`` compiled with the model's options (``perf.compile``), or None when compilation is off.
+
+    For the step's routing decision (scoring, ratio, selection and their metrics:
+    :func:`lightning_cggr.step.decide`), a pure function of tensors with static shapes. Never
+    recorded as a CUDA graph: under ``reduce-overhead`` it takes inductor's default mode, since its
+    outputs (the selection, the logged metrics) outlive the next replay of a graph. Always with
+    torch's automatic dynamic shapes, whatever ``perf.compile_dynamic`` says of the model's graphs:
+    a second keep ratio or capacity (a curriculum changes both every step) or sequence length
+    compiles once more with that value symbolic, not once per value.
+    """
+    mode = compile_mode(setting)
+    if mode is None:
+        return None
+    if backend not in COMPILE_BACKENDS:
+        raise ValueError(f"perf.compile_backend={backend!r}: must be one of {', '.join(COMPILE_BACKENDS)}")
+    options = {"backend": backend}
+    if backend == "inductor":
+        options["mode"] = "default" if mode in CUDA_GRAPH_MODES else mode
+    # torch caches compiled graphs per code object, up to its recompile limit (8): a copy of the code
+    # per caller keeps steps of different settings in one process (a benchmark's methods) apart
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    own.__kwdefaults__, own.__doc__ = fn.__kwdefaults__, fn.__doc__
+    return torch.compile(own, **options)
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

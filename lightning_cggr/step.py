@@ -63,13 +63,13 @@ from .distributed import KeptTokenNormalizer
 from .errors import ConfigError
 from .kernels import TokenStats, linear_cross_entropy, resolve_impl, resolve_stats_impl, token_stats
 from .models.attention import mask_free_attention, model_configs
-from .perf import adamw_kwargs, compile_model, mark_step_begin, resolve_compile
+from .perf import adamw_kwargs, compile_function, compile_model, mark_step_begin, resolve_compile
 from .routing.guards import sanitize_stats
 from .routing.reference import ReferenceModel, load_reference
 from .routing.router import TruncatedRouter, find_decoder, find_head
 from .routing.schedule import batch_confidence, dynamic_ratio, host_ratio
-from .routing.rules import choose_rows, choose_tokens, prune_in_force, rule_generator
-from .routing.scoring import SCORERS, excess_loss_score, get_scorer, random_score, step_generator
+from .routing.rules import GENERATOR_STRATEGIES, choose_rows, choose_tokens, prune_in_force, rule_generator
+from .routing.scoring import excess_loss_score, get_scorer, random_score, step_generator
 from .routing.selection import IGNORE_INDEX, Selection, mask_labels, shift_targets
 
 Metrics = dict[str, torch.Tensor]
@@ -145,7 +145,10 @@ class CGGRStep:
         compile_model(model, self.perf.compile, self.perf.compile_backend, self.perf.compile_dynamic,
                       self.perf.compile_scope)
         c = self.cggr
-        self.scorer = get_scorer(c.scoring) if c.scoring in SCORERS else None  # excess_loss/random: below
+        self._compiled_decide = None  # the routing decision, compiled with the model (see decide)
+        if (c.enabled and self.perf.compile_routing and c.selection.strategy not in GENERATOR_STRATEGIES
+                and c.ratio_schedule.kind != "curriculum"):
+            self._compiled_decide = compile_function(decide, self.perf.compile, self.perf.compile_backend)
         uses_router = c.enabled and c.router.source == "truncated" and c.scoring != "random"
         self.router = TruncatedRouter(model, c.router.num_layers) if uses_router else None
         self.reference = self._build_reference(reference) if c.enabled and c.scoring == "excess_loss" else None
@@ -219,14 +222,6 @@ class CGGRStep:
             return None
         return host_ratio(q.kind, c.min_tokens_ratio, global_step, c.warmup_steps, q.steps, q.shape)
 
-    def _step_ratio(self, global_step: int, stats, trainable) -> tuple[float | torch.Tensor, float]:
-        """(ratio, capacity ratio): a host float both, or a device ratio bounded by ratio_schedule.max."""
-        ratio = self.ratio_in_force(global_step)
-        if ratio is not None:
-            return ratio, ratio
-        q = self.cggr.ratio_schedule
-        return dynamic_ratio(batch_confidence(stats, trainable), q.min, q.max), q.max
-
     # ---- scoring ------------------------------------------------------------------------------
     @torch.no_grad()
     def token_statistics(self, hidden: torch.Tensor, targets: torch.Tensor) -> TokenStats:
@@ -242,29 +237,41 @@ class CGGRStep:
         return type(stats)(*(s.view(B, T) for s in stats))
 
     @torch.no_grad()
-    def score_and_stats(
-        self, input_ids, attention_mask, targets, global_step: int = 0, final_hidden: torch.Tensor | None = None
-    ):
-        """([B, T] difficulty, stats or None); -inf where nothing is to be learned.
-
-        Statistics come from ``final_hidden`` (router.source=final, the main forward's own output,
-        detached) or else the truncated router; ``random`` draws from a (seed, step) generator.
-        """
-        trainable = targets != IGNORE_INDEX
+    def raw_statistics(self, input_ids, attention_mask, targets, final_hidden: torch.Tensor | None = None):
+        """(the model's [B, T] ``TokenStats`` or None, the reference's or None): what scoring reads, before
+        any sanitising. From ``final_hidden`` (router.source=final, the main forward's own output,
+        detached) or else the truncated router; ``scoring=random`` reads no statistics."""
         c = self.cggr
         if c.scoring == "random":
-            return random_score(trainable, step_generator(c.seed, global_step, targets.device)), None
+            return None, None
         hidden = final_hidden if final_hidden is not None else self.router.hidden_states(input_ids, attention_mask)
-        stats, finite = sanitize_stats(self.token_statistics(hidden, targets))
-        trainable = trainable & finite  # non-finite statistics never rank hard (routing.guards)
+        stats = self.token_statistics(hidden, targets)
+        ref = None
         if c.scoring == "excess_loss":
             ref = self.reference.token_stats(
                 input_ids, attention_mask, targets, impl=self.stats_impl, chunk_size=c.router.chunk_size
             )
-            return excess_loss_score(stats, trainable, ref), stats
-        return self.scorer(stats, trainable), stats
+        return stats, ref
 
-    # ---- routing ------------------------------------------------------------------------------
+    def _random_score(self, targets, global_step: int) -> torch.Tensor | None:
+        """scoring=random: seeded uniform scores (a generator on the device: drawn eagerly); else None."""
+        if self.cggr.scoring != "random":
+            return None
+        return random_score(targets != IGNORE_INDEX, step_generator(self.cggr.seed, global_step, targets.device))
+
+    @torch.no_grad()
+    def score_and_stats(
+        self, input_ids, attention_mask, targets, global_step: int = 0, final_hidden: torch.Tensor | None = None
+    ):
+        """([B, T] difficulty, sanitized stats or None); -inf where nothing is to be learned (see
+        :meth:`raw_statistics` and :func:`score_tokens`)."""
+        score = self._random_score(targets, global_step)
+        if score is not None:
+            return score, None
+        stats, ref = self.raw_statistics(input_ids, attention_mask, targets, final_hidden)
+        return score_tokens(stats, targets != IGNORE_INDEX, self.cggr.scoring, ref)
+
+    # ---- routing ----------------------------------------------------------------------------
     def route(self, input_ids, attention_mask, targets, global_step: int = 0) -> Routed:
         """Score, select and run the decoder.
 
@@ -277,38 +284,40 @@ class CGGRStep:
         c = self.cggr
         if not self.active(global_step):
             return Routed(self.hidden_states(input_ids, attention_mask), targets, None, trainable, {})
-        if c.selection.unit == "sequence":
-            return self._route_sequences(input_ids, attention_mask, targets, trainable, global_step)
         hidden = None
-        if c.router.source == "final":  # router-free: score from the forward's own final states
+        if c.router.source == "final":  # router-free: score from the forward's own final states (token unit)
             hidden = self.hidden_states(input_ids, attention_mask)
-        score, stats = self.score_and_stats(input_ids, attention_mask, targets, global_step, final_hidden=hidden)
-        ratio, cap = self._step_ratio(global_step, stats, trainable & torch.isfinite(score))  # sanitized: no vote
-        choice = choose_tokens(c.selection, score, trainable, ratio, cap, self._generator(global_step, targets.device),
-                               self._prune(global_step))
+        score = self._random_score(targets, global_step)
+        stats = ref = None
+        if score is None:
+            stats, ref = self.raw_statistics(input_ids, attention_mask, targets, final_hidden=hidden)
+        choice, kept, metrics = self.decide(stats, ref, score, trainable, global_step)
+        if c.selection.unit == "sequence":
+            return self._run_sequences(input_ids, attention_mask, targets, choice, kept, metrics)
         if hidden is None:
             hidden = self.hidden_states(input_ids, attention_mask)
-        keep = choice.selection.keep
-        metrics = {**choice.metrics, **_score_means(score, keep, trainable & ~keep)}
-        return Routed(hidden, targets, choice.selection, keep, metrics, choice.weight, choice.normaliser)
+        return Routed(hidden, targets, choice.selection, kept, metrics, choice.weight, choice.normaliser)
 
-    def _route_sequences(self, input_ids, attention_mask, targets, trainable, global_step: int) -> Routed:
-        """Sequence unit: choose rows, run the decoder on them alone (see :meth:`route`)."""
-        score, stats = self.score_and_stats(input_ids, attention_mask, targets, global_step)
-        ratio, cap = self._step_ratio(global_step, stats, trainable & torch.isfinite(score))
-        rows = choose_rows(self.cggr.selection, score, trainable, ratio, cap,
-                           self._generator(global_step, targets.device), self._prune(global_step))
-        row_kept = torch.zeros(targets.shape[0], dtype=torch.bool, device=targets.device)
-        row_kept.index_copy_(0, rows.index, rows.valid)  # index entries are distinct
+    def decide(self, stats, reference, score, trainable, global_step: int):
+        """:func:`decide` with this step's settings: compiled with the model under ``perf.compile``, except
+        for the rules that draw from a generator and for a ratio curriculum, which decide eagerly."""
+        c = self.cggr
+        q = c.ratio_schedule
+        ratio = self.ratio_in_force(global_step)  # None: the dynamic ratio, on the device
+        generator = self._generator(global_step, trainable.device)
+        fn = self._compiled_decide or decide
+        return fn(stats, reference, score, trainable, unit=c.selection.unit, scoring=c.scoring, sel=c.selection,
+                  ratio=ratio, bounds=(q.min, q.max), cap=q.max if ratio is None else ratio, generator=generator,
+                  prune=self._prune(global_step))
+
+    def _run_sequences(self, input_ids, attention_mask, targets, rows, kept, metrics) -> Routed:
+        """Sequence unit: run the decoder on the chosen rows alone (see :meth:`route`)."""
         sub_ids = input_ids.index_select(0, rows.index)
         sub_mask = attention_mask.index_select(0, rows.index) if attention_mask is not None else None
         sub_targets = targets.index_select(0, rows.index).masked_fill(~rows.valid.unsqueeze(1), IGNORE_INDEX)
         hidden = self.hidden_states(sub_ids, sub_mask)
         weight = None if rows.weight is None else rows.weight.unsqueeze(1).expand(sub_targets.shape)
-        has = trainable.any(dim=1)
-        metrics = {**rows.metrics, **_score_means(rows.score, row_kept, has & ~row_kept),
-                   "train/kept_sequences": rows.valid.sum().float()}
-        return Routed(hidden, sub_targets, None, trainable & row_kept.unsqueeze(1), metrics, weight, rows.normaliser)
+        return Routed(hidden, sub_targets, None, kept, metrics, weight, rows.normaliser)
 
     def _generator(self, global_step: int, device) -> torch.Generator | None:
         return rule_generator(self.cggr.selection.strategy, self.cggr.seed, global_step, device)
@@ -391,6 +400,50 @@ def weighted_nll_sum(
     the weights (detached: they are estimator weights, not parameters) go into the loss kernel."""
     rw = None if row_weight is None else row_weight.detach().float()
     return linear_cross_entropy(hidden, weight, labels, reduction="sum", impl=impl, row_weight=rw, **kernel_options)
+
+
+def score_tokens(stats: TokenStats, trainable: torch.Tensor, scoring: str, reference: TokenStats | None = None):
+    """([B, T] difficulty, sanitized stats) from the raw statistics of ``scoring`` (not ``random``):
+    non-finite statistics never rank hard (routing.guards); ``excess_loss`` subtracts ``reference``'s NLL."""
+    stats, finite = sanitize_stats(stats)
+    usable = trainable & finite
+    if scoring == "excess_loss":
+        return excess_loss_score(stats, usable, reference), stats
+    return get_scorer(scoring)(stats, usable), stats
+
+
+def decide(stats, reference, score, trainable, *, unit: str, scoring: str, sel, ratio: float | None,
+           bounds: tuple[float, float], cap: float, generator, prune: float | None):
+    """Scoring to choice for one routed micro-batch: ``(choice, kept, metrics)``, device tensors only.
+
+    ``stats``/``reference``: the raw statistics (:meth:`CGGRStep.raw_statistics`), or ``score`` given
+    (``scoring=random``). ``ratio``: the host ratio in force, or None for the dynamic ratio (from the
+    batch's confidence, within ``bounds``); ``cap`` the host ratio sizing the static buffers.
+    ``choice`` is a :class:`~.routing.rules.TokenChoice` (token unit) or a
+    :class:`~.routing.rules.RowChoice`; ``kept`` the [B, T] positions whose label trains.
+
+    A pure function of tensors and host values with static shapes: under ``perf.compile`` the step
+    compiles it (one graph of a few fused kernels instead of about a hundred eager ops, each a launch
+    on a GPU). Not compiled: the rules that draw from a device generator (:data:`~.routing.rules.GENERATOR_STRATEGIES`;
+    dynamo does not trace generators), and a ratio curriculum, whose keep ratio sizes the buffers: a
+    new size every step would be a new graph every step (torch specializes the capacity's host
+    arithmetic), until torch gave up and ran it eagerly anyway.
+    """
+    if score is None:
+        score, stats = score_tokens(stats, trainable, scoring, reference)
+    if ratio is None:
+        ratio = dynamic_ratio(batch_confidence(stats, trainable & torch.isfinite(score)), *bounds)
+    if unit == "token":
+        choice = choose_tokens(sel, score, trainable, ratio, cap, generator, prune)
+        keep = choice.selection.keep
+        return choice, keep, {**choice.metrics, **_score_means(score, keep, trainable & ~keep)}
+    rows = choose_rows(sel, score, trainable, ratio, cap, generator, prune)
+    row_kept = torch.zeros(trainable.shape[0], dtype=torch.bool, device=trainable.device)
+    row_kept.index_copy_(0, rows.index, rows.valid)  # index entries are distinct
+    has = trainable.any(dim=1)
+    metrics = {**rows.metrics, **_score_means(rows.score, row_kept, has & ~row_kept),
+               "train/kept_sequences": rows.valid.sum().float()}
+    return rows, trainable & row_kept.unsqueeze(1), metrics
 
 
 def _score_means(score: torch.Tensor, kept: torch.Tensor, dropped: torch.Tensor) -> Metrics:

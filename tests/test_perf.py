@@ -10,7 +10,8 @@
   after its first step; ``perf.compile_dynamic`` decides whether a second batch size makes the
   batch dimension symbolic, and is refused where shapes keep changing; ``perf.compile_scope=decoder``
   compiles the decoder whole (and the router's view of its first k blocks on its own), with the
-  same losses and gradients.
+  same losses and gradients; the routing decision (step.decide) is compiled too where it can be, once,
+  and picks what the eager one picks.
 """
 
 from __future__ import annotations
@@ -191,9 +192,11 @@ def test_fused_where_torch_has_no_kernel_is_a_config_error(monkeypatch):
 
 def test_efficiency_options_are_validated():
     with pytest.raises(ConfigError) as err:
-        parse_config({"optim": {"fused": "yes"}, "perf": {"compile": "fast", "compile_backend": "tvm"}})
+        parse_config({"optim": {"fused": "yes"},
+                      "perf": {"compile": "fast", "compile_backend": "tvm", "compile_routing": "sometimes"}})
     msg = str(err.value)
     assert "optim.fused='yes'" in msg and "perf.compile='fast'" in msg and "perf.compile_backend='tvm'" in msg
+    assert "perf.compile_routing='sometimes'" in msg
     run = parse_config({"optim": {"fused": True}, "perf": {"compile": "max-autotune-no-cudagraphs"}})
     assert run.optim.fused is True and run.perf.compile == "max-autotune-no-cudagraphs"
 
@@ -321,19 +324,24 @@ def test_compiled_steps_match_eager_and_compile_only_in_the_first(unit, scope, o
 
 class GraphRecorder:
     """A torch.compile backend that runs each graph as traced (like ``eager``) and records, per graph,
-    whether any of its inputs has a symbolic size (torch made a dimension dynamic)."""
+    whether any of its inputs has a symbolic size (torch made a dimension dynamic). ``symbolic``
+    lists the model's graphs, ``routing`` the routing decision's (step.decide: its inputs are named
+    after its arguments, the model's after the module's parameters)."""
 
     def __init__(self):
         self.symbolic: list[bool] = []
+        self.routing: list[bool] = []
 
     def __call__(self, gm, example_inputs):
         def is_symbolic(v):
-            if isinstance(v, torch.SymInt):
+            if isinstance(v, torch.SymInt | torch.SymFloat):
                 return True
             return isinstance(v, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in v.shape)
 
-        values = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
-        self.symbolic.append(any(is_symbolic(v) for v in values))
+        inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        symbolic = any(is_symbolic(n.meta.get("example_value")) for n in inputs)
+        routing = any("trainable" in n.name for n in inputs)
+        (self.routing if routing else self.symbolic).append(symbolic)
         return gm.forward
 
 
@@ -358,11 +366,108 @@ def test_compile_dynamic_decides_whether_sequence_routing_makes_the_batch_symbol
     for losses in _run_steps(model, UNITS["sequence"], compiled, batches):
         made.append(len(recorder.symbolic))
     assert made == [made[0]] * 4, f"graphs made after each step: {made}"
+    assert recorder.routing == [False], recorder.routing  # one decision graph, same shapes every step
     if dynamic is False:
         assert recorder.symbolic == [False, False]
     else:
         assert any(recorder.symbolic), f"torch's default kept every graph static: {recorder.symbolic}"
     torch.testing.assert_close(torch.stack(losses), torch.stack(eager), rtol=1e-5, atol=1e-6)
+
+
+def _stats_and_mask(B=4, T=16, seed=0):
+    """Random router statistics with one non-finite entry, and a trainable mask with holes."""
+    from lightning_cggr.kernels import TokenStats
+
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.rand(4, B, T, generator=g, dtype=torch.float64).float() * 3
+    raw[1, 0, 5] = float("nan")  # an overflowed entropy: never ranked hard (routing.guards)
+    trainable = torch.rand(B, T, generator=g) > 0.2
+    trainable[-1] = False  # a row with nothing to learn
+    return TokenStats(*raw), trainable
+
+
+DECISIONS = [  # (unit, strategy, scoring, ratio): ratio None is the dynamic ratio, within (0.2, 0.6)
+    ("token", "topk", "combined", 0.3),
+    ("token", "noise_excluded", "excess_loss", None),
+    ("sequence", "topk", "entropy", None),
+    ("sequence", "noise_excluded", "random", 0.5),
+]
+
+
+@pytest.mark.parametrize("unit,strategy,scoring,ratio", DECISIONS)
+def test_inductor_compiled_routing_decision_equals_the_eager_one(unit, strategy, scoring, ratio, one_thread):
+    """The routing decision (scores, ratio, selection, metrics) compiled with inductor picks the very
+    units the eager function picks, with the same weights, normaliser and metrics."""
+    from lightning_cggr.perf import compile_function
+    from lightning_cggr.step import decide
+
+    stats, trainable = _stats_and_mask()
+    reference = _stats_and_mask(seed=1)[0] if scoring == "excess_loss" else None
+    score = None
+    if scoring == "random":
+        stats, score = None, torch.rand(trainable.shape).masked_fill(~trainable, float("-inf"))
+    kw = dict(unit=unit, scoring=scoring, sel=SelectionConfig(unit=unit, strategy=strategy, noise_fraction=0.1),
+              ratio=ratio, bounds=(0.2, 0.6), cap=0.6 if ratio is None else ratio, generator=None, prune=None)
+    want = decide(stats, reference, score, trainable, **kw)
+    got = compile_function(decide, True, "inductor")(stats, reference, score, trainable, **kw)
+    if unit == "token":  # TokenChoice: selection (keep, index, valid), weight, normaliser
+        want_choice, got_choice = (*want[0].selection, *want[0][1:3]), (*got[0].selection, *got[0][1:3])
+    else:  # RowChoice: index, valid, score, weight, normaliser
+        want_choice, got_choice = want[0][:5], got[0][:5]
+    assert torch.equal(got[1], want[1])  # kept positions
+    assert 0 < int(want[1].sum()) < int(trainable.sum())
+    for g, w in zip(got_choice, want_choice):
+        if w is None or w.dtype in (torch.bool, torch.long):
+            assert (g is None and w is None) or torch.equal(g, w)
+        else:
+            torch.testing.assert_close(g, w)
+    assert got[2].keys() == want[2].keys()
+    for name in want[2]:
+        torch.testing.assert_close(got[2][name], want[2][name], msg=name)
+
+
+@pytest.mark.parametrize("strategy,schedule,routing,graphs", [
+    ("topk", "constant", True, 1), ("topk", "dynamic", True, 1), ("noise_excluded", "constant", True, 1),
+    ("topk", "constant", False, 0), ("topk", "curriculum", True, 0), ("stratified", "constant", True, 0),
+    ("importance", "constant", True, 0),
+])
+def test_the_routing_decision_compiles_once_where_it_can_and_else_runs_eagerly(strategy, schedule, routing, graphs,
+                                                                                monkeypatch, one_thread):
+    """Under perf.compile the step compiles its routing decision once and reuses it every step; with
+    perf.compile_routing=false, for the rules that draw from a device generator and under a ratio
+    curriculum (a new buffer size every step) it decides eagerly. Either way every step's loss and
+    kept count are the uncompiled step's."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from lightning_cggr import perf
+    from lightning_cggr.config import RatioScheduleConfig
+
+    torch._dynamo.reset()
+    counters.clear()
+    recorder = GraphRecorder()
+    monkeypatch.setattr(perf, "COMPILE_BACKENDS", (*perf.COMPILE_BACKENDS, recorder))
+    cggr = CGGRConfig(warmup_steps=0, min_tokens_ratio=0.3, router=RouterConfig(num_layers=1),
+                      selection=SelectionConfig(strategy=strategy, noise_fraction=0.1),
+                      ratio_schedule=RatioScheduleConfig(kind=schedule, steps=4, min=0.2, max=0.6))
+    model = make_tiny_model("llama", num_layers=2)
+    eager = CGGRStep(copy.deepcopy(model), cggr, LossConfig(impl="torch"))
+    perf_cfg = PerfConfig(compile=True, compile_backend=recorder, compile_routing=routing)
+    step = CGGRStep(model, cggr, LossConfig(impl="torch"), perf=perf_cfg)
+    for i in range(4):
+        batch = _packed_batch(seed=60 + i)
+        got, want = step(batch, global_step=i), eager(batch, global_step=i)
+        torch.testing.assert_close(got.nll_sum, want.nll_sum)
+        assert int(got.kept) == int(want.kept)
+    assert recorder.routing == [False] * graphs, recorder.routing
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_compile_function_is_none_when_compilation_is_off():
+    from lightning_cggr.perf import compile_function
+    from lightning_cggr.step import decide
+
+    assert compile_function(decide, False) is None
 
 
 def _val_loader(n_blocks=5, batch_size=2, seq_len=12, vocab=50):

@@ -64,6 +64,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return total / mask.sum().clamp(min=1)
 
 
+GENERATOR_STRATEGIES = ("stratified", "importance", "infobatch")
+"""Strategies that draw from a seeded device generator (:func:`rule_generator`); the others are
+deterministic functions of the scores."""
+
+
 def rule_generator(strategy: str, seed: int, step: int, device) -> torch.Generator | None:
     """The seeded generator of a random strategy: stratified on stream 1, importance/infobatch on stream 2."""
     if strategy == "stratified":
