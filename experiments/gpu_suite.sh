@@ -154,11 +154,13 @@ part trainer_sequence && step 280 experiments.trainer_check --out "$RES" --name 
 #     (30 steps each, up to 150 s a run: the whole-decoder compile of 30 blocks is the unknown; run it on its own)
 part scope && step 560 experiments.trainer_check --out "$RES" --name trainer_check_scope "${TC[@]}" --steps 30 --timeout-s 150 \
   --settings true,true:perf.compile_scope=decoder,reduce-overhead,reduce-overhead:perf.compile_scope=decoder cggr=sequence
-# 1j. perf.compile_routing under the Trainer, sequence routing (the host-bound step): the routing decision
-#     compiled as one graph (the default) vs its ~100 eager ops, plain and with CUDA graphs on the blocks
+# 1j. perf.compile_routing under the Trainer, sequence routing (the host-bound step): the routing decision's
+#     ~100 eager ops (the default) vs compiled as one graph, plain and with CUDA graphs on the blocks; then the
+#     decision alone per call, eager vs compiled, with its CUDA kernel launches
 part routing && step 300 experiments.trainer_check --out "$RES" --name trainer_check_routing "${TC[@]}" --steps 30 \
-  --timeout-s 90 --settings true,true:perf.compile_routing=false,reduce-overhead,reduce-overhead:perf.compile_routing=false \
+  --timeout-s 90 --settings true,true:perf.compile_routing=true,reduce-overhead,reduce-overhead:perf.compile_routing=true \
   cggr=sequence
+part routing && step 90 experiments.decide_cost --device "$DEV" --out "$RES"
 # 2. quality, SmolLM2 shape from random init, 8 x 512, one seed (GPU time is scarce)
 part quality && step 150 experiments.quality --device "$DEV" --preset smollm2_shape "${Q[@]}" --seeds 0 --out "$RES" \
   --methods standard_naive,standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence,cggr_final \

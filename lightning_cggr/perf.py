@@ -12,8 +12,9 @@ routing runs ``ceil(ratio * B)`` rows; ``perf.compile_dynamic`` says what the se
 :func:`dynamic_arg`). Left eager: embeddings, final norm and the mask code (a few launches per
 forward) and the loss kernels (Triton or chunked torch, their own code). The routing decision
 (scoring, the keep ratio, selection and their metrics: O(B x T) element-wise work and a sort, about
-a hundred eager ops) is compiled as a function of its own (:func:`compile_function`), except for the
-rules that draw from a generator (``stratified``, ``importance``, ``infobatch``), which run it eagerly.
+a hundred eager ops) is compiled as a function of its own with ``perf.compile_routing=true``
+(:func:`compile_function`; off by default until a GPU measures it), except for the rules that draw
+from a generator (``stratified``, ``importance``, ``infobatch``) and a ratio curriculum.
 
 ``perf.compile_scope=decoder`` compiles the decoder's whole forward (embeddings, every block, final
 norm) as one graph instead, in place too, and the router's view of its first k blocks as a second

@@ -9,9 +9,10 @@ One micro-batch (:meth:`CGGRStep.__call__`), all on the device and free of host 
 
 1. shift labels once into next-token targets (:func:`~.routing.selection.shift_targets`);
 2. under ``no_grad``, the truncated router (the model's own first k blocks, final norm and head)
-   yields per-token statistics, chunked over tokens; a scorer turns them into difficulty;
-3. :func:`~.routing.selection.select` keeps the hardest ``min_tokens_ratio`` of the trainable
-   tokens, as a static-size list of candidate rows plus a validity mask;
+   yields per-token statistics, chunked over tokens;
+3. :func:`decide`: a scorer turns them into difficulty and :func:`~.routing.selection.select` keeps
+   the hardest ``min_tokens_ratio`` of the trainable tokens, as a static-size list of candidate rows
+   plus a validity mask (one pure function; ``perf.compile_routing`` compiles it);
 4. the decoder runs on every token (attention needs them all);
 5. only the kept rows of the final hidden states go through the LM head and cross-entropy
    (``loss.impl``), as a NLL *sum* (each token's NLL times its loss weight, 1 for top-k) and a
@@ -299,8 +300,9 @@ class CGGRStep:
         return Routed(hidden, targets, choice.selection, kept, metrics, choice.weight, choice.normaliser)
 
     def decide(self, stats, reference, score, trainable, global_step: int):
-        """:func:`decide` with this step's settings: compiled with the model under ``perf.compile``, except
-        for the rules that draw from a generator and for a ratio curriculum, which decide eagerly."""
+        """:func:`decide` with this step's settings: compiled under ``perf.compile`` with
+        ``perf.compile_routing=true``, except for the rules that draw from a generator and for a ratio
+        curriculum, which decide eagerly."""
         c = self.cggr
         q = c.ratio_schedule
         ratio = self.ratio_in_force(global_step)  # None: the dynamic ratio, on the device
@@ -422,9 +424,9 @@ def decide(stats, reference, score, trainable, *, unit: str, scoring: str, sel, 
     ``choice`` is a :class:`~.routing.rules.TokenChoice` (token unit) or a
     :class:`~.routing.rules.RowChoice`; ``kept`` the [B, T] positions whose label trains.
 
-    A pure function of tensors and host values with static shapes: under ``perf.compile`` the step
-    compiles it (one graph of a few fused kernels instead of about a hundred eager ops, each a launch
-    on a GPU). Not compiled: the rules that draw from a device generator (:data:`~.routing.rules.GENERATOR_STRATEGIES`;
+    A pure function of tensors and host values with static shapes: under ``perf.compile`` with
+    ``perf.compile_routing=true`` the step compiles it (one graph of a few fused kernels instead of
+    about a hundred eager ops, each a launch on a GPU). Not compiled: the rules that draw from a device generator (:data:`~.routing.rules.GENERATOR_STRATEGIES`;
     dynamo does not trace generators), and a ratio curriculum, whose keep ratio sizes the buffers: a
     new size every step would be a new graph every step (torch specializes the capacity's host
     arithmetic), until torch gave up and ran it eagerly anyway.

@@ -395,3 +395,22 @@ def test_throughput_flop_bound_is_the_baseline_flops_over_the_methods():
     want = payload["summary"]["standard_fused"]["model_tflop_per_step"] / payload["summary"]["cggr_sequence"][
         "model_tflop_per_step"]
     assert f"| {want:.2f}x |" in row
+
+
+def test_decide_cost_times_the_steps_own_decision_eager_and_compiled(tmp_path, one_thread):
+    """experiments.decide_cost calls step.decide eagerly and compiled (aot_eager: no code generation,
+    so fast) on the same statistics: the two keep the same tokens, and the eager call's element-wise
+    ops are counted one by one (dozens per call)."""
+    import json
+
+    from experiments import decide_cost
+
+    assert decide_cost.main(["--device", "cpu", "--batch-size", "2", "--block-size", "16", "--rounds", "2",
+                             "--backend", "aot_eager", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "decide_cost-cpu.json").read_text())["rows"]
+    assert [(r["unit"], r["ratio"]) for r in rows] == [(u, q) for u, _, q in decide_cost.CASES]
+    for r in rows:
+        assert r["same_selection"]
+        assert r["eager"]["ops_per_call"] >= 50 and r["eager"]["launches_per_call"] is None
+        assert r["eager"]["median_ms"] > 0 and r["compiled"]["median_ms"] > 0
+    assert "| token | combined | 0.25 |" in (tmp_path / "decide_cost-cpu.md").read_text()

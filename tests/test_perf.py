@@ -314,7 +314,7 @@ def test_compiled_steps_match_eager_and_compile_only_in_the_first(unit, scope, o
     model = make_tiny_model("llama", num_layers=2)
     eager = list(_run_steps(copy.deepcopy(model), UNITS[unit], PerfConfig(), batches))[-1]
     graphs = []
-    perf = PerfConfig(compile=True, compile_backend="aot_eager", compile_scope=scope)
+    perf = PerfConfig(compile=True, compile_backend="aot_eager", compile_scope=scope, compile_routing=True)
     for losses in _run_steps(model, UNITS[unit], perf, batches):
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] >= 2, f"the router's no-grad pass and the training forward each compile: {graphs}"
@@ -362,7 +362,7 @@ def test_compile_dynamic_decides_whether_sequence_routing_makes_the_batch_symbol
     model = make_tiny_model("llama", num_layers=2)
     eager = list(_run_steps(copy.deepcopy(model), UNITS["sequence"], PerfConfig(), batches))[-1]
     made = []
-    compiled = PerfConfig(compile=True, compile_backend=recorder, compile_dynamic=dynamic)
+    compiled = PerfConfig(compile=True, compile_backend=recorder, compile_dynamic=dynamic, compile_routing=True)
     for losses in _run_steps(model, UNITS["sequence"], compiled, batches):
         made.append(len(recorder.symbolic))
     assert made == [made[0]] * 4, f"graphs made after each step: {made}"
