@@ -637,3 +637,32 @@ def test_gpu_whole_optimizer_step_on_packed_text_never_syncs(unit):
         optimizer_step(step, opt, [batch], 1, clip=1.0, autocast=bf16)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("unit,strategy,scoring,ratio", DECISIONS[:3])
+def test_gpu_compiled_routing_decision_equals_the_eager_one_and_never_syncs(unit, strategy, scoring, ratio):
+    """perf.compile_routing on CUDA: the inductor-compiled decision (Triton code) keeps what the eager
+    one keeps, and after its first (compiling) call makes no synchronizing call."""
+    from lightning_cggr.kernels import TokenStats
+    from lightning_cggr.perf import compile_function
+    from lightning_cggr.step import decide
+
+    stats, trainable = _stats_and_mask(B=8, T=256)
+    stats, trainable = TokenStats(*(s.cuda() for s in stats)), trainable.cuda()
+    reference = TokenStats(*(s.cuda() for s in _stats_and_mask(B=8, T=256, seed=1)[0]))
+    kw = dict(unit=unit, scoring=scoring, sel=SelectionConfig(unit=unit, strategy=strategy, noise_fraction=0.1),
+              ratio=ratio, bounds=(0.2, 0.6), cap=0.6 if ratio is None else ratio, generator=None, prune=None)
+    fn = compile_function(decide, True, "inductor")
+    want = decide(stats, reference, None, trainable, **kw)
+    got = fn(stats, reference, None, trainable, **kw)
+    assert torch.equal(got[1], want[1])
+    for name in want[2]:
+        torch.testing.assert_close(got[2][name], want[2][name], msg=name)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn(stats, reference, None, trainable, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
