@@ -4,8 +4,8 @@
 #   bash experiments/gpu_suite.sh                 # on the GPU machine, from the repository root
 #   GPU_SUITE_DRY=1 bash experiments/gpu_suite.sh # a minutes-long CPU rehearsal of the same flow
 #   GPU_SUITE_ONLY=fsdp,large bash experiments/gpu_suite.sh  # only the named parts, of: tests, kernel_tests,
-#       loss, eager, compiled, large, graphs, graphs_decoder, trainer, trainer_sequence, scope, routing, quality,
-#       mid, tiny, fsdp, sweep
+#       loss, eager, compiled, large, graphs, graphs_decoder, trainer, trainer_sequence, scope, routing, attention,
+#       quality, mid, tiny, fsdp, sweep
 #       (perf = tests,eager,compiled: issue 16)
 #
 # Writes under $OUT (default ./gpu_out): gpu_results.tgz (every JSON, table and plot), RESULTS-gpu.md
@@ -161,6 +161,12 @@ part routing && step 300 experiments.trainer_check --out "$RES" --name trainer_c
   --timeout-s 90 --settings true,true:perf.compile_routing=true,reduce-overhead,reduce-overhead:perf.compile_routing=true \
   cggr=sequence
 part routing && step 90 experiments.decide_cost --device "$DEV" --out "$RES"
+# 1k. perf.sdpa_backend under the Trainer, standard training (the 35% MFU target's step): torch's choice (cuDNN's
+#     kernel in the H200 profile: 12 of 55 ms of kernels per step) against torch's FlashAttention-2 and the
+#     memory-efficient kernel, compiled, and with CUDA graphs
+part attention && step 330 experiments.trainer_check --out "$RES" --name trainer_check_attention "${TC[@]}" --steps 30 \
+  --timeout-s 75 --settings reduce-overhead,reduce-overhead:perf.sdpa_backend=flash,reduce-overhead:perf.sdpa_backend=efficient,reduce-overhead:perf.sdpa_backend=cudnn \
+  cggr.enabled=false
 # 2. quality, SmolLM2 shape from random init, 8 x 512, one seed (GPU time is scarce)
 part quality && step 150 experiments.quality --device "$DEV" --preset smollm2_shape "${Q[@]}" --seeds 0 --out "$RES" \
   --methods standard_naive,standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence,cggr_final \

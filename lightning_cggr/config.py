@@ -20,7 +20,7 @@ from .models import ARCHS as MODEL_ARCHS
 from .models import ATTN_IMPLS
 from .models import DTYPES
 from .models import SOURCES as MODEL_SOURCES
-from .perf import COMPILE_BACKENDS, COMPILE_MODES, COMPILE_SCOPES, DYNAMIC_CHOICES, FUSED_CHOICES
+from .perf import COMPILE_BACKENDS, COMPILE_MODES, COMPILE_SCOPES, DYNAMIC_CHOICES, FUSED_CHOICES, sdpa_backend_problem
 from .routing.importance import TRANSFORMS as IMPORTANCE_TRANSFORMS
 from .routing.router import SOURCES as ROUTER_SOURCES
 from .routing.schedule import CURRICULUM_SHAPES, RATIO_SCHEDULES
@@ -258,6 +258,10 @@ class PerfConfig:
     decoder (the decoder's whole forward as one graph, and the router's view as another: the host
     enters one region per pass instead of one per block, for a longer compile; one device only).
     Measured on CPU only so far (lightning_cggr.perf, README "Efficiency options")."""
+    sdpa_backend: str = "auto"
+    """Which sdpa kernel runs attention (model.attn_implementation=sdpa only): auto (torch's choice) |
+    flash | cudnn | efficient (these two CUDA only) | math; one named kernel only, an error where it
+    cannot run, never a fallback (lightning_cggr.perf.SDPA_BACKENDS). Not yet measured on a GPU."""
     compile_routing: bool = False
     """Under perf.compile, also compile the routing decision (scores, keep ratio, selection and their
     metrics: about a hundred small eager ops per routed step, each a kernel launch on a GPU) as one
@@ -487,6 +491,8 @@ def _validate_perf(p: list[str], run: RunConfig) -> None:
     _check_choice(p, "perf.compile_backend", run.perf.compile_backend, COMPILE_BACKENDS)
     _check_auto_flag(p, "perf.compile_dynamic", run.perf.compile_dynamic, DYNAMIC_CHOICES)
     _check_choice(p, "perf.compile_scope", run.perf.compile_scope, COMPILE_SCOPES)
+    if problem := sdpa_backend_problem(run.perf.sdpa_backend, impl):
+        p.append(problem)
     if not isinstance(run.perf.compile_routing, bool):
         p.append(f"perf.compile_routing={run.perf.compile_routing!r}: must be true or false")
     _check_auto_flag(p, "optim.fused", run.optim.fused, FUSED_CHOICES)

@@ -39,6 +39,7 @@ it (CUDA, and CPU in recent torch) and is an error where it does not; ``false`` 
 
 from __future__ import annotations
 
+import contextlib
 import types
 from typing import Any, Iterable
 
@@ -277,6 +278,49 @@ def compile_function(fn, setting: Any, backend: str = "inductor"):
     own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     own.__kwdefaults__, own.__doc__ = fn.__kwdefaults__, fn.__doc__
     return torch.compile(own, **options)
+
+
+SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+"""``perf.sdpa_backend``: which of sdpa's kernels runs attention (``model.attn_implementation=sdpa``).
+``auto`` leaves the choice to torch (on the H200 with torch 2.11: cuDNN's, by the profile); the others
+allow that kernel alone (``torch.nn.attention.sdpa_kernel``): ``flash`` (torch's FlashAttention-2;
+on CPU its flash kernel for CPU), ``cudnn`` and ``efficient`` (CUDA only), ``math`` (the plain
+composition, any device; a reference)."""
+
+_SDPA_ENUM = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+              "math": "MATH"}
+CUDA_ONLY_SDPA = ("cudnn", "efficient")
+
+
+def sdpa_backend_problem(backend: str, attn_implementation: str, device_type: str | None = None,
+                         masked: bool = False) -> str | None:
+    """Why ``perf.sdpa_backend=backend`` cannot serve a run, or None. ``device_type`` None: not known yet;
+    ``masked``: attention takes a padding mask (chat data), which torch's flash kernel on CUDA cannot."""
+    if backend not in SDPA_BACKENDS:
+        return f"perf.sdpa_backend={backend!r}: must be one of {', '.join(SDPA_BACKENDS)}"
+    if backend == "auto":
+        return None
+    if attn_implementation != "sdpa":
+        return (f"perf.sdpa_backend={backend} picks a kernel of sdpa, but model.attn_implementation="
+                f"{attn_implementation}; use model.attn_implementation=sdpa or perf.sdpa_backend=auto")
+    if backend in CUDA_ONLY_SDPA and device_type is not None and device_type != "cuda":
+        return (f"perf.sdpa_backend={backend} is a CUDA kernel and this run's device is {device_type}; "
+                f"use perf.sdpa_backend=auto, flash or math")
+    if backend == "flash" and masked and device_type == "cuda":
+        return ("perf.sdpa_backend=flash: these batches carry a padding mask (chat data), which torch's flash "
+                "kernel on CUDA does not take; use perf.sdpa_backend=auto, cudnn or efficient")
+    return None
+
+
+def sdpa_scope(backend: str):
+    """A context in which sdpa runs the ``perf.sdpa_backend`` kernel only (``auto``: torch's choice,
+    no context). The kernel is chosen at the forward; its backward follows it. Under
+    ``torch.compile`` the choice is made when the graph is traced, inside this context."""
+    if backend == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, _SDPA_ENUM[backend])])
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

@@ -64,7 +64,8 @@ from .distributed import KeptTokenNormalizer
 from .errors import ConfigError
 from .kernels import TokenStats, linear_cross_entropy, resolve_impl, resolve_stats_impl, token_stats
 from .models.attention import mask_free_attention, model_configs
-from .perf import adamw_kwargs, compile_function, compile_model, mark_step_begin, resolve_compile
+from .perf import (adamw_kwargs, compile_function, compile_model, mark_step_begin, resolve_compile,
+                   sdpa_backend_problem, sdpa_scope)
 from .routing.guards import sanitize_stats
 from .routing.reference import ReferenceModel, load_reference
 from .routing.router import TruncatedRouter, find_decoder, find_head
@@ -140,13 +141,19 @@ class CGGRStep:
         self.loss_cfg = loss or LossConfig()
         self.perf = perf or PerfConfig()
         find_decoder(model), find_head(model)  # fail early on an unsupported architecture
+        # perf.sdpa_backend: the attention implementation here, the device at the first micro-batch (the
+        # model may still move: Lightning builds the module on the CPU)
+        impl = getattr(model.config, "_attn_implementation", "sdpa")
+        if problem := sdpa_backend_problem(self.perf.sdpa_backend, impl):
+            raise ValueError(problem)
+        self._sdpa_checked: set[tuple[str, bool]] = set()
         if self.perf.compile == "auto":  # by the model's device
             device = next(model.parameters()).device.type
             self.perf = dataclasses.replace(self.perf, compile=resolve_compile("auto", device))
         compile_model(model, self.perf.compile, self.perf.compile_backend, self.perf.compile_dynamic,
                       self.perf.compile_scope)
         c = self.cggr
-        self._compiled_decide = None  # the routing decision, compiled with the model (see decide)
+        self._compiled_decide = None  # the routing decision compiled (perf.compile_routing; see decide)
         if (c.enabled and self.perf.compile_routing and c.selection.strategy not in GENERATOR_STRATEGIES
                 and c.ratio_schedule.kind != "curriculum"):
             self._compiled_decide = compile_function(decide, self.perf.compile, self.perf.compile_backend)
@@ -360,8 +367,19 @@ class CGGRStep:
     def __call__(self, batch: dict, global_step: int, world_size: int = 1) -> StepResult:
         """One micro-batch: route, loss terms and the value to backprop (see the module docstring)."""
         mark_step_begin(self.perf.compile)
-        with self.attention_scope(batch.get("attention_mask")):
+        with self.sdpa_scope(batch), self.attention_scope(batch.get("attention_mask")):
             return self._micro_batch(batch, global_step, world_size)
+
+    def sdpa_scope(self, batch: dict):
+        """:func:`~lightning_cggr.perf.sdpa_scope` of ``perf.sdpa_backend``, after checking on the host
+        that the kernel runs on the batch's device and takes its mask (a padded batch, once per kind)."""
+        kind = (batch["input_ids"].device.type, batch.get("attention_mask") is not None)
+        if kind not in self._sdpa_checked:
+            impl = getattr(self.model.config, "_attn_implementation", "sdpa")
+            if problem := sdpa_backend_problem(self.perf.sdpa_backend, impl, *kind):
+                raise ValueError(problem)
+            self._sdpa_checked.add(kind)
+        return sdpa_scope(self.perf.sdpa_backend)
 
     def _micro_batch(self, batch: dict, global_step: int, world_size: int) -> StepResult:
         input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
@@ -391,7 +409,8 @@ class CGGRStep:
         mark_step_begin(self.perf.compile)
         input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
         targets = shift_targets(batch["labels"], attention_mask)
-        return self.loss_terms(self.hidden_states(input_ids, attention_mask), targets, None)
+        with self.sdpa_scope(batch):
+            return self.loss_terms(self.hidden_states(input_ids, attention_mask), targets, None)
 
 
 def weighted_nll_sum(
@@ -426,10 +445,11 @@ def decide(stats, reference, score, trainable, *, unit: str, scoring: str, sel, 
 
     A pure function of tensors and host values with static shapes: under ``perf.compile`` with
     ``perf.compile_routing=true`` the step compiles it (one graph of a few fused kernels instead of
-    about a hundred eager ops, each a launch on a GPU). Not compiled: the rules that draw from a device generator (:data:`~.routing.rules.GENERATOR_STRATEGIES`;
-    dynamo does not trace generators), and a ratio curriculum, whose keep ratio sizes the buffers: a
-    new size every step would be a new graph every step (torch specializes the capacity's host
-    arithmetic), until torch gave up and ran it eagerly anyway.
+    about a hundred eager ops, each a launch on a GPU). Not compiled: the rules that draw from a
+    device generator (:data:`~.routing.rules.GENERATOR_STRATEGIES`; dynamo does not trace
+    generators), and a ratio curriculum, whose keep ratio sizes the buffers: a new size every step
+    would be a new graph every step (torch specializes the capacity's host arithmetic), until torch
+    gave up and ran it eagerly anyway.
     """
     if score is None:
         score, stats = score_tokens(stats, trainable, scoring, reference)

@@ -27,7 +27,7 @@ from . import rundir
 from .cli import omegaconf_problem, run_hydra, unknown_key_problems
 from .config import config_error, parse_config, register_schema
 from .errors import ConfigError, UserError, exit_on_user_error
-from .perf import resolve_compile, scope_problem, static_shape_problem, uses_cuda_graphs
+from .perf import resolve_compile, scope_problem, sdpa_backend_problem, static_shape_problem, uses_cuda_graphs
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,9 @@ def check_config(cfg: DictConfig):
             f"invalid configuration: perf.compile={run.perf.compile} records CUDA graphs and needs a CUDA "
             f"device (this run's is {run_device(trainer_kw)}); use perf.compile=true"
         )
+    if problem := sdpa_backend_problem(run.perf.sdpa_backend, run.model.attn_implementation, run_device(trainer_kw),
+                                       masked=run.data.source == "chat"):
+        raise ConfigError(f"invalid configuration: {problem}")
     check_loss_impl(run.loss.impl, trainer_kw)
     ckpt_path = plain.get("ckpt_path")
     if isinstance(ckpt_path, str) and Path(ckpt_path).expanduser().exists():  # a missing one: train() says so

@@ -81,6 +81,84 @@ def test_mask_free_step_equals_the_all_ones_mask_and_never_syncs(arch, unit, one
     assert {m.config._attn_implementation for m in model.modules() if hasattr(m, "config")} == {"sdpa"}
 
 
+SDPA_CPU_OPS = {"flash": "aten::_scaled_dot_product_flash_attention_for_cpu",
+                "math": "aten::_scaled_dot_product_attention_math"}
+"""The op each perf.sdpa_backend runs on CPU (the CUDA-only kernels are refused there)."""
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("backend", sorted(SDPA_CPU_OPS))
+def test_sdpa_backend_runs_that_kernel_alone_with_the_same_loss_and_gradients(backend, padded, one_thread):
+    """perf.sdpa_backend=flash|math: the step's attention (router, model forward and backward,
+    validation) runs that kernel and no other, with the loss and gradients of torch's own choice;
+    on a packed batch (mask-free causal path) and on a padded one (transformers' masked path)."""
+    from torch.profiler import profile
+
+    model = make_tiny_model("llama", num_layers=2)
+    batch = make_batch(batch_size=3, seq_len=12) if padded else _packed_batch()
+    want_loss, want_grads = _loss_and_grads(CGGRStep(copy.deepcopy(model), UNITS["token"], LossConfig(impl="torch")),
+                                            batch)
+    step = CGGRStep(model, UNITS["token"], LossConfig(impl="torch"), perf=PerfConfig(sdpa_backend=backend))
+    with profile() as prof:
+        loss, grads = _loss_and_grads(step, batch)
+        step.eval_terms(batch)
+    ran = [e.name for e in prof.events()]
+    assert ran.count(SDPA_CPU_OPS[backend]) == 1 + 2 + 2  # the router's block, the forward's 2, validation's 2
+    other = [op for b, op in SDPA_CPU_OPS.items() if b != backend]
+    assert not any(name in other for name in ran), "another sdpa kernel ran"
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == want_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sdpa_backend_is_refused_where_its_kernel_cannot_run():
+    """A kernel of sdpa with another attention implementation, a CUDA kernel on CPU (at config time
+    through train()'s checks, and at the step's first batch), flash with chat data's padding mask on
+    CUDA: each an error naming the fix, before any compute."""
+    from lightning_cggr.perf import sdpa_backend_problem
+
+    with pytest.raises(ConfigError, match="perf.sdpa_backend='fast'"):
+        parse_config({"perf": {"sdpa_backend": "fast"}})
+    with pytest.raises(ConfigError, match="model.attn_implementation=eager"):
+        parse_config({"perf": {"sdpa_backend": "flash"}, "model": {"attn_implementation": "eager"}})
+    assert "CUDA kernel" in sdpa_backend_problem("cudnn", "sdpa", "cpu")
+    assert "padding mask" in sdpa_backend_problem("flash", "sdpa", "cuda", masked=True)
+    assert sdpa_backend_problem("flash", "sdpa", "cpu", masked=True) is None  # the CPU flash kernel takes masks
+    assert sdpa_backend_problem("efficient", "sdpa", None) is None  # device not known yet
+    step = CGGRStep(make_tiny_model("llama", num_layers=2), UNITS["token"], LossConfig(impl="torch"),
+                    perf=PerfConfig(sdpa_backend="efficient"))
+    with pytest.raises(ValueError, match="perf.sdpa_backend=efficient is a CUDA kernel"):
+        step(_packed_batch(), global_step=0)
+    from experiments.compose import compose
+    from lightning_cggr.train import check_config
+
+    with pytest.raises(ConfigError, match=r"perf.sdpa_backend=cudnn is a CUDA kernel and this run's device is cpu"):
+        check_config(compose(["perf.sdpa_backend=cudnn", "trainer.accelerator=cpu"]))
+
+
+@pytest.mark.parametrize("backend", sorted(SDPA_CPU_OPS))
+def test_sdpa_backend_holds_inside_compiled_blocks(backend, one_thread):
+    """The compiled blocks are traced inside the step's sdpa scope, so their graphs run the named kernel
+    (flash: its own op; math: decomposed into matmuls and a softmax, so no flash op) with the eager
+    step's loss."""
+    import torch._dynamo
+    from torch.profiler import profile
+
+    torch._dynamo.reset()
+    model = make_tiny_model("llama", num_layers=2)
+    batch = _packed_batch()
+    want = CGGRStep(copy.deepcopy(model), UNITS["token"], LossConfig(impl="torch"))(batch, global_step=0).loss
+    perf = PerfConfig(compile=True, compile_backend="aot_eager", sdpa_backend=backend)
+    step = CGGRStep(model, UNITS["token"], LossConfig(impl="torch"), perf=perf)
+    step(batch, global_step=0)  # compiles
+    with profile() as prof:
+        got = step(batch, global_step=1).loss
+    flash_ran = sum(e.name == SDPA_CPU_OPS["flash"] for e in prof.events())
+    assert flash_ran == (3 if backend == "flash" else 0)  # the router's block and the forward's 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_the_masked_path_does_sync_so_the_guard_above_can_fail():
     model = make_tiny_model("llama", num_layers=1)
     batch = _packed_batch()

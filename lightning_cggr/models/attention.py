@@ -4,7 +4,8 @@
 transformers' default):
 
 - ``sdpa`` (default): ``torch.nn.functional.scaled_dot_product_attention``; with a causal flag and
-  no mask it dispatches to its flash / cuDNN / memory-efficient kernels.
+  no mask it dispatches to its flash / cuDNN / memory-efficient kernels, torch's choice unless
+  ``perf.sdpa_backend`` names one (:func:`lightning_cggr.perf.sdpa_scope`).
 - ``flash_attention_2``: the ``flash-attn`` package through transformers; CUDA only. Asking for it
   where it cannot run is an error naming the fix, never a fallback.
 - ``eager``: transformers' plain matmul-softmax-matmul (a reference; materializes [T, T] scores).
