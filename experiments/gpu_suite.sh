@@ -128,7 +128,7 @@ part large && step 150 experiments.throughput --device "$DEV" --preset smollm2_s
 # 1f. the 8 x 2048 compiled step with each compiled block replayed as a CUDA graph (perf.compile=reduce-overhead):
 #     the host's launch cost per block goes, the eager parts (loss, selection, optimizer) stay
 part graphs && step 150 experiments.throughput --device "$DEV" --preset smollm2_shape "${SC[@]}" --out "$RES" "${P[@]}" \
-  --name throughput-smollm2_shape_cudagraphs --methods standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence \
+  --name throughput-smollm2_shape_cudagraphs --methods standard_fused,cggr_combined,random_token,cggr_sequence,cggr_sequence_stride4,random_sequence \
   "${SHAPE[@]}" perf.compile=reduce-overhead "${SCX[@]}"
 # 1f'. the same CUDA-graph step with the decoder compiled whole (perf.compile_scope=decoder): one region per pass
 #     instead of 30; its profile (launches, host time per step) against 1f's

@@ -48,6 +48,11 @@ METHODS: dict[str, Method] = {
         "CGGR sequence, router, combined", "cggr",
         ("cggr.selection.unit=sequence", "cggr.scoring=combined", "loss.impl={fused}"), "random_sequence",
     ),
+    "cggr_sequence_stride4": Method(
+        "CGGR sequence, router, combined, every 4th token scored", "cggr",
+        ("cggr.selection.unit=sequence", "cggr.scoring=combined", "cggr.router.score_stride=4", "loss.impl={fused}"),
+        "random_sequence",
+    ),
     "random_sequence": Method(
         "random-sequence control", "control",
         ("cggr.selection.unit=sequence", "cggr.scoring=random", "loss.impl={fused}"),

@@ -50,6 +50,12 @@ class RouterConfig:
     whose NLL is subtracted from the current one (Rho-1); required by and only used with excess_loss."""
     reference_dtype: str = "bfloat16"
     """Weights' dtype of the reference model: float32 | bfloat16 | float16 (it runs in inference mode)."""
+    score_stride: int = 1
+    """selection.unit=sequence with strategy=topk: score each sequence from every ``score_stride``-th
+    of its trainable tokens, so the router's LM head (its statistics pass: most of its cost at
+    SmolLM2's shape) runs on about 1/``score_stride`` of the tokens; the router's blocks still run on
+    every token (attention needs them). 1: every token. Every sequence with a trainable token keeps at
+    least one scored token. Not yet measured for speed on a GPU nor for quality."""
 
 
 @dataclass
@@ -403,6 +409,18 @@ def _validate_selection_extras(p: list[str], c: CGGRConfig) -> None:
         p.append(f"cggr.router.reference={r.reference!r} is only used by cggr.scoring=excess_loss")
     if r.reference is not None and not isinstance(r.reference, str):
         p.append(f"cggr.router.reference={r.reference!r}: must be a model name or null")
+    if not _is_int(r.score_stride) or r.score_stride < 1:
+        p.append(f"cggr.router.score_stride={r.score_stride!r}: must be an integer >= 1")
+    elif r.score_stride > 1:
+        if s.unit != "sequence":
+            p.append(f"cggr.router.score_stride={r.score_stride}: token selection needs every token's score; "
+                     "it applies to cggr.selection.unit=sequence (or set it to 1)")
+        if c.scoring == "random":
+            p.append(f"cggr.router.score_stride={r.score_stride}: scoring=random reads no router statistics; "
+                     "set it to 1")
+        if s.strategy != "topk":
+            p.append(f"cggr.router.score_stride={r.score_stride} with cggr.selection.strategy={s.strategy}: the "
+                     "weighted rules normalise by every trainable token's count; use strategy=topk or stride 1")
     if s.unit == "sequence":
         if r.source == "final":
             p.append(

@@ -161,7 +161,9 @@ def step_flops(shape: FlopShape, cggr, batch: int, seq: int, *, loss_impl: str =
     ratio = cggr.ratio_schedule.max if cggr.ratio_schedule.kind == "dynamic" else cggr.min_tokens_ratio
     router = 0.0
     if cggr.scoring != "random" and cggr.router.source == "truncated":
-        router = forward_flops(shape, B, T, layers=cggr.router.num_layers, causal=causal)
+        stride = cggr.router.score_stride  # statistics of every stride-th trainable token (sequence unit)
+        router = forward_flops(shape, B, T, layers=cggr.router.num_layers, head_rows=B * -(-T // stride),
+                               causal=causal)
     if sel.unit == "sequence":
         rows = _capacity(B, ratio)
         body = 3 * forward_flops(shape, rows, T, head_rows=0, causal=causal)

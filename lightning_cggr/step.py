@@ -72,7 +72,7 @@ from .routing.router import TruncatedRouter, find_decoder, find_head
 from .routing.schedule import batch_confidence, dynamic_ratio, host_ratio
 from .routing.rules import GENERATOR_STRATEGIES, choose_rows, choose_tokens, prune_in_force, rule_generator
 from .routing.scoring import excess_loss_score, get_scorer, random_score, step_generator
-from .routing.selection import IGNORE_INDEX, Selection, mask_labels, shift_targets
+from .routing.selection import IGNORE_INDEX, Selection, mask_labels, sample_positions, shift_targets
 
 Metrics = dict[str, torch.Tensor]
 
@@ -246,20 +246,31 @@ class CGGRStep:
 
     @torch.no_grad()
     def raw_statistics(self, input_ids, attention_mask, targets, final_hidden: torch.Tensor | None = None):
-        """(the model's [B, T] ``TokenStats`` or None, the reference's or None): what scoring reads, before
-        any sanitising. From ``final_hidden`` (router.source=final, the main forward's own output,
-        detached) or else the truncated router; ``scoring=random`` reads no statistics."""
+        """``(stats, reference, scored)``: the model's ``TokenStats`` or None, the reference model's or
+        None, and which positions they score. What scoring reads, before any sanitising. From
+        ``final_hidden`` (router.source=final, the main forward's own output, detached) or else the
+        truncated router; ``scoring=random`` reads no statistics. ``scored`` None: the statistics are
+        [B, T], every position's; with ``router.score_stride`` s > 1 they are [B, ceil(T / s)], of every
+        s-th trainable position of each row (:func:`~.routing.selection.sample_positions`), and
+        ``scored`` is the [B, ceil(T / s)] mask of the slots that hold one."""
         c = self.cggr
         if c.scoring == "random":
-            return None, None
+            return None, None, None
         hidden = final_hidden if final_hidden is not None else self.router.hidden_states(input_ids, attention_mask)
-        stats = self.token_statistics(hidden, targets)
+        scored = positions = None
+        if c.router.score_stride > 1:
+            positions, scored = sample_positions(targets != IGNORE_INDEX, c.router.score_stride)
+            hidden = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+            targets_at = targets.gather(1, positions).masked_fill(~scored, IGNORE_INDEX)
+        stats = self.token_statistics(hidden, targets if positions is None else targets_at)
         ref = None
         if c.scoring == "excess_loss":
             ref = self.reference.token_stats(
                 input_ids, attention_mask, targets, impl=self.stats_impl, chunk_size=c.router.chunk_size
             )
-        return stats, ref
+            if positions is not None:
+                ref = type(ref)(*(x.gather(1, positions) for x in ref))
+        return stats, ref, scored
 
     def _random_score(self, targets, global_step: int) -> torch.Tensor | None:
         """scoring=random: seeded uniform scores (a generator on the device: drawn eagerly); else None."""
@@ -271,13 +282,14 @@ class CGGRStep:
     def score_and_stats(
         self, input_ids, attention_mask, targets, global_step: int = 0, final_hidden: torch.Tensor | None = None
     ):
-        """([B, T] difficulty, sanitized stats or None); -inf where nothing is to be learned (see
-        :meth:`raw_statistics` and :func:`score_tokens`)."""
+        """(difficulty, sanitized stats or None); -inf where nothing is to be learned. [B, T], or with
+        ``router.score_stride`` > 1 at the sampled positions (see :meth:`raw_statistics` and
+        :func:`score_tokens`)."""
         score = self._random_score(targets, global_step)
         if score is not None:
             return score, None
-        stats, ref = self.raw_statistics(input_ids, attention_mask, targets, final_hidden)
-        return score_tokens(stats, targets != IGNORE_INDEX, self.cggr.scoring, ref)
+        stats, ref, scored = self.raw_statistics(input_ids, attention_mask, targets, final_hidden)
+        return score_tokens(stats, targets != IGNORE_INDEX if scored is None else scored, self.cggr.scoring, ref)
 
     # ---- routing ----------------------------------------------------------------------------
     def route(self, input_ids, attention_mask, targets, global_step: int = 0) -> Routed:
@@ -296,17 +308,17 @@ class CGGRStep:
         if c.router.source == "final":  # router-free: score from the forward's own final states (token unit)
             hidden = self.hidden_states(input_ids, attention_mask)
         score = self._random_score(targets, global_step)
-        stats = ref = None
+        stats = ref = scored = None
         if score is None:
-            stats, ref = self.raw_statistics(input_ids, attention_mask, targets, final_hidden=hidden)
-        choice, kept, metrics = self.decide(stats, ref, score, trainable, global_step)
+            stats, ref, scored = self.raw_statistics(input_ids, attention_mask, targets, final_hidden=hidden)
+        choice, kept, metrics = self.decide(stats, ref, score, trainable, scored, global_step)
         if c.selection.unit == "sequence":
             return self._run_sequences(input_ids, attention_mask, targets, choice, kept, metrics)
         if hidden is None:
             hidden = self.hidden_states(input_ids, attention_mask)
         return Routed(hidden, targets, choice.selection, kept, metrics, choice.weight, choice.normaliser)
 
-    def decide(self, stats, reference, score, trainable, global_step: int):
+    def decide(self, stats, reference, score, trainable, scored, global_step: int):
         """:func:`decide` with this step's settings: compiled under ``perf.compile`` with
         ``perf.compile_routing=true``, except for the rules that draw from a generator and for a ratio
         curriculum, which decide eagerly."""
@@ -315,9 +327,9 @@ class CGGRStep:
         ratio = self.ratio_in_force(global_step)  # None: the dynamic ratio, on the device
         generator = self._generator(global_step, trainable.device)
         fn = self._compiled_decide or decide
-        return fn(stats, reference, score, trainable, unit=c.selection.unit, scoring=c.scoring, sel=c.selection,
-                  ratio=ratio, bounds=(q.min, q.max), cap=q.max if ratio is None else ratio, generator=generator,
-                  prune=self._prune(global_step))
+        return fn(stats, reference, score, trainable, scored, unit=c.selection.unit, scoring=c.scoring,
+                  sel=c.selection, ratio=ratio, bounds=(q.min, q.max), cap=q.max if ratio is None else ratio,
+                  generator=generator, prune=self._prune(global_step))
 
     def _run_sequences(self, input_ids, attention_mask, targets, rows, kept, metrics) -> Routed:
         """Sequence unit: run the decoder on the chosen rows alone (see :meth:`route`)."""
@@ -433,13 +445,16 @@ def score_tokens(stats: TokenStats, trainable: torch.Tensor, scoring: str, refer
     return get_scorer(scoring)(stats, usable), stats
 
 
-def decide(stats, reference, score, trainable, *, unit: str, scoring: str, sel, ratio: float | None,
+def decide(stats, reference, score, trainable, scored=None, *, unit: str, scoring: str, sel, ratio: float | None,
            bounds: tuple[float, float], cap: float, generator, prune: float | None):
     """Scoring to choice for one routed micro-batch: ``(choice, kept, metrics)``, device tensors only.
 
     ``stats``/``reference``: the raw statistics (:meth:`CGGRStep.raw_statistics`), or ``score`` given
-    (``scoring=random``). ``ratio``: the host ratio in force, or None for the dynamic ratio (from the
-    batch's confidence, within ``bounds``); ``cap`` the host ratio sizing the static buffers.
+    (``scoring=random``). ``trainable``: the batch's [B, T] positions with a label; ``scored``: the
+    mask of the positions the statistics score when they are a sample (``router.score_stride``,
+    sequence unit, top-k), else None (every trainable position). ``ratio``: the host ratio in force,
+    or None for the dynamic ratio (from the batch's confidence, within ``bounds``); ``cap`` the host
+    ratio sizing the static buffers.
     ``choice`` is a :class:`~.routing.rules.TokenChoice` (token unit) or a
     :class:`~.routing.rules.RowChoice`; ``kept`` the [B, T] positions whose label trains.
 
@@ -451,15 +466,16 @@ def decide(stats, reference, score, trainable, *, unit: str, scoring: str, sel, 
     would be a new graph every step (torch specializes the capacity's host arithmetic), until torch
     gave up and ran it eagerly anyway.
     """
+    mask = trainable if scored is None else scored
     if score is None:
-        score, stats = score_tokens(stats, trainable, scoring, reference)
+        score, stats = score_tokens(stats, mask, scoring, reference)
     if ratio is None:
-        ratio = dynamic_ratio(batch_confidence(stats, trainable & torch.isfinite(score)), *bounds)
+        ratio = dynamic_ratio(batch_confidence(stats, mask & torch.isfinite(score)), *bounds)
     if unit == "token":
         choice = choose_tokens(sel, score, trainable, ratio, cap, generator, prune)
         keep = choice.selection.keep
         return choice, keep, {**choice.metrics, **_score_means(score, keep, trainable & ~keep)}
-    rows = choose_rows(sel, score, trainable, ratio, cap, generator, prune)
+    rows = choose_rows(sel, score, mask, ratio, cap, generator, prune)
     row_kept = torch.zeros(trainable.shape[0], dtype=torch.bool, device=trainable.device)
     row_kept.index_copy_(0, rows.index, rows.valid)  # index entries are distinct
     has = trainable.any(dim=1)

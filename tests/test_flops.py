@@ -51,6 +51,8 @@ CASES = {
     "random_token": CGGRConfig(warmup_steps=0, scoring="random"),
     "sequence": CGGRConfig(warmup_steps=0, router=RouterConfig(num_layers=1), selection=SelectionConfig(unit="sequence")),
     "random_sequence": CGGRConfig(warmup_steps=0, scoring="random", selection=SelectionConfig(unit="sequence")),
+    "sequence_stride": CGGRConfig(warmup_steps=0, router=RouterConfig(num_layers=1, score_stride=3),
+                                  selection=SelectionConfig(unit="sequence")),
 }
 
 

@@ -154,3 +154,79 @@ def test_fit_logs_sequence_routing_metrics(tmp_path):
     assert float(m["train/kept_sequences"]) == 2.0 and float(m["train/ratio"]) == 0.5
     assert float(m["train/score_kept"]) > float(m["train/score_dropped"])
     assert torch.isfinite(m["train/loss"])
+
+
+def test_sample_positions_takes_every_stride_th_trainable_position_by_hand():
+    from lightning_cggr.routing.selection import sample_positions
+
+    trainable = torch.tensor([[0, 1, 1, 0, 1, 1, 1],   # trainable at 1, 2, 4, 5, 6: ranks 0, 2, 4 -> 1, 4, 6
+                              [1, 1, 1, 1, 1, 1, 0],   # 0..5: ranks 0, 2, 4 -> 0, 2, 4
+                              [0, 0, 0, 0, 0, 1, 0],   # one trainable position: still sampled
+                              [0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    positions, valid = sample_positions(trainable, 2)
+    assert positions.shape == valid.shape == (4, 4)  # ceil(7 / 2) slots
+    assert valid.tolist() == [[True, True, True, False], [True, True, True, False],
+                              [True, False, False, False], [False] * 4]
+    assert positions[valid].tolist() == [1, 4, 6, 0, 2, 4, 5]
+    assert bool(trainable.gather(1, positions)[valid].all())
+    one, ok = sample_positions(trainable, 1)
+    assert torch.equal(one[ok].sort().values, trainable.nonzero()[:, 1].sort().values)  # stride 1: every one
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+def test_score_stride_scores_sequences_from_every_stride_th_trainable_token(stride):
+    """cggr.router.score_stride: the sequences kept are the top ones by the float64 mean router NLL over
+    every stride-th trainable target of each row (rank 0, stride, ...), the router's head ran on
+    ceil(T / stride) rows per sequence, and the row with a prompt and padding is still scored."""
+    model = _untied_llama()
+    cfg = CGGRConfig(scoring="loss", min_tokens_ratio=0.5, warmup_steps=0,
+                     router=RouterConfig(num_layers=1, score_stride=stride), selection=SelectionConfig(unit="sequence"))
+    module = CGGRStep(model, cfg)
+    input_ids, mask, labels = _disjoint_batch()
+    targets = shift_targets(labels, mask)
+    with torch.no_grad():
+        h = module.router.hidden_states(input_ids, mask).double()
+    logp = torch.log_softmax(h @ module.head.weight.detach().double().T, dim=-1)
+    nll = -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    seq_nll = []
+    for b in range(B):
+        at = (targets[b] != IGNORE_INDEX).nonzero()[:, 0][::stride]  # every stride-th trainable position
+        seq_nll.append(float(nll[b, at].mean()))
+    want_rows = sorted(sorted(range(B), key=lambda b: -seq_nll[b])[: math.ceil(0.5 * B)])
+
+    score, stats = module.score_and_stats(input_ids, mask, targets)
+    assert score.shape == (B, math.ceil(T / stride))
+    assert torch.isfinite(score[3]).any()  # 3 prompt tokens and 2 pads: still scored
+    kept = module.route(input_ids, mask, targets).kept
+    assert sorted(int(b) for b in kept.any(dim=1).nonzero()[:, 0]) == want_rows
+    assert torch.equal(kept, (targets != IGNORE_INDEX) & kept.any(dim=1, keepdim=True))  # every label of a kept row
+
+
+def test_score_stride_is_validated():
+    from lightning_cggr.config import ConfigError, parse_config
+
+    for cggr, words in [
+        ({"router": {"score_stride": 0}}, "must be an integer >= 1"),
+        ({"router": {"score_stride": 2}}, "token selection needs every token's score"),
+        ({"router": {"score_stride": 2}, "scoring": "random", "selection": {"unit": "sequence"}}, "reads no router"),
+        ({"router": {"score_stride": 2}, "selection": {"unit": "sequence", "strategy": "importance"}},
+         "use strategy=topk"),
+    ]:
+        with pytest.raises(ConfigError, match=words):
+            parse_config({"cggr": cggr})
+    run = parse_config({"cggr": {"router": {"score_stride": 4}, "selection": {"unit": "sequence"}}})
+    assert run.cggr.router.score_stride == 4
+
+
+def test_score_stride_step_never_syncs():
+    from conftest import make_tiny_model
+    from test_selection_no_sync import forbid_host_sync
+
+    cfg = CGGRConfig(warmup_steps=0, min_tokens_ratio=0.5, router=RouterConfig(num_layers=1, score_stride=3),
+                     selection=SelectionConfig(unit="sequence"))
+    step = CGGRStep(make_tiny_model("llama", num_layers=2), cfg)
+    ids = torch.randint(1, 90, (4, 16))
+    with forbid_host_sync():
+        res = step({"input_ids": ids, "labels": ids.clone()}, global_step=0)
+    res.loss.backward()
+    assert torch.isfinite(res.loss)

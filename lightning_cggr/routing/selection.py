@@ -241,6 +241,21 @@ def select_sequences(
     return SequenceSelection(index, valid, seq)
 
 
+def sample_positions(trainable: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ``stride``-th trainable position of each row, in order: ``(positions, valid)``, both
+    [B, ceil(T / stride)] (long, bool). A row's trainable positions of rank 0, stride, 2 * stride, ...
+    among its trainable positions are taken, so a row with any trainable position has one; slots past
+    a row's count are invalid (position 0). Static shapes, on the device, no host sync."""
+    B, T = trainable.shape
+    slots = -(-T // stride)
+    # trainable positions first, each group in position order (a stable sort of the "not trainable" flag)
+    order = torch.argsort((~trainable).to(torch.int8), dim=1, stable=True)
+    ranks = torch.arange(slots, device=trainable.device) * stride  # [slots]
+    picked = order.index_select(1, ranks.clamp(max=T - 1))
+    valid = ranks.unsqueeze(0) < trainable.sum(dim=1, keepdim=True)
+    return picked.masked_fill(~valid, 0), valid
+
+
 def mask_labels(targets: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Targets with every position outside ``keep`` set to the ignore index."""
     return targets.masked_fill(~keep, IGNORE_INDEX)
