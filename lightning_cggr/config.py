@@ -55,7 +55,7 @@ class RouterConfig:
     of its trainable tokens, so the router's LM head (its statistics pass: most of its cost at
     SmolLM2's shape) runs on about 1/``score_stride`` of the tokens; the router's blocks still run on
     every token (attention needs them). 1: every token. Every sequence with a trainable token keeps at
-    least one scored token. Not yet measured for speed on a GPU nor for quality."""
+    least one scored token. Measured on CPU only (README, experiments/results/NOTES.md)."""
 
 
 @dataclass

@@ -262,8 +262,9 @@ def compile_function(fn, setting: Any, backend: str = "inductor"):
     recorded as a CUDA graph: under ``reduce-overhead`` it takes inductor's default mode, since its
     outputs (the selection, the logged metrics) outlive the next replay of a graph. Always with
     torch's automatic dynamic shapes, whatever ``perf.compile_dynamic`` says of the model's graphs:
-    a second keep ratio or capacity (a curriculum changes both every step) or sequence length
-    compiles once more with that value symbolic, not once per value.
+    a second sequence length (chat batches) compiles once more with that dimension symbolic, not
+    once per length. (A ratio curriculum, whose capacity changes every step, is not compiled at
+    all: :func:`lightning_cggr.step.decide`.)
     """
     mode = compile_mode(setting)
     if mode is None:

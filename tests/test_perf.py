@@ -541,6 +541,25 @@ def test_the_routing_decision_compiles_once_where_it_can_and_else_runs_eagerly(s
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+@pytest.mark.parametrize("unit", ["token", "sequence"])
+def test_routing_decision_compiles_at_most_twice_over_changing_sequence_lengths(unit, monkeypatch, one_thread):
+    """Chat batches are padded to their longest conversation, so the length changes nearly every
+    batch: the compiled decision makes the length symbolic at the second one instead of compiling per
+    length, and keeps what the eager one keeps at each."""
+    from lightning_cggr import perf
+    from lightning_cggr.step import decide
+
+    recorder = GraphRecorder()
+    monkeypatch.setattr(perf, "COMPILE_BACKENDS", (*perf.COMPILE_BACKENDS, recorder))
+    fn = perf.compile_function(decide, True, recorder)
+    kw = dict(unit=unit, scoring="combined", sel=SelectionConfig(unit=unit), ratio=0.3, bounds=(0.2, 0.6), cap=0.3,
+              generator=None, prune=None)
+    for T in (12, 16, 20, 31, 40, 64):
+        stats, trainable = _stats_and_mask(T=T, seed=T)
+        assert torch.equal(fn(stats, None, None, trainable, **kw)[1], decide(stats, None, None, trainable, **kw)[1])
+    assert 1 <= len(recorder.routing) <= 2, recorder.routing
+
+
 def test_compile_function_is_none_when_compilation_is_off():
     from lightning_cggr.perf import compile_function
     from lightning_cggr.step import decide
