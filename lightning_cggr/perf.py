@@ -208,6 +208,20 @@ def static_shape_problem(run: Any) -> str | None:
     return None
 
 
+def _compile_options(setting: Any, backend: str, cuda_graphs: bool = True) -> dict[str, Any] | None:
+    """torch.compile's ``backend`` and ``mode`` for a resolved ``perf.compile`` (None: off); with
+    ``cuda_graphs=False`` a CUDA-graph mode becomes inductor's default mode."""
+    mode = compile_mode(setting)
+    if mode is None:
+        return None
+    if backend not in COMPILE_BACKENDS:
+        raise ValueError(f"perf.compile_backend={backend!r}: must be one of {', '.join(COMPILE_BACKENDS)}")
+    options: dict[str, Any] = {"backend": backend}
+    if backend == "inductor":
+        options["mode"] = "default" if mode in CUDA_GRAPH_MODES and not cuda_graphs else mode
+    return options
+
+
 COMPILED_WITH = "_cggr_compile_options"
 """Attribute a decoder compiled whole carries: its torch.compile options, so the router's view of
 it (a shallow copy, lightning_cggr.routing.router) compiles itself the same way instead of calling
@@ -227,21 +241,17 @@ def compile_model(model: torch.nn.Module, setting: Any, backend: str = "inductor
     :class:`~lightning_cggr.step.CGGRStep` compiles the model it is given. ``dynamic``: a
     ``perf.compile_dynamic`` value (:func:`dynamic_arg`).
     """
-    mode = compile_mode(setting)
     dynamic = dynamic_arg(dynamic)
     if scope not in COMPILE_SCOPES:
         raise ValueError(f"perf.compile_scope={scope!r}: must be one of {', '.join(COMPILE_SCOPES)}")
-    if mode is None:
+    options = _compile_options(setting, backend)
+    if options is None:
         return 0
-    if backend not in COMPILE_BACKENDS:
-        raise ValueError(f"perf.compile_backend={backend!r}: must be one of {', '.join(COMPILE_BACKENDS)}")
     from .routing.router import find_blocks, find_decoder
 
     decoder = find_decoder(model)
     _, blocks = find_blocks(decoder)
-    options = {"backend": backend, "dynamic": dynamic}
-    if backend == "inductor":
-        options["mode"] = mode
+    options["dynamic"] = dynamic
     for module in (decoder, *blocks):  # the other scope's wrappers, if any
         module._compiled_call_impl = None
     decoder.__dict__.pop(COMPILED_WITH, None)
@@ -266,14 +276,9 @@ def compile_function(fn, setting: Any, backend: str = "inductor"):
     once per length. (A ratio curriculum, whose capacity changes every step, is not compiled at
     all: :func:`lightning_cggr.step.decide`.)
     """
-    mode = compile_mode(setting)
-    if mode is None:
+    options = _compile_options(setting, backend, cuda_graphs=False)
+    if options is None:
         return None
-    if backend not in COMPILE_BACKENDS:
-        raise ValueError(f"perf.compile_backend={backend!r}: must be one of {', '.join(COMPILE_BACKENDS)}")
-    options = {"backend": backend}
-    if backend == "inductor":
-        options["mode"] = "default" if mode in CUDA_GRAPH_MODES else mode
     # torch caches compiled graphs per code object, up to its recompile limit (8): a copy of the code
     # per caller keeps steps of different settings in one process (a benchmark's methods) apart
     own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)

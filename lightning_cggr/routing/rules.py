@@ -71,11 +71,9 @@ deterministic functions of the scores."""
 
 def rule_generator(strategy: str, seed: int, step: int, device) -> torch.Generator | None:
     """The seeded generator of a random strategy: stratified on stream 1, importance/infobatch on stream 2."""
-    if strategy == "stratified":
-        return step_generator(seed, step, device, stream=1)
-    if strategy in ("importance", "infobatch"):
-        return step_generator(seed, step, device, stream=RULE_STREAM)
-    return None
+    if strategy not in GENERATOR_STRATEGIES:
+        return None
+    return step_generator(seed, step, device, stream=1 if strategy == "stratified" else RULE_STREAM)
 
 
 def prune_in_force(sel, step: int, total_steps: int | None) -> float:
