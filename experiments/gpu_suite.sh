@@ -4,7 +4,7 @@
 #   bash experiments/gpu_suite.sh                 # on the GPU machine, from the repository root
 #   GPU_SUITE_DRY=1 bash experiments/gpu_suite.sh # a minutes-long CPU rehearsal of the same flow
 #   GPU_SUITE_ONLY=fsdp,large bash experiments/gpu_suite.sh  # only the named parts, of: tests, kernel_tests,
-#       loss, eager, compiled, large, graphs, graphs_decoder, trainer, trainer_sequence, scope, routing, attention,
+#       loss, eager, compiled, large, graphs, graphs_decoder, targets, checkpointing, trainer, trainer_sequence, scope, routing, attention,
 #       quality, mid, tiny, fsdp, sweep
 #       (perf = tests,eager,compiled: issue 16)
 #
@@ -135,6 +135,20 @@ part graphs && step 150 experiments.throughput --device "$DEV" --preset smollm2_
 part graphs_decoder && step 200 experiments.throughput --device "$DEV" --preset smollm2_shape "${SC[@]}" --out "$RES" "${P[@]}" \
   --name throughput-smollm2_shape_cudagraphs_decoder --methods standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence \
   "${SHAPE[@]}" perf.compile=reduce-overhead perf.compile_scope=decoder "${SCX[@]}"
+# 1f''. issue 16's targets with every host-overhead lever on at once (CUDA graphs, the decoder one region, the
+#      routing decision compiled, sequence routing scoring every 4th token): standard's MFU and the routed step
+#      rates at 8 x 2048 (the targets' shape) and at 32 x 2048
+part targets && step 240 experiments.throughput --device "$DEV" --preset smollm2_shape "${SC[@]}" --out "$RES" "${P[@]}" \
+  --name throughput-smollm2_shape_all_levers --methods standard_fused,cggr_combined,cggr_sequence_stride4,random_sequence \
+  "${SHAPE[@]}" perf.compile=reduce-overhead perf.compile_scope=decoder perf.compile_routing=true "${SCX[@]}"
+part targets && step 200 experiments.throughput --device "$DEV" --preset smollm2_shape "${SC[@]}" --out "$RES" \
+  --name throughput-smollm2_shape_all_levers_b32 --methods standard_fused,cggr_combined,cggr_sequence_stride4,random_sequence \
+  "${LARGE[@]}" perf.compile=reduce-overhead perf.compile_scope=decoder perf.compile_routing=true "${SCX[@]}"
+# 1f'''. perf.activation_checkpointing: the largest batch within the 12 GiB budget at block 2048 (part sweep's grid,
+#       fewer methods) and the step rate it costs there
+part checkpointing && step 240 experiments.sweep --out "$RES" --deadline-s 210 sweep=gpu_smollm2_shape \
+  sweep.name=sweep-smollm2_shape_ckpt 'sweep.methods=[standard_fused,cggr_combined,cggr_sequence]' \
+  perf.activation_checkpointing=true "${SW[@]}" "${EAGER[@]}"
 # 2a. issue 14's mid-size model on the GPU: SmolLM2's width with 8 blocks (head padded to 49152 rows), 16 x 512,
 #     200 steps x 3 seeds, standard vs the two best rules of the CPU SmolLM2 run vs their random controls
 part mid && step 280 experiments.quality --device "$DEV" --preset smollm2_shape --name quality-mid_shape "${MID[@]}" --out "$RES" \

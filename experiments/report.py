@@ -372,7 +372,9 @@ def readme_table(results: list[dict]) -> str:
             cells.append(" / ".join(bits) if bits else None)
         if any(cells):
             rows.append([label or m, *cells])
-    return rio.md_table(header, rows)
+    # a shape whose runs give none of these (e.g. only a batch-size sweep) gets no column
+    keep = [0, *[i + 1 for i in range(len(order)) if any(row[i + 1] for row in rows)]]
+    return rio.md_table([header[i] for i in keep], [[row[i] for i in keep] for row in rows])
 
 
 def readme_block(results: list[dict]) -> str:

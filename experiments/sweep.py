@@ -179,7 +179,9 @@ def markdown(p: dict) -> str:
         f"{shape.get('model')} ({shape.get('model_source')}), block {shape.get('block_size')}, "
         f"{shape.get('precision')}, kept ratio {shape.get('min_tokens_ratio')}; memory budget "
         f"{budget / 2**20:.0f} MiB of {mem}; median of {st['steps']} steps after {st['warmup']} warm-up per point, "
-        f"each point a fresh process. Grid: {st['sweep_file']}. {env['date_utc']}; load avg (1 min) median "
+        f"each point a fresh process. Grid: {st['sweep_file']}"
+        f"{'; base config ' + ' '.join(st['base_overrides']) if st.get('base_overrides') else ''}. "
+        f"{env['date_utc']}; load avg (1 min) median "
         f"{rio.r2(load.get('median'))}, max {rio.r2(load.get('max'))} on {env['hardware']['cpu_count']} CPUs.\n"
     )
     return head + "\n" + rio.md_table(header, rows) + "\n\nEvery point (OVER: ran, but above the budget):\n\n" + rio.md_table(grid_header, grid)

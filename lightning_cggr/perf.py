@@ -1,6 +1,6 @@
-"""Efficiency options of the training step: ``torch.compile`` of the decoder blocks and the AdamW
-implementation. They change how the step runs, never what it computes (tests compare each with
-the plain path), and a benchmark applies them to every method alike.
+"""Efficiency options of the training step: ``torch.compile`` of the decoder blocks, activation
+checkpointing and the AdamW implementation. They change how the step runs, never what it computes
+(tests compare each with the plain path), and a benchmark applies them to every method alike.
 
 What is compiled (``perf.compile``, with ``perf.compile_scope=blocks``, the default): each decoder
 block, in place (``nn.Module.compile``), so parameters, ``state_dict`` keys and checkpoints are
@@ -29,6 +29,11 @@ Measured with the user's command on this project's CPU at 30 blocks, 32 wide
 (experiments/results/NOTES.md): 1.24x (token routing) and 1.16x (sequence routing) the per-block
 tokens/s, and 100 s and 166 s of start-up on a cold cache against 33 s and 38 s; not yet on a GPU.
 Only on one device: DDP's and FSDP's hooks sit on each block.
+
+``perf.activation_checkpointing`` (:func:`apply_activation_checkpointing`): transformers' own
+activation checkpointing of every decoder block, turned on before anything is compiled, so compiled
+blocks trace the recompute with them. It trades about one more forward of the decoder per step for
+holding one block's activations at a time: the largest batch that fits a memory budget grows.
 
 ``optim.fused`` (:func:`adamw_kwargs`): ``auto`` uses torch's fused AdamW (one kernel per
 parameter group instead of a per-tensor or multi-tensor loop) when every trained parameter is a
@@ -327,6 +332,35 @@ def sdpa_scope(backend: str):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([getattr(SDPBackend, _SDPA_ENUM[backend])])
+
+
+def apply_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    """``perf.activation_checkpointing``: keep only each decoder block's input for the backward and run
+    the block's forward again there (transformers' own activation -- formerly "gradient" --
+    checkpointing, non-reentrant), so a step holds one block's activations at a time instead of every
+    block's: more batch per gigabyte for about one more decoder forward per step. Where it acts:
+    blocks in training mode with gradients on, i.e. the forward's decoder (under sequence routing, on
+    the kept rows); the router's no-grad pass, validation and generation run as before. Compiled
+    blocks compile the recompute with them. ``False`` leaves the model as it is (a model handed over
+    with checkpointing on keeps it). A model without transformers' checkpointing support is refused,
+    never run without it."""
+    if not enabled:
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"perf.activation_checkpointing=true: {type(model).__name__} does not support activation checkpointing "
+            "(transformers' supports_gradient_checkpointing); use perf.activation_checkpointing=false"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x: the new name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def activation_checkpointing_on(model: torch.nn.Module) -> bool:
+    """Whether any block of ``model`` recomputes its activations in the backward."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

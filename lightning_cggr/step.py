@@ -64,8 +64,8 @@ from .distributed import KeptTokenNormalizer
 from .errors import ConfigError
 from .kernels import TokenStats, linear_cross_entropy, resolve_impl, resolve_stats_impl, token_stats
 from .models.attention import mask_free_attention, model_configs
-from .perf import (adamw_kwargs, compile_function, compile_model, mark_step_begin, resolve_compile,
-                   sdpa_backend_problem, sdpa_scope)
+from .perf import (adamw_kwargs, apply_activation_checkpointing, compile_function, compile_model, mark_step_begin,
+                   resolve_compile, sdpa_backend_problem, sdpa_scope)
 from .routing.guards import sanitize_stats
 from .routing.reference import ReferenceModel, load_reference
 from .routing.router import TruncatedRouter, find_decoder, find_head
@@ -150,6 +150,7 @@ class CGGRStep:
         if self.perf.compile == "auto":  # by the model's device
             device = next(model.parameters()).device.type
             self.perf = dataclasses.replace(self.perf, compile=resolve_compile("auto", device))
+        apply_activation_checkpointing(model, self.perf.activation_checkpointing)  # before compiling: traced with it
         compile_model(model, self.perf.compile, self.perf.compile_backend, self.perf.compile_dynamic,
                       self.perf.compile_scope)
         c = self.cggr

@@ -278,13 +278,14 @@ def test_readme_table_pivots_methods_by_shape_from_hand_made_results():
                                 "time_to_target": {"n": 2, "reached": 0}}}),
         res("quality-mid", "quality", {"random_sequence": {"loss_at_equal_time_minus_baseline": -0.05,
                                                            "time_to_target": {"n": 3, "reached": 2, "ratio_mean": 0.7}}}),
+        res("sweep-big", "sweep", {"standard_fused": {"largest_fitting_batch": 8}}),  # nothing this table shows
     ]
     lines = readme_table(results).splitlines()
     assert lines[0] == ("| method | tiny: step rate / Δ loss @ equal time / time to std's loss "
                         "| mid: step rate / Δ loss @ equal time / time to std's loss |")
     assert lines[2] == "| standard fused | 1.00x / +0.000 / 1.00x (2/2) | — |"
     assert lines[3] == "| random sequence | 3.46x / +0.123 / not reached (0/2) | — / -0.050 / 0.70x (2/3) |"  # no step rate
-    assert len(lines) == 4  # methods without a result anywhere get no row
+    assert len(lines) == 4  # methods without a result anywhere get no row, shapes without one no column
 
 
 def test_hand_written_notes_are_included_once(tmp_path, monkeypatch):

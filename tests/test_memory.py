@@ -98,3 +98,38 @@ def test_scoring_peak_is_bounded_by_a_few_chunks(default_chunk):
 def test_tracker_sees_a_full_logits_allocation():
     """The accounting can fail: one chunk as large as the batch is caught."""
     assert score_allocations(B * T).largest >= FULL_LOGITS
+
+
+@pytest.mark.parametrize("unit", ["standard", "token", "sequence"])
+def test_activation_checkpointing_keeps_the_block_inputs_instead_of_their_activations(unit, one_thread):
+    """perf.activation_checkpointing, counted with the tracker on real tensors (6 blocks, 4 x 64 tokens):
+    after the step's forward the plain step holds every block's activations, the checkpointed one
+    little more than each block's input (which it must keep: L x rows x T x H fp32, a bound worked by
+    hand), and the peak of forward + backward drops too, since the backward recomputes one block at
+    a time. Sequence routing runs the decoder on its kept rows only (2 of 4)."""
+    from conftest import make_batch
+
+    from lightning_cggr.config import LossConfig, PerfConfig, SelectionConfig
+
+    layers, b, t, h = 6, 4, 64, 32
+    cggr = {"standard": CGGRConfig(enabled=False),
+            "token": CGGRConfig(warmup_steps=0, router=RouterConfig(num_layers=1)),
+            "sequence": CGGRConfig(warmup_steps=0, min_tokens_ratio=0.5, router=RouterConfig(num_layers=1),
+                                   selection=SelectionConfig(unit="sequence"))}[unit]
+    rows = 2 if unit == "sequence" else b
+    batch = make_batch(batch_size=b, seq_len=t, seed=2)
+    seen = {}
+    for ckpt in (False, True):
+        model = make_tiny_model("llama", num_layers=layers, hidden=h)
+        step = CGGRStep(model, cggr, LossConfig(impl="torch"), perf=PerfConfig(activation_checkpointing=ckpt))
+        step(batch, global_step=0).loss.backward()  # first-call allocations (caches) out of the way
+        model.zero_grad(set_to_none=True)
+        with AllocationTracker() as tracker:
+            res = step(batch, global_step=0)
+            held = tracker.live
+            res.loss.backward()
+        seen[ckpt] = (held, tracker.peak)
+    block_inputs = layers * rows * t * h * 4
+    assert seen[True][0] >= block_inputs, (seen, block_inputs)
+    assert seen[True][0] < seen[False][0] / 4, seen
+    assert seen[True][1] < seen[False][1] / 2, seen

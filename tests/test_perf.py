@@ -28,7 +28,7 @@ from lightning_cggr.config import (
     parse_config,
 )
 from lightning_cggr.models.attention import MASK_FREE, set_attn_implementation
-from lightning_cggr.perf import adamw_kwargs, compile_model
+from lightning_cggr.perf import activation_checkpointing_on, adamw_kwargs, compile_model
 from lightning_cggr.step import CGGRStep, build_optimizer, optimizer_step
 
 UNITS = {
@@ -398,6 +398,61 @@ def test_compiled_steps_match_eager_and_compile_only_in_the_first(unit, scope, o
     assert graphs[0] >= 2, f"the router's no-grad pass and the training forward each compile: {graphs}"
     assert graphs == [graphs[0]] * 5, f"graphs made after each step: {graphs}"
     torch.testing.assert_close(torch.stack(losses), torch.stack(eager), rtol=1e-5, atol=1e-6)
+
+
+# ---- activation checkpointing------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("unit", sorted(UNITS))
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(arch, unit, one_thread):
+    """perf.activation_checkpointing recomputes the blocks in the backward: the loss and every gradient
+    equal the plain step's (GPT-2 and GPT-NeoX train with dropout: the recompute replays the same
+    draws), on a padded batch with prompt labels masked, for standard, token and sequence routing."""
+    batch = make_batch(batch_size=4, seq_len=16, seed=5)
+    plain = make_tiny_model(arch, num_layers=3)
+    ckpt = copy.deepcopy(plain)
+    want_loss, want = _loss_and_grads(CGGRStep(plain, UNITS[unit], LossConfig(impl="torch")), batch)
+    step = CGGRStep(ckpt, UNITS[unit], LossConfig(impl="torch"), perf=PerfConfig(activation_checkpointing=True))
+    assert activation_checkpointing_on(ckpt) and not activation_checkpointing_on(plain)
+    got_loss, got = _loss_and_grads(step, batch)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-7)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("scope", ["blocks", "decoder"])
+def test_activation_checkpointing_inside_compiled_blocks_matches_eager_and_compiles_once(scope, one_thread):
+    """Checkpointed blocks compiled (aot_eager), block by block or the decoder whole, over five
+    sequence-routed steps: the eager plain run's losses, and no new graph after the first step."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    batches = [_packed_batch(seed=40 + i) for i in range(5)]
+    model = make_tiny_model("llama", num_layers=2)
+    eager = list(_run_steps(copy.deepcopy(model), UNITS["sequence"], PerfConfig(), batches))[-1]
+    perf = PerfConfig(compile=True, compile_backend="aot_eager", compile_scope=scope, activation_checkpointing=True)
+    graphs = []
+    for losses in _run_steps(model, UNITS["sequence"], perf, batches):
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [graphs[0]] * 5, f"graphs made after each step: {graphs}"
+    torch.testing.assert_close(torch.stack(losses), torch.stack(eager), rtol=1e-5, atol=1e-6)
+
+
+def test_activation_checkpointing_is_refused_for_a_model_without_it_and_validated():
+    from lightning_cggr.perf import apply_activation_checkpointing
+
+    with pytest.raises(ValueError, match="perf.activation_checkpointing=true: Linear does not support activation"):
+        apply_activation_checkpointing(torch.nn.Linear(2, 2), True)
+    model = make_tiny_model("llama", num_layers=2)
+    model.supports_gradient_checkpointing = False  # a transformers model class that opts out
+    with pytest.raises(ValueError, match="use perf.activation_checkpointing=false"):
+        CGGRStep(model, UNITS["token"], perf=PerfConfig(activation_checkpointing=True))
+    apply_activation_checkpointing(torch.nn.Linear(2, 2), False)  # off: nothing is asked of the model
+    with pytest.raises(ConfigError, match="perf.activation_checkpointing='yes': must be true or false"):
+        parse_config({"perf": {"activation_checkpointing": "yes"}})
 
 
 class GraphRecorder:
