@@ -234,3 +234,23 @@ def test_fused_adamw_is_refused_where_a_loss_scaler_clips():
     assert adamw_kwargs(p, "auto", scaled_clipping=True) == {}
     with pytest.raises(ConfigError, match="optim.fused=true with a loss scaler"):
         build_optimizer(torch.nn.Linear(2, 2), OptimConfig(fused=True), scaled_clipping=True)
+
+
+def test_package_exports_the_python_api_lazily():
+    """``from lightning_cggr import CGGRModule, CGGRConfig, ...`` gives the submodules' own objects, and a
+    bare ``import lightning_cggr`` (what every ``python -m lightning_cggr.X`` does first) imports neither
+    torch nor lightning; an unknown name is an AttributeError, as for any module."""
+    import subprocess
+    import sys
+
+    import lightning_cggr
+    from lightning_cggr import config, kernels, module, step
+
+    owners = {"CGGRModule": module, "CGGRStep": step, "linear_cross_entropy": kernels, "token_stats": kernels}
+    for name in lightning_cggr.__all__:
+        assert getattr(lightning_cggr, name) is getattr(owners.get(name, config), name), name
+    with pytest.raises(AttributeError, match="no attribute 'CGGRModel'"):
+        lightning_cggr.CGGRModel  # noqa: B018
+    code = "import sys, lightning_cggr; print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
