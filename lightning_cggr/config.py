@@ -275,11 +275,12 @@ class PerfConfig:
     that draw from a generator (stratified, importance, infobatch) and a ratio curriculum. Off by
     default until measured on a GPU (on CPU: the same selections, 1.2x-2.3x faster per call; the
     step's rate within the machine's noise; README "Efficiency options")."""
-    activation_checkpointing: bool = False
-    """Recompute each decoder block's activations in the backward instead of keeping them (transformers'
-    activation checkpointing, non-reentrant; lightning_cggr.perf.apply_activation_checkpointing): a
-    step holds one block's activations at a time, for about one more decoder forward per step; the
-    same losses and gradients (tested). MFU counts model FLOPs only, so the recompute lowers it."""
+    activation_checkpointing: bool | int = False
+    """Recompute decoder blocks' activations in the backward instead of keeping them (transformers'
+    activation checkpointing, non-reentrant; lightning_cggr.perf.apply_activation_checkpointing):
+    false | true (every block: a step holds one block's activations at a time, for about one more
+    decoder forward per step) | n (blocks 0, n, 2n, ...: about 1/n of the recompute). The same losses
+    and gradients (tested). MFU counts model FLOPs only, so the recompute lowers it."""
 
 
 @dataclass
@@ -518,8 +519,9 @@ def _validate_perf(p: list[str], run: RunConfig) -> None:
         p.append(problem)
     if not isinstance(run.perf.compile_routing, bool):
         p.append(f"perf.compile_routing={run.perf.compile_routing!r}: must be true or false")
-    if not isinstance(run.perf.activation_checkpointing, bool):
-        p.append(f"perf.activation_checkpointing={run.perf.activation_checkpointing!r}: must be true or false")
+    ac = run.perf.activation_checkpointing
+    if not (isinstance(ac, bool) or (_is_int(ac) and ac >= 1)):
+        p.append(f"perf.activation_checkpointing={ac!r}: must be true, false or an integer n >= 1 (every n-th block)")
     _check_auto_flag(p, "optim.fused", run.optim.fused, FUSED_CHOICES)
 
 

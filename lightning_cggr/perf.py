@@ -31,9 +31,10 @@ tokens/s, and 100 s and 166 s of start-up on a cold cache against 33 s and 38 s;
 Only on one device: DDP's and FSDP's hooks sit on each block.
 
 ``perf.activation_checkpointing`` (:func:`apply_activation_checkpointing`): transformers' own
-activation checkpointing of every decoder block, turned on before anything is compiled, so compiled
-blocks trace the recompute with them. It trades about one more forward of the decoder per step for
-holding one block's activations at a time: the largest batch that fits a memory budget grows.
+activation checkpointing of every decoder block (or of every n-th), turned on before anything is
+compiled, so compiled blocks trace the recompute with them. It trades about one more forward of the
+decoder per step for holding one block's activations at a time: the largest batch that fits a
+memory budget grows.
 
 ``optim.fused`` (:func:`adamw_kwargs`): ``auto`` uses torch's fused AdamW (one kernel per
 parameter group instead of a per-tensor or multi-tensor loop) when every trained parameter is a
@@ -334,28 +335,43 @@ def sdpa_scope(backend: str):
     return sdpa_kernel([getattr(SDPBackend, _SDPA_ENUM[backend])])
 
 
-def apply_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+def apply_activation_checkpointing(model: torch.nn.Module, setting: bool | int) -> None:
     """``perf.activation_checkpointing``: keep only each decoder block's input for the backward and run
     the block's forward again there (transformers' own activation -- formerly "gradient" --
     checkpointing, non-reentrant), so a step holds one block's activations at a time instead of every
-    block's: more batch per gigabyte for about one more decoder forward per step. Where it acts:
-    blocks in training mode with gradients on, i.e. the forward's decoder (under sequence routing, on
-    the kept rows); the router's no-grad pass, validation and generation run as before. Compiled
-    blocks compile the recompute with them. ``False`` leaves the model as it is (a model handed over
-    with checkpointing on keeps it). A model without transformers' checkpointing support is refused,
+    block's: more batch per gigabyte for about one more decoder forward per step. ``setting``: False
+    (off), True (every block) or an int n >= 1: blocks 0, n, 2n, ... only, a dial between the two
+    (about 1/n of the recompute, the other blocks keep their activations). Where it acts: blocks in
+    training mode with gradients on, i.e. the forward's decoder (under sequence routing, on the kept
+    rows); the router's no-grad pass, validation and generation run as before. Compiled blocks
+    compile the recompute with them. ``False`` leaves the model as it is (a model handed over with
+    checkpointing on keeps it). A model without transformers' checkpointing support is refused,
     never run without it."""
-    if not enabled:
+    if setting is False:
         return
+    every = 1 if setting is True else int(setting)
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(
-            f"perf.activation_checkpointing=true: {type(model).__name__} does not support activation checkpointing "
-            "(transformers' supports_gradient_checkpointing); use perf.activation_checkpointing=false"
+            f"perf.activation_checkpointing={str(setting).lower()}: {type(model).__name__} does not support activation "
+            "checkpointing (transformers' supports_gradient_checkpointing); use perf.activation_checkpointing=false"
         )
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x: the new name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if every == 1:
+        return
+    from .routing.router import find_blocks, find_decoder  # here: routing.router imports this module
+
+    _, blocks = find_blocks(find_decoder(model))
+    if not all(hasattr(b, "gradient_checkpointing") for b in blocks):
+        raise ValueError(
+            f"perf.activation_checkpointing={every}: {type(model).__name__}'s blocks cannot be checkpointed one "
+            "by one in this transformers version; use perf.activation_checkpointing=true"
+        )
+    for i, block in enumerate(blocks):
+        block.gradient_checkpointing = i % every == 0
 
 
 def activation_checkpointing_on(model: torch.nn.Module) -> bool:

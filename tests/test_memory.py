@@ -106,7 +106,8 @@ def test_activation_checkpointing_keeps_the_block_inputs_instead_of_their_activa
     after the step's forward the plain step holds every block's activations, the checkpointed one
     little more than each block's input (which it must keep: L x rows x T x H fp32, a bound worked by
     hand), and the peak of forward + backward drops too, since the backward recomputes one block at
-    a time. Sequence routing runs the decoder on its kept rows only (2 of 4)."""
+    a time; with n = 2 what it holds lies in between. Sequence routing runs the decoder on its kept
+    rows only (2 of 4)."""
     from conftest import make_batch
 
     from lightning_cggr.config import LossConfig, PerfConfig, SelectionConfig
@@ -119,7 +120,7 @@ def test_activation_checkpointing_keeps_the_block_inputs_instead_of_their_activa
     rows = 2 if unit == "sequence" else b
     batch = make_batch(batch_size=b, seq_len=t, seed=2)
     seen = {}
-    for ckpt in (False, True):
+    for ckpt in (False, True, 2):
         model = make_tiny_model("llama", num_layers=layers, hidden=h)
         step = CGGRStep(model, cggr, LossConfig(impl="torch"), perf=PerfConfig(activation_checkpointing=ckpt))
         step(batch, global_step=0).loss.backward()  # first-call allocations (caches) out of the way
@@ -133,3 +134,5 @@ def test_activation_checkpointing_keeps_the_block_inputs_instead_of_their_activa
     assert seen[True][0] >= block_inputs, (seen, block_inputs)
     assert seen[True][0] < seen[False][0] / 4, seen
     assert seen[True][1] < seen[False][1] / 2, seen
+    # every 2nd block (n = 2): the three blocks left unchecked keep their activations
+    assert seen[True][0] < seen[2][0] < seen[False][0], seen

@@ -403,17 +403,23 @@ def test_compiled_steps_match_eager_and_compile_only_in_the_first(unit, scope, o
 # ---- activation checkpointing------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("setting", [True, 2])
 @pytest.mark.parametrize("unit", sorted(UNITS))
-def test_activation_checkpointing_gives_the_same_loss_and_gradients(arch, unit, one_thread):
-    """perf.activation_checkpointing recomputes the blocks in the backward: the loss and every gradient
-    equal the plain step's (GPT-2 and GPT-NeoX train with dropout: the recompute replays the same
-    draws), on a padded batch with prompt labels masked, for standard, token and sequence routing."""
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(arch, unit, setting, one_thread):
+    """perf.activation_checkpointing recomputes blocks in the backward (every block, or blocks 0, 2, ...
+    with n = 2): the loss and every gradient equal the plain step's (GPT-2 and GPT-NeoX train with
+    dropout: the recompute replays the same draws), on a padded batch with prompt labels masked, for
+    standard, token and sequence routing."""
+    from lightning_cggr.routing.router import find_blocks, find_decoder
+
     batch = make_batch(batch_size=4, seq_len=16, seed=5)
     plain = make_tiny_model(arch, num_layers=3)
     ckpt = copy.deepcopy(plain)
     want_loss, want = _loss_and_grads(CGGRStep(plain, UNITS[unit], LossConfig(impl="torch")), batch)
-    step = CGGRStep(ckpt, UNITS[unit], LossConfig(impl="torch"), perf=PerfConfig(activation_checkpointing=True))
+    step = CGGRStep(ckpt, UNITS[unit], LossConfig(impl="torch"), perf=PerfConfig(activation_checkpointing=setting))
     assert activation_checkpointing_on(ckpt) and not activation_checkpointing_on(plain)
+    flags = [b.gradient_checkpointing for b in find_blocks(find_decoder(ckpt))[1]]
+    assert flags == ([True, True, True] if setting is True else [True, False, True])
     got_loss, got = _loss_and_grads(step, batch)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-7)
     assert got.keys() == want.keys()
@@ -451,8 +457,10 @@ def test_activation_checkpointing_is_refused_for_a_model_without_it_and_validate
     with pytest.raises(ValueError, match="use perf.activation_checkpointing=false"):
         CGGRStep(model, UNITS["token"], perf=PerfConfig(activation_checkpointing=True))
     apply_activation_checkpointing(torch.nn.Linear(2, 2), False)  # off: nothing is asked of the model
-    with pytest.raises(ConfigError, match="perf.activation_checkpointing='yes': must be true or false"):
-        parse_config({"perf": {"activation_checkpointing": "yes"}})
+    for bad in ("yes", 0, -2, 1.5):
+        with pytest.raises(ConfigError, match=f"perf.activation_checkpointing={bad!r}: must be true, false or an integer"):
+            parse_config({"perf": {"activation_checkpointing": bad}})
+    parse_config({"perf": {"activation_checkpointing": 3}})
 
 
 class GraphRecorder:
