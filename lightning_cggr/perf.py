@@ -374,11 +374,6 @@ def apply_activation_checkpointing(model: torch.nn.Module, setting: bool | int) 
         block.gradient_checkpointing = i % every == 0
 
 
-def activation_checkpointing_on(model: torch.nn.Module) -> bool:
-    """Whether any block of ``model`` recomputes its activations in the backward."""
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
-
-
 def _is_dtensor(t: torch.Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor

@@ -28,7 +28,7 @@ from lightning_cggr.config import (
     parse_config,
 )
 from lightning_cggr.models.attention import MASK_FREE, set_attn_implementation
-from lightning_cggr.perf import activation_checkpointing_on, adamw_kwargs, compile_model
+from lightning_cggr.perf import adamw_kwargs, compile_model
 from lightning_cggr.step import CGGRStep, build_optimizer, optimizer_step
 
 UNITS = {
@@ -398,6 +398,11 @@ def test_compiled_steps_match_eager_and_compile_only_in_the_first(unit, scope, o
     assert graphs[0] >= 2, f"the router's no-grad pass and the training forward each compile: {graphs}"
     assert graphs == [graphs[0]] * 5, f"graphs made after each step: {graphs}"
     torch.testing.assert_close(torch.stack(losses), torch.stack(eager), rtol=1e-5, atol=1e-6)
+
+
+def activation_checkpointing_on(model: torch.nn.Module) -> bool:
+    """Whether any module of ``model`` recomputes its activations in the backward (transformers' flag)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 # ---- activation checkpointing------------------------------------------------------------------
