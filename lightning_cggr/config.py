@@ -586,10 +586,10 @@ def validate(run: RunConfig) -> None:
         p.append("data.paths: required for data.source=files (a text file or a list of them)")
     if d.source == "hf" and not d.hf_name:
         p.append("data.hf_name: required for data.source=hf (e.g. wikitext, with data.hf_config=wikitext-2-raw-v1)")
-    for name in ("block_size", "batch_size", "vocab_size"):
+    for name, least in (("block_size", 2), ("batch_size", 1), ("vocab_size", 2)):
         value = getattr(d, name)
-        if not isinstance(value, int) or value < 2:
-            p.append(f"data.{name}={value!r}: must be an integer >= 2")
+        if not isinstance(value, int) or value < least:
+            p.append(f"data.{name}={value!r}: must be an integer >= {least}")
     if not _is_int(d.num_workers) or d.num_workers < 0:
         p.append(f"data.num_workers={d.num_workers!r}: must be an integer >= 0")
     if not _is_number(d.val_fraction) or not 0.0 < d.val_fraction < 1.0:
@@ -604,6 +604,25 @@ def validate(run: RunConfig) -> None:
     _validate_checkpoint(p, run.checkpoint)
     if p:
         raise config_error(p)
+
+
+def routing_warnings(run: RunConfig) -> list[str]:
+    """Settings that are valid but make routing save nothing; :func:`~lightning_cggr.train.train` logs
+    each as a warning. With ``selection.unit=sequence`` a batch keeps ``ceil(ratio * batch_size)``
+    sequences, so a batch smaller than ``1 / ratio`` trains every one of them at every step (InfoBatch
+    keeps every unit's slot by design and is left out)."""
+    c, q, b = run.cggr, run.cggr.ratio_schedule, run.data.batch_size
+    if not c.enabled or c.selection.unit != "sequence" or c.selection.strategy == "infobatch":
+        return []
+    smallest = q.min if q.kind == "dynamic" else c.min_tokens_ratio
+    from .routing.selection import static_capacity
+
+    if smallest >= 1 or static_capacity(b, smallest) < b:
+        return []
+    least = next(n for n in range(b + 1, 2 * b + int(2 / (1 - smallest)) + 2) if static_capacity(n, smallest) < n)
+    return [f"cggr.selection.unit=sequence keeps ceil({smallest:g} x data.batch_size) = {b} of the batch's {b} "
+            f"sequences: every sequence trains at every step, so routing saves nothing; use data.batch_size >= "
+            f"{least} (or cggr.selection.unit=token)"]
 
 
 def parse_config(cfg: Mapping[str, Any]) -> RunConfig:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import rundir
 from .cli import omegaconf_problem, run_hydra, unknown_key_problems
-from .config import config_error, parse_config, register_schema
+from .config import config_error, parse_config, register_schema, routing_warnings
 from .errors import ConfigError, UserError, exit_on_user_error
 from .perf import resolve_compile, scope_problem, sdpa_backend_problem, static_shape_problem, uses_cuda_graphs
 
@@ -201,6 +201,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     from .signals import StopRequest
 
     run, trainer_kw = check_config(cfg)
+    for warning in routing_warnings(run):
+        log.warning(warning)
     out = Path(cfg.output_dir).absolute()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     plan = plan_run(resolved, out)  # before anything is written to the folder

@@ -230,3 +230,58 @@ def test_score_stride_step_never_syncs():
         res = step({"input_ids": ids, "labels": ids.clone()}, global_step=0)
     res.loss.backward()
     assert torch.isfinite(res.loss)
+
+
+@pytest.mark.parametrize("cggr, batch, least", [
+    ({"selection": {"unit": "sequence"}}, 1, 2),  # ceil(0.25 x 1) = 1 of 1; at 2, ceil(0.5) = 1 of 2
+    ({"selection": {"unit": "sequence"}, "min_tokens_ratio": 0.75}, 3, 4),  # ceil(2.25) = 3 of 3; ceil(3) = 3 of 4
+    ({"selection": {"unit": "sequence"}, "min_tokens_ratio": 0.9}, 9, 10),  # ceil(8.1) = 9 of 9; ceil(9) = 9 of 10
+    ({"selection": {"unit": "sequence"}, "ratio_schedule": {"kind": "dynamic", "min": 0.5, "max": 0.8}}, 1, 2),
+])
+def test_a_batch_too_small_for_sequence_routing_to_drop_anything_is_warned(cggr, batch, least):
+    from lightning_cggr.config import parse_config, routing_warnings
+
+    (warning,) = routing_warnings(parse_config({"cggr": cggr, "data": {"batch_size": batch}}))
+    assert f"= {batch} of the batch's {batch} sequences" in warning and f"data.batch_size >= {least}" in warning
+    assert routing_warnings(parse_config({"cggr": cggr, "data": {"batch_size": least}})) == []
+
+
+@pytest.mark.parametrize("cggr", [
+    {},  # token unit: ceil(0.25 x 127) of each block's tokens
+    {"enabled": False},
+    {"selection": {"unit": "sequence"}, "min_tokens_ratio": 1.0},  # every sequence is what was asked for
+    {"selection": {"unit": "sequence", "strategy": "infobatch"}},  # keeps every slot by design
+])
+def test_no_small_batch_warning_where_it_would_not_apply(cggr):
+    from lightning_cggr.config import parse_config, routing_warnings
+
+    assert routing_warnings(parse_config({"cggr": cggr, "data": {"batch_size": 1}})) == []
+
+
+@pytest.mark.parametrize("rows, trained", [(1, 1), (2, 1), (3, 1), (4, 1)])
+def test_sequence_routing_keeps_what_the_warning_says(rows, trained):
+    """The step itself: at ratio 0.25 a batch of one row trains that row, a batch of 2-4 rows one row."""
+    model = _untied_llama()
+    cfg = CGGRConfig(scoring="loss", min_tokens_ratio=0.25, warmup_steps=0, router=RouterConfig(num_layers=1),
+                     selection=SelectionConfig(unit="sequence"))
+    step = CGGRStep(model, cfg)
+    input_ids, mask, labels = _disjoint_batch()
+    targets = shift_targets(labels[:rows], mask[:rows])
+    kept = step.route(input_ids[:rows], mask[:rows], targets).kept
+    assert int(kept.any(dim=1).sum()) == trained
+
+
+@pytest.mark.slow
+def test_train_logs_the_small_batch_warning_and_trains_batch_one(tmp_path, caplog):
+    from hydra import compose, initialize_config_dir
+
+    from lightning_cggr.train import CONF_DIR, train
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            "cggr=sequence", "data.batch_size=1", "trainer.max_steps=2", "trainer.enable_progress_bar=false",
+            "+trainer.limit_val_batches=2", f"output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'tok'}"])
+    with caplog.at_level("WARNING", logger="lightning_cggr.train"):
+        metrics = train(cfg)
+    assert any("routing saves nothing; use data.batch_size >= 2" in r.getMessage() for r in caplog.records)
+    assert math.isfinite(metrics["val/loss"])
