@@ -101,8 +101,12 @@ def hydra_problem(err: Exception, conf_dir: str | Path) -> str:
     override = re.match(r"Could not override '([^']+)'", message)
     if override:
         key = override.group(1)
-        return (f"{key}: no such setting{did_you_mean(key, known_keys(conf_dir))} "
-                f"(to add a new key on purpose, write +{key}=VALUE)")
+        append = re.search(r"use (\+\S+)", message)
+        add = append.group(1) if append else f"+{key}=VALUE"
+        known = known_keys(conf_dir)
+        if key in known:  # e.g. a Trainer argument that the trainer option's YAML does not set
+            return f"{key}: a valid key that the composed config does not hold yet; add it with {add}"
+        return f"{key}: no such setting{did_you_mean(key, known)} (to add a new key on purpose, write {add})"
     if isinstance(err, OverrideParseException):
         first = message.splitlines()[0] if message else "syntax error"
         return (f"cannot parse the override {err.override!r} ({first}); quote a value holding "
