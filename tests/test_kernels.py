@@ -508,8 +508,10 @@ def test_torch_path_matches_torch_linear_cross_entropy():
 
 
 # ----------------------------------------------------------------------------- token stats
-def ref_stats(h, w, y, ignore_index=-100):
+def ref_stats(h, w, y, ignore_index=-100, softcap=None):
     z = h.double() @ w.double().t()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
     lse = torch.logsumexp(z, -1)
     p = torch.softmax(z, -1)
     entropy = -(p * torch.log_softmax(z, -1)).sum(-1)
@@ -535,6 +537,20 @@ def test_token_stats(impl, v, with_labels):
     for got, want, name in zip(stats, ref_stats(h.detach(), w, y if with_labels else None), TokenStats._fields):
         assert got.dtype == torch.float32 and got.shape == (37,) and not got.requires_grad, name
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_token_stats_of_softcapped_logits(impl):
+    """Gemma-2 style ``softcap * tanh(z / softcap)``, with logits well past the cap (scale 6), so the cap
+    changes every statistic; chunked and ragged (37 rows in chunks of 8)."""
+    h, w, y = make(37, 48, 1000, seed=12, scale=6.0)
+    stats = token_stats(h, w, y, impl=impl, chunk_size=8, softcap=5.0)
+    uncapped = ref_stats(h, w, y)
+    for got, want, plain, name in zip(stats, ref_stats(h, w, y, softcap=5.0), uncapped, TokenStats._fields):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+        assert not torch.allclose(want, plain, rtol=1e-2, atol=1e-2), name  # the cap mattered
+    with pytest.raises(ValueError, match="softcap must be None or a number > 0"):
+        token_stats(h, w, y, impl=impl, softcap=0.0)
 
 
 @pytest.mark.parametrize("impl", OURS)

@@ -164,8 +164,10 @@ def token_stats(
     ignore_index: int = -100,
     impl: str = "auto",
     chunk_size: int | None = None,
+    softcap: float | None = None,
 ) -> TokenStats:
-    """No-grad fp32 per-token ``lse``, ``entropy``, ``margin`` (top1 - top2) and ``nll`` of the logits.
+    """No-grad fp32 per-token ``lse``, ``entropy``, ``margin`` (top1 - top2) and ``nll`` of the logits
+    (of ``softcap * tanh(logits / softcap)`` when ``softcap`` is set, as :func:`linear_cross_entropy`).
 
     Per chunk of ``chunk_size`` rows (default by rule) one logits GEMM and one row pass; no logits are
     kept. ``"triton"`` computes the GEMM in the inputs' dtype and the statistics in fp32; ``"torch"``
@@ -180,7 +182,8 @@ def token_stats(
         from lightning_cggr.kernels import cross_entropy
 
         return cross_entropy.triton_token_stats(hidden, weight, labels, ignore_index=ignore_index,
-                                                chunk_size=chunk_size)
+                                                chunk_size=chunk_size, softcap=softcap)
     if kind == "naive":
         chunk_size = max(1, hidden.shape[0])
-    return chunked_token_stats(hidden, weight, labels, ignore_index=ignore_index, chunk_size=chunk_size)
+    return chunked_token_stats(hidden, weight, labels, ignore_index=ignore_index, chunk_size=chunk_size,
+                               softcap=softcap)

@@ -251,9 +251,11 @@ def linear_ce(backend: Backend, hidden, weight, labels, *, ignore_index, reducti
 
 
 @torch.no_grad()
-def stats_pass(backend: Backend, hidden, weight, labels, *, ignore_index: int, chunk_size: int | None) -> TokenStats:
-    """No-grad per-token statistics: per chunk one logits GEMM and one row-statistics pass."""
-    check_stats_args(hidden, weight, labels, chunk_size)
+def stats_pass(backend: Backend, hidden, weight, labels, *, ignore_index: int, chunk_size: int | None,
+               softcap: float | None = None) -> TokenStats:
+    """No-grad per-token statistics: per chunk one logits GEMM and one row-statistics pass (with
+    ``softcap``, the chunk is capped to ``softcap * tanh(z / softcap)`` in place first)."""
+    check_stats_args(hidden, weight, labels, chunk_size, softcap)
     h, w = backend.prepare(hidden.detach(), weight.detach())
     n, vocab = h.shape[0], w.shape[0]
     out = torch.zeros(4, n, dtype=torch.float32, device=h.device)
@@ -267,6 +269,8 @@ def stats_pass(backend: Backend, hidden, weight, labels, *, ignore_index: int, c
             end = min(start + rows, n)
             z = buf[: end - start]
             torch.mm(h[start:end], w.t(), out=z)
+            if softcap is not None:
+                z.div_(softcap).tanh_().mul_(softcap)
             backend.stats_op(z, None if y is None else y[start:end], out[:, start:end], ignore_index)
     return TokenStats(*out)
 
@@ -355,6 +359,8 @@ def chunked_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, r
                      chunk_size=chunk_size, row_weight=row_weight, grad_accum=grad_accum)
 
 
-def chunked_token_stats(hidden, weight, labels=None, *, ignore_index=-100, chunk_size=None) -> TokenStats:
+def chunked_token_stats(hidden, weight, labels=None, *, ignore_index=-100, chunk_size=None,
+                        softcap=None) -> TokenStats:
     """``impl="torch"`` statistics: fp32 (fp64) logits, one chunk at a time."""
-    return stats_pass(TORCH, hidden, weight, labels, ignore_index=ignore_index, chunk_size=chunk_size)
+    return stats_pass(TORCH, hidden, weight, labels, ignore_index=ignore_index, chunk_size=chunk_size,
+                      softcap=softcap)

@@ -121,7 +121,7 @@ def check_args(
 
 
 def check_stats_args(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None,
-                     chunk_size: int | None) -> None:
+                     chunk_size: int | None, softcap: float | None = None) -> None:
     """Validate the inputs of ``token_stats``; raise one ValueError naming the problem."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
@@ -133,3 +133,5 @@ def check_stats_args(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
         raise ValueError(f"token_stats: labels must be [N], got {tuple(labels.shape)}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"token_stats: chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0.0):
+        raise ValueError(f"token_stats: softcap must be None or a number > 0, got {softcap!r}")

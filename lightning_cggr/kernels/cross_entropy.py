@@ -225,7 +225,9 @@ def triton_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, re
                      chunk_size=chunk_size, row_weight=row_weight, grad_accum=grad_accum)
 
 
-def triton_token_stats(hidden, weight, labels=None, *, ignore_index=-100, chunk_size=None) -> TokenStats:
+def triton_token_stats(hidden, weight, labels=None, *, ignore_index=-100, chunk_size=None,
+                       softcap=None) -> TokenStats:
     """Per-token fp32 ``lse``, ``entropy``, ``margin``, ``nll``: chunk GEMM + one Triton row pass."""
     _check_device(hidden)
-    return stats_pass(TRITON, hidden, weight, labels, ignore_index=ignore_index, chunk_size=chunk_size)
+    return stats_pass(TRITON, hidden, weight, labels, ignore_index=ignore_index, chunk_size=chunk_size,
+                      softcap=softcap)
