@@ -68,7 +68,7 @@ from .perf import (adamw_kwargs, apply_activation_checkpointing, compile_functio
                    resolve_compile, sdpa_backend_problem, sdpa_scope)
 from .routing.guards import sanitize_stats
 from .routing.reference import ReferenceModel, load_reference
-from .routing.router import TruncatedRouter, find_decoder, find_head
+from .routing.router import TruncatedRouter, check_logit_transform, find_decoder, find_head, logit_transform
 from .routing.schedule import batch_confidence, dynamic_ratio, host_ratio
 from .routing.rules import GENERATOR_STRATEGIES, choose_rows, choose_tokens, prune_in_force, rule_generator
 from .routing.scoring import excess_loss_score, get_scorer, random_score, step_generator
@@ -141,6 +141,13 @@ class CGGRStep:
         self.loss_cfg = loss or LossConfig()
         self.perf = perf or PerfConfig()
         find_decoder(model), find_head(model)  # fail early on an unsupported architecture
+        self.logit_transform = logit_transform(model)
+        """What the model does after its head (softcap, scale): applied wherever logits are formed."""
+        check_logit_transform(model, self.logit_transform)
+        if self.logit_transform.softcap is not None and self.loss_cfg.impl == "torch_lce":
+            raise ValueError(f"loss.impl=torch_lce cannot soft-cap the logits as {type(model).__name__} does "
+                             f"(final_logit_softcapping={self.logit_transform.softcap:g}); use loss.impl=auto, "
+                             "triton, torch, naive or liger")
         # perf.sdpa_backend: the attention implementation here, the device at the first micro-batch (the
         # model may still move: Lightning builds the module on the CPU)
         impl = getattr(model.config, "_attn_implementation", "sdpa")
@@ -176,6 +183,12 @@ class CGGRStep:
     def head(self) -> torch.nn.Linear:
         return find_head(self.model)
 
+    def scaled(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` times the model's logit scale (Cohere, Granite), which the linear head commutes
+        with; unchanged (no op) at scale 1."""
+        scale = self.logit_transform.scale
+        return hidden if scale == 1.0 else hidden * scale
+
     @property
     def loss_impl(self) -> str:
         """The concrete loss kernel on the head's device (``loss.impl`` resolved)."""
@@ -202,19 +215,20 @@ class CGGRStep:
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder's final (normed) hidden states, [B, T, H]."""
-        with self.attention_scope(attention_mask):
+        with self.attention_scope(attention_mask, input_ids.shape[1]):
             return self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
-    def attention_scope(self, attention_mask: torch.Tensor | None):
-        """Where decoders run on a batch without ``attention_mask`` (packed text: no padding), the
-        mask-free causal attention of :mod:`lightning_cggr.models.attention`: transformers builds
-        no mask, reads nothing back from the device and sdpa takes its causal kernel. Covers the
-        model, the router's view (its own config copy) and the reference model. A host-side check
-        of the argument, no sync; with a mask, transformers' own path runs unchanged."""
+    def attention_scope(self, attention_mask: torch.Tensor | None, length: int | None = None):
+        """Where decoders run on a batch without ``attention_mask`` (packed text: no padding) of
+        ``length`` tokens, the mask-free causal attention of :mod:`lightning_cggr.models.attention`:
+        transformers builds no mask, reads nothing back from the device and sdpa takes its causal
+        kernel (not for a model whose sliding window or attention chunk is shorter than ``length``).
+        Covers the model, the router's view (its own config copy) and the reference model. A
+        host-side check of the argument, no sync; with a mask, transformers' own path runs unchanged."""
         if attention_mask is not None:
             return contextlib.nullcontext()
         views = [self.router.view.config] if self.router is not None else []
-        return mask_free_attention([*self._attn_configs, *views])
+        return mask_free_attention([*self._attn_configs, *views], length)
 
     # ---- schedule -----------------------------------------------------------------------------
     def active(self, global_step: int) -> bool:
@@ -237,11 +251,12 @@ class CGGRStep:
         """[B, T] fp32 ``TokenStats`` of ``hidden @ head.T`` against ``targets``, chunked, no grad."""
         B, T, H = hidden.shape
         stats = token_stats(
-            hidden.detach().reshape(B * T, H),
+            self.scaled(hidden.detach().reshape(B * T, H)),
             self.head.weight,
             targets.reshape(-1),
             impl=self.stats_impl,
             chunk_size=self.cggr.router.chunk_size,
+            softcap=self.logit_transform.softcap,
         )
         return type(stats)(*(s.view(B, T) for s in stats))
 
@@ -373,14 +388,15 @@ class CGGRStep:
                 flat_h = flat_h.index_select(0, selection.index)
                 flat_y = flat_y.index_select(0, selection.index).masked_fill(~selection.valid, IGNORE_INDEX)
                 flat_w = None if flat_w is None else flat_w.index_select(0, selection.index)
-        nll_sum = weighted_nll_sum(flat_h, self.head.weight, flat_y, flat_w, impl,
-                                   chunk_size=self.loss_cfg.chunk_size, grad_accum=self.loss_cfg.grad_accum)
+        nll_sum = weighted_nll_sum(self.scaled(flat_h), self.head.weight, flat_y, flat_w, impl,
+                                   chunk_size=self.loss_cfg.chunk_size, grad_accum=self.loss_cfg.grad_accum,
+                                   softcap=self.logit_transform.softcap)
         return nll_sum, (flat_y != IGNORE_INDEX).sum()
 
     def __call__(self, batch: dict, global_step: int, world_size: int = 1) -> StepResult:
         """One micro-batch: route, loss terms and the value to backprop (see the module docstring)."""
         mark_step_begin(self.perf.compile)
-        with self.sdpa_scope(batch), self.attention_scope(batch.get("attention_mask")):
+        with self.sdpa_scope(batch), self.attention_scope(batch.get("attention_mask"), batch["input_ids"].shape[1]):
             return self._micro_batch(batch, global_step, world_size)
 
     def sdpa_scope(self, batch: dict):

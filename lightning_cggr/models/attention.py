@@ -101,16 +101,35 @@ def model_configs(models: Iterable[torch.nn.Module]) -> list:
     return list(seen.values())
 
 
+WINDOW_ATTRS = ("sliding_window", "attention_chunk_size")
+"""Config attributes that restrict attention to a local window or chunk (Mistral, Qwen2, Gemma 2/3, Phi-3,
+...; Llama 4's chunks): where one is shorter than the sequence, the causal mask alone is not the model's
+attention, so :func:`mask_free_attention` leaves that config to transformers' own masks."""
+
+
+def window_shorter_than(cfg, length: int | None) -> bool:
+    """Whether ``cfg`` limits attention to a window or chunk shorter than ``length`` tokens (any set
+    window when ``length`` is None). With ``length`` <= the window every causal pair lies inside it."""
+    for name in WINDOW_ATTRS:
+        window = getattr(cfg, name, None)
+        if isinstance(window, int) and not isinstance(window, bool) and window > 0:
+            if length is None or length > window:
+                return True
+    return False
+
+
 @contextlib.contextmanager
-def mask_free_attention(configs: Iterable) -> Iterator[None]:
+def mask_free_attention(configs: Iterable, length: int | None = None) -> Iterator[None]:
     """Within the block, every config in ``configs`` whose implementation has a mask-free twin
     names the twin: its decoder builds no attention mask and attends causally. Only for inputs
-    without padding (no ``attention_mask``). Configs are restored on exit, also on an error."""
+    without padding (no ``attention_mask``) of ``length`` tokens; a config whose sliding window or
+    attention chunk is shorter than that keeps transformers' masks (:func:`window_shorter_than`).
+    Configs are restored on exit, also on an error."""
     _register()
     changed = []
     for cfg in configs:
         twin = MASK_FREE.get(cfg._attn_implementation)
-        if twin is not None:
+        if twin is not None and not window_shorter_than(cfg, length):
             changed.append((cfg, cfg._attn_implementation))
             cfg._attn_implementation = twin
     try:

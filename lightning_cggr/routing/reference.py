@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..kernels import TokenStats, token_stats
-from .router import find_decoder, find_head
+from .router import check_logit_transform, find_decoder, find_head, logit_transform
 
 
 def load_reference(name: str, dtype: str = "bfloat16") -> nn.Module:
@@ -31,6 +31,8 @@ class ReferenceModel:
 
     def __init__(self, model: nn.Module, dtype: torch.dtype | None = None):
         find_decoder(model), find_head(model)  # fail early on an unsupported architecture
+        self.logit_transform = logit_transform(model)
+        check_logit_transform(model, self.logit_transform)
         model.eval()
         model.requires_grad_(False)
         if dtype is not None:
@@ -66,11 +68,13 @@ class ReferenceModel:
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False
             ).last_hidden_state
             B, T, H = hidden.shape
+            scale, softcap = self.logit_transform
             stats = token_stats(
-                hidden.reshape(B * T, H),
+                hidden.reshape(B * T, H) * scale if scale != 1.0 else hidden.reshape(B * T, H),
                 find_head(self.model).weight,
                 targets.reshape(-1),
                 impl=impl,
                 chunk_size=chunk_size,
+                softcap=softcap,
             )
             return TokenStats(*(s.view(B, T).clone() for s in stats))

@@ -13,6 +13,7 @@ and no checkpoint bytes.
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -59,6 +60,71 @@ def find_head(model: nn.Module) -> nn.Linear:
     if head.bias is not None:
         raise ValueError(f"{type(model).__name__}: an LM head with a bias is not supported")
     return head
+
+
+class LogitTransform(NamedTuple):
+    """How a causal LM turns its final hidden states ``h`` into logits, beyond the linear head:
+    ``logits = softcap * tanh(scale * head(h) / softcap)`` (no cap when ``softcap`` is None). The step
+    applies ``scale`` to ``h`` before the head (the head is linear without bias, so it is the same) and
+    hands ``softcap`` to the loss and statistics kernels."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def describe(self) -> str:
+        parts = ([f"x {self.scale:g}"] if self.scale != 1.0 else []) + (
+            [f"soft-capped at {self.softcap:g}"] if self.softcap is not None else [])
+        return "head(h)" + (" " + ", ".join(parts) if parts else "")
+
+
+def logit_transform(model: nn.Module) -> LogitTransform:
+    """The transforms transformers' causal LMs apply after the head, read from the model's config:
+    ``final_logit_softcapping`` (Gemma 2 and 3), ``logit_scale`` (Cohere: times it) and
+    ``logits_scaling`` (Granite: divided by it). :func:`check_logit_transform` verifies the result."""
+    config = getattr(model, "config", None)
+    scale, softcap = 1.0, None
+    if (value := getattr(config, "logit_scale", None)) is not None:
+        scale *= float(value)
+    if (value := getattr(config, "logits_scaling", None)) is not None:
+        scale /= float(value)
+    if (value := getattr(config, "final_logit_softcapping", None)) is not None:
+        softcap = float(value)
+    return LogitTransform(scale, softcap)
+
+
+@torch.no_grad()
+def check_logit_transform(model: nn.Module, transform: LogitTransform) -> None:
+    """Run the model once on a 4-token probe (eval mode, no grad; each module's mode restored) and
+    check that its own logits equal ``transform`` of its head of its decoder's final hidden states,
+    which is all the step computes. Raise ValueError naming the model otherwise: a family that does
+    something else after its decoder (a head MLP, an unknown scale) would train a loss that is not the
+    model's. Skipped for a model whose weights are not materialised (meta device)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if weight is None or weight.device.type == "meta":
+        return
+    head = find_head(model)
+    probe = (torch.arange(4, device=weight.device) % head.weight.shape[0]).unsqueeze(0)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        want = model(input_ids=probe, use_cache=False).logits.float()
+        h = find_decoder(model)(input_ids=probe, use_cache=False).last_hidden_state
+        got = head(h * transform.scale if transform.scale != 1.0 else h).float()
+        if transform.softcap is not None:
+            got = transform.softcap * torch.tanh(got / transform.softcap)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    tol = 1e-4 if head.weight.dtype in (torch.float32, torch.float64) else 2e-2
+    diff = float((got - want.to(got.device)).abs().max())
+    if not diff <= tol * (float(want.abs().max()) + 1.0):
+        raise ValueError(
+            f"{type(model).__name__}: its logits are not {transform.describe()} of its decoder's final hidden "
+            f"states (they differ by up to {diff:.3g} on a 4-token probe), so CGGR's loss and scores would not be "
+            "the model's own; this architecture is not supported (supported after the head: "
+            "final_logit_softcapping, logit_scale, logits_scaling)"
+        )
 
 
 def _num_layers_attr(config) -> str:

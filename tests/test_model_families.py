@@ -1,0 +1,162 @@
+"""Families whose logits are more than ``head(final hidden states)``: the step must train and score the
+model's own logits (Gemma 2's soft cap, Cohere's and Granite's scales), and refuse what it cannot."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_cggr.config import CGGRConfig, LossConfig, RouterConfig
+from lightning_cggr.routing.reference import ReferenceModel
+from lightning_cggr.routing.router import logit_transform
+from lightning_cggr.routing.selection import IGNORE_INDEX, shift_targets
+from lightning_cggr.step import CGGRStep
+
+V, T = 64, 12
+SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=4, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _family(name: str):
+    """A tiny random model of the family, its head scaled so the logits reach well past any cap."""
+    import transformers
+
+    cls, extra = {
+        "gemma2": ("Gemma2", dict(final_logit_softcapping=5.0, head_dim=8)),
+        "cohere": ("Cohere", dict(logit_scale=0.5)),
+        "granite": ("Granite", dict(logits_scaling=4.0)),
+        "llama": ("Llama", {}),
+    }[name]
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{cls}Config")(**SMALL, **extra)
+    model = getattr(transformers, f"{cls}ForCausalLM")(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30.0)  # tied in some families: embeddings grow too
+    return model
+
+
+def _batch(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (3, T), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = IGNORE_INDEX
+    return {"input_ids": ids, "labels": labels}
+
+
+def _model_nll(model, batch) -> torch.Tensor:
+    """Float64 per-position NLL of the model's own logits (its full forward), 0 where ignored."""
+    targets = shift_targets(batch["labels"], None)
+    logp = torch.log_softmax(model(input_ids=batch["input_ids"]).logits.double(), dim=-1)
+    nll = -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(targets != IGNORE_INDEX, nll, torch.zeros_like(nll)), targets
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere", "granite"])
+def test_the_transform_is_read_from_the_config(family):
+    want = {"gemma2": (1.0, 5.0), "cohere": (0.5, None), "granite": (0.25, None)}[family]
+    assert tuple(logit_transform(_family(family))) == want
+
+
+@pytest.mark.parametrize("impl", ["torch", "naive"])
+@pytest.mark.parametrize("family", ["gemma2", "cohere", "granite"])
+def test_standard_step_trains_the_models_own_loss(family, impl):
+    """Loss and every parameter's gradient equal those of the model's own logits (HF's forward)."""
+    model = _family(family)
+    model.eval()  # no dropout: both sides see the same function
+    batch = _batch()
+    nll, targets = _model_nll(model, batch)
+    want = nll.sum() / (targets != IGNORE_INDEX).sum()
+    want.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    step = CGGRStep(model, CGGRConfig(enabled=False), LossConfig(impl=impl))
+    out = step(batch, global_step=0)
+    torch.testing.assert_close(out.nll_sum.double() / out.kept, want.detach(), rtol=1e-5, atol=1e-5)
+    (out.nll_sum / out.kept).backward()
+    for name, p in model.named_parameters():
+        if name in ref_grads:
+            torch.testing.assert_close(p.grad.double(), ref_grads[name].double(), rtol=1e-3, atol=1e-5,
+                                       msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere", "granite"])
+def test_scores_are_the_models_own_statistics(family):
+    """Router-free scoring reads the statistics of the model's own logits: its NLL per token."""
+    model = _family(family)
+    model.eval()
+    batch = _batch(2)
+    nll, targets = _model_nll(model, batch)
+    step = CGGRStep(model, CGGRConfig(router=RouterConfig(source="final"), scoring="loss"))
+    with torch.no_grad():
+        stats = step.token_statistics(step.hidden_states(batch["input_ids"]), targets)
+    torch.testing.assert_close(stats.nll.double(), nll.detach(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere"])
+def test_reference_model_statistics_are_its_own(family):
+    model = _family(family)
+    batch = _batch(3)
+    nll, targets = _model_nll(model.eval(), batch)
+    stats = ReferenceModel(model).token_stats(batch["input_ids"], None, targets)
+    torch.testing.assert_close(stats.nll.double(), nll.detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_torch_lce_is_refused_for_a_soft_capped_model():
+    with pytest.raises(ValueError, match="loss.impl=torch_lce cannot soft-cap the logits as Gemma2ForCausalLM"):
+        CGGRStep(_family("gemma2"), CGGRConfig(), LossConfig(impl="torch_lce"))
+
+
+def test_an_unknown_transform_after_the_head_is_refused():
+    """A family that changes its logits in a way the config does not declare is refused by the probe,
+    not trained on a loss that is not its own."""
+    from transformers import LlamaForCausalLM
+
+    class Doubled(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = 2.0 * out.logits
+            return out
+
+    model = _family("llama")
+    odd = Doubled(model.config)
+    odd.load_state_dict(model.state_dict())
+    with pytest.raises(ValueError, match="Doubled: its logits are not head\\(h\\) of its decoder's final hidden"):
+        CGGRStep(odd, CGGRConfig())
+    with pytest.raises(ValueError, match="Doubled: its logits are not head"):
+        ReferenceModel(odd)
+    odd.train()
+    CGGRStep(model, CGGRConfig())  # the plain family passes the same probe
+    assert odd.training  # the probe restored the mode it found
+
+
+def _windowed(family: str, window: int):
+    import transformers
+
+    extra = {"mistral": dict(sliding_window=window),
+             "qwen2": dict(sliding_window=window, use_sliding_window=True, max_window_layers=0)}[family]
+    cls = {"mistral": "Mistral", "qwen2": "Qwen2"}[family]
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{cls}ForCausalLM")(getattr(transformers, f"{cls}Config")(**SMALL, **extra))
+    model.set_attn_implementation("sdpa")
+    return model.eval()
+
+
+@pytest.mark.parametrize("window", [4, T - 1, T, 64])
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_packed_batches_keep_a_sliding_window_shorter_than_the_sequence(family, window):
+    """Packed text (no attention_mask) takes the mask-free causal path only where the model's sliding
+    window covers the whole sequence; a shorter window keeps transformers' masks, so the step's loss is
+    the model's own either way (it was not: a window of 4 over 12 tokens was silently dropped)."""
+    from lightning_cggr.models.attention import window_shorter_than
+
+    model = _windowed(family, window)
+    batch = _batch(4)
+    nll, targets = _model_nll(model, batch)
+    want = nll.sum() / (targets != IGNORE_INDEX).sum()
+    step = CGGRStep(model, CGGRConfig(enabled=False))
+    nll_sum, count = step.eval_terms(batch)
+    torch.testing.assert_close((nll_sum / count).double(), want.detach(), rtol=1e-5, atol=1e-5)
+    assert window_shorter_than(model.config, T) == (window < T)
+    with step.attention_scope(None, T):  # the fast path is kept wherever it is exact
+        assert (model.config._attn_implementation == "sdpa") == (window < T)
