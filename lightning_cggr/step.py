@@ -68,7 +68,8 @@ from .perf import (adamw_kwargs, apply_activation_checkpointing, compile_functio
                    resolve_compile, sdpa_backend_problem, sdpa_scope)
 from .routing.guards import sanitize_stats
 from .routing.reference import ReferenceModel, load_reference
-from .routing.router import TruncatedRouter, check_logit_transform, find_decoder, find_head, logit_transform
+from .routing.router import (TruncatedRouter, check_logit_transform, find_decoder, find_head, logit_transform,
+                             mask_free_is_exact)
 from .routing.schedule import batch_confidence, dynamic_ratio, host_ratio
 from .routing.rules import GENERATOR_STRATEGIES, choose_rows, choose_tokens, prune_in_force, rule_generator
 from .routing.scoring import excess_loss_score, get_scorer, random_score, step_generator
@@ -144,6 +145,8 @@ class CGGRStep:
         self.logit_transform = logit_transform(model)
         """What the model does after its head (softcap, scale): applied wherever logits are formed."""
         check_logit_transform(model, self.logit_transform)
+        self._mask_free = mask_free_is_exact([model])  # probed before compiling: no graph made for it
+        """Whether packed batches may take the mask-free causal path (the family's attention agrees)."""
         if self.logit_transform.softcap is not None and self.loss_cfg.impl == "torch_lce":
             raise ValueError(f"loss.impl=torch_lce cannot soft-cap the logits as {type(model).__name__} does "
                              f"(final_logit_softcapping={self.logit_transform.softcap:g}); use loss.impl=auto, "
@@ -172,7 +175,10 @@ class CGGRStep:
         # accumulated micro-batches (see lightning_cggr.distributed)
         self.token_norm = KeptTokenNormalizer()
         # configs that name the attention implementation (see attention_scope)
-        self._attn_configs = model_configs([model] + ([self.reference.model] if self.reference is not None else []))
+        models = [model] + ([self.reference.model] if self.reference is not None else [])
+        self._attn_configs = model_configs(models)
+        if self.reference is not None:
+            self._mask_free = self._mask_free and mask_free_is_exact([self.reference.model])
 
     # ---- what the step runs on ----------------------------------------------------------------
     @property
@@ -222,12 +228,13 @@ class CGGRStep:
         """Where decoders run on a batch without ``attention_mask`` (packed text: no padding) of
         ``length`` tokens, the mask-free causal attention of :mod:`lightning_cggr.models.attention`:
         transformers builds no mask, reads nothing back from the device and sdpa takes its causal
-        kernel (not for a model whose sliding window or attention chunk is shorter than ``length``).
+        kernel (not for a model whose sliding window or attention chunk is shorter than ``length``,
+        nor for a family whose attention needs transformers' mask: :func:`~.routing.router.mask_free_is_exact`).
         Covers the model, the router's view (its own config copy) and the reference model. A
         host-side check of the argument, no sync; with a mask, transformers' own path runs unchanged."""
-        if attention_mask is not None:
+        if attention_mask is not None or not self._mask_free:
             return contextlib.nullcontext()
-        views = [self.router.view.config] if self.router is not None else []
+        views = self.router.view_configs if self.router is not None else []
         return mask_free_attention([*self._attn_configs, *views], length)
 
     # ---- schedule -----------------------------------------------------------------------------

@@ -160,3 +160,81 @@ def test_packed_batches_keep_a_sliding_window_shorter_than_the_sequence(family, 
     assert window_shorter_than(model.config, T) == (window < T)
     with step.attention_scope(None, T):  # the fast path is kept wherever it is exact
         assert (model.config._attn_implementation == "sdpa") == (window < T)
+
+
+def test_a_family_whose_attention_needs_the_mask_keeps_transformers_masks():
+    """Doge builds its own attention mask from ``attention_mask``; without one (the mask-free path) its
+    attention would see future tokens. The construction probe finds that and the step keeps
+    transformers' masks for it, while a plain family keeps the fast path."""
+    import transformers
+
+    torch.manual_seed(0)
+    doge = transformers.DogeForCausalLM(transformers.DogeConfig(**SMALL)).eval()
+    batch = _batch(5)
+    nll, targets = _model_nll(doge, batch)
+    step = CGGRStep(doge, CGGRConfig(enabled=False))
+    assert not step._mask_free
+    nll_sum, count = step.eval_terms(batch)
+    want = nll.sum() / (targets != IGNORE_INDEX).sum()
+    torch.testing.assert_close((nll_sum / count).double(), want.detach(), rtol=1e-5, atol=1e-5)
+    assert CGGRStep(_family("llama"), CGGRConfig(enabled=False))._mask_free
+
+
+def test_a_family_that_fails_without_the_mask_keeps_transformers_masks():
+    """Falcon checks its implementation's name and sends anything but ``sdpa`` down an eager path that
+    needs the mask: packed batches crashed at the first step. The probe sees it and keeps the masks."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    falcon = transformers.FalconForCausalLM(config).eval()
+    falcon.set_attn_implementation("sdpa")
+    batch = _batch(6)
+    nll, targets = _model_nll(falcon, batch)
+    step = CGGRStep(falcon, CGGRConfig(enabled=False))
+    assert not step._mask_free
+    nll_sum, count = step.eval_terms(batch)
+    torch.testing.assert_close((nll_sum / count).double(), (nll.sum() / (targets != IGNORE_INDEX).sum()).detach(),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["opt", "gemma3"])
+def test_router_of_a_decoder_nested_one_level_down(family):
+    """OPT keeps its blocks in ``model.decoder.layers``, Gemma 3's multimodal model in
+    ``model.language_model.layers``: the router's view truncates them there, sharing every weight, and its
+    hidden states are those of the same model cut to k blocks by hand."""
+    import copy
+
+    import transformers
+
+    from lightning_cggr.routing.router import TruncatedRouter, find_blocks, find_decoder
+
+    torch.manual_seed(0)
+    if family == "opt":
+        config = transformers.OPTConfig(vocab_size=V, hidden_size=32, ffn_dim=64, num_hidden_layers=3,
+                                        num_attention_heads=4, word_embed_proj_dim=16, pad_token_id=0)
+        model, path = transformers.OPTForCausalLM(config).eval(), "decoder.layers"
+    else:
+        text = dict(SMALL, head_dim=8, num_hidden_layers=3, sliding_window=64)
+        config = transformers.Gemma3Config(text_config=text, vision_config=dict(hidden_size=16, intermediate_size=32,
+                                           num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14))
+        model, path = transformers.Gemma3ForConditionalGeneration(config).eval(), "language_model.layers"
+    decoder = find_decoder(model)
+    name, blocks = find_blocks(decoder)
+    assert name == path and len(blocks) == 3
+    router = TruncatedRouter(model, 2)
+    ids = _batch(7)["input_ids"]
+    with torch.no_grad():
+        got = router.hidden_states(ids)
+        cut = copy.deepcopy(model)
+        inner = find_decoder(cut)
+        for part in path.split(".")[:-1]:
+            inner = getattr(inner, part)
+        inner.layers = inner.layers[:2]
+        for cfg in {id(c): c for c in [cut.config, cut.config.get_text_config(), inner.config]}.values():
+            cfg.num_hidden_layers = 2
+        want = find_decoder(cut)(input_ids=ids, use_cache=False).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert [id(b) for b in router.blocks] == [id(b) for b in list(blocks)[:2]]  # the model's own blocks
+    assert len(find_blocks(find_decoder(model))[1]) == 3  # the model is untouched

@@ -20,7 +20,10 @@ models' configs name an attention implementation registered here (``cggr_causal_
 transformers' mask code does not know, so it builds no mask at all, and whose function is sdpa's
 own: with no mask, sdpa runs with ``is_causal=True``. The result is the same attention (a test
 compares it with the masked path and proves no host sync); it is used only for batches without a
-mask, and the configs are restored on exit, so the model outside the step is unchanged.
+mask, and the configs are restored on exit, so the model outside the step is unchanged. Not taken
+where a sliding window or attention chunk is shorter than the sequence (:func:`window_shorter_than`),
+nor for a family whose attention builds its own mask from transformers' (the step's construction
+probe, :func:`lightning_cggr.routing.router.mask_free_is_exact`).
 """
 
 from __future__ import annotations

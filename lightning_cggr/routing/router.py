@@ -30,26 +30,74 @@ hidden states (router-free; the step scores them)."""
 
 
 def find_decoder(model: nn.Module) -> nn.Module:
-    """The decoder stack (``model.base_model``) of a Hugging Face causal LM."""
+    """The decoder stack of a Hugging Face causal LM: ``model.base_model``, or where the class's
+    ``base_model_prefix`` names no attribute of it (Llama 4's and Mllama's causal LMs), its ``model``."""
     decoder = getattr(model, "base_model", None)
     if decoder is None or decoder is model:
+        decoder = model._modules.get("model")
+    if decoder is None:
         raise ValueError(
             f"{type(model).__name__} is not a Hugging Face *ForCausalLM model with a decoder "
-            "(looked for model.base_model distinct from the model itself)"
+            "(looked for model.base_model distinct from the model itself, then model.model)"
         )
     return decoder
 
 
-def find_blocks(decoder: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder's list of transformer blocks and the attribute name it lives under."""
+NESTED_DECODER_NAMES = ("decoder", "language_model", "model", "transformer")
+"""Where a decoder keeps its blocks one module further down (OPT's ``decoder``, Gemma 3's
+``language_model``): only these names are searched, so a vision tower's layers are never taken."""
+
+
+def _block_path(decoder: nn.Module) -> tuple[str, ...] | None:
     for name in BLOCK_LIST_NAMES:
         blocks = decoder._modules.get(name)
         if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
-            return name, blocks
-    raise ValueError(
-        f"unsupported architecture {type(decoder).__name__}: looked for a block list named "
-        f"{' or '.join(BLOCK_LIST_NAMES)} on the decoder and found none"
-    )
+            return (name,)
+    for outer in NESTED_DECODER_NAMES:
+        child = decoder._modules.get(outer)
+        if child is not None:
+            for name in BLOCK_LIST_NAMES:
+                blocks = child._modules.get(name)
+                if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+                    return (outer, name)
+    return None
+
+
+def find_blocks(decoder: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder's list of transformer blocks and its dotted path from the decoder (``layers``, or
+    one level down, e.g. ``decoder.layers`` for OPT)."""
+    path = _block_path(decoder)
+    if path is None:
+        raise ValueError(
+            f"unsupported architecture {type(decoder).__name__}: looked for a block list named "
+            f"{' or '.join(BLOCK_LIST_NAMES)} on the decoder (or on its {'/'.join(NESTED_DECODER_NAMES)}) "
+            "and found none"
+        )
+    module = decoder
+    for name in path:
+        module = module._modules[name]
+    return ".".join(path), module
+
+
+def _truncated_view(module: nn.Module, path: tuple[str, ...], num_layers: int) -> nn.Module:
+    """A shallow copy of ``module`` whose submodule ``path`` holds only the first ``num_layers`` blocks
+    (each module along the path copied the same way), with its own config copy where it has one."""
+    view = copy.copy(module)  # new module object; same parameter/buffer dicts
+    view._modules = dict(module._modules)  # own submodule table ...
+    head, rest = path[0], path[1:]
+    if rest:
+        view._modules[head] = _truncated_view(module._modules[head], rest, num_layers)
+    else:
+        view._modules[head] = nn.ModuleList(list(module._modules[head])[:num_layers])  # ... k blocks
+    config = module.__dict__.get("config")
+    if config is not None:
+        config = copy.copy(config)
+        for name in ("num_hidden_layers", "n_layer", "num_layers"):
+            if hasattr(config, name):
+                setattr(config, name, num_layers)
+                break
+        view.config = config
+    return view
 
 
 def find_head(model: nn.Module) -> nn.Linear:
@@ -79,16 +127,19 @@ class LogitTransform(NamedTuple):
 
 def logit_transform(model: nn.Module) -> LogitTransform:
     """The transforms transformers' causal LMs apply after the head, read from the model's config:
-    ``final_logit_softcapping`` (Gemma 2 and 3), ``logit_scale`` (Cohere: times it) and
-    ``logits_scaling`` (Granite: divided by it). :func:`check_logit_transform` verifies the result."""
+    ``final_logit_softcapping`` (Gemma 2 and 3) or ``logits_soft_cap`` (RecurrentGemma), ``logit_scale``
+    (Cohere: times it), ``logits_scaling`` (Granite: divided by it) and ``logits_mup_width_multiplier``
+    (Inkling: the hidden states divided by it). :func:`check_logit_transform` verifies the result."""
     config = getattr(model, "config", None)
     scale, softcap = 1.0, None
     if (value := getattr(config, "logit_scale", None)) is not None:
         scale *= float(value)
-    if (value := getattr(config, "logits_scaling", None)) is not None:
-        scale /= float(value)
-    if (value := getattr(config, "final_logit_softcapping", None)) is not None:
-        softcap = float(value)
+    for name in ("logits_scaling", "logits_mup_width_multiplier"):
+        if (value := getattr(config, name, None)) is not None:
+            scale /= float(value)
+    for name in ("final_logit_softcapping", "logits_soft_cap"):
+        if (value := getattr(config, name, None)) is not None:
+            softcap = float(value)
     return LogitTransform(scale, softcap)
 
 
@@ -123,8 +174,45 @@ def check_logit_transform(model: nn.Module, transform: LogitTransform) -> None:
             f"{type(model).__name__}: its logits are not {transform.describe()} of its decoder's final hidden "
             f"states (they differ by up to {diff:.3g} on a 4-token probe), so CGGR's loss and scores would not be "
             "the model's own; this architecture is not supported (supported after the head: "
-            "final_logit_softcapping, logit_scale, logits_scaling)"
+            "final_logit_softcapping / logits_soft_cap, logit_scale, logits_scaling, logits_mup_width_multiplier)"
         )
+
+
+@torch.no_grad()
+def mask_free_is_exact(models: list[nn.Module], length: int = 8) -> bool:
+    """Whether the mask-free causal path (:func:`~lightning_cggr.models.attention.mask_free_attention`)
+    gives each model's decoder the same hidden states as transformers' own masks, on a ``length``-token
+    probe (eval mode, no grad; modes restored). Families whose attention builds its own mask from
+    ``attention_mask`` (Doge's dynamic mask, for one) lose causality without it, and some (Falcon) fail
+    outright under the renamed implementation: for those the step keeps transformers' masks. True where no config would change; False where a model cannot run
+    (weights on the meta device), the safe side."""
+    from ..models.attention import MASK_FREE, mask_free_attention, model_configs
+
+    for model in models:
+        configs = model_configs([model])
+        if not any(cfg._attn_implementation in MASK_FREE for cfg in configs):
+            continue
+        weight = getattr(model.get_input_embeddings(), "weight", None)
+        if weight is None or weight.device.type == "meta":
+            return False
+        probe = (torch.arange(length, device=weight.device) % weight.shape[0]).unsqueeze(0)
+        decoder = find_decoder(model)
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            want = decoder(input_ids=probe, use_cache=False).last_hidden_state.float()
+            try:
+                with mask_free_attention(configs, length):
+                    got = decoder(input_ids=probe, use_cache=False).last_hidden_state.float()
+            except Exception:  # e.g. Falcon: a renamed sdpa sends it down its eager path, which needs the mask
+                return False
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        tol = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 2e-2
+        if not float((got - want).abs().max()) <= tol * (float(want.abs().max()) + 1.0):
+            return False
+    return True
 
 
 def _num_layers_attr(config) -> str:
@@ -168,25 +256,39 @@ class TruncatedRouter:
                id(decoder.__dict__.get(COMPILED_WITH)))
         if key == self._view_key:
             return self._view
-        view = copy.copy(decoder)  # new module object; same parameter/buffer dicts
-        view._modules = dict(decoder._modules)  # own submodule table ...
-        view._modules[self.block_attr] = nn.ModuleList(list(blocks)[: self.num_layers])  # ... k blocks
-        config = copy.copy(decoder.config)
-        setattr(config, _num_layers_attr(config), self.num_layers)
-        view.config = config
+        path = tuple(self.block_attr.split("."))
+        owners = [decoder] if len(path) == 1 else [decoder, decoder._modules[path[0]]]  # what the path goes through
+        configs = [m.__dict__["config"] for m in owners if m.__dict__.get("config") is not None]
+        if not any(any(hasattr(c, n) for n in ("num_hidden_layers", "n_layer", "num_layers")) for c in configs):
+            _num_layers_attr(decoder.config)  # raises, naming the decoder's config
+        view = _truncated_view(decoder, path, self.num_layers)
         # A decoder compiled whole (perf.compile_scope=decoder) holds a compiled call of *itself*,
         # which the copy would inherit and run all blocks with: the view compiles its own instead.
         view._compiled_call_impl = None
         options = decoder.__dict__.get(COMPILED_WITH)
         if options is not None:
             view.compile(**options)
+        from ..models.attention import model_configs
+
+        # every config the view's modules read (its own copies and the blocks' shared one), for the
+        # step's mask-free attention scope; collected once per view, not per step
+        self._view_configs = model_configs([view])
         self._view_key, self._view = key, view
         return view
 
     @property
+    def view_configs(self) -> list:
+        """The transformers configs held by the view's modules (see :meth:`view`)."""
+        self.view
+        return self._view_configs
+
+    @property
     def blocks(self) -> list[nn.Module]:
         """The model's own block objects the router runs (its first ``num_layers``)."""
-        return list(self.view._modules[self.block_attr])
+        module = self.view
+        for name in self.block_attr.split("."):
+            module = module._modules[name]
+        return list(module)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states after the first k blocks, shape [B, T, H]."""
