@@ -415,3 +415,21 @@ def test_decide_cost_times_the_steps_own_decision_eager_and_compiled(tmp_path, o
         assert r["eager"]["ops_per_call"] >= 50 and r["eager"]["launches_per_call"] is None
         assert r["eager"]["median_ms"] > 0 and r["compiled"]["median_ms"] > 0
     assert "| token | combined | 0.25 |" in (tmp_path / "decide_cost-cpu.md").read_text()
+
+
+def test_model_families_harness_reports_each_verdict(tmp_path):
+    """The family check on families with known outcomes: Llama trains its own loss, Gemma 2's soft cap
+    is applied (and RecurrentGemma's, Inkling's width divisor), Llama 4's decoder is found under
+    ``model`` (its base_model_prefix names no attribute),
+    OPT's blocks one level down (same loss each), BERT's biased head is refused; JSON and markdown."""
+    import json
+
+    from experiments import model_families
+
+    families = ("llama", "gemma2", "llama4_text", "opt", "recurrent_gemma", "inkling_text")
+    model_families.main(["--families", *families, "bert", "--out", str(tmp_path)])
+    rows = {r["family"]: r for r in json.loads((tmp_path / "model_families-cpu.json").read_text())["rows"]}
+    assert [rows[f]["verdict"] for f in families] == ["same loss"] * len(families)
+    assert rows["llama"]["abs_diff"] <= 1e-4
+    assert rows["bert"]["verdict"] == "refused" and "an LM head with a bias" in rows["bert"]["detail"]
+    assert "| gemma2 | Gemma2ForCausalLM | same loss |" in (tmp_path / "model_families-cpu.md").read_text()

@@ -1,0 +1,173 @@
+"""Which Hugging Face causal-LM families the step trains correctly, checked one by one on the CPU.
+
+For every model type in transformers' causal-LM auto mapping: build a tiny random model from the
+family's default config shrunk to a few blocks (the harness's own guess of the size keys; where that
+fails the family is "not built", which says nothing about the product), then
+
+- ``CGGRStep`` with CGGR off: accepted, or refused (the step's own error, first line);
+- if accepted, the step's held-out NLL on a packed batch (3 x 12 tokens, no attention mask) against a
+  float64 NLL of the model's own logits from its full forward (``model(input_ids).logits``); a
+  sliding window, where the config has one, is set to 4 tokens so that it binds;
+- a routed step (token CGGR, 1-block router, no warm-up): forward and backward run, finite loss.
+
+A family "accepted but different" would be a silent error: the step training a loss that is not the
+model's. Run (about 5-10 minutes; a memory cap keeps a family with huge defaults from stopping it):
+
+    ulimit -v 12000000; python -m experiments.model_families
+
+Results: ``experiments/results/model_families-cpu.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+SHRINK = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=4, max_position_embeddings=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+              head_dim=8, ffn_dim=64, n_inner=64, num_layers=2, num_heads=4, d_model=32, moe_intermediate_size=32,
+              num_experts=4, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0, bos_token_id=1,
+              eos_token_id=2)
+T = 12
+
+
+DEPTH_ONLY = {k: SHRINK[k] for k in ("vocab_size", "num_hidden_layers", "n_layer", "num_layers", "pad_token_id",
+                                     "bos_token_id", "eos_token_id")}
+MAX_PARAMS = 600_000_000
+
+
+def _tiny(model_type: str):
+    """The family's default config shrunk by :data:`SHRINK`; where that does not build (the family ties
+    sizes together in ways one dict cannot know), only its depth and vocabulary (:data:`DEPTH_ONLY`), if
+    that stays under :data:`MAX_PARAMS` (counted on the meta device first)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    first = None
+    for keys in (SHRINK, DEPTH_ONLY):
+        config = AutoConfig.for_model(model_type)
+        targets = [config] + [c for c in [config.get_text_config()] if c is not config]  # composite configs
+        for target in targets:
+            for key, value in keys.items():
+                if hasattr(target, key):
+                    try:
+                        setattr(target, key, value)
+                    except (AttributeError, TypeError, ValueError):  # a derived property, a validated value
+                        pass
+            if isinstance(getattr(target, "sliding_window", None), int):
+                target.sliding_window = 4
+        try:
+            with torch.device("meta"):
+                count = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+            if count > MAX_PARAMS:
+                raise ValueError(f"{count / 1e6:.0f}M parameters at depth 2 (over the harness's cap)")
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config).eval()
+            vocab = model.get_input_embeddings().weight.shape[0]
+            ids = torch.randint(3, min(vocab, SHRINK["vocab_size"]), (3, T), generator=torch.Generator().manual_seed(1))
+            with torch.no_grad():
+                logits = model(input_ids=ids, use_cache=False).logits.double()
+            return model, ids, logits
+        except Exception as err:
+            first = first or err
+    raise first
+
+
+def check(model_type: str) -> dict:
+    from lightning_cggr.config import CGGRConfig, RouterConfig
+    from lightning_cggr.routing.selection import IGNORE_INDEX, shift_targets
+    from lightning_cggr.step import CGGRStep
+
+    row = {"family": model_type}
+    try:
+        model, ids, logits = _tiny(model_type)
+        row["class"] = type(model).__name__
+    except Exception as err:  # the harness's tiny config does not fit this family
+        return {**row, "verdict": "not built", "detail": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"}
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    try:
+        step = CGGRStep(model, CGGRConfig(enabled=False))
+    except Exception as err:
+        return {**row, "verdict": "refused", "detail": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+    targets = shift_targets(batch["labels"], None)
+    logp = torch.log_softmax(logits, dim=-1)
+    want = float(-logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)[targets != IGNORE_INDEX].mean())
+    nll_sum, count = step.eval_terms(batch)
+    got = float(nll_sum / count)
+    row.update(model_nll=want, step_nll=got, abs_diff=abs(got - want))
+    equal = abs(got - want) <= 1e-4 * max(1.0, abs(want))
+    model.train()
+    try:
+        routed = CGGRStep(model, CGGRConfig(warmup_steps=0, router=RouterConfig(num_layers=1)))
+    except ValueError as err:  # the step's own refusal: standard training only
+        verdict = "same loss, router refused" if equal else "DIFFERENT LOSS"
+        return {**row, "verdict": verdict, "detail": f"ValueError: {str(err).splitlines()[0][:160]}"}
+    try:
+        out = routed(batch, global_step=0)
+        out.loss.backward()
+        row["routed_loss_finite"] = bool(torch.isfinite(out.loss))
+    except Exception as err:
+        row["routed_loss_finite"] = False
+        row["detail"] = f"routed step: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+    row["verdict"] = "same loss" if equal and row["routed_loss_finite"] else (
+        "DIFFERENT LOSS" if not equal else "routed step failed")
+    return row
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", nargs="*", help="model types (default: every causal-LM family)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    transformers.logging.set_verbosity_error()
+    families = args.families or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    start = time.time()
+    rows = []
+    for name in families:
+        row = check(name)
+        rows.append(row)
+        print(f"{name:28s} {row['verdict']:16s} {row.get('detail', '')[:110]}", flush=True)
+    counts = {}
+    for row in rows:
+        counts[row["verdict"]] = counts.get(row["verdict"], 0) + 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"transformers": transformers.__version__, "torch": torch.__version__, "wall_s": round(time.time() - start),
+            "counts": counts}
+    (out / "model_families-cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    lines = [
+        "# Model families: does the step train the model's own loss?",
+        "",
+        f"transformers {meta['transformers']}, torch {meta['torch']}, CPU, fp32; `python -m experiments.model_families` "
+        f"({meta['wall_s']} s). Tiny random models (2 blocks, width 32, vocab 96, a sliding window of 4 where the "
+        "config has one; where that config does not build, the family's default width at 2 blocks and vocab 96, "
+        "up to 600M parameters), packed batch 3 x 12. 'same loss': the step's NLL equals a float64 NLL of the model's "
+        "own logits (within 1e-4) and a routed step (token CGGR, 1-block router) trains with a finite loss. "
+        "'router refused': standard training matches, the router's construction refuses the family with the "
+        "error shown. 'refused': the step's error at construction. 'not built': this harness's shrunk config does not fit "
+        "the family (says nothing about the product).",
+        "",
+        "Counts: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
+        "",
+        "| family | class | verdict | detail |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        detail = row.get("detail", "")
+        if "abs_diff" in row and not detail:
+            detail = f"|diff| {row['abs_diff']:.1e}"
+        lines.append(f"| {row['family']} | {row.get('class', '')} | {row['verdict']} | {detail.replace('|', '/')} |")
+    (out / "model_families-cpu.md").write_text("\n".join(lines) + "\n")
+    print(counts)
+
+
+if __name__ == "__main__":
+    main()
