@@ -146,14 +146,15 @@ def main(argv=None) -> None:
     lines = [
         "# Model families: does the step train the model's own loss?",
         "",
-        f"transformers {meta['transformers']}, torch {meta['torch']}, CPU, fp32; `python -m experiments.model_families` "
-        f"({meta['wall_s']} s). Tiny random models (2 blocks, width 32, vocab 96, a sliding window of 4 where the "
-        "config has one; where that config does not build, the family's default width at 2 blocks and vocab 96, "
-        "up to 600M parameters), packed batch 3 x 12. 'same loss': the step's NLL equals a float64 NLL of the model's "
-        "own logits (within 1e-4) and a routed step (token CGGR, 1-block router) trains with a finite loss. "
-        "'router refused': standard training matches, the router's construction refuses the family with the "
-        "error shown. 'refused': the step's error at construction. 'not built': this harness's shrunk config does not fit "
-        "the family (says nothing about the product).",
+        f"transformers {meta['transformers']}, torch {meta['torch']}, CPU, fp32; "
+        f"`python -m experiments.model_families` ({meta['wall_s']} s). Tiny random models (2 blocks, width 32, "
+        "vocab 96, a sliding window of 4 where the config has one; where that config does not build, the "
+        "family's default width at 2 blocks and vocab 96, up to 600M parameters), packed batch 3 x 12. "
+        "'same loss': the step's NLL equals a float64 NLL of the model's own logits (within 1e-4) and a routed "
+        "step (token CGGR, 1-block router) trains with a finite loss. 'router refused': standard training "
+        "matches, the router's construction refuses the family with the error shown. 'refused': the step's "
+        "error at construction. 'not built': this harness's shrunk config does not fit the family (says "
+        "nothing about the product).",
         "",
         "Counts: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
         "",

@@ -43,6 +43,9 @@ def find_decoder(model: nn.Module) -> nn.Module:
     return decoder
 
 
+LAYER_COUNT_NAMES = ("num_hidden_layers", "n_layer", "num_layers")
+"""Config attributes that hold a decoder's depth; the router's view sets the first one present to k."""
+
 NESTED_DECODER_NAMES = ("decoder", "language_model", "model", "transformer")
 """Where a decoder keeps its blocks one module further down (OPT's ``decoder``, Gemma 3's
 ``language_model``): only these names are searched, so a vision tower's layers are never taken."""
@@ -92,7 +95,7 @@ def _truncated_view(module: nn.Module, path: tuple[str, ...], num_layers: int) -
     config = module.__dict__.get("config")
     if config is not None:
         config = copy.copy(config)
-        for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        for name in LAYER_COUNT_NAMES:
             if hasattr(config, name):
                 setattr(config, name, num_layers)
                 break
@@ -184,8 +187,8 @@ def mask_free_is_exact(models: list[nn.Module], length: int = 8) -> bool:
     gives each model's decoder the same hidden states as transformers' own masks, on a ``length``-token
     probe (eval mode, no grad; modes restored). Families whose attention builds its own mask from
     ``attention_mask`` (Doge's dynamic mask, for one) lose causality without it, and some (Falcon) fail
-    outright under the renamed implementation: for those the step keeps transformers' masks. True where no config would change; False where a model cannot run
-    (weights on the meta device), the safe side."""
+    outright under the renamed implementation: for those the step keeps transformers' masks. True where
+    no config would change; False where a model cannot run (weights on the meta device), the safe side."""
     from ..models.attention import MASK_FREE, mask_free_attention, model_configs
 
     for model in models:
@@ -216,7 +219,7 @@ def mask_free_is_exact(models: list[nn.Module], length: int = 8) -> bool:
 
 
 def _num_layers_attr(config) -> str:
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+    for name in LAYER_COUNT_NAMES:
         if hasattr(config, name):
             return name
     raise ValueError(f"{type(config).__name__}: no layer-count attribute (num_hidden_layers / n_layer)")
@@ -259,7 +262,7 @@ class TruncatedRouter:
         path = tuple(self.block_attr.split("."))
         owners = [decoder] if len(path) == 1 else [decoder, decoder._modules[path[0]]]  # what the path goes through
         configs = [m.__dict__["config"] for m in owners if m.__dict__.get("config") is not None]
-        if not any(any(hasattr(c, n) for n in ("num_hidden_layers", "n_layer", "num_layers")) for c in configs):
+        if not any(hasattr(c, n) for c in configs for n in LAYER_COUNT_NAMES):
             _num_layers_attr(decoder.config)  # raises, naming the decoder's config
         view = _truncated_view(decoder, path, self.num_layers)
         # A decoder compiled whole (perf.compile_scope=decoder) holds a compiled call of *itself*,
@@ -279,7 +282,7 @@ class TruncatedRouter:
     @property
     def view_configs(self) -> list:
         """The transformers configs held by the view's modules (see :meth:`view`)."""
-        self.view
+        _ = self.view  # (re)built if the model's blocks changed
         return self._view_configs
 
     @property
