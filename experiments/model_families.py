@@ -32,10 +32,13 @@ SHRINK = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_la
               num_key_value_heads=4, max_position_embeddings=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
               head_dim=8, ffn_dim=64, n_inner=64, num_layers=2, num_heads=4, d_model=32, moe_intermediate_size=32,
               num_experts=4, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0, bos_token_id=1,
-              eos_token_id=2)
+              eos_token_id=2, qk_rope_head_dim=8, qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=8, kv_lora_rank=16,
+              q_lora_rank=16, n_routed_experts=4, n_group=1, topk_group=1, first_k_dense_replace=1)
 T = 12
 
 
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+WIDTH_ONLY = {k: v for k, v in SHRINK.items() if k not in LAYER_KEYS}
 DEPTH_ONLY = {k: SHRINK[k] for k in ("vocab_size", "num_hidden_layers", "n_layer", "num_layers", "pad_token_id",
                                      "bos_token_id", "eos_token_id")}
 MAX_PARAMS = 600_000_000
@@ -43,21 +46,22 @@ MAX_PARAMS = 600_000_000
 
 def _tiny(model_type: str):
     """The family's default config shrunk by :data:`SHRINK`; where that does not build (the family ties
-    sizes together in ways one dict cannot know), only its depth and vocabulary (:data:`DEPTH_ONLY`), if
-    that stays under :data:`MAX_PARAMS` (counted on the meta device first)."""
+    sizes together in ways one dict cannot know), at its default depth (:data:`WIDTH_ONLY`: per-layer
+    lists stay valid), then at its default width (:data:`DEPTH_ONLY`), each if it stays under
+    :data:`MAX_PARAMS` (counted on the meta device first)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     first = None
-    for keys in (SHRINK, DEPTH_ONLY):
+    for keys in (SHRINK, WIDTH_ONLY, DEPTH_ONLY):
         config = AutoConfig.for_model(model_type)
         targets = [config] + [c for c in [config.get_text_config()] if c is not config]  # composite configs
         for target in targets:
             for key, value in keys.items():
-                if hasattr(target, key):
-                    try:
+                try:
+                    if hasattr(target, key):
                         setattr(target, key, value)
-                    except (AttributeError, TypeError, ValueError):  # a derived property, a validated value
-                        pass
+                except Exception:  # a derived property, a validated value, a per-layer attribute
+                    pass
             if isinstance(getattr(target, "sliding_window", None), int):
                 target.sliding_window = 4
         try:
@@ -148,8 +152,9 @@ def main(argv=None) -> None:
         "",
         f"transformers {meta['transformers']}, torch {meta['torch']}, CPU, fp32; "
         f"`python -m experiments.model_families` ({meta['wall_s']} s). Tiny random models (2 blocks, width 32, "
-        "vocab 96, a sliding window of 4 where the config has one; where that config does not build, the "
-        "family's default width at 2 blocks and vocab 96, up to 600M parameters), packed batch 3 x 12. "
+        "vocab 96, a sliding window of 4 where the config has one; where that config does not build, the same "
+        "at the family's default depth, then its default width at 2 blocks; up to 600M parameters), packed "
+        "batch 3 x 12. "
         "'same loss': the step's NLL equals a float64 NLL of the model's own logits (within 1e-4) and a routed "
         "step (token CGGR, 1-block router) trains with a finite loss. 'router refused': standard training "
         "matches, the router's construction refuses the family with the error shown. 'refused': the step's "
