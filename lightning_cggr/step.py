@@ -189,12 +189,6 @@ class CGGRStep:
     def head(self) -> torch.nn.Linear:
         return find_head(self.model)
 
-    def scaled(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden`` times the model's logit scale (Cohere, Granite), which the linear head commutes
-        with; unchanged (no op) at scale 1."""
-        scale = self.logit_transform.scale
-        return hidden if scale == 1.0 else hidden * scale
-
     @property
     def loss_impl(self) -> str:
         """The concrete loss kernel on the head's device (``loss.impl`` resolved)."""
@@ -258,7 +252,7 @@ class CGGRStep:
         """[B, T] fp32 ``TokenStats`` of ``hidden @ head.T`` against ``targets``, chunked, no grad."""
         B, T, H = hidden.shape
         stats = token_stats(
-            self.scaled(hidden.detach().reshape(B * T, H)),
+            self.logit_transform.scale_hidden(hidden.detach().reshape(B * T, H)),
             self.head.weight,
             targets.reshape(-1),
             impl=self.stats_impl,
@@ -395,7 +389,7 @@ class CGGRStep:
                 flat_h = flat_h.index_select(0, selection.index)
                 flat_y = flat_y.index_select(0, selection.index).masked_fill(~selection.valid, IGNORE_INDEX)
                 flat_w = None if flat_w is None else flat_w.index_select(0, selection.index)
-        nll_sum = weighted_nll_sum(self.scaled(flat_h), self.head.weight, flat_y, flat_w, impl,
+        nll_sum = weighted_nll_sum(self.logit_transform.scale_hidden(flat_h), self.head.weight, flat_y, flat_w, impl,
                                    chunk_size=self.loss_cfg.chunk_size, grad_accum=self.loss_cfg.grad_accum,
                                    softcap=self.logit_transform.softcap)
         return nll_sum, (flat_y != IGNORE_INDEX).sum()

@@ -68,13 +68,12 @@ class ReferenceModel:
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False
             ).last_hidden_state
             B, T, H = hidden.shape
-            scale, softcap = self.logit_transform
             stats = token_stats(
-                hidden.reshape(B * T, H) * scale if scale != 1.0 else hidden.reshape(B * T, H),
+                self.logit_transform.scale_hidden(hidden.reshape(B * T, H)),
                 find_head(self.model).weight,
                 targets.reshape(-1),
                 impl=impl,
                 chunk_size=chunk_size,
-                softcap=softcap,
+                softcap=self.logit_transform.softcap,
             )
             return TokenStats(*(s.view(B, T).clone() for s in stats))

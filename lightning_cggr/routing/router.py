@@ -122,6 +122,10 @@ class LogitTransform(NamedTuple):
     scale: float = 1.0
     softcap: float | None = None
 
+    def scale_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` times ``scale`` (which the bias-free head commutes with); ``hidden`` itself at 1."""
+        return hidden if self.scale == 1.0 else hidden * self.scale
+
     def describe(self) -> str:
         parts = ([f"x {self.scale:g}"] if self.scale != 1.0 else []) + (
             [f"soft-capped at {self.softcap:g}"] if self.softcap is not None else [])
@@ -164,7 +168,7 @@ def check_logit_transform(model: nn.Module, transform: LogitTransform) -> None:
     try:
         want = model(input_ids=probe, use_cache=False).logits.float()
         h = find_decoder(model)(input_ids=probe, use_cache=False).last_hidden_state
-        got = head(h * transform.scale if transform.scale != 1.0 else h).float()
+        got = head(transform.scale_hidden(h)).float()
         if transform.softcap is not None:
             got = transform.softcap * torch.tanh(got / transform.softcap)
     finally:
