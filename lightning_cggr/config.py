@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -619,7 +620,7 @@ def routing_warnings(run: RunConfig) -> list[str]:
 
     if smallest >= 1 or static_capacity(b, smallest) < b:
         return []
-    least = next(n for n in range(b + 1, 2 * b + int(2 / (1 - smallest)) + 2) if static_capacity(n, smallest) < n)
+    least = next(n for n in itertools.count(b + 1) if static_capacity(n, smallest) < n)  # ends: smallest < 1
     return [f"cggr.selection.unit=sequence keeps ceil({smallest:g} x data.batch_size) = {b} of the batch's {b} "
             f"sequences: every sequence trains at every step, so routing saves nothing; use data.batch_size >= "
             f"{least} (or cggr.selection.unit=token)"]
