@@ -5,10 +5,11 @@ Implementations: every ``impl`` of :mod:`lightning_cggr.kernels` that runs on th
 accumulator, as ours uses; CUDA). ``triton`` and ``liger`` are CUDA-only here (the interpreter is for
 correctness, not speed).
 
-Variants of ours (``--variants``, e.g. ``triton:512,triton:256:weight``): the same impl with
-``chunk_size`` (rows per chunk; ``rule`` = the default rule) and ``grad_accum`` set, named
+Variants of ours (``--variants``, e.g. ``triton:512,triton:256:weight,torch:rule:bias``): the same
+impl with ``chunk_size`` (rows per chunk; ``rule`` = the default rule) and ``grad_accum`` set, named
 ``triton[512]``, ``triton[256,weight]``: the memory/speed frontier of the two options users can set
-(``loss.chunk_size``, ``loss.grad_accum``). ``gemm_floor`` is our chunk pass at the default chunking
+(``loss.chunk_size``, ``loss.grad_accum``); a trailing ``:bias`` adds an LM-head bias (trained, as
+Phi's or GPT-J's), named ``torch[rule,bias]``: what a biased head costs. ``gemm_floor`` is our chunk pass at the default chunking
 with the row kernel left out (logits GEMM, ``grad_h`` GEMM, ``grad_W`` GEMM into the fp32 accumulator,
 per chunk): not a loss, a bound -- no implementation built on these cuBLAS GEMMs can be faster.
 
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import time
 import weakref
@@ -68,26 +70,47 @@ def _liger_fp32acc(h, w, y):
     return total / (y != -100).sum().clamp_min(1)
 
 
-def _variant(impl, chunk, accum):
-    return lambda h, w, y: linear_cross_entropy(h, w, y, impl=impl, chunk_size=chunk, grad_accum=accum)
+def _variant(impl, chunk, accum, bias=False):
+    biases = {}  # one trainable bias per (V, dtype, device), made at the first call
+
+    def fn(h, w, y):
+        b = None
+        if bias:
+            key = (w.shape[0], w.dtype, w.device)
+            if key not in biases:
+                biases[key] = (0.1 * torch.randn(w.shape[0], device=w.device)).to(w.dtype).requires_grad_(True)
+            b = biases[key]
+            b.grad = None
+        return linear_cross_entropy(h, w, y, impl=impl, chunk_size=chunk, grad_accum=accum, bias=b)
+
+    return fn
 
 
 def parse_variants(spec: str | None) -> dict:
-    """``impl:chunk[:accum]`` items -> {name: (impl, chunk or None, accum or None)}."""
+    """``impl:chunk[:accum][:bias]`` items -> {name: (impl, chunk or None, accum or None, bias)}."""
     out = {}
     for item in filter(None, (spec or "").split(",")):
         parts = item.split(":")
+        bias = len(parts) > 2 and parts[-1] == "bias"
+        if bias:
+            parts = parts[:-1]
         if len(parts) not in (2, 3) or parts[0] not in ("triton", "torch"):
-            raise SystemExit(f"--variants item {item!r}: expected triton|torch:<rows|rule>[:fp32|weight]")
+            raise SystemExit(f"--variants item {item!r}: expected triton|torch:<rows|rule>[:fp32|weight][:bias]")
         impl, chunk = parts[0], parts[1]
         accum = parts[2] if len(parts) == 3 else None
         if chunk != "rule" and not chunk.isdigit():
             raise SystemExit(f"--variants item {item!r}: rows must be an integer or 'rule'")
         if accum not in (None, "fp32", "weight"):
             raise SystemExit(f"--variants item {item!r}: accumulation must be fp32 or weight")
-        name = f"{impl}[{chunk}{',' + accum if accum else ''}]"
-        out[name] = (impl, None if chunk == "rule" else int(chunk), accum)
+        name = f"{impl}[{chunk}{',' + accum if accum else ''}{',bias' if bias else ''}]"
+        out[name] = (impl, None if chunk == "rule" else int(chunk), accum, bias)
     return out
+
+
+def split_names(spec: str) -> list[str]:
+    """Comma-separated implementation names, where a variant's name keeps its own commas
+    (``torch,triton[256,weight]`` -> ``["torch", "triton[256,weight]"]``)."""
+    return re.findall(r"[^,\[]+(?:\[[^\]]*\])?", spec)
 
 
 def _noop_rows(z, y, scale, loss, lse, opts, *, want_grad, lse_known):
@@ -124,9 +147,9 @@ def implementations(device: torch.device, which: list[str] | None, variants: dic
     if "liger" in out:
         out["liger_fp32acc"] = _liger_fp32acc
     out["naive_masked"] = out["naive"]
-    for name, (impl, chunk, accum) in (variants or {}).items():
+    for name, (impl, chunk, accum, bias) in (variants or {}).items():
         if impl in out:
-            out[name] = _variant(impl, chunk, accum)
+            out[name] = _variant(impl, chunk, accum, bias)
         else:
             unavailable[name] = unavailable.get(impl, f"{impl} not available")
     if variants:
@@ -372,8 +395,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7 CUDA, 5 CPU)")
     p.add_argument("--impls", default=None, help="comma-separated subset of the implementation names")
     p.add_argument("--variants", default=None,
-                   help="extra settings of ours, impl:rows[:accum] items, e.g. triton:512,triton:256:weight "
-                        "(rows: an integer or 'rule'; accum: fp32 | weight); adds gemm_floor")
+                   help="extra settings of ours, impl:rows[:accum][:bias] items, e.g. triton:512,triton:256:weight,"
+                        "torch:rule:bias (rows: an integer or 'rule'; accum: fp32 | weight; bias: a trained LM-head "
+                        "bias); adds gemm_floor")
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no new shape or round after this many seconds (default 360 CUDA, 900 CPU)")
     p.add_argument("--profile", default="", help="comma-separated impls to profile (3 calls per shape and ratio)")
@@ -393,7 +417,7 @@ def main(argv=None):
     ratios = [float(r) for r in args.ratios.split(",")]
     repeats = args.repeats or (7 if device.type == "cuda" else 5)
     budget = args.budget_s or (360.0 if device.type == "cuda" else 900.0)
-    impls, unavailable = implementations(device, args.impls.split(",") if args.impls else None,
+    impls, unavailable = implementations(device, split_names(args.impls) if args.impls else None,
                                          parse_variants(args.variants))
     try:
         from importlib.metadata import version
@@ -412,7 +436,7 @@ def main(argv=None):
                 skipped.append(f"{hdim}x{vocab}x{n}")
                 continue
             res, prof = bench_shape(impls, hdim, vocab, n, ratios, dtype, device, repeats, deadline,
-                                    profile=tuple(filter(None, args.profile.split(","))))
+                                    profile=tuple(split_names(args.profile)))
             profiles.update(prof)
             for r in res:
                 print(f"H={hdim} V={vocab} N={n} ratio={r['ratio']} {r['impl']:>14}: median {r['median_s']} s "

@@ -56,7 +56,7 @@ if [ "${GPU_SUITE_DRY:-0}" = "1" ]; then
   DEV=cpu; SHAPE=(data.batch_size=2 data.block_size=64 model.num_layers=4); LARGE=(data.batch_size=4 data.block_size=64 model.num_layers=4); S=(--steps 2 --warmup 1); SC=(--steps 1 --warmup 2); SCX=(perf.compile_backend=aot_eager)
   P=(--profile --profile-steps 1)
   FSDP=(trainer.strategy=fsdp2 trainer.devices=2 trainer.max_steps=4)
-  LOSSX=(--shapes 64x1000x128 --repeats 2 --variants torch:32,torch:16:weight --profile torch,gemm_floor)
+  LOSSX=(--shapes 64x1000x128 --repeats 2 --variants torch:32,torch:16:weight,torch:rule:bias --profile torch,gemm_floor)
   TC=(--device cpu --steps 6 --skip 2 --settings false,true checkpoint.every_n_steps=1000 perf.compile_backend=aot_eager model.num_layers=2 data.batch_size=2 data.block_size=64)
   MID=(--steps 4 --seeds 0,1 --evals 2 --eval-batches 1 --calibrate-steps 1); MIDX=(model.num_layers=2 data.batch_size=4 data.block_size=64)
   Q=(--steps 4 --eval-every 2 --eval-batches 1); SW=(sweep.device=cpu sweep.batch_sizes=[2,4] sweep.steps=1 sweep.warmup=1 sweep.memory_budget_mib=8000 data.block_size=64 model.num_layers=4)
@@ -64,7 +64,7 @@ else
   DEV=cuda; SHAPE=(data.batch_size=8 data.block_size=2048); LARGE=(data.batch_size=32 data.block_size=2048); S=(--steps 15 --warmup 3); SC=(--steps 12 --warmup 4); SCX=()
   P=(--profile --profile-steps 3)
   FSDP=(trainer=gpu trainer.strategy=fsdp trainer.devices=1 trainer.max_steps=30 trainer.val_check_interval=30)
-  LOSSX=(--variants triton:4096,triton:2048,triton:512,triton:2048:weight,triton:256:weight,triton:rule:weight --profile triton,gemm_floor)
+  LOSSX=(--variants triton:4096,triton:2048,triton:512,triton:2048:weight,triton:256:weight,triton:rule:weight,triton:rule:bias --profile triton,gemm_floor)
   TC=(--device cuda --steps 40 --skip 10 --settings false,true,reduce-overhead --timeout-s 110 trainer=gpu checkpoint.every_n_steps=1000
       model.hidden_size=576 model.num_layers=30 model.num_heads=9 model.intermediate_size=1536 model.max_position_embeddings=2048
       data.batch_size=8 data.block_size=2048)

@@ -507,6 +507,93 @@ def test_torch_path_matches_torch_linear_cross_entropy():
     torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-4, atol=1e-6)
 
 
+# ----------------------------------------------------------------------------- a head with a bias
+def _biased(n=37, hdim=48, v=1000, dtype=torch.float32, seed=21):
+    """Inputs and a bias large enough (std 3) that a loss ignoring it would be far off."""
+    h, w, y = make(n, hdim, v, dtype=dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    b = (3.0 * torch.randn(v, generator=g)).to(dtype).to(DEVICE)
+    return h, w, b, y
+
+
+def _bias_reference(h, w, b, y, **kw):
+    """The float64 reference with the bias folded in as one more hidden column (logits = [h, 1] @ [W, b].T):
+    the gradient of that column of W is the bias's."""
+    ones = torch.ones(h.shape[0], 1, dtype=torch.float64, device=h.device)
+    h2 = h.detach().double().requires_grad_(True)
+    wb = torch.cat([w.detach().double(), b.detach().double()[:, None]], dim=1).requires_grad_(True)
+    return h2, wb, ref_loss(torch.cat([h2, ones], dim=1), wb, y, **kw)
+
+
+@pytest.mark.parametrize("impl", IMPLS + PEERS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_bias_loss_and_grads(impl, reduction):
+    """``logits = h @ W.T + b``: loss and the gradients of h, W and b vs float64, in chunks of 8 where the
+    implementation chunks (37 rows: a ragged last chunk)."""
+    h, w, b, y = _biased()
+    kw = dict(chunk_size=8) if impl in CHUNKED else {}
+    h1, w1, b1 = (t.detach().clone().requires_grad_(True) for t in (h, w, b))
+    out = linear_cross_entropy(h1, w1, y, impl=impl, reduction=reduction, bias=b1, **kw)
+    h2, wb, ref = _bias_reference(h, w, b, y, reduction=reduction)
+    grad_out = torch.rand(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) + 0.5
+    out.backward(grad_out.to(out.dtype).to(out.device))
+    ref.backward(grad_out.to(ref.device))
+    assert_close((out, h1.grad, w1.grad), (ref, h2.grad, wb.grad[:, :-1]), torch.float32)
+    torch.testing.assert_close(b1.grad.double(), wb.grad[:, -1], rtol=2e-4, atol=2e-5)
+    without = linear_cross_entropy(h, w, y, impl=impl, reduction=reduction, **kw)
+    assert not torch.allclose(without.double(), ref.detach(), rtol=1e-2, atol=1e-2)  # the bias mattered
+
+
+@pytest.mark.parametrize("impl", OURS)
+def test_bias_with_options_low_precision_and_all_ignored(impl):
+    """A bias with soft-cap, label smoothing and z-loss; in bf16; and with every row ignored (loss 0,
+    zero gradients for the bias too)."""
+    opts = dict(softcap=4.0, label_smoothing=0.1, lse_square_scale=1e-3)
+    h, w, b, y = _biased(seed=5)
+    h1, w1, b1 = (t.detach().clone().requires_grad_(True) for t in (h, w, b))
+    out = linear_cross_entropy(h1, w1, y, impl=impl, bias=b1, chunk_size=8, **opts)
+    h2, wb, ref = _bias_reference(h, w, b, y, **opts)
+    out.backward()
+    ref.backward()
+    assert_close((out, h1.grad, w1.grad), (ref, h2.grad, wb.grad[:, :-1]), torch.float32)
+    torch.testing.assert_close(b1.grad.double(), wb.grad[:, -1], rtol=2e-4, atol=2e-5)
+
+    h, w, b, y = _biased(seed=6, dtype=torch.bfloat16)
+    b1 = b.detach().clone().requires_grad_(True)
+    out = linear_cross_entropy(h, w, y, impl=impl, bias=b1, chunk_size=8)
+    _, wb, ref = _bias_reference(h, w, b, y)
+    out.backward()
+    ref.backward()
+    assert b1.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref.detach(), **TOL[torch.bfloat16])
+    assert rel_err(b1.grad, wb.grad[:, -1]) < REL[torch.bfloat16]
+
+    b1 = b.detach().float().clone().requires_grad_(True)
+    out = linear_cross_entropy(h.float(), w.float(), torch.full_like(y, -100), impl=impl, bias=b1)
+    out.backward()
+    assert out.item() == 0.0 and torch.count_nonzero(b1.grad) == 0
+
+
+def test_bias_of_the_wrong_shape_or_device_raises():
+    h, w, b, y = _biased()
+    with pytest.raises(ValueError, match=r"bias must be \[V\] = \[1000\]"):
+        linear_cross_entropy(h, w, y, impl="torch", bias=b[:-1])
+    with pytest.raises(ValueError, match="bias must be float"):
+        linear_cross_entropy(h, w, y, impl="naive", bias=torch.zeros(1000, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match=r"token_stats: bias must be \[V\]"):
+        token_stats(h, w, y, impl="torch", bias=b[:, None])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_token_stats_with_a_bias(impl):
+    h, w, b, y = _biased(seed=8)
+    stats = token_stats(h, w, y, impl=impl, chunk_size=8, bias=b)
+    ones = torch.ones(h.shape[0], 1, dtype=h.dtype, device=h.device)
+    want = ref_stats(torch.cat([h, ones], 1), torch.cat([w, b[:, None]], 1), y)
+    for got, ref, name in zip(stats, want, TokenStats._fields):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
 # ----------------------------------------------------------------------------- token stats
 def ref_stats(h, w, y, ignore_index=-100, softcap=None):
     z = h.double() @ w.double().t()
@@ -610,6 +697,21 @@ def test_gpu_real_heads_vs_float64(head, impl):
         torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=5e-2, msg=lambda m, n=name: f"{n}: {m}")
         assert rel_err(got, want) < (5e-2 if name == "margin" else 1e-2), name  # margins are small differences
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_gpu_biased_head_vs_float64(impl):
+    """Phi-2's head (2560 x 51200, with a bias) in bf16, several chunks: loss and the bias's gradient."""
+    h, w, b, y = _biased(256, 2560, 51200, dtype=torch.bfloat16, seed=2)
+    b1 = b.detach().clone().requires_grad_(True)
+    out = linear_cross_entropy(h, w, y, impl=impl, bias=b1, chunk_size=64)
+    _, wb, ref = _bias_reference(h, w, b, y)
+    out.backward()
+    ref.backward()
+    torch.testing.assert_close(out.double(), ref.detach(), **TOL[torch.bfloat16])
+    assert rel_err(b1.grad, wb.grad[:, -1]) < REL[torch.bfloat16]
 
 
 @pytest.mark.gpu

@@ -129,8 +129,9 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     row_weight: torch.Tensor | None = None,
     grad_accum: str | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of ``hidden[N, H] @ weight[V, H].T`` against ``labels[N]``.
+    """Cross-entropy of ``hidden[N, H] @ weight[V, H].T (+ bias[V])`` against ``labels[N]``.
 
     Per kept row: ``lse - (1 - eps) * z[y] - eps/V * sum(z) + lse_square_scale * lse**2`` with
     ``z = softcap * tanh(logits / softcap)`` when ``softcap`` is set (Gemma-2 style), times
@@ -143,7 +144,9 @@ def linear_cross_entropy(
     ``grad_accum``: what ``grad_W`` is summed in over the chunks (``"fp32"``, the chunked paths'
     default, or ``"weight"``: the weight's dtype, less memory, one bf16 rounding per chunk; see
     :data:`~lightning_cggr.kernels.contract.GRAD_ACCUMS`); ``liger`` maps it to its ``accum_dtype``
-    (its default is ``"weight"``); ``naive`` and ``torch_lce`` reject it.
+    (its default is ``"weight"``); ``naive`` and ``torch_lce`` reject it. ``bias``: the LM head's
+    bias (Phi, GPT-J, CodeGen), added to every logit; its gradient is summed in fp32. Every
+    implementation takes it.
     """
     kind = resolve_impl(impl, hidden.device)
     fn = _LOSSES[kind]
@@ -153,7 +156,7 @@ def linear_cross_entropy(
         fn = cross_entropy.triton_linear_cross_entropy
     return fn(hidden, weight, labels, ignore_index=ignore_index, reduction=reduction,
               label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
-              chunk_size=chunk_size, row_weight=row_weight, grad_accum=grad_accum)
+              chunk_size=chunk_size, row_weight=row_weight, grad_accum=grad_accum, bias=bias)
 
 
 def token_stats(
@@ -165,9 +168,11 @@ def token_stats(
     impl: str = "auto",
     chunk_size: int | None = None,
     softcap: float | None = None,
+    bias: torch.Tensor | None = None,
 ) -> TokenStats:
     """No-grad fp32 per-token ``lse``, ``entropy``, ``margin`` (top1 - top2) and ``nll`` of the logits
-    (of ``softcap * tanh(logits / softcap)`` when ``softcap`` is set, as :func:`linear_cross_entropy`).
+    ``hidden @ weight.T (+ bias)`` (of ``softcap * tanh(logits / softcap)`` when ``softcap`` is set, as
+    :func:`linear_cross_entropy`).
 
     Per chunk of ``chunk_size`` rows (default by rule) one logits GEMM and one row pass; no logits are
     kept. ``"triton"`` computes the GEMM in the inputs' dtype and the statistics in fp32; ``"torch"``
@@ -182,8 +187,8 @@ def token_stats(
         from lightning_cggr.kernels import cross_entropy
 
         return cross_entropy.triton_token_stats(hidden, weight, labels, ignore_index=ignore_index,
-                                                chunk_size=chunk_size, softcap=softcap)
+                                                chunk_size=chunk_size, softcap=softcap, bias=bias)
     if kind == "naive":
         chunk_size = max(1, hidden.shape[0])
     return chunked_token_stats(hidden, weight, labels, ignore_index=ignore_index, chunk_size=chunk_size,
-                               softcap=softcap)
+                               softcap=softcap, bias=bias)

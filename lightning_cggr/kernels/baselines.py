@@ -42,25 +42,27 @@ def _reduce(losses_or_sum: torch.Tensor, labels, ignore_index, reduction, row_we
     return out / valid.sum().clamp_min(1)
 
 
-def _promote(hidden: torch.Tensor, weight: torch.Tensor):
-    """Peers want one dtype; outside autocast, mixed inputs compute in the promoted dtype."""
-    if hidden.dtype == weight.dtype or torch.is_autocast_enabled(hidden.device.type):
-        return hidden, weight
+def _promote(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """Peers want one dtype; outside autocast, mixed inputs compute in the promoted dtype (a bias in
+    the same; under autocast, in the autocast dtype)."""
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        return hidden, weight, None if bias is None else bias.to(torch.get_autocast_dtype(dev))
     cdt = torch.promote_types(hidden.dtype, weight.dtype)
-    return hidden.to(cdt), weight.to(cdt)
+    return hidden.to(cdt), weight.to(cdt), None if bias is None else bias.to(cdt)
 
 
 def naive_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction="mean",
                                label_smoothing=0.0, lse_square_scale=0.0, softcap=None,
-                               chunk_size=None, row_weight=None, grad_accum=None) -> torch.Tensor:
+                               chunk_size=None, row_weight=None, grad_accum=None, bias=None) -> torch.Tensor:
     """``impl="naive"``: full fp32 logits, ``F.cross_entropy``."""
     check_args(hidden, weight, labels, reduction, label_smoothing, lse_square_scale, softcap, row_weight, chunk_size,
-               grad_accum)
+               grad_accum, bias)
     for name, value in (("chunk_size", chunk_size), ("grad_accum", grad_accum)):
         if value is not None:
             raise ValueError(f"linear_cross_entropy: impl='naive' computes all rows at once (grad_W in one GEMM); "
                              f"{name} does not apply (use impl='torch' or 'triton' for a chunked path)")
-    logits = F.linear(*_promote(hidden, weight)).float()
+    logits = F.linear(*_promote(hidden, weight, bias)).float()
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     labels = labels.long()
@@ -73,11 +75,11 @@ def naive_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, red
 
 def liger_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction="mean",
                                label_smoothing=0.0, lse_square_scale=0.0, softcap=None,
-                               chunk_size=None, row_weight=None, grad_accum=None) -> torch.Tensor:
+                               chunk_size=None, row_weight=None, grad_accum=None, bias=None) -> torch.Tensor:
     """``impl="liger"``: Liger-Kernel's ``liger_fused_linear_cross_entropy`` (``grad_accum``: None or
     ``"weight"`` is Liger's default, ``"fp32"`` its ``accum_dtype=torch.float32``)."""
     check_args(hidden, weight, labels, reduction, label_smoothing, lse_square_scale, softcap, row_weight, chunk_size,
-               grad_accum)
+               grad_accum, bias)
     if chunk_size is not None:
         raise ValueError("linear_cross_entropy: impl='liger' sizes its own chunks; chunk_size is not supported")
     try:
@@ -87,11 +89,11 @@ def liger_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, red
             "loss impl 'liger' needs Liger-Kernel: `pip install liger-kernel` (or choose impl='triton'/'torch')"
         ) from e
     per_row = reduction == "none" or row_weight is not None
-    h, w = _promote(hidden, weight)
+    h, w, b = _promote(hidden, weight, bias)
     labels = labels.long()
     extra = {"accum_dtype": torch.float32} if grad_accum == "fp32" else {}
     out = liger_fused_linear_cross_entropy(
-        h, w, labels, ignore_index=ignore_index, lse_square_scale=lse_square_scale,
+        h, w, labels, bias=b, ignore_index=ignore_index, lse_square_scale=lse_square_scale,
         label_smoothing=label_smoothing, reduction="none" if per_row else "sum", softcap=softcap, **extra,
     )
     return _reduce(out, labels, ignore_index, reduction, row_weight, per_row)
@@ -103,10 +105,10 @@ def torch_lce_available() -> bool:
 
 def torch_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction="mean",
                                label_smoothing=0.0, lse_square_scale=0.0, softcap=None,
-                               chunk_size=None, row_weight=None, grad_accum=None) -> torch.Tensor:
+                               chunk_size=None, row_weight=None, grad_accum=None, bias=None) -> torch.Tensor:
     """``impl="torch_lce"``: ``torch.nn.functional.linear_cross_entropy`` with chunking options."""
     check_args(hidden, weight, labels, reduction, label_smoothing, lse_square_scale, softcap, row_weight, chunk_size,
-               grad_accum)
+               grad_accum, bias)
     if not torch_lce_available():
         raise RuntimeError(
             f"loss impl 'torch_lce' needs torch >= 2.13 (torch.nn.functional.linear_cross_entropy); this is "
@@ -125,10 +127,10 @@ def torch_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, red
         raise ValueError(f"linear_cross_entropy: impl='torch_lce' does not support {', '.join(unsupported)}; "
                          "use impl='torch', 'triton' or 'liger'")
     per_row = reduction == "none" or row_weight is not None
-    h, w = _promote(hidden, weight)
+    h, w, b = _promote(hidden, weight, bias)
     labels = labels.long()
     out = F.linear_cross_entropy(
-        h, w, labels, reduction="none" if per_row else "sum", ignore_index=ignore_index,
+        h, w, labels, linear_bias=b, reduction="none" if per_row else "sum", ignore_index=ignore_index,
         label_smoothing=label_smoothing, options=torch.nn.LinearCrossEntropyOptions(batch_chunk_size=chunk_size),
     )
     return _reduce(out, labels, ignore_index, reduction, row_weight, per_row)

@@ -3,12 +3,14 @@
 One pass over row chunks of ``hidden`` (the structure of Liger's FLCE, QuACK's and torch's own
 ``F.linear_cross_entropy``), with one preallocated ``[chunk, V]`` logits buffer:
 
-1. ``z = h_c @ W.T`` into the buffer (one GEMM: cuBLAS on GPUs, MKL/OpenBLAS on CPUs);
+1. ``z = h_c @ W.T`` (``+ b`` for a head with a bias: the same GEMM, ``addmm``) into the buffer (one
+   GEMM: cuBLAS on GPUs, MKL/OpenBLAS on CPUs);
 2. one row operation reads ``z``, writes each row's fp32 loss and lse and, when gradients are wanted,
    overwrites ``z`` in place with ``dloss/dz * scale`` (0 at ignored rows);
 3. ``grad_h_c = dz @ W`` (one GEMM) and ``grad_W += dz.T @ h_c`` (one GEMM into a single fp32
    accumulator, cast to the weight's dtype once, in backward; with ``grad_accum="weight"`` into a
-   buffer of the weight's dtype instead, see :data:`~lightning_cggr.kernels.contract.GRAD_ACCUMS`).
+   buffer of the weight's dtype instead, see :data:`~lightning_cggr.kernels.contract.GRAD_ACCUMS`);
+   with a bias, ``grad_b += dz.sum(0)`` in fp32 (a ``[V]`` vector: always fp32, one rounding).
 
 Gradients are therefore computed in forward whenever an input requires grad; backward only multiplies
 them by the upstream gradient (the reduction's ``scale``, a device tensor ``row_weight / kept count``
@@ -59,7 +61,8 @@ class Backend(NamedTuple):
 
     name: str
     prepare: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-    """(hidden, weight) -> both in the GEMM dtype, row-major (a copy only where needed)."""
+    """(hidden, weight) -> both in the GEMM dtype, row-major (a copy only where needed); a bias is cast
+    to the same dtype."""
     row_op: RowOp
     stats_op: StatsOp
 
@@ -119,17 +122,19 @@ def accumulate_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool
 
 # ----------------------------------------------------------------------------- the chunk pass
 def chunk_pass(h, w, labels, opts: CEOptions, row_op: RowOp, chunk_rows: int, row_scale, need_h, need_w,
-               acc_dtype: torch.dtype, lse=None):
-    """One sweep over row chunks. ``h``/``w``: GEMM dtype, row-major; ``labels``: int64 [N].
+               acc_dtype: torch.dtype, lse=None, bias=None, need_b=False):
+    """One sweep over row chunks. ``h``/``w`` (and ``bias`` [V], or None): GEMM dtype, row-major;
+    ``labels``: int64 [N].
 
     ``row_scale`` (fp32, 0-d or [N]) is d(output)/d(row loss); gradients are formed only when it is
-    given. ``lse`` (fp32 [N]) given: the row op skips its logsumexp pass. Returns
-    ``(loss [N] fp32, lse [N] fp32, grad_h [N, H] in h's dtype or None, grad_w [V, H] in acc_dtype or None)``.
+    given. ``lse`` (fp32 [N]) given: the row op skips its logsumexp pass. Returns ``(loss [N] fp32,
+    lse [N] fp32, grad_h [N, H] in h's dtype or None, grad_w [V, H] in acc_dtype or None, grad_b [V]
+    fp32 (fp64) or None)``.
     """
     n, width = h.shape
     vocab = w.shape[0]
     dev = h.device
-    want_grad = row_scale is not None and (need_h or need_w)
+    want_grad = row_scale is not None and (need_h or need_w or need_b)
     lse_known = lse is not None
     loss = torch.empty(n, dtype=torch.float32, device=dev)
     if lse is None:
@@ -138,8 +143,11 @@ def chunk_pass(h, w, labels, opts: CEOptions, row_op: RowOp, chunk_rows: int, ro
     grad_w = None
     if want_grad and need_w:  # written whole by the first chunk's GEMM
         grad_w = (torch.empty if n > 0 else torch.zeros)((vocab, width), dtype=acc_dtype, device=dev)
+    grad_b = None
+    if want_grad and need_b:
+        grad_b = torch.zeros(vocab, dtype=torch.float64 if acc_dtype == torch.float64 else torch.float32, device=dev)
     if n == 0:
-        return loss, lse, grad_h, grad_w
+        return loss, lse, grad_h, grad_w, grad_b
     invalid = (labels == opts.ignore_index).unsqueeze(1)
     rows = min(chunk_rows, n)
     buf = torch.empty((rows, vocab), dtype=h.dtype, device=dev)
@@ -148,7 +156,10 @@ def chunk_pass(h, w, labels, opts: CEOptions, row_op: RowOp, chunk_rows: int, ro
         end = min(start + rows, n)
         hc = h[start:end].masked_fill(invalid[start:end], 0)  # ignored rows never reach a gradient
         z = buf[: end - start]
-        torch.mm(hc, wt, out=z)
+        if bias is None:
+            torch.mm(hc, wt, out=z)
+        else:
+            torch.addmm(bias, hc, wt, out=z)
         scale = None
         if want_grad:
             scale = row_scale if row_scale.dim() == 0 else row_scale[start:end]
@@ -158,42 +169,46 @@ def chunk_pass(h, w, labels, opts: CEOptions, row_op: RowOp, chunk_rows: int, ro
             torch.mm(z, w, out=grad_h[start:end])
         if grad_w is not None:
             accumulate_(grad_w, z.t(), hc, first=start == 0)
-    return loss, lse, grad_h, grad_w
+        if grad_b is not None:
+            grad_b += z.sum(dim=0, dtype=grad_b.dtype)
+    return loss, lse, grad_h, grad_w, grad_b
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Autograd wrapper of :func:`chunk_pass` for any :class:`Backend` (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, row_weight, opts, reduction, backend, chunk_size, grad_accum):
+    def forward(ctx, hidden, weight, bias, labels, row_weight, opts, reduction, backend, chunk_size, grad_accum):
         dev = hidden.device
         h, w = backend.prepare(hidden, weight)
+        b = None if bias is None else bias.to(w.dtype).contiguous()
         labels = labels.long().contiguous()
         valid = labels != opts.ignore_index
         count = valid.sum().clamp_min(1).to(torch.float32)
         rw = None if row_weight is None else row_weight.to(torch.float32).contiguous()
         chunk_rows = chunk_size or default_chunk_rows(w.shape[0], h.element_size())
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         acc_dtype = accumulator_dtype(h.dtype, weight.dtype, grad_accum)
-        eager = (need_h or need_w) and reduction != "none"
+        eager = (need_h or need_w or need_b) and reduction != "none"
         row_scale = None
         if eager:
             base = (1.0 / count) if reduction == "mean" else torch.ones((), dtype=torch.float32, device=dev)
             row_scale = base if rw is None else rw * base
         with torch.autocast(dev.type, enabled=False):
-            loss, lse, grad_h, grad_w = chunk_pass(
-                h, w, labels, opts, backend.row_op, chunk_rows, row_scale, need_h, need_w, acc_dtype
+            loss, lse, grad_h, grad_w, grad_b = chunk_pass(
+                h, w, labels, opts, backend.row_op, chunk_rows, row_scale, need_h, need_w, acc_dtype,
+                bias=b, need_b=need_b,
             )
         if rw is not None:
             loss = torch.where(valid, loss * rw, torch.zeros_like(loss))
         ctx.reduction, ctx.opts, ctx.backend, ctx.chunk_rows = reduction, opts, backend, chunk_rows
         ctx.acc_dtype = acc_dtype
-        ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.grads = None
         if eager:
-            ctx.grads = (grad_h, grad_w)  # private buffers, scaled in place by backward
-        elif need_h or need_w:
-            ctx.save_for_backward(h, w, labels, lse, rw)
+            ctx.grads = (grad_h, grad_w, grad_b)  # private buffers, scaled in place by backward
+        elif need_h or need_w or need_b:
+            ctx.save_for_backward(h, w, b, labels, lse, rw)
         if reduction == "none":
             return loss
         total = loss.sum()
@@ -202,8 +217,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        hdt, wdt = ctx.dtypes
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need = ctx.needs_input_grad[:3]
         go = grad_out.to(torch.float32)
         if ctx.reduction != "none":
             if ctx.grads is None:
@@ -211,23 +225,20 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     "linear_cross_entropy: backward ran twice through one forward; its gradients are "
                     "computed in forward and consumed by the first backward. Recompute the loss instead."
                 )
-            grad_h, grad_w = ctx.grads
+            grads = ctx.grads
             ctx.grads = None
         else:
-            h, w, labels, lse, rw = ctx.saved_tensors
+            h, w, b, labels, lse, rw = ctx.saved_tensors
             scale = go.contiguous() if rw is None else (go * rw).contiguous()
             with torch.autocast(h.device.type, enabled=False):
-                _, _, grad_h, grad_w = chunk_pass(
-                    h, w, labels, ctx.opts, ctx.backend.row_op, ctx.chunk_rows, scale, need_h, need_w,
-                    ctx.acc_dtype, lse=lse
+                _, _, *grads = chunk_pass(
+                    h, w, labels, ctx.opts, ctx.backend.row_op, ctx.chunk_rows, scale, need[0], need[1],
+                    ctx.acc_dtype, lse=lse, bias=b, need_b=need[2],
                 )
             go = None
-        dh = dw = None
-        if need_h:
-            dh = (grad_h if go is None else grad_h.mul_(go.to(grad_h.dtype))).to(hdt)
-        if need_w:
-            dw = (grad_w if go is None else grad_w.mul_(go.to(grad_w.dtype))).to(wdt)
-        return dh, dw, None, None, None, None, None, None, None
+        out = [None if not wanted else (g if go is None else g.mul_(go.to(g.dtype))).to(dtype)
+               for wanted, g, dtype in zip(need, grads, ctx.dtypes)]
+        return (*out, None, None, None, None, None, None, None)
 
 
 def accumulator_dtype(gemm_dtype: torch.dtype, weight_dtype: torch.dtype, grad_accum: str) -> torch.dtype:
@@ -240,23 +251,24 @@ def accumulator_dtype(gemm_dtype: torch.dtype, weight_dtype: torch.dtype, grad_a
 
 
 def linear_ce(backend: Backend, hidden, weight, labels, *, ignore_index, reduction, label_smoothing,
-              lse_square_scale, softcap, chunk_size, row_weight, grad_accum=None) -> torch.Tensor:
+              lse_square_scale, softcap, chunk_size, row_weight, grad_accum=None, bias=None) -> torch.Tensor:
     """Validate, then run :class:`LinearCrossEntropyFunction` with ``backend``."""
     check_args(hidden, weight, labels, reduction, label_smoothing, lse_square_scale, softcap, row_weight, chunk_size,
-               grad_accum)
+               grad_accum, bias)
     opts = CEOptions(int(ignore_index), float(label_smoothing), float(lse_square_scale),
                      None if softcap is None else float(softcap))
-    return LinearCrossEntropyFunction.apply(hidden, weight, labels, row_weight, opts, reduction, backend, chunk_size,
-                                            grad_accum)
+    return LinearCrossEntropyFunction.apply(hidden, weight, bias, labels, row_weight, opts, reduction, backend,
+                                            chunk_size, grad_accum)
 
 
 @torch.no_grad()
 def stats_pass(backend: Backend, hidden, weight, labels, *, ignore_index: int, chunk_size: int | None,
-               softcap: float | None = None) -> TokenStats:
-    """No-grad per-token statistics: per chunk one logits GEMM and one row-statistics pass (with
-    ``softcap``, the chunk is capped to ``softcap * tanh(z / softcap)`` in place first)."""
-    check_stats_args(hidden, weight, labels, chunk_size, softcap)
+               softcap: float | None = None, bias: torch.Tensor | None = None) -> TokenStats:
+    """No-grad per-token statistics: per chunk one logits GEMM (``+ bias``) and one row-statistics pass
+    (with ``softcap``, the chunk is capped to ``softcap * tanh(z / softcap)`` in place first)."""
+    check_stats_args(hidden, weight, labels, chunk_size, softcap, bias)
     h, w = backend.prepare(hidden.detach(), weight.detach())
+    b = None if bias is None else bias.detach().to(w.dtype).contiguous()
     n, vocab = h.shape[0], w.shape[0]
     out = torch.zeros(4, n, dtype=torch.float32, device=h.device)
     if n == 0:
@@ -268,7 +280,10 @@ def stats_pass(backend: Backend, hidden, weight, labels, *, ignore_index: int, c
         for start in range(0, n, rows):
             end = min(start + rows, n)
             z = buf[: end - start]
-            torch.mm(h[start:end], w.t(), out=z)
+            if b is None:
+                torch.mm(h[start:end], w.t(), out=z)
+            else:
+                torch.addmm(b, h[start:end], w.t(), out=z)
             if softcap is not None:
                 z.div_(softcap).tanh_().mul_(softcap)
             backend.stats_op(z, None if y is None else y[start:end], out[:, start:end], ignore_index)
@@ -352,15 +367,15 @@ TORCH = Backend("torch", _torch_prepare, torch_ce_rows, torch_stats_rows)
 
 def chunked_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction="mean",
                                  label_smoothing=0.0, lse_square_scale=0.0, softcap=None,
-                                 chunk_size=None, row_weight=None, grad_accum=None) -> torch.Tensor:
+                                 chunk_size=None, row_weight=None, grad_accum=None, bias=None) -> torch.Tensor:
     """``impl="torch"``: the chunk pass with torch row ops, fp32 (fp64) compute."""
     return linear_ce(TORCH, hidden, weight, labels, ignore_index=ignore_index, reduction=reduction,
                      label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
-                     chunk_size=chunk_size, row_weight=row_weight, grad_accum=grad_accum)
+                     chunk_size=chunk_size, row_weight=row_weight, grad_accum=grad_accum, bias=bias)
 
 
 def chunked_token_stats(hidden, weight, labels=None, *, ignore_index=-100, chunk_size=None,
-                        softcap=None) -> TokenStats:
+                        softcap=None, bias=None) -> TokenStats:
     """``impl="torch"`` statistics: fp32 (fp64) logits, one chunk at a time."""
     return stats_pass(TORCH, hidden, weight, labels, ignore_index=ignore_index, chunk_size=chunk_size,
-                      softcap=softcap)
+                      softcap=softcap, bias=bias)

@@ -1,7 +1,7 @@
 """What every implementation of the loss and the statistics promises, and the checks of its inputs.
 
 The loss of one kept row (label ``y`` not ``ignore_index``), with ``z`` the fp32 logits
-``hidden @ weight.T``, soft-capped to ``softcap * tanh(z / softcap)`` when ``softcap`` is set::
+``hidden @ weight.T`` (``+ bias`` when the head has one), soft-capped to ``softcap * tanh(z / softcap)`` when ``softcap`` is set::
 
     loss = lse(z) - (1 - eps) * z[y] - eps / V * sum(z) + lse_square_scale * lse(z) ** 2
 
@@ -74,9 +74,10 @@ def check_args(
     row_weight: torch.Tensor | None = None,
     chunk_size: int | None = None,
     grad_accum: str | None = None,
+    bias: torch.Tensor | None = None,
 ) -> None:
     """Validate shapes and options; raise one ValueError listing every problem (host-side only)."""
-    problems = []
+    problems = bias_problems(bias, weight)
     if grad_accum is not None and grad_accum not in GRAD_ACCUMS:
         problems.append(f"grad_accum must be None (the implementation's default) or one of {GRAD_ACCUMS}, "
                         f"got {grad_accum!r}")
@@ -120,8 +121,23 @@ def check_args(
         raise ValueError("linear_cross_entropy: " + "; ".join(problems))
 
 
+def bias_problems(bias: torch.Tensor | None, weight: torch.Tensor) -> list[str]:
+    """What is wrong with a head's ``bias`` for ``weight`` [V, H]: it must be a float [V] on the same device."""
+    if bias is None:
+        return []
+    problems = []
+    if bias.dim() != 1 or (weight.dim() == 2 and bias.shape[0] != weight.shape[0]):
+        problems.append(f"bias must be [V] = [{weight.shape[0]}] like the weight's rows, got shape {tuple(bias.shape)}")
+    if bias.dtype not in FLOAT_DTYPES:
+        problems.append(f"bias must be float32/bfloat16/float16/float64, got {bias.dtype}")
+    if bias.device != weight.device:
+        problems.append(f"bias is on {bias.device}, weight on {weight.device}")
+    return problems
+
+
 def check_stats_args(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None,
-                     chunk_size: int | None, softcap: float | None = None) -> None:
+                     chunk_size: int | None, softcap: float | None = None,
+                     bias: torch.Tensor | None = None) -> None:
     """Validate the inputs of ``token_stats``; raise one ValueError naming the problem."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
@@ -135,3 +151,5 @@ def check_stats_args(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
         raise ValueError(f"token_stats: chunk_size must be None or an int >= 1, got {chunk_size!r}")
     if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0.0):
         raise ValueError(f"token_stats: softcap must be None or a number > 0, got {softcap!r}")
+    if problems := bias_problems(bias, weight):
+        raise ValueError("token_stats: " + "; ".join(problems))

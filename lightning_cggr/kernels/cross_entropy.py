@@ -1,6 +1,6 @@
 """``impl="triton"``: the chunk pass of :mod:`lightning_cggr.kernels.chunked` with Triton row kernels.
 
-The GEMMs are torch's (cuBLAS on GPUs) in the compute dtype -- the autocast dtype under autocast,
+The GEMMs are torch's (cuBLAS on GPUs; a head's bias added by the logits GEMM itself) in the compute dtype -- the autocast dtype under autocast,
 else the promoted input dtype (bf16 in, bf16 logits, fp32 accumulation inside the GEMM) -- and
 ``grad_W`` accumulates in one fp32 buffer (``addmm(..., out_dtype=torch.float32)`` where the
 installed torch supports it for the device, see :func:`~lightning_cggr.kernels.chunked.accumulate_`).
@@ -217,17 +217,17 @@ def _check_device(t: torch.Tensor) -> None:
 
 def triton_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction="mean",
                                 label_smoothing=0.0, lse_square_scale=0.0, softcap=None,
-                                chunk_size=None, row_weight=None, grad_accum=None) -> torch.Tensor:
+                                chunk_size=None, row_weight=None, grad_accum=None, bias=None) -> torch.Tensor:
     """Chunked cuBLAS GEMMs + Triton row kernels (contract: :func:`lightning_cggr.kernels.linear_cross_entropy`)."""
     _check_device(hidden)
     return linear_ce(TRITON, hidden, weight, labels, ignore_index=ignore_index, reduction=reduction,
                      label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
-                     chunk_size=chunk_size, row_weight=row_weight, grad_accum=grad_accum)
+                     chunk_size=chunk_size, row_weight=row_weight, grad_accum=grad_accum, bias=bias)
 
 
 def triton_token_stats(hidden, weight, labels=None, *, ignore_index=-100, chunk_size=None,
-                       softcap=None) -> TokenStats:
+                       softcap=None, bias=None) -> TokenStats:
     """Per-token fp32 ``lse``, ``entropy``, ``margin``, ``nll``: chunk GEMM + one Triton row pass."""
     _check_device(hidden)
     return stats_pass(TRITON, hidden, weight, labels, ignore_index=ignore_index, chunk_size=chunk_size,
-                      softcap=softcap)
+                      softcap=softcap, bias=bias)
