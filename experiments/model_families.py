@@ -33,15 +33,36 @@ SHRINK = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_la
               head_dim=8, ffn_dim=64, n_inner=64, num_layers=2, num_heads=4, d_model=32, moe_intermediate_size=32,
               num_experts=4, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0, bos_token_id=1,
               eos_token_id=2, qk_rope_head_dim=8, qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=8, kv_lora_rank=16,
-              q_lora_rank=16, n_routed_experts=4, n_group=1, topk_group=1, first_k_dense_replace=1)
+              q_lora_rank=16, n_routed_experts=4, n_group=1, topk_group=1, first_k_dense_replace=1,
+              mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=4, shared_intermediate_size=32,
+              n_layers=2, n_heads=4)
 T = 12
 
 
-LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 WIDTH_ONLY = {k: v for k, v in SHRINK.items() if k not in LAYER_KEYS}
 DEPTH_ONLY = {k: SHRINK[k] for k in ("vocab_size", "num_hidden_layers", "n_layer", "num_layers", "pad_token_id",
                                      "bos_token_id", "eos_token_id")}
 MAX_PARAMS = 600_000_000
+
+
+def _per_layer_to_depth(config, old: int | None) -> None:
+    """After the depth changed from ``old``: cut every per-layer list (one entry per block: layer types,
+    per-layer widths, sparsity patterns) to the new depth, drop per-layer overrides of blocks beyond it
+    (Gemma 4's ``per_layer_config``) and keep fewer KV-sharing blocks than blocks (Gemma 3n)."""
+    new = next((getattr(config, k) for k in LAYER_KEYS if isinstance(getattr(config, k, None), int)), None)
+    if old is None or new is None or new == old:
+        return
+    for key, value in list(vars(config).items()):
+        try:
+            if isinstance(value, list) and len(value) == old:
+                setattr(config, key, value[:new])
+            elif key == "per_layer_config" and isinstance(value, dict):
+                setattr(config, key, {k: v for k, v in value.items() if str(k).isdigit() and int(k) < new})
+            elif key == "num_kv_shared_layers" and isinstance(value, int) and value >= new:
+                setattr(config, key, new // 2)
+        except Exception:  # a validated attribute: left as it is
+            pass
 
 
 def _tiny(model_type: str):
@@ -56,6 +77,7 @@ def _tiny(model_type: str):
         config = AutoConfig.for_model(model_type)
         targets = [config] + [c for c in [config.get_text_config()] if c is not config]  # composite configs
         for target in targets:
+            depth = next((getattr(target, k) for k in LAYER_KEYS if isinstance(getattr(target, k, None), int)), None)
             for key, value in keys.items():
                 try:
                     if hasattr(target, key):
@@ -64,6 +86,7 @@ def _tiny(model_type: str):
                     pass
             if isinstance(getattr(target, "sliding_window", None), int):
                 target.sliding_window = 4
+            _per_layer_to_depth(target, depth)
         try:
             with torch.device("meta"):
                 count = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())

@@ -251,14 +251,9 @@ class CGGRStep:
     def token_statistics(self, hidden: torch.Tensor, targets: torch.Tensor) -> TokenStats:
         """[B, T] fp32 ``TokenStats`` of ``hidden @ head.T`` against ``targets``, chunked, no grad."""
         B, T, H = hidden.shape
-        stats = token_stats(
-            self.logit_transform.scale_hidden(hidden.detach().reshape(B * T, H)),
-            self.head.weight,
-            targets.reshape(-1),
-            impl=self.stats_impl,
-            chunk_size=self.cggr.router.chunk_size,
-            softcap=self.logit_transform.softcap,
-        )
+        h, weight, bias = self.logit_transform.operands(hidden.detach().reshape(B * T, H), self.head)
+        stats = token_stats(h, weight, targets.reshape(-1), impl=self.stats_impl, bias=bias,
+                            chunk_size=self.cggr.router.chunk_size, softcap=self.logit_transform.softcap)
         return type(stats)(*(s.view(B, T) for s in stats))
 
     @torch.no_grad()
@@ -389,9 +384,9 @@ class CGGRStep:
                 flat_h = flat_h.index_select(0, selection.index)
                 flat_y = flat_y.index_select(0, selection.index).masked_fill(~selection.valid, IGNORE_INDEX)
                 flat_w = None if flat_w is None else flat_w.index_select(0, selection.index)
-        nll_sum = weighted_nll_sum(self.logit_transform.scale_hidden(flat_h), self.head.weight, flat_y, flat_w, impl,
-                                   chunk_size=self.loss_cfg.chunk_size, grad_accum=self.loss_cfg.grad_accum,
-                                   softcap=self.logit_transform.softcap)
+        flat_h, weight, bias = self.logit_transform.operands(flat_h, self.head)
+        nll_sum = weighted_nll_sum(flat_h, weight, flat_y, flat_w, impl, bias=bias, chunk_size=self.loss_cfg.chunk_size,
+                                   grad_accum=self.loss_cfg.grad_accum, softcap=self.logit_transform.softcap)
         return nll_sum, (flat_y != IGNORE_INDEX).sum()
 
     def __call__(self, batch: dict, global_step: int, world_size: int = 1) -> StepResult:

@@ -308,13 +308,16 @@ def test_hand_written_notes_are_included_once(tmp_path, monkeypatch):
 def test_bench_variants_parse_and_gemm_floor_is_the_three_gemms():
     from experiments import bench_cross_entropy as bce
 
-    assert bce.parse_variants("triton:512,torch:rule:weight") == {
-        "triton[512]": ("triton", 512, None), "torch[rule,weight]": ("torch", None, "weight")}
-    for bad in ("triton", "naive:512", "triton:x", "triton:64:bf16"):
+    assert bce.parse_variants("triton:512,torch:rule:weight,torch:8:bias") == {
+        "triton[512]": ("triton", 512, None, False), "torch[rule,weight]": ("torch", None, "weight", False),
+        "torch[8,bias]": ("torch", 8, None, True)}
+    assert bce.split_names("torch,triton[256,weight],torch[rule,bias]") == [
+        "torch", "triton[256,weight]", "torch[rule,bias]"]  # --impls / --profile keep a variant's commas
+    for bad in ("triton", "naive:512", "triton:x", "triton:64:bf16", "torch:bias"):
         with pytest.raises(SystemExit):
             bce.parse_variants(bad)
-    impls, _ = bce.implementations(torch.device("cpu"), None, bce.parse_variants("torch:4:weight"))
-    assert {"torch[4,weight]", "gemm_floor"} <= set(impls)
+    impls, _ = bce.implementations(torch.device("cpu"), None, bce.parse_variants("torch:4:weight,torch:4:bias"))
+    assert {"torch[4,weight]", "torch[4,bias]", "gemm_floor"} <= set(impls)
     # gemm_floor leaves the logits as their own "gradient": grad_h = (h W^T) W and grad_W = (h W^T)^T h,
     # with ignored rows zeroed before the GEMMs
     g = torch.Generator().manual_seed(0)
@@ -421,15 +424,16 @@ def test_model_families_harness_reports_each_verdict(tmp_path):
     """The family check on families with known outcomes: Llama trains its own loss, Gemma 2's soft cap
     is applied (and RecurrentGemma's, Inkling's width divisor), Llama 4's decoder is found under
     ``model`` (its base_model_prefix names no attribute),
-    OPT's blocks one level down (same loss each), BERT's biased head is refused; JSON and markdown."""
+    OPT's blocks one level down, Phi's head bias is trained, Gemma 4's per-layer lists are cut to the
+    harness's depth (same loss each); BERT's head MLP is refused by the probe; JSON and markdown."""
     import json
 
     from experiments import model_families
 
-    families = ("llama", "gemma2", "llama4_text", "opt", "recurrent_gemma", "inkling_text")
+    families = ("llama", "gemma2", "llama4_text", "opt", "recurrent_gemma", "inkling_text", "phi", "gemma4_text")
     model_families.main(["--families", *families, "bert", "--out", str(tmp_path)])
     rows = {r["family"]: r for r in json.loads((tmp_path / "model_families-cpu.json").read_text())["rows"]}
     assert [rows[f]["verdict"] for f in families] == ["same loss"] * len(families)
     assert rows["llama"]["abs_diff"] <= 1e-4
-    assert rows["bert"]["verdict"] == "refused" and "an LM head with a bias" in rows["bert"]["detail"]
+    assert rows["bert"]["verdict"] == "refused" and "its logits are not head(h)" in rows["bert"]["detail"]
     assert "| gemma2 | Gemma2ForCausalLM | same loss |" in (tmp_path / "model_families-cpu.md").read_text()

@@ -199,11 +199,86 @@ def test_a_family_that_fails_without_the_mask_keeps_transformers_masks():
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["opt", "gemma3"])
+def _biased_head(family: str):
+    """A tiny Phi / GPT-J / CodeGen (their LM heads have a bias), the bias set large so it matters."""
+    import transformers
+
+    torch.manual_seed(0)
+    if family == "phi":
+        model = transformers.PhiForCausalLM(transformers.PhiConfig(**SMALL))
+    else:
+        cls = {"gptj": "GPTJ", "codegen": "CodeGen"}[family]
+        config = getattr(transformers, f"{cls}Config")(vocab_size=V, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
+                                                      n_positions=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        model = getattr(transformers, f"{cls}ForCausalLM")(config)
+    with torch.no_grad():
+        model.get_output_embeddings().bias.normal_(0.0, 3.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("impl", ["torch", "naive"])
+@pytest.mark.parametrize("family", ["phi", "gptj", "codegen"])
+def test_a_head_with_a_bias_trains_the_models_own_loss(family, impl):
+    """``logits = h @ W.T + b``: the step's loss and every gradient, the head's bias included, equal
+    those of the model's own logits; router-free scores are the model's own NLL; a routed step runs.
+    (These families were refused before the kernels took a bias.)"""
+    model = _biased_head(family)
+    batch = _batch(8)
+    nll, targets = _model_nll(model, batch)
+    want = nll.sum() / (targets != IGNORE_INDEX).sum()
+    want.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert "lm_head.bias" in ref_grads
+    model.zero_grad(set_to_none=True)
+
+    step = CGGRStep(model, CGGRConfig(enabled=False), LossConfig(impl=impl))
+    out = step(batch, global_step=0)
+    torch.testing.assert_close(out.nll_sum.double() / out.kept, want.detach(), rtol=1e-5, atol=1e-5)
+    (out.nll_sum / out.kept).backward()
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad.double(), grad.double(), rtol=1e-3,
+                                   atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    model.zero_grad(set_to_none=True)
+    scorer = CGGRStep(model, CGGRConfig(router=RouterConfig(source="final"), scoring="loss"), LossConfig(impl=impl))
+    with torch.no_grad():
+        stats = scorer.token_statistics(scorer.hidden_states(batch["input_ids"]), targets)
+    torch.testing.assert_close(stats.nll.double(), nll.detach(), rtol=1e-4, atol=1e-4)
+    routed = CGGRStep(model, CGGRConfig(warmup_steps=0, router=RouterConfig(num_layers=1)), LossConfig(impl=impl))
+    loss = routed(batch, global_step=0).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.get_output_embeddings().bias.grad.abs().sum() > 0
+
+
+def test_a_logit_scale_scales_the_heads_bias_too():
+    """``scale * head(h) = (scale h) @ W.T + scale b``: the operands the kernels get, by hand."""
+    from lightning_cggr.routing.router import LogitTransform
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 5)
+    h = torch.randn(3, 8)
+    hs, w, b = LogitTransform(scale=0.25).operands(h, head)
+    torch.testing.assert_close(torch.nn.functional.linear(hs, w, b), 0.25 * head(h))
+    assert w is head.weight and LogitTransform().operands(h, head) == (h, head.weight, head.bias)
+
+
+def test_a_head_narrower_than_the_decoder_is_refused_by_name():
+    """ELECTRA's generator transforms its hidden states to a narrower embedding width before the head:
+    the probe names the mismatch instead of failing inside a matrix product."""
+    import transformers
+
+    config = transformers.ElectraConfig(vocab_size=V, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, intermediate_size=64, is_decoder=True)
+    with pytest.raises(ValueError, match="ElectraForCausalLM: its LM head takes width 16 but its decoder's final "
+                                         "hidden states have width 32"):
+        CGGRStep(transformers.ElectraForCausalLM(config), CGGRConfig())
+
+
+@pytest.mark.parametrize("family", ["opt", "gemma3", "bert-generation"])
 def test_router_of_a_decoder_nested_one_level_down(family):
     """OPT keeps its blocks in ``model.decoder.layers``, Gemma 3's multimodal model in
-    ``model.language_model.layers``: the router's view truncates them there, sharing every weight, and its
-    hidden states are those of the same model cut to k blocks by hand."""
+    ``model.language_model.layers``, BERT-style decoders in ``model.encoder.layer``: the router's view
+    truncates them there, sharing every weight, and its hidden states are those of the same model cut to
+    k blocks by hand."""
     import copy
 
     import transformers
@@ -215,6 +290,10 @@ def test_router_of_a_decoder_nested_one_level_down(family):
         config = transformers.OPTConfig(vocab_size=V, hidden_size=32, ffn_dim=64, num_hidden_layers=3,
                                         num_attention_heads=4, word_embed_proj_dim=16, pad_token_id=0)
         model, path = transformers.OPTForCausalLM(config).eval(), "decoder.layers"
+    elif family == "bert-generation":
+        config = transformers.BertGenerationConfig(vocab_size=V, hidden_size=32, num_hidden_layers=3,
+                                                   num_attention_heads=4, intermediate_size=64, is_decoder=True)
+        model, path = transformers.BertGenerationDecoder(config).eval(), "encoder.layer"
     else:
         text = dict(SMALL, head_dim=8, num_hidden_layers=3, sliding_window=64)
         config = transformers.Gemma3Config(text_config=text, vision_config=dict(hidden_size=16, intermediate_size=32,
@@ -231,10 +310,56 @@ def test_router_of_a_decoder_nested_one_level_down(family):
         inner = find_decoder(cut)
         for part in path.split(".")[:-1]:
             inner = getattr(inner, part)
-        inner.layers = inner.layers[:2]
+        last = path.split(".")[-1]
+        setattr(inner, last, getattr(inner, last)[:2])
         for cfg in {id(c): c for c in [cut.config, cut.config.get_text_config(), inner.config]}.values():
             cfg.num_hidden_layers = 2
         want = find_decoder(cut)(input_ids=ids, use_cache=False).last_hidden_state
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert [id(b) for b in router.blocks] == [id(b) for b in list(blocks)[:2]]  # the model's own blocks
     assert len(find_blocks(find_decoder(model))[1]) == 3  # the model is untouched
+
+
+def _per_layer_inputs_family(family: str):
+    """A tiny Gemma 4 / Gemma 3n text model: per-layer input embeddings (one slice per block, the table
+    shaped by the depth), a sliding window of 4, Gemma 3n's KV sharing and sparsity on the first block."""
+    import transformers
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=V, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  max_position_embeddings=64, sliding_window=4, vocab_size_per_layer_input=V,
+                  hidden_size_per_layer_input=8)
+    if family == "gemma4":
+        config = transformers.Gemma4TextConfig(**common, intermediate_size=64, num_hidden_layers=6,
+                                               layer_types=["sliding_attention"] * 5 + ["full_attention"])
+        return transformers.Gemma4ForCausalLM(config).eval()
+    config = transformers.Gemma3nTextConfig(**common, intermediate_size=[64] * 4, num_hidden_layers=4,
+                                            layer_types=["sliding_attention", "full_attention"] * 2,
+                                            num_kv_shared_layers=2, laurel_rank=4,
+                                            activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0])
+    return transformers.Gemma3nForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("family", ["gemma4", "gemma3n"])
+def test_per_layer_input_families_train_their_own_loss_and_route(family):
+    """Gemma 4 and Gemma 3n reshape their per-layer inputs by the config's depth: the router's view, which
+    set that depth to k, crashed at the first routed step. The view now keeps it, and Gemma 4's router
+    states are the model's own after k blocks (its ``output_hidden_states``, final norm applied)."""
+    from lightning_cggr.routing.router import TruncatedRouter, find_decoder
+
+    model = _per_layer_inputs_family(family)
+    batch = _batch(9)
+    nll, targets = _model_nll(model, batch)
+    nll_sum, count = CGGRStep(model, CGGRConfig(enabled=False)).eval_terms(batch)
+    torch.testing.assert_close((nll_sum / count).double(), (nll.sum() / (targets != IGNORE_INDEX).sum()).detach(),
+                               rtol=1e-5, atol=1e-5)
+    loss = CGGRStep(model, CGGRConfig(warmup_steps=0, router=RouterConfig(num_layers=2)))(batch, global_step=0).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    if family == "gemma4":
+        decoder = find_decoder(model)
+        with torch.no_grad():
+            states = decoder(input_ids=batch["input_ids"], output_hidden_states=True, use_cache=False).hidden_states
+            for k in (1, 2, 5):
+                torch.testing.assert_close(TruncatedRouter(model, k).hidden_states(batch["input_ids"]),
+                                           decoder.norm(states[k]), rtol=1e-5, atol=1e-5)

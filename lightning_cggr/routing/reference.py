@@ -68,12 +68,7 @@ class ReferenceModel:
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False
             ).last_hidden_state
             B, T, H = hidden.shape
-            stats = token_stats(
-                self.logit_transform.scale_hidden(hidden.reshape(B * T, H)),
-                find_head(self.model).weight,
-                targets.reshape(-1),
-                impl=impl,
-                chunk_size=chunk_size,
-                softcap=self.logit_transform.softcap,
-            )
+            h, weight, bias = self.logit_transform.operands(hidden.reshape(B * T, H), find_head(self.model))
+            stats = token_stats(h, weight, targets.reshape(-1), impl=impl, chunk_size=chunk_size, bias=bias,
+                                softcap=self.logit_transform.softcap)
             return TokenStats(*(s.view(B, T).clone() for s in stats))

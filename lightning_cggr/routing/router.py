@@ -20,9 +20,10 @@ from torch import nn
 
 from ..perf import COMPILED_WITH
 
-# Names under which decoders keep their list of blocks, in the families this project tests:
-# Llama, Mistral, Qwen2, SmolLM2, GPT-NeoX ("layers"); GPT-2, GPT-Neo, Falcon, Bloom ("h").
-BLOCK_LIST_NAMES = ("layers", "h", "blocks")
+# Names under which decoders keep their list of blocks: Llama, Mistral, Qwen2, SmolLM2, GPT-NeoX
+# ("layers"); GPT-2, GPT-Neo, GPT-J, CodeGen, Falcon, Bloom ("h"); XLNet and the BERT-style decoders
+# under ``encoder`` ("layer").
+BLOCK_LIST_NAMES = ("layers", "h", "blocks", "layer")
 
 SOURCES = ("truncated", "final")
 """``cggr.router.source``: the first k blocks (:class:`TruncatedRouter`) or the forward's own final
@@ -46,9 +47,15 @@ def find_decoder(model: nn.Module) -> nn.Module:
 LAYER_COUNT_NAMES = ("num_hidden_layers", "n_layer", "num_layers")
 """Config attributes that hold a decoder's depth; the router's view sets the first one present to k."""
 
-NESTED_DECODER_NAMES = ("decoder", "language_model", "model", "transformer")
+PER_LAYER_INPUT_NAMES = ("hidden_size_per_layer_input",)
+"""Config attributes of per-layer input embeddings, one slice per block, shaped by the depth (Gemma 3n,
+Gemma 4): a view of such a decoder keeps the full depth in its config, since the decoder reshapes those
+inputs by it and block i reads slice i; it still runs only its k blocks (it slices its block list)."""
+
+NESTED_DECODER_NAMES = ("decoder", "language_model", "model", "transformer", "encoder")
 """Where a decoder keeps its blocks one module further down (OPT's ``decoder``, Gemma 3's
-``language_model``): only these names are searched, so a vision tower's layers are never taken."""
+``language_model``, BERT-style decoders' ``encoder``): only these names are searched, so a vision
+tower's layers are never taken."""
 
 
 def _block_path(decoder: nn.Module) -> tuple[str, ...] | None:
@@ -95,8 +102,9 @@ def _truncated_view(module: nn.Module, path: tuple[str, ...], num_layers: int) -
     config = module.__dict__.get("config")
     if config is not None:
         config = copy.copy(config)
+        per_layer_inputs = any(getattr(config, name, None) for name in PER_LAYER_INPUT_NAMES)
         for name in LAYER_COUNT_NAMES:
-            if hasattr(config, name):
+            if hasattr(config, name) and not per_layer_inputs:
                 setattr(config, name, num_layers)
                 break
         view.config = config
@@ -104,27 +112,30 @@ def _truncated_view(module: nn.Module, path: tuple[str, ...], num_layers: int) -
 
 
 def find_head(model: nn.Module) -> nn.Linear:
-    """The LM head; only a bias-free linear head is supported (all tested families)."""
+    """The LM head: a linear layer, with or without a bias (Phi, GPT-J and CodeGen have one)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear):
         raise ValueError(f"{type(model).__name__}: expected a linear LM head from get_output_embeddings()")
-    if head.bias is not None:
-        raise ValueError(f"{type(model).__name__}: an LM head with a bias is not supported")
     return head
 
 
 class LogitTransform(NamedTuple):
     """How a causal LM turns its final hidden states ``h`` into logits, beyond the linear head:
     ``logits = softcap * tanh(scale * head(h) / softcap)`` (no cap when ``softcap`` is None). The step
-    applies ``scale`` to ``h`` before the head (the head is linear without bias, so it is the same) and
-    hands ``softcap`` to the loss and statistics kernels."""
+    folds ``scale`` into the head's operands (:meth:`operands`) and hands ``softcap`` to the loss and
+    statistics kernels."""
 
     scale: float = 1.0
     softcap: float | None = None
 
-    def scale_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden`` times ``scale`` (which the bias-free head commutes with); ``hidden`` itself at 1."""
-        return hidden if self.scale == 1.0 else hidden * self.scale
+    def operands(self, hidden: torch.Tensor, head: nn.Linear):
+        """``(hidden, weight, bias)`` for the kernels, with ``scale * head(h) = (scale h) @ W.T + scale b``:
+        the head's own tensors (bias None where it has none) and ``hidden`` itself at scale 1."""
+        bias = head.bias
+        if self.scale != 1.0:
+            hidden = hidden * self.scale
+            bias = None if bias is None else bias * self.scale
+        return hidden, head.weight, bias
 
     def describe(self) -> str:
         parts = ([f"x {self.scale:g}"] if self.scale != 1.0 else []) + (
@@ -168,7 +179,12 @@ def check_logit_transform(model: nn.Module, transform: LogitTransform) -> None:
     try:
         want = model(input_ids=probe, use_cache=False).logits.float()
         h = find_decoder(model)(input_ids=probe, use_cache=False).last_hidden_state
-        got = head(transform.scale_hidden(h)).float()
+        if h.shape[-1] != head.weight.shape[1]:
+            raise ValueError(
+                f"{type(model).__name__}: its LM head takes width {head.weight.shape[1]} but its decoder's final "
+                f"hidden states have width {h.shape[-1]}: the model transforms them between decoder and head, "
+                "which CGGR's loss and scores would skip; this architecture is not supported")
+        got = nn.functional.linear(*transform.operands(h, head)).float()
         if transform.softcap is not None:
             got = transform.softcap * torch.tanh(got / transform.softcap)
     finally:
