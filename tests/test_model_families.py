@@ -63,7 +63,12 @@ def test_standard_step_trains_the_models_own_loss(family, impl):
     """Loss and every parameter's gradient equal those of the model's own logits (HF's forward)."""
     model = _family(family)
     model.eval()  # no dropout: both sides see the same function
-    batch = _batch()
+    _assert_standard_step_is_the_models_own(model, _batch(), impl)
+
+
+def _assert_standard_step_is_the_models_own(model, batch, impl: str) -> set[str]:
+    """The standard step's loss and every parameter's gradient against those of the model's own float64
+    loss (its full forward); the names of the parameters that got a gradient. Gradients are cleared."""
     nll, targets = _model_nll(model, batch)
     want = nll.sum() / (targets != IGNORE_INDEX).sum()
     want.backward()
@@ -74,10 +79,12 @@ def test_standard_step_trains_the_models_own_loss(family, impl):
     out = step(batch, global_step=0)
     torch.testing.assert_close(out.nll_sum.double() / out.kept, want.detach(), rtol=1e-5, atol=1e-5)
     (out.nll_sum / out.kept).backward()
-    for name, p in model.named_parameters():
-        if name in ref_grads:
-            torch.testing.assert_close(p.grad.double(), ref_grads[name].double(), rtol=1e-3, atol=1e-5,
-                                       msg=lambda m, n=name: f"{n}: {m}")
+    params = dict(model.named_parameters())
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(params[name].grad.double(), grad.double(), rtol=1e-3, atol=1e-5,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    model.zero_grad(set_to_none=True)
+    return set(ref_grads)
 
 
 @pytest.mark.parametrize("family", ["gemma2", "cohere", "granite"])
@@ -224,21 +231,8 @@ def test_a_head_with_a_bias_trains_the_models_own_loss(family, impl):
     (These families were refused before the kernels took a bias.)"""
     model = _biased_head(family)
     batch = _batch(8)
+    assert "lm_head.bias" in _assert_standard_step_is_the_models_own(model, batch, impl)
     nll, targets = _model_nll(model, batch)
-    want = nll.sum() / (targets != IGNORE_INDEX).sum()
-    want.backward()
-    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    assert "lm_head.bias" in ref_grads
-    model.zero_grad(set_to_none=True)
-
-    step = CGGRStep(model, CGGRConfig(enabled=False), LossConfig(impl=impl))
-    out = step(batch, global_step=0)
-    torch.testing.assert_close(out.nll_sum.double() / out.kept, want.detach(), rtol=1e-5, atol=1e-5)
-    (out.nll_sum / out.kept).backward()
-    for name, grad in ref_grads.items():
-        torch.testing.assert_close(dict(model.named_parameters())[name].grad.double(), grad.double(), rtol=1e-3,
-                                   atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
-    model.zero_grad(set_to_none=True)
     scorer = CGGRStep(model, CGGRConfig(router=RouterConfig(source="final"), scoring="loss"), LossConfig(impl=impl))
     with torch.no_grad():
         stats = scorer.token_statistics(scorer.hidden_states(batch["input_ids"]), targets)
