@@ -35,7 +35,7 @@ SHRINK = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_la
               eos_token_id=2, qk_rope_head_dim=8, qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=8, kv_lora_rank=16,
               q_lora_rank=16, n_routed_experts=4, n_group=1, topk_group=1, first_k_dense_replace=1,
               mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=4, shared_intermediate_size=32,
-              n_layers=2, n_heads=4)
+              n_layers=2, n_heads=4, n_shared_experts=1)
 T = 12
 
 
