@@ -8,7 +8,12 @@ fails the family is "not built", which says nothing about the product), then
 - if accepted, the step's held-out NLL on a packed batch (3 x 12 tokens, no attention mask) against a
   float64 NLL of the model's own logits from its full forward (``model(input_ids).logits``); a
   sliding window, where the config has one, is set to 4 tokens so that it binds;
-- a routed step (token CGGR, 1-block router, no warm-up): forward and backward run, finite loss.
+- a routed step (token CGGR, 1-block router, no warm-up): forward and backward run, finite loss;
+- the router's hidden states (its view of the first block, final norm) against the model's own: its
+  decoder's ``output_hidden_states`` after that block with the decoder's final norm applied ("same as
+  the model's states"); where the family's states follow another convention (Mamba records them
+  differently, hyper-connection and AltUp models keep several streams) or it has no final norm by a
+  known name, against the decoder deep-copied and cut to one block by hand ("same as a hand cut").
 
 A family "accepted but different" would be a silent error: the step training a loss that is not the
 model's. Run (about 5-10 minutes; a memory cap keeps a family with huge defaults from stopping it):
@@ -21,6 +26,7 @@ Results: ``experiments/results/model_families-cpu.{md,json}``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 import warnings
@@ -104,6 +110,47 @@ def _tiny(model_type: str):
     raise first
 
 
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "norm_f", "final_layer_norm", "final_norm", "ln_final")
+
+
+@torch.no_grad()
+def router_states(model, ids) -> str:
+    """How the 1-block router's hidden states compare with the model's own (see the module docstring)."""
+    import copy
+
+    from lightning_cggr.routing.router import (LAYER_COUNT_NAMES, PER_LAYER_INPUT_NAMES, TruncatedRouter, find_blocks,
+                                               find_decoder)
+
+    model.eval()
+    decoder = find_decoder(model)
+    path, blocks = find_blocks(decoder)
+    got = TruncatedRouter(model, 1).hidden_states(ids)
+
+    def close(want):
+        return got.shape == want.shape and float((got - want).abs().max()) <= 1e-4 * (1 + float(want.abs().max()))
+
+    owner = decoder
+    for name in path.split(".")[:-1]:
+        owner = owner._modules[name]
+    norm = next((owner._modules[n] for n in FINAL_NORM_NAMES if owner._modules.get(n) is not None), None)
+    states = decoder(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    if norm is not None and states is not None and len(states) == len(blocks) + 1 and close(norm(states[1])):
+        return "same as the model's states"
+    cut = copy.deepcopy(decoder)
+    inner = cut
+    for name in path.split(".")[:-1]:
+        inner = inner._modules[name]
+    inner._modules[path.split(".")[-1]] = inner._modules[path.split(".")[-1]][:1]
+    for config in {id(c): c for c in (cut.config, getattr(inner, "config", cut.config))}.values():
+        if not any(getattr(config, n, None) for n in PER_LAYER_INPUT_NAMES):  # as the view does
+            name = next((n for n in LAYER_COUNT_NAMES if hasattr(config, n)), None)
+            if name is not None:
+                setattr(config, name, 1)
+    if close(cut(input_ids=ids, use_cache=False).last_hidden_state):
+        return "same as a hand cut"
+    return "DIFFERENT"
+
+
 def check(model_type: str) -> dict:
     from lightning_cggr.config import CGGRConfig, RouterConfig
     from lightning_cggr.routing.selection import IGNORE_INDEX, shift_targets
@@ -137,11 +184,14 @@ def check(model_type: str) -> dict:
         out = routed(batch, global_step=0)
         out.loss.backward()
         row["routed_loss_finite"] = bool(torch.isfinite(out.loss))
+        row["router_states"] = router_states(model, ids)
     except Exception as err:
         row["routed_loss_finite"] = False
         row["detail"] = f"routed step: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
     row["verdict"] = "same loss" if equal and row["routed_loss_finite"] else (
         "DIFFERENT LOSS" if not equal else "routed step failed")
+    if row.get("router_states") == "DIFFERENT":
+        row["verdict"] = "router states differ"
     return row
 
 
@@ -161,14 +211,17 @@ def main(argv=None) -> None:
     for name in families:
         row = check(name)
         rows.append(row)
+        gc.collect()  # each family's models and copies go before the next is built (the memory cap)
         print(f"{name:28s} {row['verdict']:16s} {row.get('detail', '')[:110]}", flush=True)
-    counts = {}
+    counts, states = {}, {}
     for row in rows:
         counts[row["verdict"]] = counts.get(row["verdict"], 0) + 1
+        if "router_states" in row:
+            states[row["router_states"]] = states.get(row["router_states"], 0) + 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"transformers": transformers.__version__, "torch": torch.__version__, "wall_s": round(time.time() - start),
-            "counts": counts}
+            "counts": counts, "router_states": states}
     (out / "model_families-cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     lines = [
         "# Model families: does the step train the model's own loss?",
@@ -179,21 +232,26 @@ def main(argv=None) -> None:
         "at the family's default depth, then its default width at 2 blocks; up to 600M parameters), packed "
         "batch 3 x 12. "
         "'same loss': the step's NLL equals a float64 NLL of the model's own logits (within 1e-4) and a routed "
-        "step (token CGGR, 1-block router) trains with a finite loss. 'router refused': standard training "
+        "step (token CGGR, 1-block router) trains with a finite loss; its router's states are the model's "
+        "(the last column: the decoder's own states after the block, final norm applied, or else the decoder "
+        "cut to one block by hand). 'router refused': standard training "
         "matches, the router's construction refuses the family with the error shown. 'refused': the step's "
         "error at construction. 'not built': this harness's shrunk config does not fit the family (says "
         "nothing about the product).",
         "",
         "Counts: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
         "",
-        "| family | class | verdict | detail |",
-        "|---|---|---|---|",
+        "Router states: " + ", ".join(f"{k}: {v}" for k, v in sorted(states.items())),
+        "",
+        "| family | class | verdict | detail | router states |",
+        "|---|---|---|---|---|",
     ]
     for row in rows:
         detail = row.get("detail", "")
         if "abs_diff" in row and not detail:
-            detail = f"|diff| {row['abs_diff']:.1e}"
-        lines.append(f"| {row['family']} | {row.get('class', '')} | {row['verdict']} | {detail.replace('|', '/')} |")
+            detail = f"/diff/ {row['abs_diff']:.1e}"
+        lines.append(f"| {row['family']} | {row.get('class', '')} | {row['verdict']} | {detail.replace('|', '/')} "
+                     f"| {row.get('router_states', '')} |")
     (out / "model_families-cpu.md").write_text("\n".join(lines) + "\n")
     print(counts)
 
