@@ -9,9 +9,14 @@ list (Llama/SmolLM2, GPT-2, GPT-NeoX; nothing family-specific is needed):
 
 - body: ``2 * N_blocks * T``, with ``N_blocks`` the elements of every matrix (>= 2-D parameter)
   inside the blocks: q, k, v, o and the MLP, whatever their names and shapes (grouped-query k/v,
-  GPT-2's fused c_attn, GPT-NeoX's query_key_value). Embeddings and the LM head are not in it;
-- attention scores and mixing: ``2 * 2 * d_attn * P`` per layer (Q K^T and A V, ``d_attn`` = heads x
-  head size), with ``P = T (T + 1) / 2`` query-key pairs under the causal mask (the work a causal
+  GPT-2's fused c_attn, GPT-NeoX's query_key_value). Embeddings and the LM head are not in it.
+  Mixture-of-experts blocks: the routed experts' matrices (parameters under a module named
+  ``experts``, fused 3-D or one module per expert) count ``top_k / num_experts`` of their elements,
+  what each token runs through (shared experts and the router's gate count whole); the two numbers
+  come from the config (``num_experts_per_tok`` and ``num_local_experts`` / ``num_experts`` /
+  ``n_routed_experts``), and a model with experts but neither is refused (no MFU rather than a wrong one);
+- attention scores and mixing: ``2 * (d_qk + d_v) * P`` per layer (Q K^T and A V, each width heads x
+  head size; ``d_qk = d_v`` but for multi-head latent attention), with ``P = T (T + 1) / 2`` query-key pairs under the causal mask (the work a causal
   kernel does; ``causal=False`` counts the full ``T^2`` square that eager attention multiplies);
 - LM head: ``2 * H * V`` per row it runs on (all T positions in the standard step).
 
@@ -93,25 +98,60 @@ class FlopShape:
     hidden: int
     vocab: int
     attn_dim: int
-    """Query heads x head size (the width of Q K^T and A V)."""
-    block_matrix_params: int
-    """Elements of every >= 2-D parameter inside the decoder blocks (all layers together)."""
+    """Query heads x head size (the width of Q K^T, and of A V unless ``value_dim`` says otherwise)."""
+    block_matrix_params: float
+    """Elements of every >= 2-D parameter inside the decoder blocks (all layers together; routed experts
+    at the fraction a token runs through)."""
+    value_dim: int | None = None
+    """Query heads x value head size where it differs from the query-key one (multi-head latent
+    attention: DeepSeek V2/V3's ``qk_head_dim`` vs ``v_head_dim``); None: ``attn_dim``."""
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "FlopShape":
         from .routing.router import find_blocks, find_decoder, find_head
 
         _, blocks = find_blocks(find_decoder(model))
-        cfg = model.config
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         heads = _first(cfg, "num_attention_heads", "n_head")
         hidden = _first(cfg, "hidden_size", "n_embd")
         head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-        params = sum(p.numel() for p in blocks.parameters() if p.dim() >= 2)
+        value_dim = None
+        if getattr(cfg, "v_head_dim", None):  # multi-head latent attention: its own q-k and value widths
+            qk = getattr(cfg, "qk_head_dim", None) or (
+                (getattr(cfg, "qk_nope_head_dim", None) or 0) + (getattr(cfg, "qk_rope_head_dim", None) or 0))
+            head_dim, value_dim = qk or head_dim, heads * cfg.v_head_dim
+        dense = experts = 0
+        for name, p in blocks.named_parameters():
+            if p.dim() >= 2:
+                if "experts" in name.split("."):
+                    experts += p.numel()
+                else:
+                    dense += p.numel()
+        params = dense + (experts * active_expert_fraction(model) if experts else 0)
         vocab, width = find_head(model).weight.shape
-        return cls(layers=len(blocks), hidden=width, vocab=vocab, attn_dim=heads * head_dim, block_matrix_params=params)
+        return cls(layers=len(blocks), hidden=width, vocab=vocab, attn_dim=heads * head_dim, block_matrix_params=params,
+                   value_dim=value_dim)
 
     def per_layer_params(self) -> float:
         return self.block_matrix_params / self.layers
+
+
+TOP_K_NAMES = ("num_experts_per_tok", "moe_top_k", "top_k_experts")
+EXPERT_COUNT_NAMES = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def active_expert_fraction(model: torch.nn.Module) -> float:
+    """The fraction of a mixture-of-experts block's routed experts each token runs through,
+    ``top_k / num_experts``, from the model's (text) config; ValueError where it names neither."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    configs = [cfg, *(getattr(cfg, n) for n in ("ffn_config",) if getattr(cfg, n, None) is not None)]
+    top_k = next((getattr(c, n) for c in configs for n in TOP_K_NAMES if getattr(c, n, None)), None)
+    count = next((getattr(c, n) for c in configs for n in EXPERT_COUNT_NAMES if getattr(c, n, None)), None)
+    if not top_k or not count:
+        raise ValueError(f"{type(model).__name__}: its blocks hold experts but its config names no "
+                         f"{' / '.join(TOP_K_NAMES)} and {' / '.join(EXPERT_COUNT_NAMES)}, so the FLOPs a token "
+                         "costs are unknown")
+    return top_k / count
 
 
 def _first(cfg, *names):
@@ -131,7 +171,7 @@ def forward_flops(
     head_rows = batch * seq if head_rows is None else head_rows
     pairs = seq * (seq + 1) / 2 if causal else seq * seq
     body = 2 * shape.per_layer_params() * layers * batch * seq
-    attention = 4 * shape.attn_dim * pairs * layers * batch
+    attention = 2 * (shape.attn_dim + (shape.value_dim or shape.attn_dim)) * pairs * layers * batch
     head = 2 * shape.hidden * shape.vocab * head_rows
     return body + attention + head
 

@@ -41,6 +41,57 @@ def test_forward_and_training_flops_equal_the_counted_matmuls(arch):
     assert train.get_total_flops() == pytest.approx(3 * formula, rel=1e-9)
 
 
+def _moe(family: str):
+    """A tiny mixture-of-experts model (8 experts, 2 per token), experts and attention run eagerly so
+    the counter sees every matmul: Mixtral; Qwen2-MoE with a shared expert; DeepSeek V3 with a shared
+    expert, a dense first block and multi-head latent attention (q-k width 16, value width 8)."""
+    import transformers
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64)
+    config = {
+        "mixtral": lambda: transformers.MixtralConfig(**kw, num_local_experts=8, num_experts_per_tok=2),
+        "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**kw, num_experts=8, num_experts_per_tok=2,
+                                                         moe_intermediate_size=16, shared_expert_intermediate_size=48),
+        "deepseek_v3": lambda: transformers.DeepseekV3Config(
+            **dict(kw, num_key_value_heads=4), n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+            n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+            qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1),
+    }[family]()
+    config._experts_implementation = "eager"  # (grouped_mm's matmuls are invisible to the counter)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    return set_attn_implementation(model, "eager")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_mixture_of_experts_counts_the_experts_a_token_runs(family):
+    """Each token runs top_k of the routed experts (and every shared one): the formula counts that, as
+    torch's counter does, in forward and training; it counted all 8 experts before (3.1x Mixtral's)."""
+    model = _moe(family)
+    B, T = 2, 11
+    ids = torch.randint(1, 90, (B, T))
+    with FlopCounterMode(display=False) as fwd:
+        with torch.no_grad():
+            model.lm_head(model.base_model(input_ids=ids, use_cache=False).last_hidden_state)
+    with FlopCounterMode(display=False) as train:
+        model.lm_head(model.base_model(input_ids=ids, use_cache=False).last_hidden_state).float().square().mean().backward()
+    formula = forward_flops(FlopShape.of(model), B, T, causal=False)
+    assert fwd.get_total_flops() == pytest.approx(formula, rel=1e-9)
+    assert train.get_total_flops() == pytest.approx(3 * formula, rel=1e-9)
+
+
+def test_experts_without_a_top_k_in_the_config_are_refused(monkeypatch):
+    """A family naming its top-k otherwise (here: a name the formula does not know) gets no FLOPs, and
+    the module then logs no MFU, rather than a count of every expert."""
+    import lightning_cggr.flops as flops
+
+    monkeypatch.setattr(flops, "TOP_K_NAMES", ("experts_per_token",))
+    with pytest.raises(ValueError, match="MixtralForCausalLM: its blocks hold experts but its config names no "
+                                         "experts_per_token"):
+        FlopShape.of(_moe("mixtral"))
+
+
 CASES = {
     "standard": CGGRConfig(enabled=False),
     "token": CGGRConfig(warmup_steps=0, router=RouterConfig(num_layers=1)),
