@@ -13,7 +13,11 @@ fails the family is "not built", which says nothing about the product), then
   decoder's ``output_hidden_states`` after that block with the decoder's final norm applied ("same as
   the model's states"); where the family's states follow another convention (Mamba records them
   differently, hyper-connection and AltUp models keep several streams) or it has no final norm by a
-  known name, against the decoder deep-copied and cut to one block by hand ("same as a hand cut").
+  known name, against the decoder deep-copied and cut to one block by hand ("same as a hand cut");
+- the FLOP formula behind MFU (:mod:`lightning_cggr.flops`) against ``torch.utils.flop_counter``'s count
+  of one training forward+backward with eager attention and eager experts: "exact", or the formula's
+  ratio to the count (state-space and linear-attention scans are not in the formula), or why there is
+  no formula for the family.
 
 A family "accepted but different" would be a silent error: the step training a loss that is not the
 model's. Run (about 5-10 minutes; a memory cap keeps a family with huge defaults from stopping it):
@@ -118,8 +122,8 @@ def router_states(model, ids) -> str:
     """How the 1-block router's hidden states compare with the model's own (see the module docstring)."""
     import copy
 
-    from lightning_cggr.routing.router import (LAYER_COUNT_NAMES, PER_LAYER_INPUT_NAMES, TruncatedRouter, find_blocks,
-                                               find_decoder)
+    from lightning_cggr.routing.router import (LAYER_COUNT_NAMES, PER_LAYER_INPUT_NAMES, TruncatedRouter, block_owner,
+                                               find_blocks, find_decoder)
 
     model.eval()
     decoder = find_decoder(model)
@@ -129,17 +133,13 @@ def router_states(model, ids) -> str:
     def close(want):
         return got.shape == want.shape and float((got - want).abs().max()) <= 1e-4 * (1 + float(want.abs().max()))
 
-    owner = decoder
-    for name in path.split(".")[:-1]:
-        owner = owner._modules[name]
+    owner = block_owner(decoder)
     norm = next((owner._modules[n] for n in FINAL_NORM_NAMES if owner._modules.get(n) is not None), None)
     states = decoder(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
     if norm is not None and states is not None and len(states) == len(blocks) + 1 and close(norm(states[1])):
         return "same as the model's states"
     cut = copy.deepcopy(decoder)
-    inner = cut
-    for name in path.split(".")[:-1]:
-        inner = inner._modules[name]
+    inner = block_owner(cut)
     inner._modules[path.split(".")[-1]] = inner._modules[path.split(".")[-1]][:1]
     for config in {id(c): c for c in (cut.config, getattr(inner, "config", cut.config))}.values():
         if not any(getattr(config, n, None) for n in PER_LAYER_INPUT_NAMES):  # as the view does
@@ -149,6 +149,32 @@ def router_states(model, ids) -> str:
     if close(cut(input_ids=ids, use_cache=False).last_hidden_state):
         return "same as a hand cut"
     return "DIFFERENT"
+
+
+def flops_check(model, ids) -> str:
+    """The formula's model FLOPs over the counter's, for one training pass (see the module docstring)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lightning_cggr.flops import FlopShape, forward_flops
+    from lightning_cggr.models.attention import set_attn_implementation
+    from lightning_cggr.routing.router import find_decoder, find_head
+
+    try:
+        shape = FlopShape.of(model)
+    except ValueError as err:
+        return f"no formula: {str(err)[:80]}"
+    for module in model.modules():  # grouped expert matmuls are invisible to the counter
+        config = module.__dict__.get("config")
+        if config is not None and hasattr(config, "_experts_implementation"):
+            config._experts_implementation = "eager"
+    set_attn_implementation(model, "eager")  # the counter counts the full square, as causal=False does
+    model.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as counter:
+        hidden = find_decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
+        find_head(model)(hidden).float().square().mean().backward()
+    counted = counter.get_total_flops()
+    ratio = 3 * forward_flops(shape, *ids.shape, causal=False) / counted if counted else float("nan")
+    return "exact" if abs(ratio - 1.0) < 1e-6 else f"{ratio:.3f}"
 
 
 def check(model_type: str) -> dict:
@@ -188,6 +214,10 @@ def check(model_type: str) -> dict:
     except Exception as err:
         row["routed_loss_finite"] = False
         row["detail"] = f"routed step: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+    try:
+        row["flops"] = flops_check(model, ids)
+    except Exception as err:  # the family's own limits (an implementation it refuses): not counted
+        row["flops"] = f"not counted: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
     row["verdict"] = "same loss" if equal and row["routed_loss_finite"] else (
         "DIFFERENT LOSS" if not equal else "routed step failed")
     if row.get("router_states") == "DIFFERENT":
@@ -213,15 +243,19 @@ def main(argv=None) -> None:
         rows.append(row)
         gc.collect()  # each family's models and copies go before the next is built (the memory cap)
         print(f"{name:28s} {row['verdict']:16s} {row.get('detail', '')[:110]}", flush=True)
-    counts, states = {}, {}
+    counts, states, flop_counts = {}, {}, {}
     for row in rows:
         counts[row["verdict"]] = counts.get(row["verdict"], 0) + 1
         if "router_states" in row:
             states[row["router_states"]] = states.get(row["router_states"], 0) + 1
+        if "flops" in row:
+            kind = row["flops"] if row["flops"] == "exact" else row["flops"].split(":")[0] if ":" in row["flops"] \
+                else "within 5%" if abs(float(row["flops"]) - 1) <= 0.05 else "off by more"
+            flop_counts[kind] = flop_counts.get(kind, 0) + 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"transformers": transformers.__version__, "torch": torch.__version__, "wall_s": round(time.time() - start),
-            "counts": counts, "router_states": states}
+            "counts": counts, "router_states": states, "flops": flop_counts}
     (out / "model_families-cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     lines = [
         "# Model families: does the step train the model's own loss?",
@@ -234,7 +268,8 @@ def main(argv=None) -> None:
         "'same loss': the step's NLL equals a float64 NLL of the model's own logits (within 1e-4) and a routed "
         "step (token CGGR, 1-block router) trains with a finite loss; its router's states are the model's "
         "(the last column: the decoder's own states after the block, final norm applied, or else the decoder "
-        "cut to one block by hand). 'router refused': standard training "
+        "cut to one block by hand); the FLOP formula of MFU against torch's flop counter (eager attention and "
+        "experts, forward+backward; 'exact' or the formula's ratio to the count). 'router refused': standard training "
         "matches, the router's construction refuses the family with the error shown. 'refused': the step's "
         "error at construction. 'not built': this harness's shrunk config does not fit the family (says "
         "nothing about the product).",
@@ -243,15 +278,17 @@ def main(argv=None) -> None:
         "",
         "Router states: " + ", ".join(f"{k}: {v}" for k, v in sorted(states.items())),
         "",
-        "| family | class | verdict | detail | router states |",
-        "|---|---|---|---|---|",
+        "FLOP formula: " + ", ".join(f"{k}: {v}" for k, v in sorted(flop_counts.items())),
+        "",
+        "| family | class | verdict | detail | router states | FLOP formula |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
         detail = row.get("detail", "")
         if "abs_diff" in row and not detail:
             detail = f"/diff/ {row['abs_diff']:.1e}"
         lines.append(f"| {row['family']} | {row.get('class', '')} | {row['verdict']} | {detail.replace('|', '/')} "
-                     f"| {row.get('router_states', '')} |")
+                     f"| {row.get('router_states', '')} | {row.get('flops', '')} |")
     (out / "model_families-cpu.md").write_text("\n".join(lines) + "\n")
     print(counts)
 

@@ -5,7 +5,8 @@ rotary, activations, the embedding lookup and the optimizer are left out, as in 
 definitions (PaLM, Megatron), so "model FLOPs" depend on the model and the batch shape only.
 
 Forward, per sequence of T tokens through L decoder blocks, for every family with a plain block
-list (Llama/SmolLM2, GPT-2, GPT-NeoX; nothing family-specific is needed):
+list (Llama/SmolLM2, GPT-2, GPT-NeoX; nothing family-specific is needed), summed block by block
+(blocks may differ: per-block configs, hybrid state-space blocks, a dense block before the experts):
 
 - body: ``2 * N_blocks * T``, with ``N_blocks`` the elements of every matrix (>= 2-D parameter)
   inside the blocks: q, k, v, o and the MLP, whatever their names and shapes (grouped-query k/v,
@@ -17,7 +18,11 @@ list (Llama/SmolLM2, GPT-2, GPT-NeoX; nothing family-specific is needed):
   ``n_routed_experts``), and a model with experts but neither is refused (no MFU rather than a wrong one);
 - attention scores and mixing: ``2 * (d_qk + d_v) * P`` per layer (Q K^T and A V, each width heads x
   head size; ``d_qk = d_v`` but for multi-head latent attention), with ``P = T (T + 1) / 2`` query-key pairs under the causal mask (the work a causal
-  kernel does; ``causal=False`` counts the full ``T^2`` square that eager attention multiplies);
+  kernel does; ``causal=False`` counts the full ``T^2`` square that eager attention multiplies); none
+  for a block whose ``layer_types`` entry is in :data:`NO_ATTENTION_LAYER_TYPES` (Mamba, linear
+  attention: their scans are not counted);
+- outside the blocks: ``2 * N_outside * T``, the decoder's other matrices (OPT's projections, Gemma
+  4's per-layer input projection; embedding tables excepted), on every pass that runs blocks;
 - LM head: ``2 * H * V`` per row it runs on (all T positions in the standard step).
 
 Training = 3 x forward: backward computes two matmuls (input gradient and weight gradient) per
@@ -90,50 +95,78 @@ def mfu(flops_per_step: float, step_seconds: float, peak: float | None) -> float
     return flops_per_step / step_seconds / (peak * 1e12)
 
 
+NO_ATTENTION_LAYER_TYPES = ("linear_attention", "mamba", "conv", "moe")
+"""``layer_types`` entries of blocks without quadratic attention (state-space, linear-attention,
+convolution and MoE-only blocks of hybrid models); every other block counts its attention."""
+
+
 @dataclass(frozen=True)
 class FlopShape:
-    """What the formula needs of a model."""
+    """What the formula needs of a model, per block where blocks differ (hybrid models, Gemma 4's
+    per-layer head sizes, a dense first block before the experts)."""
 
-    layers: int
     hidden: int
     vocab: int
-    attn_dim: int
-    """Query heads x head size (the width of Q K^T, and of A V unless ``value_dim`` says otherwise)."""
-    block_matrix_params: float
-    """Elements of every >= 2-D parameter inside the decoder blocks (all layers together; routed experts
-    at the fraction a token runs through)."""
-    value_dim: int | None = None
-    """Query heads x value head size where it differs from the query-key one (multi-head latent
-    attention: DeepSeek V2/V3's ``qk_head_dim`` vs ``v_head_dim``); None: ``attn_dim``."""
+    block_params: tuple[float, ...]
+    """Per block: the elements of its >= 2-D parameters a token runs through (routed experts at the
+    fraction a token uses)."""
+    attention: tuple[tuple[int, int], ...]
+    """Per block: (query-key width, value width), each query heads x head size; (0, 0) for a block
+    without quadratic attention."""
+    outside_params: float = 0
+    """The elements of the matrices the decoder runs outside its blocks on every token, embedding
+    tables excepted: OPT's input/output projections, Gemma 3n's and Gemma 4's per-layer input projection."""
+
+    @property
+    def layers(self) -> int:
+        return len(self.block_params)
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "FlopShape":
-        from .routing.router import find_blocks, find_decoder, find_head
+        from .routing.router import block_owner, find_blocks, find_decoder, find_head
 
-        _, blocks = find_blocks(find_decoder(model))
+        decoder = find_decoder(model)
+        _, blocks = find_blocks(decoder)
+        owner = block_owner(decoder)  # where the matrices outside the blocks are
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        heads = _first(cfg, "num_attention_heads", "n_head")
-        hidden = _first(cfg, "hidden_size", "n_embd")
-        head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-        value_dim = None
-        if getattr(cfg, "v_head_dim", None):  # multi-head latent attention: its own q-k and value widths
-            qk = getattr(cfg, "qk_head_dim", None) or (
-                (getattr(cfg, "qk_nope_head_dim", None) or 0) + (getattr(cfg, "qk_rope_head_dim", None) or 0))
-            head_dim, value_dim = qk or head_dim, heads * cfg.v_head_dim
-        dense = experts = 0
-        for name, p in blocks.named_parameters():
-            if p.dim() >= 2:
-                if "experts" in name.split("."):
-                    experts += p.numel()
-                else:
-                    dense += p.numel()
-        params = dense + (experts * active_expert_fraction(model) if experts else 0)
+        views = getattr(cfg, "per_layer_config", None)  # transformers' per-block configs (Gemma 4), where given
+        if isinstance(views, dict) or not (hasattr(views, "__getitem__") and len(views) == len(blocks)):
+            views = None
+        layer_types = getattr(cfg, "layer_types", None)
+        fraction = None
+        params, attention = [], []
+        for i, block in enumerate(blocks):
+            dense = experts = 0
+            for name, p in block.named_parameters():
+                if p.dim() >= 2:
+                    if "experts" in name.split("."):
+                        experts += p.numel()
+                    else:
+                        dense += p.numel()
+            if experts and fraction is None:
+                fraction = active_expert_fraction(model)
+            params.append(dense + (experts * fraction if experts else 0))
+            quadratic = not layer_types or i >= len(layer_types) or layer_types[i] not in NO_ATTENTION_LAYER_TYPES
+            attention.append(_attention_widths(views[i] if views else cfg) if quadratic else (0, 0))
         vocab, width = find_head(model).weight.shape
-        return cls(layers=len(blocks), hidden=width, vocab=vocab, attn_dim=heads * head_dim, block_matrix_params=params,
-                   value_dim=value_dim)
+        inside = {id(p) for p in blocks.parameters()} | {
+            id(p) for m in owner.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+        outside = sum(p.numel() for p in owner.parameters() if p.dim() >= 2 and id(p) not in inside)
+        return cls(hidden=width, vocab=vocab, block_params=tuple(params), attention=tuple(attention),
+                   outside_params=outside)
 
-    def per_layer_params(self) -> float:
-        return self.block_matrix_params / self.layers
+
+def _attention_widths(cfg) -> tuple[int, int]:
+    """(query-key, value) widths of one block's attention from its config: heads x head size, with
+    multi-head latent attention's own sizes (DeepSeek V2/V3: ``qk_head_dim`` vs ``v_head_dim``)."""
+    heads = _first(cfg, "num_attention_heads", "n_head")
+    hidden = _first(cfg, "hidden_size", "n_embd")
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    if getattr(cfg, "v_head_dim", None):
+        qk = getattr(cfg, "qk_head_dim", None) or (
+            (getattr(cfg, "qk_nope_head_dim", None) or 0) + (getattr(cfg, "qk_rope_head_dim", None) or 0))
+        return heads * (qk or head_dim), heads * cfg.v_head_dim
+    return heads * head_dim, heads * head_dim
 
 
 TOP_K_NAMES = ("num_experts_per_tok", "moe_top_k", "top_k_experts")
@@ -170,8 +203,8 @@ def forward_flops(
     layers = shape.layers if layers is None else layers
     head_rows = batch * seq if head_rows is None else head_rows
     pairs = seq * (seq + 1) / 2 if causal else seq * seq
-    body = 2 * shape.per_layer_params() * layers * batch * seq
-    attention = 2 * (shape.attn_dim + (shape.value_dim or shape.attn_dim)) * pairs * layers * batch
+    body = 2 * (sum(shape.block_params[:layers]) + (shape.outside_params if layers else 0)) * batch * seq
+    attention = 2 * sum(qk + v for qk, v in shape.attention[:layers]) * pairs * batch
     head = 2 * shape.hidden * shape.vocab * head_rows
     return body + attention + head
 

@@ -73,7 +73,8 @@ class CGGRModule(L.LightningModule):
         self._peak: float | None = None  # dense bf16 TFLOPS of the card, found at the first step
         try:  # the model as built, before any sharding wrapper flattens its parameters
             self._flop_shape = FlopShape.of(model)
-        except ValueError:  # no recognizable block list: no train/mfu
+        except ValueError as err:  # the formula does not know this model: no train/mfu, said once
+            log.warning("no train/mfu for this model: %s", err)
             self._flop_shape = None
         # metric states are created on the CPU: follow a model that is already on its device, so a
         # module used without a Trainer (which would move it) never mixes devices

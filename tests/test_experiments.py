@@ -438,5 +438,6 @@ def test_model_families_harness_reports_each_verdict(tmp_path):
     assert {f: rows[f]["router_states"] for f in ("llama", "phi", "gemma4_text", "opt")} == {
         "llama": "same as the model's states", "phi": "same as the model's states",
         "gemma4_text": "same as the model's states", "opt": "same as a hand cut"}  # OPT projects after its norm
+    assert all(rows[f]["flops"] == "exact" for f in ("llama", "phi", "gemma4_text", "opt")), rows  # vs torch's count
     assert rows["bert"]["verdict"] == "refused" and "its logits are not head(h)" in rows["bert"]["detail"]
     assert "| gemma2 | Gemma2ForCausalLM | same loss |" in (tmp_path / "model_families-cpu.md").read_text()

@@ -81,6 +81,35 @@ def test_mixture_of_experts_counts_the_experts_a_token_runs(family):
     assert train.get_total_flops() == pytest.approx(3 * formula, rel=1e-9)
 
 
+@pytest.mark.parametrize("family", ["gemma4", "opt"])
+def test_blocks_that_differ_and_matrices_outside_the_blocks(family):
+    """Gemma 4: a per-block head size (its 6th block's is 512, not 8; the config refuses a global read,
+    which crashed the module's construction) and a per-layer input projection on the decoder; OPT: input
+    and output projections around its blocks. Formula and counter agree in forward and training."""
+    import transformers
+    from test_model_families import _per_layer_inputs_family  # (tests/ is on the path, as for conftest)
+
+    if family == "gemma4":
+        model = _per_layer_inputs_family("gemma4")
+    else:
+        torch.manual_seed(0)
+        model = transformers.OPTForCausalLM(transformers.OPTConfig(
+            vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+            word_embed_proj_dim=16, max_position_embeddings=64))
+    model = set_attn_implementation(model, "eager")
+    B, T = 2, 11
+    ids = torch.randint(1, 60, (B, T))
+    with FlopCounterMode(display=False) as train:
+        model(input_ids=ids, use_cache=False).logits.float().square().mean().backward()
+    shape = FlopShape.of(model)
+    assert train.get_total_flops() == pytest.approx(3 * forward_flops(shape, B, T, causal=False), rel=1e-9)
+    if family == "gemma4":
+        assert [qk for qk, _ in shape.attention] == [32] * 5 + [4 * 512] and shape.outside_params > 0
+        from lightning_cggr.module import CGGRModule
+
+        assert CGGRModule(model, CGGRConfig())._flop_shape == shape  # constructs, with its MFU
+
+
 def test_experts_without_a_top_k_in_the_config_are_refused(monkeypatch):
     """A family naming its top-k otherwise (here: a name the formula does not know) gets no FLOPs, and
     the module then logs no MFU, rather than a count of every expert."""
@@ -134,7 +163,7 @@ def test_smollm2_shape_by_hand():
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     shape = FlopShape.of(model)
-    assert shape.block_matrix_params == 30 * 3_538_944
+    assert shape.block_params == (3_538_944,) * 30 and shape.attention == ((576, 576),) * 30
     assert forward_flops(shape, 1, 2048) / 2048 == pytest.approx(339_773_184)
     total = step_flops(shape, CGGRConfig(enabled=False), 8, 2048)["total"]
     assert total == pytest.approx(3 * 16384 * 339_773_184)
@@ -144,7 +173,7 @@ def test_smollm2_shape_by_hand():
 
 
 def test_causal_attention_counts_the_lower_triangle():
-    shape = FlopShape(layers=1, hidden=8, vocab=0, attn_dim=8, block_matrix_params=0)
+    shape = FlopShape(hidden=8, vocab=0, block_params=(0,), attention=((8, 8),))
     # T = 4: 10 query-key pairs under the causal mask, 16 in the full square; 4 FLOPs per pair and width unit
     assert forward_flops(shape, 1, 4, head_rows=0) == 4 * 8 * 10
     assert forward_flops(shape, 1, 4, head_rows=0, causal=False) == 4 * 8 * 16

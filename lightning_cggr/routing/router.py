@@ -89,6 +89,15 @@ def find_blocks(decoder: nn.Module) -> tuple[str, nn.ModuleList]:
     return ".".join(path), module
 
 
+def block_owner(decoder: nn.Module) -> nn.Module:
+    """The module that holds the decoder's block list: the decoder itself, or its child on the block
+    path (OPT's ``decoder``, Gemma 3's ``language_model``); its final norm and other modules sit there."""
+    path, _ = find_blocks(decoder)
+    for name in path.split(".")[:-1]:
+        decoder = decoder._modules[name]
+    return decoder
+
+
 def _truncated_view(module: nn.Module, path: tuple[str, ...], num_layers: int) -> nn.Module:
     """A shallow copy of ``module`` whose submodule ``path`` holds only the first ``num_layers`` blocks
     (each module along the path copied the same way), with its own config copy where it has one."""
