@@ -14,7 +14,7 @@ list (Llama/SmolLM2, GPT-2, GPT-NeoX; nothing family-specific is needed), summed
   Mixture-of-experts blocks: the routed experts' matrices (parameters under a module named
   ``experts``, fused 3-D or one module per expert) count ``top_k / num_experts`` of their elements,
   what each token runs through (shared experts and the router's gate count whole); the two numbers
-  come from the config (``num_experts_per_tok`` and ``num_local_experts`` / ``num_experts`` /
+  come from the config (``num_experts_per_tok`` or Aria's ``moe_topk``, and ``num_local_experts`` / ``num_experts`` /
   ``n_routed_experts``), and a model with experts but neither is refused (no MFU rather than a wrong one);
 - attention scores and mixing: ``2 * (d_qk + d_v) * P`` per layer (Q K^T and A V, each width heads x
   head size; ``d_qk = d_v`` but for multi-head latent attention), with ``P = T (T + 1) / 2`` query-key pairs under the causal mask (the work a causal
@@ -169,7 +169,7 @@ def _attention_widths(cfg) -> tuple[int, int]:
     return heads * head_dim, heads * head_dim
 
 
-TOP_K_NAMES = ("num_experts_per_tok", "moe_top_k", "top_k_experts")
+TOP_K_NAMES = ("num_experts_per_tok", "moe_topk", "moe_top_k", "top_k_experts")
 EXPERT_COUNT_NAMES = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
