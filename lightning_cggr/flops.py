@@ -14,13 +14,13 @@ list (Llama/SmolLM2, GPT-2, GPT-NeoX; nothing family-specific is needed), summed
   Mixture-of-experts blocks: the routed experts' matrices (parameters under a module named
   ``experts``, fused 3-D or one module per expert) count ``top_k / num_experts`` of their elements,
   what each token runs through (shared experts and the router's gate count whole); the two numbers
-  come from the config (``num_experts_per_tok`` or Aria's ``moe_topk``, and ``num_local_experts`` / ``num_experts`` /
-  ``n_routed_experts``), and a model with experts but neither is refused (no MFU rather than a wrong one);
+  come from the config (:data:`TOP_K_NAMES`, :data:`EXPERT_COUNT_NAMES`), and a model with experts
+  but neither is refused (no MFU rather than a wrong one);
 - attention scores and mixing: ``2 * (d_qk + d_v) * P`` per layer (Q K^T and A V, each width heads x
-  head size; ``d_qk = d_v`` but for multi-head latent attention), with ``P = T (T + 1) / 2`` query-key pairs under the causal mask (the work a causal
-  kernel does; ``causal=False`` counts the full ``T^2`` square that eager attention multiplies); none
-  for a block whose ``layer_types`` entry is in :data:`NO_ATTENTION_LAYER_TYPES` (Mamba, linear
-  attention: their scans are not counted);
+  head size; ``d_qk = d_v`` but for multi-head latent attention), with ``P = T (T + 1) / 2``
+  query-key pairs under the causal mask (the work a causal kernel does; ``causal=False`` counts the
+  full ``T^2`` square that eager attention multiplies); none for a block whose ``layer_types`` entry
+  is in :data:`NO_ATTENTION_LAYER_TYPES` (Mamba, linear attention: their scans are not counted);
 - outside the blocks: ``2 * N_outside * T``, the decoder's other matrices (OPT's projections, Gemma
   4's per-layer input projection; embedding tables excepted), on every pass that runs blocks;
 - LM head: ``2 * H * V`` per row it runs on (all T positions in the standard step).
