@@ -62,14 +62,13 @@ import torch
 from .config import CGGRConfig, LossConfig, OptimConfig, PerfConfig
 from .distributed import KeptTokenNormalizer
 from .errors import ConfigError
-from .kernels import TokenStats, linear_cross_entropy, resolve_impl, resolve_stats_impl, token_stats
+from .kernels import TokenStats, linear_cross_entropy, resolve_impl, resolve_stats_impl
 from .models.attention import mask_free_attention, model_configs
 from .perf import (adamw_kwargs, apply_activation_checkpointing, compile_function, compile_model, mark_step_begin,
                    resolve_compile, sdpa_backend_problem, sdpa_scope)
 from .routing.guards import sanitize_stats
 from .routing.reference import ReferenceModel, load_reference
-from .routing.router import (TruncatedRouter, check_logit_transform, find_decoder, find_head, logit_transform,
-                             mask_free_is_exact)
+from .routing.router import TruncatedRouter, checked_logit_transform, find_decoder, find_head, mask_free_is_exact
 from .routing.schedule import batch_confidence, dynamic_ratio, host_ratio
 from .routing.rules import GENERATOR_STRATEGIES, choose_rows, choose_tokens, prune_in_force, rule_generator
 from .routing.scoring import excess_loss_score, get_scorer, random_score, step_generator
@@ -141,10 +140,8 @@ class CGGRStep:
         self.cggr = cggr or CGGRConfig()
         self.loss_cfg = loss or LossConfig()
         self.perf = perf or PerfConfig()
-        find_decoder(model), find_head(model)  # fail early on an unsupported architecture
-        self.logit_transform = logit_transform(model)
+        self.logit_transform = checked_logit_transform(model)  # fails early on an unsupported architecture
         """What the model does after its head (softcap, scale): applied wherever logits are formed."""
-        check_logit_transform(model, self.logit_transform)
         self._mask_free = mask_free_is_exact([model])  # probed before compiling: no graph made for it
         """Whether packed batches may take the mask-free causal path (the family's attention agrees)."""
         if self.logit_transform.softcap is not None and self.loss_cfg.impl == "torch_lce":
@@ -251,9 +248,8 @@ class CGGRStep:
     def token_statistics(self, hidden: torch.Tensor, targets: torch.Tensor) -> TokenStats:
         """[B, T] fp32 ``TokenStats`` of ``hidden @ head.T`` against ``targets``, chunked, no grad."""
         B, T, H = hidden.shape
-        h, weight, bias = self.logit_transform.operands(hidden.detach().reshape(B * T, H), self.head)
-        stats = token_stats(h, weight, targets.reshape(-1), impl=self.stats_impl, bias=bias,
-                            chunk_size=self.cggr.router.chunk_size, softcap=self.logit_transform.softcap)
+        stats = self.logit_transform.token_stats(hidden.detach().reshape(B * T, H), self.head, targets.reshape(-1),
+                                                 impl=self.stats_impl, chunk_size=self.cggr.router.chunk_size)
         return type(stats)(*(s.view(B, T) for s in stats))
 
     @torch.no_grad()

@@ -1,7 +1,8 @@
 """What every implementation of the loss and the statistics promises, and the checks of its inputs.
 
 The loss of one kept row (label ``y`` not ``ignore_index``), with ``z`` the fp32 logits
-``hidden @ weight.T`` (``+ bias`` when the head has one), soft-capped to ``softcap * tanh(z / softcap)`` when ``softcap`` is set::
+``hidden @ weight.T`` (``+ bias`` when the head has one), soft-capped to ``softcap * tanh(z / softcap)``
+when ``softcap`` is set::
 
     loss = lse(z) - (1 - eps) * z[y] - eps / V * sum(z) + lse_square_scale * lse(z) ** 2
 

@@ -1,7 +1,7 @@
 """``impl="triton"``: the chunk pass of :mod:`lightning_cggr.kernels.chunked` with Triton row kernels.
 
-The GEMMs are torch's (cuBLAS on GPUs; a head's bias added by the logits GEMM itself) in the compute dtype -- the autocast dtype under autocast,
-else the promoted input dtype (bf16 in, bf16 logits, fp32 accumulation inside the GEMM) -- and
+The GEMMs are torch's (cuBLAS on GPUs; a head's bias added by the logits GEMM itself) in the compute
+dtype -- the autocast dtype under autocast, else the promoted input dtype (bf16 in, bf16 logits, fp32 accumulation inside the GEMM) -- and
 ``grad_W`` accumulates in one fp32 buffer (``addmm(..., out_dtype=torch.float32)`` where the
 installed torch supports it for the device, see :func:`~lightning_cggr.kernels.chunked.accumulate_`).
 Between them, per chunk, one Triton kernel with one program per row:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import TokenStats, token_stats
-from .router import check_logit_transform, find_decoder, find_head, logit_transform
+from ..kernels import TokenStats
+from .router import checked_logit_transform, find_decoder, find_head
 
 
 def load_reference(name: str, dtype: str = "bfloat16") -> nn.Module:
@@ -30,9 +30,7 @@ class ReferenceModel:
     """Frozen causal LM that yields per-token statistics of its own next-token predictions."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype | None = None):
-        find_decoder(model), find_head(model)  # fail early on an unsupported architecture
-        self.logit_transform = logit_transform(model)
-        check_logit_transform(model, self.logit_transform)
+        self.logit_transform = checked_logit_transform(model)  # fails early on an unsupported architecture
         model.eval()
         model.requires_grad_(False)
         if dtype is not None:
@@ -68,7 +66,6 @@ class ReferenceModel:
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False
             ).last_hidden_state
             B, T, H = hidden.shape
-            h, weight, bias = self.logit_transform.operands(hidden.reshape(B * T, H), find_head(self.model))
-            stats = token_stats(h, weight, targets.reshape(-1), impl=impl, chunk_size=chunk_size, bias=bias,
-                                softcap=self.logit_transform.softcap)
+            stats = self.logit_transform.token_stats(hidden.reshape(B * T, H), find_head(self.model),
+                                                     targets.reshape(-1), impl=impl, chunk_size=chunk_size)
             return TokenStats(*(s.view(B, T).clone() for s in stats))

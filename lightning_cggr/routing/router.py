@@ -146,6 +146,15 @@ class LogitTransform(NamedTuple):
             bias = None if bias is None else bias * self.scale
         return hidden, head.weight, bias
 
+    def token_stats(self, hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, *, impl: str,
+                    chunk_size: int | None):
+        """The no-grad ``TokenStats`` of the model's own logits of ``hidden`` [N, H]: this transform of
+        ``head`` (scale folded into the operands, soft cap in the kernel)."""
+        from ..kernels import token_stats
+
+        h, weight, bias = self.operands(hidden, head)
+        return token_stats(h, weight, labels, impl=impl, chunk_size=chunk_size, bias=bias, softcap=self.softcap)
+
     def describe(self) -> str:
         parts = ([f"x {self.scale:g}"] if self.scale != 1.0 else []) + (
             [f"soft-capped at {self.softcap:g}"] if self.softcap is not None else [])
@@ -168,6 +177,16 @@ def logit_transform(model: nn.Module) -> LogitTransform:
         if (value := getattr(config, name, None)) is not None:
             softcap = float(value)
     return LogitTransform(scale, softcap)
+
+
+def checked_logit_transform(model: nn.Module) -> LogitTransform:
+    """The model's :class:`LogitTransform`, after checking that its decoder and head are found and
+    that the transform reproduces its logits (:func:`check_logit_transform`): what the step and the
+    reference model run at construction, so an unsupported architecture fails before any data loads."""
+    find_decoder(model), find_head(model)
+    transform = logit_transform(model)
+    check_logit_transform(model, transform)
+    return transform
 
 
 @torch.no_grad()
