@@ -10,24 +10,30 @@ list (Llama/SmolLM2, GPT-2, GPT-NeoX; nothing family-specific is needed), summed
 
 - body: ``2 * N_blocks * T``, with ``N_blocks`` the elements of every matrix (>= 2-D parameter)
   inside the blocks: q, k, v, o and the MLP, whatever their names and shapes (grouped-query k/v,
-  GPT-2's fused c_attn, GPT-NeoX's query_key_value). Embeddings and the LM head are not in it.
-  Mixture-of-experts blocks: the routed experts' matrices (parameters under a module named
-  ``experts``, fused 3-D or one module per expert) count ``top_k / num_experts`` of their elements,
-  what each token runs through (shared experts and the router's gate count whole); the two numbers
-  come from the config (:data:`TOP_K_NAMES`, :data:`EXPERT_COUNT_NAMES`), and a model with experts
-  but neither is refused (no MFU rather than a wrong one);
-- attention scores and mixing: ``2 * (d_qk + d_v) * P`` per layer (Q K^T and A V, each width heads x
-  head size; ``d_qk = d_v`` but for multi-head latent attention), with ``P = T (T + 1) / 2``
-  query-key pairs under the causal mask (the work a causal kernel does; ``causal=False`` counts the
-  full ``T^2`` square that eager attention multiplies); none for a block whose ``layer_types`` entry
-  is in :data:`NO_ATTENTION_LAYER_TYPES` (Mamba, linear attention: their scans are not counted);
+  GPT-2's fused c_attn, GPT-NeoX's query_key_value). Embeddings and the LM head are not in it, nor
+  are cross-attention modules (BART-style and Whisper decoders as causal LMs: no encoder states, so
+  they never run). Mixture-of-experts blocks: the routed experts' matrices (under a module named
+  ``experts``, fused 3-D or one module per expert, or in an ``...Experts`` container such as
+  JetMoE's) count ``top_k / experts`` of their elements, what a token runs through on average
+  (shared experts and the router's gate count whole; zero-computation experts, LongCat-Flash's,
+  count among the choices, without matrices); the numbers come from the config
+  (:data:`TOP_K_NAMES`, :data:`EXPERT_COUNT_NAMES`, :data:`ZERO_EXPERT_NAMES`), and a model with
+  experts but no top-k or count is refused (no MFU rather than a wrong one);
+- attention scores and mixing: ``2 * (d_qk + d_v) * P`` per self-attention sublayer (Q K^T and A V,
+  each width heads x head size; ``d_qk = d_v`` but for multi-head latent attention), with
+  ``P = T (T + 1) / 2`` query-key pairs under the causal mask (the work a causal kernel does;
+  ``causal=False`` counts the full ``T^2`` square that eager attention multiplies); none for a block
+  whose ``layer_types`` entry is in :data:`NO_ATTENTION_LAYER_TYPES` (Mamba, linear attention: their scans are not counted);
+- a sparse-attention indexer (DeepSeek V3.2 and its relatives): its matrices on every token and its
+  scores over the ``T^2`` square (:func:`_indexer_width`), in forward only;
 - outside the blocks: ``2 * N_outside * T``, the decoder's other matrices (OPT's projections, Gemma
   4's per-layer input projection; embedding tables excepted), on every pass that runs blocks;
 - LM head: ``2 * H * V`` per row it runs on (all T positions in the standard step).
 
-Training = 3 x forward: backward computes two matmuls (input gradient and weight gradient) per
-forward matmul. A CGGR step runs parts of this at different sizes (:func:`step_flops`): the router
-(first k blocks + head on every token, forward only, no grad), the body forward + backward on all
+Training = 3 x forward (:func:`train_flops`): backward computes two matmuls (input gradient and
+weight gradient) per forward matmul; an indexer's, which no gradient reaches, count once. A CGGR
+step runs parts of this at different sizes (:func:`step_flops`): the router (first k blocks + head
+on every token, forward only, no grad), the body forward + backward on all
 rows (token unit) or on the ``ceil(ratio * B)`` kept rows (sequence unit), and the head + loss
 forward + backward on the rows the loss kernel actually receives (the selection's static capacity;
 all rows for the naive full-logits loss). These are executed FLOPs: a method that skips work has
@@ -116,6 +122,10 @@ class FlopShape:
     outside_params: float = 0
     """The elements of the matrices the decoder runs outside its blocks on every token, embedding
     tables excepted: OPT's input/output projections, Gemma 3n's and Gemma 4's per-layer input projection."""
+    indexer: tuple[tuple[float, int], ...] = ()
+    """Per block (empty: no block has one): a sparse-attention indexer's (matrix elements, query-key
+    width of its scores), see :func:`_indexer_width`. It runs in forward only: its output is the
+    top-k key indices, through which no gradient flows, so backward never runs it."""
 
     @property
     def layers(self) -> int:
@@ -133,35 +143,113 @@ class FlopShape:
         if isinstance(views, dict) or not (hasattr(views, "__getitem__") and len(views) == len(blocks)):
             views = None
         layer_types = getattr(cfg, "layer_types", None)
-        fraction = None
-        params, attention = [], []
+        experts = None
+        params, attention, indexer = [], [], []
         for i, block in enumerate(blocks):
-            dense = experts = 0
-            for name, p in block.named_parameters():
-                if p.dim() >= 2:
-                    if "experts" in name.split("."):
-                        experts += p.numel()
+            dense = routed = scorer = 0.0
+            for name, p in _block_matrices(block):
+                if "indexer" in name.split(".")[:-1]:
+                    scorer += p.numel()
+                elif _is_routed_expert(name, block):
+                    if experts is None:
+                        experts = expert_counts(model)
+                    if p.dim() == 3 and p.shape[0] > experts.routed:  # slices kept for zero experts
+                        routed += p.numel() // p.shape[0] * experts.routed
                     else:
-                        dense += p.numel()
-            if experts and fraction is None:
-                fraction = active_expert_fraction(model)
-            params.append(dense + (experts * fraction if experts else 0))
+                        routed += p.numel()
+                else:
+                    dense += p.numel()
+            params.append(dense + (routed * experts.top_k / experts.choices if routed else 0))
             quadratic = not layer_types or i >= len(layer_types) or layer_types[i] not in NO_ATTENTION_LAYER_TYPES
-            attention.append(_attention_widths(views[i] if views else cfg) if quadratic else (0, 0))
+            qk, v = _attention_widths(views[i] if views else cfg) if quadratic else (0, 0)
+            copies = _attention_copies(block)
+            attention.append((qk * copies, v * copies))
+            indexer.append((scorer, _indexer_width(block, cfg)))
         vocab, width = find_head(model).weight.shape
         inside = {id(p) for p in blocks.parameters()} | {
             id(p) for m in owner.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
         outside = sum(p.numel() for p in owner.parameters() if p.dim() >= 2 and id(p) not in inside)
         return cls(hidden=width, vocab=vocab, block_params=tuple(params), attention=tuple(attention),
-                   outside_params=outside)
+                   outside_params=outside, indexer=tuple(indexer) if any(w for _, w in indexer) else ())
+
+
+def _is_cross_attention(name: str) -> bool:
+    """A module name of cross-attention (``encoder_attn``, ``crossattention``, ``cross_attn``, T5's
+    ``EncDecAttention``): it attends to an encoder's states, which a causal LM never passes, so it is
+    skipped in every step and none of its matrices run."""
+    low = name.lower()
+    return low in ("encoder_attn", "encdecattention") or ("cross" in low and "att" in low)
+
+
+def _block_matrices(block: torch.nn.Module):
+    """(dotted name, parameter) of every >= 2-D parameter of ``block`` a token can run through: those
+    under cross-attention modules left out, and expert biases (gpt-oss keeps them as [experts, out]
+    matrices; a bias adds, it does not multiply)."""
+    for name, p in block.named_parameters():
+        parts = name.split(".")
+        if p.dim() < 2 or any(_is_cross_attention(part) for part in parts[:-1]):
+            continue
+        if "bias" in parts[-1] and _is_routed_expert(name, block):
+            continue
+        yield name, p
+
+
+ROUTER_NAMES = ("router", "gate")
+"""Module names of a mixture-of-experts router (its gate runs on every token, whole)."""
+
+
+def _is_routed_expert(name: str, block: torch.nn.Module) -> bool:
+    """Whether parameter ``name`` of ``block`` belongs to routed experts: under a module named
+    ``experts`` (fused 3-D tensors or one module per expert), or held by a module whose class is an
+    ``...Experts`` container other than a shared one (JetMoE's ``ParallelExperts``); a router inside
+    such a module (JetMoE's attention experts hold theirs) is not an expert."""
+    parts = name.split(".")
+    if any(part in ROUTER_NAMES for part in parts[:-1]):
+        return False
+    if "experts" in parts[:-1]:
+        return True
+    owner = block.get_submodule(".".join(parts[:-1])) if len(parts) > 1 else block
+    cls = type(owner).__name__.lower()
+    return cls.endswith("experts") and "shared" not in cls
+
+
+def _attention_copies(block: torch.nn.Module) -> int:
+    """How many self-attention sublayers one block runs: the length of a block's list of them
+    (LongCat-Flash holds two, ``self_attn[0]`` and ``self_attn[1]``), else 1."""
+    for name, child in block.named_children():
+        low = name.lower()
+        if isinstance(child, torch.nn.ModuleList) and ("attn" in low or "attention" in low) \
+                and not _is_cross_attention(name):
+            return len(child)
+    return 1
+
+
+INDEXER_NAMES = ("index_n_heads", "index_head_dim")
+"""Config names of a sparse-attention indexer's heads and head size (DeepSeek V3.2 DSA, GLM-5, ...)."""
+
+
+def _indexer_width(block: torch.nn.Module, cfg) -> int:
+    """The query-key width of the block's own sparse-attention indexer (a module named ``indexer``;
+    a block reusing another's selection has none): it scores every query-key pair with
+    ``index_n_heads`` heads of ``index_head_dim`` and weights the heads (one more multiply-add per
+    head and pair), so ``heads * (head_dim + 1)``. The main attention is counted as any block's: the
+    indexer's top-k keys enter it as a mask. Forward only (:attr:`FlopShape.indexer`)."""
+    if not any(name.split(".")[-1] == "indexer" for name, _ in block.named_modules()):
+        return 0
+    heads, size = (getattr(cfg, n, None) for n in INDEXER_NAMES)
+    if not heads or not size:
+        raise ValueError(f"{type(block).__name__}: its attention has an indexer but the config names no "
+                         f"{' / '.join(INDEXER_NAMES)}, so the FLOPs it costs are unknown")
+    return heads * (size + 1)
 
 
 def _attention_widths(cfg) -> tuple[int, int]:
     """(query-key, value) widths of one block's attention from its config: heads x head size, with
     multi-head latent attention's own sizes (DeepSeek V2/V3: ``qk_head_dim`` vs ``v_head_dim``)."""
-    heads = _first(cfg, "num_attention_heads", "n_head")
+    heads = _first(cfg, "decoder_attention_heads", "num_attention_heads", "n_head")  # (the decoder's, not
+    # the encoder's, in encoder-decoder families used as causal LMs: BART, Whisper)
     hidden = _first(cfg, "hidden_size", "n_embd")
-    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    head_dim = getattr(cfg, "head_dim", None) or getattr(cfg, "kv_channels", None) or hidden // heads
     if getattr(cfg, "v_head_dim", None):
         qk = getattr(cfg, "qk_head_dim", None) or (
             (getattr(cfg, "qk_nope_head_dim", None) or 0) + (getattr(cfg, "qk_rope_head_dim", None) or 0))
@@ -171,11 +259,24 @@ def _attention_widths(cfg) -> tuple[int, int]:
 
 TOP_K_NAMES = ("num_experts_per_tok", "moe_topk", "moe_top_k", "top_k_experts")
 EXPERT_COUNT_NAMES = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+ZERO_EXPERT_NAMES = ("zero_expert_num",)
+"""Config names of experts without matrices (LongCat-Flash's identity experts): a token's top-k
+choices fall among them too, and cost nothing there."""
 
 
-def active_expert_fraction(model: torch.nn.Module) -> float:
-    """The fraction of a mixture-of-experts block's routed experts each token runs through,
-    ``top_k / num_experts``, from the model's (text) config; ValueError where it names neither."""
+@dataclass(frozen=True)
+class ExpertCounts:
+    """A mixture-of-experts config's routing: ``top_k`` choices per token among ``choices`` experts,
+    of which ``routed`` have matrices (the rest are zero-computation experts)."""
+
+    top_k: int
+    routed: int
+    choices: int
+
+
+def expert_counts(model: torch.nn.Module) -> ExpertCounts:
+    """The model's (text) config's :class:`ExpertCounts`; ValueError where it names no top-k or no
+    expert count (no MFU rather than a count of every expert)."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     configs = [cfg, *(getattr(cfg, n) for n in ("ffn_config",) if getattr(cfg, n, None) is not None)]
     top_k = next((getattr(c, n) for c in configs for n in TOP_K_NAMES if getattr(c, n, None)), None)
@@ -184,7 +285,8 @@ def active_expert_fraction(model: torch.nn.Module) -> float:
         raise ValueError(f"{type(model).__name__}: its blocks hold experts but its config names no "
                          f"{' / '.join(TOP_K_NAMES)} and {' / '.join(EXPERT_COUNT_NAMES)}, so the FLOPs a token "
                          "costs are unknown")
-    return top_k / count
+    zero = next((getattr(c, n) for c in configs for n in ZERO_EXPERT_NAMES if getattr(c, n, None)), 0)
+    return ExpertCounts(top_k=int(top_k), routed=int(count), choices=int(count) + int(zero))
 
 
 def _first(cfg, *names):
@@ -195,18 +297,41 @@ def _first(cfg, *names):
     raise ValueError(f"{type(cfg).__name__}: none of {names}")
 
 
-def forward_flops(
-    shape: FlopShape, batch: int, seq: int, *, layers: int | None = None, head_rows: int | None = None, causal: bool = True
-) -> float:
+def forward_flops(shape: FlopShape, batch: int, seq: int, *, layers: int | None = None,
+                  head_rows: int | None = None, causal: bool = True) -> float:
     """Forward matmul FLOPs of ``batch`` sequences of ``seq`` tokens through the first ``layers``
     blocks (default all) plus the LM head on ``head_rows`` rows (default every token; 0: none)."""
+    trainable = _trainable_forward(shape, batch, seq, layers, head_rows, causal)
+    return trainable + _indexer_flops(shape, batch, seq, layers)
+
+
+def train_flops(shape: FlopShape, batch: int, seq: int, *, layers: int | None = None,
+                head_rows: int | None = None, causal: bool = True) -> float:
+    """Forward + backward matmul FLOPs of the same pass: 3 x the forward, but for the parts that run
+    in forward only (an indexer's, :attr:`FlopShape.indexer`)."""
+    trainable = _trainable_forward(shape, batch, seq, layers, head_rows, causal)
+    return 3 * trainable + _indexer_flops(shape, batch, seq, layers)
+
+
+def _pairs(seq: int, causal: bool) -> float:
+    return seq * (seq + 1) / 2 if causal else seq * seq
+
+
+def _trainable_forward(shape: FlopShape, batch, seq, layers, head_rows, causal) -> float:
     layers = shape.layers if layers is None else layers
     head_rows = batch * seq if head_rows is None else head_rows
-    pairs = seq * (seq + 1) / 2 if causal else seq * seq
     body = 2 * (sum(shape.block_params[:layers]) + (shape.outside_params if layers else 0)) * batch * seq
-    attention = 2 * sum(qk + v for qk, v in shape.attention[:layers]) * pairs * batch
+    attention = 2 * sum(qk + v for qk, v in shape.attention[:layers]) * _pairs(seq, causal) * batch
     head = 2 * shape.hidden * shape.vocab * head_rows
     return body + attention + head
+
+
+def _indexer_flops(shape: FlopShape, batch, seq, layers) -> float:
+    """The indexers' forward FLOPs: their matrices on every token and their scores over the full
+    ``T^2`` square (transformers computes them in plain torch and masks the causal part afterwards,
+    whatever the attention implementation, so ``causal`` does not apply)."""
+    part = shape.indexer[: shape.layers if layers is None else layers]
+    return sum(2 * n * batch * seq + 2 * width * seq * seq * batch for n, width in part)
 
 
 def _capacity(length: int, ratio: float) -> int:
@@ -227,8 +352,8 @@ def step_flops(shape: FlopShape, cggr, batch: int, seq: int, *, loss_impl: str =
     B, T = batch, seq
     on = cggr.enabled and routed
     if not on:
-        body = 3 * forward_flops(shape, B, T, head_rows=0, causal=causal)
-        head = 3 * forward_flops(shape, 0, T, layers=0, head_rows=B * T)
+        body = train_flops(shape, B, T, head_rows=0, causal=causal)
+        head = train_flops(shape, 0, T, layers=0, head_rows=B * T)
         return {"router": 0.0, "body": body, "head": head, "total": body + head}
     sel = cggr.selection
     ratio = cggr.ratio_schedule.max if cggr.ratio_schedule.kind == "dynamic" else cggr.min_tokens_ratio
@@ -239,12 +364,12 @@ def step_flops(shape: FlopShape, cggr, batch: int, seq: int, *, loss_impl: str =
                                causal=causal)
     if sel.unit == "sequence":
         rows = _capacity(B, ratio)
-        body = 3 * forward_flops(shape, rows, T, head_rows=0, causal=causal)
-        head = 3 * forward_flops(shape, 0, T, layers=0, head_rows=rows * T)
+        body = train_flops(shape, rows, T, head_rows=0, causal=causal)
+        head = train_flops(shape, 0, T, layers=0, head_rows=rows * T)
         return {"router": router, "body": body, "head": head, "total": router + body + head}
     if cggr.router.source == "final" and cggr.scoring != "random":
         router = forward_flops(shape, 0, T, layers=0, head_rows=B * T)  # statistics of the final states
-    body = 3 * forward_flops(shape, B, T, head_rows=0, causal=causal)
+    body = train_flops(shape, B, T, head_rows=0, causal=causal)
     m = sel.min_per_sequence
     if loss_impl == "naive":
         rows = B * T  # full logits, easy labels masked
@@ -252,7 +377,7 @@ def step_flops(shape: FlopShape, cggr, batch: int, seq: int, *, loss_impl: str =
         rows = min(B * T, max(_capacity(B * T, ratio), B * min(m, T)))
     else:
         rows = B * min(T, max(_capacity(T, ratio), m))
-    head = 3 * forward_flops(shape, 0, T, layers=0, head_rows=rows)
+    head = train_flops(shape, 0, T, layers=0, head_rows=rows)
     return {"router": router, "body": body, "head": head, "total": router + body + head}
 
 

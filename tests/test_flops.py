@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import ARCHS, make_batch, make_tiny_model
 from lightning_cggr.config import CGGRConfig, LossConfig, RatioScheduleConfig, RouterConfig, SelectionConfig
-from lightning_cggr.flops import FlopShape, forward_flops, mfu, peak_tflops, step_flops
+from lightning_cggr.flops import FlopShape, forward_flops, mfu, peak_tflops, step_flops, train_flops
 from lightning_cggr.models.attention import set_attn_implementation
 from lightning_cggr.step import CGGRStep
 
@@ -119,6 +119,89 @@ def test_experts_without_a_top_k_in_the_config_are_refused(monkeypatch):
     with pytest.raises(ValueError, match="MixtralForCausalLM: its blocks hold experts but its config names no "
                                          "experts_per_token"):
         FlopShape.of(_moe("mixtral"))
+
+
+def _family(name: str):
+    """Tiny models of families whose blocks hold more than q/k/v/o and an MLP, eager attention and
+    experts. BART and Whisper as causal LMs: cross-attention modules that never run; DeepSeek V3.2:
+    a sparse-attention indexer (4 heads of 8) beside latent attention; JetMoE: attention and MLP
+    experts in ``ParallelExperts`` containers (4 experts, 2 per token; query heads = 2 x 2 key-value
+    heads); gpt-oss: expert biases stored as [experts, out] matrices; LongCat-Flash without zero
+    experts: two attention and two MLP sublayers per block."""
+    import transformers
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=4, max_position_embeddings=64)
+    mla = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+    config = {
+        "bart": lambda: transformers.BartConfig(vocab_size=96, d_model=32, decoder_layers=2, decoder_attention_heads=4,
+                                                decoder_ffn_dim=64, max_position_embeddings=64, is_decoder=True),
+        "whisper": lambda: transformers.WhisperConfig(vocab_size=96, d_model=32, decoder_layers=2,
+                                                      decoder_attention_heads=4, decoder_ffn_dim=64,
+                                                      max_target_positions=64, pad_token_id=0, bos_token_id=1,
+                                                      eos_token_id=2, decoder_start_token_id=1),
+        "deepseek_v32": lambda: transformers.DeepseekV32Config(
+            **kw, **mla, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+            first_k_dense_replace=1, n_group=1, topk_group=1, index_n_heads=4, index_head_dim=8, index_topk=8),
+        "jetmoe": lambda: transformers.JetMoeConfig(
+            vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, kv_channels=8, num_local_experts=4, num_experts_per_tok=2,
+            max_position_embeddings=64),
+        "gpt_oss": lambda: transformers.GptOssConfig(**dict(kw, num_key_value_heads=2), head_dim=8, num_local_experts=4,
+                                                     num_experts_per_tok=2, layer_types=["full_attention"] * 2),
+        "longcat_flash": lambda: transformers.LongcatFlashConfig(
+            **dict(kw, num_hidden_layers=4), **mla, head_dim=8, ffn_hidden_size=64, expert_ffn_hidden_size=16,
+            n_routed_experts=4, moe_topk=2, zero_expert_num=0),
+    }[name]()
+    config._experts_implementation = "eager"
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    return set_attn_implementation(model, "eager")
+
+
+@pytest.mark.parametrize("family", ["bart", "whisper", "deepseek_v32", "jetmoe", "gpt_oss", "longcat_flash"])
+def test_block_parts_beyond_attention_and_mlp(family):
+    """Formula and counter agree in training for each of :func:`_family`'s blocks. Before, the formula
+    counted cross-attention (1.33x Whisper's matmuls), every JetMoE expert, gpt-oss's expert biases,
+    one of LongCat's two attentions and the encoder's head count (Whisper), and missed the indexer's
+    scores (DeepSeek V3.2), which run in forward only: no gradient flows through its top-k."""
+    model = _family(family)
+    B, T = 2, 11
+    ids = torch.randint(1, 90, (B, T))
+    with FlopCounterMode(display=False) as train:
+        model(input_ids=ids, use_cache=False).logits.float().square().mean().backward()
+    shape = FlopShape.of(model)
+    assert train.get_total_flops() == pytest.approx(train_flops(shape, B, T, causal=False), rel=1e-9)
+    assert (train_flops(shape, B, T) < 3 * forward_flops(shape, B, T)) == (family == "deepseek_v32")
+
+
+def test_zero_computation_experts_by_hand():
+    """LongCat-Flash with 4 routed experts and 6 zero-computation (identity) experts, top 2 of the 10:
+    a token runs 2 x 4 / 10 = 0.8 routed experts on average. Each routed expert is gate_up 32 x 32
+    + down 32 x 16 = 1,536 elements (transformers also allocates gate_up slices for the zero experts,
+    which never run). Per block: two MLA attentions of 16x32 + 64x16 + 24x32 + 64x16 + 32x32 = 4,352
+    each, two dense MLPs of 3 x 64 x 32 = 6,144 each, a router of 10 x 32 = 320, so
+    8,704 + 12,288 + 320 + 0.8 x 1,536 = 22,540.8 elements a token runs through; attention q-k
+    width 2 x 4 x 16 = 128, value width 2 x 4 x 8 = 64."""
+    import transformers
+
+    config = transformers.LongcatFlashConfig(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=8, ffn_hidden_size=64,
+        expert_ffn_hidden_size=16, n_routed_experts=4, moe_topk=2, zero_expert_num=6)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    shape = FlopShape.of(model)
+    assert shape.block_params == pytest.approx((22_540.8,)), shape.block_params
+    assert shape.attention == ((128, 64),)
+
+
+def test_an_indexer_without_its_sizes_in_the_config_is_refused(monkeypatch):
+    import lightning_cggr.flops as flops
+
+    monkeypatch.setattr(flops, "INDEXER_NAMES", ("indexer_heads", "index_head_dim"))
+    with pytest.raises(ValueError, match="its attention has an indexer but the config names no indexer_heads"):
+        FlopShape.of(_family("deepseek_v32"))
 
 
 CASES = {
