@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,3 +122,87 @@ def test_default_cadence_loses_at_most_a_tenth_of_a_killed_run():
         every = default_every_n_steps(max_steps)
         assert 1 <= every <= max(1, max_steps // 10 + 1) and every >= max_steps / 10
     assert default_every_n_steps(cfg.trainer.max_steps) == 10 and default_every_n_steps(-1) == 0
+
+
+# ---- FSDP2: the sharded checkpoint folder -------------------------------------------------------
+
+
+def test_an_interrupted_folder_save_is_rolled_back(tmp_path):
+    """A save that died between its two renames leaves the previous complete folder under
+    ``.last.ckpt.old`` and no ``last.ckpt``: the run folder's recovery puts it back. A folder that is
+    in place is never touched."""
+    from lightning_cggr.checkpointing import recover_folder_checkpoint
+
+    old = tmp_path / ".last.ckpt.old"
+    old.mkdir()
+    (old / "meta.pt").write_bytes(b"step 3")
+    recover_folder_checkpoint(tmp_path / "last.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert (tmp_path / "last.ckpt" / "meta.pt").read_bytes() == b"step 3"
+    old.mkdir()  # both present (the later save completed): the newer stays
+    recover_folder_checkpoint(tmp_path / "last.ckpt")
+    assert old.exists() and (tmp_path / "last.ckpt" / "meta.pt").read_bytes() == b"step 3"
+
+
+def test_fsdp2_checkpoint_folder_is_replaced_whole(tmp_path, monkeypatch):
+    """What trainer.strategy=fsdp2 builds, over 2 forked gloo processes, saving last.ckpt after each
+    of 2 steps. While the shards of a save are written, last.ckpt is not the folder being written
+    and still holds the previous complete save; afterwards it holds the second save (its step, and
+    every weight equal to the full weights gathered from the shards at that step), with no partial
+    or old folder beside it."""
+    import lightning as L
+    import lightning.pytorch.strategies.model_parallel as lightning_fsdp2
+    from conftest import Rows, make_tiny_model
+    from test_ddp import _ForkLauncher, cggr_config, make_rows
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torch.distributed.tensor import DTensor
+
+    from lightning_cggr.config import LossConfig
+    from lightning_cggr.data.resumable import ResumableLoader
+    from lightning_cggr.module import CGGRModule
+
+    class ForkedAtomicFSDP2(checkpointing._model_parallel_strategy()):
+        def _configure_launcher(self):
+            self._launcher = _ForkLauncher(self, start_method="fork")
+
+    ckpt, weights, seen = tmp_path / "last.ckpt", tmp_path / "weights.pt", tmp_path / "seen.txt"
+    real_save = lightning_fsdp2._distributed_checkpoint_save
+
+    def watched_save(state, path):  # runs in each forked rank; rank 0 notes what a reader would find
+        if torch.distributed.get_rank() == 0:
+            meta = ckpt / "meta.pt"
+            step = torch.load(meta, weights_only=False)["global_step"] if meta.exists() else None
+            with open(seen, "a") as f:
+                f.write(f"{Path(path) == ckpt} {step}\n")
+        real_save(state, path)
+
+    monkeypatch.setattr(lightning_fsdp2, "_distributed_checkpoint_save", watched_save)
+
+    class SaveEachStep(L.Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            trainer.save_checkpoint(ckpt)
+            full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+                    for n, p in module.state_dict().items()}  # a collective: every rank
+            if trainer.global_rank == 0:
+                torch.save(full, weights)
+
+    class DM(L.LightningDataModule):
+        def train_dataloader(self):
+            return ResumableLoader(Rows(make_rows()), batch_size=1, shuffle=False)
+
+    torch.manual_seed(0)
+    module = CGGRModule(make_tiny_model("llama", num_layers=3), cggr_config(), LossConfig(impl="torch"))
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=ForkedAtomicFSDP2(), max_steps=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[SaveEachStep()])
+    trainer.fit(module, datamodule=DM())
+
+    assert seen.read_text().split("\n") == ["False None", "False 1", ""]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "seen.txt", "weights.pt"]
+    assert torch.load(ckpt / "meta.pt", weights_only=False)["global_step"] == 2
+    dcp_to_torch_save(ckpt, tmp_path / "flat.pt")
+    saved = torch.load(tmp_path / "flat.pt", weights_only=False)["state_dict"]
+    want = torch.load(weights)
+    assert set(saved) == set(want)
+    for name, tensor in want.items():
+        torch.testing.assert_close(saved[name], tensor, rtol=0, atol=0, msg=name)
