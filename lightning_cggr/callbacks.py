@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 
 from .checkpointing import remove_stale_temporaries
@@ -267,27 +269,34 @@ class ResumableCheckpoint(ModelCheckpoint):
 class StepProgressBar(TQDMProgressBar):
     """One bar over the whole run in optimizer steps (``step/max_steps``), so a resumed run shows
     where it is (Lightning's bar counts batches of the epoch against what is left: "24/19", and
-    "Epoch 2/-2" when the run is bounded by steps)."""
+    "Epoch 2/-2" when the run is bounded by steps). It is drawn with those numbers from its first
+    frame on: Lightning's bar draws "0/?" when made and the epoch's batch count when reset at each
+    epoch (with a negative rate), frames that stay in a log file."""
 
     def _by_steps(self) -> bool:
         return self.trainer.max_steps is not None and self.trainer.max_steps > 0
 
-    def _count_steps(self, trainer) -> None:
-        if self._by_steps():
-            bar = self.train_progress_bar
-            bar.total = trainer.max_steps
-            bar.n = bar.initial = trainer.global_step
-            bar.unit = "step"
-            bar.set_description(f"Epoch {trainer.current_epoch}")
-            bar.refresh()
-
-    def on_train_start(self, trainer, *args) -> None:  # a run resumed mid-epoch has no epoch start
-        super().on_train_start(trainer, *args)
-        self._count_steps(trainer)
+    def init_train_tqdm(self) -> Tqdm:
+        if not self._by_steps():
+            return super().init_train_tqdm()
+        trainer = self.trainer  # Lightning's settings, but the run's step count from the first frame
+        return Tqdm(desc=f"Epoch {trainer.current_epoch}", initial=trainer.global_step, total=trainer.max_steps,
+                    unit="step", position=2 * self.process_position, disable=self.is_disabled, leave=True,
+                    dynamic_ncols=True, file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT)
 
     def on_train_epoch_start(self, trainer, *args) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        self._count_steps(trainer)
+        if not self._by_steps():
+            return super().on_train_epoch_start(trainer, *args)
+        if self._leave:  # (TQDMProgressBar(leave=True): a bar per epoch)
+            self.train_progress_bar = self.init_train_tqdm()
+            return
+        bar = self.train_progress_bar  # reset in place to this epoch, drawn once
+        bar.n = bar.initial = trainer.global_step
+        bar.set_description(f"Epoch {trainer.current_epoch}", refresh=False)
+        if not bar.disable:  # what tqdm's reset() does, without drawing step 0 first; the rate is this epoch's
+            bar.last_print_n = bar.n
+            bar.last_print_t = bar.start_t = bar._time()
+        bar.refresh()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._by_steps():

@@ -207,6 +207,31 @@ def test_resume_in_place_continues_the_same_metrics_and_last_checkpoint(tmp_path
     assert (bar.train_progress_bar.initial, bar.train_progress_bar.n, bar.train_progress_bar.total) == (20, 24, 24)
 
 
+def _bar_frames(text: str) -> list[tuple[int, int, int, str]]:
+    """(epoch, step, total, rate) of every frame the training bar drew (tqdm separates frames by
+    carriage returns)."""
+    import re
+
+    frame = re.compile(r"Epoch (\d+): *\d+%\|[^|]*\| *(\d+)/(\d+) \[[^,\]]*, *([^\],]*)")
+    return [(int(m[1]), int(m[2]), int(m[3]), m[4]) for m in frame.finditer(text.replace("\r", "\n"))]
+
+
+def test_the_progress_bar_counts_optimizer_steps_across_epochs(tmp_path, capsys):
+    """The run crosses epoch boundaries: every frame the bar draws reads k/20 with k the optimizer
+    step, never going back (Lightning's own reset drew the epoch's batch count, "0/48", and a
+    frame of 0/100 at a negative rate at each new epoch) and never a negative rate; a resume to 24
+    draws from 20/24 on."""
+    train(make_cfg(tmp_path, "run", "trainer.enable_progress_bar=true"))
+    frames = _bar_frames(capsys.readouterr().out)
+    assert {total for _, _, total, _ in frames} == {20}
+    steps = [step for _, step, _, _ in frames]
+    assert steps == sorted(steps) and steps[-1] == 20 and len({e for e, *_ in frames}) > 1
+    assert not [rate for *_, rate in frames if rate.startswith("-")]
+    train(make_cfg(tmp_path, "run", "trainer.max_steps=24", "ckpt_path=auto", "trainer.enable_progress_bar=true"))
+    frames = _bar_frames(capsys.readouterr().out)
+    assert {total for _, _, total, _ in frames} == {24} and frames[0][1] == 20 and frames[-1][1] == 24
+
+
 def test_a_resume_that_does_not_match_the_checkpoint_changes_nothing(tmp_path):
     train(make_cfg(tmp_path, "run", "trainer.max_steps=4"))
     before = snapshot(tmp_path / "run")
