@@ -31,7 +31,8 @@ list (Llama/SmolLM2, GPT-2, GPT-NeoX; nothing family-specific is needed), summed
 - LM head: ``2 * H * V`` per row it runs on (all T positions in the standard step).
 
 Training = 3 x forward (:func:`train_flops`): backward computes two matmuls (input gradient and
-weight gradient) per forward matmul; an indexer's, which no gradient reaches, count once. A CGGR
+weight gradient) per forward matmul; an indexer's, which no gradient reaches, count once, and a frozen
+weight's (a PEFT model's base weights and head) twice: it has no weight gradient. A CGGR
 step runs parts of this at different sizes (:func:`step_flops`): the router (first k blocks + head
 on every token, forward only, no grad), the body forward + backward on all
 rows (token unit) or on the ``ceil(ratio * B)`` kept rows (sequence unit), and the head + loss
@@ -126,6 +127,14 @@ class FlopShape:
     """Per block (empty: no block has one): a sparse-attention indexer's (matrix elements, query-key
     width of its scores), see :func:`_indexer_width`. It runs in forward only: its output is the
     top-k key indices, through which no gradient flows, so backward never runs it."""
+    frozen_params: tuple[float, ...] = ()
+    """Per block (empty: none anywhere): the part of :attr:`block_params` whose matrices do not train
+    (``requires_grad`` off when the shape is taken: a PEFT model's base weights). Backward runs
+    their input-gradient matmul but not their weight-gradient one."""
+    outside_frozen: float = 0
+    """The part of :attr:`outside_params` that does not train."""
+    head_frozen: bool = False
+    """Whether the LM head's weight does not train (a PEFT model's)."""
 
     @property
     def layers(self) -> int:
@@ -144,22 +153,26 @@ class FlopShape:
             views = None
         layer_types = getattr(cfg, "layer_types", None)
         experts = None
-        params, attention, indexer = [], [], []
+        params, attention, indexer, frozen = [], [], [], []
         for i, block in enumerate(blocks):
-            dense = routed = scorer = 0.0
+            dense, routed, scorer = [0.0, 0.0], [0.0, 0.0], 0.0  # (all, frozen)
             for name, p in _block_matrices(block):
                 if "indexer" in name.split(".")[:-1]:
                     scorer += p.numel()
-                elif _is_routed_expert(name, block):
+                    continue
+                if _is_routed_expert(name, block):
                     if experts is None:
                         experts = expert_counts(model)
+                    part, n = routed, p.numel()
                     if p.dim() == 3 and p.shape[0] > experts.routed:  # slices kept for zero experts
-                        routed += p.numel() // p.shape[0] * experts.routed
-                    else:
-                        routed += p.numel()
+                        n = p.numel() // p.shape[0] * experts.routed
                 else:
-                    dense += p.numel()
-            params.append(dense + (routed * experts.top_k / experts.choices if routed else 0))
+                    part, n = dense, p.numel()
+                part[0] += n
+                part[1] += 0 if p.requires_grad else n
+            share = experts.top_k / experts.choices if experts is not None else 0.0
+            params.append(dense[0] + routed[0] * share)
+            frozen.append(dense[1] + routed[1] * share)
             quadratic = not layer_types or i >= len(layer_types) or layer_types[i] not in NO_ATTENTION_LAYER_TYPES
             qk, v = _attention_widths(views[i] if views else cfg) if quadratic else (0, 0)
             copies = _attention_copies(block)
@@ -168,9 +181,13 @@ class FlopShape:
         vocab, width = find_head(model).weight.shape
         inside = {id(p) for p in blocks.parameters()} | {
             id(p) for m in owner.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-        outside = sum(p.numel() for p in owner.parameters() if p.dim() >= 2 and id(p) not in inside)
+        outside = [p for p in owner.parameters() if p.dim() >= 2 and id(p) not in inside]
         return cls(hidden=width, vocab=vocab, block_params=tuple(params), attention=tuple(attention),
-                   outside_params=outside, indexer=tuple(indexer) if any(w for _, w in indexer) else ())
+                   outside_params=sum(p.numel() for p in outside),
+                   indexer=tuple(indexer) if any(w for _, w in indexer) else (),
+                   frozen_params=tuple(frozen) if any(frozen) else (),
+                   outside_frozen=sum(p.numel() for p in outside if not p.requires_grad),
+                   head_frozen=not find_head(model).weight.requires_grad)
 
 
 def _is_cross_attention(name: str) -> bool:
@@ -301,29 +318,35 @@ def forward_flops(shape: FlopShape, batch: int, seq: int, *, layers: int | None 
                   head_rows: int | None = None, causal: bool = True) -> float:
     """Forward matmul FLOPs of ``batch`` sequences of ``seq`` tokens through the first ``layers``
     blocks (default all) plus the LM head on ``head_rows`` rows (default every token; 0: none)."""
-    trainable = _trainable_forward(shape, batch, seq, layers, head_rows, causal)
-    return trainable + _indexer_flops(shape, batch, seq, layers)
+    graded, _ = _graded_forward(shape, batch, seq, layers, head_rows, causal)
+    return graded + _indexer_flops(shape, batch, seq, layers)
 
 
 def train_flops(shape: FlopShape, batch: int, seq: int, *, layers: int | None = None,
                 head_rows: int | None = None, causal: bool = True) -> float:
     """Forward + backward matmul FLOPs of the same pass: 3 x the forward, but for the parts that run
-    in forward only (an indexer's, :attr:`FlopShape.indexer`)."""
-    trainable = _trainable_forward(shape, batch, seq, layers, head_rows, causal)
-    return 3 * trainable + _indexer_flops(shape, batch, seq, layers)
+    in forward only (an indexer's, :attr:`FlopShape.indexer`) and for frozen matrices
+    (:attr:`FlopShape.frozen_params`: no weight gradient, so 2 x). Not modelled: backward stops below
+    the lowest trainable parameter, so where the embeddings do not train (PEFT), the first block's
+    matmuls on inputs that need no gradient skip their input-gradient product too; the formula counts
+    them (at most one block's input-gradient matmuls over)."""
+    graded, frozen = _graded_forward(shape, batch, seq, layers, head_rows, causal)
+    return 3 * graded - frozen + _indexer_flops(shape, batch, seq, layers)
 
 
 def _pairs(seq: int, causal: bool) -> float:
     return seq * (seq + 1) / 2 if causal else seq * seq
 
 
-def _trainable_forward(shape: FlopShape, batch, seq, layers, head_rows, causal) -> float:
+def _graded_forward(shape: FlopShape, batch, seq, layers, head_rows, causal) -> tuple[float, float]:
+    """(forward FLOPs of every matmul that backward runs through, the part of them on frozen weights)."""
     layers = shape.layers if layers is None else layers
     head_rows = batch * seq if head_rows is None else head_rows
     body = 2 * (sum(shape.block_params[:layers]) + (shape.outside_params if layers else 0)) * batch * seq
     attention = 2 * sum(qk + v for qk, v in shape.attention[:layers]) * _pairs(seq, causal) * batch
     head = 2 * shape.hidden * shape.vocab * head_rows
-    return body + attention + head
+    frozen = 2 * (sum(shape.frozen_params[:layers]) + (shape.outside_frozen if layers else 0)) * batch * seq
+    return body + attention + head, frozen + (head if shape.head_frozen else 0)
 
 
 def _indexer_flops(shape: FlopShape, batch, seq, layers) -> float:

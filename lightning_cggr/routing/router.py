@@ -30,9 +30,19 @@ SOURCES = ("truncated", "final")
 hidden states (router-free; the step scores them)."""
 
 
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The Hugging Face causal LM itself: inside a PEFT wrapper (LoRA and the other adapters),
+    ``get_base_model()``, the same modules with the adapters injected into them; else ``model``."""
+    if type(model).__module__.split(".")[0] == "peft" and callable(getattr(model, "get_base_model", None)):
+        return model.get_base_model()
+    return model
+
+
 def find_decoder(model: nn.Module) -> nn.Module:
-    """The decoder stack of a Hugging Face causal LM: ``model.base_model``, or where the class's
-    ``base_model_prefix`` names no attribute of it (Llama 4's and Mllama's causal LMs), its ``model``."""
+    """The decoder stack of a Hugging Face causal LM (in a PEFT wrapper or not): ``model.base_model``,
+    or where the class's ``base_model_prefix`` names no attribute of it (Llama 4's and Mllama's causal
+    LMs), its ``model``."""
+    model = causal_lm(model)
     decoder = getattr(model, "base_model", None)
     if decoder is None or decoder is model:
         decoder = model._modules.get("model")
@@ -122,7 +132,13 @@ def _truncated_view(module: nn.Module, path: tuple[str, ...], num_layers: int) -
 
 def find_head(model: nn.Module) -> nn.Linear:
     """The LM head: a linear layer, with or without a bias (Phi, GPT-J and CodeGen have one)."""
+    model = causal_lm(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and type(head).__module__.split(".")[0] == "peft":
+        raise ValueError(
+            f"{type(model).__name__}: a PEFT adapter wraps its LM head ({type(head).__module__}.{type(head).__name__}); "
+            "CGGR's loss and scores multiply the head's own weight, so the adapter would be skipped. Leave the head (lm_head) "
+            "out of the adapter's target_modules and modules_to_save")
     if not isinstance(head, nn.Linear):
         raise ValueError(f"{type(model).__name__}: expected a linear LM head from get_output_embeddings()")
     return head

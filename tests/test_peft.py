@@ -1,0 +1,140 @@
+"""A model wrapped by PEFT (LoRA here) trains through the step as the adapted model it is.
+
+The references are the PEFT model's own forward: its logits (full-logits float64 cross-entropy and
+its gradients with respect to the adapters) and its own ``output_hidden_states`` for the router.
+The adapters start from random values (``init_lora_weights=False``), so an adapter that the step
+skipped would change the loss, the gradients and the router's states.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import Rows, make_batch, make_tiny_model
+from peft import LoraConfig, get_peft_model
+from torch.utils.data import DataLoader
+
+from lightning_cggr.config import CGGRConfig, LossConfig, OptimConfig, RouterConfig
+from lightning_cggr.module import CGGRModule
+from lightning_cggr.routing.selection import IGNORE_INDEX, shift_targets
+from lightning_cggr.step import CGGRStep
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
+
+
+def _lora(arch: str = "llama", targets=None, **kw):
+    model = make_tiny_model(arch, num_layers=3).eval()  # no dropout: the references are deterministic
+    torch.manual_seed(5)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets or TARGETS[arch], init_lora_weights=False, **kw)
+    return get_peft_model(model, config)
+
+
+def _own_loss(model, batch) -> torch.Tensor:
+    """The wrapped model's own mean next-token NLL (float64), the reference."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    targets = shift_targets(batch["labels"], batch["attention_mask"])
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def _adapter_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_standard_step_trains_the_adapted_models_own_loss(arch, impl):
+    """Loss and every adapter's gradient equal those of the PEFT model's own loss; the frozen base
+    weights get none, and only the adapters are trainable."""
+    model = _lora(arch)
+    batch = make_batch(batch_size=3, seq_len=12)
+    _own_loss(model, batch).backward()
+    want = _adapter_grads(model)
+    model.zero_grad(set_to_none=True)
+    step = CGGRStep(model, CGGRConfig(enabled=False), LossConfig(impl=impl))
+    out = step(batch, global_step=0)
+    out.loss.backward()
+    step.correct_gradients([p for p in model.parameters() if p.requires_grad], 1)  # to the kept-token mean
+    got = _adapter_grads(model)
+    assert float((out.nll_sum / out.kept).detach()) == pytest.approx(float(_own_loss(model, batch)), rel=1e-5)
+    assert set(got) == set(want) and all("lora_" in n for n in got) and len(got) > 0
+    for name in want:
+        torch.testing.assert_close(got[name].double(), want[name].double(), rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_the_router_runs_the_adapted_blocks(k):
+    """The router's states are the PEFT model's own after its first k blocks (final norm applied):
+    the adapters inside those blocks run in the router too. A routed step keeps about a quarter of
+    the tokens and trains the adapters."""
+    model = _lora()
+    batch = make_batch(batch_size=3, seq_len=12)
+    step = CGGRStep(model, CGGRConfig(warmup_steps=0, router=RouterConfig(num_layers=k)))
+    with torch.no_grad():
+        got = step.router.hidden_states(batch["input_ids"], batch["attention_mask"])
+        own = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    output_hidden_states=True).hidden_states[k]
+        want = model.get_base_model().model.norm(own)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    out = step(batch, global_step=0)
+    out.loss.backward()
+    assert 0.2 <= float(out.metrics["train/kept_ratio"]) <= 0.4
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_the_trainer_updates_the_adapters_only(tmp_path):
+    """Under the Lightning Trainer (token CGGR after 2 warm-up steps): the adapters move, every base
+    weight stays as it was, and the trained adapters still give the model's own loss in the step."""
+    model = _lora().train()
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    tokens = torch.randint(1, 97, (16, 13), generator=torch.Generator().manual_seed(2))
+    rows = [{"input_ids": t, "labels": t.clone()} for t in tokens]
+    module = CGGRModule(model, CGGRConfig(warmup_steps=2), optim=OptimConfig(lr=1e-2))
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, DataLoader(Rows(rows), batch_size=4))
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], p) for n, p in base.items())
+    assert all(not torch.equal(after[n], p) for n, p in adapters.items())
+    batch = make_batch(batch_size=3, seq_len=12)
+    model.eval()
+    out = CGGRStep(model, CGGRConfig(enabled=False))(batch, global_step=0)
+    assert float((out.nll_sum / out.kept).detach()) == pytest.approx(float(_own_loss(model, batch)), rel=1e-5)
+
+
+@pytest.mark.parametrize("where", ["target_modules", "modules_to_save"])
+def test_an_adapter_on_the_lm_head_is_refused(where):
+    """The fused loss multiplies the head's own weight: an adapter on it would be skipped, so the step
+    refuses it by name at construction rather than train a loss that is not the model's."""
+    kw = {"targets": ["q_proj", "lm_head"]} if where == "target_modules" else {"modules_to_save": ["lm_head"]}
+    with pytest.raises(ValueError, match=r"a PEFT adapter wraps its LM head .*Leave the head \(lm_head\) out"):
+        CGGRStep(_lora(**kw), CGGRConfig())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_mfu_counts_no_weight_gradient_for_frozen_weights(arch):
+    """Backward runs a frozen base weight's input-gradient matmul but not its weight-gradient one, and
+    none for the frozen head's weight: the formula counts 2x forward for those (3x counted every
+    matrix, 1.48x torch's flop counter here). What it does not model is that backward stops below the
+    lowest trainable parameter (the first block's matmuls on inputs that need no gradient skip their
+    input gradient too): it may count up to the first block's forward more than the counter, no less."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lightning_cggr.flops import FlopShape, train_flops
+    from lightning_cggr.models.attention import set_attn_implementation
+
+    model = _lora(arch)
+    set_attn_implementation(model.get_base_model(), "eager")
+    B, T = 2, 11
+    ids = torch.randint(1, 90, (B, T))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids).logits.float().square().mean().backward()
+    shape = FlopShape.of(model)
+    counted, formula = counter.get_total_flops(), train_flops(shape, B, T, causal=False)
+    assert shape.head_frozen and sum(shape.frozen_params) < sum(shape.block_params)
+    assert counted <= formula <= counted + 2 * shape.block_params[0] * B * T
