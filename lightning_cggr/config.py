@@ -177,6 +177,22 @@ class OptimConfig:
 
 
 @dataclass
+class AdapterConfig:
+    """LoRA adapters (PEFT, ``pip install -e .[peft]``) on the model's linear layers, trained in place
+    of the model's own weights, which stay frozen; off while ``r`` is 0 (the whole model trains)."""
+
+    r: int = 0
+    """Rank of each adapter; 0: no adapters."""
+    alpha: float = 16.0
+    """An adapter adds ``(alpha / r) * B A x`` to its layer's output (B starts at zero)."""
+    dropout: float = 0.0
+    """Dropout on each adapter's input."""
+    target_modules: Any = "all-linear"
+    """Which linear layers get one: all-linear (every linear layer but the LM head) or a list of
+    module names (e.g. [q_proj, v_proj]). Never the LM head: CGGR's loss multiplies its own weight."""
+
+
+@dataclass
 class ModelConfig:
     """Which causal LM to train."""
 
@@ -197,6 +213,8 @@ class ModelConfig:
     """Attention kernel, set explicitly: sdpa (torch's scaled_dot_product_attention; causal flash /
     cuDNN kernels on CUDA) | flash_attention_2 (the flash-attn package; CUDA only) | eager (plain
     matmuls, a reference)."""
+    lora: AdapterConfig = field(default_factory=AdapterConfig)
+    """LoRA adapters trained instead of the weights (``model.lora.r=16``); see :class:`AdapterConfig`."""
 
 
 @dataclass
@@ -497,6 +515,29 @@ def config_error(problems: list[str]) -> ConfigError:
     return ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
+def _validate_lora(p: list[str], a: AdapterConfig) -> None:
+    if not _is_int(a.r) or a.r < 0:
+        p.append(f"model.lora.r={a.r!r}: must be an integer >= 0 (0: no adapters, the whole model trains)")
+        return
+    if a.r == 0:
+        return
+    if not _is_number(a.alpha) or a.alpha <= 0:
+        p.append(f"model.lora.alpha={a.alpha!r}: must be a number > 0")
+    _fraction(p, "model.lora.dropout", a.dropout, zero_ok=True, one_ok=False)
+    t = a.target_modules
+    names = [] if t == "all-linear" else t if isinstance(t, list) and t and all(isinstance(x, str) and x for x in t) \
+        else None
+    if names is None:
+        p.append(f"model.lora.target_modules={t!r}: must be all-linear or a list of module names")
+    elif any(x.split(".")[-1] == "lm_head" for x in names):
+        p.append("model.lora.target_modules names lm_head: CGGR's loss multiplies the LM head's own weight, so "
+                 "its adapter would be skipped; leave lm_head out")
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        p.append(f"model.lora.r={a.r} needs the peft package: pip install -e .[peft]")
+
+
 def _validate_checkpoint(p: list[str], c: CheckpointConfig) -> None:
     if c.every_n_steps is not None and (not _is_int(c.every_n_steps) or c.every_n_steps < 0):
         p.append(f"checkpoint.every_n_steps={c.every_n_steps!r}: must be an integer >= 0, or null (a tenth of the run)")
@@ -598,6 +639,7 @@ def validate(run: RunConfig) -> None:
     if not _is_number(run.optim.lr) or run.optim.lr <= 0:
         p.append(f"optim.lr={run.optim.lr!r}: must be a number > 0")
     _validate_perf(p, run)
+    _validate_lora(p, m.lora)
     if d.source in ("files", "chat") and d.paths and paths_ok:
         from .data import data_file_problems  # reads the files: after the cheap checks
 

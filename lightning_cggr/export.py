@@ -13,7 +13,10 @@ the run trained with, written by :func:`save_run_model_files` when training star
 the ``model.`` prefix; a ``trainer.strategy=fsdp2`` run writes a folder of shards instead, read
 here with ``torch.distributed.checkpoint``). A run folder without ``model/`` (made before it
 existed) is rebuilt from its resolved config ``.hydra/config.yaml`` with the same builders as
-training: the tokenizer, and the base model whose weights the checkpoint then replaces.
+training: the tokenizer, and the base model whose weights the checkpoint then replaces. A
+``model.lora`` run's ``model/`` also holds PEFT's ``adapter_config.json``: its checkpoints hold the
+frozen weights and the adapters, which export folds into the weights (``merge_and_unload``), so the
+result is a plain model.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ RUN_MODEL_DIR = "model"
 
 PREFIX = "model."
 """Prefix of the model's weights in a checkpoint's ``state_dict`` (``CGGRModule.model``)."""
+ADAPTER_CONFIG = "adapter_config.json"
+"""PEFT's adapter settings in ``<run>/model/`` of a ``model.lora`` run."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,6 +57,8 @@ def save_run_model_files(run_dir: str | Path, model, tokenizer) -> Path:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(folder)
+    for adapter in getattr(model, "peft_config", {}).values():  # model.lora: how to rebuild the adapters
+        adapter.save_pretrained(folder)
     generation = getattr(model, "generation_config", None)
     if generation is not None:
         generation.save_pretrained(folder)
@@ -167,6 +174,10 @@ def _skeleton(run_dir: Path):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         if (folder / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(folder)
+        if (folder / ADAPTER_CONFIG).is_file():  # a model.lora run: its checkpoints hold the wrapped model
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig.from_pretrained(folder))
         return model, AutoTokenizer.from_pretrained(folder)
     return _skeleton_from_config(run_dir)
 
@@ -222,6 +233,8 @@ def load_trained(source: str | Path, dtype: str | torch.dtype | None = None):
             f"{ckpt} does not match the model of {run_dir} ({' '.join(first[1:2] or first)[:200].strip()}); "
             "give a checkpoint of this run"
         ) from err
+    if hasattr(model, "merge_and_unload"):  # a model.lora run: the adapters folded into the weights
+        model = model.merge_and_unload()
     return model.to(_resolve_dtype(dtype, state)).eval(), tokenizer
 
 

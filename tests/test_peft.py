@@ -8,6 +8,8 @@ skipped would change the loss, the gradients and the router's states.
 
 from __future__ import annotations
 
+import re
+
 import lightning as L
 import pytest
 import torch
@@ -138,3 +140,69 @@ def test_mfu_counts_no_weight_gradient_for_frozen_weights(arch):
     counted, formula = counter.get_total_flops(), train_flops(shape, B, T, causal=False)
     assert shape.head_frozen and sum(shape.frozen_params) < sum(shape.block_params)
     assert counted <= formula <= counted + 2 * shape.block_params[0] * B * T
+
+
+# ---- the Hydra job: model.lora --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("override, problem", [
+    ("model.lora.r=-1", "model.lora.r=-1: must be an integer >= 0"),
+    ("model.lora.alpha=0", "model.lora.alpha=0: must be a number > 0"),
+    ("model.lora.dropout=1.0", "model.lora.dropout=1.0: must be a number in [0, 1)"),
+    ("model.lora.target_modules=[]", "model.lora.target_modules=[]: must be all-linear or a list of module names"),
+    ("model.lora.target_modules=[q_proj,lm_head]", "model.lora.target_modules names lm_head"),
+])
+def test_bad_adapter_settings_are_named(tmp_path, override, problem):
+    from test_resume import make_cfg
+
+    from lightning_cggr.errors import ConfigError
+    from lightning_cggr.train import train
+
+    r = [] if override.startswith("model.lora.r=") else ["model.lora.r=4"]
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        train(make_cfg(tmp_path, "run", *r, override))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_adapters_without_peft_installed_are_an_early_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    from test_resume import make_cfg
+
+    from lightning_cggr.errors import ConfigError
+    from lightning_cggr.train import train
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    with pytest.raises(ConfigError, match=re.escape("model.lora.r=4 needs the peft package: pip install -e .[peft]")):
+        train(make_cfg(tmp_path, "run", "model.lora.r=4"))
+
+
+def test_a_lora_run_trains_the_adapters_and_exports_the_merged_model(tmp_path):
+    """model.lora.r=4 over the tiny run: AdamW holds state for the adapters only, the adapters move,
+    and export writes a plain model (no adapter weights) whose logits equal those of the checkpoint's
+    PEFT model rebuilt here from the run's config and PEFT's own adapter settings."""
+    from test_resume import make_cfg
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lightning_cggr.export import export
+    from lightning_cggr.train import train
+
+    train(make_cfg(tmp_path, "run", "model.lora.r=4", "optim.lr=1e-2", "trainer.max_steps=6"))
+    run = tmp_path / "run"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    weights = {k[len("model."):]: v for k, v in ckpt["state_dict"].items()}
+    lora = [k for k in weights if "lora_" in k]
+    assert lora and len(ckpt["optimizer_states"][0]["state"]) == len(lora)
+    assert any(weights[k].abs().sum() > 0 for k in lora if "lora_B" in k)  # B starts at 0: it trained
+
+    rebuilt = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(run / "model"))
+    rebuilt = get_peft_model(rebuilt, LoraConfig.from_pretrained(run / "model"))
+    rebuilt.load_state_dict(weights, strict=True)
+    exported = AutoModelForCausalLM.from_pretrained(export(run, tmp_path / "out"))
+    assert not [n for n, _ in exported.named_parameters() if "lora" in n]
+    ids = torch.randint(3, 200, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = rebuilt.eval()(input_ids=ids).logits
+        got = exported.eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -20,7 +20,7 @@ SOURCES = ("random", "pretrained", "smollm2_gguf")
 DTYPES = ("float32", "bfloat16", "float16")
 """``model.dtype`` (and reference) weight dtypes."""
 
-__all__ = ["ARCHS", "ATTN_IMPLS", "DTYPES", "SOURCES", "build_model", "build_random_model", "tiny_config"]
+__all__ = ["ARCHS", "ATTN_IMPLS", "DTYPES", "SOURCES", "add_lora", "build_model", "build_random_model", "tiny_config"]
 
 
 def build_model(cfg: ModelConfig, tokenizer=None):
@@ -30,7 +30,21 @@ def build_model(cfg: ModelConfig, tokenizer=None):
     pretrained and smollm2_gguf return the checkpoint's own tokenizer (``tokenizer`` is unused).
     """
     model, tokenizer = _build(cfg, tokenizer)
-    return set_attn_implementation(model, cfg.attn_implementation), tokenizer
+    model = set_attn_implementation(model, cfg.attn_implementation)
+    if cfg.lora.r:
+        model = add_lora(model, cfg.lora)
+    return model, tokenizer
+
+
+def add_lora(model, spec):
+    """``model`` wrapped by PEFT with LoRA adapters of ``spec`` (a :class:`~lightning_cggr.config.AdapterConfig`);
+    its own weights are frozen, the adapters start as the identity (B = 0)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
 
 
 def _build(cfg: ModelConfig, tokenizer):
