@@ -23,7 +23,8 @@ list (Llama/SmolLM2, GPT-2, GPT-NeoX; nothing family-specific is needed), summed
   each width heads x head size; ``d_qk = d_v`` but for multi-head latent attention), with
   ``P = T (T + 1) / 2`` query-key pairs under the causal mask (the work a causal kernel does;
   ``causal=False`` counts the full ``T^2`` square that eager attention multiplies); none for a block
-  whose ``layer_types`` entry is in :data:`NO_ATTENTION_LAYER_TYPES` (Mamba, linear attention: their scans are not counted);
+  whose ``layer_types`` entry is in :data:`NO_ATTENTION_LAYER_TYPES` (Mamba, linear attention: their
+  scans are not counted);
 - a sparse-attention indexer (DeepSeek V3.2 and its relatives): its matrices on every token and its
   scores over the ``T^2`` square (:func:`_indexer_width`), in forward only;
 - outside the blocks: ``2 * N_outside * T``, the decoder's other matrices (OPT's projections, Gemma

@@ -135,10 +135,11 @@ def find_head(model: nn.Module) -> nn.Linear:
     model = causal_lm(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and type(head).__module__.split(".")[0] == "peft":
+        kind = f"{type(head).__module__}.{type(head).__name__}"
         raise ValueError(
-            f"{type(model).__name__}: a PEFT adapter wraps its LM head ({type(head).__module__}.{type(head).__name__}); "
-            "CGGR's loss and scores multiply the head's own weight, so the adapter would be skipped. Leave the head (lm_head) "
-            "out of the adapter's target_modules and modules_to_save")
+            f"{type(model).__name__}: a PEFT adapter wraps its LM head ({kind}); CGGR's loss and scores multiply "
+            "the head's own weight, so the adapter would be skipped. Leave the head (lm_head) out of the "
+            "adapter's target_modules and modules_to_save")
     if not isinstance(head, nn.Linear):
         raise ValueError(f"{type(model).__name__}: expected a linear LM head from get_output_embeddings()")
     return head
