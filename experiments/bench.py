@@ -95,7 +95,9 @@ def built_shape(model, config: dict) -> dict:
     hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", None)
     layers = len(find_blocks(find_decoder(model))[1])
     vocab = model.get_output_embeddings().weight.shape[0]
-    out = {"model": f"{c.model_type} h{hidden} L{layers} V{vocab}", "parameters": sum(p.numel() for p in model.parameters())}
+    lora = ((config.get("model") or {}).get("lora") or {}).get("r") or 0  # model.lora: adapters train, weights frozen
+    out = {"model": f"{c.model_type} h{hidden} L{layers} V{vocab}" + (f", LoRA r={lora}" if lora else ""),
+           "parameters": sum(p.numel() for p in model.parameters())}
     if (config.get(BENCH_KEY) or {}).get("random_init_layers"):
         out["model_source"] = f"random init; {config['model']['source']} architecture and tokenizer"
     return out
