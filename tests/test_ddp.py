@@ -78,9 +78,12 @@ def cggr_config() -> CGGRConfig:
 
 
 def run_one_step(tmp_path, name: str, batch_size: int, accumulate: int = 1, accelerator: str = "cpu",
-                 **trainer_kw) -> dict:
+                 model: torch.nn.Module | None = None, **trainer_kw) -> dict:
+    """One optimizer step of ``model`` (default: the tiny 3-block Llama) over :func:`make_rows`; the
+    gradients the optimizer would apply, by parameter name."""
     torch.manual_seed(0)
-    module = GradProbe(make_tiny_model("llama", num_layers=3), cggr_config(), LossConfig(impl="torch"))
+    model = make_tiny_model("llama", num_layers=3) if model is None else model
+    module = GradProbe(model, cggr_config(), LossConfig(impl="torch"))
     module.grad_path = str(tmp_path / f"{name}.pt")
     trainer = L.Trainer(
         accelerator=accelerator, max_steps=1, accumulate_grad_batches=accumulate, logger=False,
@@ -139,7 +142,11 @@ def keep_mask(model, batch, targets) -> torch.Tensor:
 def reference():
     """(gradients of the global kept-token mean, gradients of the mean of two half-batch means)."""
     torch.manual_seed(0)
-    model = make_tiny_model("llama", num_layers=3)
+    return reference_grads(make_tiny_model("llama", num_layers=3))
+
+
+def reference_grads(model):
+    """:func:`reference`'s two gradient sets for ``model``, by the names :class:`GradProbe` records."""
     rows = make_rows()
     batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
     targets = shift(batch["labels"])
