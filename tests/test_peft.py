@@ -208,14 +208,17 @@ def test_a_lora_run_trains_the_adapters_and_exports_the_merged_model(tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_ddp_trains_the_adapters_with_the_global_kept_token_mean(tmp_path):
-    """Two forked gloo processes, 2 rows each, token CGGR at ratio 0.5: the adapters' gradients equal
-    those of the global mean over the kept tokens of all 4 rows, computed in one process on the same
-    LoRA model (tests/test_ddp.py's reference), and differ from a mean of the two ranks' means."""
-    from test_ddp import assert_grads_close, reference_grads, run_one_step
+@pytest.mark.parametrize("where", ["ddp", "fsdp2"])
+def test_multi_process_training_of_the_adapters_uses_the_global_kept_token_mean(tmp_path, where):
+    """Two forked gloo processes (DDP, or FSDP2 sharding every block with its frozen weights and its
+    adapters), 2 rows each, token CGGR at ratio 0.5: the adapters' gradients equal those of the global
+    mean over the kept tokens of all 4 rows, computed in one process on the same LoRA model
+    (tests/test_ddp.py's reference), and differ from a mean of the two ranks' means."""
+    from test_ddp import ForkedFSDP2, assert_grads_close, reference_grads, run_one_step
 
     exact, per_rank = reference_grads(_lora())
-    got = run_one_step(tmp_path, "ddp-lora", batch_size=2, strategy="ddp_fork", devices=2, model=_lora())
+    strategy = "ddp_fork" if where == "ddp" else ForkedFSDP2()
+    got = run_one_step(tmp_path, f"{where}-lora", batch_size=2, strategy=strategy, devices=2, model=_lora())
     assert got and all("lora_" in n for n in got)
     assert_grads_close(got, exact)
     assert max(float((exact[n] - per_rank[n]).abs().max() / exact[n].abs().max()) for n in exact) > 0.05
