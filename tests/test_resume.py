@@ -109,10 +109,14 @@ def restore_sigint():
     signal.signal(signal.SIGINT, handler)
 
 
-def test_twenty_steps_equal_ten_interrupt_resume_ten(tmp_path, restore_sigint):
-    val = "trainer.val_check_interval=5"  # validation timing must survive the mid-step checkpoint too
+@pytest.mark.parametrize("adapters", [False, True], ids=["whole-model", "lora"])
+def test_twenty_steps_equal_ten_interrupt_resume_ten(tmp_path, restore_sigint, adapters):
+    """With ``model.lora.r`` the checkpoint holds the frozen weights and the adapters, and AdamW's state
+    for the adapters only: the resumed run continues the same losses too."""
+    val = ("trainer.val_check_interval=5",  # validation timing must survive the mid-step checkpoint too
+           *(("model.lora.r=4", "optim.lr=1e-2") if adapters else ()))
     positions = Positions()
-    train(make_cfg(tmp_path, "straight", val), callbacks=[positions])
+    train(make_cfg(tmp_path, "straight", *val), callbacks=[positions])
     straight = losses(tmp_path / "straight")
     assert len(straight) == 20
     epochs = {e for e, _ in positions.seen}
@@ -120,13 +124,13 @@ def test_twenty_steps_equal_ten_interrupt_resume_ten(tmp_path, restore_sigint):
 
     stop = Interrupt(at=10)
     with pytest.raises(SystemExit):  # Lightning turns Ctrl-C into a graceful exit(1)
-        train(make_cfg(tmp_path, "first", val), callbacks=[stop])
+        train(make_cfg(tmp_path, "first", *val), callbacks=[stop])
     ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
     assert ckpt.is_file(), "Ctrl-C must leave a usable last checkpoint"
     assert stop.where != (stop.where[0], 0), "the interruption should fall mid-epoch"
 
     resumed_positions = Positions()
-    train(make_cfg(tmp_path, "second", val, f"ckpt_path={ckpt}"), callbacks=[resumed_positions])
+    train(make_cfg(tmp_path, "second", *val, f"ckpt_path={ckpt}"), callbacks=[resumed_positions])
     first, second = losses(tmp_path / "first"), losses(tmp_path / "second")
 
     assert len(first) == 10 and len(second) == 10
