@@ -175,9 +175,11 @@ def _skeleton(run_dir: Path):
         if (folder / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(folder)
         if (folder / ADAPTER_CONFIG).is_file():  # a model.lora run: its checkpoints hold the wrapped model
-            from peft import LoraConfig, get_peft_model
+            from peft import LoraConfig
 
-            model = get_peft_model(model, LoraConfig.from_pretrained(folder))
+            from .models import wrap_peft
+
+            model = wrap_peft(model, LoraConfig.from_pretrained(folder))
         return model, AutoTokenizer.from_pretrained(folder)
     return _skeleton_from_config(run_dir)
 

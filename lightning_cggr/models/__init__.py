@@ -20,7 +20,8 @@ SOURCES = ("random", "pretrained", "smollm2_gguf")
 DTYPES = ("float32", "bfloat16", "float16")
 """``model.dtype`` (and reference) weight dtypes."""
 
-__all__ = ["ARCHS", "ATTN_IMPLS", "DTYPES", "SOURCES", "add_lora", "build_model", "build_random_model", "tiny_config"]
+__all__ = ["ARCHS", "ATTN_IMPLS", "DTYPES", "SOURCES", "add_lora", "build_model", "build_random_model", "tiny_config",
+           "wrap_peft"]
 
 
 def build_model(cfg: ModelConfig, tokenizer=None):
@@ -39,12 +40,24 @@ def build_model(cfg: ModelConfig, tokenizer=None):
 def add_lora(model, spec):
     """``model`` wrapped by PEFT with LoRA adapters of ``spec`` (a :class:`~lightning_cggr.config.AdapterConfig`);
     its own weights are frozen, the adapters start as the identity (B = 0)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     targets = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
                         task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    return wrap_peft(model, config)
+
+
+def wrap_peft(model, config):
+    """``peft.get_peft_model(model, config)``, without the FutureWarning peft's own call of transformers'
+    deprecated ``is_gradient_checkpointing`` prints on every run (nothing the user can act on)."""
+    import warnings
+
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def _build(cfg: ModelConfig, tokenizer):
