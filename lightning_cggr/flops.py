@@ -179,7 +179,8 @@ class FlopShape:
             copies = _attention_copies(block)
             attention.append((qk * copies, v * copies))
             indexer.append((scorer, _indexer_width(block, cfg)))
-        vocab, width = find_head(model).weight.shape
+        head = find_head(model).weight
+        vocab, width = head.shape
         inside = {id(p) for p in blocks.parameters()} | {
             id(p) for m in owner.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
         outside = [p for p in owner.parameters() if p.dim() >= 2 and id(p) not in inside]
@@ -188,7 +189,7 @@ class FlopShape:
                    indexer=tuple(indexer) if any(w for _, w in indexer) else (),
                    frozen_params=tuple(frozen) if any(frozen) else (),
                    outside_frozen=sum(p.numel() for p in outside if not p.requires_grad),
-                   head_frozen=not find_head(model).weight.requires_grad)
+                   head_frozen=not head.requires_grad)
 
 
 def _is_cross_attention(name: str) -> bool:

@@ -30,10 +30,15 @@ SOURCES = ("truncated", "final")
 hidden states (router-free; the step scores them)."""
 
 
+def _from_peft(module: nn.Module) -> bool:
+    """Whether ``module`` is a PEFT class (a model wrapper or an adapter layer)."""
+    return type(module).__module__.split(".")[0] == "peft"
+
+
 def causal_lm(model: nn.Module) -> nn.Module:
     """The Hugging Face causal LM itself: inside a PEFT wrapper (LoRA and the other adapters),
     ``get_base_model()``, the same modules with the adapters injected into them; else ``model``."""
-    if type(model).__module__.split(".")[0] == "peft" and callable(getattr(model, "get_base_model", None)):
+    if _from_peft(model) and callable(getattr(model, "get_base_model", None)):
         return model.get_base_model()
     return model
 
@@ -134,7 +139,7 @@ def find_head(model: nn.Module) -> nn.Linear:
     """The LM head: a linear layer, with or without a bias (Phi, GPT-J and CodeGen have one)."""
     model = causal_lm(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and type(head).__module__.split(".")[0] == "peft":
+    if head is not None and _from_peft(head):
         kind = f"{type(head).__module__}.{type(head).__name__}"
         raise ValueError(
             f"{type(model).__name__}: a PEFT adapter wraps its LM head ({kind}); CGGR's loss and scores multiply "
