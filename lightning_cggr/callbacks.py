@@ -1,4 +1,5 @@
-"""Lightning callbacks of a training run: the run's own checkpoint, and a step-counting progress bar.
+"""Lightning callbacks of a training run: the run's own checkpoint, a step-counting progress bar,
+and a model summary whose FLOPs come from the formula of :mod:`lightning_cggr.flops`.
 
 :class:`ResumableCheckpoint` is the one callback that keeps ``checkpoints/last.ckpt`` the newest
 complete, finite state of the run (always added by ``train()``, whatever ``callbacks=`` holds):
@@ -27,12 +28,15 @@ import math
 import sys
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, RichModelSummary, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+from lightning.pytorch.utilities.model_summary.model_summary import NOT_APPLICABLE, get_human_readable_count
 from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 
 from .checkpointing import remove_stale_temporaries
 from .errors import RunStopped
+from .flops import forward_flops, step_flops
 from .signals import StopRequest, exit_code
 
 log = logging.getLogger(__name__)
@@ -305,3 +309,67 @@ class StepProgressBar(TQDMProgressBar):
         if bar is not None and not bar.disable and self._should_update(trainer.global_step, bar.total):
             bar.n = trainer.global_step
             bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+
+class FormulaModelSummary(ModelSummary):
+    """Lightning's model summary with the FLOPs filled in from :mod:`lightning_cggr.flops`.
+
+    Lightning counts FLOPs by running ``example_input_array`` through the model, which this module
+    has none of, so its table printed 0 FLOPs for the model and "Total FLOPs: 0". Here the model's
+    row and the total hold the formula's forward FLOPs of one micro-batch of ``batch`` x ``seq``
+    tokens (the whole model, LM head on every token: what Lightning would have counted), and one
+    more line logs the training step's FLOPs, standard and routed, by part: the bound on what
+    routing can save in compute (warm-up steps run the standard step). A model the formula does not know keeps Lightning's table (its
+    warning was logged when the module was built)."""
+
+    def __init__(self, batch: int, seq: int, max_depth: int = 1, **summarize_kwargs) -> None:
+        super().__init__(max_depth, **summarize_kwargs)
+        self.batch, self.seq = batch, seq
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        shape = getattr(pl_module, "_flop_shape", None)
+        if not self._max_depth or shape is None:
+            return super().on_fit_start(trainer, pl_module)
+        summary = self._summary(trainer, pl_module)
+        forward = int(forward_flops(shape, self.batch, self.seq))
+        data = summary._get_summary_data()
+        names = dict(data)["Name"]
+        data = [(column, [self._row_flops(name, value, forward) for name, value in zip(names, values)]
+                 if column == "FLOPs" else values) for column, values in data]
+        if trainer.is_global_zero:
+            self.summarize(data, summary.total_parameters, summary.trainable_parameters, summary.model_size,
+                           summary.total_training_modes, total_flops=forward, **self._summarize_kwargs)
+            log.info(self.step_line(pl_module))
+
+    @staticmethod
+    def _row_flops(name: str, value: str, forward: int) -> str:
+        if name == "model":
+            return get_human_readable_count(forward)
+        if name.startswith("model."):
+            return NOT_APPLICABLE  # a part of the model: the formula counts the whole
+        return value  # metrics: none
+
+    def step_line(self, pl_module) -> str:
+        """The training step's model FLOPs per micro-batch, standard and (with CGGR on) routed."""
+        step, shape, (b, t) = pl_module.step, pl_module._flop_shape, (self.batch, self.seq)
+        standard = step_flops(shape, step.cggr, b, t, loss_impl=step.loss_impl, routed=False)["total"]
+        line = (f"model FLOPs of a training micro-batch of {b} x {t} tokens (lightning_cggr.flops formula): "
+                f"{flop_count(standard)} without routing")
+        if step.cggr.enabled:
+            routed = step_flops(shape, step.cggr, b, t, loss_impl=step.loss_impl)
+            line += (f", {flop_count(routed['total'])} routed (router {flop_count(routed['router'])}, decoder "
+                     f"{flop_count(routed['body'])}, LM head and loss {flop_count(routed['head'])}): "
+                     f"{routed['total'] / standard:.2f}x the FLOPs, so compute alone allows "
+                     f"{standard / routed['total']:.2f}x the step rate")
+        return line
+
+    def summarize(self, *args, **kwargs) -> None:  # Lightning's rich table where rich is installed
+        (RichModelSummary if _RICH_AVAILABLE else ModelSummary).summarize(*args, **kwargs)
+
+
+def flop_count(flops: float) -> str:
+    """FLOPs with an SI prefix and 3 significant digits: ``19.3 TFLOP``."""
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if flops >= scale:
+            return f"{flops / scale:.3g} {prefix}FLOP"
+    return f"{flops:.3g} FLOP"

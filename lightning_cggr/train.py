@@ -19,7 +19,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
@@ -190,7 +190,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     run stops with exit 3 (:class:`~lightning_cggr.callbacks.ResumableCheckpoint`).
     ``callbacks`` are added to those of the ``callbacks`` group.
     """
-    from .callbacks import ResumableCheckpoint, StepProgressBar, default_every_n_steps
+    from .callbacks import FormulaModelSummary, ResumableCheckpoint, StepProgressBar, default_every_n_steps
     from .checkpointing import AtomicCheckpointIO, estimate_checkpoint_bytes, preflight, recover_folder_checkpoint
     from .data import build_datamodule, build_tokenizer
     from .export import save_run_model_files
@@ -237,6 +237,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     extra = [*user_callbacks, *(callbacks or [])]
     if trainer_kw.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in extra):
         extra.append(StepProgressBar())
+    if trainer_kw.get("enable_model_summary", True) and not any(isinstance(c, ModelSummary) for c in extra):
+        extra.append(FormulaModelSummary(run.data.batch_size, run.data.block_size))  # Lightning's counts 0
     trainer_kw["strategy"] = build_strategy(trainer_kw, model)
     # FSDP1 wraps the blocks in place when a trainer first sets the model up: a validate() before fit
     # would leave fit a model whose blocks are wrapped but whose root is not (embeddings and head in

@@ -9,6 +9,7 @@ matmuls the counter sees (the chunked kernel writes with ``mm(out=...)``, which 
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -356,3 +357,45 @@ def test_module_logs_mfu_on_a_card_with_a_known_peak(monkeypatch, one_thread):
     module, metrics = fit()
     want = step_flops(FlopShape.of(module.model), cggr, 4, 16, loss_impl="torch")["total"]
     assert float(metrics["train/mfu"]) == pytest.approx(want * float(metrics["train/tokens_per_sec"]) / 64 / 1e12, rel=1e-5)
+
+
+def test_model_summary_shows_the_formula_flops_not_zero(capsys, caplog, one_thread):
+    """Lightning's summary counts FLOPs from an ``example_input_array``, which the module has none
+    of: it printed 0. The summary now holds the formula's forward FLOPs of one micro-batch and a
+    line with the training step's. Reference: the counted matmuls of the eager model at that shape,
+    with the attention square cut to its causal triangle by hand (eager multiplies the full square)."""
+    import lightning as L
+    from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
+
+    from lightning_cggr.callbacks import FormulaModelSummary, flop_count
+    from lightning_cggr.module import CGGRModule
+
+    B, T, layers = 4, 16, 2
+    model = _eager("llama", layers=layers)
+    cfg = model.config
+    heads, width = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    # per layer: Q K^T and P V, 2 FLOPs per multiply-add, over T^2 pairs counted, T(T+1)/2 run
+    over = layers * 2 * 2 * B * heads * width * (T * T - T * (T + 1) // 2)
+    batch = make_batch(batch_size=B, seq_len=T, pad_tail=False)
+    with FlopCounterMode(display=False) as fwd:
+        model(batch["input_ids"])
+    with FlopCounterMode(display=False) as train:
+        model(batch["input_ids"], labels=batch["input_ids"]).loss.backward()
+    model.zero_grad()
+
+    caplog.set_level(logging.INFO, logger="lightning_cggr.callbacks")
+    cggr = CGGRConfig(warmup_steps=0, router=RouterConfig(num_layers=1))
+    module = CGGRModule(model, cggr, LossConfig(impl="torch"))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, callbacks=[FormulaModelSummary(B, T)])
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
+    out = capsys.readouterr().out
+
+    forward = get_human_readable_count(fwd.get_total_flops() - over)
+    assert f"Total FLOPs: {forward}" in " ".join(out.split())
+    assert "Total FLOPs: 0" not in " ".join(out.split())
+    line = next(m for m in caplog.messages if "training micro-batch of 4 x 16 tokens" in m)
+    assert f"{flop_count(train.get_total_flops() - 3 * over)} without routing" in line
+    routed = step_flops(FlopShape.of(model), cggr, B, T, loss_impl="torch")
+    assert f"{flop_count(routed['total'])} routed" in line
+    assert f"{routed['total'] / (train.get_total_flops() - 3 * over):.2f}x the FLOPs" in line

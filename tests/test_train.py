@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import subprocess
 import sys
@@ -103,7 +104,8 @@ def test_cli_config_mistake_is_one_message_not_a_traceback(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_job_40_steps_lowers_validation_loss_and_writes_artifacts(tmp_path, token_cache):
+def test_default_job_40_steps_lowers_validation_loss_and_writes_artifacts(tmp_path, token_cache, caplog):
+    caplog.set_level(logging.INFO, logger="lightning_cggr.callbacks")
     cfg = _compose(
         "trainer.max_steps=40", "trainer.val_check_interval=40", "trainer.enable_progress_bar=false",
         f"output_dir={tmp_path}", f"data.cache_dir={token_cache}", "cggr.warmup_steps=5",
@@ -117,6 +119,8 @@ def test_default_job_40_steps_lowers_validation_loss_and_writes_artifacts(tmp_pa
     # after warmup the kept ratio is the configured one: ceil(0.25 * 127) / 127 per 128-token block
     assert ratios[-1] == pytest.approx(32 / 127, abs=1e-6)
     assert all(l == l for l in losses)  # no NaN
+    # the run's model summary counts with the formula at the data's shape (Lightning's printed 0 FLOPs)
+    assert any(m.startswith("model FLOPs of a training micro-batch of 16 x 128 tokens") for m in caplog.messages)
 
 
 def test_fsdp_on_cpu_is_a_config_error_that_names_the_fix():
