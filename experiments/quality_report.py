@@ -63,6 +63,7 @@ def markdown(p: dict) -> str:
              "floor there" if st.get("schedule") == "time" else f"every LR schedule sized to {st['steps']} steps")
     order = ("interleaved by training time" if p.get("protocol") == "time-budget" else
              "interleaved step by step, faster ones continued at the LR floor up to W (earlier protocol)")
+    n = len(st["seeds"])
     head = (
         f"### {p['experiment']} on {describe_device(env)}\n\n"
         f"{shape['model']} ({shape['model_source']}), batch {shape['batch_size']} x {shape['block_size']}, "
@@ -71,7 +72,7 @@ def markdown(p: dict) -> str:
         f"loss) time for {st['steps']} steps ({budgets} s per seed); {sched}. Held-out loss on every token of "
         f"{st['eval_batches']} validation batches; same initial weights and batch order per seed; methods "
         f"{order}. Paired Δ: per-seed difference (< 0 better), its mean ± sd, seeds lower, "
-        f"exact two-sided sign-test p (at n = 3 it cannot go below 0.25). Time to target: wall-clock until the "
+        f"exact two-sided sign-test p (at n = {n} it cannot go below {Q.sign_test_p(n, 0):.2g}). Time to target: wall-clock until the "
         f"held-out loss reaches standard's final loss of the same seed, as a multiple of W (seeds that reached "
         f"it / seeds). {env['date_utc']}; load avg (1 min) median {rio.r2(load.get('median'))}, max "
         f"{rio.r2(load.get('max'))} on {env['hardware']['cpu_count']} CPUs.\n"

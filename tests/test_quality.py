@@ -136,4 +136,6 @@ def test_tiny_end_to_end_run_writes_curves_schedules_and_the_summary(tmp_path, o
     s = p["summary"]
     assert s["standard_fused"]["time_to_target"]["per_seed"]["0"]["ratio"] <= 1.0
     assert "paired_vs_control_time" in s["importance_sequence"]
-    assert (tmp_path / "quality-tiny-cpu.md").read_text().count("|") > 20
+    md = (tmp_path / "quality-tiny-cpu.md").read_text()
+    assert md.count("|") > 20
+    assert "at n = 1 it cannot go below 1" in md  # one seed: the sign test's smallest p is 2 x 1/2
