@@ -14,6 +14,7 @@ Every setting is a Hydra override; ``--cfg job`` prints the composed config with
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import hydra
@@ -284,6 +285,9 @@ def main(cfg: DictConfig) -> float | None:
 def cli() -> None:
     """``python -m lightning_cggr.train`` and the ``lightning-cggr-train`` console script: a user
     mistake ends with one line and exit code 2 (see :func:`lightning_cggr.cli.run_hydra`)."""
+    # Lightning's own pytree helper trips a torch deprecation at every fit; nothing a user can change
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            module=r"lightning\.pytorch\.utilities\._pytree")
     run_hydra(main, CONF_DIR)
 
 

@@ -155,6 +155,7 @@ def _cli_losses(tmp_path: Path, name: str, token_cache: str, *overrides: str) ->
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LeafSpec" not in proc.stderr  # Lightning's internal deprecation, filtered in every process
     rows = list(csv.DictReader(open(out / "csv" / "metrics.csv")))
     losses = [float(r["train/loss"]) for r in sorted(rows, key=lambda r: int(r["step"])) if r.get("train/loss")]
     return losses, float([r for r in rows if r.get("val/loss")][-1]["val/loss"])
