@@ -77,6 +77,11 @@ def markdown(p: dict) -> str:
         f"it / seeds). {env['date_utc']}; load avg (1 min) median {rio.r2(load.get('median'))}, max "
         f"{rio.r2(load.get('max'))} on {env['hardware']['cpu_count']} CPUs.\n"
     )
+    if p["raw"].get("runs"):
+        head += (f"\nPooled from {len(p['raw']['runs'])} runs of this plan (`python -m experiments.quality_merge`), "
+                 + "; ".join(f"seeds {r['seeds']} on {r['date_utc']}" for r in p["raw"]["runs"])
+                 + ": every seed is paired with its own run's standard baseline; each run calibrated its own "
+                   "LR schedules.\n")
     spikes = []
     for seed, per in (p["raw"].get("step_times_s") or {}).items():
         for m, ts in per.items():
@@ -85,12 +90,18 @@ def markdown(p: dict) -> str:
     if spikes:
         head += ("\n**Timing spikes** (a step over 3x its method's median: the machine was disturbed; "
                  "equal-time values are less reliable): " + "; ".join(spikes) + "\n")
-    calib = p["raw"].get("calibration_step_s") or {}
+    # each run's calibration against its own seeds' steps (a merged result holds several runs)
+    runs = p["raw"].get("runs") or [{"seeds": None, "calibration_step_s": p["raw"].get("calibration_step_s") or {}}]
     drift = []
-    for m, t_cal in calib.items():
-        ts = [x for per in p["raw"]["step_times_s"].values() for x in per.get(m, [])]
-        if ts and t_cal and abs(stats.median(ts) / t_cal - 1) > 0.15:
-            drift.append(f"{p['methods'][m]['label']}: calibrated {t_cal:.3f} s, ran at median {stats.median(ts):.3f} s")
+    for i, run in enumerate(runs):
+        seeds = None if run["seeds"] is None else {str(x) for x in run["seeds"]}
+        which = "" if len(runs) == 1 else f" (run {i + 1}, seeds {', '.join(sorted(seeds))})"
+        for m, t_cal in run["calibration_step_s"].items():
+            ts = [x for seed, per in p["raw"]["step_times_s"].items() if seeds is None or str(seed) in seeds
+                  for x in per.get(m, [])]
+            if ts and t_cal and abs(stats.median(ts) / t_cal - 1) > 0.15:
+                drift.append(f"{p['methods'][m]['label']}{which}: calibrated {t_cal:.3f} s, ran at median "
+                             f"{stats.median(ts):.3f} s")
     if drift:
         head += ("\n**Calibration drift** (> 15%: that schedule ends away from W): " + "; ".join(drift) + "\n")
     fails = [f"{p['methods'][m]['label']} (seed {seed}): {err[:200]}"

@@ -3,6 +3,7 @@ the README verdict read from it, every compared method validating, and a tiny en
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -139,3 +140,59 @@ def test_tiny_end_to_end_run_writes_curves_schedules_and_the_summary(tmp_path, o
     md = (tmp_path / "quality-tiny-cpu.md").read_text()
     assert md.count("|") > 20
     assert "at n = 1 it cannot go below 1" in md  # one seed: the sign test's smallest p is 2 x 1/2
+
+
+def _seed_part(payload: dict, seed: int) -> dict:
+    """The run as if it had been made with one seed only (by hand: every per-seed entry filtered)."""
+    part = copy.deepcopy(payload)
+    key = str(seed)
+    part["settings"]["seeds"] = [seed]
+    raw = part["raw"]
+    raw["curves"] = {m: {key: seeds[key]} for m, seeds in raw["curves"].items()}
+    for name in ("wall_budget_s", "initial_weights_fingerprint", "step_times_s", "failed"):
+        raw[name] = {key: raw[name][key]}
+    return part
+
+
+@pytest.mark.slow
+def test_seeds_run_apart_and_merged_give_the_run_of_both_seeds(tmp_path, one_thread):
+    """A 2-seed run, cut into two 1-seed runs and merged back, has the 2-seed run's summary (paired
+    statistics, sign tests, time to target) and table. Runs that differ in plan or share a seed are
+    refused by name."""
+    from experiments import quality_merge, quality_report
+
+    code = quality.main([
+        "--preset", "tiny", "--steps", "6", "--seeds", "0,1", "--evals", "2", "--eval-batches", "1",
+        "--calibrate-steps", "1", "--cggr-warmup", "0", "--out", str(tmp_path),
+        "--methods", "standard_fused,random_sequence",
+        "model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "model.intermediate_size=64",
+        "data.batch_size=4", "data.block_size=32", "optim.warmup_steps=0", "optim.lr=0.01",
+        f"data.cache_dir={tmp_path}/tok",
+    ])
+    assert code == 0
+    both = json.loads((tmp_path / "quality-tiny-cpu.json").read_text())
+    parts = [_seed_part(both, 0), _seed_part(both, 1)]
+    merged = quality_merge.merge(parts)
+    assert merged["settings"]["seeds"] == [0, 1]
+    assert json.loads(json.dumps(merged["summary"])) == both["summary"]
+    assert merged["summary"]["random_sequence"]["paired_vs_baseline_time"]["n"] == 2
+    table = quality_report.markdown(merged)
+    assert "Pooled from 2 runs" in table
+    assert table.split("\n| method")[1] == quality_report.markdown(both).split("\n| method")[1]
+
+    (tmp_path / "a.json").write_text(json.dumps(parts[0]))
+    (tmp_path / "b.json").write_text(json.dumps(parts[1]))
+    assert quality_merge.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--name", "merged",
+                               "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "merged-cpu.json").read_text())["summary"] == both["summary"]
+
+    with pytest.raises(quality_merge.MergeError, match="seed 0 is in run 1 and run 2"):
+        quality_merge.merge([parts[0], parts[0]])
+    other = copy.deepcopy(parts[1])
+    other["settings"]["steps"] = 7
+    with pytest.raises(quality_merge.MergeError, match="settings.steps differs: 6 in run 1, 7 in run 2"):
+        quality_merge.merge([parts[0], other])
+    other = copy.deepcopy(parts[1])
+    other["environment"]["versions"]["torch"] = "0.0"
+    with pytest.raises(quality_merge.MergeError, match="environment.versions differs"):
+        quality_merge.merge([parts[0], other])
