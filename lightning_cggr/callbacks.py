@@ -319,8 +319,8 @@ class FormulaModelSummary(ModelSummary):
     row and the total hold the formula's forward FLOPs of one micro-batch of ``batch`` x ``seq``
     tokens (the whole model, LM head on every token: what Lightning would have counted), and one
     more line logs the training step's FLOPs, standard and routed, by part: the bound on what
-    routing can save in compute (warm-up steps run the standard step). A model the formula does not know keeps Lightning's table (its
-    warning was logged when the module was built)."""
+    routing can save in compute (warm-up steps run the standard step). A model the formula does not
+    know keeps Lightning's table (its warning was logged when the module was built)."""
 
     def __init__(self, batch: int, seq: int, max_depth: int = 1, **summarize_kwargs) -> None:
         super().__init__(max_depth, **summarize_kwargs)
@@ -361,6 +361,8 @@ class FormulaModelSummary(ModelSummary):
                      f"{flop_count(routed['body'])}, LM head and loss {flop_count(routed['head'])}): "
                      f"{routed['total'] / standard:.2f}x the FLOPs, so compute alone allows "
                      f"{standard / routed['total']:.2f}x the step rate")
+            if step.cggr.scoring == "excess_loss":
+                line += " (the reference model's scoring forward is not counted)"
         return line
 
     def summarize(self, *args, **kwargs) -> None:  # Lightning's rich table where rich is installed
