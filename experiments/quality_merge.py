@@ -17,6 +17,7 @@ elsewhere).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -28,9 +29,27 @@ from experiments import results_io as rio
 SETTINGS_THAT_MUST_MATCH = ("steps", "evals", "eval_every", "eval_batches", "max_factor", "calibrate_steps",
                             "schedule", "preset", "reference", "base_overrides", "methods")
 
+# the processor and the threads the step ran on; not the kernel build or the exact memory size, which
+# differ between otherwise equal machines. Machines of one kind can still differ in speed: every seed
+# is paired with its own run's baseline, and the table lists each seed's budget W
+HARDWARE_THAT_MUST_MATCH = ("cpu", "cpu_count", "torch_threads", "gpu")
+
 
 class MergeError(ValueError):
     """Runs that cannot be pooled: the message names what differs."""
+
+
+def _unseeded(method: dict | None) -> dict | None:
+    """A method's description without its seeds (each run describes its methods at its first seed)."""
+    if method is None:
+        return None
+    method = copy.deepcopy(method)
+    method["overrides"] = [o for o in method.get("overrides", []) if not o.startswith(("seed=", "cggr.seed="))]
+    config = method.get("config") or {}
+    config.pop("seed", None)
+    config.pop("output_dir", None)
+    (config.get("cggr") or {}).pop("seed", None)
+    return method
 
 
 def _check(parts: list[dict]) -> None:
@@ -53,15 +72,19 @@ def _check(parts: list[dict]) -> None:
                                  f"{p['settings'].get(key)!r} in run {i}; only runs of the same plan can be merged")
         if p["shape"] != first["shape"]:
             raise MergeError(f"the model or data shape differs between run 1 and run {i}: {first['shape']} vs {p['shape']}")
-        if p["methods"] != first["methods"]:
-            raise MergeError(f"the methods' resolved descriptions differ between run 1 and run {i}")
+        for m in first["methods"]:
+            if _unseeded(p["methods"].get(m)) != _unseeded(first["methods"][m]):
+                raise MergeError(f"method {m} is configured differently in run 1 and run {i} (its overrides "
+                                 f"or resolved config, seeds aside)")
         for key in ("device", "versions"):
             if p["environment"].get(key) != first["environment"].get(key):
                 raise MergeError(f"environment.{key} differs: {first['environment'].get(key)!r} in run 1, "
                                  f"{p['environment'].get(key)!r} in run {i}: timings are not comparable")
         a, b = first["environment"]["hardware"], p["environment"]["hardware"]
-        if {k: v for k, v in a.items() if k != "memory_gib"} != {k: v for k, v in b.items() if k != "memory_gib"}:
-            raise MergeError(f"the hardware differs between run 1 and run {i}: {a} vs {b}")
+        if any(a.get(k) != b.get(k) for k in HARDWARE_THAT_MUST_MATCH):
+            raise MergeError(f"the hardware differs between run 1 and run {i}: "
+                             f"{ {k: a.get(k) for k in HARDWARE_THAT_MUST_MATCH} } vs "
+                             f"{ {k: b.get(k) for k in HARDWARE_THAT_MUST_MATCH} }")
 
 
 def _load(parts: list[dict]) -> dict:

@@ -172,6 +172,10 @@ def test_seeds_run_apart_and_merged_give_the_run_of_both_seeds(tmp_path, one_thr
     assert code == 0
     both = json.loads((tmp_path / "quality-tiny-cpu.json").read_text())
     parts = [_seed_part(both, 0), _seed_part(both, 1)]
+    # a run describes its methods at its own first seed: as a run of seed 1 alone would
+    for meta in parts[1]["methods"].values():
+        meta["overrides"] = [o.replace("seed=0", "seed=1") for o in meta["overrides"]]
+        meta["config"]["seed"] = meta["config"]["cggr"]["seed"] = 1
     merged = quality_merge.merge(parts)
     assert merged["settings"]["seeds"] == [0, 1]
     assert json.loads(json.dumps(merged["summary"])) == both["summary"]
@@ -191,6 +195,10 @@ def test_seeds_run_apart_and_merged_give_the_run_of_both_seeds(tmp_path, one_thr
     other = copy.deepcopy(parts[1])
     other["settings"]["steps"] = 7
     with pytest.raises(quality_merge.MergeError, match="settings.steps differs: 6 in run 1, 7 in run 2"):
+        quality_merge.merge([parts[0], other])
+    other = copy.deepcopy(parts[1])
+    other["methods"]["random_sequence"]["config"]["cggr"]["min_tokens_ratio"] = 0.5
+    with pytest.raises(quality_merge.MergeError, match="method random_sequence is configured differently"):
         quality_merge.merge([parts[0], other])
     other = copy.deepcopy(parts[1])
     other["environment"]["versions"]["torch"] = "0.0"
