@@ -109,13 +109,14 @@ def merge(parts: list[dict], name: str | None = None) -> dict:
             raw["curves"][m].update(p["raw"]["curves"].get(m, {}))
         for key in ("wall_budget_s", "initial_weights_fingerprint", "step_times_s", "failed"):
             raw[key].update(p["raw"][key])
-    plans = [p["raw"]["schedule_steps"] for p in parts]
-    # one calibration and plan per run: the drift check reads each run's own (runs[i])
+    # one calibration and plan per run: the drift check reads each run's own (runs[i]); a merged
+    # result given again brings its runs along
     raw["calibration_step_s"] = first["raw"]["calibration_step_s"]
-    raw["runs"] = [{"seeds": p["settings"]["seeds"], "calibration_step_s": p["raw"]["calibration_step_s"],
-                    "schedule_steps": p["raw"]["schedule_steps"], "date_utc": p["environment"]["date_utc"],
-                    "git_commit": p["environment"].get("git_commit"), "argv": p["environment"].get("argv")}
-                   for p in parts]
+    raw["runs"] = [run for p in parts for run in p["raw"].get("runs") or [
+        {"seeds": p["settings"]["seeds"], "calibration_step_s": p["raw"]["calibration_step_s"],
+         "schedule_steps": p["raw"]["schedule_steps"], "date_utc": p["environment"]["date_utc"],
+         "git_commit": p["environment"].get("git_commit"), "argv": p["environment"].get("argv")}]]
+    plans = [run["schedule_steps"] for run in raw["runs"]]
     plan = {m: plans[0][m] if len({pl[m] for pl in plans}) == 1 else " / ".join(str(pl[m]) for pl in plans)
             for m in methods}
     raw["schedule_steps"] = plan
@@ -125,9 +126,9 @@ def merge(parts: list[dict], name: str | None = None) -> dict:
     summary = quality.summarize(raw["curves"], budgets, plan, methods, first["settings"]["steps"],
                                 raw["step_times_s"])
     env = dict(first["environment"])
-    env["date_utc"] = " and ".join(p["environment"]["date_utc"] for p in parts)
+    env["date_utc"] = " and ".join(run["date_utc"] for run in raw["runs"])
     env["load"] = _load(parts)
-    env["git_commit"] = ", ".join(dict.fromkeys(str(p["environment"].get("git_commit")) for p in parts))
+    env["git_commit"] = ", ".join(dict.fromkeys(str(run["git_commit"]) for run in raw["runs"]))
     env["git_tree_dirty"] = any(p["environment"].get("git_tree_dirty") for p in parts)
     env.pop("argv", None)
     budget_s = {p["settings"].get("budget_s") for p in parts}

@@ -162,7 +162,7 @@ def test_seeds_run_apart_and_merged_give_the_run_of_both_seeds(tmp_path, one_thr
     from experiments import quality_merge, quality_report
 
     code = quality.main([
-        "--preset", "tiny", "--steps", "6", "--seeds", "0,1", "--evals", "2", "--eval-batches", "1",
+        "--preset", "tiny", "--steps", "6", "--seeds", "0,1,2", "--evals", "2", "--eval-batches", "1",
         "--calibrate-steps", "1", "--cggr-warmup", "0", "--out", str(tmp_path),
         "--methods", "standard_fused,random_sequence",
         "model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "model.intermediate_size=64",
@@ -171,23 +171,27 @@ def test_seeds_run_apart_and_merged_give_the_run_of_both_seeds(tmp_path, one_thr
     ])
     assert code == 0
     both = json.loads((tmp_path / "quality-tiny-cpu.json").read_text())
-    parts = [_seed_part(both, 0), _seed_part(both, 1)]
+    parts = [_seed_part(both, 0), _seed_part(both, 1), _seed_part(both, 2)]
     # a run describes its methods at its own first seed: as a run of seed 1 alone would
     for meta in parts[1]["methods"].values():
         meta["overrides"] = [o.replace("seed=0", "seed=1") for o in meta["overrides"]]
         meta["config"]["seed"] = meta["config"]["cggr"]["seed"] = 1
     merged = quality_merge.merge(parts)
-    assert merged["settings"]["seeds"] == [0, 1]
+    assert merged["settings"]["seeds"] == [0, 1, 2]
     assert json.loads(json.dumps(merged["summary"])) == both["summary"]
-    assert merged["summary"]["random_sequence"]["paired_vs_baseline_time"]["n"] == 2
+    assert merged["summary"]["random_sequence"]["paired_vs_baseline_time"]["n"] == 3
     table = quality_report.markdown(merged)
-    assert "Pooled from 2 runs" in table
+    assert "Pooled from 3 runs" in table
+    again = quality_merge.merge([quality_merge.merge(parts[:2]), parts[2]])  # a merged result merged again
+    assert json.loads(json.dumps(again["summary"])) == both["summary"]
+    assert [run["seeds"] for run in again["raw"]["runs"]] == [[0], [1], [2]]
     assert table.split("\n| method")[1] == quality_report.markdown(both).split("\n| method")[1]
 
-    (tmp_path / "a.json").write_text(json.dumps(parts[0]))
-    (tmp_path / "b.json").write_text(json.dumps(parts[1]))
-    assert quality_merge.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--name", "merged",
-                               "--out", str(tmp_path)]) == 0
+    files = []
+    for i, part in enumerate(parts):
+        files.append(tmp_path / f"part{i}.json")
+        files[-1].write_text(json.dumps(part))
+    assert quality_merge.main([*map(str, files), "--name", "merged", "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "merged-cpu.json").read_text())["summary"] == both["summary"]
 
     with pytest.raises(quality_merge.MergeError, match="seed 0 is in run 1 and run 2"):
