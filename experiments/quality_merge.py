@@ -122,8 +122,7 @@ def merge(parts: list[dict], name: str | None = None) -> dict:
     raw["schedule_steps"] = plan
     seeds = [s for p in parts for s in p["settings"]["seeds"]]
     # paired statistics per seed: the keys are the seeds as the JSON wrote them (strings)
-    budgets = {s: b for s, b in raw["wall_budget_s"].items()}
-    summary = quality.summarize(raw["curves"], budgets, plan, methods, first["settings"]["steps"],
+    summary = quality.summarize(raw["curves"], raw["wall_budget_s"], plan, methods, first["settings"]["steps"],
                                 raw["step_times_s"])
     env = dict(first["environment"])
     env["date_utc"] = " and ".join(run["date_utc"] for run in raw["runs"])

@@ -36,7 +36,7 @@ from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 
 from .checkpointing import remove_stale_temporaries
 from .errors import RunStopped
-from .flops import forward_flops, step_flops
+from .flops import flop_count, forward_flops, step_flops
 from .signals import StopRequest, exit_code
 
 log = logging.getLogger(__name__)
@@ -367,11 +367,3 @@ class FormulaModelSummary(ModelSummary):
 
     def summarize(self, *args, **kwargs) -> None:  # Lightning's rich table where rich is installed
         (RichModelSummary if _RICH_AVAILABLE else ModelSummary).summarize(*args, **kwargs)
-
-
-def flop_count(flops: float) -> str:
-    """FLOPs with an SI prefix and 3 significant digits: ``19.3 TFLOP``."""
-    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if flops >= scale:
-            return f"{flops / scale:.3g} {prefix}FLOP"
-    return f"{flops:.3g} FLOP"

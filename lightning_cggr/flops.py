@@ -406,6 +406,14 @@ def step_flops(shape: FlopShape, cggr, batch: int, seq: int, *, loss_impl: str =
     return {"router": router, "body": body, "head": head, "total": router + body + head}
 
 
+def flop_count(flops: float) -> str:
+    """FLOPs with an SI prefix and 3 significant digits: ``19.3 TFLOP``."""
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if flops >= scale:
+            return f"{flops / scale:.3g} {prefix}FLOP"
+    return f"{flops:.3g} FLOP"
+
+
 def tflop(x: float) -> float:
     """FLOPs as TFLOP, rounded for reports."""
     return round(x / 1e12, 4) if math.isfinite(x) else x

@@ -367,7 +367,8 @@ def test_model_summary_shows_the_formula_flops_not_zero(capsys, caplog, one_thre
     import lightning as L
     from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
 
-    from lightning_cggr.callbacks import FormulaModelSummary, flop_count
+    from lightning_cggr.callbacks import FormulaModelSummary
+    from lightning_cggr.flops import flop_count
     from lightning_cggr.module import CGGRModule
 
     B, T, layers = 4, 16, 2
