@@ -327,7 +327,7 @@ class FormulaModelSummary(ModelSummary):
         self.batch, self.seq = batch, seq
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        shape = getattr(pl_module, "_flop_shape", None)
+        shape = getattr(pl_module, "flop_shape", None)
         if not self._max_depth or shape is None:
             return super().on_fit_start(trainer, pl_module)
         summary = self._summary(trainer, pl_module)
@@ -351,7 +351,7 @@ class FormulaModelSummary(ModelSummary):
 
     def step_line(self, pl_module) -> str:
         """The training step's model FLOPs per micro-batch, standard and (with CGGR on) routed."""
-        step, shape, (b, t) = pl_module.step, pl_module._flop_shape, (self.batch, self.seq)
+        step, shape, (b, t) = pl_module.step, pl_module.flop_shape, (self.batch, self.seq)
         standard = step_flops(shape, step.cggr, b, t, loss_impl=step.loss_impl, routed=False)["total"]
         line = (f"model FLOPs of a training micro-batch of {b} x {t} tokens (lightning_cggr.flops formula): "
                 f"{flop_count(standard)} without routing")

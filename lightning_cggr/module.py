@@ -71,11 +71,13 @@ class CGGRModule(L.LightningModule):
         self.run_config: dict | None = None
         """The resolved run config (plain containers), stored in every checkpoint under CONFIG_KEY."""
         self._peak: float | None = None  # dense bf16 TFLOPS of the card, found at the first step
-        try:  # the model as built, before any sharding wrapper flattens its parameters
-            self._flop_shape = FlopShape.of(model)
-        except ValueError as err:  # the formula does not know this model: no train/mfu, said once
+        self.flop_shape: FlopShape | None = None
+        """The FLOP formula's view of the model (lightning_cggr.flops), read before any sharding
+        wrapper flattens its parameters; None for a model the formula does not know (no train/mfu)."""
+        try:
+            self.flop_shape = FlopShape.of(model)
+        except ValueError as err:  # said once, here
             log.warning("no train/mfu for this model: %s", err)
-            self._flop_shape = None
         # metric states are created on the CPU: follow a model that is already on its device, so a
         # module used without a Trainer (which would move it) never mixes devices
         first = next(model.parameters(), None)
@@ -114,10 +116,10 @@ class CGGRModule(L.LightningModule):
         arithmetic only."""
         if self._peak is None:
             self._peak = device_peak_tflops(self.device)[1] or 0.0
-        if not self._peak or self._flop_shape is None:
+        if not self._peak or self.flop_shape is None:
             return None
         routed = self.step.active(self.global_step)
-        total = step_flops(self._flop_shape, self.step.cggr, *shape, loss_impl=self.step.loss_impl, routed=routed)["total"]
+        total = step_flops(self.flop_shape, self.step.cggr, *shape, loss_impl=self.step.loss_impl, routed=routed)["total"]
         return mfu(total, seconds, self._peak)
 
     def configure_model(self):

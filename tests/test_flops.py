@@ -108,7 +108,7 @@ def test_blocks_that_differ_and_matrices_outside_the_blocks(family):
         assert [qk for qk, _ in shape.attention] == [32] * 5 + [4 * 512] and shape.outside_params > 0
         from lightning_cggr.module import CGGRModule
 
-        assert CGGRModule(model, CGGRConfig())._flop_shape == shape  # constructs, with its MFU
+        assert CGGRModule(model, CGGRConfig()).flop_shape == shape  # constructs, with its MFU
 
 
 def test_experts_without_a_top_k_in_the_config_are_refused(monkeypatch):
