@@ -240,6 +240,9 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
         extra.append(StepProgressBar())
     if trainer_kw.get("enable_model_summary", True) and not any(isinstance(c, ModelSummary) for c in extra):
         extra.append(FormulaModelSummary(run.data.batch_size, run.data.block_size))  # Lightning's counts 0
+        # it stands in for Lightning's default summary: with the flag on, Lightning would announce
+        # at every run that it skips its own
+        trainer_kw["enable_model_summary"] = False
     trainer_kw["strategy"] = build_strategy(trainer_kw, model)
     # FSDP1 wraps the blocks in place when a trainer first sets the model up: a validate() before fit
     # would leave fit a model whose blocks are wrapped but whose root is not (embeddings and head in
