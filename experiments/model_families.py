@@ -157,12 +157,13 @@ def flops_check(model, ids) -> str:
 
     from lightning_cggr.flops import FlopShape, train_flops
     from lightning_cggr.models.attention import set_attn_implementation
-    from lightning_cggr.routing.router import find_decoder, find_head
+    from lightning_cggr.routing.router import checked_logit_transform, find_decoder, find_head
 
     try:
         shape = FlopShape.of(model)
     except ValueError as err:
         return f"no formula: {str(err)[:80]}"
+    pre = checked_logit_transform(model).pre  # a head transform between decoder and head (BERT-style)
     for module in model.modules():  # grouped expert matmuls are invisible to the counter
         config = module.__dict__.get("config")
         if config is not None and hasattr(config, "_experts_implementation"):
@@ -171,7 +172,7 @@ def flops_check(model, ids) -> str:
     model.zero_grad(set_to_none=True)
     with FlopCounterMode(display=False) as counter:
         hidden = find_decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
-        find_head(model)(hidden).float().square().mean().backward()
+        find_head(model)(hidden if pre is None else pre(hidden)).float().square().mean().backward()
     counted = counter.get_total_flops()
     ratio = train_flops(shape, *ids.shape, causal=False) / counted if counted else float("nan")
     return "exact" if abs(ratio - 1.0) < 1e-6 else f"{ratio:.3f}"

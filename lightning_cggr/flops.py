@@ -29,7 +29,9 @@ list (Llama/SmolLM2, GPT-2, GPT-NeoX; nothing family-specific is needed), summed
   scores over the ``T^2`` square (:func:`_indexer_width`), in forward only;
 - outside the blocks: ``2 * N_outside * T``, the decoder's other matrices (OPT's projections, Gemma
   4's per-layer input projection; embedding tables excepted), on every pass that runs blocks;
-- LM head: ``2 * H * V`` per row it runs on (all T positions in the standard step).
+- LM head: ``2 * H * V`` per row it runs on (all T positions in the standard step), plus twice the
+  elements of any matrices the model runs between decoder and head (a BERT-style head transform) on
+  the same rows.
 
 Training = 3 x forward (:func:`train_flops`): backward computes two matmuls (input gradient and
 weight gradient) per forward matmul; an indexer's, which no gradient reaches, count once, and a frozen
@@ -136,14 +138,21 @@ class FlopShape:
     """The part of :attr:`outside_params` that does not train."""
     head_frozen: bool = False
     """Whether the LM head's weight does not train (a PEFT model's)."""
+    head_input_params: float = 0
+    """The elements of the matrices a model runs between its decoder and its head (a BERT-style head
+    transform, :class:`~lightning_cggr.routing.router.HeadInput`), on every row the head runs on."""
+    head_input_frozen: float = 0
+    """The part of :attr:`head_input_params` that does not train."""
 
     @property
     def layers(self) -> int:
         return len(self.block_params)
 
     @classmethod
-    def of(cls, model: torch.nn.Module) -> "FlopShape":
-        from .routing.router import block_owner, find_blocks, find_decoder, find_head
+    def of(cls, model: torch.nn.Module, transform=None) -> "FlopShape":
+        """The shape of ``model``; ``transform``: its checked LogitTransform where the caller has it
+        (:attr:`CGGRStep.logit_transform`), else found here (a 4-token probe of the model)."""
+        from .routing.router import block_owner, checked_logit_transform, find_blocks, find_decoder, find_head
 
         decoder = find_decoder(model)
         _, blocks = find_blocks(decoder)
@@ -184,12 +193,16 @@ class FlopShape:
         inside = {id(p) for p in blocks.parameters()} | {
             id(p) for m in owner.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
         outside = [p for p in owner.parameters() if p.dim() >= 2 and id(p) not in inside]
+        pre = (checked_logit_transform(model) if transform is None else transform).pre
+        before_head = [p for p in pre.parameters() if p.dim() >= 2] if pre is not None else []
         return cls(hidden=width, vocab=vocab, block_params=tuple(params), attention=tuple(attention),
                    outside_params=sum(p.numel() for p in outside),
                    indexer=tuple(indexer) if any(w for _, w in indexer) else (),
                    frozen_params=tuple(frozen) if any(frozen) else (),
                    outside_frozen=sum(p.numel() for p in outside if not p.requires_grad),
-                   head_frozen=not head.requires_grad)
+                   head_frozen=not head.requires_grad,
+                   head_input_params=sum(p.numel() for p in before_head),
+                   head_input_frozen=sum(p.numel() for p in before_head if not p.requires_grad))
 
 
 def _is_cross_attention(name: str) -> bool:
@@ -347,8 +360,10 @@ def _graded_forward(shape: FlopShape, batch, seq, layers, head_rows, causal) -> 
     body = 2 * (sum(shape.block_params[:layers]) + (shape.outside_params if layers else 0)) * batch * seq
     attention = 2 * sum(qk + v for qk, v in shape.attention[:layers]) * _pairs(seq, causal) * batch
     head = 2 * shape.hidden * shape.vocab * head_rows
+    head_input = 2 * shape.head_input_params * head_rows
     frozen = 2 * (sum(shape.frozen_params[:layers]) + (shape.outside_frozen if layers else 0)) * batch * seq
-    return body + attention + head, frozen + (head if shape.head_frozen else 0)
+    frozen += (head if shape.head_frozen else 0) + 2 * shape.head_input_frozen * head_rows
+    return body + attention + head + head_input, frozen
 
 
 def _indexer_flops(shape: FlopShape, batch, seq, layers) -> float:

@@ -75,7 +75,7 @@ class CGGRModule(L.LightningModule):
         """The FLOP formula's view of the model (lightning_cggr.flops), read before any sharding
         wrapper flattens its parameters; None for a model the formula does not know (no train/mfu)."""
         try:
-            self.flop_shape = FlopShape.of(model)
+            self.flop_shape = FlopShape.of(model, self.step.logit_transform)
         except ValueError as err:  # said once, here
             log.warning("no train/mfu for this model: %s", err)
         # metric states are created on the CPU: follow a model that is already on its device, so a

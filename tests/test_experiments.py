@@ -425,19 +425,21 @@ def test_model_families_harness_reports_each_verdict(tmp_path):
     is applied (and RecurrentGemma's, Inkling's width divisor), Llama 4's decoder is found under
     ``model`` (its base_model_prefix names no attribute),
     OPT's blocks one level down, Phi's head bias is trained, Gemma 4's per-layer lists are cut to the
-    harness's depth (same loss each); BERT's head MLP is refused by the probe; JSON and markdown."""
+    harness's depth, BERT's head transform is applied and counted (same loss each); ProphetNet, whose
+    logits are not a head of its final states, is refused by the probe; JSON and markdown."""
     import json
 
     from experiments import model_families
 
-    families = ("llama", "gemma2", "llama4_text", "opt", "recurrent_gemma", "inkling_text", "phi", "gemma4_text")
-    model_families.main(["--families", *families, "bert", "--out", str(tmp_path)])
+    families = ("llama", "gemma2", "llama4_text", "opt", "recurrent_gemma", "inkling_text", "phi", "gemma4_text",
+                "bert")
+    model_families.main(["--families", *families, "prophetnet", "--out", str(tmp_path)])
     rows = {r["family"]: r for r in json.loads((tmp_path / "model_families-cpu.json").read_text())["rows"]}
     assert [rows[f]["verdict"] for f in families] == ["same loss"] * len(families)
     assert rows["llama"]["abs_diff"] <= 1e-4
     assert {f: rows[f]["router_states"] for f in ("llama", "phi", "gemma4_text", "opt")} == {
         "llama": "same as the model's states", "phi": "same as the model's states",
         "gemma4_text": "same as the model's states", "opt": "same as a hand cut"}  # OPT projects after its norm
-    assert all(rows[f]["flops"] == "exact" for f in ("llama", "phi", "gemma4_text", "opt")), rows  # vs torch's count
-    assert rows["bert"]["verdict"] == "refused" and "its logits are not head(h)" in rows["bert"]["detail"]
+    assert all(rows[f]["flops"] == "exact" for f in ("llama", "phi", "gemma4_text", "opt", "bert")), rows  # vs torch's
+    assert rows["prophetnet"]["verdict"] == "refused" and "its logits are not head(h)" in rows["prophetnet"]["detail"]
     assert "| gemma2 | Gemma2ForCausalLM | same loss |" in (tmp_path / "model_families-cpu.md").read_text()

@@ -400,3 +400,26 @@ def test_model_summary_shows_the_formula_flops_not_zero(capsys, caplog, one_thre
     routed = step_flops(FlopShape.of(model), cggr, B, T, loss_impl="torch")
     assert f"{flop_count(routed['total'])} routed" in line
     assert f"{routed['total'] / (train.get_total_flops() - 3 * over):.2f}x the FLOPs" in line
+
+
+@pytest.mark.parametrize("case", ["standard", "token", "sequence"])
+@pytest.mark.parametrize("family", ["bert", "modernbert-decoder"])
+def test_a_head_transform_counts_on_the_rows_the_head_runs_on(family, case, one_thread):
+    """A BERT-style head transform (dense, activation, norm before the head) runs on the kept rows
+    only: the formula's step FLOPs against everything the real step multiplies (torch loss), and its
+    forward against the model's own forward."""
+    from test_model_families import _head_transform_family
+
+    model = set_attn_implementation(_head_transform_family(family).train(), "eager")
+    shape = FlopShape.of(model)
+    assert shape.head_input_params == 32 * 32  # the transform's dense layer
+    B, T = 4, 16
+    ids = torch.randint(3, 60, (B, T))
+    with FlopCounterMode(display=False) as fwd:
+        model(input_ids=ids, use_cache=False)
+    assert fwd.get_total_flops() == pytest.approx(forward_flops(shape, B, T, causal=False), rel=1e-9)
+    step = CGGRStep(model, CASES[case], LossConfig(impl="torch"))
+    with FlopCounterMode(display=False) as counted:
+        step({"input_ids": ids, "labels": ids.clone()}, global_step=0).loss.backward()
+    want = step_flops(shape, CASES[case], B, T, loss_impl="torch", causal=False)
+    assert counted.get_total_flops() == pytest.approx(want["total"], rel=1e-9)

@@ -54,7 +54,8 @@ def _model_nll(model, batch) -> torch.Tensor:
 @pytest.mark.parametrize("family", ["gemma2", "cohere", "granite"])
 def test_the_transform_is_read_from_the_config(family):
     want = {"gemma2": (1.0, 5.0), "cohere": (0.5, None), "granite": (0.25, None)}[family]
-    assert tuple(logit_transform(_family(family))) == want
+    transform = logit_transform(_family(family))
+    assert (transform.scale, transform.softcap, transform.pre) == (*want, None)
 
 
 @pytest.mark.parametrize("impl", ["torch", "naive"])
@@ -255,16 +256,79 @@ def test_a_logit_scale_scales_the_heads_bias_too():
     assert w is head.weight and LogitTransform().operands(h, head) == (h, head.weight, head.bias)
 
 
-def test_a_head_narrower_than_the_decoder_is_refused_by_name():
-    """ELECTRA's generator transforms its hidden states to a narrower embedding width before the head:
-    the probe names the mismatch instead of failing inside a matrix product."""
+def _head_transform_family(family: str):
+    """A tiny BERT-style causal LM: its decoder's final hidden states pass through a head transform
+    (dense, activation, norm; ELECTRA's to a narrower width) before the LM head; the head's bias large."""
     import transformers
 
-    config = transformers.ElectraConfig(vocab_size=V, embedding_size=16, hidden_size=32, num_hidden_layers=2,
-                                        num_attention_heads=4, intermediate_size=64, is_decoder=True)
-    with pytest.raises(ValueError, match="ElectraForCausalLM: its LM head takes width 16 but its decoder's final "
-                                         "hidden states have width 32"):
-        CGGRStep(transformers.ElectraForCausalLM(config), CGGRConfig())
+    torch.manual_seed(0)
+    small = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    if family == "modernbert-decoder":
+        config = transformers.ModernBertDecoderConfig(**small, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                                       cls_token_id=1, sep_token_id=2)
+        model = transformers.ModernBertDecoderForCausalLM(config)
+    else:
+        cls, extra = {"bert": ("Bert", {}), "roberta": ("Roberta", {}),
+                      "electra": ("Electra", dict(embedding_size=16))}[family]
+        config = getattr(transformers, f"{cls}Config")(**small, **extra, is_decoder=True)
+        model = getattr(transformers, f"{cls}ForCausalLM" if cls != "Bert" else "BertLMHeadModel")(config)
+    head = model.get_output_embeddings()
+    if head.bias is not None:
+        with torch.no_grad():
+            head.bias.normal_(0.0, 3.0)
+    return model.eval()
+
+
+HEAD_INPUTS = {"bert": "cls.predictions without its decoder", "roberta": "lm_head without its decoder",
+               "electra": "generator_predictions", "modernbert-decoder": "lm_head"}
+
+
+@pytest.mark.parametrize("family", sorted(HEAD_INPUTS))
+def test_a_head_transform_between_decoder_and_head_trains_the_models_own_loss(family):
+    """BERT-style heads (refused before): the step applies the model's own head transform, found by
+    the probe, to the kept rows. Loss and every gradient, the transform's included, equal those of the
+    model's own float64 logits; router-free scores are its NLL; a routed step trains the transform."""
+    model = _head_transform_family(family)
+    step = CGGRStep(model, CGGRConfig(enabled=False))
+    assert step.logit_transform.pre.name == HEAD_INPUTS[family]
+    transform_params = {id(p) for p in step.logit_transform.pre.parameters()}
+    assert transform_params and not transform_params & {id(p) for p in model.get_output_embeddings().parameters()}
+    batch = _batch(9)
+    graded = _assert_standard_step_is_the_models_own(model, batch, "torch")
+    named = dict(model.named_parameters())
+    assert transform_params <= {id(named[n]) for n in graded}  # its gradients were among those compared
+    nll, targets = _model_nll(model, batch)
+    scorer = CGGRStep(model, CGGRConfig(router=RouterConfig(source="final"), scoring="loss"))
+    with torch.no_grad():
+        stats = scorer.token_statistics(scorer.hidden_states(batch["input_ids"]), targets)
+    torch.testing.assert_close(stats.nll.double(), nll.detach(), rtol=1e-4, atol=1e-4)
+    routed = CGGRStep(model.train(), CGGRConfig(warmup_steps=0, router=RouterConfig(num_layers=1)))
+    loss = routed(batch, global_step=0).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for p in step.logit_transform.pre.parameters() if p.dim() >= 2)
+
+
+def test_a_head_narrower_than_the_decoder_without_a_module_between_is_refused_by_name():
+    """A model that maps its hidden states to the head's width in its forward, with no module the
+    probe can find: refused with the widths named, not failing inside a matrix product."""
+    from transformers import LlamaForCausalLM
+
+    class Sliced(LlamaForCausalLM):
+        def __init__(self, config):
+            super().__init__(config)
+            self.lm_head = torch.nn.Linear(16, config.vocab_size, bias=False)
+
+        def forward(self, input_ids=None, **kwargs):
+            from transformers.modeling_outputs import CausalLMOutputWithPast
+
+            h = self.model(input_ids=input_ids, **kwargs).last_hidden_state
+            return CausalLMOutputWithPast(logits=self.lm_head(h[..., :16]))
+
+    with pytest.raises(ValueError, match="Sliced: its LM head takes width 16 but its decoder's final hidden "
+                                         "states have width 32, and no module between"):
+        CGGRStep(Sliced(_family("llama").config), CGGRConfig())
 
 
 @pytest.mark.parametrize("family", ["opt", "gemma3", "bert-generation"])

@@ -150,19 +150,59 @@ def find_head(model: nn.Module) -> nn.Linear:
     return head
 
 
+class HeadInput:
+    """What a model runs between its decoder's final hidden states and its LM head, such as a
+    BERT-style head transform (dense, activation, norm): the model's own modules, by reference, applied
+    row by row. Found by :func:`check_logit_transform` where ``head(h)`` alone is not the model's logits.
+
+    ``modules`` run in order; one of them may be a view of the module that holds the head (a shallow
+    copy whose head is an identity, see :func:`_head_input_candidates`), so its own forward supplies
+    whatever it computes between its input and its head."""
+
+    def __init__(self, name: str, modules: list[nn.Module], views: dict[int, nn.Module] | None = None,
+                 head: nn.Linear | None = None):
+        self.name = name
+        """Where it is in the model, for messages (``cls.predictions without its decoder``)."""
+        self.modules = modules
+        self._views = views or {}  # id(view) -> the module it copies, whose train/eval mode it follows
+        # the head's own tensors, which a view may still hold (BERT's cls.predictions.bias is the head's)
+        self._head = set() if head is None else {id(p) for p in head.parameters()}
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        for module in self.modules:
+            if (owner := self._views.get(id(module))) is not None:
+                module.training = owner.training
+            hidden = module(hidden)
+        return hidden
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Its parameters, each once (the model's own; the head's are not among them)."""
+        seen: dict[int, nn.Parameter] = {}
+        for module in self.modules:
+            for param in module.parameters():
+                if id(param) not in self._head:
+                    seen.setdefault(id(param), param)
+        return list(seen.values())
+
+
 class LogitTransform(NamedTuple):
     """How a causal LM turns its final hidden states ``h`` into logits, beyond the linear head:
-    ``logits = softcap * tanh(scale * head(h) / softcap)`` (no cap when ``softcap`` is None). The step
-    folds ``scale`` into the head's operands (:meth:`operands`) and hands ``softcap`` to the loss and
-    statistics kernels."""
+    ``logits = softcap * tanh(scale * head(pre(h)) / softcap)`` (no cap when ``softcap`` is None; ``pre``
+    the identity when None). The step applies ``pre`` and folds ``scale`` into the head's operands
+    (:meth:`operands`) and hands ``softcap`` to the loss and statistics kernels."""
 
     scale: float = 1.0
     softcap: float | None = None
+    pre: HeadInput | None = None
 
     def operands(self, hidden: torch.Tensor, head: nn.Linear):
         """``(hidden, weight, bias)`` for the kernels, with ``scale * head(h) = (scale h) @ W.T + scale b``:
-        the head's own tensors (bias None where it has none) and ``hidden`` itself at scale 1."""
+        the head's own tensors (bias None where it has none) and ``pre(hidden)`` (``hidden`` itself
+        where the model has nothing between decoder and head) at scale 1. ``hidden`` is [rows, H]: the
+        kept rows only, in the loss, so ``pre`` costs what they cost."""
         bias = head.bias
+        if self.pre is not None:
+            hidden = self.pre(hidden)
         if self.scale != 1.0:
             hidden = hidden * self.scale
             bias = None if bias is None else bias * self.scale
@@ -171,7 +211,7 @@ class LogitTransform(NamedTuple):
     def token_stats(self, hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, *, impl: str,
                     chunk_size: int | None):
         """The no-grad ``TokenStats`` of the model's own logits of ``hidden`` [N, H]: this transform of
-        ``head`` (scale folded into the operands, soft cap in the kernel)."""
+        ``head`` (``pre`` and scale in the operands, soft cap in the kernel)."""
         from ..kernels import token_stats
 
         h, weight, bias = self.operands(hidden, head)
@@ -180,7 +220,8 @@ class LogitTransform(NamedTuple):
     def describe(self) -> str:
         parts = ([f"x {self.scale:g}"] if self.scale != 1.0 else []) + (
             [f"soft-capped at {self.softcap:g}"] if self.softcap is not None else [])
-        return "head(h)" + (" " + ", ".join(parts) if parts else "")
+        applied = "head(h)" if self.pre is None else f"head({self.pre.name}(h))"
+        return applied + (" " + ", ".join(parts) if parts else "")
 
 
 def logit_transform(model: nn.Module) -> LogitTransform:
@@ -203,52 +244,114 @@ def logit_transform(model: nn.Module) -> LogitTransform:
 
 def checked_logit_transform(model: nn.Module) -> LogitTransform:
     """The model's :class:`LogitTransform`, after checking that its decoder and head are found and
-    that the transform reproduces its logits (:func:`check_logit_transform`): what the step and the
-    reference model run at construction, so an unsupported architecture fails before any data loads."""
+    that the transform reproduces its logits (:func:`check_logit_transform`, which also finds what the
+    model runs between decoder and head): what the step and the reference model run at construction,
+    so an unsupported architecture fails before any data loads."""
     find_decoder(model), find_head(model)
-    transform = logit_transform(model)
-    check_logit_transform(model, transform)
-    return transform
+    return check_logit_transform(model, logit_transform(model))
+
+
+def _child_holding(parent: nn.Module, module: nn.Module) -> str | None:
+    """The name of ``parent``'s direct child that is ``module`` or contains it; None if none does."""
+    for name, child in parent.named_children():
+        if child is module or any(m is module for m in child.modules()):
+            return name
+    return None
+
+
+def _head_input_candidates(lm: nn.Module, head: nn.Linear, calls: list[str]) -> list[HeadInput]:
+    """What a model may run between decoder and head, to be tried in turn against its logits:
+
+    - the head sits inside a module of its own (BERT's ``cls.predictions``, RoBERTa's ``lm_head``):
+      that module with its head replaced by an identity (a shallow copy; its other submodules are the
+      model's own), so its forward gives the head's input (dense, activation, norm);
+    - the head is a direct child of the causal LM (ELECTRA's ``generator_lm_head``, ModernBERT
+      decoder's ``decoder``): the LM's direct children that ran, in ``calls`` (their call order on a
+      probe), after the decoder's and before the head (``generator_predictions``, ``lm_head``)."""
+    path = next((name for name, m in lm.named_modules() if m is head), None)
+    if not path:
+        return []
+    owner_path, _, leaf = path.rpartition(".")
+    if owner_path:
+        owner = lm.get_submodule(owner_path)
+        view = copy.copy(owner)  # new module object; same parameters and submodules ...
+        view._modules = dict(owner._modules)
+        view._modules[leaf] = nn.Identity()  # ... but the head
+        return [HeadInput(f"{owner_path} without its {leaf}", [view], {id(view): owner}, head)]
+    decoder_child = _child_holding(lm, find_decoder(lm))
+    if decoder_child not in calls or leaf not in calls:
+        return []
+    between = calls[calls.index(decoder_child) + 1: calls.index(leaf)]
+    if not between:
+        return []
+    return [HeadInput(" then ".join(between), [lm.get_submodule(name) for name in between])]
+
+
+def _logits_of(h: torch.Tensor, head: nn.Linear, transform: LogitTransform) -> torch.Tensor:
+    got = nn.functional.linear(*transform.operands(h, head)).float()
+    if transform.softcap is not None:
+        got = transform.softcap * torch.tanh(got / transform.softcap)
+    return got
 
 
 @torch.no_grad()
-def check_logit_transform(model: nn.Module, transform: LogitTransform) -> None:
+def check_logit_transform(model: nn.Module, transform: LogitTransform) -> LogitTransform:
     """Run the model once on a 4-token probe (eval mode, no grad; each module's mode restored) and
     check that its own logits equal ``transform`` of its head of its decoder's final hidden states,
-    which is all the step computes. Raise ValueError naming the model otherwise: a family that does
-    something else after its decoder (a head MLP, an unknown scale) would train a loss that is not the
-    model's. Skipped for a model whose weights are not materialised (meta device)."""
+    which is all the step computes; where they do not, try what the model may run between decoder and
+    head (:func:`_head_input_candidates`) as the transform's ``pre``. Return the transform that
+    reproduces the logits; raise ValueError naming the model where none does: a family that does
+    something else after its decoder (an unknown scale, several predicted tokens) would train a loss
+    that is not the model's. Skipped (``transform`` returned as given) for a model whose weights are not
+    materialised (meta device)."""
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weight = getattr(embeddings, "weight", None)
     if weight is None or weight.device.type == "meta":
-        return
+        return transform
     head = find_head(model)
+    lm = causal_lm(model)
     probe = (torch.arange(4, device=weight.device) % head.weight.shape[0]).unsqueeze(0)
     modes = [(m, m.training) for m in model.modules()]
+    calls: list[str] = []  # the causal LM's direct children, in the order the probe calls them
+    hooks = [child.register_forward_pre_hook(lambda *_, n=name: calls.append(n))
+             for name, child in lm.named_children()]
     model.eval()
     try:
         want = model(input_ids=probe, use_cache=False).logits.float()
+        for hook in hooks:
+            hook.remove()
         h = find_decoder(model)(input_ids=probe, use_cache=False).last_hidden_state
-        if h.shape[-1] != head.weight.shape[1]:
-            raise ValueError(
-                f"{type(model).__name__}: its LM head takes width {head.weight.shape[1]} but its decoder's final "
-                f"hidden states have width {h.shape[-1]}: the model transforms them between decoder and head, "
-                "which CGGR's loss and scores would skip; this architecture is not supported")
-        got = nn.functional.linear(*transform.operands(h, head)).float()
-        if transform.softcap is not None:
-            got = transform.softcap * torch.tanh(got / transform.softcap)
+        tol = 1e-4 if head.weight.dtype in (torch.float32, torch.float64) else 2e-2
+        bound = tol * (float(want.abs().max()) + 1.0)
+        candidates = [transform] if h.shape[-1] == head.weight.shape[1] else []
+        candidates += [transform._replace(pre=pre) for pre in _head_input_candidates(lm, head, calls)]
+        diff = None
+        for candidate in candidates:
+            got = _logits_of(h, head, candidate)
+            if got.shape != want.shape:
+                continue
+            candidate_diff = float((got - want.to(got.device)).abs().max())
+            if candidate_diff <= bound:
+                return candidate
+            diff = candidate_diff if diff is None else min(diff, candidate_diff)
     finally:
+        for hook in hooks:
+            hook.remove()
         for m, mode in modes:
             m.training = mode
-    tol = 1e-4 if head.weight.dtype in (torch.float32, torch.float64) else 2e-2
-    diff = float((got - want.to(got.device)).abs().max())
-    if not diff <= tol * (float(want.abs().max()) + 1.0):
+    if diff is None:
         raise ValueError(
-            f"{type(model).__name__}: its logits are not {transform.describe()} of its decoder's final hidden "
-            f"states (they differ by up to {diff:.3g} on a 4-token probe), so CGGR's loss and scores would not be "
-            "the model's own; this architecture is not supported (supported after the head: "
-            "final_logit_softcapping / logits_soft_cap, logit_scale, logits_scaling, logits_mup_width_multiplier)"
-        )
+            f"{type(model).__name__}: its LM head takes width {head.weight.shape[1]} but its decoder's final "
+            f"hidden states have width {h.shape[-1]}, and no module between decoder and head was found that "
+            "maps one to the other; this architecture is not supported")
+    raise ValueError(
+        f"{type(model).__name__}: its logits are not {transform.describe()} of its decoder's final hidden "
+        f"states (they differ by up to {diff:.3g} on a 4-token probe), nor that of any module the model "
+        "runs between decoder and head, so CGGR's loss and scores would not be the model's own; this "
+        "architecture is not supported (supported after the head: final_logit_softcapping / logits_soft_cap, "
+        "logit_scale, logits_scaling, logits_mup_width_multiplier; before it: the module holding the head, "
+        "or modules the causal LM calls between decoder and head)"
+    )
 
 
 @torch.no_grad()
