@@ -310,6 +310,26 @@ def test_a_head_transform_between_decoder_and_head_trains_the_models_own_loss(fa
                for p in step.logit_transform.pre.parameters() if p.dim() >= 2)
 
 
+def test_a_decoder_that_sees_later_tokens_is_refused():
+    """A BERT-style model loaded without ``is_decoder=True`` attends both ways: trained on next tokens
+    it would read them. The probe refuses it by name, with the fix; the same model as a decoder (the
+    only difference) is accepted, and the probe restores the mode it found."""
+    import transformers
+
+    small = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    torch.manual_seed(0)
+    both_ways = transformers.BertLMHeadModel(transformers.BertConfig(**small)).train()
+    with pytest.raises(ValueError, match="BertLMHeadModel: its decoder is not causal: its hidden states at positions "
+                                         "0-2 change .* is_decoder=True in the config"):
+        CGGRStep(both_ways, CGGRConfig())
+    with pytest.raises(ValueError, match="not causal"):
+        ReferenceModel(both_ways)
+    assert both_ways.training
+    causal = transformers.BertLMHeadModel(transformers.BertConfig(**small, is_decoder=True))
+    causal.load_state_dict(both_ways.state_dict())
+    CGGRStep(causal, CGGRConfig())
+
+
 def test_a_head_narrower_than_the_decoder_without_a_module_between_is_refused_by_name():
     """A model that maps its hidden states to the head's width in its forward, with no module the
     probe can find: refused with the widths named, not failing inside a matrix product."""

@@ -12,6 +12,7 @@ and no checkpoint bytes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import NamedTuple
 
@@ -242,13 +243,57 @@ def logit_transform(model: nn.Module) -> LogitTransform:
     return LogitTransform(scale, softcap)
 
 
+@contextlib.contextmanager
+def probing(model: nn.Module, length: int = 4):
+    """A probe of ``model``: yields ``length`` token ids [1, length] (0, 1, 2, ... modulo the embedding
+    table) on its device, with the model in eval mode under no grad, each module's train/eval mode
+    restored after; yields None where its weights are not materialised (meta device: nothing can run)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if weight is None or weight.device.type == "meta":
+        yield None
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield (torch.arange(length, device=weight.device) % weight.shape[0]).unsqueeze(0)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def checked_logit_transform(model: nn.Module) -> LogitTransform:
     """The model's :class:`LogitTransform`, after checking that its decoder and head are found and
     that the transform reproduces its logits (:func:`check_logit_transform`, which also finds what the
     model runs between decoder and head): what the step and the reference model run at construction,
     so an unsupported architecture fails before any data loads."""
     find_decoder(model), find_head(model)
+    check_causal(model)
     return check_logit_transform(model, logit_transform(model))
+
+
+def check_causal(model: nn.Module) -> None:
+    """Check on a 4-token probe (eval mode, no grad; modes restored) that the decoder's hidden states
+    at positions 0-2 do not change when token 3 does: a model whose attention sees later tokens (a
+    BERT-style model without ``is_decoder=True``, XLNet without a permutation mask) would be trained to
+    predict tokens it can read, a loss near zero that teaches nothing. Raise ValueError naming the
+    model otherwise. Skipped for a model whose weights are not materialised (meta device)."""
+    with probing(model) as first:
+        if first is None:
+            return
+        second = first.clone()
+        second[0, 3] = (first[0, 3] + 1) % find_head(model).weight.shape[0]
+        decoder = find_decoder(model)
+        a, b = (decoder(input_ids=ids, use_cache=False).last_hidden_state[:, :3] for ids in (first, second))
+    tol = 1e-5 if a.dtype in (torch.float32, torch.float64) else 1e-3
+    a, b = a.float(), b.float()
+    diff = float((a - b).abs().max())  # 0 for a causal decoder: the same rows, computed the same way
+    if not diff <= tol * (float(a.abs().max()) + 1.0):
+        raise ValueError(
+            f"{type(causal_lm(model)).__name__}: its decoder is not causal: its hidden states at positions 0-2 "
+            f"change (by up to {diff:.3g}) when only token 3 does, so it would be trained to predict tokens it "
+            "can see; load it as a causal decoder (BERT-style models: is_decoder=True in the config)")
 
 
 def _child_holding(parent: nn.Module, module: nn.Module) -> str | None:
@@ -294,7 +339,6 @@ def _logits_of(h: torch.Tensor, head: nn.Linear, transform: LogitTransform) -> t
     return got
 
 
-@torch.no_grad()
 def check_logit_transform(model: nn.Module, transform: LogitTransform) -> LogitTransform:
     """Run the model once on a 4-token probe (eval mode, no grad; each module's mode restored) and
     check that its own logits equal ``transform`` of its head of its decoder's final hidden states,
@@ -304,41 +348,35 @@ def check_logit_transform(model: nn.Module, transform: LogitTransform) -> LogitT
     something else after its decoder (an unknown scale, several predicted tokens) would train a loss
     that is not the model's. Skipped (``transform`` returned as given) for a model whose weights are not
     materialised (meta device)."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    weight = getattr(embeddings, "weight", None)
-    if weight is None or weight.device.type == "meta":
-        return transform
     head = find_head(model)
     lm = causal_lm(model)
-    probe = (torch.arange(4, device=weight.device) % head.weight.shape[0]).unsqueeze(0)
-    modes = [(m, m.training) for m in model.modules()]
     calls: list[str] = []  # the causal LM's direct children, in the order the probe calls them
     hooks = [child.register_forward_pre_hook(lambda *_, n=name: calls.append(n))
              for name, child in lm.named_children()]
-    model.eval()
     try:
-        want = model(input_ids=probe, use_cache=False).logits.float()
-        for hook in hooks:
-            hook.remove()
-        h = find_decoder(model)(input_ids=probe, use_cache=False).last_hidden_state
-        tol = 1e-4 if head.weight.dtype in (torch.float32, torch.float64) else 2e-2
-        bound = tol * (float(want.abs().max()) + 1.0)
-        candidates = [transform] if h.shape[-1] == head.weight.shape[1] else []
-        candidates += [transform._replace(pre=pre) for pre in _head_input_candidates(lm, head, calls)]
-        diff = None
-        for candidate in candidates:
-            got = _logits_of(h, head, candidate)
-            if got.shape != want.shape:
-                continue
-            candidate_diff = float((got - want.to(got.device)).abs().max())
-            if candidate_diff <= bound:
-                return candidate
-            diff = candidate_diff if diff is None else min(diff, candidate_diff)
+        with probing(model) as probe:
+            if probe is None:
+                return transform
+            want = model(input_ids=probe, use_cache=False).logits.float()
+            for hook in hooks:
+                hook.remove()
+            h = find_decoder(model)(input_ids=probe, use_cache=False).last_hidden_state
+            tol = 1e-4 if head.weight.dtype in (torch.float32, torch.float64) else 2e-2
+            bound = tol * (float(want.abs().max()) + 1.0)
+            candidates = [transform] if h.shape[-1] == head.weight.shape[1] else []
+            candidates += [transform._replace(pre=pre) for pre in _head_input_candidates(lm, head, calls)]
+            diff = None
+            for candidate in candidates:
+                got = _logits_of(h, head, candidate)
+                if got.shape != want.shape:
+                    continue
+                candidate_diff = float((got - want.to(got.device)).abs().max())
+                if candidate_diff <= bound:
+                    return candidate
+                diff = candidate_diff if diff is None else min(diff, candidate_diff)
     finally:
         for hook in hooks:
             hook.remove()
-        for m, mode in modes:
-            m.training = mode
     if diff is None:
         raise ValueError(
             f"{type(model).__name__}: its LM head takes width {head.weight.shape[1]} but its decoder's final "
@@ -354,7 +392,6 @@ def check_logit_transform(model: nn.Module, transform: LogitTransform) -> LogitT
     )
 
 
-@torch.no_grad()
 def mask_free_is_exact(models: list[nn.Module], length: int = 8) -> bool:
     """Whether the mask-free causal path (:func:`~lightning_cggr.models.attention.mask_free_attention`)
     gives each model's decoder the same hidden states as transformers' own masks, on a ``length``-token
@@ -368,24 +405,18 @@ def mask_free_is_exact(models: list[nn.Module], length: int = 8) -> bool:
         configs = model_configs([model])
         if not any(cfg._attn_implementation in MASK_FREE for cfg in configs):
             continue
-        weight = getattr(model.get_input_embeddings(), "weight", None)
-        if weight is None or weight.device.type == "meta":
-            return False
-        probe = (torch.arange(length, device=weight.device) % weight.shape[0]).unsqueeze(0)
         decoder = find_decoder(model)
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
-        try:
+        with probing(model, length) as probe:
+            if probe is None:
+                return False
             want = decoder(input_ids=probe, use_cache=False).last_hidden_state.float()
             try:
                 with mask_free_attention(configs, length):
                     got = decoder(input_ids=probe, use_cache=False).last_hidden_state.float()
             except Exception:  # e.g. Falcon: a renamed sdpa sends it down its eager path, which needs the mask
                 return False
-        finally:
-            for m, mode in modes:
-                m.training = mode
-        tol = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 2e-2
+        dtype = model.get_input_embeddings().weight.dtype
+        tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
         if not float((got - want).abs().max()) <= tol * (float(want.abs().max()) + 1.0):
             return False
     return True
