@@ -45,7 +45,8 @@ SHRINK = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_la
               eos_token_id=2, qk_rope_head_dim=8, qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=8, kv_lora_rank=16,
               q_lora_rank=16, n_routed_experts=4, n_group=1, topk_group=1, first_k_dense_replace=1,
               mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=4, shared_intermediate_size=32,
-              n_layers=2, n_heads=4, n_shared_experts=1)
+              n_layers=2, n_heads=4, n_shared_experts=1,
+              axial_pos_shape=(3, 4), axial_pos_embds_dim=(16, 16))  # Reformer: factors of T, parts of the width
 T = 12
 
 
@@ -94,6 +95,7 @@ def _tiny(model_type: str):
                         setattr(target, key, value)
                 except Exception:  # a derived property, a validated value, a per-layer attribute
                     pass
+            target.is_decoder = True  # as a causal LM is loaded: BERT-style families attend both ways without it
             if isinstance(getattr(target, "sliding_window", None), int):
                 target.sliding_window = 4
             _per_layer_to_depth(target, depth)

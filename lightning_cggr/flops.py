@@ -28,7 +28,8 @@ list (Llama/SmolLM2, GPT-2, GPT-NeoX; nothing family-specific is needed), summed
 - a sparse-attention indexer (DeepSeek V3.2 and its relatives): its matrices on every token and its
   scores over the ``T^2`` square (:func:`_indexer_width`), in forward only;
 - outside the blocks: ``2 * N_outside * T``, the decoder's other matrices (OPT's projections, Gemma
-  4's per-layer input projection; embedding tables excepted), on every pass that runs blocks;
+  4's per-layer input projection, ELECTRA's embedding projection; embedding tables and poolers
+  excepted, :func:`_outside_matrices`), on every pass that runs blocks;
 - LM head: ``2 * H * V`` per row it runs on (all T positions in the standard step), plus twice the
   elements of any matrices the model runs between decoder and head (a BERT-style head transform) on
   the same rows.
@@ -125,7 +126,8 @@ class FlopShape:
     without quadratic attention."""
     outside_params: float = 0
     """The elements of the matrices the decoder runs outside its blocks on every token, embedding
-    tables excepted: OPT's input/output projections, Gemma 3n's and Gemma 4's per-layer input projection."""
+    tables and poolers excepted: OPT's input/output projections, Gemma 3n's and Gemma 4's per-layer input
+    projection, ELECTRA's and RoFormer's embedding projection, RoCBert's input map."""
     indexer: tuple[tuple[float, int], ...] = ()
     """Per block (empty: no block has one): a sparse-attention indexer's (matrix elements, query-key
     width of its scores), see :func:`_indexer_width`. It runs in forward only: its output is the
@@ -156,7 +158,6 @@ class FlopShape:
 
         decoder = find_decoder(model)
         _, blocks = find_blocks(decoder)
-        owner = block_owner(decoder)  # where the matrices outside the blocks are
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         views = getattr(cfg, "per_layer_config", None)  # transformers' per-block configs (Gemma 4), where given
         if isinstance(views, dict) or not (hasattr(views, "__getitem__") and len(views) == len(blocks)):
@@ -190,9 +191,7 @@ class FlopShape:
             indexer.append((scorer, _indexer_width(block, cfg)))
         head = find_head(model).weight
         vocab, width = head.shape
-        inside = {id(p) for p in blocks.parameters()} | {
-            id(p) for m in owner.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-        outside = [p for p in owner.parameters() if p.dim() >= 2 and id(p) not in inside]
+        outside = _outside_matrices(model, decoder, blocks, block_owner(decoder))
         pre = (checked_logit_transform(model) if transform is None else transform).pre
         before_head = [p for p in pre.parameters() if p.dim() >= 2] if pre is not None else []
         return cls(hidden=width, vocab=vocab, block_params=tuple(params), attention=tuple(attention),
@@ -203,6 +202,48 @@ class FlopShape:
                    head_frozen=not head.requires_grad,
                    head_input_params=sum(p.numel() for p in before_head),
                    head_input_frozen=sum(p.numel() for p in before_head if not p.requires_grad))
+
+
+POOLER_NAMES = ("pooler",)
+"""Module names of a pooler (BERT-style decoders keep one): it runs on one token per sequence, so its
+matrices are not counted per token."""
+
+
+def _outside_matrices(model: torch.nn.Module, decoder: torch.nn.Module, blocks: torch.nn.ModuleList,
+                      owner: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The decoder's >= 2-D parameters outside its blocks that run on every token of text: those of
+    the modules that run on a text probe of ``model`` (:func:`~lightning_cggr.routing.router.probing`), anywhere in
+    the decoder (OPT's projections on the module that holds the blocks, ELECTRA's ``embeddings_project``
+    above it, RoCBert's ``map_inputs_layer`` in its embeddings module; a vision tower, which text never
+    reaches, is left out), but not embedding tables, poolers or cross-attention. Where the model cannot
+    run (meta device): the matrices of ``owner``, the module that holds the blocks."""
+    from .routing.router import probing
+
+    ran: set[int] = set()
+    hooks = [m.register_forward_pre_hook(lambda m, *_: ran.add(id(m))) for m in decoder.modules()]
+    try:
+        with probing(model) as probe:
+            if probe is not None:
+                decoder(input_ids=probe, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    skip = {id(p) for p in blocks.parameters()}
+    modules = []
+    for name, module in (decoder.named_modules() if ran else owner.named_modules()):
+        parts = name.split(".") if name else []
+        if isinstance(module, torch.nn.Embedding) or any(
+                part in POOLER_NAMES or _is_cross_attention(part) for part in parts):
+            skip |= {id(p) for p in module.parameters()}
+        elif not ran or id(module) in ran:
+            modules.append(module)
+    seen, out = set(), []
+    for module in modules:
+        for p in module.parameters(recurse=False):
+            if p.dim() >= 2 and id(p) not in skip and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
 
 
 def _is_cross_attention(name: str) -> bool:

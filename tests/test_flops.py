@@ -402,17 +402,23 @@ def test_model_summary_shows_the_formula_flops_not_zero(capsys, caplog, one_thre
     assert f"{routed['total'] / (train.get_total_flops() - 3 * over):.2f}x the FLOPs" in line
 
 
+TRANSFORM_DENSE = {"bert": "cls.predictions.transform.dense", "modernbert-decoder": "lm_head.dense",
+                   "electra": "generator_predictions.dense"}
+
+
 @pytest.mark.parametrize("case", ["standard", "token", "sequence"])
-@pytest.mark.parametrize("family", ["bert", "modernbert-decoder"])
+@pytest.mark.parametrize("family", sorted(TRANSFORM_DENSE))
 def test_a_head_transform_counts_on_the_rows_the_head_runs_on(family, case, one_thread):
     """A BERT-style head transform (dense, activation, norm before the head) runs on the kept rows
     only: the formula's step FLOPs against everything the real step multiplies (torch loss), and its
-    forward against the model's own forward."""
+    forward against the model's own forward. ELECTRA also projects its embeddings (width 16) to the
+    blocks' width (32) on the decoder, above the module that holds the blocks: counted per token."""
     from test_model_families import _head_transform_family
 
     model = set_attn_implementation(_head_transform_family(family).train(), "eager")
     shape = FlopShape.of(model)
-    assert shape.head_input_params == 32 * 32  # the transform's dense layer
+    assert shape.head_input_params == model.get_submodule(TRANSFORM_DENSE[family]).weight.numel()
+    assert shape.outside_params == (16 * 32 if family == "electra" else 0)
     B, T = 4, 16
     ids = torch.randint(3, 60, (B, T))
     with FlopCounterMode(display=False) as fwd:
