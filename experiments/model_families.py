@@ -161,11 +161,12 @@ def flops_check(model, ids) -> str:
     from lightning_cggr.models.attention import set_attn_implementation
     from lightning_cggr.routing.router import checked_logit_transform, find_decoder, find_head
 
+    transform = checked_logit_transform(model)
     try:
-        shape = FlopShape.of(model)
+        shape = FlopShape.of(model, transform)
     except ValueError as err:
         return f"no formula: {str(err)[:80]}"
-    pre = checked_logit_transform(model).pre  # a head transform between decoder and head (BERT-style)
+    pre = transform.pre  # a head transform between decoder and head (BERT-style)
     for module in model.modules():  # grouped expert matmuls are invisible to the counter
         config = module.__dict__.get("config")
         if config is not None and hasattr(config, "_experts_implementation"):

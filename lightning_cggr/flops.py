@@ -223,19 +223,20 @@ def _outside_matrices(model: torch.nn.Module, decoder: torch.nn.Module, blocks: 
     hooks = [m.register_forward_pre_hook(lambda m, *_: ran.add(id(m))) for m in decoder.modules()]
     try:
         with probing(model) as probe:
-            if probe is not None:
+            probed = probe is not None
+            if probed:
                 decoder(input_ids=probe, use_cache=False)
     finally:
         for hook in hooks:
             hook.remove()
     skip = {id(p) for p in blocks.parameters()}
     modules = []
-    for name, module in (decoder.named_modules() if ran else owner.named_modules()):
+    for name, module in (decoder if probed else owner).named_modules():
         parts = name.split(".") if name else []
         if isinstance(module, torch.nn.Embedding) or any(
                 part in POOLER_NAMES or _is_cross_attention(part) for part in parts):
             skip |= {id(p) for p in module.parameters()}
-        elif not ran or id(module) in ran:
+        elif not probed or id(module) in ran:
             modules.append(module)
     seen, out = set(), []
     for module in modules:

@@ -157,7 +157,7 @@ class HeadInput:
     row by row. Found by :func:`check_logit_transform` where ``head(h)`` alone is not the model's logits.
 
     ``modules`` run in order; one of them may be a view of the module that holds the head (a shallow
-    copy whose head is an identity, see :func:`_head_input_candidates`), so its own forward supplies
+    copy whose head is an identity, see :func:`_head_input`), so its own forward supplies
     whatever it computes between its input and its head."""
 
     def __init__(self, name: str, modules: list[nn.Module], views: dict[int, nn.Module] | None = None,
@@ -304,8 +304,8 @@ def _child_holding(parent: nn.Module, module: nn.Module) -> str | None:
     return None
 
 
-def _head_input_candidates(lm: nn.Module, head: nn.Linear, calls: list[str]) -> list[HeadInput]:
-    """What a model may run between decoder and head, to be tried in turn against its logits:
+def _head_input(lm: nn.Module, head: nn.Linear, calls: list[str]) -> HeadInput | None:
+    """What a model may run between decoder and head, to be tried against its logits (None: nothing):
 
     - the head sits inside a module of its own (BERT's ``cls.predictions``, RoBERTa's ``lm_head``):
       that module with its head replaced by an identity (a shallow copy; its other submodules are the
@@ -315,21 +315,21 @@ def _head_input_candidates(lm: nn.Module, head: nn.Linear, calls: list[str]) -> 
       probe), after the decoder's and before the head (``generator_predictions``, ``lm_head``)."""
     path = next((name for name, m in lm.named_modules() if m is head), None)
     if not path:
-        return []
+        return None
     owner_path, _, leaf = path.rpartition(".")
     if owner_path:
         owner = lm.get_submodule(owner_path)
         view = copy.copy(owner)  # new module object; same parameters and submodules ...
         view._modules = dict(owner._modules)
         view._modules[leaf] = nn.Identity()  # ... but the head
-        return [HeadInput(f"{owner_path} without its {leaf}", [view], {id(view): owner}, head)]
+        return HeadInput(f"{owner_path} without its {leaf}", [view], {id(view): owner}, head)
     decoder_child = _child_holding(lm, find_decoder(lm))
     if decoder_child not in calls or leaf not in calls:
-        return []
+        return None
     between = calls[calls.index(decoder_child) + 1: calls.index(leaf)]
     if not between:
-        return []
-    return [HeadInput(" then ".join(between), [lm.get_submodule(name) for name in between])]
+        return None
+    return HeadInput(" then ".join(between), [lm.get_submodule(name) for name in between])
 
 
 def _logits_of(h: torch.Tensor, head: nn.Linear, transform: LogitTransform) -> torch.Tensor:
@@ -343,7 +343,7 @@ def check_logit_transform(model: nn.Module, transform: LogitTransform) -> LogitT
     """Run the model once on a 4-token probe (eval mode, no grad; each module's mode restored) and
     check that its own logits equal ``transform`` of its head of its decoder's final hidden states,
     which is all the step computes; where they do not, try what the model may run between decoder and
-    head (:func:`_head_input_candidates`) as the transform's ``pre``. Return the transform that
+    head (:func:`_head_input`) as the transform's ``pre``. Return the transform that
     reproduces the logits; raise ValueError naming the model where none does: a family that does
     something else after its decoder (an unknown scale, several predicted tokens) would train a loss
     that is not the model's. Skipped (``transform`` returned as given) for a model whose weights are not
@@ -364,7 +364,8 @@ def check_logit_transform(model: nn.Module, transform: LogitTransform) -> LogitT
             tol = 1e-4 if head.weight.dtype in (torch.float32, torch.float64) else 2e-2
             bound = tol * (float(want.abs().max()) + 1.0)
             candidates = [transform] if h.shape[-1] == head.weight.shape[1] else []
-            candidates += [transform._replace(pre=pre) for pre in _head_input_candidates(lm, head, calls)]
+            if (pre := _head_input(lm, head, calls)) is not None:
+                candidates.append(transform._replace(pre=pre))
             diff = None
             for candidate in candidates:
                 got = _logits_of(h, head, candidate)
