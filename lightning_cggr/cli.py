@@ -8,7 +8,10 @@ mistake (:func:`lightning_cggr.errors.run_command`). ``HYDRA_FULL_ERROR=1`` stil
 
 from __future__ import annotations
 
+import ast
 import difflib
+import functools
+import importlib.util
 import inspect
 import os
 import re
@@ -19,10 +22,37 @@ from .errors import _USER_FULL_ERROR_ENV, FULL_ERROR_ENV, ConfigError, run_comma
 
 
 def trainer_arguments() -> tuple[str, ...]:
-    """The keyword arguments of ``lightning.Trainer``: the only keys ``trainer`` may hold."""
+    """The keyword arguments of ``lightning.Trainer``: the only keys ``trainer`` may hold.
+
+    Read from the source of the installed Lightning's ``Trainer.__init__`` without importing it
+    (importing Lightning takes seconds, and a config mistake should be reported before that); where
+    that source cannot be read and parsed, from the imported class."""
+    if (names := _trainer_arguments_from_source()) is not None:
+        return names
     import lightning as L
 
     return tuple(p for p in inspect.signature(L.Trainer.__init__).parameters if p != "self")
+
+
+@functools.lru_cache(maxsize=1)
+def _trainer_arguments_from_source() -> tuple[str, ...] | None:
+    spec = importlib.util.find_spec("lightning")
+    if spec is None or not spec.origin:
+        return None
+    try:
+        tree = ast.parse((Path(spec.origin).parent / "pytorch" / "trainer" / "trainer.py").read_text("utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "Trainer":
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == "__init__":
+                    a = item.args
+                    if a.vararg or a.kwarg:  # a catch-all would admit any key: let the import decide
+                        return None
+                    names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
+                    return tuple(n for n in names if n != "self")
+    return None
 
 
 def known_top_level_keys(conf_dir: str | Path) -> set[str]:

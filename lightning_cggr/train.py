@@ -18,10 +18,7 @@ import warnings
 from pathlib import Path
 
 import hydra
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelSummary, ProgressBar
-from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from . import rundir
@@ -191,6 +188,10 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     run stops with exit 3 (:class:`~lightning_cggr.callbacks.ResumableCheckpoint`).
     ``callbacks`` are added to those of the ``callbacks`` group.
     """
+    import lightning as L  # here, not at the top: a config mistake is reported before Lightning loads (seconds)
+    from lightning.pytorch.callbacks import ModelSummary, ProgressBar
+    from lightning.pytorch.strategies import FSDPStrategy
+
     from .callbacks import FormulaModelSummary, ResumableCheckpoint, StepProgressBar, default_every_n_steps
     from .checkpointing import AtomicCheckpointIO, estimate_checkpoint_bytes, preflight, recover_folder_checkpoint
     from .data import build_datamodule, build_tokenizer

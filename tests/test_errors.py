@@ -185,3 +185,58 @@ def test_a_real_process_prints_one_line_and_exits_2(tmp_path, overrides, env, ex
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]  # Hydra adds nothing
     assert expect.format(tmp=tmp_path) in lines[0]
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+HEAVY = ("lightning", "pytorch_lightning", "torchmetrics", "transformers")
+"""Packages whose import takes seconds each; the command needs none of them to find a config mistake."""
+
+_REPORT_IMPORTS = (  # python -m lightning_cggr.train, then say which of HEAVY were imported
+    "import atexit, runpy, sys\n"
+    f"atexit.register(lambda: print('imported:', sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))))\n"
+    "runpy.run_module('lightning_cggr.train', run_name='__main__', alter_sys=True)\n"
+)
+
+
+@pytest.mark.parametrize(
+    "overrides, expect",
+    [
+        (["trainer.max_epoch=3", "cggr.min_tokens_ratio=0"], "trainer.max_epoch: no such setting"),
+        (["model=smollm2_gguf", "data=chat", "data.paths=[{tmp}/blob.bin]"], "{tmp}/blob.bin:1: not UTF-8 text"),
+    ],
+    ids=["config-values", "chat-data-file"],
+)
+def test_a_config_mistake_is_reported_before_lightning_or_transformers_is_imported(tmp_path, overrides, expect):
+    """The one line comes from the config and the data files alone, so a user waits for torch's import,
+    not also for Lightning's and transformers' (about 7 s more on this project's CPUs)."""
+    (tmp_path / "blob.bin").write_bytes(b"\xff\xfe" * 100)
+    proc = subprocess.run(
+        [sys.executable, "-c", _REPORT_IMPORTS, f"hydra.run.dir={tmp_path}/run",
+         *[o.format(tmp=tmp_path) for o in overrides]],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "HYDRA_FULL_ERROR": "0"},
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert expect.format(tmp=tmp_path) in proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "imported: []", proc.stdout[-2000:]
+
+
+def test_trainer_keys_read_from_lightnings_source_are_the_imported_trainers(monkeypatch):
+    """``trainer.*`` keys are checked against Trainer.__init__'s parameters read from the installed
+    source (no import); they must be exactly the imported class's, and without a readable source the
+    imported class answers."""
+    import importlib.util
+    import inspect
+
+    import lightning as L
+
+    from lightning_cggr import cli as cli_module
+
+    imported = tuple(p for p in inspect.signature(L.Trainer.__init__).parameters if p != "self")
+    assert "max_steps" in imported and "accelerator" in imported
+    assert cli_module._trainer_arguments_from_source() == imported
+    cli_module._trainer_arguments_from_source.cache_clear()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    try:
+        assert cli_module._trainer_arguments_from_source() is None
+        assert cli_module.trainer_arguments() == imported
+    finally:
+        cli_module._trainer_arguments_from_source.cache_clear()

@@ -19,7 +19,7 @@ TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "mode
 
 
 def test_holdout_documents_are_a_deterministic_part_of_the_training_split_only():
-    from lightning_cggr.data import load_documents, split_documents
+    from lightning_cggr.data.text import load_documents, split_documents
 
     train, val = split_documents(load_documents(DataConfig()), 0.05)
     part = holdout.holdout_documents(train, 0.5)

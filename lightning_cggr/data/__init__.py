@@ -3,6 +3,8 @@
 - :mod:`.text`: the pydoc corpus (no download), local text files, Hugging Face datasets; a BPE
   trained on the corpus; fixed-length packed blocks;
 - :mod:`.chat`: JSONL conversations through the model's chat template, assistant-only labels;
+- :mod:`.files`: the data files read and checked (standard library only, so config validation
+  reports a bad file before Lightning is imported) and the cache folder;
 - :mod:`.resumable`: a seeded loader whose position in the epoch survives a checkpoint.
 """
 
@@ -10,18 +12,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import lightning as L
-
-from .text import (
-    PackedTextDataModule,
-    cache_dir,
-    load_documents,
-    split_documents,
-    text_file_problem,
-    train_bpe_tokenizer,
-)
+from .files import cache_dir, chat_file_problem, text_file_problem
 
 if TYPE_CHECKING:
+    import lightning as L
+
     from ..config import DataConfig
 
 SOURCES = ("pydoc", "files", "chat", "hf")
@@ -35,20 +30,22 @@ __all__ = ["SOURCES", "TOKENIZERS", "build_datamodule", "build_tokenizer", "cach
 def data_file_problems(source: str, paths: list[str]) -> list[str]:
     """Every problem of the data files of ``source`` (files: UTF-8 text; chat: JSONL conversations),
     one line each naming the file (and the line), found before any model or tokenizer is built."""
-    from .chat import chat_file_problem
-
     check = chat_file_problem if source == "chat" else text_file_problem
     return [f"data.paths: {problem}" for problem in map(check, paths) if problem]
 
 
 def build_tokenizer(cfg: DataConfig):
     """The BPE tokenizer trained on the training split of the configured corpus (data.tokenizer=bpe)."""
+    from .text import load_documents, split_documents, train_bpe_tokenizer
+
     train, _ = split_documents(load_documents(cfg), cfg.val_fraction)
     return train_bpe_tokenizer(train, cfg.vocab_size, cfg.cache_dir)
 
 
 def build_datamodule(cfg: DataConfig, tokenizer, seed: int = 0) -> L.LightningDataModule:
     """The data module for ``cfg.source``."""
+    from .text import PackedTextDataModule, load_documents, split_documents
+
     if cfg.source in ("pydoc", "files", "hf"):
         train, val = split_documents(load_documents(cfg), cfg.val_fraction)
         return PackedTextDataModule(train, val, tokenizer, cfg, seed=seed)

@@ -21,8 +21,6 @@ correct. A conversation without any labelled token stays in the data and contrib
 
 from __future__ import annotations
 
-import functools
-import json
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -32,84 +30,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataError, UserError
+from .files import Conversation, read_chat_jsonl
 from .resumable import ResumableLoader, fit_position
 
 IGNORE_INDEX = -100
-
-Conversation = list[dict[str, str]]
 
 
 def sample_chat_path() -> Path:
     """The small chat JSONL shipped with the package (tests and the offline demo)."""
     return Path(str(resources.files("lightning_cggr.data") / "samples" / "chat.jsonl"))
-
-
-def read_chat_jsonl(path: str | Path) -> list[Conversation]:
-    """Conversations of a JSONL file; a missing, empty, non-UTF-8 or malformed file is a
-    :class:`DataError` naming the file and the line."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"{path} does not exist or is not a file")
-    conversations: list[Conversation] = []
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(
-                    f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x}); chat files must be UTF-8 JSONL"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f'{where}: not valid JSON ({err.msg}, column {err.colno}); each line must be one '
-                    '{"messages": [{"role": ..., "content": ...}, ...]} object'
-                ) from None
-            conversations.append(_validate_record(record, where))
-    if not conversations:
-        raise DataError(f"{path} has no conversations; give JSONL lines of {{\"messages\": [...]}}")
-    return conversations
-
-
-@functools.lru_cache(maxsize=256)
-def _chat_file_problem(path: str, mtime_ns: int, size: int) -> str | None:
-    try:
-        read_chat_jsonl(path)
-    except DataError as err:
-        return str(err)
-    return None
-
-
-def chat_file_problem(path: str | Path) -> str | None:
-    """What is wrong with a chat JSONL file, or None (remembered while the file is unchanged)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        return f"{path} does not exist or is not a file"
-    st = path.stat()
-    return _chat_file_problem(str(path), st.st_mtime_ns, st.st_size)
-
-
-def _validate_record(record: object, where: str) -> Conversation:
-    if not isinstance(record, dict) or "messages" not in record:
-        raise DataError(f'{where}: expected an object with a "messages" list')
-    messages = record["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f'{where}: "messages" must be a non-empty list')
-    out: Conversation = []
-    for k, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            raise DataError(f"{where}: message {k} is not an object")
-        role, content = msg.get("role"), msg.get("content")
-        if not isinstance(role, str) or not role:
-            raise DataError(f'{where}: message {k} needs a non-empty string "role"')
-        if not isinstance(content, str):
-            raise DataError(f'{where}: message {k} needs a string "content"')
-        out.append({"role": role, "content": content})
-    return out
 
 
 def _render(tokenizer, messages: Conversation, add_generation_prompt: bool) -> str:

@@ -7,7 +7,6 @@ trained on its training split with ``tokenizers`` and cached on disk.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import os
@@ -21,20 +20,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ..errors import DataError, UserError
+from .files import cache_dir, read_text_file
 from .resumable import ResumableLoader, fit_position
 
 if TYPE_CHECKING:
     from ..config import DataConfig
 
 EOS_TOKEN = "<|endoftext|>"
-
-
-def cache_dir(override: str | None = None) -> Path:
-    """Where tokenizers and downloaded files are cached."""
-    root = override or os.environ.get("LIGHTNING_CGGR_CACHE") or Path.home() / ".cache" / "lightning_cggr"
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def pydoc_documents() -> dict[str, str]:
@@ -46,48 +38,6 @@ def pydoc_documents() -> dict[str, str]:
 
 DOCUMENT_CHARS = 2000
 """A single text file without blank lines is cut into documents of about this many characters."""
-
-
-def read_text_file(path: str | Path) -> str:
-    """The UTF-8 text of a data file; a missing, empty, binary or non-UTF-8 file is a
-    :class:`DataError` naming the file, the line and the byte."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"{path} does not exist or is not a file")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise DataError(
-            f"{path} is not UTF-8 text (byte 0x{data[err.start]:02x} at line {line}, byte offset {err.start}); "
-            "give UTF-8 text files (convert one with e.g. iconv -f LATIN1 -t UTF-8)"
-        ) from None
-    nul = text.find("\0")
-    if nul >= 0:
-        line = text.count("\n", 0, nul) + 1
-        raise DataError(f"{path} is binary data, not text (a NUL byte at line {line}); give UTF-8 text files")
-    if not text.strip():
-        raise DataError(f"{path} is empty; give files with text in them")
-    return text
-
-
-@functools.lru_cache(maxsize=256)
-def _text_file_problem(path: str, mtime_ns: int, size: int) -> str | None:
-    try:
-        read_text_file(path)
-    except DataError as err:
-        return str(err)
-    return None
-
-
-def text_file_problem(path: str | Path) -> str | None:
-    """What is wrong with a text data file, or None (remembered while the file is unchanged)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        return f"{path} does not exist or is not a file"
-    st = path.stat()
-    return _text_file_problem(str(path), st.st_mtime_ns, st.st_size)
 
 
 def split_text(text: str, name: str = "text") -> dict[str, str]:

@@ -116,8 +116,8 @@ def build_reference(
     import lightning as L
 
     from ..config import CGGRConfig, LossConfig, OptimConfig, parse_config
-    from ..data import build_tokenizer, load_documents, split_documents
-    from ..data.text import PackedTextDataModule
+    from ..data import build_tokenizer
+    from ..data.text import PackedTextDataModule, load_documents, split_documents
     from ..models import build_model
     from ..step import CGGRStep, build_optimizer, build_scheduler, optimizer_step
     from .router import find_blocks, find_decoder

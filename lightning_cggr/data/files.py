@@ -1,0 +1,141 @@
+"""The user's data files, read and checked before anything is built, and the cache folder.
+
+Only the standard library: :func:`lightning_cggr.config.validate` reads the data files named in a
+config through these functions, so that a mistake in one is reported before torch's heavier
+companions (Lightning, transformers) are imported.
+
+- text files (``data.source=files``): UTF-8, not binary, not empty;
+- chat files (``data.source=chat``): JSONL, one ``{"messages": [{"role": ..., "content": ...}]}``
+  per non-blank line.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+from ..errors import DataError
+
+Conversation = list[dict[str, str]]
+
+
+def cache_dir(override: str | None = None) -> Path:
+    """Where tokenizers and downloaded files are cached."""
+    root = override or os.environ.get("LIGHTNING_CGGR_CACHE") or Path.home() / ".cache" / "lightning_cggr"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+
+def read_text_file(path: str | Path) -> str:
+    """The UTF-8 text of a data file; a missing, empty, binary or non-UTF-8 file is a
+    :class:`DataError` naming the file, the line and the byte."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path} does not exist or is not a file")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"{path} is not UTF-8 text (byte 0x{data[err.start]:02x} at line {line}, byte offset {err.start}); "
+            "give UTF-8 text files (convert one with e.g. iconv -f LATIN1 -t UTF-8)"
+        ) from None
+    nul = text.find("\0")
+    if nul >= 0:
+        line = text.count("\n", 0, nul) + 1
+        raise DataError(f"{path} is binary data, not text (a NUL byte at line {line}); give UTF-8 text files")
+    if not text.strip():
+        raise DataError(f"{path} is empty; give files with text in them")
+    return text
+
+
+@functools.lru_cache(maxsize=256)
+def _text_file_problem(path: str, mtime_ns: int, size: int) -> str | None:
+    try:
+        read_text_file(path)
+    except DataError as err:
+        return str(err)
+    return None
+
+
+def text_file_problem(path: str | Path) -> str | None:
+    """What is wrong with a text data file, or None (remembered while the file is unchanged)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        return f"{path} does not exist or is not a file"
+    st = path.stat()
+    return _text_file_problem(str(path), st.st_mtime_ns, st.st_size)
+
+
+
+def read_chat_jsonl(path: str | Path) -> list[Conversation]:
+    """Conversations of a JSONL file; a missing, empty, non-UTF-8 or malformed file is a
+    :class:`DataError` naming the file and the line."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path} does not exist or is not a file")
+    conversations: list[Conversation] = []
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x}); chat files must be UTF-8 JSONL"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f'{where}: not valid JSON ({err.msg}, column {err.colno}); each line must be one '
+                    '{"messages": [{"role": ..., "content": ...}, ...]} object'
+                ) from None
+            conversations.append(_validate_record(record, where))
+    if not conversations:
+        raise DataError(f"{path} has no conversations; give JSONL lines of {{\"messages\": [...]}}")
+    return conversations
+
+
+@functools.lru_cache(maxsize=256)
+def _chat_file_problem(path: str, mtime_ns: int, size: int) -> str | None:
+    try:
+        read_chat_jsonl(path)
+    except DataError as err:
+        return str(err)
+    return None
+
+
+def chat_file_problem(path: str | Path) -> str | None:
+    """What is wrong with a chat JSONL file, or None (remembered while the file is unchanged)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        return f"{path} does not exist or is not a file"
+    st = path.stat()
+    return _chat_file_problem(str(path), st.st_mtime_ns, st.st_size)
+
+
+def _validate_record(record: object, where: str) -> Conversation:
+    if not isinstance(record, dict) or "messages" not in record:
+        raise DataError(f'{where}: expected an object with a "messages" list')
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f'{where}: "messages" must be a non-empty list')
+    out: Conversation = []
+    for k, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise DataError(f"{where}: message {k} is not an object")
+        role, content = msg.get("role"), msg.get("content")
+        if not isinstance(role, str) or not role:
+            raise DataError(f'{where}: message {k} needs a non-empty string "role"')
+        if not isinstance(content, str):
+            raise DataError(f'{where}: message {k} needs a string "content"')
+        out.append({"role": role, "content": content})
+    return out
