@@ -139,8 +139,9 @@ def hydra_problem(err: Exception, conf_dir: str | Path) -> str:
         return f"{key}: no such setting{did_you_mean(key, known)} (to add a new key on purpose, write {add})"
     if isinstance(err, OverrideParseException):
         first = message.splitlines()[0] if message else "syntax error"
-        return (f"cannot parse the override {err.override!r} ({first}); quote a value holding "
-                "brackets, commas or spaces, e.g. 'data.paths=[a.txt,b.txt]'")
+        return (f"cannot parse the override {err.override!r} ({first}); a value holding '=', spaces or "
+                "other special characters needs quotes inside the shell's, e.g. 'ckpt_path=\"runs/step=50.ckpt\"', "
+                "and a list brackets, e.g. 'data.paths=[a.txt,b.txt]'")
     lines = []
     for line in message.splitlines():
         if line.startswith(("Config search path", "Available options")):

@@ -100,6 +100,8 @@ CASES = [
     Case("unknown-group-option", ["cggr=sequnce"], "cggr=sequnce: no such option; did you mean sequence?"),
     Case("unknown-experiment", ["+experiment=nope"], "experiment=nope: no such option"),
     Case("unparsable-override", ["cggr.scoring=[entropy"], "cannot parse the override 'cggr.scoring=[entropy'"),
+    Case("equals-sign-in-a-value", ["ckpt_path={tmp}/step=5.ckpt"],
+         "a value holding '=', spaces or other special characters needs quotes inside the shell's"),
     Case("bad-choice", ["cggr.scoring=entropyy"], "cggr.scoring='entropyy': must be one of"),
     Case("ratio-out-of-range", ["cggr.min_tokens_ratio=0"], "cggr.min_tokens_ratio=0: must be in (0, 1]"),
     Case("string-where-a-number-goes", ["optim.lr=fast"], "optim.lr='fast': must be a number > 0"),

@@ -37,7 +37,7 @@ def test_callbacks_group_builds_checkpoints_monitors_early_stopping_and_user_cal
         "+callbacks.mine._target_=test_loggers.Recorder", f"+callbacks.mine.path={hit}", "+callbacks.mine.note=hello",
     ))
     ckpts = tmp_path / "run" / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt", "last.ckpt", "step=000004.ckpt", "step=000008.ckpt"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt", "last.ckpt", "step_000004.ckpt", "step_000008.ckpt"]
     best, last = (torch.load(ckpts / n, weights_only=False) for n in ("best.ckpt", "last.ckpt"))
     assert "optimizer_states" not in best and "optimizer_states" in last  # weights only: the default for best
     assert best["lightning_cggr"]["config"]["model"]["hidden_size"] == 32  # every checkpoint names its config
