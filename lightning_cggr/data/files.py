@@ -55,22 +55,26 @@ def read_text_file(path: str | Path) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _text_file_problem(path: str, mtime_ns: int, size: int) -> str | None:
+def _read_problem(read, path: str, mtime_ns: int, size: int) -> str | None:
     try:
-        read_text_file(path)
+        read(path)
     except DataError as err:
         return str(err)
     return None
 
 
-def text_file_problem(path: str | Path) -> str | None:
-    """What is wrong with a text data file, or None (remembered while the file is unchanged)."""
+def _file_problem(read, path: str | Path) -> str | None:
+    """What ``read`` finds wrong with a data file, or None (remembered while the file is unchanged)."""
     path = Path(path).expanduser()
     if not path.is_file():
         return f"{path} does not exist or is not a file"
     st = path.stat()
-    return _text_file_problem(str(path), st.st_mtime_ns, st.st_size)
+    return _read_problem(read, str(path), st.st_mtime_ns, st.st_size)
 
+
+def text_file_problem(path: str | Path) -> str | None:
+    """What is wrong with a text data file, or None."""
+    return _file_problem(read_text_file, path)
 
 
 def read_chat_jsonl(path: str | Path) -> list[Conversation]:
@@ -104,22 +108,9 @@ def read_chat_jsonl(path: str | Path) -> list[Conversation]:
     return conversations
 
 
-@functools.lru_cache(maxsize=256)
-def _chat_file_problem(path: str, mtime_ns: int, size: int) -> str | None:
-    try:
-        read_chat_jsonl(path)
-    except DataError as err:
-        return str(err)
-    return None
-
-
 def chat_file_problem(path: str | Path) -> str | None:
-    """What is wrong with a chat JSONL file, or None (remembered while the file is unchanged)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        return f"{path} does not exist or is not a file"
-    st = path.stat()
-    return _chat_file_problem(str(path), st.st_mtime_ns, st.st_size)
+    """What is wrong with a chat JSONL file, or None."""
+    return _file_problem(read_chat_jsonl, path)
 
 
 def _validate_record(record: object, where: str) -> Conversation:
