@@ -176,6 +176,31 @@ def instantiate_group(node, group: str) -> list:
     return objects
 
 
+class _DropAdvert(logging.Filter):
+    """Drops Lightning's tip to install its cloud logger, which it prints at every Trainer built
+    without one: not a notice about the run, and the same line in every run's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def tidy_lightning_logging() -> None:
+    """Each Lightning notice once, without the advert. Lightning's top package gives the ``lightning``
+    logger a console handler of its own when imported, yet lets its records go on to the root
+    logger: where the root logger has handlers already (Hydra's console and ``train.log``, or a
+    script's ``logging.basicConfig``), every notice was printed twice. That handler is dropped
+    then; with no root handlers it stays, the only place Lightning's notices would show."""
+    import lightning
+
+    console = getattr(lightning, "_console", None)
+    if logging.getLogger().handlers and console is not None:
+        logging.getLogger("lightning").removeHandler(console)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropAdvert) for f in logger.filters):
+            logger.addFilter(_DropAdvert())
+
+
 def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     """Build data, model and trainer from a composed config, fit, validate; return final metrics.
 
@@ -202,6 +227,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     from .rundir import plan_run
     from .signals import StopRequest
 
+    tidy_lightning_logging()
     run, trainer_kw = check_config(cfg)
     for warning in routing_warnings(run):
         log.warning(warning)

@@ -114,3 +114,27 @@ def test_main_returns_the_final_validation_loss_for_sweepers(tmp_path):
     cfg = make_cfg(tmp_path, "run", "trainer.max_steps=2")
     objective = main.__wrapped__(cfg)  # the function under @hydra.main: what a sweeper receives
     assert isinstance(objective, float) and objective == pytest.approx(rows(tmp_path / "run", "val/loss")[-1][1])
+
+
+TIDY = """
+import logging
+logging.basicConfig(level=logging.INFO, format="ROOT %(message)s")  # as Hydra's job logging does first
+import lightning as L
+from lightning_cggr.train import tidy_lightning_logging
+tidy_lightning_logging()
+tidy_lightning_logging()  # a second train() in the same process adds nothing
+L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+"""
+
+
+def test_lightning_notices_show_once_through_the_root_handlers_without_the_litlogger_advert():
+    """Lightning's top package adds its own console handler and lets records propagate to the root
+    logger as well: under Hydra every notice came out twice, plus a cloud-logger advert."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", TIDY], capture_output=True, text=True, timeout=120, check=True)
+    text = out.stdout + out.stderr
+    assert text.count("GPU available") == 1, text
+    assert "ROOT GPU available" in text  # through the root's handlers: Hydra's console and train.log
+    assert "litlogger" not in text, text
