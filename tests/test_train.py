@@ -183,3 +183,23 @@ def test_cli_fsdp2_on_two_cpu_processes_trains_and_resumes_exactly(tmp_path, tok
     assert straight[-1] < straight[0] - 1.0  # it trains
     assert resumed == pytest.approx(straight[6:], rel=1e-6)
     assert resumed_val == pytest.approx(straight_val, rel=1e-6)
+
+
+def test_help_says_what_the_program_does_and_lists_every_shipped_option(monkeypatch, capsys):
+    from lightning_cggr.train import cli
+
+    # no logging set up: Hydra's handlers would outlive this test's captured streams
+    monkeypatch.setattr(sys, "argv", ["lightning-cggr-train", "--help", "hydra/hydra_logging=none",
+                                      "hydra/job_logging=none"])
+    try:
+        cli()
+    except SystemExit as done:
+        assert done.code in (0, None)
+    text = capsys.readouterr().out
+    assert text.startswith("python -m lightning_cggr.train [group=option ...]")
+    assert "is powered by Hydra" not in text  # Hydra's stock header
+    listed = text.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    groups = {line.split(": ")[0]: line.split(": ")[1].split(", ") for line in listed.splitlines() if ": " in line}
+    conf = Path(CONF_DIR)
+    assert groups == {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in conf.iterdir() if g.is_dir()}
+    assert "--cfg job prints the" in text  # the footer
