@@ -14,8 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 from readme_doctest import (
+    GENERATE_LIMITS,
     REPO,
+    TRAIN_LIMITS,
     Block,
     check_shell_command,
     ci_script,
@@ -26,6 +29,8 @@ from readme_doctest import (
     shell_commands,
     write_example_files,
 )
+
+from lightning_cggr.train import CONF_DIR
 
 README = REPO / "README.md"
 TEXT = README.read_text(encoding="utf-8")
@@ -138,18 +143,33 @@ def test_python_blocks_are_checked_for_names_that_moved():
         "from lightning_cggr.export import nothing: lightning_cggr.export has no nothing"]
 
 
-@pytest.mark.slow
-def test_run_block_trains_with_limits_then_exports_and_samples(tmp_path):
+def test_run_block_adds_the_limits_to_every_command_and_they_win(tmp_path):
+    """A run block's commands reach the interpreter with the limits after the README's own values
+    (console scripts as ``python -m``), and Hydra takes the limit. The real commands of the README's
+    run blocks are run by test_readme_run_blocks; here a stand-in interpreter records its arguments."""
     block = Block("bash", "python -m lightning_cggr.train hydra.run.dir=runs/demo trainer.max_steps=500 \\\n"
-                          "    model.num_layers=2 data.vocab_size=512\n"
+                          "    model.num_layers=2\n"
                           "lightning-cggr-export runs/demo my-model\n"
-                          "python -m lightning_cggr.generate my-model \"The for statement\" --max-new-tokens 500\n", 1,
-                  mode="run", marked=True)
-    done = run_block(block, tmp_path, tmp_path / "cache")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "max_steps: 2" in done.stdout  # the limit won over the README's 500
-    assert (tmp_path / "my-model" / "model.safetensors").is_file()
-    assert done.stdout.strip().splitlines()[-1].startswith("The for statement")
+                          "python -m lightning_cggr.generate my-model \"The for statement\" --max-new-tokens 500\n"
+                          "python3 -c pass\n", 1, mode="run", marked=True)
+    record = tmp_path / "python"
+    record.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s|" "$a"; done; echo\n')
+    record.chmod(0o755)
+    done = subprocess.run(["bash", "-c", run_script(block, str(record), "CACHE")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    calls = [line.rstrip("|").split("|") for line in done.stdout.splitlines()]
+    train = ["-m", "lightning_cggr.train", "hydra.run.dir=runs/demo", "trainer.max_steps=500", "model.num_layers=2"]
+    assert calls == [
+        train + [*TRAIN_LIMITS, "data.cache_dir=CACHE"],
+        ["-m", "lightning_cggr.export", "runs/demo", "my-model"],
+        ["-m", "lightning_cggr.generate", "my-model", "The for statement", "--max-new-tokens", "500",
+         *GENERATE_LIMITS],
+        ["-c", "pass"],
+    ]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[a for a in calls[0][2:] if not a.startswith("hydra.")])
+    assert cfg.trainer.max_steps == 2 and cfg.trainer.limit_val_batches == 2  # the last value of a key wins
 
 
 # ---- README.md itself ----------------------------------------------------------------------------
