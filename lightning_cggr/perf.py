@@ -46,6 +46,7 @@ it (CUDA, and CPU in recent torch) and is an error where it does not; ``false`` 
 from __future__ import annotations
 
 import contextlib
+import math
 import types
 from typing import Any, Iterable
 
@@ -333,6 +334,51 @@ def sdpa_scope(backend: str):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([getattr(SDPBackend, _SDPA_ENUM[backend])])
+
+
+LOW_PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "bf16": torch.bfloat16,
+                        "16-mixed": torch.float16, "16-true": torch.float16, "16": torch.float16}
+"""``trainer.precision`` values whose matrix multiplies run in a 16-bit type."""
+
+SLOW_LOW_PRECISION = 3.0
+"""How many times an fp32 matrix multiply's time a 16-bit one may take on the CPU before a run that
+asks for it is warned (with native bf16, AVX512-BF16 or AMX, it takes less than fp32's)."""
+
+
+def cpu_matmul_slowdown(dtype: torch.dtype, size: int = 256, repeats: int = 3) -> float:
+    """How many times as long a ``size``-cubed matrix multiply takes on this CPU in ``dtype`` as in fp32
+    (the fastest of ``repeats`` each, after one warm-up): about 0.1 s where ``dtype`` is emulated."""
+    import time
+
+    a = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
+
+    def fastest(x: torch.Tensor) -> float:
+        x @ x
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            x @ x
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    return fastest(a.to(dtype)) / max(fastest(a), 1e-9)
+
+
+def precision_warning(precision: Any, device_type: str, slowdown=None) -> str | None:
+    """A warning for a 16-bit ``trainer.precision`` on a CPU that computes it far slower than fp32
+    (``slowdown(dtype)``, :func:`cpu_matmul_slowdown` by default: no native bf16 on most CPUs without AVX512-BF16 or AMX), or
+    None. The run still uses what was asked for; the message names the fix."""
+    dtype = LOW_PRECISION_DTYPES.get(str(precision))
+    if device_type != "cpu" or dtype is None:
+        return None
+    times = (slowdown or cpu_matmul_slowdown)(dtype)
+    if times < SLOW_LOW_PRECISION:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    return (f"trainer.precision={precision} on the CPU: a {name} matrix multiply took {times:.0f}x as long as "
+            f"an fp32 one here (torch's CPU capability: {torch.backends.cpu.get_cpu_capability()}; native "
+            f"bf16 needs AVX512-BF16 or AMX), so this run will be many times slower than in fp32; add "
+            f"trainer.precision=32-true")
 
 
 def apply_activation_checkpointing(model: torch.nn.Module, setting: bool | int) -> None:

@@ -25,7 +25,14 @@ from . import rundir
 from .cli import omegaconf_problem, run_hydra, unknown_key_problems
 from .config import config_error, parse_config, register_schema, routing_warnings
 from .errors import ConfigError, UserError, exit_on_user_error
-from .perf import resolve_compile, scope_problem, sdpa_backend_problem, static_shape_problem, uses_cuda_graphs
+from .perf import (
+    precision_warning,
+    resolve_compile,
+    scope_problem,
+    sdpa_backend_problem,
+    static_shape_problem,
+    uses_cuda_graphs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +238,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     run, trainer_kw = check_config(cfg)
     for warning in routing_warnings(run):
         log.warning(warning)
+    if slow := precision_warning(trainer_kw.get("precision"), run_device(trainer_kw)):
+        log.warning(slow)
     out = Path(cfg.output_dir).absolute()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     plan = plan_run(resolved, out)  # before anything is written to the folder

@@ -296,6 +296,49 @@ def test_cuda_graph_compile_mode_is_refused_off_cuda_before_anything_is_built():
     assert parse_config({"perf": {"compile": "reduce-overhead"}}).perf.compile == "reduce-overhead"  # a valid value
 
 
+def test_a_16_bit_precision_on_a_cpu_that_emulates_it_is_warned_with_the_fix():
+    """On CPUs without native bf16 (AVX512-BF16 or AMX) a bf16 matrix multiply is emulated: this
+    project's 2-core AMD EPYC (AVX2) took about 80 times fp32's time, and the SmolLM2 experiment's CPU
+    command (bf16-mixed) ran 5 steps in 12.5 min. The run keeps what was asked for; the warning says
+    what it costs and how to change it. The probe is injected here: its timing is not a test's."""
+    from lightning_cggr.perf import precision_warning
+
+    asked = []
+
+    def probe(times):
+        return lambda dtype: asked.append(dtype) or times
+
+    warning = precision_warning("bf16-mixed", "cpu", probe(80.0))
+    assert warning.startswith("trainer.precision=bf16-mixed on the CPU: a bfloat16 matrix multiply took 80x")
+    assert warning.endswith("add trainer.precision=32-true")
+    assert precision_warning("16-mixed", "cpu", probe(80.0)).startswith("trainer.precision=16-mixed on the CPU: a float16")
+    assert asked == [torch.bfloat16, torch.float16]
+    assert precision_warning("bf16-true", "cpu", probe(1.5)) is None  # a CPU that computes bf16 well
+    for precision, device in [("32-true", "cpu"), ("bf16-mixed", "cuda"), ("64-true", "cpu")]:
+        assert precision_warning(precision, device, probe(80.0)) is None
+    assert len(asked) == 3  # no probe where nothing 16-bit runs on the CPU
+
+
+def test_train_warns_of_an_emulated_bf16_before_building_anything(monkeypatch, caplog, tmp_path):
+    import logging
+
+    from experiments.compose import compose
+    from lightning_cggr import models, perf
+    from lightning_cggr.train import train
+
+    class Built(Exception):
+        pass
+
+    monkeypatch.setattr(perf, "cpu_matmul_slowdown", lambda dtype: 40.0)
+    monkeypatch.setattr(models, "build_model", lambda *a, **k: (_ for _ in ()).throw(Built()))
+    caplog.set_level(logging.WARNING, logger="lightning_cggr.train")
+    cfg = compose(["trainer.precision=bf16-mixed", "trainer.accelerator=cpu", f"output_dir={tmp_path}"])
+    with pytest.raises(Built):
+        train(cfg)
+    assert [m for m in caplog.messages if m.startswith("trainer.precision=bf16-mixed on the CPU: a bfloat16 "
+                                                         "matrix multiply took 40x")]
+
+
 def test_compile_auto_is_on_for_cuda_only_and_never_under_fsdp():
     """perf.compile=auto (the default): torch.compile's default mode on one CUDA device (measured 1.99x
     tokens/s under the Trainer on an H100), off on CPU and across devices; resolved before anything is built."""
