@@ -366,8 +366,8 @@ def cpu_matmul_slowdown(dtype: torch.dtype, size: int = 256, repeats: int = 3) -
 
 def precision_warning(precision: Any, device_type: str, slowdown=None) -> str | None:
     """A warning for a 16-bit ``trainer.precision`` on a CPU that computes it far slower than fp32
-    (``slowdown(dtype)``, :func:`cpu_matmul_slowdown` by default: no native bf16 on most CPUs without AVX512-BF16 or AMX), or
-    None. The run still uses what was asked for; the message names the fix."""
+    (``slowdown(dtype)``, by default :func:`cpu_matmul_slowdown`: most CPUs without AVX512-BF16 or AMX
+    emulate bf16), or None. The run still uses what was asked for; the message names the fix."""
     dtype = LOW_PRECISION_DTYPES.get(str(precision))
     if device_type != "cpu" or dtype is None:
         return None
