@@ -538,6 +538,40 @@ def _validate_lora(p: list[str], a: AdapterConfig) -> None:
         p.append(f"model.lora.r={a.r} needs the peft package: pip install -e .[peft]")
 
 
+RANDOM_MODEL_FIELDS = ("arch", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings")
+"""``model`` settings that shape the random model only; a loaded model brings its own architecture."""
+HF_DATA_FIELDS = ("hf_name", "hf_config", "hf_split", "hf_text_field")
+
+
+def _ignored_setting_problems(p: list[str], m: ModelConfig, d: DataConfig) -> None:
+    """Settings that the chosen model or data source would not read: each an error that names the
+    source it belongs to, never a value silently dropped (``model.name=gpt2`` on the default random
+    model used to train the random model)."""
+    if m.source not in MODEL_SOURCES or d.source not in DATA_SOURCES:
+        return  # reported already
+    model, data = ModelConfig(), DataConfig()
+    if m.name is not None and m.source != "pretrained":
+        p.append(f"model.name={m.name}: read only with model.source=pretrained, and this run's model.source is "
+                 f"{m.source}; use model=smollm model.name={m.name} (or add model.source=pretrained)")
+    if m.source != "random":
+        for name in RANDOM_MODEL_FIELDS:
+            if getattr(m, name) != getattr(model, name):
+                p.append(f"model.{name}={getattr(m, name)}: shapes the random model only, and model.source={m.source} "
+                         f"loads its own architecture; drop it (or use model=tiny)")
+    if d.paths is not None and d.source not in ("files", "chat"):
+        p.append(f"data.paths: read only with data.source=files (text) or chat (JSONL), and this run's data.source "
+                 f"is {d.source}; add data.source=files")
+    if d.source != "hf":
+        for name in HF_DATA_FIELDS:
+            if getattr(d, name) != getattr(data, name):
+                p.append(f"data.{name}={getattr(d, name)}: read only with data.source=hf, and this run's data.source "
+                         f"is {d.source}; add data.source=hf (data=wikitext for WikiText-2)")
+    bpe = d.tokenizer == "bpe" or (d.tokenizer == "auto" and m.source == "random")
+    if d.tokenizer in TOKENIZERS and not bpe and d.vocab_size != data.vocab_size:
+        p.append(f"data.vocab_size={d.vocab_size}: sizes the BPE tokenizer trained for the random model, and this "
+                 f"run uses the model's own tokenizer and vocabulary; drop it")
+
+
 def _validate_checkpoint(p: list[str], c: CheckpointConfig) -> None:
     if c.every_n_steps is not None and (not _is_int(c.every_n_steps) or c.every_n_steps < 0):
         p.append(f"checkpoint.every_n_steps={c.every_n_steps!r}: must be an integer >= 0, or null (a tenth of the run)")
@@ -621,6 +655,7 @@ def validate(run: RunConfig) -> None:
         p.append(
             "data.tokenizer=bpe with a pretrained model would not match its vocabulary; use data.tokenizer=model"
         )
+    _ignored_setting_problems(p, m, d)
     paths_ok = d.paths is None or (isinstance(d.paths, list) and all(isinstance(x, str) and x for x in d.paths))
     if not paths_ok:
         p.append(f"data.paths={d.paths!r}: must be a file path or a list of them, e.g. 'data.paths=[a.txt,b.txt]'")

@@ -70,6 +70,8 @@ CASES = [
     Case("empty-data-file", ["data.source=files", "data.paths={tmp}/empty.txt"],
          "{tmp}/empty.txt is empty", write("empty.txt", "  \n")),
     Case("files-without-paths", ["data.source=files"], "data.paths: required for data.source=files"),
+    Case("a-setting-its-source-ignores", ["model.name=gpt2"],
+         "model.name=gpt2: read only with model.source=pretrained, and this run's model.source is random"),
     Case("malformed-chat-line", ["model=smollm2_gguf", "data=chat", "data.paths=[{tmp}/chat.jsonl]"],
          "{tmp}/chat.jsonl:2: not valid JSON",
          write("chat.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [oops\n')),

@@ -78,6 +78,31 @@ def test_bad_values_fail_before_anything_is_built(override, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "wrong, message, right",
+    [
+        (["model.name=gpt2"], "model.name=gpt2: read only with model.source=pretrained", ["model=smollm", "model.name=gpt2"]),
+        (["model=smollm2_gguf", "model.num_layers=2"], "model.num_layers=2: shapes the random model only",
+         ["model.num_layers=2"]),
+        (["data.paths={tmp}/notes.txt"], "data.paths: read only with data.source=files",
+         ["data.source=files", "data.paths={tmp}/notes.txt"]),
+        (["data.hf_config=wikitext-103-raw-v1"], "data.hf_config=wikitext-103-raw-v1: read only with data.source=hf",
+         ["data=wikitext", "model=smollm", "data.hf_config=wikitext-103-raw-v1"]),
+        (["model=smollm2_gguf", "data.vocab_size=100"], "data.vocab_size=100: sizes the BPE tokenizer",
+         ["data.vocab_size=100"]),
+    ],
+    ids=["model.name", "random-model-size", "data.paths", "hf-dataset-setting", "bpe-vocab"],
+)
+def test_a_setting_the_chosen_source_would_not_read_is_an_error(wrong, message, right, tmp_path):
+    """Each was silently dropped before: model.name=gpt2 on the default random model trained the
+    random model. The same setting with the source that reads it is accepted."""
+    (tmp_path / "notes.txt").write_text("Some words to train on.\n" * 20)
+    with pytest.raises(ConfigError) as err:
+        parse_config(_plain(_compose(*[w.format(tmp=tmp_path) for w in wrong], "output_dir=/tmp/unused")))
+    assert str(err.value).startswith(f"invalid configuration: {message}") and "\n" not in str(err.value)  # alone
+    parse_config(_plain(_compose(*[r.format(tmp=tmp_path) for r in right], "output_dir=/tmp/unused")))
+
+
 def test_all_problems_are_reported_together():
     cfg = _compose("cggr.scoring=x", "cggr.min_tokens_ratio=2", "output_dir=/tmp/unused")
     with pytest.raises(ConfigError) as err:
