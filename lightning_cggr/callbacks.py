@@ -322,9 +322,10 @@ class FormulaModelSummary(ModelSummary):
     routing can save in compute (warm-up steps run the standard step). A model the formula does not
     know keeps Lightning's table (its warning was logged when the module was built)."""
 
-    def __init__(self, batch: int, seq: int, max_depth: int = 1, **summarize_kwargs) -> None:
+    def __init__(self, batch: int, seq: int, max_depth: int = 1, padded: bool = False, **summarize_kwargs) -> None:
+        """``padded``: batches are padded to their longest row (chat data), so ``seq`` is a bound."""
         super().__init__(max_depth, **summarize_kwargs)
-        self.batch, self.seq = batch, seq
+        self.batch, self.seq, self.padded = batch, seq, padded
 
     def on_fit_start(self, trainer, pl_module) -> None:
         shape = getattr(pl_module, "flop_shape", None)
@@ -353,7 +354,8 @@ class FormulaModelSummary(ModelSummary):
         """The training step's model FLOPs per micro-batch, standard and (with CGGR on) routed."""
         step, shape, (b, t) = pl_module.step, pl_module.flop_shape, (self.batch, self.seq)
         standard = step_flops(shape, step.cggr, b, t, loss_impl=step.loss_impl, routed=False)["total"]
-        line = (f"model FLOPs of a training micro-batch of {b} x {t} tokens (lightning_cggr.flops formula): "
+        bound = "at most " if self.padded else ""
+        line = (f"model FLOPs of a training micro-batch of {bound}{b} x {t} tokens (lightning_cggr.flops formula): "
                 f"{flop_count(standard)} without routing")
         if step.cggr.enabled:
             routed = step_flops(shape, step.cggr, b, t, loss_impl=step.loss_impl)
@@ -363,6 +365,9 @@ class FormulaModelSummary(ModelSummary):
                      f"{standard / routed['total']:.2f}x the step rate")
             if step.cggr.scoring == "excess_loss":
                 line += " (the reference model's scoring forward is not counted)"
+        if self.padded:
+            line += (f"; batches are padded to their longest conversation, most to fewer than {t} tokens "
+                     f"(train/mfu counts each batch's own shape)")
         return line
 
     def summarize(self, *args, **kwargs) -> None:  # Lightning's rich table where rich is installed

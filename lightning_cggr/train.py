@@ -275,7 +275,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     if trainer_kw.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in extra):
         extra.append(StepProgressBar())
     if trainer_kw.get("enable_model_summary", True) and not any(isinstance(c, ModelSummary) for c in extra):
-        extra.append(FormulaModelSummary(run.data.batch_size, run.data.block_size))  # Lightning's counts 0
+        extra.append(FormulaModelSummary(run.data.batch_size, run.data.block_size,  # Lightning's counts 0
+                                         padded=run.data.source == "chat"))
         # it stands in for Lightning's default summary: with the flag on, Lightning would announce
         # at every run that it skips its own
         trainer_kw["enable_model_summary"] = False

@@ -402,6 +402,21 @@ def test_model_summary_shows_the_formula_flops_not_zero(capsys, caplog, one_thre
     assert f"{routed['total'] / (train.get_total_flops() - 3 * over):.2f}x the FLOPs" in line
 
 
+def test_the_summary_line_of_padded_batches_says_its_shape_is_a_bound():
+    """Chat batches are padded to their longest conversation: the line's block size is the most a
+    batch has, and it says so; the FLOP figures are those of that bound."""
+    from lightning_cggr.callbacks import FormulaModelSummary
+    from lightning_cggr.module import CGGRModule
+
+    module = CGGRModule(make_tiny_model("llama", num_layers=2), CGGRConfig(), LossConfig(impl="torch"))
+    plain = FormulaModelSummary(4, 16).step_line(module)
+    padded = FormulaModelSummary(4, 16, padded=True).step_line(module)
+    assert plain.startswith("model FLOPs of a training micro-batch of 4 x 16 tokens") and "padded" not in plain
+    bound, note = padded.split("; batches are padded to their longest conversation")
+    assert bound == plain.replace("of 4 x 16 tokens", "of at most 4 x 16 tokens")
+    assert note == ", most to fewer than 16 tokens (train/mfu counts each batch's own shape)"
+
+
 TRANSFORM_DENSE = {"bert": "cls.predictions.transform.dense", "modernbert-decoder": "lm_head.dense",
                    "electra": "generator_predictions.dense"}
 
