@@ -481,6 +481,11 @@ def _fraction(p: list[str], name: str, value: Any, *, zero_ok: bool, one_ok: boo
     return ok
 
 
+STRATEGY_KNOBS = {"strata": "stratified", "p_min": "importance", "importance_transform": "importance",
+                  "prune": "infobatch", "anneal_fraction": "infobatch", "noise_fraction": "noise_excluded"}
+"""``cggr.selection`` settings read by one strategy only; set with another, each is an error."""
+
+
 def _validate_weighted_rules(p: list[str], c: CGGRConfig) -> None:
     """The weighted rules' knobs (always range-checked) and the combinations they do not support."""
     s, q = c.selection, c.ratio_schedule
@@ -489,6 +494,13 @@ def _validate_weighted_rules(p: list[str], c: CGGRConfig) -> None:
     _fraction(p, "cggr.selection.prune", s.prune, zero_ok=True, one_ok=False)
     _fraction(p, "cggr.selection.anneal_fraction", s.anneal_fraction, zero_ok=True, one_ok=True)
     _fraction(p, "cggr.selection.noise_fraction", s.noise_fraction, zero_ok=True, one_ok=False)
+    if s.strategy in SELECTION_STRATEGIES:
+        defaults = SelectionConfig()
+        for knob, owner in STRATEGY_KNOBS.items():
+            if s.strategy != owner and getattr(s, knob) != getattr(defaults, knob):
+                p.append(f"cggr.selection.{knob}={getattr(s, knob)} applies to strategy={owner}, and this run's "
+                         f"cggr.selection.strategy is {s.strategy}; add cggr.selection.strategy={owner}, or "
+                         f"cggr.selection.{knob}={getattr(defaults, knob)} (its default)")
     rule = s.strategy
     if rule not in ("importance", "infobatch", "noise_excluded"):
         return

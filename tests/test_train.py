@@ -90,8 +90,16 @@ def test_bad_values_fail_before_anything_is_built(override, message):
          ["data=wikitext", "model=smollm", "data.hf_config=wikitext-103-raw-v1"]),
         (["model=smollm2_gguf", "data.vocab_size=100"], "data.vocab_size=100: sizes the BPE tokenizer",
          ["data.vocab_size=100"]),
+        (["cggr.selection.p_min=0.2"], "cggr.selection.p_min=0.2 applies to strategy=importance, and this run's "
+         "cggr.selection.strategy is topk", ["cggr=importance", "cggr.selection.p_min=0.2"]),
+        (["cggr=importance", "cggr.selection.strategy=topk"], "cggr.selection.importance_transform=relu applies to "
+         "strategy=importance", ["cggr=importance", "cggr.selection.strategy=topk",
+                                 "cggr.selection.importance_transform=rank"]),  # the fix the message names
+        (["cggr=stratified", "cggr.selection.prune=0.3"], "cggr.selection.prune=0.3 applies to strategy=infobatch",
+         ["cggr=infobatch", "cggr.selection.prune=0.3"]),
     ],
-    ids=["model.name", "random-model-size", "data.paths", "hf-dataset-setting", "bpe-vocab"],
+    ids=["model.name", "random-model-size", "data.paths", "hf-dataset-setting", "bpe-vocab", "importance-knob",
+         "a-presets-knob", "infobatch-knob"],
 )
 def test_a_setting_the_chosen_source_would_not_read_is_an_error(wrong, message, right, tmp_path):
     """Each was silently dropped before: model.name=gpt2 on the default random model trained the
