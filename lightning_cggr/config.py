@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 # Choices are owned by the modules that implement them; this module only checks against them.
 from .data import SOURCES as DATA_SOURCES
@@ -494,13 +494,11 @@ def _validate_weighted_rules(p: list[str], c: CGGRConfig) -> None:
     _fraction(p, "cggr.selection.prune", s.prune, zero_ok=True, one_ok=False)
     _fraction(p, "cggr.selection.anneal_fraction", s.anneal_fraction, zero_ok=True, one_ok=True)
     _fraction(p, "cggr.selection.noise_fraction", s.noise_fraction, zero_ok=True, one_ok=False)
-    if s.strategy in SELECTION_STRATEGIES:
-        defaults = SelectionConfig()
-        for knob, owner in STRATEGY_KNOBS.items():
-            if s.strategy != owner and getattr(s, knob) != getattr(defaults, knob):
-                p.append(f"cggr.selection.{knob}={getattr(s, knob)} applies to strategy={owner}, and this run's "
-                         f"cggr.selection.strategy is {s.strategy}; add cggr.selection.strategy={owner}, or "
-                         f"cggr.selection.{knob}={getattr(defaults, knob)} (its default)")
+    for knob, value in _changed(s, STRATEGY_KNOBS) if s.strategy in SELECTION_STRATEGIES else ():
+        if STRATEGY_KNOBS[knob] != s.strategy:
+            p.append(f"cggr.selection.{knob}={value} applies to strategy={STRATEGY_KNOBS[knob]}, and this run's "
+                     f"cggr.selection.strategy is {s.strategy}; add cggr.selection.strategy={STRATEGY_KNOBS[knob]}, "
+                     f"or cggr.selection.{knob}={getattr(SelectionConfig(), knob)} (its default)")
     rule = s.strategy
     if rule not in ("importance", "infobatch", "noise_excluded"):
         return
@@ -550,6 +548,12 @@ def _validate_lora(p: list[str], a: AdapterConfig) -> None:
         p.append(f"model.lora.r={a.r} needs the peft package: pip install -e .[peft]")
 
 
+def _changed(config: Any, names: Iterable[str]) -> list[tuple[str, Any]]:
+    """(name, value) of each of ``names`` whose value differs from the dataclass default of ``config``."""
+    default = type(config)()
+    return [(name, getattr(config, name)) for name in names if getattr(config, name) != getattr(default, name)]
+
+
 RANDOM_MODEL_FIELDS = ("arch", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings")
 """``model`` settings that shape the random model only; a loaded model brings its own architecture."""
 HF_DATA_FIELDS = ("hf_name", "hf_config", "hf_split", "hf_text_field")
@@ -561,25 +565,20 @@ def _ignored_setting_problems(p: list[str], m: ModelConfig, d: DataConfig) -> No
     model used to train the random model)."""
     if m.source not in MODEL_SOURCES or d.source not in DATA_SOURCES:
         return  # reported already
-    model, data = ModelConfig(), DataConfig()
     if m.name is not None and m.source != "pretrained":
         p.append(f"model.name={m.name}: read only with model.source=pretrained, and this run's model.source is "
                  f"{m.source}; use model=smollm model.name={m.name} (or add model.source=pretrained)")
-    if m.source != "random":
-        for name in RANDOM_MODEL_FIELDS:
-            if getattr(m, name) != getattr(model, name):
-                p.append(f"model.{name}={getattr(m, name)}: shapes the random model only, and model.source={m.source} "
-                         f"loads its own architecture; drop it (or use model=tiny)")
     if d.paths is not None and d.source not in ("files", "chat"):
         p.append(f"data.paths: read only with data.source=files (text) or chat (JSONL), and this run's data.source "
                  f"is {d.source}; add data.source=files")
-    if d.source != "hf":
-        for name in HF_DATA_FIELDS:
-            if getattr(d, name) != getattr(data, name):
-                p.append(f"data.{name}={getattr(d, name)}: read only with data.source=hf, and this run's data.source "
-                         f"is {d.source}; add data.source=hf (data=wikitext for WikiText-2)")
+    for group, config, fields, reader, fix in (
+            ("model", m, RANDOM_MODEL_FIELDS, "random", "the loaded model brings its own architecture; drop it"),
+            ("data", d, HF_DATA_FIELDS, "hf", "add data.source=hf (data=wikitext for WikiText-2)")):
+        for name, value in _changed(config, fields) if config.source != reader else ():
+            p.append(f"{group}.{name}={value}: read only with {group}.source={reader}, and this run's {group}.source "
+                     f"is {config.source}; {fix}")
     bpe = d.tokenizer == "bpe" or (d.tokenizer == "auto" and m.source == "random")
-    if d.tokenizer in TOKENIZERS and not bpe and d.vocab_size != data.vocab_size:
+    if d.tokenizer in TOKENIZERS and not bpe and _changed(d, ("vocab_size",)):
         p.append(f"data.vocab_size={d.vocab_size}: sizes the BPE tokenizer trained for the random model, and this "
                  f"run uses the model's own tokenizer and vocabulary; drop it")
 

@@ -82,7 +82,7 @@ def test_bad_values_fail_before_anything_is_built(override, message):
     "wrong, message, right",
     [
         (["model.name=gpt2"], "model.name=gpt2: read only with model.source=pretrained", ["model=smollm", "model.name=gpt2"]),
-        (["model=smollm2_gguf", "model.num_layers=2"], "model.num_layers=2: shapes the random model only",
+        (["model=smollm2_gguf", "model.num_layers=2"], "model.num_layers=2: read only with model.source=random",
          ["model.num_layers=2"]),
         (["data.paths={tmp}/notes.txt"], "data.paths: read only with data.source=files",
          ["data.source=files", "data.paths={tmp}/notes.txt"]),
