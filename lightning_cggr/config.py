@@ -525,6 +525,21 @@ def config_error(problems: list[str]) -> ConfigError:
     return ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
+def _validate_optim(p: list[str], o: OptimConfig) -> None:
+    """AdamW's and the schedule's numbers (torch would refuse some only at the first step, and take a
+    negative weight decay or a cosine floor above the peak without a word)."""
+    if not _is_number(o.lr) or o.lr <= 0:
+        p.append(f"optim.lr={o.lr!r}: must be a number > 0")
+    if not _is_number(o.weight_decay) or o.weight_decay < 0:
+        p.append(f"optim.weight_decay={o.weight_decay!r}: must be a number >= 0 (0: no weight decay)")
+    betas = list(o.betas) if isinstance(o.betas, (list, tuple)) else None
+    if betas is None or len(betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in betas):
+        p.append(f"optim.betas={_plain(o.betas)!r}: must be two numbers in [0, 1), e.g. 'optim.betas=[0.9,0.95]'")
+    if not _is_int(o.warmup_steps) or o.warmup_steps < 0:
+        p.append(f"optim.warmup_steps={o.warmup_steps!r}: must be an integer >= 0")
+    _fraction(p, "optim.min_lr_ratio", o.min_lr_ratio, zero_ok=True, one_ok=True)
+
+
 def _validate_lora(p: list[str], a: AdapterConfig) -> None:
     if not _is_int(a.r) or a.r < 0:
         p.append(f"model.lora.r={a.r!r}: must be an integer >= 0 (0: no adapters, the whole model trains)")
@@ -682,8 +697,7 @@ def validate(run: RunConfig) -> None:
         p.append(f"data.num_workers={d.num_workers!r}: must be an integer >= 0")
     if not _is_number(d.val_fraction) or not 0.0 < d.val_fraction < 1.0:
         p.append(f"data.val_fraction={d.val_fraction!r}: must be a number in (0, 1)")
-    if not _is_number(run.optim.lr) or run.optim.lr <= 0:
-        p.append(f"optim.lr={run.optim.lr!r}: must be a number > 0")
+    _validate_optim(p, run.optim)
     _validate_perf(p, run)
     _validate_lora(p, m.lora)
     if d.source in ("files", "chat") and d.paths and paths_ok:

@@ -79,6 +79,66 @@ def check_trainer(trainer: dict) -> None:
         )
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+COMMON_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+"""``trainer.precision`` values accepted without asking Lightning (importing it takes seconds)."""
+
+
+def precision_problem(precision) -> str | None:
+    """Lightning's own check of ``trainer.precision`` (its message lists the accepted values), run
+    before the model is built; None where it accepts the value or its check cannot be imported (the
+    Trainer then reports it, after the build)."""
+    if precision in COMMON_PRECISIONS:
+        return None
+    try:
+        from lightning.fabric.connector import _convert_precision_to_unified_args
+    except ImportError:
+        return None
+    try:
+        _convert_precision_to_unified_args(precision)
+    except ValueError as err:
+        return f"trainer.precision={precision!r}: {' '.join(str(err).split())}"
+    return None
+
+
+def trainer_value_problems(trainer: dict) -> list[str]:
+    """The ``trainer`` numbers that Lightning takes without a word and then fails on mid-run (a
+    division by zero at the first step), turns into something else (a negative clipping norm flips
+    FSDP's gradients) or refuses only after the model and data are built."""
+    p = []
+    steps = trainer.get("max_steps", -1)
+    if not _is_int(steps) or steps < -1:
+        p.append(f"trainer.max_steps={steps!r}: must be an integer >= 0 (0: only validate; -1: no step limit, "
+                 f"+trainer.max_epochs ends the run)")
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    if not _is_int(accumulate) or accumulate < 1:
+        p.append(f"trainer.accumulate_grad_batches={accumulate!r}: must be an integer >= 1 (1: no accumulation)")
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0):
+        p.append(f"trainer.gradient_clip_val={clip!r}: must be a number >= 0 (0 or null: no clipping)")
+    every = trainer.get("val_check_interval")
+    per_epoch = trainer.get("check_val_every_n_epoch")
+    if isinstance(every, bool) or (isinstance(every, (int, float)) and every <= 0):
+        p.append(f"trainer.val_check_interval={every!r}: must be an integer >= 1 (optimizer steps between "
+                 f"validations)")
+    elif isinstance(every, float) and per_epoch is None:
+        p.append(f"trainer.val_check_interval={every!r}: a fraction of an epoch needs "
+                 f"trainer.check_val_every_n_epoch (e.g. 1); give a number of steps instead, e.g. "
+                 f"trainer.val_check_interval={max(1, round(every))}")
+    elif isinstance(every, float) and every > 1:
+        p.append(f"trainer.val_check_interval={every!r}: a fraction of an epoch must be in (0, 1]; give an "
+                 f"integer for a number of steps")
+    logs = trainer.get("log_every_n_steps", 50)
+    if not _is_int(logs) or logs < 0:
+        p.append(f"trainer.log_every_n_steps={logs!r}: must be an integer >= 0 (0: no step metrics logged)")
+    if "precision" in trainer and (problem := precision_problem(trainer["precision"])):
+        p.append(problem)
+    return p
+
+
 def check_loss_impl(impl: str, trainer: dict) -> None:
     """``loss.impl`` can run on the device the trainer will use (e.g. triton needs CUDA)."""
     from .kernels import resolve_impl
@@ -111,6 +171,10 @@ def check_config(cfg: DictConfig):
         raise config_error(problems)
     run = parse_config(plain)
     trainer_kw = dict(plain.get("trainer") or {})
+    seed = plain.get("seed")
+    problems = [] if _is_int(seed) else [f"seed={seed!r}: must be an integer"]
+    if problems := problems + trainer_value_problems(trainer_kw):
+        raise config_error(problems)
     run.perf.compile = resolve_compile(run.perf.compile, run_device(trainer_kw), trainer_kw.get("strategy"),
                                        trainer_kw.get("devices", 1))
     if run.perf.compile and trainer_kw.get("strategy") == "fsdp":
@@ -221,6 +285,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     ``callbacks`` are added to those of the ``callbacks`` group.
     """
     import lightning as L  # here, not at the top: a config mistake is reported before Lightning loads (seconds)
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.callbacks import ModelSummary, ProgressBar
     from lightning.pytorch.strategies import FSDPStrategy
 
@@ -287,10 +352,13 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     in_fit_start = isinstance(trainer_kw["strategy"], FSDPStrategy) and plan.ckpt is None
     if in_fit_start:
         trainer_kw["num_sanity_val_steps"] = -1  # every validation batch, as validate() would
-    trainer = L.Trainer(
-        **trainer_kw, logger=loggers or False, callbacks=[checkpoint, *extra], plugins=[AtomicCheckpointIO()],
-        default_root_dir=str(out),
-    )
+    try:
+        trainer = L.Trainer(
+            **trainer_kw, logger=loggers or False, callbacks=[checkpoint, *extra], plugins=[AtomicCheckpointIO()],
+            default_root_dir=str(out),
+        )
+    except (MisconfigurationException, ValueError) as err:  # what trainer_value_problems does not check
+        raise ConfigError(f"invalid configuration: trainer: {' '.join(str(err).split())}") from err
     initial = {}
     if plan.ckpt is None and not in_fit_start:  # the starting point, so the end can be compared with it
         initial = {f"{k}_initial": v for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}

@@ -107,6 +107,23 @@ CASES = [
     Case("bad-choice", ["cggr.scoring=entropyy"], "cggr.scoring='entropyy': must be one of"),
     Case("ratio-out-of-range", ["cggr.min_tokens_ratio=0"], "cggr.min_tokens_ratio=0: must be in (0, 1]"),
     Case("string-where-a-number-goes", ["optim.lr=fast"], "optim.lr='fast': must be a number > 0"),
+    Case("betas-not-a-pair", ["optim.betas=[0.9]"], "optim.betas=[0.9]: must be two numbers in [0, 1)"),
+    Case("cosine-floor-above-the-peak", ["optim.min_lr_ratio=2"], "optim.min_lr_ratio=2: must be a number in [0, 1]"),
+    Case("negative-weight-decay", ["optim.weight_decay=-0.1"], "optim.weight_decay=-0.1: must be a number >= 0"),
+    Case("seed-not-an-integer", ["seed=1.5"], "seed=1.5: must be an integer"),
+    Case("negative-max-steps", ["trainer.max_steps=-5"], "trainer.max_steps=-5: must be an integer >= 0"),
+    Case("zero-accumulation", ["trainer.accumulate_grad_batches=0"],
+         "trainer.accumulate_grad_batches=0: must be an integer >= 1"),
+    Case("zero-validation-interval", ["trainer.val_check_interval=0"],
+         "trainer.val_check_interval=0: must be an integer >= 1"),
+    Case("validation-interval-as-a-fraction", ["trainer.val_check_interval=0.5"],
+         "a fraction of an epoch needs trainer.check_val_every_n_epoch"),
+    Case("negative-clipping-norm", ["trainer.gradient_clip_val=-1"],
+         "trainer.gradient_clip_val=-1: must be a number >= 0 (0 or null: no clipping)"),
+    Case("unknown-precision", ["trainer.precision=bf61-mixed"],
+         "trainer.precision='bf61-mixed': Precision 'bf61-mixed' is invalid. Allowed precision values:"),
+    Case("a-trainer-argument-lightning-refuses", ["trainer.devices=0", *TINY],
+         "invalid configuration: trainer: `Trainer(devices=0)`", builds_model=True),
     Case("group-given-a-value", ["cggr.router=3"], "cggr.router=3: must be a group of settings"),
     Case("bad-interpolation", ["seed=${{oops}}"], "seed: Interpolation key 'oops' not found"),
     Case("corpus-smaller-than-a-block", ["data.source=files", "data.paths={tmp}/short.txt", "data.block_size=4096", *TINY],
@@ -205,9 +222,10 @@ _REPORT_IMPORTS = (  # python -m lightning_cggr.train, then say which of HEAVY w
     "overrides, expect",
     [
         (["trainer.max_epoch=3", "cggr.min_tokens_ratio=0"], "trainer.max_epoch: no such setting"),
+        (["trainer.accumulate_grad_batches=0", "seed=x"], "trainer.accumulate_grad_batches=0: must be"),
         (["model=smollm2_gguf", "data=chat", "data.paths=[{tmp}/blob.bin]"], "{tmp}/blob.bin:1: not UTF-8 text"),
     ],
-    ids=["config-values", "chat-data-file"],
+    ids=["config-values", "trainer-values", "chat-data-file"],
 )
 def test_a_config_mistake_is_reported_before_lightning_or_transformers_is_imported(tmp_path, overrides, expect):
     """The one line comes from the config and the data files alone, so a user waits for torch's import,
@@ -244,3 +262,43 @@ def test_trainer_keys_read_from_lightnings_source_are_the_imported_trainers(monk
         assert cli_module.trainer_arguments() == imported
     finally:
         cli_module._trainer_arguments_from_source.cache_clear()
+
+
+@pytest.mark.parametrize("values", [
+    {},
+    {"max_steps": -1},
+    {"max_steps": 0},
+    {"val_check_interval": 0.5, "check_val_every_n_epoch": 1},
+    {"val_check_interval": "00:00:01:00"},
+    {"val_check_interval": None},
+    {"gradient_clip_val": 0},
+    {"gradient_clip_val": None},
+    {"log_every_n_steps": 0},
+    {"precision": "bf16"},
+    {"precision": 32},
+], ids=lambda v: ",".join(f"{k}={v[k]}" for k in v) or "the-cpu-preset")
+def test_trainer_values_the_check_accepts_are_lightnings_too(values):
+    """What trainer_value_problems lets through, Lightning's Trainer must construct with (the check
+    refuses only values Lightning fails on, or misreads, later); the preset's values as the base."""
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from lightning_cggr.train import CONF_DIR, trainer_value_problems
+
+    kw = {**OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "trainer" / "cpu.yaml")), **values}
+    assert trainer_value_problems(kw) == []
+    trainer = L.Trainer(**kw, logger=False, enable_checkpointing=False)
+    assert trainer.max_steps == kw["max_steps"]
+
+
+def test_a_negative_clipping_norm_would_flip_the_gradients():
+    """Why trainer.gradient_clip_val < 0 is refused rather than passed on: Lightning's own clipping skips
+    it, but a norm clip that receives it (FSDP1's root clip, torch's clip_grad_norm_) scales every
+    gradient by a negative factor, so the step would climb the loss."""
+    from lightning_cggr.train import trainer_value_problems
+
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    torch.nn.utils.clip_grad_norm_([p], -1.0)
+    assert (p.grad < 0).all()
+    assert trainer_value_problems({"gradient_clip_val": -1.0})
