@@ -459,6 +459,14 @@ def _validate_selection_extras(p: list[str], c: CGGRConfig) -> None:
                      f"{', '.join(SEQUENCE_STRATEGIES)}")
         if _is_int(s.min_per_sequence) and s.min_per_sequence > 0:
             p.append("cggr.selection.min_per_sequence applies to unit=token; set it to 0")
+    for knob, value in _changed(q, SCHEDULE_KNOBS) if q.kind in RATIO_SCHEDULES else ():
+        if SCHEDULE_KNOBS[knob] != q.kind:
+            p.append(f"cggr.ratio_schedule.{knob}={value} applies to kind={SCHEDULE_KNOBS[knob]}, and this run's "
+                     f"cggr.ratio_schedule.kind is {q.kind}; add cggr.ratio_schedule.kind={SCHEDULE_KNOBS[knob]}, "
+                     f"or drop it")
+    if q.kind == "dynamic" and _changed(c, ("min_tokens_ratio",)):
+        p.append(f"cggr.min_tokens_ratio={c.min_tokens_ratio} is not read with cggr.ratio_schedule.kind=dynamic (the "
+                 f"ratio comes from the batch's confidence, between ratio_schedule.min and max); set those instead")
     if q.kind == "curriculum" and (not _is_int(q.steps) or q.steps < 1):
         p.append(f"cggr.ratio_schedule.steps={q.steps!r}: must be an integer >= 1")
     if q.kind == "dynamic":
@@ -480,6 +488,9 @@ def _fraction(p: list[str], name: str, value: Any, *, zero_ok: bool, one_ok: boo
         p.append(f"{name}={value!r}: must be a number in {lo}0, 1{hi}")
     return ok
 
+
+SCHEDULE_KNOBS = {"steps": "curriculum", "shape": "curriculum", "min": "dynamic", "max": "dynamic"}
+"""``cggr.ratio_schedule`` settings read by one kind only; set with another, each is an error."""
 
 STRATEGY_KNOBS = {"strata": "stratified", "p_min": "importance", "importance_transform": "importance",
                   "prune": "infobatch", "anneal_fraction": "infobatch", "noise_fraction": "noise_excluded"}
@@ -631,6 +642,8 @@ def validate(run: RunConfig) -> None:
     """Check every value; raise one ConfigError listing all problems."""
     p: list[str] = []
     c, m, d = run.cggr, run.model, run.data
+    if not isinstance(c.enabled, bool):
+        p.append(f"cggr.enabled={c.enabled!r}: must be true or false")
     _check_choice(p, "cggr.scoring", c.scoring, SCORING_STRATEGIES)
     _check_choice(p, "cggr.selection.scope", c.selection.scope, SELECTION_SCOPES)
     if isinstance(c.min_tokens_ratio, bool) or not isinstance(c.min_tokens_ratio, (int, float)):
@@ -689,6 +702,11 @@ def validate(run: RunConfig) -> None:
         p.append("data.paths: required for data.source=files (a text file or a list of them)")
     if d.source == "hf" and not d.hf_name:
         p.append("data.hf_name: required for data.source=hf (e.g. wikitext, with data.hf_config=wikitext-2-raw-v1)")
+    for name in ("hf_split", "hf_text_field"):
+        if not isinstance(getattr(d, name), str) or not getattr(d, name):
+            p.append(f"data.{name}={getattr(d, name)!r}: must be a non-empty name")
+    if d.cache_dir is not None and (not isinstance(d.cache_dir, str) or not d.cache_dir):
+        p.append(f"data.cache_dir={d.cache_dir!r}: must be a folder path or null (the default cache)")
     for name, least in (("block_size", 2), ("batch_size", 1), ("vocab_size", 2)):
         value = getattr(d, name)
         if not isinstance(value, int) or value < least:

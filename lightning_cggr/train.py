@@ -295,6 +295,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     from .export import save_run_model_files
     from .loggers import prepare_loggers
     from .models import build_model
+    from .models.positions import sequence_length_problem
     from .module import CGGRModule
     from .rundir import plan_run
     from .signals import StopRequest
@@ -320,6 +321,11 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
 
     tokenizer = build_tokenizer(run.data) if run.data.tokenizer == "bpe" else None
     model, tokenizer = build_model(run.model, tokenizer)
+    too_long, past_range = sequence_length_problem(model, run.data.block_size, random=run.model.source == "random")
+    if too_long:
+        raise ConfigError(f"invalid configuration: {too_long}")
+    if past_range:
+        log.warning(past_range)
     save_run_model_files(out, model, tokenizer)  # model/: the HF config and tokenizer, for export
     datamodule = build_datamodule(run.data, tokenizer, seed=cfg.seed)
     try:  # what only the built model can tell: its architecture, its layer count for the router
