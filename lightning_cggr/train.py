@@ -377,7 +377,10 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     metrics.update(initial)
     log.info("final metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
-    log.info("run folder: %s (checkpoints/last.ckpt; resume with ckpt_path=auto hydra.run.dir=<this folder>)", out)
+    if (ckpt_dir / "last.ckpt").exists():
+        log.info("run folder: %s (checkpoints/last.ckpt; resume with ckpt_path=auto hydra.run.dir=<this folder>)", out)
+    else:  # trainer.max_steps=0: validated only
+        log.info("run folder: %s (no checkpoint: the run took no optimizer step)", out)
     return metrics
 
 
