@@ -727,23 +727,32 @@ def validate(run: RunConfig) -> None:
         raise config_error(p)
 
 
-def routing_warnings(run: RunConfig) -> list[str]:
+def routing_warnings(run: RunConfig, max_steps: int | None = None) -> list[str]:
     """Settings that are valid but make routing save nothing; :func:`~lightning_cggr.train.train` logs
-    each as a warning. With ``selection.unit=sequence`` a batch keeps ``ceil(ratio * batch_size)``
-    sequences, so a batch smaller than ``1 / ratio`` trains every one of them at every step (InfoBatch
-    keeps every unit's slot by design and is left out)."""
+    each as a warning. A warm-up as long as the run (``max_steps``, the trainer's) routes no step. With
+    ``selection.unit=sequence`` a batch keeps ``ceil(ratio * batch_size)`` sequences, so a batch
+    smaller than ``1 / ratio`` trains every one of them at every step (InfoBatch keeps every unit's
+    slot by design and is left out)."""
     c, q, b = run.cggr, run.cggr.ratio_schedule, run.data.batch_size
-    if not c.enabled or c.selection.unit != "sequence" or c.selection.strategy == "infobatch":
+    if not c.enabled:
         return []
+    warnings = []
+    if max_steps is not None and 0 < max_steps <= c.warmup_steps:
+        warnings.append(f"cggr.warmup_steps={c.warmup_steps} with trainer.max_steps={max_steps}: routing starts "
+                        f"after the warm-up, so no step of this run is routed; lower cggr.warmup_steps (or "
+                        f"cggr.enabled=false for standard training)")
+    if c.selection.unit != "sequence" or c.selection.strategy == "infobatch":
+        return warnings
     smallest = q.min if q.kind == "dynamic" else c.min_tokens_ratio
     from .routing.selection import static_capacity
 
     if smallest >= 1 or static_capacity(b, smallest) < b:
-        return []
+        return warnings
     least = next(n for n in itertools.count(b + 1) if static_capacity(n, smallest) < n)  # ends: smallest < 1
-    return [f"cggr.selection.unit=sequence keeps ceil({smallest:g} x data.batch_size) = {b} of the batch's {b} "
-            f"sequences: every sequence trains at every step, so routing saves nothing; use data.batch_size >= "
-            f"{least} (or cggr.selection.unit=token)"]
+    return warnings + [
+        f"cggr.selection.unit=sequence keeps ceil({smallest:g} x data.batch_size) = {b} of the batch's {b} "
+        f"sequences: every sequence trains at every step, so routing saves nothing; use data.batch_size >= "
+        f"{least} (or cggr.selection.unit=token)"]
 
 
 def parse_config(cfg: Mapping[str, Any]) -> RunConfig:

@@ -302,7 +302,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
 
     tidy_lightning_logging()
     run, trainer_kw = check_config(cfg)
-    for warning in routing_warnings(run):
+    for warning in routing_warnings(run, trainer_kw.get("max_steps")):
         log.warning(warning)
     if slow := precision_warning(trainer_kw.get("precision"), run_device(trainer_kw)):
         log.warning(slow)

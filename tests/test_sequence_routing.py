@@ -258,6 +258,24 @@ def test_no_small_batch_warning_where_it_would_not_apply(cggr):
     assert routing_warnings(parse_config({"cggr": cggr, "data": {"batch_size": 1}})) == []
 
 
+@pytest.mark.parametrize("warmup, max_steps", [(10, 10), (10, 11), (10, 5), (0, 1), (3, None), (3, -1)])
+def test_a_warm_up_as_long_as_the_run_is_warned_exactly_when_the_step_routes_nothing(warmup, max_steps):
+    """The reference is the step's own rule (CGGRStep.active) over the run's global steps 0 .. max_steps-1."""
+    from types import SimpleNamespace
+
+    from lightning_cggr.config import parse_config, routing_warnings
+    from lightning_cggr.step import CGGRStep
+
+    run = parse_config({"cggr": {"warmup_steps": warmup}})
+    warnings = routing_warnings(run, max_steps)
+    holder = SimpleNamespace(cggr=run.cggr)
+    routes_nothing = (max_steps is not None and max_steps > 0
+                      and not any(CGGRStep.active(holder, step) for step in range(max_steps)))
+    assert len(warnings) == routes_nothing
+    if routes_nothing:
+        assert f"cggr.warmup_steps={warmup} with trainer.max_steps={max_steps}" in warnings[0]
+
+
 @pytest.mark.parametrize("rows, trained", [(1, 1), (2, 1), (3, 1), (4, 1)])
 def test_sequence_routing_keeps_what_the_warning_says(rows, trained):
     """The step itself: at ratio 0.25 a batch of one row trains that row, a batch of 2-4 rows one row."""
