@@ -25,6 +25,8 @@ _EXPORTS = {
     "LossConfig": "lightning_cggr.config",
     "OptimConfig": "lightning_cggr.config",
     "PerfConfig": "lightning_cggr.config",
+    "RatioScheduleConfig": "lightning_cggr.config",
+    "ConfigError": "lightning_cggr.errors",
     "linear_cross_entropy": "lightning_cggr.kernels",
     "token_stats": "lightning_cggr.kernels",
 }
@@ -45,8 +47,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
-    from lightning_cggr.config import (CGGRConfig, LossConfig, OptimConfig, PerfConfig, RouterConfig,
-                                       SelectionConfig)
+    from lightning_cggr.config import (CGGRConfig, LossConfig, OptimConfig, PerfConfig, RatioScheduleConfig,
+                                       RouterConfig, SelectionConfig)
+    from lightning_cggr.errors import ConfigError
     from lightning_cggr.kernels import linear_cross_entropy, token_stats
     from lightning_cggr.module import CGGRModule
     from lightning_cggr.step import CGGRStep

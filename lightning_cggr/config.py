@@ -133,7 +133,8 @@ class CGGRConfig:
     min_tokens_ratio: float = 0.25
     """Fraction of trainable tokens that keep their label, in (0, 1]; ceil, at least 1 per sequence.
     selection.strategy=importance: the expected fraction; noise_excluded: of the units left after the
-    exclusion; infobatch: not used."""
+    exclusion; infobatch: not used. ratio_schedule.kind=curriculum: the ratio annealed to; dynamic: not
+    read (set away from its default, an error: ratio_schedule.min and max bound the ratio)."""
     warmup_steps: int = 10
     """The first N optimizer steps train on all tokens."""
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -272,7 +273,8 @@ class PerfConfig:
     CUDA only). Measured under the Trainer on one H100: 1.99x the eager tokens/s with true, 2.12x with
     reduce-overhead (README, "Efficiency options")."""
     compile_backend: str = "inductor"
-    """inductor (generated kernels) | aot_eager | eager (tracing only, for debugging a compile problem)."""
+    """inductor (generated kernels) | aot_eager | eager (tracing only, for debugging a compile problem);
+    from Python also a backend function, as ``torch.compile`` takes."""
     compile_dynamic: bool | str = "auto"
     """What a second batch size (sequence routing) or sequence length does to the compiled blocks:
     auto (torch's default: one recompile makes that dimension symbolic) | false (a graph specialized
@@ -536,6 +538,13 @@ def config_error(problems: list[str]) -> ConfigError:
     return ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
+def optim_problems(optim: OptimConfig) -> list[str]:
+    """The problems of ``optim`` alone (what :class:`~lightning_cggr.module.CGGRModule` checks)."""
+    p: list[str] = []
+    _validate_optim(p, optim)
+    return p
+
+
 def _validate_optim(p: list[str], o: OptimConfig) -> None:
     """AdamW's and the schedule's numbers (torch would refuse some only at the first step, and take a
     negative weight decay or a cosine floor above the peak without a word)."""
@@ -549,6 +558,7 @@ def _validate_optim(p: list[str], o: OptimConfig) -> None:
     if not _is_int(o.warmup_steps) or o.warmup_steps < 0:
         p.append(f"optim.warmup_steps={o.warmup_steps!r}: must be an integer >= 0")
     _fraction(p, "optim.min_lr_ratio", o.min_lr_ratio, zero_ok=True, one_ok=True)
+    _check_auto_flag(p, "optim.fused", o.fused, FUSED_CHOICES)
 
 
 def _validate_lora(p: list[str], a: AdapterConfig) -> None:
@@ -614,34 +624,44 @@ def _validate_checkpoint(p: list[str], c: CheckpointConfig) -> None:
         p.append(f"checkpoint.every_n_steps={c.every_n_steps!r}: must be an integer >= 0, or null (a tenth of the run)")
 
 
-def _validate_perf(p: list[str], run: RunConfig) -> None:
-    """The efficiency options: attention kernel (and whether it can run here), compile, fused AdamW."""
+def _validate_attention(p: list[str], run: RunConfig) -> None:
+    """``model.attn_implementation``: a choice that can run here, and one ``perf.sdpa_backend`` can steer."""
     from .models.attention import availability_problem
 
     impl = run.model.attn_implementation
     _check_choice(p, "model.attn_implementation", impl, ATTN_IMPLS)
     if impl in ATTN_IMPLS and availability_problem(impl):
         p.append(availability_problem(impl))
-    c = run.perf.compile
-    if not (isinstance(c, bool) or c in COMPILE_MODES or c == "auto"):
-        p.append(f"perf.compile={c!r}: must be auto, true, false or one of {', '.join(COMPILE_MODES)}")
-    _check_choice(p, "perf.compile_backend", run.perf.compile_backend, COMPILE_BACKENDS)
-    _check_auto_flag(p, "perf.compile_dynamic", run.perf.compile_dynamic, DYNAMIC_CHOICES)
-    _check_choice(p, "perf.compile_scope", run.perf.compile_scope, COMPILE_SCOPES)
     if problem := sdpa_backend_problem(run.perf.sdpa_backend, impl):
         p.append(problem)
-    if not isinstance(run.perf.compile_routing, bool):
-        p.append(f"perf.compile_routing={run.perf.compile_routing!r}: must be true or false")
-    ac = run.perf.activation_checkpointing
+
+
+def _validate_perf_options(p: list[str], perf: PerfConfig) -> None:
+    """The efficiency options themselves: compile, its backend, scope and dynamic shapes, activation
+    checkpointing (``perf.sdpa_backend`` against the attention: :func:`_validate_attention`, and the step
+    asks the model it is given)."""
+    c = perf.compile
+    if not (isinstance(c, bool) or c in COMPILE_MODES or c == "auto"):
+        p.append(f"perf.compile={c!r}: must be auto, true, false or one of {', '.join(COMPILE_MODES)}")
+    if not callable(perf.compile_backend):  # from Python, torch.compile also takes a backend function
+        _check_choice(p, "perf.compile_backend", perf.compile_backend, COMPILE_BACKENDS)
+    _check_auto_flag(p, "perf.compile_dynamic", perf.compile_dynamic, DYNAMIC_CHOICES)
+    _check_choice(p, "perf.compile_scope", perf.compile_scope, COMPILE_SCOPES)
+    if not isinstance(perf.compile_routing, bool):
+        p.append(f"perf.compile_routing={perf.compile_routing!r}: must be true or false")
+    ac = perf.activation_checkpointing
     if not (isinstance(ac, bool) or (_is_int(ac) and ac >= 1)):
         p.append(f"perf.activation_checkpointing={ac!r}: must be true, false or an integer n >= 1 (every n-th block)")
-    _check_auto_flag(p, "optim.fused", run.optim.fused, FUSED_CHOICES)
 
 
-def validate(run: RunConfig) -> None:
-    """Check every value; raise one ConfigError listing all problems."""
+def step_config_problems(cggr: CGGRConfig, loss: LossConfig, perf: PerfConfig,
+                         optim: OptimConfig | None = None) -> list[str]:
+    """The problems of the groups a training step reads whatever the model and data (``cggr``, ``loss``,
+    ``perf``, ``optim``): what :func:`validate` checks for the Hydra job, and what
+    :class:`~lightning_cggr.step.CGGRStep` and :class:`~lightning_cggr.module.CGGRModule` check when
+    built from Python with these dataclasses."""
     p: list[str] = []
-    c, m, d = run.cggr, run.model, run.data
+    c = cggr
     if not isinstance(c.enabled, bool):
         p.append(f"cggr.enabled={c.enabled!r}: must be true or false")
     _check_choice(p, "cggr.scoring", c.scoring, SCORING_STRATEGIES)
@@ -650,15 +670,25 @@ def validate(run: RunConfig) -> None:
         p.append(f"cggr.min_tokens_ratio={c.min_tokens_ratio!r}: must be a number in (0, 1]")
     elif not 0.0 < c.min_tokens_ratio <= 1.0:
         p.append(f"cggr.min_tokens_ratio={c.min_tokens_ratio}: must be in (0, 1]")
-    if not isinstance(c.warmup_steps, int) or c.warmup_steps < 0:
+    if not _is_int(c.warmup_steps) or c.warmup_steps < 0:
         p.append(f"cggr.warmup_steps={c.warmup_steps!r}: must be an integer >= 0")
-    if not isinstance(c.router.num_layers, int) or c.router.num_layers < 1:
+    if not _is_int(c.router.num_layers) or c.router.num_layers < 1:
         p.append(f"cggr.router.num_layers={c.router.num_layers!r}: must be an integer >= 1")
     if c.router.chunk_size is not None and (not _is_int(c.router.chunk_size) or c.router.chunk_size < 1):
         p.append(f"cggr.router.chunk_size={c.router.chunk_size!r}: must be an integer >= 1 or null (by rule)")
     _validate_selection_extras(p, c)
-    _check_choice(p, "loss.impl", run.loss.impl, LOSS_IMPLS)
-    _validate_loss(p, run.loss)
+    _check_choice(p, "loss.impl", loss.impl, LOSS_IMPLS)
+    _validate_loss(p, loss)
+    _validate_perf_options(p, perf)
+    if optim is not None:
+        _validate_optim(p, optim)
+    return p
+
+
+def validate(run: RunConfig) -> None:
+    """Check every value; raise one ConfigError listing all problems."""
+    c, m, d = run.cggr, run.model, run.data
+    p = step_config_problems(run.cggr, run.loss, run.perf, run.optim)
     _check_choice(p, "model.source", m.source, MODEL_SOURCES)
     _check_choice(p, "model.dtype", m.dtype, DTYPES)
     if m.source == "random":
@@ -715,8 +745,7 @@ def validate(run: RunConfig) -> None:
         p.append(f"data.num_workers={d.num_workers!r}: must be an integer >= 0")
     if not _is_number(d.val_fraction) or not 0.0 < d.val_fraction < 1.0:
         p.append(f"data.val_fraction={d.val_fraction!r}: must be a number in (0, 1)")
-    _validate_optim(p, run.optim)
-    _validate_perf(p, run)
+    _validate_attention(p, run)
     _validate_lora(p, m.lora)
     if d.source in ("files", "chat") and d.paths and paths_ok:
         from .data import data_file_problems  # reads the files: after the cheap checks

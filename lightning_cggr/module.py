@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric, SumMetric
 
-from .config import CGGRConfig, LossConfig, OptimConfig, PerfConfig
+from .config import CGGRConfig, LossConfig, OptimConfig, PerfConfig, config_error, optim_problems
 from .distributed import shard_fsdp2
 from .flops import FlopShape, device_peak_tflops, mfu, step_flops
 from .step import CGGRStep, build_optimizer, build_scheduler
@@ -58,6 +58,8 @@ class CGGRModule(L.LightningModule):
         self.step = CGGRStep(model, cggr, loss, reference, perf=perf)
         self.sanity_metrics: dict[str, torch.Tensor] = {}  # the last sanity pass (see on_validation_epoch_end)
         self.optim_cfg = optim or OptimConfig()
+        if problems := optim_problems(self.optim_cfg):
+            raise config_error(problems)
         # nan_strategy="disable": the default NaN check is a host sync (`if nans.any()`) every update
         self.step_metrics = torch.nn.ModuleDict({k: MeanMetric(nan_strategy="disable") for k in STEP_METRICS})
         # "disable": a NaN loss must show as NaN (the default "warn" drops NaNs: a diverged model

@@ -59,7 +59,7 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
-from .config import CGGRConfig, LossConfig, OptimConfig, PerfConfig
+from .config import CGGRConfig, LossConfig, OptimConfig, PerfConfig, config_error, step_config_problems
 from .distributed import KeptTokenNormalizer
 from .errors import ConfigError
 from .kernels import TokenStats, linear_cross_entropy, resolve_impl, resolve_stats_impl
@@ -140,6 +140,8 @@ class CGGRStep:
         self.cggr = cggr or CGGRConfig()
         self.loss_cfg = loss or LossConfig()
         self.perf = perf or PerfConfig()
+        if problems := step_config_problems(self.cggr, self.loss_cfg, self.perf):  # built from Python, unchecked
+            raise config_error(problems)
         self.logit_transform = checked_logit_transform(model)  # fails early on an unsupported architecture
         """What the model does after its head (softcap, scale): applied wherever logits are formed."""
         self._mask_free = mask_free_is_exact([model])  # probed before compiling: no graph made for it

@@ -298,3 +298,37 @@ def test_one_text_file_given_as_a_string_trains(tmp_path):
         ])
     metrics = train(cfg)
     assert metrics["val/loss"] == metrics["val/loss"]  # trained and validated: a number, not NaN
+
+
+# ---- the same checks from Python: CGGRModule / CGGRStep built with the dataclasses ----------------
+@pytest.mark.parametrize("group, values", [
+    ("cggr", {"min_tokens_ratio": 2.0}),
+    ("cggr", {"scoring": "entropyy"}),
+    ("cggr", {"warmup_steps": -1}),
+    ("cggr", {"enabled": "yes"}),
+    ("cggr", {"selection": {"strategy": "topk", "p_min": 0.2}}),
+    ("cggr", {"ratio_schedule": {"kind": "constant", "steps": 5}}),
+    ("loss", {"impl": "fused"}),
+    ("loss", {"chunk_size": 0}),
+    ("perf", {"compile_scope": "model"}),
+    ("perf", {"activation_checkpointing": -1}),
+    ("optim", {"lr": 0}),
+    ("optim", {"betas": (0.9,)}),
+    ("optim", {"min_lr_ratio": 1.5}),
+])
+def test_the_python_api_refuses_what_the_hydra_job_refuses_with_the_same_line(group, values):
+    """A config built in Python (README's "From Python") is checked when the module is built, by the
+    same rules and with the same message as the Hydra job's parse_config of the same values."""
+    from lightning_cggr import config as cfg
+    from lightning_cggr.module import CGGRModule
+
+    expected = config_error(**{group: values})
+    classes = {"cggr": cfg.CGGRConfig, "loss": cfg.LossConfig, "perf": cfg.PerfConfig, "optim": cfg.OptimConfig}
+    built = cfg.parse_config({})  # every default, then this group from the same plain values
+    problems: list[str] = []
+    value = cfg._build(classes[group], values, group, problems)
+    assert problems == []
+    setattr(built, group, value)
+    with pytest.raises(ConfigError) as info:
+        CGGRModule(make_tiny_model("llama"), built.cggr, built.loss, built.optim, perf=built.perf)
+    assert str(info.value) == expected

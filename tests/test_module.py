@@ -244,9 +244,10 @@ def test_package_exports_the_python_api_lazily():
     import sys
 
     import lightning_cggr
-    from lightning_cggr import config, kernels, module, step
+    from lightning_cggr import config, errors, kernels, module, step
 
-    owners = {"CGGRModule": module, "CGGRStep": step, "linear_cross_entropy": kernels, "token_stats": kernels}
+    owners = {"CGGRModule": module, "CGGRStep": step, "linear_cross_entropy": kernels, "token_stats": kernels,
+              "ConfigError": errors}
     for name in lightning_cggr.__all__:
         assert getattr(lightning_cggr, name) is getattr(owners.get(name, config), name), name
     with pytest.raises(AttributeError, match="no attribute 'CGGRModel'"):

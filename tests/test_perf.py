@@ -636,9 +636,13 @@ def test_the_routing_decision_compiles_once_where_it_can_and_else_runs_eagerly(s
     counters.clear()
     recorder = GraphRecorder()
     monkeypatch.setattr(perf, "COMPILE_BACKENDS", (*perf.COMPILE_BACKENDS, recorder))
-    cggr = CGGRConfig(warmup_steps=0, min_tokens_ratio=0.3, router=RouterConfig(num_layers=1),
-                      selection=SelectionConfig(strategy=strategy, noise_fraction=0.1),
-                      ratio_schedule=RatioScheduleConfig(kind=schedule, steps=4, min=0.2, max=0.6))
+    # each rule and schedule with its own knobs only (one another reads is refused)
+    knobs = {"noise_excluded": {"noise_fraction": 0.1}}.get(strategy, {})
+    ratio_knobs = {"curriculum": {"steps": 4}, "dynamic": {"min": 0.2, "max": 0.6}}.get(schedule, {})
+    cggr = CGGRConfig(warmup_steps=0, router=RouterConfig(num_layers=1),
+                      **({} if schedule == "dynamic" else {"min_tokens_ratio": 0.3}),
+                      selection=SelectionConfig(strategy=strategy, **knobs),
+                      ratio_schedule=RatioScheduleConfig(kind=schedule, **ratio_knobs))
     model = make_tiny_model("llama", num_layers=2)
     eager = CGGRStep(copy.deepcopy(model), cggr, LossConfig(impl="torch"))
     perf_cfg = PerfConfig(compile=True, compile_backend=recorder, compile_routing=routing)

@@ -92,6 +92,8 @@ CASES = {
 def test_route_has_no_host_sync(monkeypatch, case):
     kwargs = dict(scoring="entropy", min_tokens_ratio=0.3, warmup_steps=0, router=RouterConfig(num_layers=1))
     kwargs.update(CASES[case])
+    if kwargs.get("ratio_schedule") is not None and kwargs["ratio_schedule"].kind == "dynamic":
+        del kwargs["min_tokens_ratio"]  # not read under a dynamic ratio (refused when set)
     model = make_tiny_model("llama", num_layers=2)
     reference = make_tiny_model("llama", num_layers=1, seed=3) if kwargs["scoring"] == "excess_loss" else None
     module = CGGRStep(model, CGGRConfig(**kwargs), reference=reference, total_steps=10)
