@@ -122,7 +122,7 @@ def trainer_value_problems(trainer: dict) -> list[str]:
     every = trainer.get("val_check_interval")
     per_epoch = trainer.get("check_val_every_n_epoch")
     if isinstance(every, bool) or (isinstance(every, (int, float)) and every <= 0):
-        p.append(f"trainer.val_check_interval={every!r}: must be an integer >= 1 (optimizer steps between "
+        p.append(f"trainer.val_check_interval={every!r}: must be an integer >= 1 (training batches between "
                  f"validations)")
     elif isinstance(every, float) and per_epoch is None:
         p.append(f"trainer.val_check_interval={every!r}: a fraction of an epoch needs "
@@ -137,6 +137,24 @@ def trainer_value_problems(trainer: dict) -> list[str]:
     if "precision" in trainer and (problem := precision_problem(trainer["precision"])):
         p.append(problem)
     return p
+
+
+def validation_warnings(callbacks: dict | None, trainer: dict) -> list[str]:
+    """Callbacks that act at validations during training (``monitor: val/...``: the best checkpoint,
+    early stopping) in a run whose ``trainer.val_check_interval`` (training batches) is longer than the
+    run (``max_steps`` optimizer steps of ``accumulate_grad_batches`` batches): none would run. The
+    validation after training is not one of them (the Trainer's fit is over by then)."""
+    steps, every = trainer.get("max_steps", -1), trainer.get("val_check_interval")
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    if not (_is_int(steps) and steps > 0 and _is_int(every) and _is_int(accumulate) and accumulate >= 1):
+        return []
+    if trainer.get("check_val_every_n_epoch") is not None or every <= steps * accumulate:
+        return []
+    return [f"callbacks.{name} acts at validations during training, and trainer.val_check_interval={every} (batches) "
+            f"is longer than the run ({steps} steps of {accumulate} batch(es)): none runs, so it will not act; "
+            f"lower trainer.val_check_interval (e.g. {steps * accumulate})"
+            for name, spec in (callbacks or {}).items()
+            if isinstance(spec, dict) and str(spec.get("monitor", "")).startswith("val/")]
 
 
 def check_loss_impl(impl: str, trainer: dict) -> None:
@@ -302,7 +320,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
 
     tidy_lightning_logging()
     run, trainer_kw = check_config(cfg)
-    for warning in routing_warnings(run, trainer_kw.get("max_steps")):
+    callbacks_cfg = OmegaConf.to_container(cfg.get("callbacks") or {}, resolve=False)
+    for warning in [*routing_warnings(run, trainer_kw.get("max_steps")), *validation_warnings(callbacks_cfg, trainer_kw)]:
         log.warning(warning)
     if slow := precision_warning(trainer_kw.get("precision"), run_device(trainer_kw)):
         log.warning(slow)

@@ -246,3 +246,46 @@ def test_help_says_what_the_program_does_and_lists_every_shipped_option(monkeypa
     conf = Path(CONF_DIR)
     assert groups == {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in conf.iterdir() if g.is_dir()}
     assert "--cfg job prints the" in text  # the footer
+
+
+@pytest.mark.parametrize("max_steps, accumulate, every", [(5, 1, 5), (5, 1, 6), (3, 2, 6), (3, 2, 7), (4, 1, 2)])
+def test_a_validation_interval_longer_than_the_run_is_warned_exactly_when_lightning_runs_none(
+        max_steps, accumulate, every, tmp_path):
+    """Reference: Lightning's own fit of a one-weight module with the same trainer numbers, counting the
+    validations it runs during training."""
+    import lightning as L
+    import torch
+
+    from lightning_cggr.train import validation_warnings
+
+    class Counting(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.validations = 0
+
+        def training_step(self, batch, _):
+            return (self.w - batch).pow(2).mean()
+
+        def validation_step(self, batch, _):
+            return None
+
+        def on_validation_epoch_end(self):
+            self.validations += 1
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer_kw = {"max_steps": max_steps, "accumulate_grad_batches": accumulate, "val_check_interval": every,
+                  "check_val_every_n_epoch": None}
+    module = Counting()
+    data = torch.utils.data.DataLoader(torch.ones(64, 1), batch_size=4)
+    L.Trainer(**trainer_kw, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+              accelerator="cpu").fit(module, data, data)
+    callbacks = {"best_checkpoint": {"_target_": "lightning.pytorch.callbacks.ModelCheckpoint", "monitor": "val/loss"},
+                 "lr_monitor": {"_target_": "lightning.pytorch.callbacks.LearningRateMonitor"}}
+    warnings = validation_warnings(callbacks, trainer_kw)
+    assert len(warnings) == (module.validations == 0)
+    if warnings:
+        assert warnings[0].startswith("callbacks.best_checkpoint acts at validations during training")
