@@ -414,8 +414,9 @@ def _validate_loss(p: list[str], loss: LossConfig) -> None:
                      "use loss.impl=auto|triton|torch|liger or leave loss.grad_accum null")
 
 
-def _validate_selection_extras(p: list[str], c: CGGRConfig) -> None:
-    """Router source, reference model, selection unit/strategy, ratio schedule and their combinations."""
+def _validate_selection_extras(p: list[str], c: CGGRConfig, reference_module: bool = False) -> None:
+    """Router source, reference model, selection unit/strategy, ratio schedule and their combinations
+    (``reference_module``: the step is given the reference model itself, so no path is needed)."""
     r, s, q = c.router, c.selection, c.ratio_schedule
     _check_choice(p, "cggr.router.source", r.source, ROUTER_SOURCES)
     _check_choice(p, "cggr.router.reference_dtype", r.reference_dtype, DTYPES)
@@ -430,7 +431,7 @@ def _validate_selection_extras(p: list[str], c: CGGRConfig) -> None:
     if not _is_int(s.min_per_sequence) or s.min_per_sequence < 0:
         p.append(f"cggr.selection.min_per_sequence={s.min_per_sequence!r}: must be an integer >= 0")
     _validate_weighted_rules(p, c)
-    if c.scoring == "excess_loss" and (not r.reference or r.reference == "???"):
+    if c.scoring == "excess_loss" and (not r.reference or r.reference == "???") and not reference_module:
         p.append("cggr.scoring=excess_loss needs cggr.router.reference (the frozen reference checkpoint)")
     if r.reference is not None and c.scoring != "excess_loss":
         p.append(f"cggr.router.reference={r.reference!r} is only used by cggr.scoring=excess_loss")
@@ -655,11 +656,12 @@ def _validate_perf_options(p: list[str], perf: PerfConfig) -> None:
 
 
 def step_config_problems(cggr: CGGRConfig, loss: LossConfig, perf: PerfConfig,
-                         optim: OptimConfig | None = None) -> list[str]:
+                         optim: OptimConfig | None = None, *, reference_module: bool = False) -> list[str]:
     """The problems of the groups a training step reads whatever the model and data (``cggr``, ``loss``,
     ``perf``, ``optim``): what :func:`validate` checks for the Hydra job, and what
     :class:`~lightning_cggr.step.CGGRStep` and :class:`~lightning_cggr.module.CGGRModule` check when
-    built from Python with these dataclasses."""
+    built from Python with these dataclasses (``reference_module``: given the reference model of
+    scoring=excess_loss itself, in place of ``cggr.router.reference``)."""
     p: list[str] = []
     c = cggr
     if not isinstance(c.enabled, bool):
@@ -676,7 +678,7 @@ def step_config_problems(cggr: CGGRConfig, loss: LossConfig, perf: PerfConfig,
         p.append(f"cggr.router.num_layers={c.router.num_layers!r}: must be an integer >= 1")
     if c.router.chunk_size is not None and (not _is_int(c.router.chunk_size) or c.router.chunk_size < 1):
         p.append(f"cggr.router.chunk_size={c.router.chunk_size!r}: must be an integer >= 1 or null (by rule)")
-    _validate_selection_extras(p, c)
+    _validate_selection_extras(p, c, reference_module)
     _check_choice(p, "loss.impl", loss.impl, LOSS_IMPLS)
     _validate_loss(p, loss)
     _validate_perf_options(p, perf)

@@ -140,7 +140,8 @@ class CGGRStep:
         self.cggr = cggr or CGGRConfig()
         self.loss_cfg = loss or LossConfig()
         self.perf = perf or PerfConfig()
-        if problems := step_config_problems(self.cggr, self.loss_cfg, self.perf):  # built from Python, unchecked
+        if problems := step_config_problems(self.cggr, self.loss_cfg, self.perf,  # built from Python, unchecked
+                                            reference_module=reference is not None):
             raise config_error(problems)
         self.logit_transform = checked_logit_transform(model)  # fails early on an unsupported architecture
         """What the model does after its head (softcap, scale): applied wherever logits are formed."""

@@ -332,3 +332,15 @@ def test_the_python_api_refuses_what_the_hydra_job_refuses_with_the_same_line(gr
     with pytest.raises(ConfigError) as info:
         CGGRModule(make_tiny_model("llama"), built.cggr, built.loss, built.optim, perf=built.perf)
     assert str(info.value) == expected
+
+
+def test_excess_loss_from_python_takes_the_reference_model_in_place_of_a_path():
+    """README's From Python: ``CGGRModule(model, CGGRConfig(scoring="excess_loss"), reference=ref)``
+    needs no ``cggr.router.reference`` path; without either it is refused, naming the setting."""
+    from lightning_cggr.module import CGGRModule
+
+    cggr = CGGRConfig(scoring="excess_loss", warmup_steps=0, router=RouterConfig(num_layers=1))
+    module = CGGRModule(make_tiny_model("llama"), cggr, reference=make_tiny_model("llama", num_layers=1, seed=3))
+    assert module.step.reference is not None
+    with pytest.raises(ConfigError, match="needs cggr.router.reference"):
+        CGGRModule(make_tiny_model("llama"), cggr)
