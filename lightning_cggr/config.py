@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -388,15 +390,17 @@ def _check_auto_flag(problems: list[str], name: str, value: Any, choices: tuple)
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer, also numpy's (from Python), never a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number, also numpy's (from Python), never a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _is_ratio(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value <= 1.0
+    return _is_number(value) and 0.0 < value <= 1.0
 
 
 def _validate_loss(p: list[str], loss: LossConfig) -> None:
@@ -435,7 +439,7 @@ def _validate_selection_extras(p: list[str], c: CGGRConfig, reference_module: bo
         p.append("cggr.scoring=excess_loss needs cggr.router.reference (the frozen reference checkpoint)")
     if r.reference is not None and c.scoring != "excess_loss":
         p.append(f"cggr.router.reference={r.reference!r} is only used by cggr.scoring=excess_loss")
-    if r.reference is not None and not isinstance(r.reference, str):
+    if r.reference is not None and not isinstance(r.reference, (str, os.PathLike)):
         p.append(f"cggr.router.reference={r.reference!r}: must be a model name or null")
     if not _is_int(r.score_stride) or r.score_stride < 1:
         p.append(f"cggr.router.score_stride={r.score_stride!r}: must be an integer >= 1")
@@ -484,7 +488,7 @@ def _validate_selection_extras(p: list[str], c: CGGRConfig, reference_module: bo
 
 def _fraction(p: list[str], name: str, value: Any, *, zero_ok: bool, one_ok: bool) -> bool:
     """Record a problem unless ``value`` is a number in the stated interval; True when it is."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = _is_number(value)
     ok = ok and (value >= 0 if zero_ok else value > 0) and (value <= 1 if one_ok else value < 1)
     if not ok:
         lo, hi = ("[" if zero_ok else "("), ("]" if one_ok else ")")
@@ -668,7 +672,7 @@ def step_config_problems(cggr: CGGRConfig, loss: LossConfig, perf: PerfConfig,
         p.append(f"cggr.enabled={c.enabled!r}: must be true or false")
     _check_choice(p, "cggr.scoring", c.scoring, SCORING_STRATEGIES)
     _check_choice(p, "cggr.selection.scope", c.selection.scope, SELECTION_SCOPES)
-    if isinstance(c.min_tokens_ratio, bool) or not isinstance(c.min_tokens_ratio, (int, float)):
+    if not _is_number(c.min_tokens_ratio):
         p.append(f"cggr.min_tokens_ratio={c.min_tokens_ratio!r}: must be a number in (0, 1]")
     elif not 0.0 < c.min_tokens_ratio <= 1.0:
         p.append(f"cggr.min_tokens_ratio={c.min_tokens_ratio}: must be in (0, 1]")

@@ -344,3 +344,17 @@ def test_excess_loss_from_python_takes_the_reference_model_in_place_of_a_path():
     assert module.step.reference is not None
     with pytest.raises(ConfigError, match="needs cggr.router.reference"):
         CGGRModule(make_tiny_model("llama"), cggr)
+
+
+def test_numpy_numbers_from_a_python_sweep_are_numbers():
+    """``CGGRConfig(warmup_steps=np.int64(3), min_tokens_ratio=np.float64(0.5))`` (values from a numpy
+    grid) is what the same Python numbers are: accepted, and routing at that ratio."""
+    import numpy as np
+
+    from lightning_cggr.module import CGGRModule
+
+    cggr = CGGRConfig(warmup_steps=np.int64(0), min_tokens_ratio=np.float64(0.5), router=RouterConfig(num_layers=1))
+    module = CGGRModule(make_tiny_model("llama"), cggr)
+    assert module.step.ratio_in_force(0) == 0.5
+    with pytest.raises(ConfigError, match="cggr.min_tokens_ratio=1.5"):
+        CGGRModule(make_tiny_model("llama"), CGGRConfig(min_tokens_ratio=np.float64(1.5)))

@@ -229,6 +229,7 @@ def test_reference_loads_by_name_from_a_local_checkpoint(tmp_path):
     loaded = load_reference(str(tmp_path), "float32")
     for (name, a), (_, b) in zip(saved.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
-    cfg = CGGRConfig(scoring="excess_loss", router=RouterConfig(num_layers=1, reference=str(tmp_path), reference_dtype="float32"))
+    # a pathlib.Path, as a Python user writes it (the Hydra job passes a string)
+    cfg = CGGRConfig(scoring="excess_loss", router=RouterConfig(num_layers=1, reference=tmp_path, reference_dtype="float32"))
     module = CGGRStep(make_tiny_model("llama", num_layers=2), cfg)  # no module given: loaded by name
     assert module.reference is not None and not module.reference.model.training

@@ -9,6 +9,8 @@ no ``state_dict`` keys and no checkpoint bytes. It follows the training device o
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -16,11 +18,12 @@ from ..kernels import TokenStats
 from .router import checked_logit_transform, find_decoder, find_head
 
 
-def load_reference(name: str, dtype: str = "bfloat16") -> nn.Module:
+def load_reference(name: str | os.PathLike, dtype: str = "bfloat16") -> nn.Module:
     """Build the reference checkpoint ``name`` with the project's model builder (hub id, folder, smollm2_gguf)."""
     from ..config import ModelConfig
     from ..models import build_model
 
+    name = os.fspath(name)  # a pathlib.Path from Python
     source = "smollm2_gguf" if name == "smollm2_gguf" else "pretrained"
     model, _ = build_model(ModelConfig(source=source, name=name, dtype=dtype))
     return model
