@@ -320,7 +320,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
 
     tidy_lightning_logging()
     run, trainer_kw = check_config(cfg)
-    callbacks_cfg = OmegaConf.to_container(cfg.get("callbacks") or {}, resolve=False)
+    callbacks_node = cfg.get("callbacks")  # None with callbacks=none
+    callbacks_cfg = OmegaConf.to_container(callbacks_node, resolve=False) if callbacks_node else {}
     for warning in [*routing_warnings(run, trainer_kw.get("max_steps")), *validation_warnings(callbacks_cfg, trainer_kw)]:
         log.warning(warning)
     if slow := precision_warning(trainer_kw.get("precision"), run_device(trainer_kw)):
