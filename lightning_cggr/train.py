@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import rundir
 from .cli import omegaconf_problem, run_hydra, unknown_key_problems
-from .config import config_error, parse_config, register_schema, routing_warnings
+from .config import _is_int, config_error, parse_config, register_schema, routing_warnings
 from .errors import ConfigError, UserError, exit_on_user_error
 from .perf import (
     precision_warning,
@@ -77,10 +77,6 @@ def check_trainer(trainer: dict) -> None:
             f"invalid configuration: trainer.accelerator={accelerator} but torch sees no CUDA GPU "
             f"(torch {torch.__version__}); use trainer=cpu or trainer.accelerator=auto"
         )
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 COMMON_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
