@@ -764,7 +764,8 @@ def validate(run: RunConfig) -> None:
 
 def routing_warnings(run: RunConfig, max_steps: int | None = None) -> list[str]:
     """Settings that are valid but make routing save nothing; :func:`~lightning_cggr.train.train` logs
-    each as a warning. A warm-up as long as the run (``max_steps``, the trainer's) routes no step. With
+    each as a warning. A warm-up as long as the run (``max_steps``, the trainer's) routes no step; a
+    ratio curriculum longer than the run never reaches ``min_tokens_ratio``. With
     ``selection.unit=sequence`` a batch keeps ``ceil(ratio * batch_size)`` sequences, so a batch
     smaller than ``1 / ratio`` trains every one of them at every step (InfoBatch keeps every unit's
     slot by design and is left out)."""
@@ -776,6 +777,19 @@ def routing_warnings(run: RunConfig, max_steps: int | None = None) -> list[str]:
         warnings.append(f"cggr.warmup_steps={c.warmup_steps} with trainer.max_steps={max_steps}: routing starts "
                         f"after the warm-up, so no step of this run is routed; lower cggr.warmup_steps (or "
                         f"cggr.enabled=false for standard training)")
+    if q.kind == "curriculum" and max_steps is not None and max_steps > c.warmup_steps:
+        from .routing.schedule import host_ratio
+
+        last = host_ratio(q.kind, c.min_tokens_ratio, max_steps - 1, c.warmup_steps, q.steps, q.shape)
+        if last > c.min_tokens_ratio + 1e-9:  # the anneal is cut off before it reaches its target
+            routed = max_steps - c.warmup_steps
+            digits = next(d for d in range(3, 12) if round(last, d) != round(c.min_tokens_ratio, d))
+            shorter = f"cggr.ratio_schedule.steps <= {routed - 1} or " if routed > 1 else ""
+            warnings.append(
+                f"cggr.ratio_schedule.steps={q.steps} with trainer.max_steps={max_steps}: the curriculum reaches "
+                f"cggr.min_tokens_ratio={c.min_tokens_ratio:g} at its routed step {q.steps + 1} but the run routes "
+                f"only {routed}, so its last step keeps ratio {last:.{digits}f}; use {shorter}trainer.max_steps >= "
+                f"{c.warmup_steps + q.steps + 1}")
     if c.selection.unit != "sequence" or c.selection.strategy == "infobatch":
         return warnings
     smallest = q.min if q.kind == "dynamic" else c.min_tokens_ratio

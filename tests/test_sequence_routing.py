@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -274,6 +275,45 @@ def test_a_warm_up_as_long_as_the_run_is_warned_exactly_when_the_step_routes_not
     assert len(warnings) == routes_nothing
     if routes_nothing:
         assert f"cggr.warmup_steps={warmup} with trainer.max_steps={max_steps}" in warnings[0]
+
+
+@pytest.mark.parametrize("warmup, steps, shape, ratio, max_steps", [
+    (10, 100, "cosine", 0.25, 100),  # the preset in the default run: ends at 0.272
+    (10, 100, "cosine", 0.25, 110),  # one routed step short: 0.2502
+    (10, 100, "linear", 0.25, 111),  # the last step is the first at the target
+    (0, 5, "linear", 0.5, 3),
+    (3, 1, "linear", 0.25, 4),       # a single routed step, at p = 0: ratio 1.0
+    (3, 1, "linear", 0.25, 5),
+    (2, 50, "linear", 1.0, 10),      # a target of 1.0 anneals nowhere
+    (2, 50, "linear", 0.25, None),   # the run's length is unknown (epochs)
+    (2, 50, "linear", 0.25, -1),
+])
+def test_a_curriculum_longer_than_the_run_is_warned_exactly_when_its_last_step_misses_the_target(
+        warmup, steps, shape, ratio, max_steps):
+    """The reference is the step's own ratio (CGGRStep.ratio_in_force) at the run's last global step."""
+    from types import SimpleNamespace
+
+    from lightning_cggr.config import parse_config, routing_warnings
+    from lightning_cggr.step import CGGRStep
+
+    run = parse_config({"cggr": {"warmup_steps": warmup, "min_tokens_ratio": ratio,
+                                 "ratio_schedule": {"kind": "curriculum", "steps": steps, "shape": shape}}})
+    warnings = routing_warnings(run, max_steps)
+    holder = SimpleNamespace(cggr=run.cggr)
+    holder.active = lambda step: CGGRStep.active(holder, step)
+    last = CGGRStep.ratio_in_force(holder, max_steps - 1) if max_steps and max_steps > warmup else None
+    assert len(warnings) == (last is not None and last > ratio)
+    if warnings:
+        printed = re.search(r"keeps ratio ([0-9.]+);", warnings[0]).group(1)
+        assert abs(float(printed) - last) <= 0.5 * 10 ** -len(printed.split(".")[1])  # last, as rounded
+        assert float(printed) != ratio and f"cggr.ratio_schedule.steps={steps}" in warnings[0]
+        shorter = max_steps - warmup - 1  # the suggested fixes end the anneal on the last step
+        if shorter >= 1:
+            assert f"steps <= {shorter}" in warnings[0]
+            fixed = parse_config({"cggr": {"warmup_steps": warmup, "min_tokens_ratio": ratio,
+                                           "ratio_schedule": {"kind": "curriculum", "steps": shorter, "shape": shape}}})
+            assert routing_warnings(fixed, max_steps) == []
+        assert routing_warnings(run, warmup + steps + 1) == []
 
 
 @pytest.mark.parametrize("rows, trained", [(1, 1), (2, 1), (3, 1), (4, 1)])
