@@ -108,6 +108,34 @@ def scope_problem(scope: Any, setting: Any, strategy: Any, devices: Any) -> str 
             f"use perf.compile_scope=blocks")
 
 
+COMPILE_KNOBS = {"compile_scope": "blocks", "compile_dynamic": "auto", "compile_routing": False}
+"""The ``perf`` settings that shape what is compiled, with their defaults: read only when something
+is compiled (``perf.compile_backend``, which compiler, is left out: it changes nothing compiled)."""
+
+
+def compile_knob_problems(perf: Any, setting: Any, off_because: str = "") -> list[str]:
+    """Settings of ``perf`` (a PerfConfig) that would be silently ignored because the resolved
+    ``perf.compile`` (``setting``) compiles nothing; ``off_because`` says why ``auto`` resolved to
+    false (e.g. "false on a cpu run"). Empty when compiling or when every knob is at its default."""
+    if compile_mode(setting):
+        return []
+    def show(value):  # as the override is written
+        return str(value).lower() if isinstance(value, bool) or value is None else str(value)
+
+    why = (f"perf.compile=auto ({off_because})" if perf.compile == "auto" and off_because
+           else f"perf.compile={show(setting)}")
+    return [f"perf.{name}={show(getattr(perf, name))}: shapes what is compiled, but {why} compiles nothing; "
+            f"set perf.compile=true (or a mode) to compile, or leave perf.{name} at {show(default)}"
+            for name, default in COMPILE_KNOBS.items() if getattr(perf, name) != default]
+
+
+def auto_compile_off_because(device_type: str, strategy: Any, devices: Any) -> str:
+    """Why :func:`resolve_compile` turned ``auto`` off, for messages."""
+    if device_type != "cuda":
+        return f"false on a {device_type} run"
+    return f"false across devices: trainer.strategy={strategy}, devices={devices}"
+
+
 def compile_mode(setting: Any) -> str | None:
     """The torch.compile mode of a ``perf.compile`` value, or None when compilation is off
     (``auto`` must be resolved first: :func:`resolve_compile`)."""

@@ -64,8 +64,9 @@ from .distributed import KeptTokenNormalizer
 from .errors import ConfigError
 from .kernels import TokenStats, linear_cross_entropy, resolve_impl, resolve_stats_impl
 from .models.attention import mask_free_attention, model_configs
-from .perf import (adamw_kwargs, apply_activation_checkpointing, compile_function, compile_model, mark_step_begin,
-                   resolve_compile, sdpa_backend_problem, sdpa_scope)
+from .perf import (adamw_kwargs, apply_activation_checkpointing, auto_compile_off_because, compile_function,
+                   compile_knob_problems, compile_model, mark_step_begin, resolve_compile, sdpa_backend_problem,
+                   sdpa_scope)
 from .routing.guards import sanitize_stats
 from .routing.reference import ReferenceModel, load_reference
 from .routing.router import TruncatedRouter, checked_logit_transform, find_decoder, find_head, mask_free_is_exact
@@ -159,7 +160,11 @@ class CGGRStep:
         self._sdpa_checked: set[tuple[str, bool]] = set()
         if self.perf.compile == "auto":  # by the model's device
             device = next(model.parameters()).device.type
-            self.perf = dataclasses.replace(self.perf, compile=resolve_compile("auto", device))
+            asked, self.perf = self.perf, dataclasses.replace(self.perf, compile=resolve_compile("auto", device))
+            if problems := compile_knob_problems(asked, self.perf.compile, auto_compile_off_because(device, None, 1)):
+                raise config_error(problems)
+        elif problems := compile_knob_problems(self.perf, self.perf.compile):
+            raise config_error(problems)
         apply_activation_checkpointing(model, self.perf.activation_checkpointing)  # before compiling: traced with it
         compile_model(model, self.perf.compile, self.perf.compile_backend, self.perf.compile_dynamic,
                       self.perf.compile_scope)

@@ -13,6 +13,7 @@ Every setting is a Hydra override; ``--cfg job`` prints the composed config with
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from pathlib import Path
@@ -26,6 +27,8 @@ from .cli import omegaconf_problem, run_hydra, unknown_key_problems
 from .config import _is_int, config_error, parse_config, register_schema, routing_warnings
 from .errors import ConfigError, UserError, exit_on_user_error
 from .perf import (
+    auto_compile_off_because,
+    compile_knob_problems,
     precision_warning,
     resolve_compile,
     scope_problem,
@@ -189,8 +192,12 @@ def check_config(cfg: DictConfig):
     problems = [] if _is_int(seed) else [f"seed={seed!r}: must be an integer"]
     if problems := problems + trainer_value_problems(trainer_kw):
         raise config_error(problems)
-    run.perf.compile = resolve_compile(run.perf.compile, run_device(trainer_kw), trainer_kw.get("strategy"),
-                                       trainer_kw.get("devices", 1))
+    asked = run.perf
+    run.perf = dataclasses.replace(asked, compile=resolve_compile(
+        asked.compile, run_device(trainer_kw), trainer_kw.get("strategy"), trainer_kw.get("devices", 1)))
+    if problems := compile_knob_problems(asked, run.perf.compile, auto_compile_off_because(
+            run_device(trainer_kw), trainer_kw.get("strategy"), trainer_kw.get("devices", 1))):
+        raise config_error(problems)
     if run.perf.compile and trainer_kw.get("strategy") == "fsdp":
         raise ConfigError(
             "invalid configuration: perf.compile with trainer.strategy=fsdp (FSDP1 swaps flat parameters "

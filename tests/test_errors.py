@@ -127,6 +127,8 @@ CASES = [
     Case("enabled-not-a-boolean", ["cggr.enabled=yes"], "cggr.enabled='yes': must be true or false"),
     Case("a-schedule-setting-its-kind-ignores", ["cggr.ratio_schedule.min=0.2"],
          "cggr.ratio_schedule.min=0.2 applies to kind=dynamic, and this run's cggr.ratio_schedule.kind is constant"),
+    Case("a-compile-setting-with-nothing-compiled", ["perf.compile_routing=true"],
+         "perf.compile_routing=true: shapes what is compiled, but perf.compile=auto (false on a cpu run) compiles nothing"),
     Case("block-longer-than-the-position-table", ["model.arch=gpt2", "model.max_position_embeddings=64",
                                                   "data.block_size=128", *TINY],
          "data.block_size=128 is longer than the model's 64 learned positions", builds_model=True),

@@ -756,7 +756,7 @@ def test_training_batch_sizes_follow_the_unit_and_the_ratio_schedule():
 def test_static_shapes_are_refused_where_shapes_keep_changing():
     """perf.compile_dynamic=false: refused for chat data (padded per batch) and for a curriculum under
     sequence routing with more sizes than torch compiles; accepted for packed text, and ignored when
-    nothing is compiled."""
+    nothing is compiled (where it is refused as a setting nothing reads)."""
     from experiments.compose import compose
     from lightning_cggr.train import check_config
 
@@ -768,7 +768,9 @@ def test_static_shapes_are_refused_where_shapes_keep_changing():
     curriculum = ["cggr=sequence", "cggr.ratio_schedule.kind=curriculum", "data.batch_size=16"]
     with pytest.raises(ConfigError, match=r"sees 13 training batch sizes.*recompile_limit"):
         check_config(compose([*base, *curriculum]))
-    check_config(compose(["trainer.accelerator=cpu", "perf.compile=false", "perf.compile_dynamic=false", *curriculum]))
+    with pytest.raises(ConfigError, match=r"perf.compile_dynamic=false: shapes what is compiled, but "
+                                          r"perf.compile=false compiles nothing"):  # not a shape problem: an unread knob
+        check_config(compose(["trainer.accelerator=cpu", "perf.compile=false", "perf.compile_dynamic=false", *curriculum]))
     # batch 7: sizes 7..2 (six) + the no-grad and spare graphs = 8, torch's limit; the whole decoder's
     # graphs also count the router's view (it shares the decoder's code): 9
     import torch._dynamo.config as dynamo_config
@@ -798,7 +800,32 @@ def test_compile_scope_is_validated_and_decoder_scope_is_for_one_device():
         with pytest.raises(ConfigError, match=rf"compile_scope=decoder with trainer.strategy={strategy}.*"
                                               r"use perf.compile_scope=blocks"):
             check_config(compose([*multi, "perf.compile=true"]))
-        check_config(compose(multi))  # nothing compiled (auto is false across devices): nothing to refuse
+        with pytest.raises(ConfigError, match=r"perf.compile=auto \(false on a cpu run\) compiles nothing"):
+            check_config(compose(multi))  # nothing compiled: the scope is a setting nothing reads
+
+
+@pytest.mark.parametrize("knob, value", [("compile_scope", "decoder"), ("compile_dynamic", True),
+                                         ("compile_dynamic", False), ("compile_routing", True)])
+@pytest.mark.parametrize("compile_setting", ["false", "auto"])
+def test_a_compile_setting_is_refused_when_nothing_is_compiled(knob, value, compile_setting):
+    """perf.compile=false, or auto on a CPU (which compiles nothing), leaves compile_scope,
+    compile_dynamic and compile_routing unread: the Hydra job and the Python API both refuse them,
+    with the same message, and accept them when something is compiled."""
+    from experiments.compose import compose
+    from lightning_cggr.train import check_config
+
+    override = f"perf.{knob}={str(value).lower()}"
+    why = "perf.compile=false" if compile_setting == "false" else r"perf.compile=auto \(false on a cpu run\)"
+    expected = rf"invalid configuration: {override}: shapes what is compiled, but {why} compiles nothing"
+    with pytest.raises(ConfigError, match=expected):
+        check_config(compose(["trainer.accelerator=cpu", f"perf.compile={compile_setting}", override]))
+    perf = PerfConfig(compile=False if compile_setting == "false" else "auto", **{knob: value})
+    with pytest.raises(ConfigError, match=expected):
+        CGGRStep(make_tiny_model("llama", num_layers=2), CGGRConfig(), perf=perf)
+    run, _ = check_config(compose(["trainer.accelerator=cpu", "perf.compile=true", override]))
+    assert getattr(run.perf, knob) == value and run.perf.compile is True
+    assert check_config(compose(["trainer.accelerator=cpu", f"perf.compile={compile_setting}",
+                                 "perf.compile_backend=aot_eager"]))[0].perf.compile is False  # which compiler: unread, harmless
 
 
 @pytest.mark.slow
