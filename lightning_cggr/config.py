@@ -804,6 +804,18 @@ def routing_warnings(run: RunConfig, max_steps: int | None = None) -> list[str]:
         f"{least} (or cggr.selection.unit=token)"]
 
 
+def lr_warnings(optim: OptimConfig, max_steps: int | None = None) -> list[str]:
+    """An LR warm-up (``optim.warmup_steps``) as long as the run (``max_steps``, the trainer's): the LR
+    peaks at the last step at the earliest and the cosine decay never starts
+    (:func:`lightning_cggr.step.lr_factor`); :func:`~lightning_cggr.train.train` logs it as a warning."""
+    w = optim.warmup_steps
+    if not (_is_int(max_steps) and max_steps > 0 and w >= 1 and w >= max_steps - 1):
+        return []
+    return [f"optim.warmup_steps={w} with trainer.max_steps={max_steps}: the run ends inside the LR warm-up, so "
+            f"the LR reaches optim.lr at the last step at the earliest and never decays; lower optim.warmup_steps "
+            f"(e.g. {max_steps // 10}, a tenth of the run)"]
+
+
 def parse_config(cfg: Mapping[str, Any]) -> RunConfig:
     """Turn a composed (plain-container) config into validated dataclasses."""
     problems: list[str] = []

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import rundir
 from .cli import omegaconf_problem, run_hydra, unknown_key_problems
-from .config import _is_int, config_error, parse_config, register_schema, routing_warnings
+from .config import _is_int, config_error, lr_warnings, parse_config, register_schema, routing_warnings
 from .errors import ConfigError, UserError, exit_on_user_error
 from .perf import (
     auto_compile_off_because,
@@ -325,7 +325,9 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     run, trainer_kw = check_config(cfg)
     callbacks_node = cfg.get("callbacks")  # None with callbacks=none
     callbacks_cfg = OmegaConf.to_container(callbacks_node, resolve=False) if callbacks_node else {}
-    for warning in [*routing_warnings(run, trainer_kw.get("max_steps")), *validation_warnings(callbacks_cfg, trainer_kw)]:
+    steps = trainer_kw.get("max_steps")
+    for warning in [*routing_warnings(run, steps), *lr_warnings(run.optim, steps),
+                    *validation_warnings(callbacks_cfg, trainer_kw)]:
         log.warning(warning)
     if slow := precision_warning(trainer_kw.get("precision"), run_device(trainer_kw)):
         log.warning(slow)

@@ -149,3 +149,27 @@ def test_lr_factor_follows_warmup_cosine_and_holds_the_floor():
     assert lr_factor(8, cfg, 12) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
     assert lr_factor(12, cfg, 12) == pytest.approx(0.1)
     assert lr_factor(30, cfg, 12) == pytest.approx(0.1)  # past the end: the floor, not a new cycle
+
+
+@pytest.mark.parametrize("warmup, max_steps", [(20, 100), (20, 21), (20, 20), (20, 5), (1, 2), (1, 3), (0, 1),
+                                               (50, None), (50, -1)])
+def test_an_lr_warm_up_as_long_as_the_run_is_warned_exactly_when_the_lr_never_decays(warmup, max_steps):
+    """The reference is the LR the run's own scheduler gives AdamW at each of its steps."""
+    from lightning_cggr.config import OptimConfig, lr_warnings
+    from lightning_cggr.step import build_scheduler
+
+    cfg = OptimConfig(lr=1e-3, warmup_steps=warmup)
+    warnings = lr_warnings(cfg, max_steps)
+    if max_steps is None or max_steps < 1:
+        assert warnings == []  # the run's length is not known from the config
+        return
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    scheduler, lrs = build_scheduler(optimizer, cfg, max_steps), []
+    for _ in range(max_steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    ramps_only = warmup > 0 and all(a <= b for a, b in zip(lrs, lrs[1:]))  # rises, or peaks at the end
+    assert len(warnings) == ramps_only
+    if ramps_only:
+        assert f"optim.warmup_steps={warmup} with trainer.max_steps={max_steps}" in warnings[0]
