@@ -811,9 +811,12 @@ def lr_warnings(optim: OptimConfig, max_steps: int | None = None) -> list[str]:
     w = optim.warmup_steps
     if not (_is_int(max_steps) and max_steps > 0 and w >= 1 and w >= max_steps - 1):
         return []
-    return [f"optim.warmup_steps={w} with trainer.max_steps={max_steps}: the run ends inside the LR warm-up, so "
-            f"the LR reaches optim.lr at the last step at the earliest and never decays; lower optim.warmup_steps "
-            f"(e.g. {max_steps // 10}, a tenth of the run)"]
+    from .step import lr_factor  # after the config checks: the run is about to build anyway
+
+    last = lr_factor(max_steps - 1, optim, max_steps)
+    return [f"optim.warmup_steps={w} with trainer.max_steps={max_steps}: the LR warm-up fills the whole run: the "
+            f"LR rises through it (to {last:.3g} x optim.lr at its last step) and never decays; "
+            f"lower optim.warmup_steps (e.g. {max_steps // 10}, a tenth of the run)"]
 
 
 def parse_config(cfg: Mapping[str, Any]) -> RunConfig:

@@ -173,3 +173,4 @@ def test_an_lr_warm_up_as_long_as_the_run_is_warned_exactly_when_the_lr_never_de
     assert len(warnings) == ramps_only
     if ramps_only:
         assert f"optim.warmup_steps={warmup} with trainer.max_steps={max_steps}" in warnings[0]
+        assert f"(to {lrs[-1] / cfg.lr:.3g} x optim.lr at its last step)" in warnings[0]
