@@ -790,7 +790,22 @@ def routing_warnings(run: RunConfig, max_steps: int | None = None) -> list[str]:
                 f"cggr.min_tokens_ratio={c.min_tokens_ratio:g} at its routed step {q.steps + 1} but the run routes "
                 f"only {routed}, so its last step keeps ratio {last:.{digits}f}; use {shorter}trainer.max_steps >= "
                 f"{c.warmup_steps + q.steps + 1}")
-    if c.selection.unit != "sequence" or c.selection.strategy == "infobatch":
+    sel = c.selection
+    if sel.strategy == "infobatch" and _is_int(max_steps) and max_steps > c.warmup_steps:
+        from .routing.sampling import infobatch_prune_fraction
+
+        if sel.prune == 0:
+            warnings.append("cggr.selection.prune=0: InfoBatch drops no unit, so every step trains on every token "
+                            "(or sequence); "
+                            "set cggr.selection.prune (InfoBatch's default 0.5), or cggr.enabled=false for "
+                            "standard training")
+        elif infobatch_prune_fraction(sel.prune, c.warmup_steps, max_steps, sel.anneal_fraction) == 0:
+            stop = next(s for s in range(max_steps) if infobatch_prune_fraction(sel.prune, s, max_steps, sel.anneal_fraction) == 0)
+            warnings.append(
+                f"cggr.selection.anneal_fraction={sel.anneal_fraction:g} with trainer.max_steps={max_steps}: InfoBatch "
+                f"prunes nothing from step {stop} on, and routing starts after cggr.warmup_steps={c.warmup_steps}, "
+                f"so no step of this run prunes; lower cggr.selection.anneal_fraction or cggr.warmup_steps")
+    if sel.unit != "sequence" or sel.strategy == "infobatch":
         return warnings
     smallest = q.min if q.kind == "dynamic" else c.min_tokens_ratio
     from .routing.selection import static_capacity

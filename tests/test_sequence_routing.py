@@ -316,6 +316,35 @@ def test_a_curriculum_longer_than_the_run_is_warned_exactly_when_its_last_step_m
         assert routing_warnings(run, warmup + steps + 1) == []
 
 
+@pytest.mark.parametrize("prune, anneal, warmup, max_steps", [
+    (0.5, 0.125, 10, 100),  # the preset: prunes at steps 10-87
+    (0.5, 1.0, 10, 100),    # annealed from step 0: never prunes
+    (0.5, 0.9, 10, 100),    # stops at step 10, where routing starts
+    (0.5, 0.9, 10, 101),    # stops at step 11: step 10 prunes
+    (0.0, 0.125, 10, 100),  # drops nothing anywhere
+    (0.5, 0.0, 0, 1),
+    (0.5, 1.0, 0, None),    # the run's length is unknown (epochs)
+])
+def test_an_infobatch_run_that_never_prunes_is_warned(prune, anneal, warmup, max_steps):
+    """The reference is the step's own prune fraction (CGGRStep._prune) at every routed step of the run."""
+    from types import SimpleNamespace
+
+    from lightning_cggr.config import parse_config, routing_warnings
+    from lightning_cggr.step import CGGRStep
+
+    run = parse_config({"cggr": {"scoring": "loss", "warmup_steps": warmup,
+                                 "selection": {"strategy": "infobatch", "prune": prune, "anneal_fraction": anneal}}})
+    warnings = routing_warnings(run, max_steps)
+    if max_steps is None:
+        assert warnings == []
+        return
+    holder = SimpleNamespace(cggr=run.cggr, total_steps=max_steps)
+    prunes = [CGGRStep._prune(holder, step) for step in range(warmup, max_steps)]
+    assert len(warnings) == (not any(prunes))
+    if warnings:
+        assert ("prune=0" if prune == 0 else f"anneal_fraction={anneal:g} with trainer.max_steps={max_steps}") in warnings[0]
+
+
 @pytest.mark.parametrize("rows, trained", [(1, 1), (2, 1), (3, 1), (4, 1)])
 def test_sequence_routing_keeps_what_the_warning_says(rows, trained):
     """The step itself: at ratio 0.25 a batch of one row trains that row, a batch of 2-4 rows one row."""
