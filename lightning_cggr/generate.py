@@ -11,11 +11,22 @@ assistant's reply only. Sampling is seeded (``--seed``); ``--temperature 0`` is 
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
 from .errors import UserError, run_command
 from .export import DTYPES, _quiet_transformers, load_trained
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """The sampling settings, each checked on its own (a NaN or infinite one included): UserError naming it."""
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens={max_new_tokens}: must be >= 1")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"--temperature={temperature}: must be a finite number >= 0 (0: greedy)")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise UserError(f"--top-p={top_p}: must be in (0, 1] (1: no nucleus cut)")
 
 
 def generate_text(
@@ -33,10 +44,7 @@ def generate_text(
     ``chat=None`` uses the chat template when the tokenizer has one."""
     if not prompt:
         raise UserError("the prompt is empty; give the text to continue")
-    if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens={max_new_tokens}: must be >= 1")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise UserError(f"--temperature={temperature} must be >= 0 and --top-p={top_p} in (0, 1]")
+    check_sampling(max_new_tokens, temperature, top_p)
     has_template = getattr(tokenizer, "chat_template", None) is not None
     if chat and not has_template:
         raise UserError("--chat: this model's tokenizer has no chat template; leave --chat out")
@@ -79,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> str:
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p)  # before seconds of loading
     model, tokenizer = load_trained(args.source, args.dtype)
     try:
         model.to(args.device)

@@ -166,8 +166,9 @@ def test_sampling_is_seeded(run_dir):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"max_new_tokens": 0}, "max-new-tokens=0"), ({"temperature": -1.0}, "temperature=-1.0"),
-     ({"chat": True}, "no chat template")],
+    [({"max_new_tokens": 0}, "max-new-tokens=0"), ({"temperature": -1.0}, "temperature=-1.0: must be"),
+     ({"temperature": float("nan")}, "temperature=nan: must be a finite"), ({"top_p": 0.0}, "top-p=0.0: must be"),
+     ({"top_p": float("inf")}, "top-p=inf: must be"), ({"chat": True}, "no chat template")],
 )
 def test_generate_rejects_bad_settings(run_dir, kwargs, message):
     from lightning_cggr.generate import generate_text
@@ -175,6 +176,18 @@ def test_generate_rejects_bad_settings(run_dir, kwargs, message):
     model, tokenizer = load_trained(run_dir)
     with pytest.raises(UserError, match=message):
         generate_text(model, tokenizer, "Lists", **kwargs)
+
+
+@pytest.mark.parametrize("option, value", [("--temperature", "nan"), ("--top-p", "2"), ("--max-new-tokens", "0")])
+def test_generate_command_checks_its_settings_before_loading_anything(option, value, tmp_path, capsys):
+    """The source does not exist: the one error line is about the setting, so nothing was loaded first."""
+    from lightning_cggr import generate as generate_cmd
+
+    with pytest.raises(SystemExit) as info:
+        generate_cmd.main([str(tmp_path / "missing"), "Lists", option, value])
+    assert info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {option}=") and "missing" not in line
 
 
 def test_truncated_checkpoint_is_a_checkpoint_error(run_dir, tmp_path):
