@@ -86,13 +86,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_device(device: str) -> torch.device:
+    """``--device`` as a torch device that can hold this model's tensors here: UserError otherwise."""
+    try:
+        parsed = torch.device(device)
+        torch.empty(1, device=parsed)  # an unavailable backend raises here, not after the model loads
+    except (RuntimeError, AssertionError) as err:
+        raise UserError(f"--device={device}: {' '.join(str(err).split())[:200]}") from err
+    if parsed.type == "meta":
+        raise UserError("--device=meta: meta tensors hold no values, so nothing can be sampled; use cpu or cuda")
+    return parsed
+
+
 def _run(args: argparse.Namespace) -> str:
     check_sampling(args.max_new_tokens, args.temperature, args.top_p)  # before seconds of loading
+    device = check_device(args.device)
     model, tokenizer = load_trained(args.source, args.dtype)
-    try:
-        model.to(args.device)
-    except (RuntimeError, AssertionError) as err:
-        raise UserError(f"--device={args.device}: {' '.join(str(err).split())[:200]}") from err
+    model.to(device)
     return generate_text(
         model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=args.top_p, seed=args.seed, chat=args.chat,

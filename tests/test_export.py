@@ -178,7 +178,8 @@ def test_generate_rejects_bad_settings(run_dir, kwargs, message):
         generate_text(model, tokenizer, "Lists", **kwargs)
 
 
-@pytest.mark.parametrize("option, value", [("--temperature", "nan"), ("--top-p", "2"), ("--max-new-tokens", "0")])
+@pytest.mark.parametrize("option, value", [("--temperature", "nan"), ("--top-p", "2"), ("--max-new-tokens", "0"),
+                                           ("--device", "nonsense"), ("--device", "meta")])
 def test_generate_command_checks_its_settings_before_loading_anything(option, value, tmp_path, capsys):
     """The source does not exist: the one error line is about the setting, so nothing was loaded first."""
     from lightning_cggr import generate as generate_cmd
