@@ -49,6 +49,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from experiments.compose import number_list
 from experiments.results_io import LoadSampler, device_tag, environment, md_table
 from lightning_cggr.kernels import compact_rows, linear_cross_entropy, resolve_impl
 
@@ -84,6 +85,16 @@ def _variant(impl, chunk, accum, bias=False):
         return linear_cross_entropy(h, w, y, impl=impl, chunk_size=chunk, grad_accum=accum, bias=b)
 
     return fn
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    """``--shapes``: comma-separated HxVxN (hidden size x vocabulary x rows), each a positive integer."""
+    def shape(item: str) -> tuple[int, int, int]:
+        dims = tuple(int(d) for d in item.split("x"))
+        if len(dims) != 3 or min(dims) < 1:
+            raise ValueError(item)
+        return dims
+    return number_list(shape, "576x49152x16384,64x1000x128", what="HxVxN shapes of positive integers")(text)
 
 
 def parse_variants(spec: str | None) -> dict:
@@ -390,8 +401,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto (cuda if available) | cuda | cpu")
     p.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--shapes", default=None, help="comma-separated HxVxN, e.g. 576x49152x16384 (default per device)")
-    p.add_argument("--ratios", default="1.0,0.25", help="kept-row ratios")
+    p.add_argument("--shapes", type=parse_shapes, default=None,
+                   help="comma-separated HxVxN, e.g. 576x49152x16384 (default per device)")
+    p.add_argument("--ratios", type=number_list(float, "1.0,0.25", lambda r: 0 < r <= 1, "ratios in (0, 1]"),
+                   default="1.0,0.25", help="kept-row ratios")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7 CUDA, 5 CPU)")
     p.add_argument("--impls", default=None, help="comma-separated subset of the implementation names")
     p.add_argument("--variants", default=None,
@@ -412,9 +425,8 @@ def main(argv=None):
     else:
         device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    shapes = ([tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")] if args.shapes
-              else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES))
-    ratios = [float(r) for r in args.ratios.split(",")]
+    shapes = args.shapes or (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    ratios = args.ratios
     repeats = args.repeats or (7 if device.type == "cuda" else 5)
     budget = args.budget_s or (360.0 if device.type == "cuda" else 900.0)
     impls, unavailable = implementations(device, split_names(args.impls) if args.impls else None,

@@ -22,6 +22,19 @@ BENCH_KEY = "bench"
 """Top-level key of the presets for harness-only settings (``pad_vocab``, ``cache_build``)."""
 
 
+def number_list(kind: type, example: str, valid=lambda value: True, what: str = "numbers"):
+    """An argparse ``type``: one or more comma-separated ``kind`` values, each passing ``valid``."""
+    def parse(text: str) -> list:
+        try:
+            values = [kind(item) for item in text.split(",") if item.strip()]
+        except ValueError:
+            values = []
+        if not values or not all(valid(v) for v in values):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated {what}, e.g. {example}")
+        return values
+    return parse
+
+
 def compose(overrides: Sequence[str]):
     """The package's ``train`` config with the presets folder on the search path (no output dir made)."""
     from hydra import compose as _compose

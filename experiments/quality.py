@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("--evals", type=int, default=10, help="held-out evaluations on a time grid over W")
     ap.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: time grid only)")
     ap.add_argument("--eval-batches", type=int, default=4, help="held-out batches per evaluation")
-    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    ap.add_argument("--seeds", type=compose.number_list(int, "0,1,2", lambda v: v >= 0, "seeds >= 0"), default="0,1,2",
+                    help="comma-separated seeds")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="time budget W per seed in seconds: --steps becomes W / the baseline's calibrated step time")
     ap.add_argument("--max-factor", type=float, default=4.0, help="cap on any method's steps, x --steps")
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
         ap.error("--steps, --evals, --eval-batches and --calibrate-steps must be >= 1, --eval-every >= 0")
     if args.budget_s is not None and args.budget_s <= 0:
         ap.error("--budget-s must be > 0")
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    seeds = args.seeds
     device = compose.pick_device(args.device)
     compose.set_threads(args.threads)
     methods = methods_mod.parse_methods(args.methods)

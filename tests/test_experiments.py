@@ -305,6 +305,32 @@ def test_hand_written_notes_are_included_once(tmp_path, monkeypatch):
 # ---- the loss benchmark's variants and its GEMM bound -------------------------------------------
 
 
+@pytest.mark.parametrize("module, args, message", [
+    ("quality", ["--seeds", "0,x"], "argument --seeds: '0,x': expected comma-separated seeds >= 0"),
+    ("quality", ["--seeds", ","], "argument --seeds: ',': expected"),
+    ("bench_cross_entropy", ["--shapes", "576x49152"], "argument --shapes: '576x49152': expected comma-separated HxVxN"),
+    ("bench_cross_entropy", ["--shapes", "8x0x4"], "argument --shapes: '8x0x4'"),
+    ("bench_cross_entropy", ["--ratios", "1.0,0"], "argument --ratios: '1.0,0': expected comma-separated ratios in (0, 1]"),
+])
+def test_benchmark_list_arguments_are_checked_by_the_parser(module, args, message, capsys):
+    """A malformed list is argparse's usage error (exit 2, naming the argument), not a traceback later."""
+    import importlib
+
+    main = importlib.import_module(f"experiments.{module}").main
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_benchmark_list_arguments_parse_what_they_should():
+    from experiments import bench_cross_entropy as bce
+    from experiments.compose import number_list
+
+    assert bce.parse_shapes("576x49152x16384, 64x1000x128") == [(576, 49152, 16384), (64, 1000, 128)]
+    assert number_list(int, "0,1")("3,1,") == [3, 1]
+    assert number_list(float, "1", lambda r: 0 < r <= 1)("1,0.25") == [1.0, 0.25]
+
+
 def test_bench_variants_parse_and_gemm_floor_is_the_three_gemms():
     from experiments import bench_cross_entropy as bce
 
