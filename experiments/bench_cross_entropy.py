@@ -49,7 +49,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from experiments.compose import number_list
+from experiments.compose import at_least, device_name, number_list, pick_device
 from experiments.results_io import LoadSampler, device_tag, environment, md_table
 from lightning_cggr.kernels import compact_rows, linear_cross_entropy, resolve_impl
 
@@ -399,13 +399,13 @@ def to_markdown(meta, rows, checks):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto (cuda if available) | cuda | cpu")
+    p.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available) | cuda | cpu")
     p.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--shapes", type=parse_shapes, default=None,
                    help="comma-separated HxVxN, e.g. 576x49152x16384 (default per device)")
     p.add_argument("--ratios", type=number_list(float, "1.0,0.25", lambda r: 0 < r <= 1, "ratios in (0, 1]"),
                    default="1.0,0.25", help="kept-row ratios")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7 CUDA, 5 CPU)")
+    p.add_argument("--repeats", type=at_least(1), default=None, help="timed rounds (default 7 CUDA, 5 CPU)")
     p.add_argument("--impls", default=None, help="comma-separated subset of the implementation names")
     p.add_argument("--variants", default=None,
                    help="extra settings of ours, impl:rows[:accum][:bias] items, e.g. triton:512,triton:256:weight,"
@@ -414,16 +414,13 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no new shape or round after this many seconds (default 360 CUDA, 900 CPU)")
     p.add_argument("--profile", default="", help="comma-separated impls to profile (3 calls per shape and ratio)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--out", default=None, help="output folder (default experiments/results)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = torch.device(pick_device(args.device))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     shapes = args.shapes or (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     ratios = args.ratios

@@ -35,6 +35,28 @@ def number_list(kind: type, example: str, valid=lambda value: True, what: str = 
     return parse
 
 
+def at_least(low: int):
+    """An argparse ``type``: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= {low}")
+        return value
+    return parse
+
+
+def device_name(text: str) -> str:
+    """An argparse ``type`` for ``--device``: auto, cpu, cuda or cuda:N (whether CUDA is there is
+    :func:`pick_device`'s to say)."""
+    kind, _, index = text.partition(":")
+    if text in ("auto", "cpu", "cuda") or (kind == "cuda" and index.isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: expected auto, cpu, cuda or cuda:N")
+
+
 def compose(overrides: Sequence[str]):
     """The package's ``train`` config with the presets folder on the search path (no output dir made)."""
     from hydra import compose as _compose
@@ -151,8 +173,8 @@ def make_parser(prog: str, doc: str, common: bool = True) -> argparse.ArgumentPa
         ap.add_argument("--methods", default="no_reference",
                         help="comma-separated method names, 'all', or 'no_reference' (the default: every method "
                              "that needs no --reference model): " + ", ".join(METHODS))
-        ap.add_argument("--device", default="auto", help="cpu | cuda | auto")
-        ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+        ap.add_argument("--device", type=device_name, default="auto", help="cpu | cuda | auto")
+        ap.add_argument("--threads", type=at_least(1), default=None, help="torch.set_num_threads (default: torch's)")
         ap.add_argument("--name", default=None, help=f"experiment name for results files (default {prog}-<preset>)")
     ap.add_argument("--out", default=None, help="results folder (default experiments/results)")
     return ap

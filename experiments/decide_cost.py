@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from experiments.compose import at_least, device_name, pick_device
 from experiments.profiling import LAUNCH_CALLS
 from experiments.results_io import environment, md_table, publish
 from experiments.stats import median
@@ -127,16 +128,15 @@ def markdown(p: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--block-size", type=int, default=2048)
-    ap.add_argument("--rounds", type=int, default=50)
+    ap.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available) | cuda | cpu")
+    ap.add_argument("--batch-size", type=at_least(1), default=8)
+    ap.add_argument("--block-size", type=at_least(2), default=2048)
+    ap.add_argument("--rounds", type=at_least(1), default=50)
     ap.add_argument("--backend", default="inductor", help="perf.compile_backend")
     ap.add_argument("--out", default=None, help="results folder (default experiments/results)")
     ap.add_argument("--name", default="decide_cost")
     args = ap.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device here; use --device cpu")
+    args.device = pick_device(args.device)
     rows = measure(args.batch_size, args.block_size, args.device, args.rounds, args.backend)
     payload = dict(experiment=args.name, kind="decide_cost", batch_size=args.batch_size, block_size=args.block_size,
                    rounds=args.rounds, backend=args.backend, rows=rows, environment=environment(args.device))

@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from experiments.compose import at_least, pick_device
 from experiments.results_io import environment, md_table, publish
 from experiments.stats import median
 
@@ -143,15 +144,18 @@ def markdown(p: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", default="false,true,reduce-overhead", help="comma-separated perf.compile values, each optionally VALUE:KEY=V[:KEY=V] (more overrides)")
-    ap.add_argument("--steps", type=int, default=60, help="trainer.max_steps of each run")
-    ap.add_argument("--skip", type=int, default=10, help="steps left out of the medians (compilation, warm-up)")
+    ap.add_argument("--steps", type=at_least(1), default=60, help="trainer.max_steps of each run")
+    ap.add_argument("--skip", type=at_least(0), default=10, help="steps left out of the medians (compilation, warm-up)")
     ap.add_argument("--timeout-s", type=float, default=300.0, help="limit per run")
-    ap.add_argument("--device", default="cuda", help="device tag of the results file (cuda | cpu)")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="device tag of the results file (cuda | cpu)")
     ap.add_argument("--out", default=None, help="results folder (default experiments/results)")
     ap.add_argument("--name", default="trainer_check", help="results file name (before -<device>)")
     ap.add_argument("--runs-dir", default=None, help="where the run folders go (default: a temporary folder)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides shared by every run")
     args = ap.parse_intermixed_args(argv)  # options may follow the overrides (the last one wins)
+    if args.skip >= args.steps:
+        ap.error(f"--skip={args.skip} leaves none of --steps={args.steps} to measure")
+    pick_device(args.device)  # no CUDA here: one line now, not a traceback after the runs
     runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="trainer_check_"))
     runs = []
     settings = args.settings.split(",")

@@ -311,9 +311,15 @@ def test_hand_written_notes_are_included_once(tmp_path, monkeypatch):
     ("bench_cross_entropy", ["--shapes", "576x49152"], "argument --shapes: '576x49152': expected comma-separated HxVxN"),
     ("bench_cross_entropy", ["--shapes", "8x0x4"], "argument --shapes: '8x0x4'"),
     ("bench_cross_entropy", ["--ratios", "1.0,0"], "argument --ratios: '1.0,0': expected comma-separated ratios in (0, 1]"),
+    ("bench_cross_entropy", ["--repeats", "0"], "argument --repeats: '0': must be an integer >= 1"),
+    ("throughput", ["--threads", "-1"], "argument --threads: '-1': must be an integer >= 1"),
+    ("throughput", ["--device", "gpu"], "argument --device: 'gpu': expected auto, cpu, cuda or cuda:N"),
+    ("decide_cost", ["--batch-size", "0"], "argument --batch-size: '0': must be an integer >= 1"),
+    ("trainer_check", ["--steps", "5", "--skip", "5", "--device", "cpu"], "--skip=5 leaves none of --steps=5"),
 ])
-def test_benchmark_list_arguments_are_checked_by_the_parser(module, args, message, capsys):
-    """A malformed list is argparse's usage error (exit 2, naming the argument), not a traceback later."""
+def test_benchmark_arguments_are_checked_by_the_parser(module, args, message, capsys):
+    """A malformed list or number is argparse's usage error (exit 2, naming the argument), not a
+    traceback later (or, for decide_cost's batch of 0, a results file of nothing)."""
     import importlib
 
     main = importlib.import_module(f"experiments.{module}").main
