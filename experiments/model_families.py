@@ -240,6 +240,12 @@ def main(argv=None) -> None:
 
     transformers.logging.set_verbosity_error()
     families = args.families or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    if unknown := [name for name in families if name not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]:
+        import difflib
+
+        hints = {name: difflib.get_close_matches(name, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, n=3) for name in unknown}
+        parser.error("not a causal-LM model type of this transformers: " + "; ".join(
+            f"{name}" + (f" (did you mean {', '.join(close)}?)" if close else "") for name, close in hints.items()))
     start = time.time()
     rows = []
     for name in families:

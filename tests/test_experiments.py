@@ -316,6 +316,7 @@ def test_hand_written_notes_are_included_once(tmp_path, monkeypatch):
     ("throughput", ["--device", "gpu"], "argument --device: 'gpu': expected auto, cpu, cuda or cuda:N"),
     ("decide_cost", ["--batch-size", "0"], "argument --batch-size: '0': must be an integer >= 1"),
     ("trainer_check", ["--steps", "5", "--skip", "5", "--device", "cpu"], "--skip=5 leaves none of --steps=5"),
+    ("model_families", ["--families", "lama"], "not a causal-LM model type of this transformers: lama (did you mean llama"),
 ])
 def test_benchmark_arguments_are_checked_by_the_parser(module, args, message, capsys):
     """A malformed list or number is argparse's usage error (exit 2, naming the argument), not a
