@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import math
 import numbers
 import os
 from dataclasses import dataclass, field
@@ -160,6 +161,12 @@ class LossConfig:
     (fp32 for torch/triton, the weight's dtype for liger) | fp32 | weight (the weight's dtype: with
     bf16 weights it saves the V x H fp32 buffer and rounds once per chunk; same as fp32 for fp32
     weights, e.g. under bf16-mixed). naive and torch_lce take neither key but chunk_size on torch_lce."""
+    label_smoothing: float = 0.0
+    """Training objective: each kept token's target is (1 - eps) on its label and eps spread uniformly
+    over the vocabulary, in [0, 1) (0: plain cross-entropy). Validation (val/loss) stays the plain NLL."""
+    z_loss: float = 0.0
+    """Training objective: adds z_loss * logsumexp(logits)**2 per kept token (PaLM's auxiliary z-loss,
+    1e-4 there: keeps the softmax normaliser near 1), >= 0 (0: off). Validation stays the plain NLL."""
 
 
 @dataclass
@@ -410,6 +417,14 @@ def _validate_loss(p: list[str], loss: LossConfig) -> None:
         elif loss.impl in ("naive", "liger"):
             p.append(f"loss.chunk_size={loss.chunk_size}: loss.impl={loss.impl} has no chunks of ours; "
                      "use loss.impl=auto|triton|torch|torch_lce or leave loss.chunk_size null")
+    for name, value, ok, rule in (("label_smoothing", loss.label_smoothing, lambda v: 0 <= v < 1, "in [0, 1)"),
+                                  ("z_loss", loss.z_loss, lambda v: 0 <= v < math.inf, "a finite number >= 0")):
+        if not _is_number(value) or not ok(value):
+            p.append(f"loss.{name}={value!r}: must be {rule} (0: off)")
+        elif value > 0 and loss.impl == "torch_lce":
+            p.append(f"loss.{name}={value:g}: loss.impl=torch_lce (torch's F.linear_cross_entropy) has no "
+                     f"{'label smoothing' if name == 'label_smoothing' else 'z-loss'} on its chunked path; use "
+                     "loss.impl=auto|triton|torch|naive|liger")
     if loss.grad_accum is not None:
         if loss.grad_accum not in GRAD_ACCUMS:
             p.append(f"loss.grad_accum={loss.grad_accum!r}: must be null or one of {', '.join(GRAD_ACCUMS)}")

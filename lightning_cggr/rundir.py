@@ -24,6 +24,7 @@ but Hydra's bookkeeping.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import shutil
 import sys
@@ -99,15 +100,30 @@ def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _schema_defaults() -> dict[str, Any]:
+    """The dataclass defaults of IDENTITY_KEYS' groups, flattened like :func:`_flatten`."""
+    from .config import GROUPS
+
+    return _flatten({k: dataclasses.asdict(GROUPS[k]()) for k in IDENTITY_KEYS if k in GROUPS}, "", {})
+
+
 def config_differences(now: Mapping[str, Any], then: Mapping[str, Any]) -> list[str]:
-    """Settings of IDENTITY_KEYS that differ (dotted key: checkpoint value vs now)."""
+    """Settings of IDENTITY_KEYS that differ (dotted key: checkpoint value vs now). A setting the
+    checkpoint's config does not have (one added to the package after it was written) matches when
+    it is at its default now, which is what the older package did."""
     a = _flatten({k: then.get(k) for k in IDENTITY_KEYS}, "", {})
     b = _flatten({k: now.get(k) for k in IDENTITY_KEYS}, "", {})
+    defaults = _schema_defaults()
     out = []
     for key in sorted(set(a) | set(b)):
         if key in CHANGEABLE_ON_RESUME or any(key.startswith(c + ".") for c in CHANGEABLE_ON_RESUME):
             continue
-        if a.get(key) != b.get(key):
+        if key not in a and key in defaults and b.get(key) == defaults[key]:
+            continue
+        if key not in a:
+            out.append(f"{key}={b.get(key)!r} (the checkpoint predates this setting: it trained with "
+                       f"{defaults.get(key)!r})")
+        elif a.get(key) != b.get(key):
             out.append(f"{key}={b.get(key)!r} (the checkpoint has {a.get(key)!r})")
     return out
 

@@ -103,7 +103,8 @@ class StepResult:
     loss: torch.Tensor
     """The value to backprop (NLL sum scaled for the step's global kept-token mean)."""
     nll_sum: torch.Tensor
-    """Sum of the kept tokens' NLL, each times its loss weight (device, fp32)."""
+    """Sum of the kept tokens' loss (the NLL, plus loss.label_smoothing's and loss.z_loss's terms where
+    set), each times its loss weight (device, fp32)."""
     kept: torch.Tensor
     """Number of kept tokens (device, int)."""
     metrics: Metrics = field(default_factory=dict)
@@ -368,12 +369,14 @@ class CGGRStep:
     # ---- loss ---------------------------------------------------------------------------------
     def loss_terms(
         self, hidden: torch.Tensor, targets: torch.Tensor, selection: Selection | None,
-        weight: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None, objective: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(NLL sum, kept count) over kept tokens, both device tensors; the LM head runs on kept rows
+        """(loss sum, kept count) over kept tokens, both device tensors; the LM head runs on kept rows
         only (except naive). The count is of the very labels the loss saw, so the two always agree.
+        The loss is each token's NLL, plus (``objective``: the training loss) ``loss.label_smoothing``
+        and ``loss.z_loss`` where set; ``objective=False`` is the plain NLL (validation).
 
-        ``weight`` ([B, T] like ``targets``, fp32, no grad): each token's NLL is multiplied by it
+        ``weight`` ([B, T] like ``targets``, fp32, no grad): each token's loss is multiplied by it
         (the weighted rules' ``1/p`` or ``1/(1 - prune)``); None is weight 1.
         """
         B, T, H = hidden.shape
@@ -389,8 +392,10 @@ class CGGRStep:
                 flat_y = flat_y.index_select(0, selection.index).masked_fill(~selection.valid, IGNORE_INDEX)
                 flat_w = None if flat_w is None else flat_w.index_select(0, selection.index)
         flat_h, weight, bias = self.logit_transform.operands(flat_h, self.head)
+        terms = ({"label_smoothing": float(self.loss_cfg.label_smoothing), "lse_square_scale": float(self.loss_cfg.z_loss)}
+                 if objective else {})
         nll_sum = weighted_nll_sum(flat_h, weight, flat_y, flat_w, impl, bias=bias, chunk_size=self.loss_cfg.chunk_size,
-                                   grad_accum=self.loss_cfg.grad_accum, softcap=self.logit_transform.softcap)
+                                   grad_accum=self.loss_cfg.grad_accum, softcap=self.logit_transform.softcap, **terms)
         return nll_sum, (flat_y != IGNORE_INDEX).sum()
 
     def __call__(self, batch: dict, global_step: int, world_size: int = 1) -> StepResult:
@@ -439,7 +444,7 @@ class CGGRStep:
         input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
         targets = shift_targets(batch["labels"], attention_mask)
         with self.sdpa_scope(batch):
-            return self.loss_terms(self.hidden_states(input_ids, attention_mask), targets, None)
+            return self.loss_terms(self.hidden_states(input_ids, attention_mask), targets, None, objective=False)
 
 
 def weighted_nll_sum(

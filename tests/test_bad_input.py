@@ -300,6 +300,27 @@ def test_one_text_file_given_as_a_string_trains(tmp_path):
     assert metrics["val/loss"] == metrics["val/loss"]  # trained and validated: a number, not NaN
 
 
+@pytest.mark.parametrize("loss, message", [
+    ({"label_smoothing": 1.0}, "loss.label_smoothing=1.0: must be in [0, 1) (0: off)"),
+    ({"label_smoothing": -0.1}, "loss.label_smoothing=-0.1: must be in [0, 1)"),
+    ({"label_smoothing": "some"}, "loss.label_smoothing='some': must be in [0, 1)"),
+    ({"z_loss": -1e-4}, "loss.z_loss=-0.0001: must be a finite number >= 0"),
+    ({"z_loss": float("inf")}, "loss.z_loss=inf: must be a finite number >= 0"),
+    ({"impl": "torch_lce", "label_smoothing": 0.1}, "loss.label_smoothing=0.1: loss.impl=torch_lce (torch's "
+                                                    "F.linear_cross_entropy) has no label smoothing"),
+    ({"impl": "torch_lce", "z_loss": 1e-4}, "loss.z_loss=0.0001: loss.impl=torch_lce (torch's "
+                                            "F.linear_cross_entropy) has no z-loss"),
+])
+def test_label_smoothing_and_z_loss_values(loss, message):
+    assert message in config_error(loss=loss)
+
+
+def test_label_smoothing_and_z_loss_within_range_are_accepted():
+    run = parse_config({"loss": {"label_smoothing": 0.1, "z_loss": 1e-4}})
+    assert (run.loss.label_smoothing, run.loss.z_loss) == (0.1, 1e-4)
+    assert parse_config({"loss": {"impl": "torch_lce"}}).loss.label_smoothing == 0.0  # off: torch_lce is fine
+
+
 # ---- the same checks from Python: CGGRModule / CGGRStep built with the dataclasses ----------------
 @pytest.mark.parametrize("group, values", [
     ("cggr", {"min_tokens_ratio": 2.0}),
@@ -310,6 +331,7 @@ def test_one_text_file_given_as_a_string_trains(tmp_path):
     ("cggr", {"ratio_schedule": {"kind": "constant", "steps": 5}}),
     ("loss", {"impl": "fused"}),
     ("loss", {"chunk_size": 0}),
+    ("loss", {"impl": "torch_lce", "z_loss": 1e-4}),
     ("perf", {"compile_scope": "model"}),
     ("perf", {"activation_checkpointing": -1}),
     ("optim", {"lr": 0}),

@@ -248,6 +248,26 @@ def test_a_resume_that_does_not_match_the_checkpoint_changes_nothing(tmp_path):
     train(make_cfg(tmp_path, "run", "trainer.max_steps=6", "ckpt_path=auto", "data.batch_size=2", "loss.impl=naive"))
 
 
+def test_a_checkpoint_older_than_a_setting_resumes_while_that_setting_is_at_its_default(tmp_path):
+    """A run saved before loss.label_smoothing / loss.z_loss existed has no such keys in its config;
+    the older package trained without them, so a resume matches while they stay at their defaults."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    from lightning_cggr.rundir import config_differences
+
+    now = OmegaConf.to_container(make_cfg(tmp_path, "run"), resolve=True)
+    then = copy.deepcopy(now)
+    del then["loss"]["label_smoothing"], then["loss"]["z_loss"]
+    assert config_differences(now, then) == []
+    now["loss"]["z_loss"] = 1e-4
+    assert config_differences(now, then) == [
+        "loss.z_loss=0.0001 (the checkpoint predates this setting: it trained with 0.0)"]
+    then["loss"]["z_loss"] = 1e-3  # present in both: compared as before
+    assert config_differences(now, then) == ["loss.z_loss=0.0001 (the checkpoint has 0.001)"]
+
+
 def _cli(tmp_path: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
     run_dir = tmp_path / out
     return subprocess.run(

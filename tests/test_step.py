@@ -115,6 +115,44 @@ def test_routed_step_differs_from_the_standard_step(one_thread):
     assert not all(torch.equal(out["standard"][1][n], out["token"][1][n]) for n in out["standard"][1])
 
 
+@pytest.mark.parametrize("impl", ["torch", "naive", "liger"])
+def test_label_smoothing_and_z_loss_shape_the_training_loss_and_not_the_validation_loss(impl, one_thread):
+    """loss.label_smoothing and loss.z_loss against float64 torch on the step's own hidden states:
+    the training step's loss sum and the LM head's gradient are cross-entropy with smoothing plus
+    z * logsumexp**2 over the kept tokens; eval_terms stays the plain NLL."""
+    if impl == "liger":
+        pytest.importorskip("liger_kernel")
+    import torch.nn.functional as F
+
+    from lightning_cggr.config import CGGRConfig, LossConfig
+    from lightning_cggr.routing.selection import shift_targets
+    from lightning_cggr.step import CGGRStep
+
+    eps, z = 0.1, 1e-2
+    model = make_tiny_model("llama", num_layers=2)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untied: the head's grad alone
+    step = CGGRStep(model, CGGRConfig(enabled=False), LossConfig(impl=impl, label_smoothing=eps, z_loss=z))
+    batch = make_batch(batch_size=3, seq_len=12)
+    result = step(batch, global_step=0)
+    result.nll_sum.backward()
+
+    targets = shift_targets(batch["labels"], batch["attention_mask"]).reshape(-1)
+    with torch.no_grad():
+        hidden = step.hidden_states(batch["input_ids"], batch["attention_mask"]).reshape(targets.numel(), -1).double()
+    w = model.lm_head.weight.detach().double().requires_grad_(True)
+    logits = hidden @ w.t()
+    kept = targets != -100
+    lse = torch.logsumexp(logits[kept], dim=-1)
+    expected = F.cross_entropy(logits, targets, label_smoothing=eps, reduction="sum") + z * lse.square().sum()
+    expected.backward()
+    torch.testing.assert_close(result.nll_sum.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.lm_head.weight.grad.double(), w.grad, rtol=1e-4, atol=1e-6)
+    nll, count = step.eval_terms(batch)
+    torch.testing.assert_close(nll.double(), F.cross_entropy(logits.detach(), targets, reduction="sum"),
+                               rtol=1e-5, atol=1e-5)
+    assert int(count) == int(kept.sum())
+
+
 def _tensor_devices(module: torch.nn.Module) -> dict[str, torch.device]:
     """Every parameter, buffer and torchmetrics state of ``module``, by name."""
     from torchmetrics import Metric
