@@ -119,6 +119,7 @@ def compile_knob_problems(perf: Any, setting: Any, off_because: str = "") -> lis
     false (e.g. "false on a cpu run"). Empty when compiling or when every knob is at its default."""
     if compile_mode(setting):
         return []
+
     def show(value):  # as the override is written
         return str(value).lower() if isinstance(value, bool) or value is None else str(value)
 
