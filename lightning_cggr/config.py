@@ -385,6 +385,26 @@ def _build(cls: type, values: Mapping[str, Any] | None, where: str, problems: li
     return cls(**kwargs)
 
 
+def as_config(value: Any, cls: type, where: str):
+    """A group's settings as given from Python: None (the defaults), a ``cls`` instance, or a mapping
+    of its settings (as the Hydra job has them, nested groups included), built with the job's
+    unknown-key messages. Anything else is a ConfigError naming ``where`` and what it takes."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        problems: list[str] = []
+        built = _build(cls, value, where, problems)
+        if problems:
+            raise config_error(problems)
+        if isinstance(getattr(built, "betas", None), list):
+            built.betas = tuple(built.betas)
+        return built
+    raise config_error([f"{where}: expected a lightning_cggr.{cls.__name__} or a mapping of its settings, "
+                        f"not a {type(value).__name__} ({value!r})"])
+
+
 def _check_choice(problems: list[str], name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         problems.append(f"{name}={value!r}: must be one of {', '.join(choices)}")

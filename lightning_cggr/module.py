@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Mapping
 
 import lightning as L
 import torch
 from torchmetrics import MeanMetric, SumMetric
 
-from .config import CGGRConfig, LossConfig, OptimConfig, PerfConfig, config_error, optim_problems
+from .config import CGGRConfig, LossConfig, OptimConfig, PerfConfig, as_config, config_error, optim_problems
 from .distributed import shard_fsdp2
 from .flops import FlopShape, device_peak_tflops, mfu, step_flops
 from .step import CGGRStep, build_optimizer, build_scheduler
@@ -45,19 +46,20 @@ class CGGRModule(L.LightningModule):
     def __init__(
         self,
         model: torch.nn.Module,
-        cggr: CGGRConfig | None = None,
-        loss: LossConfig | None = None,
-        optim: OptimConfig | None = None,
+        cggr: CGGRConfig | Mapping | None = None,
+        loss: LossConfig | Mapping | None = None,
+        optim: OptimConfig | Mapping | None = None,
         reference: torch.nn.Module | None = None,
-        perf: PerfConfig | None = None,
+        perf: PerfConfig | Mapping | None = None,
     ):
         """``reference``: the frozen model of scoring=excess_loss; ``perf``: efficiency options
-        (see :class:`CGGRStep`)."""
+        (see :class:`CGGRStep`). Each config is its dataclass, a mapping of its settings (the Hydra
+        job's keys, e.g. ``{"min_tokens_ratio": 0.5}``) or None for the defaults."""
         super().__init__()
         self.model = model
         self.step = CGGRStep(model, cggr, loss, reference, perf=perf)
         self.sanity_metrics: dict[str, torch.Tensor] = {}  # the last sanity pass (see on_validation_epoch_end)
-        self.optim_cfg = optim or OptimConfig()
+        self.optim_cfg = as_config(optim, OptimConfig, "optim")
         if problems := optim_problems(self.optim_cfg):
             raise config_error(problems)
         # nan_strategy="disable": the default NaN check is a host sync (`if nans.any()`) every update

@@ -55,11 +55,12 @@ import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 
-from .config import CGGRConfig, LossConfig, OptimConfig, PerfConfig, config_error, step_config_problems
+from .config import (CGGRConfig, LossConfig, OptimConfig, PerfConfig, as_config, config_error,
+                     step_config_problems)
 from .distributed import KeptTokenNormalizer
 from .errors import ConfigError
 from .kernels import TokenStats, linear_cross_entropy, resolve_impl, resolve_stats_impl
@@ -130,18 +131,18 @@ class CGGRStep:
     def __init__(
         self,
         model: torch.nn.Module,
-        cggr: CGGRConfig | None = None,
-        loss: LossConfig | None = None,
+        cggr: CGGRConfig | Mapping | None = None,
+        loss: LossConfig | Mapping | None = None,
         reference: torch.nn.Module | None = None,
-        perf: PerfConfig | None = None,
+        perf: PerfConfig | Mapping | None = None,
         total_steps: int | None = None,
     ):
         self.model = model
         self.total_steps = total_steps
         """The run's optimizer steps (``trainer.max_steps``): needed by strategy=infobatch's annealing."""
-        self.cggr = cggr or CGGRConfig()
-        self.loss_cfg = loss or LossConfig()
-        self.perf = perf or PerfConfig()
+        self.cggr = as_config(cggr, CGGRConfig, "cggr")
+        self.loss_cfg = as_config(loss, LossConfig, "loss")
+        self.perf = as_config(perf, PerfConfig, "perf")
         if problems := step_config_problems(self.cggr, self.loss_cfg, self.perf,  # built from Python, unchecked
                                             reference_module=reference is not None):
             raise config_error(problems)

@@ -356,6 +356,25 @@ def test_the_python_api_refuses_what_the_hydra_job_refuses_with_the_same_line(gr
     assert str(info.value) == expected
 
 
+def test_the_python_api_takes_each_config_as_a_mapping_of_the_hydra_jobs_settings():
+    """CGGRModule(model, {"min_tokens_ratio": 0.5}, ...): each group as the plain mapping the Hydra job
+    composes builds the same dataclasses as parse_config does; a misspelt key and a value that is no
+    group get the job's one-line errors."""
+    from lightning_cggr.module import CGGRModule
+
+    groups = {"cggr": {"min_tokens_ratio": 0.5, "router": {"num_layers": 1}}, "loss": {"impl": "naive"},
+              "optim": {"lr": 1e-3, "betas": [0.9, 0.99]}, "perf": {"activation_checkpointing": True}}
+    module = CGGRModule(make_tiny_model("llama", num_layers=2), **groups)
+    expected = parse_config(groups)
+    assert (module.step.cggr, module.step.loss_cfg, module.optim_cfg, module.step.perf.activation_checkpointing) == (
+        expected.cggr, expected.loss, expected.optim, True)
+    with pytest.raises(ConfigError, match=r"cggr.min_token_ratio: unknown key; did you mean cggr.min_tokens_ratio\?"):
+        CGGRModule(make_tiny_model("llama", num_layers=2), {"min_token_ratio": 0.5})
+    with pytest.raises(ConfigError, match=r"loss: expected a lightning_cggr.LossConfig or a mapping of its settings, "
+                                          r"not a str \('naive'\)"):
+        CGGRModule(make_tiny_model("llama", num_layers=2), loss="naive")
+
+
 def test_excess_loss_from_python_takes_the_reference_model_in_place_of_a_path():
     """README's From Python: ``CGGRModule(model, CGGRConfig(scoring="excess_loss"), reference=ref)``
     needs no ``cggr.router.reference`` path; without either it is refused, naming the setting."""
