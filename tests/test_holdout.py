@@ -63,6 +63,27 @@ def test_one_command_builds_a_reference_that_excess_loss_scoring_loads(tmp_path,
     assert torch.isfinite(res.loss) and 0 < int(res.kept) < int((ids[:, 1:] != IGNORE_INDEX).sum())
 
 
+def test_the_reference_trains_with_the_runs_loss_settings(tmp_path, monkeypatch, one_thread):
+    """loss.* overrides reach the reference's training step whole (it once kept loss.impl alone and
+    dropped the rest without a word)."""
+    import lightning_cggr.step as step_module
+
+    seen = []
+
+    class Recording(step_module.CGGRStep):
+        def __init__(self, model, cggr=None, loss=None, *args, **kwargs):
+            seen.append(loss)
+            super().__init__(model, cggr, loss, *args, **kwargs)
+
+    monkeypatch.setattr(step_module, "CGGRStep", Recording)
+    code = holdout.main(["--out", str(tmp_path / "ref"), "--steps", "1", "--layers", "1", *TINY,
+                         f"data.cache_dir={tmp_path / 'tok'}", "loss.z_loss=0.001", "loss.label_smoothing=0.1",
+                         "loss.chunk_size=8"])
+    assert code == 0
+    (loss,) = seen
+    assert (loss.z_loss, loss.label_smoothing, loss.chunk_size) == (0.001, 0.1, 8)
+
+
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert holdout.main(["--out", str(tmp_path), "--fraction", "0", *TINY]) == 2
     assert "--fraction=0.0: must be in (0, 1]" in capsys.readouterr().err

@@ -115,7 +115,7 @@ def build_reference(
     """
     import lightning as L
 
-    from ..config import CGGRConfig, LossConfig, OptimConfig, parse_config
+    from ..config import CGGRConfig, OptimConfig, parse_config
     from ..data import build_tokenizer
     from ..data.text import PackedTextDataModule, load_documents, split_documents
     from ..models import build_model
@@ -143,7 +143,7 @@ def build_reference(
     data.setup("fit")
     optim = OptimConfig(**{**run.optim.__dict__, **({"lr": lr} if lr is not None else {})})
     optim.warmup_steps = min(optim.warmup_steps, max(1, steps // 10))
-    step = CGGRStep(model, CGGRConfig(enabled=False), LossConfig(impl=run.loss.impl))
+    step = CGGRStep(model, CGGRConfig(enabled=False), run.loss)  # the run's loss settings, all of them
     optimizer = build_optimizer(model, optim)
     scheduler = build_scheduler(optimizer, optim, steps)
     val = [b for _, b in zip(range(eval_batches), data.val_dataloader())]
