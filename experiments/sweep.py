@@ -18,6 +18,7 @@ against the fair baseline's (standard, fused loss) at its own largest batch.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -57,8 +58,42 @@ def load_sweep(args_overrides: list[str]):
     if unknown:
         raise SystemExit(f"error: experiments/presets/sweep/{name}.yaml: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     s.setdefault("extra_overrides", [])
+    if problems := sweep_problems(s):
+        raise SystemExit(f"error: experiments/presets/sweep/{name}.yaml: " + "; ".join(problems))
     s["sweep_file"] = f"experiments/presets/sweep/{name}.yaml"
     return s, rest
+
+
+def sweep_problems(s: dict) -> list[str]:
+    """The grid's values that would run nothing meaningful (each as ``sweep.key=value: rule``)."""
+    def integer(v, low):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    def positive(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+    rules = {
+        "batch_sizes": (lambda v: isinstance(v, list) and v and all(integer(b, 1) for b in v),
+                        "a non-empty list of integers >= 1"),
+        "memory_budget_mib": (positive, "a number > 0"),
+        "hard_cap_factor": (lambda v: positive(v) and v >= 1, "a number >= 1"),
+        "stop_after_miss": (lambda v: isinstance(v, bool), "true or false"),
+        "warmup": (lambda v: integer(v, 0), "an integer >= 0"),
+        "steps": (lambda v: integer(v, 1), "an integer >= 1"),
+        "threads": (lambda v: v is None or integer(v, 1), "null or an integer >= 1"),
+        "point_timeout_s": (positive, "a number > 0"),
+        "device": (lambda v: isinstance(v, str) and _is_device(v), "auto, cpu, cuda or cuda:N"),
+        "extra_overrides": (lambda v: isinstance(v, list) and all(isinstance(o, str) for o in v), "a list of overrides"),
+    }
+    return [f"sweep.{key}={s.get(key)!r}: must be {rule}" for key, (ok, rule) in rules.items() if not ok(s.get(key))]
+
+
+def _is_device(name: str) -> bool:
+    try:
+        compose.device_name(name)
+    except argparse.ArgumentTypeError:
+        return False
+    return True
 
 
 def plan_points(methods: list[str], batch_sizes: list[int]) -> list[tuple[int, str]]:

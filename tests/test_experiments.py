@@ -6,6 +6,7 @@ enough to work out by hand (see the comments).
 
 import math
 import os
+import re
 import signal
 
 import pytest
@@ -327,6 +328,24 @@ def test_benchmark_arguments_are_checked_by_the_parser(module, args, message, ca
     with pytest.raises(SystemExit) as info:
         main(args)
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("words, message", [
+    (["sweep.steps=0"], "sweep.steps=0: must be an integer >= 1"),
+    (["sweep.memory_budget_mib=-1"], "sweep.memory_budget_mib=-1: must be a number > 0"),
+    (["sweep.device=gpu"], "sweep.device='gpu': must be auto, cpu, cuda or cuda:N"),
+    (["sweep.batch_sizes=[]"], "sweep.batch_sizes=[]: must be a non-empty list of integers >= 1"),
+    (["sweep.threads=0", "sweep.warmup=-1"], "sweep.warmup=-1: must be an integer >= 0; sweep.threads=0"),
+])
+def test_sweep_values_that_would_measure_nothing_are_refused(words, message):
+    """Before the check these ran in seconds and wrote a results file of nothing (steps=0, a negative
+    budget) or of failed points (device=gpu)."""
+    from experiments import sweep
+
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        sweep.load_sweep(["sweep=cpu_tiny", *words])
+    settings, _ = sweep.load_sweep(["sweep=cpu_tiny", "sweep.steps=2"])  # the shipped grid as it is, one value changed
+    assert settings["steps"] == 2 and sweep.sweep_problems(settings) == []
 
 
 def test_benchmark_list_arguments_parse_what_they_should():
