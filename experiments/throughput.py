@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     ap = compose.make_parser("throughput", __doc__)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per method (median over these)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
-    ap.add_argument("--mem-steps", type=int, default=2, help="steps per fresh memory process (CPU); 0: skip")
+    ap.add_argument("--mem-steps", type=compose.at_least(0), default=2, help="steps per fresh memory process (CPU); 0: skip")
     ap.add_argument("--profile", action="store_true", help="profile --profile-steps more steps per method (torch.profiler)")
     ap.add_argument("--profile-steps", type=int, default=3, help="steps per method under the profiler (with --profile)")
     ap.add_argument("--peak-tflops", type=float, default=None,
@@ -66,6 +66,8 @@ def main(argv=None) -> int:
         ap.error("--steps must be >= 1 and --warmup >= 0")
     if args.profile and args.profile_steps < 1:
         ap.error("--profile-steps must be >= 1")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        ap.error(f"--peak-tflops={args.peak_tflops}: must be > 0 (the card's dense bf16 peak, e.g. 989 for an H100)")
 
     device = compose.pick_device(args.device)
     compose.set_threads(args.threads)

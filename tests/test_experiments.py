@@ -315,6 +315,8 @@ def test_hand_written_notes_are_included_once(tmp_path, monkeypatch):
     ("bench_cross_entropy", ["--repeats", "0"], "argument --repeats: '0': must be an integer >= 1"),
     ("throughput", ["--threads", "-1"], "argument --threads: '-1': must be an integer >= 1"),
     ("throughput", ["--device", "gpu"], "argument --device: 'gpu': expected auto, cpu, cuda or cuda:N"),
+    ("throughput", ["--mem-steps", "-1"], "argument --mem-steps: '-1': must be an integer >= 0"),
+    ("throughput", ["--peak-tflops", "0"], "--peak-tflops=0.0: must be > 0"),
     ("decide_cost", ["--batch-size", "0"], "argument --batch-size: '0': must be an integer >= 1"),
     ("trainer_check", ["--steps", "5", "--skip", "5", "--device", "cpu"], "--skip=5 leaves none of --steps=5"),
     ("model_families", ["--families", "lama"], "not a causal-LM model type of this transformers: lama (did you mean llama"),
