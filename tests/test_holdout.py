@@ -89,5 +89,9 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert "--fraction=0.0: must be in (0, 1]" in capsys.readouterr().err
     assert holdout.main(["--out", str(tmp_path), "--steps", "0"]) == 2
     assert "--steps=0: must be >= 1" in capsys.readouterr().err
+    assert holdout.main(["--out", str(tmp_path), "--lr", "-1"]) == 2
+    assert "--lr=-1.0: must be a number > 0" in capsys.readouterr().err  # was torch's "Invalid learning rate"
+    assert holdout.main(["--out", str(tmp_path), "--seed", "-3"]) == 2
+    assert "--seed=-3: must be >= 0" in capsys.readouterr().err  # was numpy's bounds message
     assert holdout.main(["--out", str(tmp_path), "data=chat", "model=smollm2_gguf"]) == 2
     assert "built for packed text" in capsys.readouterr().err

@@ -126,6 +126,10 @@ def build_reference(
         raise ValueError(f"--init={init!r}: choose {' or '.join(INITS)}")
     if steps < 1:
         raise ValueError(f"--steps={steps}: must be >= 1")
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"--lr={lr}: must be a number > 0 (or leave it out: the run's optim.lr)")
+    if seed < 0:
+        raise ValueError(f"--seed={seed}: must be >= 0")
     run = parse_config(_compose(overrides))
     if run.data.source not in ("pydoc", "files", "hf"):
         raise ValueError(f"data.source={run.data.source}: the holdout reference is built for packed text "
