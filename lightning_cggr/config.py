@@ -185,6 +185,10 @@ class OptimConfig:
     floating-point tensor, else torch's default) | true (fused; an error where torch has no fused
     kernel for the parameters) | false (torch's default: foreach on CUDA, a loop on CPU)."""
 
+    def __post_init__(self):
+        if isinstance(self.betas, list):  # as YAML, Hydra and a Python mapping give it
+            self.betas = tuple(self.betas)
+
 
 @dataclass
 class AdapterConfig:
@@ -398,8 +402,6 @@ def as_config(value: Any, cls: type, where: str):
         built = _build(cls, value, where, problems)
         if problems:
             raise config_error(problems)
-        if isinstance(getattr(built, "betas", None), list):
-            built.betas = tuple(built.betas)
         return built
     raise config_error([f"{where}: expected a lightning_cggr.{cls.__name__} or a mapping of its settings, "
                         f"not a {type(value).__name__} ({value!r})"])
@@ -831,11 +833,11 @@ def routing_warnings(run: RunConfig, max_steps: int | None = None) -> list[str]:
 
         if sel.prune == 0:
             warnings.append("cggr.selection.prune=0: InfoBatch drops no unit, so every step trains on every token "
-                            "(or sequence); "
-                            "set cggr.selection.prune (InfoBatch's default 0.5), or cggr.enabled=false for "
-                            "standard training")
+                            "(or sequence); set cggr.selection.prune (InfoBatch's default 0.5), or "
+                            "cggr.enabled=false for standard training")
         elif infobatch_prune_fraction(sel.prune, c.warmup_steps, max_steps, sel.anneal_fraction) == 0:
-            stop = next(s for s in range(max_steps) if infobatch_prune_fraction(sel.prune, s, max_steps, sel.anneal_fraction) == 0)
+            stop = next(s for s in range(max_steps)  # the first unpruned step (at most the warm-up's end)
+                        if infobatch_prune_fraction(sel.prune, s, max_steps, sel.anneal_fraction) == 0)
             warnings.append(
                 f"cggr.selection.anneal_fraction={sel.anneal_fraction:g} with trainer.max_steps={max_steps}: InfoBatch "
                 f"prunes nothing from step {stop} on, and routing starts after cggr.warmup_steps={c.warmup_steps}, "
@@ -877,8 +879,6 @@ def parse_config(cfg: Mapping[str, Any]) -> RunConfig:
         parts[name] = _build(cls, cfg.get(name), name, problems)
     if problems:
         raise config_error(problems)
-    if isinstance(parts["optim"].betas, list):
-        parts["optim"].betas = tuple(parts["optim"].betas)
     if isinstance(parts["data"].paths, str):  # data.paths=/a/file.txt: one file, not its characters
         parts["data"].paths = [parts["data"].paths]
     run = RunConfig(**parts)
