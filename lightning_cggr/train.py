@@ -312,7 +312,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
 
     from .callbacks import FormulaModelSummary, ResumableCheckpoint, StepProgressBar, default_every_n_steps
     from .checkpointing import AtomicCheckpointIO, estimate_checkpoint_bytes, preflight, recover_folder_checkpoint
-    from .data import build_datamodule, build_tokenizer
+    from .data import build_tokenizer, prepare_datamodule
     from .export import save_run_model_files
     from .loggers import prepare_loggers
     from .models import build_model
@@ -345,6 +345,9 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # no line before a user error's one line
 
     tokenizer = build_tokenizer(run.data) if run.data.tokenizer == "bpe" else None
+    # the data is read, tokenized and checked to fill a batch before the model is built where the
+    # tokenizer is the corpus's own BPE, else as soon as the model's tokenizer is there
+    datamodule = prepare_datamodule(run.data, tokenizer, seed=cfg.seed) if tokenizer is not None else None
     model, tokenizer = build_model(run.model, tokenizer)
     too_long, past_range = sequence_length_problem(model, run.data.block_size, random=run.model.source == "random")
     if too_long:
@@ -352,7 +355,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     if past_range:
         log.warning(past_range)
     save_run_model_files(out, model, tokenizer)  # model/: the HF config and tokenizer, for export
-    datamodule = build_datamodule(run.data, tokenizer, seed=cfg.seed)
+    if datamodule is None:
+        datamodule = prepare_datamodule(run.data, tokenizer, seed=cfg.seed)
     try:  # what only the built model can tell: its architecture, its layer count for the router
         module = CGGRModule(model, run.cggr, run.loss, run.optim, perf=run.perf)
     except ValueError as err:

@@ -24,7 +24,8 @@ SOURCES = ("pydoc", "files", "chat", "hf")
 TOKENIZERS = ("auto", "bpe", "model")
 """``data.tokenizer`` choices."""
 
-__all__ = ["SOURCES", "TOKENIZERS", "build_datamodule", "build_tokenizer", "cache_dir", "data_file_problems"]
+__all__ = ["SOURCES", "TOKENIZERS", "build_datamodule", "build_tokenizer", "cache_dir", "data_file_problems",
+           "prepare_datamodule"]
 
 
 def data_file_problems(source: str, paths: list[str]) -> list[str]:
@@ -62,3 +63,17 @@ def build_datamodule(cfg: DataConfig, tokenizer, seed: int = 0) -> L.LightningDa
             num_workers=cfg.num_workers,
         )
     raise ValueError(f"unknown data.source {cfg.source!r}")
+
+
+def prepare_datamodule(cfg: DataConfig, tokenizer, seed: int = 0) -> L.LightningDataModule:
+    """:func:`build_datamodule`, set up now (read, split, tokenized) and checked to fill one training
+    batch, so that a corpus too small for ``data.block_size`` or ``data.batch_size`` is reported
+    before the Trainer starts (and, with a tokenizer of its own, before the model loads), not at
+    the first batch. The Trainer's own ``setup`` call then finds it done. Several ranks are checked
+    again when the training loader is built."""
+    from .resumable import check_fills_batch
+
+    datamodule = build_datamodule(cfg, tokenizer, seed=seed)
+    datamodule.setup("fit")
+    check_fills_batch(len(datamodule.train_set), cfg.batch_size)
+    return datamodule

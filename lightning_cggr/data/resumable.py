@@ -71,6 +71,17 @@ def fit_position(trainer) -> Callable[[], int]:
     return lambda: int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
 
+def check_fills_batch(examples: int, batch_size: int, world: int = 1) -> None:
+    """A :class:`DataError` unless ``examples`` fill one batch of ``batch_size`` on each of ``world``
+    ranks: the training loader drops its last partial batch, so fewer would be an epoch of nothing."""
+    if examples < batch_size * world:
+        raise DataError(
+            f"{examples} training example(s) do not fill one batch of {batch_size}"
+            + (f" on each of {world} ranks" if world > 1 else "")
+            + ": lower data.batch_size or add data"
+        )
+
+
 class ResumableLoader(DataLoader):
     """A shuffled, drop-last training loader whose position is saved in Lightning checkpoints.
 
@@ -88,13 +99,7 @@ class ResumableLoader(DataLoader):
         position: Callable[[], int] | None = None,
         **kwargs: Any,
     ):
-        world, _ = _dist_world()
-        if len(dataset) < batch_size * world:  # drop_last: not one batch, an epoch of nothing
-            raise DataError(
-                f"{len(dataset)} training example(s) do not fill one batch of {batch_size}"
-                + (f" on each of {world} ranks" if world > 1 else "")
-                + ": lower data.batch_size or add data"
-            )
+        check_fills_batch(len(dataset), batch_size, _dist_world()[0])
         sampler = EpochSampler(dataset, seed=seed, shuffle=shuffle)
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kwargs)
         self._consumed = 0
