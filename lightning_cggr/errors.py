@@ -33,7 +33,8 @@ class ConfigError(UserError):
 
 
 class DataError(UserError):
-    """A data file that cannot be used: the message names the file (and the line of a JSONL file)."""
+    """Data that cannot be used: a data file (the message names the file, and the line of a JSONL
+    file), a corpus too small for a batch, or a batch that is not what the step takes."""
 
 
 class CheckpointError(UserError):

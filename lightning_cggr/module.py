@@ -24,6 +24,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric, SumMetric
 
+from .batches import check_batch, embedding_rows
 from .config import CGGRConfig, LossConfig, OptimConfig, PerfConfig, as_config, config_error, optim_problems
 from .distributed import shard_fsdp2
 from .flops import FlopShape, device_peak_tflops, mfu, step_flops
@@ -82,6 +83,8 @@ class CGGRModule(L.LightningModule):
             self.flop_shape = FlopShape.of(model, self.step.logit_transform)
         except ValueError as err:  # said once, here
             log.warning("no train/mfu for this model: %s", err)
+        # what a batch's ids and labels may index (lightning_cggr.batches), read before any sharding
+        self._batch_rows = (int(self.step.head.weight.shape[0]), embedding_rows(model))
         # metric states are created on the CPU: follow a model that is already on its device, so a
         # module used without a Trainer (which would move it) never mixes devices
         first = next(model.parameters(), None)
@@ -91,6 +94,12 @@ class CGGRModule(L.LightningModule):
     # ---- Lightning hooks ---------------------------------------------------------------------
     def forward(self, input_ids, attention_mask=None):
         return self.step.hidden_states(input_ids, attention_mask)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        """Every batch is checked where the loader made it, before it moves to the device
+        (:mod:`lightning_cggr.batches`: structure always, values while on the CPU; no device sync)."""
+        check_batch(batch, *self._batch_rows)
+        return batch
 
     def training_step(self, batch, batch_idx):
         world = self.trainer.world_size if self._trainer is not None else 1

@@ -399,3 +399,69 @@ def test_numpy_numbers_from_a_python_sweep_are_numbers():
     assert module.step.ratio_in_force(0) == 0.5
     with pytest.raises(ConfigError, match="cggr.min_tokens_ratio=1.5"):
         CGGRModule(make_tiny_model("llama"), CGGRConfig(min_tokens_ratio=np.float64(1.5)))
+
+
+# ---- batches a user's own loader makes: checked on the host before they move to the device -------
+def _rows(vocab: int, **change):
+    """Four dict rows of 9 tokens below ``vocab``; ``change`` maps a key to a function of the row."""
+    tokens = torch.arange(36).view(4, 9) % vocab
+    rows = [{"input_ids": t, "labels": t.clone()} for t in tokens]
+    for key, fn in change.items():
+        for row in rows:
+            row[key] = fn(row)
+    return rows
+
+
+def _set(key, position, value):
+    return lambda row: row[key].clone().index_fill_(0, torch.tensor([position]), value)
+
+
+BAD_BATCHES = {  # case: (rows of a model with a 64-row vocabulary, the phrase the error must hold)
+    "label-past-the-head": (_rows(64, labels=_set("labels", 3, 64)), "labels hold 64, past the LM head's 64 rows"),
+    "negative-label": (_rows(64, labels=_set("labels", 3, -1)), "labels hold -1; only -100 marks a position"),
+    "id-past-the-embeddings": (_rows(64, input_ids=_set("input_ids", 0, 70)),
+                               "input_ids hold 70, outside the model's embedding table of 64 rows"),
+    "negative-id": (_rows(64, input_ids=_set("input_ids", 0, -3)), "input_ids hold -3"),
+    "no-labels": ([{"input_ids": r["input_ids"]} for r in _rows(64)], "the batch has no labels (its keys: input_ids)"),
+    "float-labels": (_rows(64, labels=lambda r: r["labels"].float()), "labels must be int64 or int32, got torch.float32"),
+    "pre-shifted-labels": (_rows(64, labels=lambda r: r["labels"][1:]),
+                           "labels has shape (4, 8), input_ids (4, 9): they must match"),
+    "mask-of-another-length": (_rows(64, attention_mask=lambda r: torch.ones(5, dtype=torch.long)),
+                               "attention_mask has shape (4, 5)"),
+    "tuples": ([(r["input_ids"], r["labels"]) for r in _rows(64)], "a batch must be a dict with input_ids and labels"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BATCHES))
+def test_a_bad_batch_from_the_users_loader_is_named_before_any_step(case):
+    """Before the check these ended in an index error deep in the loss or the embedding (CPU), a NaN
+    loss reported as a divergence (Triton on a GPU) or a KeyError."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lightning_cggr import CGGRModule
+
+    rows, phrase = BAD_BATCHES[case]
+    model = make_tiny_model(vocab_size=64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    with pytest.raises(DataError, match="^bad batch: ") as info:
+        trainer.fit(CGGRModule(model, {"warmup_steps": 0}), DataLoader(rows, batch_size=4))
+    assert phrase in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no step was taken
+
+
+def test_the_batch_check_accepts_ignored_labels_and_a_mask_and_reads_no_device_tensor():
+    from lightning_cggr.batches import batch_problems
+
+    ids = torch.tensor([[5, 63, 0, 7]])
+    good = {"input_ids": ids, "labels": torch.tensor([[-100, 63, 0, -100]]), "attention_mask": torch.ones_like(ids)}
+    assert batch_problems(good, label_rows=64, embedding_rows=64) == []
+    assert batch_problems({"input_ids": ids, "labels": torch.full_like(ids, -100)}, 64, 64) == []
+    # values on another device are not read (a read would be a device sync in the step): meta
+    # tensors have no values, so a read would raise
+    meta = {"input_ids": ids.to("meta"), "labels": ids.to("meta")}
+    assert batch_problems(meta, label_rows=4, embedding_rows=4) == []
+    assert batch_problems({**meta, "labels": ids.float().to("meta")}, 4, 4) == [
+        "labels must be int64 or int32, got torch.float32"]
