@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib.util  # noqa: E402
+import re  # noqa: E402
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -185,6 +186,42 @@ def test_bad_arguments_raise():
         with pytest.raises(ValueError, match="liger.*chunk_size"):
             linear_cross_entropy(h, w, y, impl="liger", chunk_size=2)
 
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inputs_of_the_wrong_shape_or_dtype_are_named(impl):
+    """Each problem with the tensors is a ValueError naming it, on every implementation, before any
+    kernel runs (and several problems in one message)."""
+    h, w, y = make(4, 8, 10)
+    cases = [
+        ((h[None], w, y), "hidden must be [N, H], got shape (1, 4, 8)"),
+        ((h, w[0], y), "weight must be [V, H], got shape (8,)"),
+        ((h, w, y[:3]), "labels must be [N] matching hidden, got shape (3,)"),
+        ((h, w, y.float()), "labels must be int64/int32, got torch.float32"),
+        ((h.long(), w, y), "hidden must be float32/bfloat16/float16/float64, got torch.int64"),
+        ((h, w, y.to("meta")), "hidden, weight, labels on different devices"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            linear_cross_entropy(*args, impl=impl)
+    with pytest.raises(ValueError, match=re.escape("lse_square_scale (z-loss) must be >= 0, got -0.1")):
+        linear_cross_entropy(h, w, y, impl=impl, lse_square_scale=-0.1)
+    with pytest.raises(ValueError, match="row_weight must be a float tensor, got torch.int64"):
+        linear_cross_entropy(h, w, y, impl=impl, row_weight=torch.ones(4, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match=r"labels must be \[N\].*; labels must be int64/int32"):
+        linear_cross_entropy(h, w, y[:3].float(), impl=impl)
+
+
+def test_token_stats_names_its_input_problems():
+    h, w, y = make(4, 8, 10)
+    for args, kw, message in [
+        ((h, w[:, :4], y), {}, "need hidden [N, H] and weight [V, H], got (4, 8), (10, 4)"),
+        ((h, w[:1], y), {}, "the margin needs a vocabulary of at least 2"),
+        ((h, w, y[:2]), {}, "labels must be [N], got (2,)"),
+        ((h, w, y), {"chunk_size": 0}, "chunk_size must be None or an int >= 1, got 0"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape("token_stats: " + message)):
+            token_stats(*args, impl="torch", **kw)
 
 def test_chunk_rule():
     """The documented rule: 2048 rows of bf16 logits at V=49152, 1024 at V=128256, within [64, 4096]."""
