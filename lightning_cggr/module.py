@@ -201,17 +201,36 @@ class CGGRModule(L.LightningModule):
     def on_validation_epoch_end(self):
         """Mean NLL over every trainable validation token: NaN if the model gives NaN, and NaN (with a
         warning) if there was no trainable token at all, never a perplexity of 1.0 for nothing."""
-        tokens = self.val_tokens.compute()
-        loss = self.val_nll_sum.compute() / tokens  # 0 / 0 = NaN
-        if not self.trainer.sanity_checking and float(tokens) == 0:  # once per validation: the
-            log.warning("validation saw no trainable token: val/loss and val/ppl are NaN")  # logger syncs too
-        ppl = torch.exp(loss)
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", ppl, prog_bar=True)
+        loss, ppl = self._log_heldout("val")
         if self.trainer.sanity_checking:  # Lightning drops what a sanity pass logs; train() may need it
             self.sanity_metrics = {"val/loss": loss.detach(), "val/ppl": ppl.detach()}
+
+    def test_step(self, batch, batch_idx):
+        """``trainer.test(module, loader)``: what validation computes, over the test loader, logged as
+        ``test/loss`` and ``test/ppl``."""
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self):
+        self._log_heldout("test")
+
+    def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        raise NotImplementedError(
+            "CGGRModule has no predict step: for text, module.model.generate(...) or python -m "
+            "lightning_cggr.generate; for the held-out loss, trainer.validate or trainer.test")
+
+    def _log_heldout(self, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log ``{prefix}/loss`` and ``{prefix}/ppl`` from the summed NLL and token count, then reset them."""
+        tokens = self.val_tokens.compute()
+        loss = self.val_nll_sum.compute() / tokens  # 0 / 0 = NaN
+        if not self.trainer.sanity_checking and float(tokens) == 0:  # once per pass: the logger syncs too
+            what = "validation" if prefix == "val" else "the test"
+            log.warning("%s saw no trainable token: %s/loss and %s/ppl are NaN", what, prefix, prefix)
+        ppl = torch.exp(loss)
+        self.log(f"{prefix}/loss", loss, prog_bar=True)
+        self.log(f"{prefix}/ppl", ppl, prog_bar=True)
         self.val_nll_sum.reset()
         self.val_tokens.reset()
+        return loss, ppl
 
     def on_save_checkpoint(self, checkpoint):
         if self.run_config is not None:

@@ -172,12 +172,16 @@ def test_training_step_goes_through_the_triton_kernel_and_matches_torch(monkeypa
     torch.testing.assert_close(grads["triton"][2], grads["torch"][2], rtol=1e-4, atol=1e-6)
 
 
-def test_validation_loss_is_token_weighted_mean_over_all_trainable_tokens():
-    """val/loss uses every trainable token (never routed), weighted by token across batches."""
+@pytest.mark.parametrize("entry, prefix", [("validate", "val"), ("test", "test")])
+def test_validation_loss_is_token_weighted_mean_over_all_trainable_tokens(entry, prefix):
+    """val/loss uses every trainable token (never routed), weighted by token across batches; so does
+    trainer.test's test/loss."""
     module = _module("gpt2", min_tokens_ratio=0.25)
     batches = [make_batch(3, 12, seed=7), make_batch(2, 12, seed=8)]
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    got = trainer.validate(module, dataloaders=torch.utils.data.DataLoader(batches, batch_size=None), verbose=False)
+    run = getattr(trainer, entry)
+    got = run(module, dataloaders=torch.utils.data.DataLoader(batches, batch_size=None), verbose=False)
+    assert set(got[0]) == {f"{prefix}/loss", f"{prefix}/ppl"}
     nll, count = 0.0, 0
     with torch.no_grad():
         module.eval()
@@ -186,8 +190,15 @@ def test_validation_loss_is_token_weighted_mean_over_all_trainable_tokens():
             logits = module(b["input_ids"], b["attention_mask"]).double() @ module.step.head.weight.double().T
             nll += F.cross_entropy(logits.view(-1, logits.shape[-1]), t.view(-1), reduction="sum").item()
             count += int((t != IGNORE_INDEX).sum())
-    assert got[0]["val/loss"] == pytest.approx(nll / count, rel=1e-5)
-    assert got[0]["val/ppl"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+    assert got[0][f"{prefix}/loss"] == pytest.approx(nll / count, rel=1e-5)
+    assert got[0][f"{prefix}/ppl"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+
+
+def test_predict_names_what_to_use_instead():
+    module = _module("llama")
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(NotImplementedError, match="module.model.generate"):
+        trainer.predict(module, torch.utils.data.DataLoader([make_batch(2, 8)], batch_size=None))
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
