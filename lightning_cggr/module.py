@@ -16,6 +16,7 @@ NaN (never dropped) and a validation set without trainable tokens as NaN with a 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Mapping
@@ -58,11 +59,16 @@ class CGGRModule(L.LightningModule):
         job's keys, e.g. ``{"min_tokens_ratio": 0.5}``) or None for the defaults."""
         super().__init__()
         self.model = model
+        cggr, loss = as_config(cggr, CGGRConfig, "cggr"), as_config(loss, LossConfig, "loss")
+        perf = as_config(perf, PerfConfig, "perf")  # as asked: the step resolves compile=auto by device
         self.step = CGGRStep(model, cggr, loss, reference, perf=perf)
         self.sanity_metrics: dict[str, torch.Tensor] = {}  # the last sanity pass (see on_validation_epoch_end)
         self.optim_cfg = as_config(optim, OptimConfig, "optim")
         if problems := optim_problems(self.optim_cfg):
             raise config_error(problems)
+        # the settings as mappings in every checkpoint: CGGRModule.load_from_checkpoint(path, model=...)
+        # rebuilds this module with them, not with the defaults (the model and reference are passed again)
+        self.save_hyperparameters(settings_of(cggr, loss, self.optim_cfg, perf))
         # nan_strategy="disable": the default NaN check is a host sync (`if nans.any()`) every update
         self.step_metrics = torch.nn.ModuleDict({k: MeanMetric(nan_strategy="disable") for k in STEP_METRICS})
         # "disable": a NaN loss must show as NaN (the default "warn" drops NaNs: a diverged model
@@ -253,6 +259,25 @@ def _is_ddp(module: L.LightningModule) -> bool:
 
 
 @torch.no_grad()
+def settings_of(cggr: CGGRConfig, loss: LossConfig, optim: OptimConfig, perf: PerfConfig) -> dict:
+    """The module's settings as plain mappings (the Hydra job's keys), as Lightning's hyperparameters.
+    ``perf`` is left out (None: the defaults on loading) when it holds what a checkpoint cannot store,
+    e.g. a compile backend given as a function; perf changes speed, never what is trained."""
+    settings = {name: dataclasses.asdict(cfg) for name, cfg in
+                (("cggr", cggr), ("loss", loss), ("optim", optim), ("perf", perf))}
+    if not _plain(settings["perf"]):
+        settings["perf"] = None
+    return settings
+
+
+def _plain(value) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(map(_plain, value))
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
 def grad_norm(params) -> tuple[torch.Tensor | None, bool]:
     """(L2 norm of this process's gradients as a 0-d fp32 device tensor, whether they are whole
     tensors). Sharded gradients (FSDP DTensors) give the norm of the local shards: enough to tell

@@ -266,3 +266,43 @@ def test_package_exports_the_python_api_lazily():
     code = "import sys, lightning_cggr; print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_load_from_checkpoint_rebuilds_the_module_with_its_own_settings(tmp_path):
+    """Lightning's CGGRModule.load_from_checkpoint(path, model=...) gets the settings the module was
+    built with from the checkpoint (they were the defaults before: a silent change of rule)."""
+    import dataclasses
+
+    from lightning_cggr.config import PerfConfig, SelectionConfig
+
+    cggr = CGGRConfig(min_tokens_ratio=0.5, warmup_steps=0, router=RouterConfig(num_layers=1),
+                      selection=SelectionConfig(unit="sequence"), scoring="entropy")
+    loss, optim = LossConfig(impl="torch", chunk_size=8, z_loss=1e-4), OptimConfig(lr=3e-3, warmup_steps=0, betas=(0.8, 0.9))
+    perf = PerfConfig(activation_checkpointing=True)
+    module = CGGRModule(make_tiny_model("llama"), cggr, loss, optim, perf=perf)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader([make_batch(4, 12)], batch_size=None))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+
+    loaded = CGGRModule.load_from_checkpoint(tmp_path / "m.ckpt", model=make_tiny_model("llama", seed=1))
+    assert loaded.step.cggr == cggr and loaded.step.loss_cfg == loss and loaded.optim_cfg == optim
+    assert dataclasses.replace(loaded.step.perf, compile=perf.compile) == perf  # compile=auto resolved by device
+    for name, value in module.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value), name
+    with pytest.raises(TypeError, match="model"):  # the model is not in the settings: it is passed again
+        CGGRModule.load_from_checkpoint(tmp_path / "m.ckpt")
+
+
+def test_a_compile_backend_function_leaves_perf_out_of_the_stored_settings():
+    import dataclasses
+
+    from lightning_cggr.config import PerfConfig
+    from lightning_cggr.module import settings_of
+
+    def backend(gm, inputs):
+        return gm
+
+    stored = settings_of(CGGRConfig(), LossConfig(), OptimConfig(), PerfConfig(compile_backend=backend))
+    assert stored["perf"] is None and stored["cggr"]["min_tokens_ratio"] == 0.25
+    assert settings_of(CGGRConfig(), LossConfig(), OptimConfig(), PerfConfig())["perf"] == dataclasses.asdict(PerfConfig())
