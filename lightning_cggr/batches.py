@@ -10,9 +10,9 @@ while it still lies where the data loader made it:
   every label must be ``-100`` or a row of the LM head. On the CPU this is a min/max over the batch,
   no device sync. A batch already on an accelerator is not read: that would stall the step.
 
-Why: an out-of-range label fails deep in the loss with an index message on the CPU, and on a GPU the
-Triton loss reads past the logits and trains on a NaN, which the run then reports as a divergence;
-an out-of-range input id is a device-side assert on a GPU. The usual cause is a tokenizer larger
+Why: an out-of-range label fails deep in the torch loss with an index message, and the Triton loss
+(the GPU default) gives that row a NaN loss by design rather than read out of bounds, which the run
+then reports as a divergence; an out-of-range input id is a device-side assert on a GPU. The usual cause is a tokenizer larger
 than the model's vocabulary (added special tokens without ``model.resize_token_embeddings``).
 """
 
