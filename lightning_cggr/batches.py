@@ -12,8 +12,9 @@ while it still lies where the data loader made it:
 
 Why: an out-of-range label fails deep in the torch loss with an index message, and the Triton loss
 (the GPU default) gives that row a NaN loss by design rather than read out of bounds, which the run
-then reports as a divergence; an out-of-range input id is a device-side assert on a GPU. The usual cause is a tokenizer larger
-than the model's vocabulary (added special tokens without ``model.resize_token_embeddings``).
+then reports as a divergence; an out-of-range input id is a device-side assert on a GPU. The usual
+cause is a tokenizer larger than the model's vocabulary (added special tokens without
+``model.resize_token_embeddings``).
 """
 
 from __future__ import annotations
@@ -23,9 +24,7 @@ from typing import Mapping
 import torch
 
 from .errors import DataError
-
-IGNORE_INDEX = -100
-"""The label of a position that trains nothing (Hugging Face's convention)."""
+from .routing.selection import IGNORE_INDEX
 
 INDEX_DTYPES = (torch.int64, torch.int32)
 

@@ -258,7 +258,6 @@ def _is_ddp(module: L.LightningModule) -> bool:
     return module._trainer is not None and isinstance(module.trainer.strategy, DDPStrategy)
 
 
-@torch.no_grad()
 def settings_of(cggr: CGGRConfig, loss: LossConfig, optim: OptimConfig, perf: PerfConfig) -> dict:
     """The module's settings as plain mappings (the Hydra job's keys), as Lightning's hyperparameters.
     ``perf`` is left out (None: the defaults on loading) when it holds what a checkpoint cannot store,
@@ -278,6 +277,7 @@ def _plain(value) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
 
+@torch.no_grad()
 def grad_norm(params) -> tuple[torch.Tensor | None, bool]:
     """(L2 norm of this process's gradients as a 0-d fp32 device tensor, whether they are whole
     tensors). Sharded gradients (FSDP DTensors) give the norm of the local shards: enough to tell
