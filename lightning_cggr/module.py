@@ -75,6 +75,8 @@ class CGGRModule(L.LightningModule):
         # reported val/loss 0.0); it is also free of the default's per-update host sync
         self.val_nll_sum = SumMetric(nan_strategy="disable")
         self.val_tokens = SumMetric(nan_strategy="disable")
+        self._more_loaders: dict[int, tuple[SumMetric, SumMetric]] = {}
+        """The same sums for a second, third... validation or test loader (made at its first batch)."""
         # run health (see the module docstring): device tensors, not checkpointed
         self.register_buffer("first_nonfinite_step", torch.tensor(NO_STEP), persistent=False)
         self.register_buffer("empty_batches", torch.tensor(0), persistent=False)
@@ -198,11 +200,20 @@ class CGGRModule(L.LightningModule):
     def on_train_epoch_start(self):
         self._last_step_time = None
 
-    def validation_step(self, batch, batch_idx):
-        """Always every trainable token, so runs with and without CGGR compare."""
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        """Always every trainable token, so runs with and without CGGR compare; summed per loader."""
         nll_sum, count = self.step.eval_terms(batch)
-        self.val_nll_sum.update(nll_sum.float())
-        self.val_tokens.update(count.float())
+        nll, tokens = self._heldout_sums(dataloader_idx)
+        nll.update(nll_sum.float())
+        tokens.update(count.float())
+
+    def _heldout_sums(self, dataloader_idx: int) -> tuple[SumMetric, SumMetric]:
+        if dataloader_idx == 0:
+            return self.val_nll_sum, self.val_tokens
+        if dataloader_idx not in self._more_loaders:
+            self._more_loaders[dataloader_idx] = tuple(  # type: ignore[assignment]
+                SumMetric(nan_strategy="disable").to(self.val_tokens.device) for _ in range(2))
+        return self._more_loaders[dataloader_idx]
 
     def on_validation_epoch_end(self):
         """Mean NLL over every trainable validation token: NaN if the model gives NaN, and NaN (with a
@@ -211,10 +222,10 @@ class CGGRModule(L.LightningModule):
         if self.trainer.sanity_checking:  # Lightning drops what a sanity pass logs; train() may need it
             self.sanity_metrics = {"val/loss": loss.detach(), "val/ppl": ppl.detach()}
 
-    def test_step(self, batch, batch_idx):
+    def test_step(self, batch, batch_idx, dataloader_idx=0):
         """``trainer.test(module, loader)``: what validation computes, over the test loader, logged as
         ``test/loss`` and ``test/ppl``."""
-        self.validation_step(batch, batch_idx)
+        self.validation_step(batch, batch_idx, dataloader_idx)
 
     def on_test_epoch_end(self):
         self._log_heldout("test")
@@ -225,18 +236,28 @@ class CGGRModule(L.LightningModule):
             "lightning_cggr.generate; for the held-out loss, trainer.validate or trainer.test")
 
     def _log_heldout(self, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log ``{prefix}/loss`` and ``{prefix}/ppl`` from the summed NLL and token count, then reset them."""
-        tokens = self.val_tokens.compute()
-        loss = self.val_nll_sum.compute() / tokens  # 0 / 0 = NaN
-        if not self.trainer.sanity_checking and float(tokens) == 0:  # once per pass: the logger syncs too
-            what = "validation" if prefix == "val" else "the test"
-            log.warning("%s saw no trainable token: %s/loss and %s/ppl are NaN", what, prefix, prefix)
-        ppl = torch.exp(loss)
-        self.log(f"{prefix}/loss", loss, prog_bar=True)
-        self.log(f"{prefix}/ppl", ppl, prog_bar=True)
-        self.val_nll_sum.reset()
-        self.val_tokens.reset()
-        return loss, ppl
+        """Log ``{prefix}/loss`` and ``{prefix}/ppl`` from the summed NLL and token count, then reset
+        the sums; returns the first loader's. With several loaders each gets Lightning's suffix,
+        ``{prefix}/loss/dataloader_idx_N``."""
+        loaders = [(0, (self.val_nll_sum, self.val_tokens)), *sorted(self._more_loaders.items())]
+        first = None
+        for idx, (nll, count) in loaders:
+            tokens = count.compute()
+            loss = nll.compute() / tokens  # 0 / 0 = NaN
+            suffix = f"/dataloader_idx_{idx}" if len(loaders) > 1 else ""
+            if not self.trainer.sanity_checking and float(tokens) == 0:  # once per pass: the logger syncs too
+                what = "validation" if prefix == "val" else "the test"
+                log.warning("%s saw no trainable token: %s/loss%s and %s/ppl%s are NaN", what, prefix, suffix,
+                            prefix, suffix)
+            ppl = torch.exp(loss)
+            self.log(f"{prefix}/loss{suffix}", loss, prog_bar=True, add_dataloader_idx=False)  # named here
+            self.log(f"{prefix}/ppl{suffix}", ppl, prog_bar=True, add_dataloader_idx=False)
+            nll.reset()
+            count.reset()
+            if first is None:
+                first = loss, ppl
+        self._more_loaders.clear()
+        return first
 
     def on_save_checkpoint(self, checkpoint):
         if self.run_config is not None:

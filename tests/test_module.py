@@ -172,6 +172,19 @@ def test_training_step_goes_through_the_triton_kernel_and_matches_torch(monkeypa
     torch.testing.assert_close(grads["triton"][2], grads["torch"][2], rtol=1e-4, atol=1e-6)
 
 
+def _heldout_reference(module, batches) -> float:
+    """Mean NLL over every trainable token of ``batches``: float64 logits, F.cross_entropy."""
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        module.eval()
+        for b in batches:
+            t = shift_targets(b["labels"], b["attention_mask"])
+            logits = module(b["input_ids"], b["attention_mask"]).double() @ module.step.head.weight.double().T
+            nll += F.cross_entropy(logits.view(-1, logits.shape[-1]), t.view(-1), reduction="sum").item()
+            count += int((t != IGNORE_INDEX).sum())
+    return nll / count
+
+
 @pytest.mark.parametrize("entry, prefix", [("validate", "val"), ("test", "test")])
 def test_validation_loss_is_token_weighted_mean_over_all_trainable_tokens(entry, prefix):
     """val/loss uses every trainable token (never routed), weighted by token across batches; so does
@@ -182,16 +195,26 @@ def test_validation_loss_is_token_weighted_mean_over_all_trainable_tokens(entry,
     run = getattr(trainer, entry)
     got = run(module, dataloaders=torch.utils.data.DataLoader(batches, batch_size=None), verbose=False)
     assert set(got[0]) == {f"{prefix}/loss", f"{prefix}/ppl"}
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        module.eval()
-        for b in batches:
-            t = shift_targets(b["labels"], b["attention_mask"])
-            logits = module(b["input_ids"], b["attention_mask"]).double() @ module.step.head.weight.double().T
-            nll += F.cross_entropy(logits.view(-1, logits.shape[-1]), t.view(-1), reduction="sum").item()
-            count += int((t != IGNORE_INDEX).sum())
-    assert got[0][f"{prefix}/loss"] == pytest.approx(nll / count, rel=1e-5)
-    assert got[0][f"{prefix}/ppl"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+    want = _heldout_reference(module, batches)
+    assert got[0][f"{prefix}/loss"] == pytest.approx(want, rel=1e-5)
+    assert got[0][f"{prefix}/ppl"] == pytest.approx(math.exp(want), rel=1e-4)
+
+
+@pytest.mark.parametrize("entry, prefix", [("validate", "val"), ("test", "test")])
+def test_several_loaders_each_get_their_own_held_out_loss(entry, prefix):
+    """Two validation (or test) loaders: one loss per loader, with Lightning's dataloader_idx suffix
+    (Lightning refused the module's validation_step without a dataloader_idx argument)."""
+    module = _module("llama")
+    sets = [[make_batch(3, 12, seed=1), make_batch(3, 12, seed=2)], [make_batch(2, 10, seed=3)]]
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    loaders = [torch.utils.data.DataLoader(batches, batch_size=None) for batches in sets]
+    got = getattr(trainer, entry)(module, dataloaders=loaders, verbose=False)
+    for idx, batches in enumerate(sets):
+        assert got[idx][f"{prefix}/loss/dataloader_idx_{idx}"] == pytest.approx(_heldout_reference(module, batches), rel=1e-5)
+    assert f"{prefix}/loss" not in got[0]
+    # and one loader again: the plain names
+    again = getattr(trainer, entry)(module, dataloaders=loaders[1], verbose=False)
+    assert again[0][f"{prefix}/loss"] == pytest.approx(got[1][f"{prefix}/loss/dataloader_idx_1"], rel=1e-6)
 
 
 def test_predict_names_what_to_use_instead():
