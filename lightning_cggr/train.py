@@ -293,6 +293,19 @@ def tidy_lightning_logging() -> None:
             logger.addFilter(_DropAdvert())
 
 
+def rank_zero_logger() -> logging.Logger:
+    """This module's logger on the process of global rank 0, a silenced one elsewhere: a multi-process
+    launch (``trainer=ddp``) runs ``train()`` in every rank's process, and its start warnings and
+    final lines came once per rank. Lightning's rank, from the launch's environment."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        return log
+    quiet = logging.getLogger(f"{log.name}.other_ranks")
+    quiet.disabled = True
+    return quiet
+
+
 def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     """Build data, model and trainer from a composed config, fit, validate; return final metrics.
 
@@ -322,15 +335,16 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     from .signals import StopRequest
 
     tidy_lightning_logging()
+    say = rank_zero_logger()  # the other ranks of a multi-process launch run this too: said once
     run, trainer_kw = check_config(cfg)
     callbacks_node = cfg.get("callbacks")  # None with callbacks=none
     callbacks_cfg = OmegaConf.to_container(callbacks_node, resolve=False) if callbacks_node else {}
     steps = trainer_kw.get("max_steps")
     for warning in [*routing_warnings(run, steps), *lr_warnings(run.optim, steps),
                     *validation_warnings(callbacks_cfg, trainer_kw)]:
-        log.warning(warning)
+        say.warning(warning)
     if slow := precision_warning(trainer_kw.get("precision"), run_device(trainer_kw)):
-        log.warning(slow)
+        say.warning(slow)
     out = Path(cfg.output_dir).absolute()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     plan = plan_run(resolved, out)  # before anything is written to the folder
@@ -353,7 +367,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     if too_long:
         raise ConfigError(f"invalid configuration: {too_long}")
     if past_range:
-        log.warning(past_range)
+        say.warning(past_range)
     save_run_model_files(out, model, tokenizer)  # model/: the HF config and tokenizer, for export
     if datamodule is None:
         datamodule = prepare_datamodule(run.data, tokenizer, seed=cfg.seed)
@@ -398,18 +412,18 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     if plan.ckpt is None and not in_fit_start:  # the starting point, so the end can be compared with it
         initial = {f"{k}_initial": v for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
     elif plan.ckpt is not None:
-        log.info("resuming %s at step %d%s", plan.ckpt, plan.start_step, " in place" if plan.in_place else "")
+        say.info("resuming %s at step %d%s", plan.ckpt, plan.start_step, " in place" if plan.in_place else "")
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(plan.ckpt) if plan.ckpt else None)
     if in_fit_start:
         initial = {f"{k}_initial": float(v) for k, v in module.sanity_metrics.items()}
     trainer.validate(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     metrics.update(initial)
-    log.info("final metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
+    say.info("final metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
     if (ckpt_dir / "last.ckpt").exists():
-        log.info("run folder: %s (checkpoints/last.ckpt; resume with ckpt_path=auto hydra.run.dir=<this folder>)", out)
+        say.info("run folder: %s (checkpoints/last.ckpt; resume with ckpt_path=auto hydra.run.dir=<this folder>)", out)
     else:  # trainer.max_steps=0: validated only
-        log.info("run folder: %s (no checkpoint: the run took no optimizer step)", out)
+        say.info("run folder: %s (no checkpoint: the run took no optimizer step)", out)
     return metrics
 
 

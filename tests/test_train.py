@@ -202,6 +202,8 @@ def _cli_losses(tmp_path: Path, name: str, token_cache: str, *overrides: str) ->
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "LeafSpec" not in proc.stderr  # Lightning's internal deprecation, filtered in every process
+    said = proc.stdout + proc.stderr  # train() runs in both ranks' processes; its lines come from rank 0
+    assert said.count("final metrics:") == 1 and said.count("run folder:") == 1, said[-3000:]
     rows = list(csv.DictReader(open(out / "csv" / "metrics.csv")))
     losses = [float(r["train/loss"]) for r in sorted(rows, key=lambda r: int(r["step"])) if r.get("train/loss")]
     return losses, float([r for r in rows if r.get("val/loss")][-1]["val/loss"])
@@ -289,3 +291,18 @@ def test_a_validation_interval_longer_than_the_run_is_warned_exactly_when_lightn
     assert len(warnings) == (module.validations == 0)
     if warnings:
         assert warnings[0].startswith("callbacks.best_checkpoint acts at validations during training")
+
+
+def test_only_rank_zero_says_the_runs_lines(monkeypatch, caplog):
+    """Under a multi-process launch every rank runs train(); its warnings and final lines are said by
+    the process of global rank 0 only (Lightning's rank, from the launch's environment)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from lightning_cggr.train import rank_zero_logger
+
+    for rank, heard in ((0, True), (1, False)):
+        monkeypatch.setattr(rank_zero_only, "rank", rank)
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            rank_zero_logger().warning("a start warning")
+        assert ("a start warning" in caplog.text) is heard
