@@ -2,9 +2,12 @@
 
 Everything a step computes (routing, selection, the loss terms, the kept-token normalisation) lives
 in :class:`~lightning_cggr.step.CGGRStep`; this module only connects it to the Trainer: it owns
-the model (so checkpoints hold it), logs the step's metrics (torchmetrics, device tensors, no host
-sync), rescales gradients in ``on_before_optimizer_step``, validates on every trainable token,
-builds the optimizer and LR schedule with the step's builders and applies FSDP2 sharding.
+the model (so checkpoints hold it) and its settings (Lightning hyperparameters, so
+``load_from_checkpoint(path, model=...)`` rebuilds it), checks every batch on the host before it
+moves to the device (:mod:`lightning_cggr.batches`), logs the step's metrics (torchmetrics, device
+tensors, no host sync), rescales gradients in ``on_before_optimizer_step``, validates and tests on
+every trainable token (one loss per loader), builds the optimizer and LR schedule with the step's
+builders and applies FSDP2 sharding.
 
 Run health, kept on the device and read only where the host syncs anyway (the logging interval,
 a checkpoint): ``first_nonfinite_step`` is the first optimizer step whose loss or gradient norm was
