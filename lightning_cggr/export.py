@@ -160,7 +160,8 @@ def locate(source: str | Path) -> tuple[Path, Path]:
             return parent, path
     raise CheckpointError(
         f"{path}: no run folder above it (one with model/ or .hydra/config.yaml); give the run folder "
-        "or a checkpoint inside it"
+        "or a checkpoint inside it. A checkpoint of your own Trainer: CGGRModule.load_from_checkpoint(path, "
+        "model=<the same architecture>).model.save_pretrained(folder)"
     )
 
 

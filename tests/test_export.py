@@ -225,6 +225,30 @@ def test_errors_name_the_fix(run_dir, tmp_path):
         read_model_state(tmp_path / "w.ckpt")
 
 
+
+def test_a_checkpoint_of_a_users_own_trainer_gets_the_recipe_that_exports_it(tmp_path):
+    """A checkpoint written by the user's own Trainer has no run folder; the error gives the recipe,
+    and the recipe gives a folder transformers loads with the trained weights."""
+    import lightning as L
+    from conftest import make_batch, make_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    from lightning_cggr import CGGRModule
+
+    module = CGGRModule(make_tiny_model("llama"), {"warmup_steps": 0, "min_tokens_ratio": 0.5})
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader([make_batch(4, 12)] * 2, batch_size=None))
+    trainer.save_checkpoint(tmp_path / "mine.ckpt")
+    with pytest.raises(CheckpointError, match=r"CGGRModule.load_from_checkpoint\(path, model=<the same architecture>\)"
+                                              r"\.model\.save_pretrained\(folder\)"):
+        load_trained(tmp_path / "mine.ckpt")
+    CGGRModule.load_from_checkpoint(tmp_path / "mine.ckpt", model=make_tiny_model("llama", seed=5)
+                                    ).model.save_pretrained(tmp_path / "folder")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "folder")
+    for name, value in module.model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], value), name
+
 def test_commands_export_and_generate(run_dir, tmp_path, capsys):
     """The command-line entries (processes: tests/test_readme.py's run block): export, sample from
     the folder; a mistake exits 2 with one line."""
