@@ -288,16 +288,16 @@ def settings_of(cggr: CGGRConfig, loss: LossConfig, optim: OptimConfig, perf: Pe
     e.g. a compile backend given as a function; perf changes speed, never what is trained."""
     settings = {name: dataclasses.asdict(cfg) for name, cfg in
                 (("cggr", cggr), ("loss", loss), ("optim", optim), ("perf", perf))}
-    if not _plain(settings["perf"]):
+    if not _storable(settings["perf"]):
         settings["perf"] = None
     return settings
 
 
-def _plain(value) -> bool:
+def _storable(value) -> bool:
     if isinstance(value, dict):
-        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+        return all(isinstance(k, str) and _storable(v) for k, v in value.items())
     if isinstance(value, (list, tuple)):
-        return all(map(_plain, value))
+        return all(map(_storable, value))
     return value is None or isinstance(value, (str, int, float, bool))
 
 
