@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -115,7 +116,7 @@ def build_reference(
     """
     import lightning as L
 
-    from ..config import CGGRConfig, OptimConfig, parse_config
+    from ..config import CGGRConfig, parse_config
     from ..data import build_tokenizer
     from ..data.text import PackedTextDataModule, load_documents, split_documents
     from ..models import build_model
@@ -145,8 +146,8 @@ def build_reference(
     model.train()
     data = PackedTextDataModule(holdout, val_docs, tokenizer, run.data, seed=seed)
     data.setup("fit")
-    optim = OptimConfig(**{**run.optim.__dict__, **({"lr": lr} if lr is not None else {})})
-    optim.warmup_steps = min(optim.warmup_steps, max(1, steps // 10))
+    optim = dataclasses.replace(run.optim, lr=run.optim.lr if lr is None else lr,
+                                warmup_steps=min(run.optim.warmup_steps, max(1, steps // 10)))
     step = CGGRStep(model, CGGRConfig(enabled=False), run.loss)  # the run's loss settings, all of them
     optimizer = build_optimizer(model, optim)
     scheduler = build_scheduler(optimizer, optim, steps)
