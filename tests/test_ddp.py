@@ -354,3 +354,97 @@ def test_train_under_fsdp1_keeps_the_root_wrapper_through_its_evaluations(tmp_pa
     for key in ("val/loss_initial", "val/loss"):  # one rank: FSDP1 must train exactly as plain training does
         assert metrics[key] == pytest.approx(plain[key], rel=1e-4), key
     assert metrics["val/loss"] != pytest.approx(metrics["val/loss_initial"], rel=1e-3)  # it did train
+
+
+# ---- validation on several ranks: every example counted once ------------------------------------
+
+
+def _eval_blocks(n: int = 5, seq_len: int = 12) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (n, seq_len), generator=torch.Generator().manual_seed(7))
+
+
+def _text_val_loader(blocks: torch.Tensor, batch_size: int):
+    """The packed-text data module's validation loader over ``blocks`` (as Lightning asks for it)."""
+    from types import SimpleNamespace
+
+    from lightning_cggr.config import DataConfig
+    from lightning_cggr.data.text import BlockDataset, PackedTextDataModule
+
+    dm = PackedTextDataModule([], [], SimpleNamespace(eos_token_id=0), DataConfig(batch_size=batch_size))
+    dm.val_set = BlockDataset(blocks)
+    return dm.val_dataloader()
+
+
+def _chat_val_loader(examples: list[dict], batch_size: int):
+    from types import SimpleNamespace
+
+    from lightning_cggr.data.chat import ChatDataModule
+
+    dm = ChatDataModule("unused.jsonl", SimpleNamespace(pad_token_id=0), batch_size=batch_size)
+    dm.val_set = Rows(examples)
+    return dm.val_dataloader()
+
+
+@pytest.mark.parametrize("source", ["text", "chat"])
+@pytest.mark.parametrize("n, world, batch_size", [(5, 2, 2), (6, 2, 2), (7, 3, 2), (1, 2, 4), (4, 1, 3)])
+def test_validation_loaders_give_each_rank_equal_batches_and_every_example_once(monkeypatch, source, n, world,
+                                                                                 batch_size):
+    """Each rank's share, as the data modules' validation loaders make it: the same number of batches
+    on every rank (each forward may be a collective), and over all ranks every example's labels once;
+    the rest are rows without a label. Lightning's own DistributedSampler repeats examples instead."""
+    import lightning_cggr.data.evaluation as evaluation
+
+    g = torch.Generator().manual_seed(n)
+    if source == "text":
+        blocks = _eval_blocks(n)
+        examples = [{"input_ids": b, "labels": b.clone()} for b in blocks]
+    else:  # chat: lists of ints of different lengths, a masked prompt
+        examples = []
+        for i in range(n):
+            ids = torch.randint(1, VOCAB, (4 + 2 * i,), generator=g).tolist()
+            examples.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
+    counts, labelled = [], []
+    for rank in range(world):
+        monkeypatch.setattr(evaluation, "_dist_world", lambda rank=rank: (world, rank))
+        loader = (_text_val_loader(blocks, batch_size) if source == "text"
+                  else _chat_val_loader(examples, batch_size))
+        batches = list(loader)
+        counts.append(len(batches))
+        for batch in batches:
+            for ids, labels in zip(batch["input_ids"], batch["labels"]):
+                if (labels != -100).any():
+                    labelled.append(tuple(labels[labels != -100].tolist()))
+    assert len(set(counts)) == 1  # equal shares
+    want = sorted(tuple(x for x in ex["labels"] if x != -100) if source == "chat" else tuple(ex["labels"].tolist())
+                  for ex in examples)
+    assert sorted(labelled) == want  # each example exactly once
+
+
+def _fork_validate(model, blocks: torch.Tensor, batch_size: int, strategy) -> float:
+    """val/loss of ``trainer.validate`` on 2 forked gloo CPU processes over the packed-text validation
+    loader of ``blocks``."""
+    module = CGGRModule(model, CGGRConfig(enabled=False), LossConfig(impl="torch"))
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+
+    class DM(L.LightningDataModule):
+        def val_dataloader(self):  # built after the process group exists, as Lightning does
+            return _text_val_loader(blocks, batch_size)
+
+    return trainer.validate(module, datamodule=DM(), verbose=False)[0]["val/loss"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_validation_on_two_processes_is_the_float64_loss_of_every_block_once(strategy, one_thread):
+    """5 blocks at batch 2 on 2 ranks (3 slots each, one padding): val/loss equals a float64 mean NLL
+    over the 5 blocks' next tokens from the model's own logits. Under FSDP2 every forward gathers the
+    sharded weights, so a rank with fewer batches would hang the other."""
+    torch.manual_seed(0)
+    model = make_tiny_model("llama", num_layers=2)
+    blocks = _eval_blocks(5)
+    with torch.no_grad():
+        logits = model.double()(input_ids=blocks).logits
+    model.float()
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), blocks[:, 1:].reshape(-1)).item()
+    got = _fork_validate(model, blocks, 2, "ddp_fork" if strategy == "ddp" else ForkedFSDP2())
+    assert got == pytest.approx(want, rel=1e-5)

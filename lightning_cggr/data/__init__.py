@@ -5,7 +5,8 @@
 - :mod:`.chat`: JSONL conversations through the model's chat template, assistant-only labels;
 - :mod:`.files`: the data files read and checked (standard library only, so config validation
   reports a bad file before Lightning is imported) and the cache folder;
-- :mod:`.resumable`: a seeded loader whose position in the epoch survives a checkpoint.
+- :mod:`.resumable`: a seeded loader whose position in the epoch survives a checkpoint;
+- :mod:`.evaluation`: validation loaders that count each example once on any number of ranks.
 """
 
 from __future__ import annotations

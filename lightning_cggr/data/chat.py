@@ -30,10 +30,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataError, UserError
+from ..routing.selection import IGNORE_INDEX
+from .evaluation import eval_loader
 from .files import Conversation, read_chat_jsonl
 from .resumable import ResumableLoader, fit_position
-
-IGNORE_INDEX = -100
 
 
 def sample_chat_path() -> Path:
@@ -206,7 +206,5 @@ class ChatDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         if self.val_set is not None and len(self.val_set) == 0:
             return []  # Lightning skips validation for an empty list
-        return DataLoader(
-            self._require(self.val_set), batch_size=self.batch_size, collate_fn=self.collate,
-            num_workers=self.num_workers,
-        )
+        # each conversation counted once on any number of ranks (lightning_cggr.data.evaluation)
+        return eval_loader(self._require(self.val_set), self.batch_size, self.collate, self.num_workers)

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset, default_collate
 
 from ..errors import DataError, UserError
+from .evaluation import eval_loader
 from .files import cache_dir, read_text_file
 from .resumable import ResumableLoader, fit_position
 
@@ -217,5 +218,6 @@ class PackedTextDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self):
-        return DataLoader(self.val_set, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers,
-                          collate_fn=FullBatches(self.cfg.batch_size, self.tokenizer.eos_token_id))
+        # in order, each block counted once on any number of ranks (lightning_cggr.data.evaluation)
+        return eval_loader(self.val_set, self.cfg.batch_size, FullBatches(self.cfg.batch_size, self.tokenizer.eos_token_id),
+                           self.cfg.num_workers)
