@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import warnings
 from typing import Mapping
 
 import lightning as L
@@ -45,6 +46,11 @@ NO_STEP = torch.iinfo(torch.int64).max
 """``first_nonfinite_step`` while every loss and gradient norm so far was finite."""
 
 log = logging.getLogger(__name__)
+
+# Lightning warns whenever a datamodule is given that the module's on_before_batch_transfer is the
+# one used, also for a datamodule without that hook; here that hook is the batch check, by design
+warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule` "
+                        r"but have passed in a `LightningDataModule`")
 
 
 class CGGRModule(L.LightningModule):
@@ -253,8 +259,10 @@ class CGGRModule(L.LightningModule):
                 log.warning("%s saw no trainable token: %s/loss%s and %s/ppl%s are NaN", what, prefix, suffix,
                             prefix, suffix)
             ppl = torch.exp(loss)
-            self.log(f"{prefix}/loss{suffix}", loss, prog_bar=True, add_dataloader_idx=False)  # named here
-            self.log(f"{prefix}/ppl{suffix}", ppl, prog_bar=True, add_dataloader_idx=False)
+            # the sums are global (torchmetrics syncs them), so every rank holds the same value: a max
+            # over ranks keeps it exactly, and says to Lightning that it is synced
+            for name, value in ((f"{prefix}/loss{suffix}", loss), (f"{prefix}/ppl{suffix}", ppl)):
+                self.log(name, value, prog_bar=True, add_dataloader_idx=False, sync_dist=True, reduce_fx="max")
             nll.reset()
             count.reset()
             if first is None:

@@ -293,13 +293,18 @@ def tidy_lightning_logging() -> None:
             logger.addFilter(_DropAdvert())
 
 
-def rank_zero_logger() -> logging.Logger:
-    """This module's logger on the process of global rank 0, a silenced one elsewhere: a multi-process
-    launch (``trainer=ddp``) runs ``train()`` in every rank's process, and its start warnings and
-    final lines came once per rank. Lightning's rank, from the launch's environment."""
+def is_rank_zero() -> bool:
+    """Whether this process is global rank 0: a multi-process launch (``trainer=ddp``) runs the job
+    in every rank's process. Lightning's rank, from the launch's environment."""
     from lightning.pytorch.utilities import rank_zero_only
 
-    if getattr(rank_zero_only, "rank", 0) == 0:
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def rank_zero_logger() -> logging.Logger:
+    """This module's logger on the process of global rank 0, a silenced one elsewhere: the start
+    warnings and final lines of ``train()`` came once per rank."""
+    if is_rank_zero():
         return log
     quiet = logging.getLogger(f"{log.name}.other_ranks")
     quiet.disabled = True
@@ -435,7 +440,8 @@ def main(cfg: DictConfig) -> float | None:
     with exit_on_user_error():  # inside the Hydra job, so that Hydra adds no report of its own
         try:
             check_config(cfg)  # a mistake: one line, no config dump
-            print(OmegaConf.to_yaml(cfg, resolve=True))
+            if is_rank_zero():  # once, not once per rank
+                print(OmegaConf.to_yaml(cfg, resolve=True))
             return train(cfg).get("val/loss")
         except UserError:
             rundir.discard_new_run_folder()  # a failed run leaves no empty run folder behind

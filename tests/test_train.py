@@ -204,6 +204,12 @@ def _cli_losses(tmp_path: Path, name: str, token_cache: str, *overrides: str) ->
     assert "LeafSpec" not in proc.stderr  # Lightning's internal deprecation, filtered in every process
     said = proc.stdout + proc.stderr  # train() runs in both ranks' processes; its lines come from rank 0
     assert said.count("final metrics:") == 1 and said.count("run folder:") == 1, said[-3000:]
+    assert said.count("\ncggr:\n") == 1  # the resolved config, printed once
+    # Lightning's notices that do not apply: the validation loader counts each block once on any number
+    # of ranks (lightning_cggr.data.evaluation), the logged loss is already global, the module's
+    # on_before_batch_transfer is the batch check
+    for notice in ("Using `DistributedSampler`", "sync_dist=True", "overridden `on_before_batch_transfer`"):
+        assert notice not in said, notice
     rows = list(csv.DictReader(open(out / "csv" / "metrics.csv")))
     losses = [float(r["train/loss"]) for r in sorted(rows, key=lambda r: int(r["step"])) if r.get("train/loss")]
     return losses, float([r for r in rows if r.get("val/loss")][-1]["val/loss"])
