@@ -133,7 +133,9 @@ class CGGRModule(L.LightningModule):
         now = time.perf_counter()
         if self._last_step_time is not None:  # host clock between steps: no device sync
             seconds = max(now - self._last_step_time, 1e-9)
-            self.log("train/tokens_per_sec", torch.tensor(batch["input_ids"].numel() / seconds), prog_bar=True)
+            # every rank's tokens (the ranks step together); MFU below is this device's own
+            tokens = batch["input_ids"].numel() * world
+            self.log("train/tokens_per_sec", torch.tensor(tokens / seconds), prog_bar=True)
             mfu = self._mfu(batch["input_ids"].shape, seconds)
             if mfu is not None:
                 self.log("train/mfu", torch.tensor(mfu))

@@ -344,11 +344,12 @@ def test_module_logs_mfu_on_a_card_with_a_known_peak(monkeypatch, one_thread):
     cggr = CGGRConfig(warmup_steps=0, router=RouterConfig(num_layers=1))
     batches = [make_batch(batch_size=4, seq_len=16, seed=i, pad_tail=False) for i in range(3)]
 
-    def fit():
+    def fit(**trainer_kw):
         module = CGGRModule(make_tiny_model("llama", num_layers=2), cggr, LossConfig(impl="torch"))
         trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False)
-        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+                            enable_progress_bar=False, enable_model_summary=False, **trainer_kw)
+        loader = torch.utils.data.DataLoader(batches, batch_size=None)  # a 4 x 16 batch per rank and step
+        trainer.fit(module, train_dataloaders=loader)
         return module, trainer.callback_metrics
 
     _, metrics = fit()
@@ -357,6 +358,9 @@ def test_module_logs_mfu_on_a_card_with_a_known_peak(monkeypatch, one_thread):
     module, metrics = fit()
     want = step_flops(FlopShape.of(module.model), cggr, 4, 16, loss_impl="torch")["total"]
     assert float(metrics["train/mfu"]) == pytest.approx(want * float(metrics["train/tokens_per_sec"]) / 64 / 1e12, rel=1e-5)
+    # 2 forked ranks, each its own 64 tokens per step: tokens_per_sec counts both ranks', MFU one device's
+    module, metrics = fit(devices=2, strategy="ddp_fork")
+    assert float(metrics["train/mfu"]) == pytest.approx(want * float(metrics["train/tokens_per_sec"]) / 128 / 1e12, rel=1e-5)
 
 
 def test_model_summary_shows_the_formula_flops_not_zero(capsys, caplog, one_thread):
