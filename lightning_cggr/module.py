@@ -276,13 +276,17 @@ class CGGRModule(L.LightningModule):
         if self.run_config is not None:
             checkpoint[CONFIG_KEY] = {"config": self.run_config}
 
+    def on_fit_start(self):
+        """The run's length, which strategy=infobatch anneals over (its last anneal_fraction); here, not
+        in configure_optimizers, so that a subclass with an optimizer of its own has it too."""
+        total = self.trainer.estimated_stepping_batches
+        self.step.total_steps = int(total) if total != float("inf") else None
+
     def configure_optimizers(self):
         scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
         optimizer = build_optimizer(self.model, self.optim_cfg,
                                     scaled_clipping=scaled and bool(self.trainer.gradient_clip_val))
-        total = self.trainer.estimated_stepping_batches
-        self.step.total_steps = int(total) if total != float("inf") else None  # infobatch anneals over its tail
-        scheduler = build_scheduler(optimizer, self.optim_cfg, total)
+        scheduler = build_scheduler(optimizer, self.optim_cfg, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

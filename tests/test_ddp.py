@@ -78,12 +78,14 @@ def cggr_config() -> CGGRConfig:
 
 
 def run_one_step(tmp_path, name: str, batch_size: int, accumulate: int = 1, accelerator: str = "cpu",
-                 model: torch.nn.Module | None = None, **trainer_kw) -> dict:
-    """One optimizer step of ``model`` (default: the tiny 3-block Llama) over :func:`make_rows`; the
-    gradients the optimizer would apply, by parameter name."""
+                 model: torch.nn.Module | None = None, cggr: CGGRConfig | None = None, rows: list | None = None,
+                 **trainer_kw) -> dict:
+    """One optimizer step of ``model`` (default: the tiny 3-block Llama) over ``rows`` (default
+    :func:`make_rows`) in order; the gradients the optimizer would apply, by parameter name."""
+    rows = make_rows() if rows is None else rows
     torch.manual_seed(0)
     model = make_tiny_model("llama", num_layers=3) if model is None else model
-    module = GradProbe(model, cggr_config(), LossConfig(impl="torch"))
+    module = GradProbe(model, cggr or cggr_config(), LossConfig(impl="torch"))
     module.grad_path = str(tmp_path / f"{name}.pt")
     trainer = L.Trainer(
         accelerator=accelerator, max_steps=1, accumulate_grad_batches=accumulate, logger=False,
@@ -93,7 +95,7 @@ def run_one_step(tmp_path, name: str, batch_size: int, accumulate: int = 1, acce
 
     class DM(L.LightningDataModule):
         def train_dataloader(self):  # built after the process group exists: each rank its share
-            return ResumableLoader(Rows(make_rows()), batch_size=batch_size, shuffle=False)
+            return ResumableLoader(Rows(rows), batch_size=batch_size, shuffle=False)
 
     trainer.fit(module, datamodule=DM())
     return torch.load(module.grad_path)
@@ -202,6 +204,25 @@ def test_ddp_two_processes_match_single_process(tmp_path, reference):
     """gloo, 2 forked CPU processes, 2 rows each: the global kept-token mean, not a mean of means."""
     got = run_one_step(tmp_path, "ddp", batch_size=2, strategy="ddp_fork", devices=2)
     assert_grads_close(got, reference[0])
+
+
+@pytest.mark.parametrize("unit, strategy", [("sequence", "topk"), ("token", "importance"), ("sequence", "infobatch")])
+def test_ddp_ranks_equal_accumulated_micro_batches_for_every_normaliser(tmp_path, unit, strategy):
+    """Each rank routes its own rows, as each accumulated micro-batch does: 2 DDP ranks of 2 rows (the
+    training loader's shares: rank 0 rows 0 and 2, rank 1 rows 1 and 3) must give the gradients of one
+    process accumulating those two micro-batches. Sequence top-k divides by the kept count; importance
+    and infobatch (weighted; drawn from the (seed, step) generator that every rank and micro-batch
+    shares) by the trainable-token count; each count summed over ranks or micro-batches. Token top-k
+    is checked against float64 above."""
+    from lightning_cggr.config import SelectionConfig
+
+    cggr = CGGRConfig(scoring="entropy", min_tokens_ratio=RATIO, warmup_steps=0, router=RouterConfig(num_layers=2),
+                      selection=SelectionConfig(unit=unit, strategy=strategy))
+    rows = make_rows()
+    accumulated = run_one_step(tmp_path, f"accum-{unit}-{strategy}", batch_size=2, accumulate=2, cggr=cggr,
+                               rows=[rows[i] for i in (0, 2, 1, 3)])
+    ranks = run_one_step(tmp_path, f"ddp-{unit}-{strategy}", batch_size=2, strategy="ddp_fork", devices=2, cggr=cggr)
+    assert_grads_close(ranks, accumulated)
 
 
 def test_fsdp2_two_processes_match_single_process(tmp_path, reference):
