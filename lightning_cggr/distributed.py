@@ -25,6 +25,9 @@ normaliser, for the unbiased rules the trainable-token count, which does not dep
 overflows on raw sums): it is the previous step's kept tokens per micro-batch, rounded to a power of
 two so that multiplying and dividing by it is exact and the result does not depend on it. A step
 whose micro-batches keep no token at all gets zero gradients (``N`` clamped to 1), never NaN.
+
+The same all-reduce carries the NLL sums, so :attr:`KeptTokenNormalizer.step_loss` is the value whose
+gradient was taken, ``sum nll_sum / N`` over the whole step (what the module logs as ``train/loss``).
 """
 
 from __future__ import annotations
@@ -52,11 +55,16 @@ class KeptTokenNormalizer:
 
     def __init__(self) -> None:
         self.count: torch.Tensor | None = None  # kept tokens of this step's micro-batches on this rank
+        self.nll: torch.Tensor | None = None  # their NLL sums on this rank (0-d fp64 device tensor)
         self.scale: torch.Tensor | None = None  # s, a power of two >= 1 (0-d fp32 device tensor)
+        self.step_loss: torch.Tensor | None = None
+        """The last corrected step's loss: its NLL sums over all ranks and micro-batches / ``N`` (0-d
+        fp32 device tensor; 0 for a step that kept nothing), set by :meth:`correct_gradients`."""
 
     def _ensure(self, device: torch.device) -> None:
         if self.count is None or self.count.device != device:
             self.count = torch.zeros((), dtype=torch.long, device=device)
+            self.nll = torch.zeros((), dtype=torch.float64, device=device)
             self.scale = torch.ones((), dtype=torch.float32, device=device)
 
     def loss(self, nll_sum: torch.Tensor, kept: torch.Tensor, world_size: int = 1) -> torch.Tensor:
@@ -65,6 +73,7 @@ class KeptTokenNormalizer:
         ``kept``: the micro-batch's share of the denominator (its kept count, or a rule's normaliser)."""
         self._ensure(nll_sum.device)
         self.count += kept.to(torch.long)
+        self.nll += nll_sum.detach().double()
         return nll_sum * (float(world_size) / self.scale)
 
     @torch.no_grad()
@@ -76,12 +85,16 @@ class KeptTokenNormalizer:
         """
         if self.count is None:
             return None
-        total = all_reduce_sum(self.count.clone())
-        factor = (self.scale.double() * accumulate / total.clamp(min=1).double()).float()
+        # one all-reduce for both sums; counts are exact in fp64 up to 2^53 tokens
+        count, nll = all_reduce_sum(torch.stack([self.count.double(), self.nll])).unbind()
+        total = count.round().long()
+        factor = (self.scale.double() * accumulate / count.clamp(min=1)).float()
         scale_gradients(params, factor)
-        per_micro = (total.double() / accumulate).clamp(min=1.0)
+        self.step_loss = (nll / count.clamp(min=1)).float()
+        per_micro = (count / accumulate).clamp(min=1.0)
         self.scale = torch.exp2(torch.round(torch.log2(per_micro))).float()
         self.count.zero_()
+        self.nll.zero_()
         return total
 
 

@@ -123,7 +123,6 @@ class CGGRModule(L.LightningModule):
         result = self.step(batch, self.global_step, world)
         self._note_finite(result.nll_sum)
         self.empty_batches += result.kept == 0
-        self.log("train/loss", result.metrics["train/loss"], prog_bar=True)
         for name, value in result.metrics.items():
             key = name.removeprefix("train/")
             if key in self.step_metrics:
@@ -188,9 +187,12 @@ class CGGRModule(L.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_before_optimizer_step(self, optimizer):
-        """Rescale the accumulated gradients to the mean over the step's global kept-token count,
-        then note whether their norm is finite (and log it where gradients are whole, not shards)."""
+        """Rescale the accumulated gradients to the mean over the step's global kept-token count, log
+        that mean as ``train/loss``, then note whether the gradient norm is finite (and log it where
+        gradients are whole, not shards)."""
         self.step.correct_gradients(self.parameters(), self.trainer.accumulate_grad_batches)
+        if self.step.token_norm.step_loss is not None:  # the step's loss: all ranks and micro-batches
+            self.log("train/loss", self.step.token_norm.step_loss, prog_bar=True, on_step=True, on_epoch=False)
         norm, whole = grad_norm(self.parameters())
         if norm is None:
             return

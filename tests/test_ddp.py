@@ -98,6 +98,8 @@ def run_one_step(tmp_path, name: str, batch_size: int, accumulate: int = 1, acce
             return ResumableLoader(Rows(rows), batch_size=batch_size, shuffle=False)
 
     trainer.fit(module, datamodule=DM())
+    # what was logged (rank 0's, brought back by Lightning from a forked run)
+    torch.save({k: v.cpu() for k, v in trainer.callback_metrics.items()}, module.grad_path + ".metrics")
     return torch.load(module.grad_path)
 
 
@@ -204,6 +206,26 @@ def test_ddp_two_processes_match_single_process(tmp_path, reference):
     """gloo, 2 forked CPU processes, 2 rows each: the global kept-token mean, not a mean of means."""
     got = run_one_step(tmp_path, "ddp", batch_size=2, strategy="ddp_fork", devices=2)
     assert_grads_close(got, reference[0])
+
+
+@pytest.mark.parametrize("where", ["single", "accumulate", "ddp"])
+def test_logged_train_loss_is_the_float64_kept_token_mean_of_the_whole_step(tmp_path, where):
+    """train/loss is the loss whose gradient the step takes: the mean over the kept tokens of all
+    4 rows, whether they come as one batch, as 2 accumulated micro-batches or from 2 ranks (before,
+    it was the last micro-batch's mean on rank 0: rows 2 and 3, or 0 and 2)."""
+    torch.manual_seed(0)
+    model = make_tiny_model("llama", num_layers=3).double()
+    rows = make_rows()
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    targets = shift(batch["labels"])
+    y = targets.masked_fill(~keep_mask(model, batch, targets), -100)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    want = F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1), ignore_index=-100).item()
+    kw = {"single": dict(batch_size=4), "accumulate": dict(batch_size=2, accumulate=2),
+          "ddp": dict(batch_size=2, strategy="ddp_fork", devices=2)}[where]
+    run_one_step(tmp_path, where, **kw)
+    assert float(torch.load(tmp_path / f"{where}.pt.metrics")["train/loss"]) == pytest.approx(want, rel=1e-5)
 
 
 @pytest.mark.parametrize("unit, strategy", [("sequence", "topk"), ("token", "importance"), ("sequence", "infobatch")])
