@@ -1,5 +1,6 @@
 """Lightning callbacks of a training run: the run's own checkpoint, a step-counting progress bar,
-and a model summary whose FLOPs come from the formula of :mod:`lightning_cggr.flops`.
+a learning-rate monitor that logs once per optimizer step, and a model summary whose FLOPs come
+from the formula of :mod:`lightning_cggr.flops`.
 
 :class:`ResumableCheckpoint` is the one callback that keeps ``checkpoints/last.ckpt`` the newest
 complete, finite state of the run (always added by ``train()``, whatever ``callbacks=`` holds):
@@ -28,7 +29,8 @@ import math
 import sys
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, RichModelSummary, TQDMProgressBar
+from lightning.pytorch.callbacks import (LearningRateMonitor, ModelCheckpoint, ModelSummary, RichModelSummary,
+                                         TQDMProgressBar)
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_summary.model_summary import NOT_APPLICABLE, get_human_readable_count
@@ -309,6 +311,16 @@ class StepProgressBar(TQDMProgressBar):
         if bar is not None and not bar.disable and self._should_update(trainer.global_step, bar.total):
             bar.n = trainer.global_step
             bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+
+class StepLearningRateMonitor(LearningRateMonitor):
+    """Lightning's ``LearningRateMonitor``, once per optimizer step. Lightning's logs at the start of
+    every batch whose global step is due, so with ``trainer.accumulate_grad_batches=k`` each step's
+    rates were logged k times (k rows of ``metrics.csv``, k points at one TensorBoard step)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx, *args, **kwargs) -> None:
+        if batch_idx % trainer.accumulate_grad_batches == 0:  # the first micro-batch of a step
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx, *args, **kwargs)
 
 
 class FormulaModelSummary(ModelSummary):

@@ -47,6 +47,21 @@ def test_callbacks_group_builds_checkpoints_monitors_early_stopping_and_user_cal
     assert hit.read_text() == "hello 10"
 
 
+def test_lr_monitor_logs_each_optimizer_step_once_under_accumulation(tmp_path):
+    """callbacks=lr_monitor with 2 micro-batches per step: one row of rates per optimizer step (Lightning's
+    own monitor wrote each step twice), each the hand-worked warm-up + cosine rate of that step."""
+    import math
+
+    train(make_cfg(tmp_path, "run", "trainer.max_steps=6", "trainer.accumulate_grad_batches=2",
+                   "optim.lr=0.01", "optim.warmup_steps=2", "optim.min_lr_ratio=0.1", "trainer.val_check_interval=100"))
+    logged = [(int(r["step"]), float(r["lr-AdamW/pg1"])) for r in csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv"))
+              if r.get("lr-AdamW/pg1")]
+    # step s: s / 2 in the warm-up, then 0.1 + 0.9 * (1 + cos(pi * (s - 2) / 4)) / 2 of lr
+    want = [0.01 * (s / 2 if s < 2 else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - 2) / 4))) for s in range(6)]
+    assert [step for step, _ in logged] == list(range(6))
+    assert [lr for _, lr in logged] == pytest.approx(want, rel=1e-6)
+
+
 def test_callbacks_can_be_dropped_and_mistakes_are_config_errors(tmp_path):
     train(make_cfg(tmp_path, "run", "trainer.max_steps=2", "callbacks.best_checkpoint=null"))
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["last.ckpt"]
