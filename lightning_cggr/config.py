@@ -131,8 +131,10 @@ class CGGRConfig:
     """Difficulty score: entropy | margin | loss | combined | excess_loss (current NLL minus
     router.reference's NLL) | random (seeded uniform scores, the control; no router runs)."""
     seed: int = 0
-    """Seed of scoring=random and strategy=stratified: draws come from a device generator seeded by
-    (seed, global_step), so the same seed and step give the same selection."""
+    """Seed of scoring=random and the drawing strategies (stratified, importance, infobatch): draws come
+    from a device generator seeded by (seed, global_step, micro-batch), the micro-batch's index among
+    the optimizer step's on all ranks (rank x accumulate + i), so the same seed and step give the same
+    selection, and each rank and accumulated micro-batch draws its own."""
     min_tokens_ratio: float = 0.25
     """Fraction of trainable tokens that keep their label, in (0, 1]; ceil, at least 1 per sequence.
     selection.strategy=importance: the expected fraction; noise_excluded: of the units left after the

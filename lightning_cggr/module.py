@@ -119,8 +119,11 @@ class CGGRModule(L.LightningModule):
         return batch
 
     def training_step(self, batch, batch_idx):
-        world = self.trainer.world_size if self._trainer is not None else 1
-        result = self.step(batch, self.global_step, world)
+        world, micro = 1, 0
+        if self._trainer is not None:  # this micro-batch's index among the step's on all ranks: its own draws
+            k = self.trainer.accumulate_grad_batches
+            world, micro = self.trainer.world_size, self.trainer.global_rank * k + batch_idx % k
+        result = self.step(batch, self.global_step, world, micro)
         self._note_finite(result.nll_sum)
         self.empty_batches += result.kept == 0
         for name, value in result.metrics.items():

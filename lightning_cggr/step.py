@@ -33,14 +33,15 @@ Variants (options in ``conf/cggr/``):
 - ``router.source=final``: no router; step 4 runs first and its final hidden states (detached,
   in training mode, so with the model's dropout) give the statistics. Token unit only.
 - ``scoring=excess_loss``: score = current NLL - NLL of a frozen, unregistered reference model.
-- ``scoring=random``: seeded uniform scores from a generator on the device seeded by (seed, step).
+- ``scoring=random``: seeded uniform scores from a generator on the device seeded by (seed, step,
+  micro-batch), the micro-batch's index among the optimizer step's on all ranks.
 - ``ratio_schedule``: constant, curriculum (host ints) or dynamic (a device tensor; static buffers
   sized by its max).
 - ``selection.strategy`` (either unit): ``importance`` (keep with probability p, weight 1/p),
   ``infobatch`` (drop below-mean units with probability ``prune``, weight the kept ones
   1/(1 - prune), nothing pruned in the last ``anneal_fraction`` of ``total_steps``) and
   ``noise_excluded`` (skip the hardest ``noise_fraction``, keep the ratio of the rest); draws from a
-  (seed, step) generator, stream 2. Under static shapes infobatch saves no compute (its capacity
+  (seed, step, micro-batch) generator, stream 2. Under static shapes infobatch saves no compute (its capacity
   is every unit); importance and noise_excluded keep the top-k capacity.
 
 Each call returns its metrics as 0-d device tensors (``train/loss``, ``train/kept_ratio``,
@@ -290,28 +291,31 @@ class CGGRStep:
                 ref = type(ref)(*(x.gather(1, positions) for x in ref))
         return stats, ref, scored
 
-    def _random_score(self, targets, global_step: int) -> torch.Tensor | None:
+    def _random_score(self, targets, global_step: int, micro_batch: int = 0) -> torch.Tensor | None:
         """scoring=random: seeded uniform scores (a generator on the device: drawn eagerly); else None."""
         if self.cggr.scoring != "random":
             return None
-        return random_score(targets != IGNORE_INDEX, step_generator(self.cggr.seed, global_step, targets.device))
+        gen = step_generator(self.cggr.seed, global_step, targets.device, micro_batch=micro_batch)
+        return random_score(targets != IGNORE_INDEX, gen)
 
     @torch.no_grad()
     def score_and_stats(
-        self, input_ids, attention_mask, targets, global_step: int = 0, final_hidden: torch.Tensor | None = None
+        self, input_ids, attention_mask, targets, global_step: int = 0, final_hidden: torch.Tensor | None = None,
+        micro_batch: int = 0,
     ):
         """(difficulty, sanitized stats or None); -inf where nothing is to be learned. [B, T], or with
         ``router.score_stride`` > 1 at the sampled positions (see :meth:`raw_statistics` and
         :func:`score_tokens`)."""
-        score = self._random_score(targets, global_step)
+        score = self._random_score(targets, global_step, micro_batch)
         if score is not None:
             return score, None
         stats, ref, scored = self.raw_statistics(input_ids, attention_mask, targets, final_hidden)
         return score_tokens(stats, targets != IGNORE_INDEX if scored is None else scored, self.cggr.scoring, ref)
 
     # ---- routing ----------------------------------------------------------------------------
-    def route(self, input_ids, attention_mask, targets, global_step: int = 0) -> Routed:
-        """Score, select and run the decoder.
+    def route(self, input_ids, attention_mask, targets, global_step: int = 0, micro_batch: int = 0) -> Routed:
+        """Score, select and run the decoder. ``micro_batch``: this micro-batch's index among the optimizer
+        step's on all ranks (``rank x accumulate + i``), which seeds the random rules' draws with the step.
 
         Token unit: the decoder runs on every row and ``selection`` says which rows the head sees.
         Sequence unit: the decoder runs on the selected rows only (a static-size list); the
@@ -325,25 +329,25 @@ class CGGRStep:
         hidden = None
         if c.router.source == "final":  # router-free: score from the forward's own final states (token unit)
             hidden = self.hidden_states(input_ids, attention_mask)
-        score = self._random_score(targets, global_step)
+        score = self._random_score(targets, global_step, micro_batch)
         stats = ref = scored = None
         if score is None:
             stats, ref, scored = self.raw_statistics(input_ids, attention_mask, targets, final_hidden=hidden)
-        choice, kept, metrics = self.decide(stats, ref, score, trainable, scored, global_step)
+        choice, kept, metrics = self.decide(stats, ref, score, trainable, scored, global_step, micro_batch)
         if c.selection.unit == "sequence":
             return self._run_sequences(input_ids, attention_mask, targets, choice, kept, metrics)
         if hidden is None:
             hidden = self.hidden_states(input_ids, attention_mask)
         return Routed(hidden, targets, choice.selection, kept, metrics, choice.weight, choice.normaliser)
 
-    def decide(self, stats, reference, score, trainable, scored, global_step: int):
+    def decide(self, stats, reference, score, trainable, scored, global_step: int, micro_batch: int = 0):
         """:func:`decide` with this step's settings: compiled under ``perf.compile`` with
         ``perf.compile_routing=true``, except for the rules that draw from a generator and for a ratio
         curriculum, which decide eagerly."""
         c = self.cggr
         q = c.ratio_schedule
         ratio = self.ratio_in_force(global_step)  # None: the dynamic ratio, on the device
-        generator = self._generator(global_step, trainable.device)
+        generator = self._generator(global_step, trainable.device, micro_batch)
         fn = self._compiled_decide or decide
         return fn(stats, reference, score, trainable, scored, unit=c.selection.unit, scoring=c.scoring,
                   sel=c.selection, ratio=ratio, bounds=(q.min, q.max), cap=q.max if ratio is None else ratio,
@@ -358,8 +362,8 @@ class CGGRStep:
         weight = None if rows.weight is None else rows.weight.unsqueeze(1).expand(sub_targets.shape)
         return Routed(hidden, sub_targets, None, kept, metrics, weight, rows.normaliser)
 
-    def _generator(self, global_step: int, device) -> torch.Generator | None:
-        return rule_generator(self.cggr.selection.strategy, self.cggr.seed, global_step, device)
+    def _generator(self, global_step: int, device, micro_batch: int = 0) -> torch.Generator | None:
+        return rule_generator(self.cggr.selection.strategy, self.cggr.seed, global_step, device, micro_batch)
 
     def _prune(self, global_step: int) -> float | None:
         """strategy=infobatch: the prune fraction in force (see :func:`~.routing.rules.prune_in_force`)."""
@@ -399,11 +403,14 @@ class CGGRStep:
                                    grad_accum=self.loss_cfg.grad_accum, softcap=self.logit_transform.softcap, **terms)
         return nll_sum, (flat_y != IGNORE_INDEX).sum()
 
-    def __call__(self, batch: dict, global_step: int, world_size: int = 1) -> StepResult:
-        """One micro-batch: route, loss terms and the value to backprop (see the module docstring)."""
+    def __call__(self, batch: dict, global_step: int, world_size: int = 1, micro_batch: int = 0) -> StepResult:
+        """One micro-batch: route, loss terms and the value to backprop (see the module docstring).
+        ``micro_batch``: its index among the optimizer step's micro-batches on all ranks (``rank x
+        accumulate + i``): the random rules draw from (seed, step, micro_batch), so each rank and each
+        accumulated micro-batch makes its own draw, as one larger batch would."""
         mark_step_begin(self.perf.compile)
         with self.sdpa_scope(batch), self.attention_scope(batch.get("attention_mask"), batch["input_ids"].shape[1]):
-            return self._micro_batch(batch, global_step, world_size)
+            return self._micro_batch(batch, global_step, world_size, micro_batch)
 
     def sdpa_scope(self, batch: dict):
         """:func:`~lightning_cggr.perf.sdpa_scope` of ``perf.sdpa_backend``, after checking on the host
@@ -416,11 +423,11 @@ class CGGRStep:
             self._sdpa_checked.add(kind)
         return sdpa_scope(self.perf.sdpa_backend)
 
-    def _micro_batch(self, batch: dict, global_step: int, world_size: int) -> StepResult:
+    def _micro_batch(self, batch: dict, global_step: int, world_size: int, micro_batch: int = 0) -> StepResult:
         input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
         targets = shift_targets(batch["labels"], attention_mask)
         trainable = targets != IGNORE_INDEX
-        routed = self.route(input_ids, attention_mask, targets, global_step)
+        routed = self.route(input_ids, attention_mask, targets, global_step, micro_batch)
         nll_sum, n_kept = self.loss_terms(routed.hidden, routed.targets, routed.selection, routed.weight)
         # top-k: the mean over kept tokens; the unbiased rules: over every trainable token (sampling.py)
         normaliser = n_kept if routed.normaliser is None else routed.normaliser
@@ -590,9 +597,9 @@ def optimizer_step(
     params = [p for p in step.model.parameters() if p.requires_grad]
     k = len(micro_batches)
     results = []
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):  # one process: micro-batch i draws as rank 0's i-th would
         with autocast():
-            res = step(batch, global_step)
+            res = step(batch, global_step, micro_batch=i)
         (res.loss / k).backward()
         results.append(res)
     step.correct_gradients(params, k)

@@ -68,7 +68,8 @@ class GradProbe(CGGRModule):
             _, blocks = find_blocks(self.step.decoder)
             torch.save({
                 "fsdp_units": [n for n, m in self.named_modules() if isinstance(m, (FSDPModule, FSDP1))],
-                "router_blocks_are_model_blocks": all(a is b for a, b in zip(self.step.router.blocks, blocks)),
+                "router_blocks_are_model_blocks": self.step.router is not None  # (scoring=random: no router)
+                and all(a is b for a, b in zip(self.step.router.blocks, blocks)),
                 "params": [(n, type(p).__name__, p.numel()) for n, p in self.named_parameters(remove_duplicate=False)],
             }, self.grad_path + ".info")
 
@@ -228,17 +229,19 @@ def test_logged_train_loss_is_the_float64_kept_token_mean_of_the_whole_step(tmp_
     assert float(torch.load(tmp_path / f"{where}.pt.metrics")["train/loss"]) == pytest.approx(want, rel=1e-5)
 
 
-@pytest.mark.parametrize("unit, strategy", [("sequence", "topk"), ("token", "importance"), ("sequence", "infobatch")])
-def test_ddp_ranks_equal_accumulated_micro_batches_for_every_normaliser(tmp_path, unit, strategy):
+@pytest.mark.parametrize("unit, strategy, scoring", [("sequence", "topk", "entropy"), ("token", "importance", "entropy"),
+                                                     ("sequence", "infobatch", "entropy"), ("token", "topk", "random")])
+def test_ddp_ranks_equal_accumulated_micro_batches_for_every_normaliser(tmp_path, unit, strategy, scoring):
     """Each rank routes its own rows, as each accumulated micro-batch does: 2 DDP ranks of 2 rows (the
     training loader's shares: rank 0 rows 0 and 2, rank 1 rows 1 and 3) must give the gradients of one
     process accumulating those two micro-batches. Sequence top-k divides by the kept count; importance
-    and infobatch (weighted; drawn from the (seed, step) generator that every rank and micro-batch
-    shares) by the trainable-token count; each count summed over ranks or micro-batches. Token top-k
-    is checked against float64 above."""
+    and infobatch (weighted) by the trainable-token count; each count summed over ranks or
+    micro-batches. The random draws (importance, infobatch, random scores) are seeded by the
+    micro-batch's index among the step's, rank x accumulate + i: rank 1 draws as the second
+    accumulated micro-batch does. Token top-k is checked against float64 above."""
     from lightning_cggr.config import SelectionConfig
 
-    cggr = CGGRConfig(scoring="entropy", min_tokens_ratio=RATIO, warmup_steps=0, router=RouterConfig(num_layers=2),
+    cggr = CGGRConfig(scoring=scoring, min_tokens_ratio=RATIO, warmup_steps=0, router=RouterConfig(num_layers=2),
                       selection=SelectionConfig(unit=unit, strategy=strategy))
     rows = make_rows()
     accumulated = run_one_step(tmp_path, f"accum-{unit}-{strategy}", batch_size=2, accumulate=2, cggr=cggr,

@@ -153,6 +153,31 @@ def test_random_scores_are_seeded_by_seed_and_step():
     assert step_generator(0, 3, "cpu", stream=1).initial_seed() != step_generator(0, 3, "cpu").initial_seed()
 
 
+@pytest.mark.parametrize("unit, strategy", [("token", "topk"), ("sequence", "topk"), ("token", "importance"),
+                                            ("token", "stratified")])
+def test_each_micro_batch_of_a_step_makes_its_own_draw(unit, strategy):
+    """The same rows as two micro-batches of one optimizer step (accumulated, or on two ranks) keep
+    different random choices, as two halves of one larger batch would; the same micro-batch index
+    repeats its draw. Before, the draws depended on (seed, step) alone: every micro-batch and rank of
+    a step kept the same positions or rows."""
+    from conftest import make_batch, make_tiny_model
+
+    from lightning_cggr.config import SelectionConfig
+    from lightning_cggr.routing.selection import shift_targets
+    from lightning_cggr.step import CGGRStep
+
+    scoring = "random" if strategy == "topk" else "entropy"
+    cfg = CGGRConfig(scoring=scoring, warmup_steps=0, min_tokens_ratio=0.5 if unit == "sequence" else 0.25,
+                     selection=SelectionConfig(unit=unit, strategy=strategy))
+    step = CGGRStep(make_tiny_model("llama", num_layers=2), cfg)
+    batch = make_batch(batch_size=6, seq_len=16, pad_tail=False)
+    targets = shift_targets(batch["labels"], batch["attention_mask"])
+    kept = [step.route(batch["input_ids"], batch["attention_mask"], targets, global_step=4, micro_batch=i).kept
+            for i in (0, 1, 0)]
+    assert not torch.equal(kept[0], kept[1])
+    assert torch.equal(kept[0], kept[2])
+
+
 def test_special_scorings_are_named_in_errors():
     with pytest.raises(ValueError, match="not a statistics scorer"):
         get_scorer("random")

@@ -239,8 +239,8 @@ def test_infobatch_anneals_over_the_tail_of_trainer_max_steps(monkeypatch, one_t
     seen = []
     real = CGGRStep.__call__
 
-    def recording(self, batch, global_step, world_size=1):
-        res = real(self, batch, global_step, world_size)
+    def recording(self, batch, global_step, world_size=1, micro_batch=0):
+        res = real(self, batch, global_step, world_size, micro_batch)
         seen.append((global_step, float(res.metrics["train/prune"]), float(res.metrics["train/kept_ratio"])))
         return res
 

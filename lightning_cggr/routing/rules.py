@@ -69,11 +69,13 @@ GENERATOR_STRATEGIES = ("stratified", "importance", "infobatch")
 deterministic functions of the scores."""
 
 
-def rule_generator(strategy: str, seed: int, step: int, device) -> torch.Generator | None:
-    """The seeded generator of a random strategy: stratified on stream 1, importance/infobatch on stream 2."""
+def rule_generator(strategy: str, seed: int, step: int, device, micro_batch: int = 0) -> torch.Generator | None:
+    """The seeded generator of a random strategy: stratified on stream 1, importance/infobatch on stream 2
+    (``micro_batch``: see :func:`~.scoring.step_generator`)."""
     if strategy not in GENERATOR_STRATEGIES:
         return None
-    return step_generator(seed, step, device, stream=1 if strategy == "stratified" else RULE_STREAM)
+    return step_generator(seed, step, device, stream=1 if strategy == "stratified" else RULE_STREAM,
+                          micro_batch=micro_batch)
 
 
 def prune_in_force(sel, step: int, total_steps: int | None) -> float:

@@ -71,12 +71,17 @@ def random_score(trainable: torch.Tensor, generator: torch.Generator | None) -> 
     return _masked(u, trainable)
 
 
-def step_generator(seed: int, step: int, device: torch.device | str, stream: int = 0) -> torch.Generator:
-    """A generator on ``device`` seeded from the host ints ``(seed, step, stream)``: same ints, same draws.
+def step_generator(seed: int, step: int, device: torch.device | str, stream: int = 0,
+                   micro_batch: int = 0) -> torch.Generator:
+    """A generator on ``device`` seeded from the host ints ``(seed, step, stream, micro_batch)``: same
+    ints, same draws.
 
-    ``stream`` separates independent uses in one step (0: random scores, 1: stratified draws).
+    ``stream`` separates independent uses in one step (0: random scores, 1: stratified draws);
+    ``micro_batch`` the micro-batches of one optimizer step (``rank x accumulate + i``), so that each
+    rank and accumulated micro-batch draws its own choice (0: the seed of a single micro-batch).
     """
-    mixed = (int(seed) * 0x9E3779B97F4A7C15 + int(step) * 0xBF58476D1CE4E5B9 + int(stream) * 0x94D049BB133111EB + 1)
+    mixed = (int(seed) * 0x9E3779B97F4A7C15 + int(step) * 0xBF58476D1CE4E5B9 + int(stream) * 0x94D049BB133111EB
+             + int(micro_batch) * 0xD6E8FEB86659FD93 + 1)
     mixed %= 1 << 63
     return torch.Generator(device=torch.device(device)).manual_seed(mixed)
 
