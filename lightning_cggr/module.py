@@ -193,8 +193,8 @@ class CGGRModule(L.LightningModule):
         """Rescale the accumulated gradients to the mean over the step's global kept-token count, log
         that mean as ``train/loss``, then note whether the gradient norm is finite (and log it where
         gradients are whole, not shards)."""
-        self.step.correct_gradients(self.parameters(), self.trainer.accumulate_grad_batches)
-        if self.step.token_norm.step_loss is not None:  # the step's loss: all ranks and micro-batches
+        if self.step.correct_gradients(self.parameters(), self.trainer.accumulate_grad_batches) is not None:
+            # the step's loss: all ranks and micro-batches (a device tensor, as every metric here)
             self.log("train/loss", self.step.token_norm.step_loss, prog_bar=True, on_step=True, on_epoch=False)
         norm, whole = grad_norm(self.parameters())
         if norm is None:
