@@ -333,7 +333,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     from .data import build_tokenizer, prepare_datamodule
     from .export import save_run_model_files
     from .loggers import prepare_loggers
-    from .models import build_model
+    from .models import build_model, model_tokenizer
     from .models.positions import sequence_length_problem
     from .module import CGGRModule
     from .rundir import plan_run
@@ -363,9 +363,10 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # no line before a user error's one line
 
-    tokenizer = build_tokenizer(run.data) if run.data.tokenizer == "bpe" else None
-    # the data is read, tokenized and checked to fill a batch before the model is built where the
-    # tokenizer is the corpus's own BPE, else as soon as the model's tokenizer is there
+    # the data is read, tokenized and checked to fill a batch before the model's weights load where
+    # the tokenizer comes first (the corpus's own BPE, or a pretrained checkpoint's tokenizer files),
+    # else (the GGUF, whose tokenizer comes out of its conversion) as soon as the model is there
+    tokenizer = build_tokenizer(run.data) if run.data.tokenizer == "bpe" else model_tokenizer(run.model)
     datamodule = prepare_datamodule(run.data, tokenizer, seed=cfg.seed) if tokenizer is not None else None
     model, tokenizer = build_model(run.model, tokenizer)
     too_long, past_range = sequence_length_problem(model, run.data.block_size, random=run.model.source == "random")

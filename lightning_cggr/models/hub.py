@@ -53,22 +53,37 @@ def hub_offline_reason(timeout: float = 5.0) -> str | None:
     return None
 
 
-def _load(source: str, torch_dtype: torch.dtype, **kwargs):
+def load_pretrained_tokenizer(name_or_path: str | Path):
+    """The tokenizer of a causal LM checkpoint alone (a local folder or a hub name, found as
+    :func:`load_pretrained` finds the model): a few files, so the run's data can be read and
+    checked before the weights load."""
+    from transformers import AutoTokenizer
+
+    return _find(name_or_path, lambda source, **kwargs: AutoTokenizer.from_pretrained(source, **kwargs))
+
+
+def load_pretrained(name_or_path: str | Path, dtype: str | torch.dtype = torch.float32, tokenizer=None):
+    """``(model, tokenizer)`` for a causal LM checkpoint: a local folder or a hub name. ``tokenizer``:
+    the checkpoint's own, already loaded by :func:`load_pretrained_tokenizer` (else loaded here)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
-    return model, tokenizer
-
-
-def load_pretrained(name_or_path: str | Path, dtype: str | torch.dtype = torch.float32):
-    """``(model, tokenizer)`` for a causal LM checkpoint: a local folder or a hub name."""
     torch_dtype = resolve_dtype(dtype)
+
+    def load(source: str, **kwargs):
+        tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(source, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs), tok
+
+    return _find(name_or_path, load)
+
+
+def _find(name_or_path: str | Path, load):
+    """``load(source, **kwargs)`` of a local folder, else of a hub name from the cache, else from the hub
+    when it answers; one error naming the fix where none of these can serve."""
     source = str(name_or_path)
     local = Path(source).expanduser()
     if local.is_dir():
         try:
-            return _load(str(local), torch_dtype)
+            return load(str(local))
         except (OSError, ValueError) as err:  # no config.json / weights / tokenizer in the folder
             reason = " ".join(str(err).split())
             raise ModelNotFoundError(
@@ -80,7 +95,7 @@ def load_pretrained(name_or_path: str | Path, dtype: str | torch.dtype = torch.f
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise ModelNotFoundError(f"checkpoint folder not found: {local}; give an existing folder or a hub id")
     try:  # already cached by an earlier online run?
-        return _load(source, torch_dtype, local_files_only=True)
+        return load(source, local_files_only=True)
     except OSError:
         pass
     reason = hub_offline_reason()
@@ -89,7 +104,7 @@ def load_pretrained(name_or_path: str | Path, dtype: str | torch.dtype = torch.f
             f"cannot load {source!r}: it is not a local folder, not in the Hugging Face cache, "
             f"and {reason}. {OFFLINE_HINT}"
         )
-    return _load(source, torch_dtype)
+    return load(source)
 
 
 def load_hf_texts(
