@@ -27,7 +27,8 @@ two so that multiplying and dividing by it is exact and the result does not depe
 whose micro-batches keep no token at all gets zero gradients (``N`` clamped to 1), never NaN.
 
 The same all-reduce carries the NLL sums, so :attr:`KeptTokenNormalizer.step_loss` is the value whose
-gradient was taken, ``sum nll_sum / N`` over the whole step (what the module logs as ``train/loss``).
+gradient was taken, ``sum nll_sum / N`` over the whole step (what the module logs as ``train/loss``),
+and any other per-rank sums the caller passes (the module's routing metrics): one collective per step.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class KeptTokenNormalizer:
         self.step_loss: torch.Tensor | None = None
         """The last corrected step's loss: its NLL sums over all ranks and micro-batches / ``N`` (0-d
         fp32 device tensor; 0 for a step that kept nothing), set by :meth:`correct_gradients`."""
+        self.step_extra: torch.Tensor | None = None
+        """The last corrected step's ``extra`` summed over all ranks (fp64 device tensor), or None."""
 
     def _ensure(self, device: torch.device) -> None:
         if self.count is None or self.count.device != device:
@@ -77,16 +80,24 @@ class KeptTokenNormalizer:
         return nll_sum * (float(world_size) / self.scale)
 
     @torch.no_grad()
-    def correct_gradients(self, params: Iterable[torch.nn.Parameter], accumulate: int) -> torch.Tensor | None:
+    def correct_gradients(self, params: Iterable[torch.nn.Parameter], accumulate: int,
+                          extra: torch.Tensor | None = None) -> torch.Tensor | None:
         """Multiply every gradient by ``s * k / N`` and start the next step; returns ``N`` (device).
 
         ``N`` is all-reduced here, once per optimizer step: every rank must call this (Lightning
         calls ``on_before_optimizer_step`` on all ranks). Without a pending micro-batch, a no-op.
+        ``extra``: a 1-d device tensor of this rank's sums, the same length on every rank, summed
+        over the ranks in the same all-reduce into :attr:`step_extra`.
         """
         if self.count is None:
             return None
-        # one all-reduce for both sums; counts are exact in fp64 up to 2^53 tokens
-        count, nll = all_reduce_sum(torch.stack([self.count.double(), self.nll])).unbind()
+        # one all-reduce for every sum; counts are exact in fp64 up to 2^53 tokens
+        sums = [self.count.double().reshape(1), self.nll.reshape(1)]
+        if extra is not None:
+            sums.append(extra.to(device=self.nll.device, dtype=torch.float64).reshape(-1))
+        reduced = all_reduce_sum(torch.cat(sums))
+        count, nll = reduced[0], reduced[1]
+        self.step_extra = None if extra is None else reduced[2:]
         total = count.round().long()
         factor = (self.scale.double() * accumulate / count.clamp(min=1)).float()
         scale_gradients(params, factor)

@@ -27,7 +27,7 @@ from typing import Mapping
 
 import lightning as L
 import torch
-from torchmetrics import MeanMetric, SumMetric
+from torchmetrics import Metric, SumMetric
 
 from .batches import check_batch, embedding_rows
 from .config import CGGRConfig, LossConfig, OptimConfig, PerfConfig, as_config, config_error, optim_problems
@@ -35,7 +35,7 @@ from .distributed import shard_fsdp2
 from .flops import FlopShape, device_peak_tflops, mfu, step_flops
 from .step import CGGRStep, build_optimizer, build_scheduler
 
-# metrics the step may return, each averaged by its own torchmetrics object
+# metrics the step may return, each averaged over the optimizer step by its own torchmetrics object
 STEP_METRICS = ("kept_ratio", "ratio", "score_kept", "score_dropped", "kept_sequences", "weight_mean", "prune")
 
 CONFIG_KEY = "lightning_cggr"
@@ -51,6 +51,36 @@ log = logging.getLogger(__name__)
 # one used, also for a datamodule without that hook; here that hook is the batch check, by design
 warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule` "
                         r"but have passed in a `LightningDataModule`")
+
+
+class WeightedMean(Metric):
+    """``sum(value x count) / sum(count)`` over its updates (0 when nothing was counted), on the device.
+
+    One per routing metric: it gathers an optimizer step's micro-batches (``count``: how many tokens
+    or sequences each value averages, :attr:`~lightning_cggr.step.StepResult.counts`); the module sums
+    its two states over the ranks in the all-reduce the gradient correction makes anyway, instead of
+    torchmetrics' own sync (a barrier and a gather per state). torchmetrics' MeanMetric would do, but
+    with ``nan_strategy="disable"`` (needed: its NaN check is a host sync) it drops the weights
+    (torchmetrics 1.9, Lightning-AI/torchmetrics#3434)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__(sync_on_compute=False)
+        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, value: torch.Tensor, count: torch.Tensor | float = 1.0) -> None:
+        count = torch.as_tensor(count, device=self.total.device).double()
+        self.total += value.detach().double() * count
+        self.count += count
+
+    def compute(self) -> torch.Tensor:
+        return self.mean(self.total, self.count)
+
+    @staticmethod
+    def mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        return torch.where(count > 0, total / count.clamp(min=1e-300), 0.0).float()
 
 
 class CGGRModule(L.LightningModule):
@@ -78,8 +108,8 @@ class CGGRModule(L.LightningModule):
         # the settings as mappings in every checkpoint: CGGRModule.load_from_checkpoint(path, model=...)
         # rebuilds this module with them, not with the defaults (the model and reference are passed again)
         self.save_hyperparameters(settings_of(cggr, loss, self.optim_cfg, perf))
-        # nan_strategy="disable": the default NaN check is a host sync (`if nans.any()`) every update
-        self.step_metrics = torch.nn.ModuleDict({k: MeanMetric(nan_strategy="disable") for k in STEP_METRICS})
+        # each routing metric over an optimizer step's micro-batches (logged in on_before_optimizer_step)
+        self.step_metrics = torch.nn.ModuleDict({k: WeightedMean() for k in STEP_METRICS})
         # "disable": a NaN loss must show as NaN (the default "warn" drops NaNs: a diverged model
         # reported val/loss 0.0); it is also free of the default's per-update host sync
         self.val_nll_sum = SumMetric(nan_strategy="disable")
@@ -128,10 +158,8 @@ class CGGRModule(L.LightningModule):
         self.empty_batches += result.kept == 0
         for name, value in result.metrics.items():
             key = name.removeprefix("train/")
-            if key in self.step_metrics:
-                metric = self.step_metrics[key]
-                metric(value)
-                self.log(name, metric, on_step=True, on_epoch=False, prog_bar=key == "kept_ratio")
+            if key in self.step_metrics:  # logged for the whole step in on_before_optimizer_step
+                self.step_metrics[key].update(value, result.counts.get(name, 1.0))
         now = time.perf_counter()
         if self._last_step_time is not None:  # host clock between steps: no device sync
             seconds = max(now - self._last_step_time, 1e-9)
@@ -191,11 +219,22 @@ class CGGRModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer):
         """Rescale the accumulated gradients to the mean over the step's global kept-token count, log
-        that mean as ``train/loss``, then note whether the gradient norm is finite (and log it where
-        gradients are whole, not shards)."""
-        if self.step.correct_gradients(self.parameters(), self.trainer.accumulate_grad_batches) is not None:
-            # the step's loss: all ranks and micro-batches (a device tensor, as every metric here)
+        that mean as ``train/loss`` and the routing metrics of the whole step (every rank and
+        micro-batch, summed in the same all-reduce), then note whether the gradient norm is finite
+        (and log it where gradients are whole, not shards)."""
+        # the same keys on every rank (the config decides them), in one order
+        keys = [k for k in STEP_METRICS if self.step_metrics[k].update_called]
+        states = [t for k in keys for t in (self.step_metrics[k].total, self.step_metrics[k].count)]
+        extra = torch.stack(states) if states else None
+        if self.step.correct_gradients(self.parameters(), self.trainer.accumulate_grad_batches, extra) is not None:
+            # the step's loss: all ranks and micro-batches (device tensors, as every metric here)
             self.log("train/loss", self.step.token_norm.step_loss, prog_bar=True, on_step=True, on_epoch=False)
+            if keys:
+                for key, (total, count) in zip(keys, self.step.token_norm.step_extra.view(-1, 2)):
+                    self.log(f"train/{key}", WeightedMean.mean(total, count), on_step=True, on_epoch=False,
+                             prog_bar=key == "kept_ratio")
+        for key in keys:
+            self.step_metrics[key].reset()
         norm, whole = grad_norm(self.parameters())
         if norm is None:
             return

@@ -96,6 +96,8 @@ class Routed(NamedTuple):
     """[B', T] fp32 loss weight per position of ``targets`` (weighted rules); None: weight 1."""
     normaliser: torch.Tensor | None = None
     """0-d long: what the weighted NLL sum is divided by (weighted rules); None: the kept count."""
+    counts: Metrics | None = None
+    """What each of ``metrics`` is a mean over (see :attr:`StepResult.counts`); None: nothing routed."""
 
 
 @dataclass
@@ -114,6 +116,11 @@ class StepResult:
     normaliser: torch.Tensor | None = None
     """What ``nll_sum`` is divided by: ``kept``, or for the unbiased weighted rules the trainable-token
     count (device, int); summed over micro-batches and ranks by the :class:`KeptTokenNormalizer`."""
+    counts: Metrics = field(default_factory=dict)
+    """How many entries each metric averages (tokens or sequences of this micro-batch, 0-d device
+    tensors); a metric absent here counts 1 (``train/ratio``, ``train/prune``, ``train/kept_sequences``).
+    An optimizer step's value of a metric is ``sum(value x count) / sum(count)`` over its micro-batches
+    and ranks: e.g. ``train/kept_ratio`` is the step's kept tokens over its trainable tokens."""
 
 
 class CGGRStep:
@@ -333,12 +340,12 @@ class CGGRStep:
         stats = ref = scored = None
         if score is None:
             stats, ref, scored = self.raw_statistics(input_ids, attention_mask, targets, final_hidden=hidden)
-        choice, kept, metrics = self.decide(stats, ref, score, trainable, scored, global_step, micro_batch)
+        choice, kept, metrics, counts = self.decide(stats, ref, score, trainable, scored, global_step, micro_batch)
         if c.selection.unit == "sequence":
-            return self._run_sequences(input_ids, attention_mask, targets, choice, kept, metrics)
+            return self._run_sequences(input_ids, attention_mask, targets, choice, kept, metrics, counts)
         if hidden is None:
             hidden = self.hidden_states(input_ids, attention_mask)
-        return Routed(hidden, targets, choice.selection, kept, metrics, choice.weight, choice.normaliser)
+        return Routed(hidden, targets, choice.selection, kept, metrics, choice.weight, choice.normaliser, counts)
 
     def decide(self, stats, reference, score, trainable, scored, global_step: int, micro_batch: int = 0):
         """:func:`decide` with this step's settings: compiled under ``perf.compile`` with
@@ -353,14 +360,14 @@ class CGGRStep:
                   sel=c.selection, ratio=ratio, bounds=(q.min, q.max), cap=q.max if ratio is None else ratio,
                   generator=generator, prune=self._prune(global_step))
 
-    def _run_sequences(self, input_ids, attention_mask, targets, rows, kept, metrics) -> Routed:
+    def _run_sequences(self, input_ids, attention_mask, targets, rows, kept, metrics, counts) -> Routed:
         """Sequence unit: run the decoder on the chosen rows alone (see :meth:`route`)."""
         sub_ids = input_ids.index_select(0, rows.index)
         sub_mask = attention_mask.index_select(0, rows.index) if attention_mask is not None else None
         sub_targets = targets.index_select(0, rows.index).masked_fill(~rows.valid.unsqueeze(1), IGNORE_INDEX)
         hidden = self.hidden_states(sub_ids, sub_mask)
         weight = None if rows.weight is None else rows.weight.unsqueeze(1).expand(sub_targets.shape)
-        return Routed(hidden, sub_targets, None, kept, metrics, weight, rows.normaliser)
+        return Routed(hidden, sub_targets, None, kept, metrics, weight, rows.normaliser, counts)
 
     def _generator(self, global_step: int, device, micro_batch: int = 0) -> torch.Generator | None:
         return rule_generator(self.cggr.selection.strategy, self.cggr.seed, global_step, device, micro_batch)
@@ -432,17 +439,22 @@ class CGGRStep:
         # top-k: the mean over kept tokens; the unbiased rules: over every trainable token (sampling.py)
         normaliser = n_kept if routed.normaliser is None else routed.normaliser
         loss = self.token_norm.loss(nll_sum, normaliser, world_size)  # exact global mean after correct_gradients
+        n_trainable = trainable.sum()
         metrics = {
             "train/loss": nll_sum.detach() / normaliser.clamp(min=1),  # this micro-batch's (estimated) mean
-            "train/kept_ratio": routed.kept.sum() / trainable.sum().clamp(min=1),
+            "train/kept_ratio": routed.kept.sum() / n_trainable.clamp(min=1),
             **routed.metrics,
         }
-        return StepResult(loss, nll_sum, n_kept, metrics, normaliser)
+        counts = {"train/loss": normaliser, "train/kept_ratio": n_trainable, **(routed.counts or {})}
+        return StepResult(loss, nll_sum, n_kept, metrics, normaliser, counts)
 
-    def correct_gradients(self, params: Iterable[torch.nn.Parameter], accumulate: int) -> torch.Tensor | None:
+    def correct_gradients(self, params: Iterable[torch.nn.Parameter], accumulate: int,
+                          extra: torch.Tensor | None = None) -> torch.Tensor | None:
         """Once per optimizer step, after the last backward, before clipping: gradients become
-        those of the mean over the step's kept tokens on every rank. Returns that count (device)."""
-        return self.token_norm.correct_gradients(params, accumulate)
+        those of the mean over the step's kept tokens on every rank. Returns that count (device).
+        ``extra``: sums to add up over the ranks in the same all-reduce (see
+        :meth:`KeptTokenNormalizer.correct_gradients`)."""
+        return self.token_norm.correct_gradients(params, accumulate, extra)
 
     @torch.no_grad()
     def eval_terms(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -477,7 +489,8 @@ def score_tokens(stats: TokenStats, trainable: torch.Tensor, scoring: str, refer
 
 def decide(stats, reference, score, trainable, scored=None, *, unit: str, scoring: str, sel, ratio: float | None,
            bounds: tuple[float, float], cap: float, generator, prune: float | None):
-    """Scoring to choice for one routed micro-batch: ``(choice, kept, metrics)``, device tensors only.
+    """Scoring to choice for one routed micro-batch: ``(choice, kept, metrics, counts)``, device tensors
+    only (``counts``: what each metric averages, see :attr:`StepResult.counts`).
 
     ``stats``/``reference``: the raw statistics (:meth:`CGGRStep.raw_statistics`), or ``score`` given
     (``scoring=random``). ``trainable``: the batch's [B, T] positions with a label; ``scored``: the
@@ -504,24 +517,31 @@ def decide(stats, reference, score, trainable, scored=None, *, unit: str, scorin
     if unit == "token":
         choice = choose_tokens(sel, score, trainable, ratio, cap, generator, prune)
         keep = choice.selection.keep
-        return choice, keep, {**choice.metrics, **_score_means(score, keep, trainable & ~keep)}
+        means, counts = _score_means(score, keep, trainable & ~keep)
+        if "train/weight_mean" in choice.metrics:  # the weights' mean over the kept tokens
+            counts["train/weight_mean"] = keep.sum()
+        return choice, keep, {**choice.metrics, **means}, counts
     rows = choose_rows(sel, score, mask, ratio, cap, generator, prune)
     row_kept = torch.zeros(trainable.shape[0], dtype=torch.bool, device=trainable.device)
     row_kept.index_copy_(0, rows.index, rows.valid)  # index entries are distinct
     has = trainable.any(dim=1)
-    metrics = {**rows.metrics, **_score_means(rows.score, row_kept, has & ~row_kept),
-               "train/kept_sequences": rows.valid.sum().float()}
-    return rows, trainable & row_kept.unsqueeze(1), metrics
+    means, counts = _score_means(rows.score, row_kept, has & ~row_kept)
+    if "train/weight_mean" in rows.metrics:  # over the kept rows
+        counts["train/weight_mean"] = rows.valid.sum()
+    metrics = {**rows.metrics, **means, "train/kept_sequences": rows.valid.sum().float()}
+    return rows, trainable & row_kept.unsqueeze(1), metrics, counts
 
 
-def _score_means(score: torch.Tensor, kept: torch.Tensor, dropped: torch.Tensor) -> Metrics:
-    """Mean score of kept vs dropped entries (tokens or sequences), as device tensors."""
+def _score_means(score: torch.Tensor, kept: torch.Tensor, dropped: torch.Tensor) -> tuple[Metrics, Metrics]:
+    """Mean score of kept vs dropped entries (tokens or sequences), and how many each mean is over,
+    as device tensors."""
     zero = torch.zeros((), dtype=torch.float32, device=score.device)
-    out = {}
+    means, counts = {}, {}
     for mask, name in ((kept, "kept"), (dropped, "dropped")):
         total = torch.where(mask, score.float(), zero).sum()
-        out[f"train/score_{name}"] = total / mask.sum().clamp(min=1)
-    return out
+        counts[f"train/score_{name}"] = n = mask.sum()
+        means[f"train/score_{name}"] = total / n.clamp(min=1)
+    return means, counts
 
 
 # ---- optimizer, schedule and the optimizer step outside Lightning --------------------------------

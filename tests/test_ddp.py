@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from lightning_cggr.config import CGGRConfig, LossConfig, RouterConfig
 from lightning_cggr.distributed import block_classes
-from lightning_cggr.module import CGGRModule
+from lightning_cggr.module import STEP_METRICS, CGGRModule
 from lightning_cggr.data.resumable import ResumableLoader
 from lightning_cggr.routing.router import find_blocks
 
@@ -127,13 +127,18 @@ def shift(labels):
     return t
 
 
-def keep_mask(model, batch, targets) -> torch.Tensor:
-    """Top ceil(RATIO * n) router entropies per row (float64, written independently here)."""
+def router_entropy(model, batch) -> torch.Tensor:
+    """[B, T] entropy of the 2-block router's next-token distribution (float64, written here)."""
     probe = CGGRModule(model, cggr_config(), LossConfig(impl="torch"))
     with torch.no_grad():
         h = probe.step.router.hidden_states(batch["input_ids"], batch["attention_mask"]).double()
         logp = torch.log_softmax(h @ model.get_output_embeddings().weight.double().T, dim=-1)
-        entropy = -(logp.exp() * logp).sum(-1)
+        return -(logp.exp() * logp).sum(-1)
+
+
+def keep_mask(model, batch, targets) -> torch.Tensor:
+    """Top ceil(RATIO * n) router entropies per row (float64, written independently here)."""
+    entropy = router_entropy(model, batch)
     keep = torch.zeros_like(targets, dtype=torch.bool)
     for b in range(targets.shape[0]):
         idx = (targets[b] != -100).nonzero().flatten()
@@ -210,23 +215,33 @@ def test_ddp_two_processes_match_single_process(tmp_path, reference):
 
 
 @pytest.mark.parametrize("where", ["single", "accumulate", "ddp"])
-def test_logged_train_loss_is_the_float64_kept_token_mean_of_the_whole_step(tmp_path, where):
+def test_logged_train_loss_and_routing_metrics_are_float64_values_of_the_whole_step(tmp_path, where):
     """train/loss is the loss whose gradient the step takes: the mean over the kept tokens of all
     4 rows, whether they come as one batch, as 2 accumulated micro-batches or from 2 ranks (before,
-    it was the last micro-batch's mean on rank 0: rows 2 and 3, or 0 and 2)."""
+    it was the last micro-batch's mean on rank 0: rows 2 and 3, or 0 and 2). The routing metrics
+    likewise: train/kept_ratio is all kept tokens over all trainable ones (the rows' trainable counts
+    differ, so a mean of the micro-batches' ratios is off), train/score_kept and train/score_dropped
+    the mean router entropy of all kept and of all dropped tokens."""
     torch.manual_seed(0)
     model = make_tiny_model("llama", num_layers=3).double()
     rows = make_rows()
     batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
     targets = shift(batch["labels"])
-    y = targets.masked_fill(~keep_mask(model, batch, targets), -100)
+    keep, trainable = keep_mask(model, batch, targets), targets != -100
+    y = targets.masked_fill(~keep, -100)
+    entropy = router_entropy(model, batch)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    want = F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1), ignore_index=-100).item()
+    want = {"train/loss": F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1), ignore_index=-100).item(),
+            "train/kept_ratio": (keep.sum() / trainable.sum()).item(),
+            "train/score_kept": entropy[keep].mean().item(),
+            "train/score_dropped": entropy[trainable & ~keep].mean().item(),
+            "train/ratio": RATIO}
     kw = {"single": dict(batch_size=4), "accumulate": dict(batch_size=2, accumulate=2),
           "ddp": dict(batch_size=2, strategy="ddp_fork", devices=2)}[where]
     run_one_step(tmp_path, where, **kw)
-    assert float(torch.load(tmp_path / f"{where}.pt.metrics")["train/loss"]) == pytest.approx(want, rel=1e-5)
+    logged = torch.load(tmp_path / f"{where}.pt.metrics")
+    assert {k: float(logged[k]) for k in want} == pytest.approx(want, rel=1e-5)
 
 
 @pytest.mark.parametrize("unit, strategy, scoring", [("sequence", "topk", "entropy"), ("token", "importance", "entropy"),
@@ -248,6 +263,12 @@ def test_ddp_ranks_equal_accumulated_micro_batches_for_every_normaliser(tmp_path
                                rows=[rows[i] for i in (0, 2, 1, 3)])
     ranks = run_one_step(tmp_path, f"ddp-{unit}-{strategy}", batch_size=2, strategy="ddp_fork", devices=2, cggr=cggr)
     assert_grads_close(ranks, accumulated)
+    # the logged step values too (train/loss, kept_ratio, score means, weight_mean, prune, ...)
+    logged = [torch.load(tmp_path / f"{name}-{unit}-{strategy}.pt.metrics") for name in ("accum", "ddp")]
+    names = {f"train/{k}" for k in STEP_METRICS} | {"train/loss"}
+    assert {"train/loss", "train/kept_ratio"} <= set(logged[0]) and set(logged[0]) & names == set(logged[1]) & names
+    for name in set(logged[0]) & names:
+        torch.testing.assert_close(logged[1][name], logged[0][name], msg=name)
 
 
 def test_fsdp2_two_processes_match_single_process(tmp_path, reference):
