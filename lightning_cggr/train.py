@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import warnings
 from pathlib import Path
+from typing import Mapping
 
 import hydra
 import torch
@@ -312,7 +313,9 @@ def rank_zero_logger() -> logging.Logger:
 
 
 def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
-    """Build data, model and trainer from a composed config, fit, validate; return final metrics.
+    """Build data, model and trainer from a composed config, fit, validate; return final metrics:
+    the final validation's (``val/loss``, ``val/ppl``), the starting point's (``val/loss_initial``...)
+    and the last optimizer step's ``train/*`` values (``train/loss``, ``train/kept_ratio``...).
 
     ``cfg.ckpt_path`` resumes a run (see :mod:`lightning_cggr.rundir`): ``auto`` continues the run
     folder's own ``checkpoints/last.ckpt`` in place (or starts the run), a path resumes that
@@ -422,15 +425,21 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(plan.ckpt) if plan.ckpt else None)
     if in_fit_start:
         initial = {f"{k}_initial": float(v) for k, v in module.sanity_metrics.items()}
+    # the last optimizer step's train/* values (validate below starts its own set of metrics)
+    last_step = {k: v for k, v in _scalars(trainer.callback_metrics).items() if k.startswith("train/")}
     trainer.validate(module, datamodule=datamodule)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-    metrics.update(initial)
+    metrics = {**last_step, **_scalars(trainer.callback_metrics), **initial}
     say.info("final metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
     if (ckpt_dir / "last.ckpt").exists():
         say.info("run folder: %s (checkpoints/last.ckpt; resume with ckpt_path=auto hydra.run.dir=<this folder>)", out)
     else:  # trainer.max_steps=0: validated only
         say.info("run folder: %s (no checkpoint: the run took no optimizer step)", out)
     return metrics
+
+
+def _scalars(logged: Mapping) -> dict[str, float]:
+    """The one-number entries of a Trainer's ``callback_metrics`` (one host read, after the run)."""
+    return {k: float(v) for k, v in logged.items() if torch.is_tensor(v) and v.numel() == 1}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

@@ -153,6 +153,11 @@ def test_default_job_40_steps_lowers_validation_loss_and_writes_artifacts(tmp_pa
     # after warmup the kept ratio is the configured one: ceil(0.25 * 127) / 127 per 128-token block
     assert ratios[-1] == pytest.approx(32 / 127, abs=1e-6)
     assert all(l == l for l in losses)  # no NaN
+    # train() returns the last step's train/* values too, those the logger wrote for step 39
+    last = next(r for r in reversed(rows) if r.get("train/loss"))
+    assert last["step"] == "39"
+    assert {k: metrics[k] for k in ("train/loss", "train/kept_ratio")} == pytest.approx(
+        {k: float(last[k]) for k in ("train/loss", "train/kept_ratio")}, rel=1e-6)
     # the run's model summary counts with the formula at the data's shape (Lightning's printed 0 FLOPs)
     assert any(m.startswith("model FLOPs of a training micro-batch of 16 x 128 tokens") for m in caplog.messages)
     # and in place of Lightning's default summary, without its notice that it skips that one
