@@ -239,7 +239,7 @@ class CGGRModule(L.LightningModule):
         if norm is None:
             return
         self._note_finite(norm)
-        if whole and self._trainer is not None and (self.trainer.world_size == 1 or _is_ddp(self)):
+        if whole and self._trainer is not None and not _is_fsdp1(self):
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     def _note_finite(self, value: torch.Tensor) -> None:
@@ -334,10 +334,11 @@ class CGGRModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def _is_ddp(module: L.LightningModule) -> bool:
-    from lightning.pytorch.strategies import DDPStrategy
+def _is_fsdp1(module: L.LightningModule) -> bool:
+    """Under Lightning's FSDPStrategy each rank's gradients are flat shards that are not DTensors."""
+    from lightning.pytorch.strategies import FSDPStrategy
 
-    return module._trainer is not None and isinstance(module.trainer.strategy, DDPStrategy)
+    return module._trainer is not None and isinstance(module.trainer.strategy, FSDPStrategy)
 
 
 def settings_of(cggr: CGGRConfig, loss: LossConfig, optim: OptimConfig, perf: PerfConfig) -> dict:
@@ -361,20 +362,29 @@ def _storable(value) -> bool:
 
 @torch.no_grad()
 def grad_norm(params) -> tuple[torch.Tensor | None, bool]:
-    """(L2 norm of this process's gradients as a 0-d fp32 device tensor, whether they are whole
-    tensors). Sharded gradients (FSDP DTensors) give the norm of the local shards: enough to tell
-    finite from not, not the model's norm. (None, True) without gradients."""
+    """(L2 norm of the gradients as a 0-d fp32 device tensor, whether it is the model's).
+
+    Whole gradients (one process, DDP) give the model's norm. Sharded ones (FSDP2 DTensors) too,
+    with torch's ``get_total_norm`` (one small all-reduce over the shards, the one FSDP2's clipping
+    makes; torch >= 2.6): on an older torch they give the norm of the local shards, enough to tell
+    finite from not but not the model's norm. (None, True) without gradients."""
     from torch.distributed.tensor import DTensor
 
-    grads, whole = [], True
+    plain, sharded = [], []
     for p in params:
-        if p.grad is None:
-            continue
-        g = p.grad
-        if isinstance(g, DTensor):
-            g, whole = g.to_local(), False
-        grads.append(g)
-    if not grads:
-        return None, whole
-    norms = torch._foreach_norm(grads, 2.0)
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms])), whole
+        if p.grad is not None:
+            (sharded if isinstance(p.grad, DTensor) else plain).append(p.grad)
+    if not plain and not sharded:
+        return None, True
+    whole, parts = True, []
+    if plain:
+        parts += [n.float() for n in torch._foreach_norm(plain, 2.0)]
+    if sharded:
+        total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+        if total_norm is not None:
+            norm = total_norm(sharded, 2.0)
+            parts.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float())
+        else:
+            whole = False
+            parts += [n.float() for n in torch._foreach_norm([g.to_local() for g in sharded], 2.0)]
+    return torch.linalg.vector_norm(torch.stack(parts)), whole

@@ -212,6 +212,8 @@ def test_ddp_two_processes_match_single_process(tmp_path, reference):
     """gloo, 2 forked CPU processes, 2 rows each: the global kept-token mean, not a mean of means."""
     got = run_one_step(tmp_path, "ddp", batch_size=2, strategy="ddp_fork", devices=2)
     assert_grads_close(got, reference[0])
+    logged = torch.load(tmp_path / "ddp.pt.metrics")
+    assert float(logged["train/grad_norm"]) == pytest.approx(_norm(reference[0]), rel=1e-4)
 
 
 @pytest.mark.parametrize("where", ["single", "accumulate", "ddp"])
@@ -276,6 +278,9 @@ def test_fsdp2_two_processes_match_single_process(tmp_path, reference):
     model's own (now sharded) blocks, and the gradients equal the single-process global mean."""
     got = run_one_step(tmp_path, "fsdp2", batch_size=2, devices=2, strategy=ForkedFSDP2())
     assert_grads_close(got, reference[0])
+    # train/grad_norm is the whole model's (it was not logged: each rank holds a shard of each gradient)
+    logged = torch.load(tmp_path / "fsdp2.pt.metrics")
+    assert float(logged["train/grad_norm"]) == pytest.approx(_norm(reference[0]), rel=1e-4)
 
     info = torch.load(tmp_path / "fsdp2.pt.info")
     assert sorted(info["fsdp_units"]) == ["", "model.model.layers.0", "model.model.layers.1", "model.model.layers.2"]
