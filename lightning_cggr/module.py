@@ -70,8 +70,10 @@ class WeightedMean(Metric):
         self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, value: torch.Tensor, count: torch.Tensor | float = 1.0) -> None:
-        count = torch.as_tensor(count, device=self.total.device).double()
+    def update(self, value: torch.Tensor, count: torch.Tensor | None = None) -> None:
+        """``value``: a 0-d device tensor, the mean of ``count`` entries (None: one). Device ops only
+        (a count made from a host number would be a copy to the device, a sync on a GPU)."""
+        count = torch.ones_like(value, dtype=torch.float64) if count is None else count.double()
         self.total += value.detach().double() * count
         self.count += count
 
@@ -159,7 +161,7 @@ class CGGRModule(L.LightningModule):
         for name, value in result.metrics.items():
             key = name.removeprefix("train/")
             if key in self.step_metrics:  # logged for the whole step in on_before_optimizer_step
-                self.step_metrics[key].update(value, result.counts.get(name, 1.0))
+                self.step_metrics[key].update(value, result.counts.get(name))
         now = time.perf_counter()
         if self._last_step_time is not None:  # host clock between steps: no device sync
             seconds = max(now - self._last_step_time, 1e-9)
