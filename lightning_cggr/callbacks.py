@@ -277,7 +277,33 @@ class StepProgressBar(TQDMProgressBar):
     where it is (Lightning's bar counts batches of the epoch against what is left: "24/19", and
     "Epoch 2/-2" when the run is bounded by steps). It is drawn with those numbers from its first
     frame on: Lightning's bar draws "0/?" when made and the epoch's batch count when reset at each
-    epoch (with a negative rate), frames that stay in a log file."""
+    epoch (with a negative rate), frames that stay in a log file.
+
+    The numbers beside the bar (``train/loss``, ``train/kept_ratio``...) are device tensors: reading
+    them is a host-device sync. Lightning's bar reads them at every step, which stalls a GPU's queue
+    once per step (the host waits for the step to finish before it may queue the next). Here they
+    are read at the logging interval (``trainer.log_every_n_steps``, where the logger reads them
+    anyway), at the run's last step and outside training steps (validation, epoch end); the counter
+    itself moves at every step."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._shown: dict | None = None  # the numbers last read
+        self._read_at = -1  # the optimizer step they were read after
+        self._stale = False  # inside a training batch whose step is not due: show the last numbers
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        # not due: the last numbers, once a step's have been read (before the first step: none yet)
+        if self._stale and (self._read_at > 0 or trainer.global_step == 0):
+            return self._shown or {}
+        self._shown, self._read_at = super().get_metrics(trainer, pl_module), trainer.global_step
+        return self._shown
+
+    def _metrics_due(self, trainer) -> bool:
+        step = trainer.global_step
+        if step == 0 or step == self._read_at:  # (the other micro-batches of a step under accumulation)
+            return False
+        return step % max(int(trainer.log_every_n_steps or 1), 1) == 0 or (0 < trainer.max_steps <= step)
 
     def _by_steps(self) -> bool:
         return self.trainer.max_steps is not None and self.trainer.max_steps > 0
@@ -305,12 +331,16 @@ class StepProgressBar(TQDMProgressBar):
         bar.refresh()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self._by_steps():
-            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        bar = self.train_progress_bar
-        if bar is not None and not bar.disable and self._should_update(trainer.global_step, bar.total):
-            bar.n = trainer.global_step
-            bar.set_postfix(self.get_metrics(trainer, pl_module))
+        self._stale = not self._metrics_due(trainer)
+        try:
+            if not self._by_steps():
+                return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            bar = self.train_progress_bar
+            if bar is not None and not bar.disable and self._should_update(trainer.global_step, bar.total):
+                bar.n = trainer.global_step
+                bar.set_postfix(self.get_metrics(trainer, pl_module))
+        finally:
+            self._stale = False
 
 
 class StepLearningRateMonitor(LearningRateMonitor):

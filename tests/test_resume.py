@@ -236,6 +236,45 @@ def test_the_progress_bar_counts_optimizer_steps_across_epochs(tmp_path, capsys)
     assert {total for _, _, total, _ in frames} == {24} and frames[0][1] == 20 and frames[-1][1] == 24
 
 
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_progress_bar_reads_the_device_metrics_only_at_the_logging_interval(tmp_path, capsys, monkeypatch,
+                                                                                accumulate):
+    """Reading the logged metrics is a host-device sync; Lightning's bar read them after every batch.
+    After a training batch the bar reads them at the first step, at every 5th (trainer.log_every_n_steps=5)
+    and at the last, once per step under accumulation; also at epoch ends (every 4 steps here) and
+    validation. In between its frames show the numbers last read, while the step counter moves."""
+    import re
+
+    from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
+
+    from lightning_cggr.callbacks import StepProgressBar
+
+    reads, where = [], []
+    read, epoch_end = ProgressBar.get_metrics, StepProgressBar.on_train_epoch_end
+
+    def counted(self, trainer, pl_module):
+        reads.append((trainer.global_step, where[-1] if where else "batch"))
+        return read(self, trainer, pl_module)
+
+    def at_epoch_end(self, trainer, pl_module):
+        where.append("epoch end")
+        try:
+            return epoch_end(self, trainer, pl_module)
+        finally:
+            where.pop()
+
+    monkeypatch.setattr(ProgressBar, "get_metrics", counted)
+    monkeypatch.setattr(StepProgressBar, "on_train_epoch_end", at_epoch_end)
+    train(make_cfg(tmp_path, "run", "trainer.enable_progress_bar=true", "trainer.log_every_n_steps=5",
+                   "trainer.val_check_interval=1000", f"trainer.accumulate_grad_batches={accumulate}"))
+    after_batches = [step for step, kind in reads if kind == "batch"]
+    assert sorted(after_batches) == [1, 5, 10, 15, 20]
+    frames = re.findall(r"\| *(\d+)/20 \[[^\]]*train/loss=([-\d.e+]+)", capsys.readouterr().out.replace("\r", "\n"))
+    assert {int(step) for step, _ in frames} >= set(range(2, 21))  # a frame at every step
+    # each read shows at most one new number: 20 different losses before, one per step
+    assert 4 <= len({loss for _, loss in frames}) <= len(reads)
+
+
 def test_a_resume_that_does_not_match_the_checkpoint_changes_nothing(tmp_path):
     train(make_cfg(tmp_path, "run", "trainer.max_steps=4"))
     before = snapshot(tmp_path / "run")
