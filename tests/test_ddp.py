@@ -492,6 +492,27 @@ def test_validation_loaders_give_each_rank_equal_batches_and_every_example_once(
     assert sorted(labelled) == want  # each example exactly once
 
 
+@pytest.mark.parametrize("device, pinned", [("cuda", True), ("cpu", False), (None, False)])
+def test_loaders_pin_host_memory_for_a_cuda_trainer(device, pinned):
+    """Lightning copies each batch to the device with non_blocking=True, which is asynchronous only from
+    pinned memory: every training and validation loader of both data modules pins for a trainer on a
+    CUDA device (whether torch could pin here does not matter: nothing is iterated), and only then."""
+    from types import SimpleNamespace
+
+    from lightning_cggr.config import DataConfig
+    from lightning_cggr.data.chat import ChatDataModule
+    from lightning_cggr.data.text import BlockDataset, PackedTextDataModule
+
+    trainer = None if device is None else SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+    text = PackedTextDataModule([], [], SimpleNamespace(eos_token_id=0), DataConfig(batch_size=2))
+    text.train_set = text.val_set = BlockDataset(_eval_blocks(4))
+    chat = ChatDataModule("unused.jsonl", SimpleNamespace(pad_token_id=0), batch_size=2)
+    chat.train_set = chat.val_set = Rows([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}] * 4)
+    for dm in (text, chat):
+        dm.trainer = trainer
+        assert [dm.train_dataloader().pin_memory, dm.val_dataloader().pin_memory] == [pinned, pinned], dm
+
+
 def _fork_validate(model, blocks: torch.Tensor, batch_size: int, strategy) -> float:
     """val/loss of ``trainer.validate`` on 2 forked gloo CPU processes over the packed-text validation
     loader of ``blocks``."""

@@ -33,7 +33,7 @@ from ..errors import DataError, UserError
 from ..routing.selection import IGNORE_INDEX
 from .evaluation import eval_loader
 from .files import Conversation, read_chat_jsonl
-from .resumable import ResumableLoader, fit_position
+from .resumable import ResumableLoader, fit_position, pins_memory
 
 
 def sample_chat_path() -> Path:
@@ -201,10 +201,12 @@ class ChatDataModule(L.LightningDataModule):
             self._require(self.train_set), batch_size=self.batch_size, seed=self.seed, collate_fn=self.collate,
             num_workers=self.num_workers,
             position=fit_position(self.trainer) if self.trainer is not None else None,
+            pin_memory=pins_memory(self.trainer),
         )
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is not None and len(self.val_set) == 0:
             return []  # Lightning skips validation for an empty list
         # each conversation counted once on any number of ranks (lightning_cggr.data.evaluation)
-        return eval_loader(self._require(self.val_set), self.batch_size, self.collate, self.num_workers)
+        return eval_loader(self._require(self.val_set), self.batch_size, self.collate, self.num_workers,
+                           pins_memory(self.trainer))

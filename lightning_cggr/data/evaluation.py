@@ -60,9 +60,10 @@ class PaddedSet(Dataset):
         return without_labels(self.dataset[0])
 
 
-def eval_loader(dataset: Dataset, batch_size: int, collate_fn: Callable, num_workers: int = 0) -> DataLoader:
+def eval_loader(dataset: Dataset, batch_size: int, collate_fn: Callable, num_workers: int = 0,
+                pin_memory: bool = False) -> DataLoader:
     """A validation loader over ``dataset`` in order, each example counted once on any number of
     ranks (build it once the process group is up: Lightning calls ``val_dataloader`` then)."""
     padded = PaddedSet(dataset)
     return DataLoader(padded, batch_size=batch_size, sampler=EvalSampler(padded), collate_fn=collate_fn,
-                      num_workers=num_workers)
+                      num_workers=num_workers, pin_memory=pin_memory)

@@ -71,6 +71,14 @@ def fit_position(trainer) -> Callable[[], int]:
     return lambda: int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
 
+def pins_memory(trainer) -> bool:
+    """Whether loaders for ``trainer`` should hand out batches in pinned (page-locked) host memory:
+    on a CUDA device. Lightning copies each batch to the device with ``non_blocking=True``, which
+    is asynchronous only from pinned memory; from ordinary memory the copy first waits for every
+    kernel already queued, a host-device sync at every step."""
+    return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+
 def check_fills_batch(examples: int, batch_size: int, world: int = 1) -> None:
     """A :class:`DataError` unless ``examples`` fill one batch of ``batch_size`` on each of ``world``
     ranks: the training loader drops its last partial batch, so fewer would be an epoch of nothing."""

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, default_collate
 from ..errors import DataError, UserError
 from .evaluation import eval_loader
 from .files import cache_dir, read_text_file
-from .resumable import ResumableLoader, fit_position
+from .resumable import ResumableLoader, fit_position, pins_memory
 
 if TYPE_CHECKING:
     from ..config import DataConfig
@@ -215,9 +215,10 @@ class PackedTextDataModule(L.LightningDataModule):
         return ResumableLoader(
             self.train_set, batch_size=self.cfg.batch_size, seed=self.seed, num_workers=self.cfg.num_workers,
             position=fit_position(self.trainer) if self.trainer is not None else None,
+            pin_memory=pins_memory(self.trainer),
         )
 
     def val_dataloader(self):
         # in order, each block counted once on any number of ranks (lightning_cggr.data.evaluation)
         return eval_loader(self.val_set, self.cfg.batch_size, FullBatches(self.cfg.batch_size, self.tokenizer.eos_token_id),
-                           self.cfg.num_workers)
+                           self.cfg.num_workers, pins_memory(self.trainer))
