@@ -74,8 +74,9 @@ def fit_position(trainer) -> Callable[[], int]:
 def pins_memory(trainer) -> bool:
     """Whether loaders for ``trainer`` should hand out batches in pinned (page-locked) host memory:
     on a CUDA device. Lightning copies each batch to the device with ``non_blocking=True``, which
-    is asynchronous only from pinned memory; from ordinary memory the copy first waits for every
-    kernel already queued, a host-device sync at every step."""
+    is asynchronous only from pinned memory; from ordinary (pageable) memory CUDA documents that the
+    copy may first synchronize with the stream, i.e. wait for the kernels already queued: a
+    host-device sync at every step."""
     return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
 
