@@ -9,6 +9,14 @@ tensors, no host sync), rescales gradients in ``on_before_optimizer_step``, vali
 every trainable token (one loss per loader), builds the optimizer and LR schedule with the step's
 builders and applies FSDP2 sharding.
 
+Throughput (``train/tokens_per_sec``, ``train/mfu``) is measured over windows of optimizer steps
+between the logging interval's boundaries (``trainer.log_every_n_steps``), each boundary taken
+after a device sync (where the logger and the health check sync anyway): with no sync in between,
+the host runs ahead of the device and the time between two ``training_step`` calls says how fast
+kernels are queued, not run. The first step of a run (compilation) is left out, and so are the
+validations and checkpoint saves inside a window: from their start (after a sync) to the next
+training batch, their time is subtracted; a save at a boundary falls between two windows.
+
 Run health, kept on the device and read only where the host syncs anyway (the logging interval,
 a checkpoint): ``first_nonfinite_step`` is the first optimizer step whose loss or gradient norm was
 not finite (``NO_STEP`` while none was), ``empty_batches`` counts micro-batches without a single
@@ -51,6 +59,19 @@ log = logging.getLogger(__name__)
 # one used, also for a datamodule without that hook; here that hook is the batch check, by design
 warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule` "
                         r"but have passed in a `LightningDataModule`")
+
+
+_clock = time.perf_counter  # the host clock of the throughput windows (a test may replace it)
+
+
+@dataclasses.dataclass
+class _Window:
+    """Host numbers of the optimizer steps since a throughput boundary (see the module docstring)."""
+
+    start: float
+    tokens: int = 0  # every rank's
+    flops: float = 0.0  # this device's model FLOPs
+    excluded: float = 0.0  # seconds of validations and saves inside the window
 
 
 class WeightedMean(Metric):
@@ -121,7 +142,12 @@ class CGGRModule(L.LightningModule):
         # run health (see the module docstring): device tensors, not checkpointed
         self.register_buffer("first_nonfinite_step", torch.tensor(NO_STEP), persistent=False)
         self.register_buffer("empty_batches", torch.tensor(0), persistent=False)
-        self._last_step_time: float | None = None
+        self._window: _Window | None = None  # throughput: the open window, if any
+        self._window_pending = False  # a window closed before this batch's callbacks; open one after them
+        self._closed_at = -1  # the optimizer step whose boundary closed the last window
+        self._paused_at: float | None = None  # a validation or save inside the window started then
+        self._timing_from = 0  # the run's first step here (compilation): not timed
+        self._throughput: tuple[float, float | None] | None = None  # the last window's (tokens/s, MFU)
         self.run_config: dict | None = None
         """The resolved run config (plain containers), stored in every checkpoint under CONFIG_KEY."""
         self._peak: float | None = None  # dense bf16 TFLOPS of the card, found at the first step
@@ -146,9 +172,61 @@ class CGGRModule(L.LightningModule):
 
     def on_before_batch_transfer(self, batch, dataloader_idx):
         """Every batch is checked where the loader made it, before it moves to the device
-        (:mod:`lightning_cggr.batches`: structure always, values while on the CPU; no device sync)."""
+        (:mod:`lightning_cggr.batches`: structure always, values while on the CPU; no device sync).
+        A training batch that starts a due optimizer step first closes the throughput window: this
+        hook runs before the callbacks' ``on_train_batch_start``, where checkpoints are saved."""
         check_batch(batch, *self._batch_rows)
+        if self._trainer is not None and self.trainer.training:
+            self._close_window_if_due()
         return batch
+
+    # ---- throughput windows (see the module docstring) -----------------------------------------
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _close_window_if_due(self) -> None:
+        t = self.trainer
+        step = t.global_step
+        if step <= self._timing_from or step == self._closed_at:  # (accumulation: once per step)
+            return
+        if step != self._timing_from + 1 and step % max(int(t.log_every_n_steps or 1), 1):
+            return
+        self._sync()  # the window's work is done: its time is the device's
+        now, w = _clock(), self._window
+        if w is not None and w.tokens:
+            seconds = now - w.start - w.excluded
+            if seconds > 0:
+                utilization = mfu(w.flops, seconds, self._peak) if w.flops else None
+                self._throughput = (w.tokens / seconds, utilization)
+        self._window, self._closed_at, self._window_pending = None, step, True
+
+    def on_train_start(self):
+        self._timing_from = self.trainer.global_step
+        self._window, self._window_pending, self._closed_at, self._paused_at = None, False, -1, None
+
+    def on_train_batch_start(self, batch, batch_idx):
+        """Open the next throughput window after the callbacks (a checkpoint saved at the boundary
+        is in neither window), or end a pause of the open one."""
+        if self._window_pending:
+            self._sync()  # normally idle already: the boundary and a save both synced
+            self._window, self._window_pending = _Window(_clock()), False
+        elif self._paused_at is not None:
+            self._sync()
+            if self._window is not None:
+                self._window.excluded += _clock() - self._paused_at
+        self._paused_at = None
+
+    def _pause_window(self) -> None:
+        """A validation or a checkpoint save starts inside the open window: its time, up to the next
+        training batch, is not the steps'."""
+        if self._window is not None and self._paused_at is None:
+            self._sync()  # the training work queued before it belongs to the window
+            self._paused_at = _clock()
+
+    def on_validation_start(self):
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self._pause_window()
 
     def training_step(self, batch, batch_idx):
         world, micro = 1, 0
@@ -162,29 +240,25 @@ class CGGRModule(L.LightningModule):
             key = name.removeprefix("train/")
             if key in self.step_metrics:  # logged for the whole step in on_before_optimizer_step
                 self.step_metrics[key].update(value, result.counts.get(name))
-        now = time.perf_counter()
-        if self._last_step_time is not None:  # host clock between steps: no device sync
-            seconds = max(now - self._last_step_time, 1e-9)
-            # every rank's tokens (the ranks step together); MFU below is this device's own
-            tokens = batch["input_ids"].numel() * world
-            self.log("train/tokens_per_sec", torch.tensor(tokens / seconds), prog_bar=True)
-            mfu = self._mfu(batch["input_ids"].shape, seconds)
-            if mfu is not None:
-                self.log("train/mfu", torch.tensor(mfu))
-        self._last_step_time = now
+        if self._window is not None:  # host numbers only: every rank's tokens, this device's FLOPs
+            self._window.tokens += batch["input_ids"].numel() * world
+            self._window.flops += self._flops(batch["input_ids"].shape)
+        if self._throughput is not None:  # the last complete window's
+            tokens_per_sec, utilization = self._throughput
+            self.log("train/tokens_per_sec", torch.tensor(tokens_per_sec), prog_bar=True)
+            if utilization is not None:
+                self.log("train/mfu", torch.tensor(utilization))
         return result.loss
 
-    def _mfu(self, shape, seconds: float) -> float | None:
-        """Model FLOPs utilization of this micro-batch (lightning_cggr.flops: executed model FLOPs
-        over the card's dense bf16 peak), on a GPU in the peak table; None elsewhere. Host
-        arithmetic only."""
+    def _flops(self, shape) -> float:
+        """Executed model FLOPs of this micro-batch (lightning_cggr.flops) for train/mfu, on a GPU in
+        the peak table (the card's dense bf16 peak); 0 elsewhere. Host arithmetic only."""
         if self._peak is None:
             self._peak = device_peak_tflops(self.device)[1] or 0.0
         if not self._peak or self.flop_shape is None:
-            return None
+            return 0.0
         routed = self.step.active(self.global_step)
-        total = step_flops(self.flop_shape, self.step.cggr, *shape, loss_impl=self.step.loss_impl, routed=routed)["total"]
-        return mfu(total, seconds, self._peak)
+        return step_flops(self.flop_shape, self.step.cggr, *shape, loss_impl=self.step.loss_impl, routed=routed)["total"]
 
     def configure_model(self):
         """Under Lightning's ModelParallelStrategy (``trainer.strategy=fsdp2``): FSDP2, one unit per
@@ -254,9 +328,6 @@ class CGGRModule(L.LightningModule):
         self.first_nonfinite_step.fill_(NO_STEP)
         self.empty_batches.zero_()
 
-    def on_train_epoch_start(self):
-        self._last_step_time = None
-
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
         """Always every trainable token, so runs with and without CGGR compare; summed per loader."""
         nll_sum, count = self.step.eval_terms(batch)
@@ -321,6 +392,9 @@ class CGGRModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         if self.run_config is not None:
             checkpoint[CONFIG_KEY] = {"config": self.run_config}
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self._pause_window()  # (torch.save writes after this hook: most of a save's time)
+
 
     def on_fit_start(self):
         """The run's length, which strategy=infobatch anneals over (its last anneal_fraction); here, not

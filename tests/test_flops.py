@@ -333,9 +333,9 @@ def test_throughput_reports_model_flops_mfu_and_a_profile(tmp_path, one_thread):
 
 
 def test_module_logs_mfu_on_a_card_with_a_known_peak(monkeypatch, one_thread):
-    """train/mfu = executed model FLOPs of the micro-batch / host seconds between steps / peak: the
-    same seconds as train/tokens_per_sec, so mfu = flops x tokens_per_sec / tokens / peak. The CPU
-    has no peak (no train/mfu); a fake 1 TFLOP/s card stands in."""
+    """train/mfu = executed model FLOPs of a throughput window / its seconds / peak: the same seconds
+    as train/tokens_per_sec, so mfu = flops x tokens_per_sec / tokens / peak. The CPU has no peak (no
+    train/mfu); a fake 1 TFLOP/s card stands in. (Windows end at each step here: log_every_n_steps=1.)"""
     import lightning as L
 
     from lightning_cggr import module as module_mod
@@ -347,7 +347,7 @@ def test_module_logs_mfu_on_a_card_with_a_known_peak(monkeypatch, one_thread):
     def fit(**trainer_kw):
         module = CGGRModule(make_tiny_model("llama", num_layers=2), cggr, LossConfig(impl="torch"))
         trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, **trainer_kw)
+                            enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1, **trainer_kw)
         loader = torch.utils.data.DataLoader(batches, batch_size=None)  # a 4 x 16 batch per rank and step
         trainer.fit(module, train_dataloaders=loader)
         return module, trainer.callback_metrics
@@ -361,6 +361,53 @@ def test_module_logs_mfu_on_a_card_with_a_known_peak(monkeypatch, one_thread):
     # 2 forked ranks, each its own 64 tokens per step: tokens_per_sec counts both ranks', MFU one device's
     module, metrics = fit(devices=2, strategy="ddp_fork")
     assert float(metrics["train/mfu"]) == pytest.approx(want * float(metrics["train/tokens_per_sec"]) / 128 / 1e12, rel=1e-5)
+
+
+@pytest.mark.parametrize("save_inside_a_window", [False, True])
+def test_throughput_windows_leave_out_validation_checkpoints_and_the_first_step(monkeypatch, tmp_path, one_thread,
+                                                                                save_inside_a_window):
+    """tokens/s over the steps between logging boundaries (log_every_n_steps=4: after steps 1, 4, 8),
+    on a fake clock: a training micro-batch of 64 tokens takes 1 s before step 4 and 2 s from step 4 on;
+    step 0 (compilation, on a GPU) takes 1000 s; each validation (after steps 3 and 6) takes 100 s
+    and each checkpoint 50 s (the save's own time, after the module's hook; its callbacks' hooks before
+    it take 7 s, counted as the step's). Saves at the boundaries (4, 8) fall between windows, validations
+    and a save inside a window (step 5) are subtracted: the window of steps 4-7 gives 256 tokens / 8 s
+    = 32 tokens/s, with the save inside it 256 / 15 s."""
+    import lightning as L
+
+    from lightning_cggr import module as module_mod
+    from lightning_cggr.module import CGGRModule
+
+    clock = [0.0]
+    monkeypatch.setattr(module_mod, "_clock", lambda: clock[0])
+
+    class Timed(CGGRModule):
+        def training_step(self, batch, batch_idx):
+            clock[0] += 1000.0 if self.global_step == 0 else (1.0 if self.global_step < 4 else 2.0)
+            return super().training_step(batch, batch_idx)
+
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            clock[0] += 100.0
+            return super().validation_step(batch, batch_idx, dataloader_idx)
+
+    class Saves(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step in ((4, 5, 8) if save_inside_a_window else (4, 8)):
+                trainer.save_checkpoint(tmp_path / f"step{trainer.global_step}.ckpt")
+                clock[0] += 50.0
+
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):  # before the module's hook
+            clock[0] += 7.0
+
+    batches = [make_batch(batch_size=4, seq_len=16, seed=i, pad_tail=False) for i in range(9)]
+    module = Timed(make_tiny_model("llama", num_layers=2), CGGRConfig(warmup_steps=0, router=RouterConfig(num_layers=1)),
+                   LossConfig(impl="torch"))
+    trainer = L.Trainer(accelerator="cpu", max_steps=9, logger=False, enable_checkpointing=False, callbacks=[Saves()],
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=4,
+                        val_check_interval=3, limit_val_batches=1, num_sanity_val_steps=0)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=torch.utils.data.DataLoader(batches[:1], batch_size=None))
+    assert float(trainer.callback_metrics["train/tokens_per_sec"]) == pytest.approx(256 / (15 if save_inside_a_window else 8))
 
 
 def test_model_summary_shows_the_formula_flops_not_zero(capsys, caplog, one_thread):
