@@ -4,7 +4,8 @@ The throughput benchmark drives the product's step (experiments.bench.Runner) wi
 loop; this runs ``python -m lightning_cggr.train`` itself -- Lightning's optimizer step, clipping,
 logging, validation and checkpoints included -- once per ``perf.compile`` setting, each in a fresh
 process (as a user runs it), with the same config, seed and batches otherwise. From each run's
-``metrics.csv`` (logged every step here) it reports the median ``train/tokens_per_sec`` and
+``metrics.csv`` (logged every step here: each value is then a window of one step between two
+device syncs, see lightning_cggr.module; the user's default logs every 10) it reports the median ``train/tokens_per_sec`` and
 ``train/mfu`` over the steps after ``--skip`` (compilation happens in the first ones), the final
 ``val/loss`` (settings must agree up to kernel rounding), the process's wall time start to exit
 (compilation included) and its exit status::
