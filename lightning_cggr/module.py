@@ -395,7 +395,6 @@ class CGGRModule(L.LightningModule):
         if self._trainer is not None and self.trainer.state.fn == "fit":
             self._pause_window()  # (torch.save writes after this hook: most of a save's time)
 
-
     def on_fit_start(self):
         """The run's length, which strategy=infobatch anneals over (its last anneal_fraction); here, not
         in configure_optimizers, so that a subclass with an optimizer of its own has it too."""
