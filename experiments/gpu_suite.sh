@@ -156,7 +156,10 @@ part mid && step 280 experiments.quality --device "$DEV" --preset smollm2_shape 
   optim.lr=1e-3 optim.warmup_steps=20 "${MIDX[@]}" "${EAGER[@]}"
 # 1g. perf.compile under the Trainer: the user's command (python -m lightning_cggr.train) per setting, SmolLM2's
 #     body (8k-token BPE head) at 8 x 2048: tokens/s, MFU and the final val/loss from each run's metrics.csv
-part trainer && step 400 experiments.trainer_check --out "$RES" "${TC[@]}"
+#     (logged every step: a device sync per step); the last setting logs at the default interval (a sync
+#     every 10 steps, no per-step sync left in the loop), each value a 10-step window
+part trainer && step 400 experiments.trainer_check --out "$RES" "${TC[@]}" \
+  --settings "$( [ "${GPU_SUITE_DRY:-0}" = "1" ] && echo false,true || echo false,true,reduce-overhead ),true:trainer.log_every_n_steps=10"
 # 1h. the same with sequence routing (cggr=sequence: the routed batch is a quarter of the rows, so the
 #     compiled blocks see a second batch size): eager, compiled with torch's automatic dynamic shapes (the
 #     default), compiled with a graph specialized to each batch size, and CUDA graphs

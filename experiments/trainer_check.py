@@ -15,7 +15,9 @@ device syncs, see lightning_cggr.module; the user's default logs every 10) it re
         model.intermediate_size=1536 data.batch_size=8 data.block_size=2048
 
 A setting may carry more overrides after colons, e.g. ``true:perf.compile_dynamic=false`` (the
-compiled blocks specialized to each batch size), and may repeat (``false`` first and last shows how
+compiled blocks specialized to each batch size) or ``true:trainer.log_every_n_steps=10`` (the
+default interval: a device sync every 10 steps instead of every step, each value a 10-step window;
+a setting's overrides come after the fixed ones), and may repeat (``false`` first and last shows how
 far the machine drifted between runs; ratios are to the first ``false``). Writes
 ``<out>/trainer_check-<device>.{json,md}``.
 Settings run one after another, never at once.
@@ -83,9 +85,11 @@ def run_setting(setting: str, overrides: list[str], steps: int, out_dir: Path, t
     repeat, e.g. eager first and last to see how much the machine drifted)."""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in setting)
     run_dir = out_dir / f"{index:02d}_compile_{safe}"
-    cmd = [sys.executable, "-m", "lightning_cggr.train", *overrides, *setting_overrides(setting),
+    # the setting's own overrides last: `true:trainer.log_every_n_steps=10` times the default interval
+    cmd = [sys.executable, "-m", "lightning_cggr.train", *overrides,
            f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "trainer.log_every_n_steps=1",
-           "trainer.enable_progress_bar=false", "logger=csv", f"output_dir={run_dir}", f"hydra.run.dir={run_dir}"]
+           "trainer.enable_progress_bar=false", "logger=csv", f"output_dir={run_dir}", f"hydra.run.dir={run_dir}",
+           *setting_overrides(setting)]
     env = {**os.environ, "TORCH_LOGS": os.environ.get("TORCH_LOGS", "recompiles,graph_breaks")}
     t0 = time.perf_counter()
     try:
