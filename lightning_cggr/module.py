@@ -74,7 +74,29 @@ class _Window:
     excluded: float = 0.0  # seconds of validations and saves inside the window
 
 
-class WeightedMean(Metric):
+class _FixedDtype:
+    """A metric whose states keep their dtypes when the module is cast.
+
+    torchmetrics guards ``.half()``, ``.float()`` and the like, but not ``Module.to(dtype=...)``,
+    which is how Lightning's ``bf16-true`` / ``16-true`` precision converts the LightningModule: the
+    held-out NLL sums, token counts and the routing metrics' float64 sums then accumulated in bf16
+    (integers exact only to 256; a validation loss off in its third digit). A cast changes the
+    model's compute dtype, never what a metric sums in."""
+
+    def _apply(self, fn, exclude_state=()):
+        dtypes = {k: v.dtype for k, v in self._defaults.items() if isinstance(v, torch.Tensor)}
+        this = super()._apply(fn, exclude_state)
+        for key, dtype in dtypes.items():
+            this._defaults[key] = this._defaults[key].to(dtype)
+            setattr(this, key, getattr(this, key).to(dtype))
+        return this
+
+
+class _Sum(_FixedDtype, SumMetric):
+    """torchmetrics' SumMetric, in float32 under every precision (see :class:`_FixedDtype`)."""
+
+
+class WeightedMean(_FixedDtype, Metric):
     """``sum(value x count) / sum(count)`` over its updates (0 when nothing was counted), on the device.
 
     One per routing metric: it gathers an optimizer step's micro-batches (``count``: how many tokens
@@ -135,8 +157,8 @@ class CGGRModule(L.LightningModule):
         self.step_metrics = torch.nn.ModuleDict({k: WeightedMean() for k in STEP_METRICS})
         # "disable": a NaN loss must show as NaN (the default "warn" drops NaNs: a diverged model
         # reported val/loss 0.0); it is also free of the default's per-update host sync
-        self.val_nll_sum = SumMetric(nan_strategy="disable")
-        self.val_tokens = SumMetric(nan_strategy="disable")
+        self.val_nll_sum = _Sum(nan_strategy="disable")
+        self.val_tokens = _Sum(nan_strategy="disable")
         self._more_loaders: dict[int, tuple[SumMetric, SumMetric]] = {}
         """The same sums for a second, third... validation or test loader (made at its first batch)."""
         # run health (see the module docstring): device tensors, not checkpointed
@@ -340,7 +362,7 @@ class CGGRModule(L.LightningModule):
             return self.val_nll_sum, self.val_tokens
         if dataloader_idx not in self._more_loaders:
             self._more_loaders[dataloader_idx] = tuple(  # type: ignore[assignment]
-                SumMetric(nan_strategy="disable").to(self.val_tokens.device) for _ in range(2))
+                _Sum(nan_strategy="disable").to(self.val_tokens.device) for _ in range(2))
         return self._more_loaders[dataloader_idx]
 
     def on_validation_epoch_end(self):

@@ -329,3 +329,21 @@ def test_a_compile_backend_function_leaves_perf_out_of_the_stored_settings():
     stored = settings_of(CGGRConfig(), LossConfig(), OptimConfig(), PerfConfig(compile_backend=backend))
     assert stored["perf"] is None and stored["cggr"]["min_tokens_ratio"] == 0.25
     assert settings_of(CGGRConfig(), LossConfig(), OptimConfig(), PerfConfig())["perf"] == dataclasses.asdict(PerfConfig())
+
+
+def test_held_out_sums_stay_float32_under_bf16_true():
+    """Lightning's ``bf16-true`` casts the module with ``.to(dtype)``, which torchmetrics does not
+    guard: the NLL sums and token counts (and the routing metrics' float64 sums) were cast too, and
+    val/loss came out rounded (counts exact only to 256 in bf16). The model computes in bf16; the
+    sums must not. Reference: the bf16 model's logits in float64, summed in float64."""
+    module = _module("llama")
+    # odd token counts and sums in the thousands: what bf16 cannot hold exactly
+    batches = [make_batch(6, 40, seed=s) for s in range(4)]
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-true", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    got = trainer.validate(module, dataloaders=torch.utils.data.DataLoader(batches, batch_size=None),
+                           verbose=False)[0]["val/loss"]
+    assert module.step.head.weight.dtype == torch.bfloat16  # the cast happened
+    states = {key: t.dtype for m in module.modules() if hasattr(m, "_defaults") for key, t in m._defaults.items()}
+    assert states == {"sum_value": torch.float32, "total": torch.float64, "count": torch.float64}
+    assert got == pytest.approx(_heldout_reference(module, batches), rel=2e-4)
