@@ -432,6 +432,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     say.info("final metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
     if (ckpt_dir / "last.ckpt").exists():
         say.info("run folder: %s (checkpoints/last.ckpt; resume with ckpt_path=auto hydra.run.dir=<this folder>)", out)
+    elif trainer.fast_dev_run:  # Lightning's smoke test: no checkpoint, no logger
+        say.info("run folder: %s (no checkpoint: trainer.fast_dev_run writes none)", out)
     else:  # trainer.max_steps=0: validated only
         say.info("run folder: %s (no checkpoint: the run took no optimizer step)", out)
     return metrics

@@ -406,3 +406,39 @@ def test_killed_run_resumed_in_place_equals_an_uninterrupted_run(tmp_path, sig):
         assert torch.equal(straight[name], resumed[name]), name
     for metric in ("train/loss", "val/loss"):
         assert rows(tmp_path / "run", metric) == rows(tmp_path / "straight", metric), metric
+
+
+@pytest.mark.parametrize("through", ["loader", "datamodule"])
+def test_overfit_batches_trains_the_first_batches_of_the_resumable_loader_in_order(through):
+    """``trainer.overfit_batches=2`` (Lightning rebuilds the training loader with a sequential
+    sampler, from the arguments it saw when a datamodule made the loader, else from its attributes)
+    failed with a TypeError on the loader's own sampler argument. It now trains rows 0-3 (batches
+    [0, 1], [2, 3]) again and again, unshuffled; another sampler is refused by name."""
+    from conftest import Rows, make_tiny_model
+
+    from lightning_cggr.config import CGGRConfig
+    from lightning_cggr.data.resumable import ResumableLoader
+    from lightning_cggr.module import CGGRModule
+
+    rows = [{"input_ids": torch.full((8,), i + 1), "labels": torch.full((8,), i + 1)} for i in range(10)]
+    seen = []
+
+    class Watch(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.append(batch["input_ids"][:, 0].tolist())
+
+    module = CGGRModule(make_tiny_model("llama"), CGGRConfig(enabled=False))
+    trainer = L.Trainer(accelerator="cpu", max_steps=5, overfit_batches=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[Watch()])
+    class Data(L.LightningDataModule):
+        def train_dataloader(self):
+            return ResumableLoader(Rows(rows), batch_size=2, seed=0, shuffle=True)
+
+    if through == "loader":
+        trainer.fit(module, Data().train_dataloader())
+    else:
+        trainer.fit(module, datamodule=Data())
+    assert seen == [[1, 2], [3, 4], [1, 2], [3, 4], [1, 2]]
+    with pytest.raises(TypeError, match="sampler=RandomSampler: pass shuffle=False"):
+        ResumableLoader(Rows(rows), batch_size=2, sampler=torch.utils.data.RandomSampler(rows))

@@ -174,6 +174,16 @@ def test_max_steps_0_only_validates_and_says_no_checkpoint_was_written(tmp_path,
     assert any(m.endswith("(no checkpoint: the run took no optimizer step)") for m in caplog.messages)
 
 
+def test_fast_dev_run_trains_a_step_and_says_why_no_checkpoint_was_written(tmp_path, token_cache, caplog):
+    caplog.set_level(logging.INFO, logger="lightning_cggr.train")
+    cfg = _compose("+trainer.fast_dev_run=true", "trainer.enable_progress_bar=false", f"output_dir={tmp_path}",
+                   f"data.cache_dir={token_cache}", "model.num_layers=2", "data.block_size=32")
+    metrics = train(cfg)
+    assert "train/loss" in metrics  # it trained (one step)
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert any(m.endswith("(no checkpoint: trainer.fast_dev_run writes none)") for m in caplog.messages)
+
+
 def test_fsdp_on_cpu_is_a_config_error_that_names_the_fix():
     cfg = _compose("trainer.strategy=fsdp", "output_dir=/tmp/unused")
     with pytest.raises(ConfigError, match="trainer.strategy=fsdp needs GPUs.*use trainer.strategy=fsdp2"):

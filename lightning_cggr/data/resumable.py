@@ -24,7 +24,7 @@ import warnings
 from typing import Any, Callable, Iterator
 
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
 from ..errors import DataError
 
@@ -106,8 +106,21 @@ class ResumableLoader(DataLoader):
         seed: int = 0,
         shuffle: bool = True,
         position: Callable[[], int] | None = None,
+        sampler: Sampler | None = None,
+        drop_last: bool = True,
         **kwargs: Any,
     ):
+        """``sampler``: None (the loader makes its :class:`EpochSampler`), or a ``SequentialSampler``
+        over ``dataset``, which is how Lightning rebuilds a training loader for
+        ``trainer.overfit_batches``: the same loader, unshuffled (each rank still its own share).
+        ``drop_last`` is always True (an argument so that such a rebuild may pass it)."""
+        if not drop_last:
+            raise ValueError("ResumableLoader always drops the last partial batch (drop_last=True)")
+        if sampler is not None:
+            if not isinstance(sampler, SequentialSampler):
+                raise TypeError(f"ResumableLoader draws its own order (EpochSampler); got sampler="
+                                f"{type(sampler).__name__}: pass shuffle=False for the dataset's order")
+            shuffle = False
         check_fills_batch(len(dataset), batch_size, _dist_world()[0])
         sampler = EpochSampler(dataset, seed=seed, shuffle=shuffle)
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kwargs)
