@@ -13,7 +13,8 @@ complete, finite state of the run (always added by ``train()``, whatever ``callb
   during ``trainer.validate()`` (before and after fit) it stops at once, nothing to save;
 - divergence: at each logging interval and before every save it reads the module's device-side
   health flags (one host read where the logger syncs anyway); a non-finite loss, gradient norm or
-  weight stops the run with exit 3 and no checkpoint is written over the last finite one;
+  weight stops the run with exit 3 and no checkpoint is written over the last finite one (under a
+  loss scaler, ``16-mixed``, an overflowing gradient is the scaler's skipped step, not divergence);
 - on any other exception (Ctrl-C twice, a crash, a dead DDP peer) it saves once more where that
   needs no other rank (one process, or DDP's replicated state written by rank 0 without barriers).
 

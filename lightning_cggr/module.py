@@ -336,9 +336,17 @@ class CGGRModule(L.LightningModule):
         norm, whole = grad_norm(self.parameters())
         if norm is None:
             return
-        self._note_finite(norm)
+        if not self._loss_scaled():  # a scaler's overflow is a skipped step, not a divergence
+            self._note_finite(norm)
         if whole and self._trainer is not None and not _is_fsdp1(self):
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    def _loss_scaled(self) -> bool:
+        """Whether a loss scaler (``16-mixed``) runs the optimizer step. It multiplies the loss by a
+        scale it probes upwards (torch's GradScaler doubles it every 2000 steps); a step whose
+        gradients overflow is skipped and the scale halved, by design, so there a non-finite
+        gradient norm is no divergence (the loss and the weights are still checked)."""
+        return self._trainer is not None and getattr(self.trainer.precision_plugin, "scaler", None) is not None
 
     def _note_finite(self, value: torch.Tensor) -> None:
         """Record the current step in ``first_nonfinite_step`` if ``value`` is not finite (device only)."""
@@ -424,7 +432,7 @@ class CGGRModule(L.LightningModule):
         self.step.total_steps = int(total) if total != float("inf") else None
 
     def configure_optimizers(self):
-        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        scaled = self._loss_scaled()
         optimizer = build_optimizer(self.model, self.optim_cfg,
                                     scaled_clipping=scaled and bool(self.trainer.gradient_clip_val))
         scheduler = build_scheduler(optimizer, self.optim_cfg, self.trainer.estimated_stepping_batches)

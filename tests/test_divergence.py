@@ -121,3 +121,22 @@ def test_batches_without_trainable_tokens_are_counted_in_a_warning(tmp_path, cap
     warnings = [r.getMessage() for r in caplog.records if "no trainable token" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("2 training micro-batch(es) before step 2")
     assert (tmp_path / "ckpt" / "last.ckpt").is_file()
+
+
+def test_a_loss_scalers_skipped_steps_are_not_a_divergence(tmp_path):
+    """Under ``16-mixed`` torch's GradScaler raises its scale until the gradients overflow, then skips
+    that step and halves the scale, by design (every 2000 steps in a long run). Such a step was taken
+    for a divergence: exit 3. Here the scale starts at 2^60, so the first steps overflow; the run goes
+    on to its last step and saves a finite checkpoint."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    module = CGGRModule(make_tiny_model("llama"), CGGRConfig(warmup_steps=0), LossConfig(impl="torch"))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)
+    loader = ResumableLoader(Rows(_rows(12, True)), batch_size=2, shuffle=False)
+    checkpoint = ResumableCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_steps=2)
+    trainer = _trainer(tmp_path, max_steps=6, log_every_n_steps=2, callbacks=[checkpoint], limit_val_batches=0,
+                       plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    trainer.fit(module, loader)
+    assert scaler.get_scale() < 2.0**60  # steps were skipped: the gradients did overflow
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 6 and _all_finite(ckpt)
