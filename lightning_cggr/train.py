@@ -141,9 +141,15 @@ def trainer_value_problems(trainer: dict) -> list[str]:
 
 def validation_warnings(callbacks: dict | None, trainer: dict) -> list[str]:
     """Callbacks that act at validations during training (``monitor: val/...``: the best checkpoint,
-    early stopping) in a run whose ``trainer.val_check_interval`` (training batches) is longer than the
-    run (``max_steps`` optimizer steps of ``accumulate_grad_batches`` batches): none would run. The
-    validation after training is not one of them (the Trainer's fit is over by then)."""
+    early stopping) in a run without validations: ``trainer.limit_val_batches=0``, or a
+    ``trainer.val_check_interval`` (training batches) longer than the run (``max_steps`` optimizer
+    steps of ``accumulate_grad_batches`` batches). The validation after training is not one of them
+    (the Trainer's fit is over by then)."""
+    monitors = [name for name, spec in (callbacks or {}).items()
+                if isinstance(spec, dict) and str(spec.get("monitor", "")).startswith("val/")]
+    if trainer.get("limit_val_batches", 1.0) == 0:
+        return [f"callbacks.{name} acts at validations, and trainer.limit_val_batches=0 runs none: it will not "
+                f"act; drop it (callbacks.{name}=null) or let validation run" for name in monitors]
     steps, every = trainer.get("max_steps", -1), trainer.get("val_check_interval")
     accumulate = trainer.get("accumulate_grad_batches", 1)
     if not (_is_int(steps) and steps > 0 and _is_int(every) and _is_int(accumulate) and accumulate >= 1):
@@ -152,9 +158,7 @@ def validation_warnings(callbacks: dict | None, trainer: dict) -> list[str]:
         return []
     return [f"callbacks.{name} acts at validations during training, and trainer.val_check_interval={every} (batches) "
             f"is longer than the run ({steps} steps of {accumulate} batch(es)): none runs, so it will not act; "
-            f"lower trainer.val_check_interval (e.g. {steps * accumulate})"
-            for name, spec in (callbacks or {}).items()
-            if isinstance(spec, dict) and str(spec.get("monitor", "")).startswith("val/")]
+            f"lower trainer.val_check_interval (e.g. {steps * accumulate})" for name in monitors]
 
 
 def check_loss_impl(impl: str, trainer: dict) -> None:
@@ -418,7 +422,10 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     except (MisconfigurationException, ValueError) as err:  # what trainer_value_problems does not check
         raise ConfigError(f"invalid configuration: trainer: {' '.join(str(err).split())}") from err
     initial = {}
-    if plan.ckpt is None and not in_fit_start:  # the starting point, so the end can be compared with it
+    validates = trainer_kw.get("limit_val_batches", 1.0) != 0
+    if not validates:
+        say.info("trainer.limit_val_batches=0: no validation before, during or after training (no val/loss)")
+    if plan.ckpt is None and not in_fit_start and validates:  # the starting point, to compare the end with
         initial = {f"{k}_initial": v for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
     elif plan.ckpt is not None:
         say.info("resuming %s at step %d%s", plan.ckpt, plan.start_step, " in place" if plan.in_place else "")
@@ -427,8 +434,11 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
         initial = {f"{k}_initial": float(v) for k, v in module.sanity_metrics.items()}
     # the last optimizer step's train/* values (validate below starts its own set of metrics)
     last_step = {k: v for k, v in _scalars(trainer.callback_metrics).items() if k.startswith("train/")}
-    trainer.validate(module, datamodule=datamodule)
-    metrics = {**last_step, **_scalars(trainer.callback_metrics), **initial}
+    final = {}
+    if validates:
+        trainer.validate(module, datamodule=datamodule)
+        final = _scalars(trainer.callback_metrics)
+    metrics = {**last_step, **final, **initial}
     say.info("final metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
     if (ckpt_dir / "last.ckpt").exists():
         say.info("run folder: %s (checkpoints/last.ckpt; resume with ckpt_path=auto hydra.run.dir=<this folder>)", out)

@@ -174,6 +174,19 @@ def test_max_steps_0_only_validates_and_says_no_checkpoint_was_written(tmp_path,
     assert any(m.endswith("(no checkpoint: the run took no optimizer step)") for m in caplog.messages)
 
 
+def test_limit_val_batches_0_trains_without_any_validation(tmp_path, token_cache, caplog):
+    """``trainer.limit_val_batches=0`` (no validation) ended in an IndexError: the validation before
+    training returned no results. The run now trains, validates nowhere and says so."""
+    caplog.set_level(logging.INFO, logger="lightning_cggr.train")
+    cfg = _compose("+trainer.limit_val_batches=0", "trainer.max_steps=3", "trainer.enable_progress_bar=false",
+                   f"output_dir={tmp_path}", f"data.cache_dir={token_cache}", "model.num_layers=2",
+                   "data.block_size=32")
+    metrics = train(cfg)
+    assert "train/loss" in metrics and not any(k.startswith("val/") for k in metrics)
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert any(m.startswith("trainer.limit_val_batches=0: no validation") for m in caplog.messages)
+
+
 def test_fast_dev_run_trains_a_step_and_says_why_no_checkpoint_was_written(tmp_path, token_cache, caplog):
     caplog.set_level(logging.INFO, logger="lightning_cggr.train")
     cfg = _compose("+trainer.fast_dev_run=true", "trainer.enable_progress_bar=false", f"output_dir={tmp_path}",
@@ -271,11 +284,12 @@ def test_help_says_what_the_program_does_and_lists_every_shipped_option(monkeypa
     assert "--cfg job prints the" in text  # the footer
 
 
-@pytest.mark.parametrize("max_steps, accumulate, every", [(5, 1, 5), (5, 1, 6), (3, 2, 6), (3, 2, 7), (4, 1, 2)])
+@pytest.mark.parametrize("max_steps, accumulate, every, limit", [
+    (5, 1, 5, 1.0), (5, 1, 6, 1.0), (3, 2, 6, 1.0), (3, 2, 7, 1.0), (4, 1, 2, 1.0), (4, 1, 2, 0), (4, 1, 2, 0.0)])
 def test_a_validation_interval_longer_than_the_run_is_warned_exactly_when_lightning_runs_none(
-        max_steps, accumulate, every, tmp_path):
+        max_steps, accumulate, every, limit, tmp_path):
     """Reference: Lightning's own fit of a one-weight module with the same trainer numbers, counting the
-    validations it runs during training."""
+    validations it runs during training (none with trainer.limit_val_batches=0)."""
     import lightning as L
     import torch
 
@@ -300,7 +314,7 @@ def test_a_validation_interval_longer_than_the_run_is_warned_exactly_when_lightn
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     trainer_kw = {"max_steps": max_steps, "accumulate_grad_batches": accumulate, "val_check_interval": every,
-                  "check_val_every_n_epoch": None}
+                  "check_val_every_n_epoch": None, "limit_val_batches": limit}
     module = Counting()
     data = torch.utils.data.DataLoader(torch.ones(64, 1), batch_size=4)
     L.Trainer(**trainer_kw, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
@@ -311,7 +325,7 @@ def test_a_validation_interval_longer_than_the_run_is_warned_exactly_when_lightn
     warnings = validation_warnings(callbacks, trainer_kw)
     assert len(warnings) == (module.validations == 0)
     if warnings:
-        assert warnings[0].startswith("callbacks.best_checkpoint acts at validations during training")
+        assert warnings[0].startswith("callbacks.best_checkpoint acts at validations")
 
 
 def test_only_rank_zero_says_the_runs_lines(monkeypatch, caplog):
