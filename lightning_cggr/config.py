@@ -394,11 +394,20 @@ def _build(cls: type, values: Mapping[str, Any] | None, where: str, problems: li
 def as_config(value: Any, cls: type, where: str):
     """A group's settings as given from Python: None (the defaults), a ``cls`` instance, or a mapping
     of its settings (as the Hydra job has them, nested groups included), built with the job's
-    unknown-key messages. Anything else is a ConfigError naming ``where`` and what it takes."""
+    unknown-key messages; a nested group of a ``cls`` instance takes the same three forms (a new
+    instance is returned, the given one is left as it is). Anything else is a ConfigError naming
+    ``where`` and what it takes."""
     if value is None:
         return cls()
-    if isinstance(value, cls):
-        return value
+    if isinstance(value, cls):  # its nested groups the same way: CGGRConfig(router={"num_layers": 4})
+        changes = {}
+        for f in dataclasses.fields(cls):
+            sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+            if sub is not None and dataclasses.is_dataclass(sub):
+                current = getattr(value, f.name)
+                if (built := as_config(current, sub, f"{where}.{f.name}")) is not current:
+                    changes[f.name] = built
+        return dataclasses.replace(value, **changes) if changes else value
     if isinstance(value, Mapping):
         problems: list[str] = []
         built = _build(cls, value, where, problems)

@@ -373,6 +373,14 @@ def test_the_python_api_takes_each_config_as_a_mapping_of_the_hydra_jobs_setting
     with pytest.raises(ConfigError, match=r"loss: expected a lightning_cggr.LossConfig or a mapping of its settings, "
                                           r"not a str \('naive'\)"):
         CGGRModule(make_tiny_model("llama", num_layers=2), loss="naive")
+    # a dataclass holding a nested group as a mapping (an AttributeError deep in the checks before)
+    given = CGGRConfig(min_tokens_ratio=0.5, router={"num_layers": 1})
+    module = CGGRModule(make_tiny_model("llama", num_layers=2), given, **{k: groups[k] for k in ("loss", "optim", "perf")})
+    assert module.step.cggr == expected.cggr and isinstance(given.router, dict)  # the caller's left as given
+    with pytest.raises(ConfigError, match=r"cggr.selection.unti: unknown key; did you mean cggr.selection.unit\?"):
+        CGGRModule(make_tiny_model("llama", num_layers=2), CGGRConfig(selection={"unti": "sequence"}))
+    with pytest.raises(ConfigError, match=r"cggr.router: expected a lightning_cggr.RouterConfig or a mapping"):
+        CGGRModule(make_tiny_model("llama", num_layers=2), CGGRConfig(router=1))
 
 
 def test_excess_loss_from_python_takes_the_reference_model_in_place_of_a_path():
