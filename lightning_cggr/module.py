@@ -188,6 +188,21 @@ class CGGRModule(L.LightningModule):
         if first is not None:
             self.to(first.device)
 
+    @property
+    def lr(self) -> float:
+        """``optim.lr``, under the name Lightning's learning-rate finder looks for
+        (``Tuner(trainer).lr_find(module, ...)`` reads it and sets its suggestion here); setting it
+        also updates the hyperparameters that checkpoints store."""
+        return self.optim_cfg.lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        optim = dataclasses.replace(self.optim_cfg, lr=value)
+        if problems := optim_problems(optim):
+            raise config_error(problems)
+        self.optim_cfg = optim
+        self.hparams["optim"]["lr"] = optim.lr
+
     # ---- Lightning hooks ---------------------------------------------------------------------
     def forward(self, input_ids, attention_mask=None):
         return self.step.hidden_states(input_ids, attention_mask)

@@ -347,3 +347,29 @@ def test_held_out_sums_stay_float32_under_bf16_true():
     states = {key: t.dtype for m in module.modules() if hasattr(m, "_defaults") for key, t in m._defaults.items()}
     assert states == {"sum_value": torch.float32, "total": torch.float64, "count": torch.float64}
     assert got == pytest.approx(_heldout_reference(module, batches), rel=2e-4)
+
+
+def test_lightnings_learning_rate_finder_reads_and_sets_optim_lr(tmp_path):
+    """``Tuner(trainer).lr_find(module, loader)`` looks for ``lr`` (AttributeError before): it sweeps
+    from there, restores the weights, and its suggestion becomes optim.lr, in the stored
+    hyperparameters and in the next fit's optimizer. A bad value is the config's error."""
+    from lightning.pytorch.tuner import Tuner
+
+    from lightning_cggr.config import ConfigError
+
+    module = _module("llama")
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    rows = [{k: v[0] for k, v in make_batch(1, 16, seed=s, pad_tail=False).items()} for s in range(32)]
+    loader = torch.utils.data.DataLoader(rows, batch_size=4)
+    kw = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, default_root_dir=str(tmp_path))
+    found = Tuner(L.Trainer(max_steps=20, **kw)).lr_find(module, train_dataloaders=loader, num_training=20,
+                                                         min_lr=1e-5, max_lr=1.0)
+    assert len(found.results["lr"]) == 20
+    assert module.lr == module.optim_cfg.lr == module.hparams["optim"]["lr"] == found.suggestion() != 3e-3
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    trainer = L.Trainer(max_steps=1, **kw)
+    trainer.fit(module, loader)
+    assert trainer.optimizers[0].param_groups[0]["initial_lr"] == found.suggestion()
+    with pytest.raises(ConfigError, match="optim.lr"):
+        module.lr = -1.0
