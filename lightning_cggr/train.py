@@ -176,6 +176,19 @@ def check_loss_impl(impl: str, trainer: dict) -> None:
         ) from err
 
 
+def check_job_dir() -> None:
+    """``hydra.job.chdir=true`` is refused: every relative path a run reads (``data.paths``, a local
+    ``model.name``, ``ckpt_path``, ...) is taken from where the command starts, and the run writes
+    its files into the run folder already; from inside it those paths would not be found."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized() and HydraConfig.get().job.chdir:
+        raise ConfigError(
+            "invalid configuration: hydra.job.chdir=true: this job reads relative paths (data.paths, "
+            "model.name, ckpt_path) from the folder it starts in and writes into its run folder anyway "
+            "(hydra.run.dir); remove hydra.job.chdir")
+
+
 def check_config(cfg: DictConfig):
     """Every config mistake, before anything is built: (validated run config, trainer kwargs).
 
@@ -461,6 +474,7 @@ def main(cfg: DictConfig) -> float | None:
     :func:`cli`, which presents mistakes as one line."""
     with exit_on_user_error():  # inside the Hydra job, so that Hydra adds no report of its own
         try:
+            check_job_dir()
             check_config(cfg)  # a mistake: one line, no config dump
             if is_rank_zero():  # once, not once per rank
                 print(OmegaConf.to_yaml(cfg, resolve=True))

@@ -112,6 +112,7 @@ CASES = [
     Case("trainer-argument-not-in-the-yaml", ["trainer.max_epochs=1"],
          "trainer.max_epochs: a valid key that the composed config does not hold yet; add it with +trainer.max_epochs=1"),
     Case("unknown-top-level-key", ["+sed=1"], "sed: unknown top-level key; did you mean seed?"),
+    Case("job-changes-directory", ["hydra.job.chdir=true"], "hydra.job.chdir=true: this job reads relative paths"),
     Case("unknown-group-key", ["+cggr.min_token_ratio=0.5"],
          "cggr.min_token_ratio: unknown key; did you mean cggr.min_tokens_ratio?"),
     Case("unknown-group-option", ["cggr=sequnce"], "cggr=sequnce: no such option; did you mean sequence?"),
@@ -198,8 +199,10 @@ def test_user_mistake_exits_2_with_one_line_naming_the_fix(case, tmp_path, monke
     assert case.expect.format(tmp=tmp_path) in lines[0]
 
 
-def test_the_table_covers_at_least_15_mistakes():
+def test_the_table_covers_at_least_15_mistakes_and_the_readme_counts_them():
     assert len(CASES) >= 15 and len({c.id for c in CASES}) == len(CASES)
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert f"Covered by a table of {len(CASES)} cases (`tests/test_errors.py`)" in readme
 
 
 def test_full_error_shows_the_traceback_and_keeps_exit_2(tmp_path, monkeypatch, capsys):
