@@ -2,7 +2,8 @@
 
 A batch is a mapping with ``input_ids`` and ``labels``, integer tensors of one shape ``[B, T]``
 (``labels`` not shifted, ``-100`` where nothing is learned), and optionally ``attention_mask`` of
-the same shape. :class:`CGGRModule` checks every batch in Lightning's ``on_before_batch_transfer``,
+the same shape; other keys are not read, and those that would place packed sequences
+(:data:`POSITION_KEYS`) are refused. :class:`CGGRModule` checks every batch in Lightning's ``on_before_batch_transfer``,
 while it still lies where the data loader made it:
 
 - the structure (keys, dimensions, shapes, dtypes) from tensor metadata, on any device;
@@ -28,6 +29,12 @@ from .routing.selection import IGNORE_INDEX
 
 INDEX_DTYPES = (torch.int64, torch.int32)
 
+POSITION_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+"""Keys with which a batch says where its packed sequences start (e.g. transformers'
+``DataCollatorWithFlattening``). The step gives the model ``input_ids`` and ``attention_mask`` only,
+so such a batch is refused rather than trained with positions and attention running across its
+sequences."""
+
 
 def batch_problems(batch, label_rows: int, embedding_rows: int | None) -> list[str]:
     """Every problem of ``batch`` for a model whose LM head has ``label_rows`` rows and whose
@@ -40,6 +47,12 @@ def batch_problems(batch, label_rows: int, embedding_rows: int | None) -> list[s
         return [f"the batch has no {' or '.join(missing)} (its keys: {', '.join(map(str, batch)) or 'none'}); "
                 f"give labels equal to input_ids for plain language modelling, -100 where nothing is learned"]
     problems = []
+    if unused := [key for key in POSITION_KEYS if key in batch]:
+        problems.append(f"the batch has {', '.join(unused)}, which the step does not give the model (it runs "
+                        f"input_ids and attention_mask only: packed sequences would attend across their "
+                        f"boundaries, positions running on); pad the sequences with an attention_mask, or "
+                        f"pack them with EOS between as pretraining does (e.g. transformers' "
+                        f"DataCollatorForLanguageModeling, not DataCollatorWithFlattening)")
     tensors = {key: batch[key] for key in ("input_ids", "labels", "attention_mask") if batch.get(key) is not None}
     for key, value in tensors.items():
         if not torch.is_tensor(value):

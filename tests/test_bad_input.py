@@ -437,6 +437,8 @@ BAD_BATCHES = {  # case: (rows of a model with a 64-row vocabulary, the phrase t
     "mask-of-another-length": (_rows(64, attention_mask=lambda r: torch.ones(5, dtype=torch.long)),
                                "attention_mask has shape (4, 5)"),
     "tuples": ([(r["input_ids"], r["labels"]) for r in _rows(64)], "a batch must be a dict with input_ids and labels"),
+    "packed-with-position-ids": (_rows(64, position_ids=lambda r: torch.arange(9) % 4),  # was ignored
+                                 "the batch has position_ids, which the step does not give the model"),
 }
 
 
