@@ -3,8 +3,8 @@
 A batch is a mapping with ``input_ids`` and ``labels``, integer tensors of one shape ``[B, T]``
 (``labels`` not shifted, ``-100`` where nothing is learned), and optionally ``attention_mask`` of
 the same shape; other keys are not read, and those that would place packed sequences
-(:data:`POSITION_KEYS`) are refused. :class:`CGGRModule` checks every batch in Lightning's ``on_before_batch_transfer``,
-while it still lies where the data loader made it:
+(:data:`POSITION_KEYS`) are refused. :class:`CGGRModule` checks every batch in Lightning's
+``on_before_batch_transfer``, while it still lies where the data loader made it:
 
 - the structure (keys, dimensions, shapes, dtypes) from tensor metadata, on any device;
 - the values of tensors still on the CPU: every input id must index the model's embedding table and
