@@ -40,6 +40,7 @@ from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 from .checkpointing import remove_stale_temporaries
 from .errors import RunStopped
 from .flops import flop_count, forward_flops, step_flops
+from .module import logging_step
 from .signals import StopRequest, exit_code
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,8 @@ class ResumableCheckpoint(ModelCheckpoint):
         if health and hasattr(pl_module, "first_nonfinite_step"):
             first = pl_module.first_nonfinite_step
             if saving:
-                first = torch.where(_params_finite(pl_module), first, torch.full_like(first, trainer.global_step))
+                # non-finite weights now: this step, unless a loss or gradient norm was not finite earlier
+                first = torch.where(_params_finite(pl_module), first, first.clamp(max=trainer.global_step))
             bad, empty = (int(v) for v in torch.stack([first, pl_module.empty_batches]).tolist())
             pl_module.empty_batches.zero_()
             if empty:
@@ -196,7 +198,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         step = trainer.global_step
         due = self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
         due = due and step != self._last_global_step_saved
-        health = due or (step > 0 and step % max(trainer.log_every_n_steps, 1) == 0)
+        health = due or logging_step(trainer, step)
         signum, bad = self._poll(trainer, pl_module, health=health, saving=due)
         if bad is not None:
             self._stop_diverged(trainer, bad)
@@ -304,7 +306,7 @@ class StepProgressBar(TQDMProgressBar):
         step = trainer.global_step
         if step == 0 or step == self._read_at:  # (the other micro-batches of a step under accumulation)
             return False
-        return step % max(int(trainer.log_every_n_steps or 1), 1) == 0 or (0 < trainer.max_steps <= step)
+        return logging_step(trainer, step) or (0 < trainer.max_steps <= step)
 
     def _by_steps(self) -> bool:
         return self.trainer.max_steps is not None and self.trainer.max_steps > 0

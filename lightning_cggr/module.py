@@ -64,6 +64,15 @@ warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch
 _clock = time.perf_counter  # the host clock of the throughput windows (a test may replace it)
 
 
+def logging_step(trainer, step: int) -> bool:
+    """Whether optimizer step ``step`` (> 0) ends a logging interval, ``trainer.log_every_n_steps``:
+    where the logger reads the device metrics, so where the throughput windows, the progress bar and
+    the health check sync too. With 0 none does (Lightning then logs no step metric), so nothing
+    syncs at every step either."""
+    every = int(trainer.log_every_n_steps or 0)
+    return every > 0 and step > 0 and step % every == 0
+
+
 @dataclasses.dataclass
 class _Window:
     """Host numbers of the optimizer steps since a throughput boundary (see the module docstring)."""
@@ -227,7 +236,7 @@ class CGGRModule(L.LightningModule):
         step = t.global_step
         if step <= self._timing_from or step == self._closed_at:  # (accumulation: once per step)
             return
-        if step != self._timing_from + 1 and step % max(int(t.log_every_n_steps or 1), 1):
+        if step != self._timing_from + 1 and not logging_step(t, step):
             return
         self._sync()  # the window's work is done: its time is the device's
         now, w = _clock(), self._window

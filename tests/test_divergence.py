@@ -58,13 +58,16 @@ class PoisonAt(L.Callback):
                 next(pl_module.parameters()).view(-1)[0] = float("nan")
 
 
-def test_a_nan_stops_the_run_at_the_next_check_without_overwriting_the_finite_checkpoint(tmp_path):
+@pytest.mark.parametrize("every, stop", [(2, 8), (0, 10)])
+def test_a_nan_stops_the_run_at_the_next_check_without_overwriting_the_finite_checkpoint(tmp_path, every, stop):
     """NaN weights before step 7: its loss is NaN. Checks run at every 2nd step (the logging
     interval) and before every save (every 5 steps), so the run stops at step 8, naming step 7, with
-    last.ckpt still the finite state of step 5; step 10's save never happens."""
-    with pytest.raises(RunStopped, match=r"not finite at step 7 \(stopped at step 8\).*\(step 5\)") as stopped:
-        train(make_cfg(tmp_path, "run", "checkpoint.every_n_steps=5", "trainer.log_every_n_steps=2", "callbacks=none"),
-              callbacks=[PoisonAt(7)])
+    last.ckpt still the finite state of step 5; step 10's save never happens. With
+    log_every_n_steps=0 (no logging interval) the check before step 10's save stops it, still naming
+    step 7 (that check, which also reads the weights, named its own step before)."""
+    with pytest.raises(RunStopped, match=rf"not finite at step 7 \(stopped at step {stop}\).*\(step 5\)") as stopped:
+        train(make_cfg(tmp_path, "run", "checkpoint.every_n_steps=5", f"trainer.log_every_n_steps={every}",
+                       "callbacks=none"), callbacks=[PoisonAt(7)])
     assert stopped.value.exit_code == 3
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=False)["global_step"] == 5 and _all_finite(ckpt)

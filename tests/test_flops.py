@@ -363,16 +363,17 @@ def test_module_logs_mfu_on_a_card_with_a_known_peak(monkeypatch, one_thread):
     assert float(metrics["train/mfu"]) == pytest.approx(want * float(metrics["train/tokens_per_sec"]) / 128 / 1e12, rel=1e-5)
 
 
-@pytest.mark.parametrize("save_inside_a_window", [False, True])
+@pytest.mark.parametrize("save_inside_a_window, every", [(False, 4), (True, 4), (False, 0)])
 def test_throughput_windows_leave_out_validation_checkpoints_and_the_first_step(monkeypatch, tmp_path, one_thread,
-                                                                                save_inside_a_window):
+                                                                                save_inside_a_window, every):
     """tokens/s over the steps between logging boundaries (log_every_n_steps=4: after steps 1, 4, 8),
     on a fake clock: a training micro-batch of 64 tokens takes 1 s before step 4 and 2 s from step 4 on;
     step 0 (compilation, on a GPU) takes 1000 s; each validation (after steps 3 and 6) takes 100 s
     and each checkpoint 50 s (the save's own time, after the module's hook; its callbacks' hooks before
     it take 7 s, counted as the step's). Saves at the boundaries (4, 8) fall between windows, validations
     and a save inside a window (step 5) are subtracted: the window of steps 4-7 gives 256 tokens / 8 s
-    = 32 tokens/s, with the save inside it 256 / 15 s."""
+    = 32 tokens/s, with the save inside it 256 / 15 s. With log_every_n_steps=0 no window closes (no
+    step is logged, so none syncs for it) and no tokens/s is logged."""
     import lightning as L
 
     from lightning_cggr import module as module_mod
@@ -403,10 +404,13 @@ def test_throughput_windows_leave_out_validation_checkpoints_and_the_first_step(
     module = Timed(make_tiny_model("llama", num_layers=2), CGGRConfig(warmup_steps=0, router=RouterConfig(num_layers=1)),
                    LossConfig(impl="torch"))
     trainer = L.Trainer(accelerator="cpu", max_steps=9, logger=False, enable_checkpointing=False, callbacks=[Saves()],
-                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=4,
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=every,
                         val_check_interval=3, limit_val_batches=1, num_sanity_val_steps=0)
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=torch.utils.data.DataLoader(batches[:1], batch_size=None))
+    if not every:
+        assert "train/tokens_per_sec" not in trainer.callback_metrics
+        return
     assert float(trainer.callback_metrics["train/tokens_per_sec"]) == pytest.approx(256 / (15 if save_inside_a_window else 8))
 
 

@@ -236,13 +236,15 @@ def test_the_progress_bar_counts_optimizer_steps_across_epochs(tmp_path, capsys)
     assert {total for _, _, total, _ in frames} == {24} and frames[0][1] == 20 and frames[-1][1] == 24
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
+@pytest.mark.parametrize("accumulate, every", [(1, 5), (2, 5), (1, 0)])
 def test_the_progress_bar_reads_the_device_metrics_only_at_the_logging_interval(tmp_path, capsys, monkeypatch,
-                                                                                accumulate):
+                                                                                accumulate, every):
     """Reading the logged metrics is a host-device sync; Lightning's bar read them after every batch.
     After a training batch the bar reads them at the first step, at every 5th (trainer.log_every_n_steps=5)
     and at the last, once per step under accumulation; also at epoch ends (every 4 steps here) and
-    validation. In between its frames show the numbers last read, while the step counter moves."""
+    validation. In between its frames show the numbers last read, while the step counter moves.
+    With log_every_n_steps=0 (no step logging) only at the first step and the last: it read at every
+    one before."""
     import re
 
     from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
@@ -265,10 +267,12 @@ def test_the_progress_bar_reads_the_device_metrics_only_at_the_logging_interval(
 
     monkeypatch.setattr(ProgressBar, "get_metrics", counted)
     monkeypatch.setattr(StepProgressBar, "on_train_epoch_end", at_epoch_end)
-    train(make_cfg(tmp_path, "run", "trainer.enable_progress_bar=true", "trainer.log_every_n_steps=5",
+    train(make_cfg(tmp_path, "run", "trainer.enable_progress_bar=true", f"trainer.log_every_n_steps={every}",
                    "trainer.val_check_interval=1000", f"trainer.accumulate_grad_batches={accumulate}"))
     after_batches = [step for step, kind in reads if kind == "batch"]
-    assert sorted(after_batches) == [1, 5, 10, 15, 20]
+    assert sorted(after_batches) == ([1, 5, 10, 15, 20] if every else [1, 20])
+    if not every:
+        return
     frames = re.findall(r"\| *(\d+)/20 \[[^\]]*train/loss=([-\d.e+]+)", capsys.readouterr().out.replace("\r", "\n"))
     assert {int(step) for step, _ in frames} >= set(range(2, 21))  # a frame at every step
     # each read shows at most one new number: 20 different losses before, one per step
