@@ -341,3 +341,23 @@ def test_only_rank_zero_says_the_runs_lines(monkeypatch, caplog):
         with caplog.at_level("INFO"):
             rank_zero_logger().warning("a start warning")
         assert ("a start warning" in caplog.text) is heard
+
+
+def test_python_m_package_names_and_runs_its_three_commands(monkeypatch, capsys):
+    """``python -m lightning_cggr`` (no such entry before: python's "cannot be directly executed")
+    lists the commands; ``python -m lightning_cggr COMMAND ...`` runs that command with the rest."""
+    from lightning_cggr.__main__ import main as package_main
+
+    monkeypatch.setattr(sys, "argv", ["lightning_cggr"])
+    with pytest.raises(SystemExit) as info:
+        package_main([])
+    assert info.value.code == 2 and "usage: python -m lightning_cggr {train,export,generate}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        package_main(["trian"])
+    assert info.value.code == 2 and "'trian' is not a command; did you mean train?" in capsys.readouterr().err
+    for command in ("export", "generate", "train"):
+        with pytest.raises(SystemExit) as info:
+            package_main([command, "--help"])
+        assert info.value.code in (0, None)
+        assert capsys.readouterr().out.lstrip().startswith(
+            ("usage: " if command != "train" else "") + f"python -m lightning_cggr.{command}")
