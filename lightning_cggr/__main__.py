@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stdout if argv else sys.stderr)
         raise SystemExit(0 if argv else 2)
+    if argv[0] == "--version":
+        from .cli import version_line
+
+        print(version_line())
+        return
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         close = difflib.get_close_matches(command, list(COMMANDS), n=1)

@@ -151,6 +151,35 @@ def hydra_problem(err: Exception, conf_dir: str | Path) -> str:
     return " ".join(lines) or type(err).__name__
 
 
+def version_line() -> str:
+    """``--version`` of every command: this package's version and its main dependencies' (read from
+    the installed distributions' metadata, so nothing heavy is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    found = []
+    for name in ("torch", "lightning", "transformers", "triton", "hydra-core"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            pass
+    return f"lightning_cggr {__version__} ({', '.join(found)})"
+
+
+def add_version_option(parser) -> None:
+    """``--version`` on an argparse command: :func:`version_line`, unwrapped, then exit 0."""
+    import argparse
+
+    class PrintVersion(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(version_line())
+            parser.exit()
+
+    parser.add_argument("--version", action=PrintVersion, nargs=0,
+                        help="show the versions of lightning_cggr and its main dependencies, and exit")
+
+
 def run_hydra(hydra_main: Callable[[], object], conf_dir: str | Path) -> None:
     """Run a ``@hydra.main`` function from the command line: Hydra's composition errors become one
     ConfigError line, and every user mistake exits 2 (:func:`lightning_cggr.errors.run_command`)."""

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import add_version_option
 from .errors import CheckpointError, UserError, run_command
 
 log = logging.getLogger(__name__)
@@ -278,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="weights' dtype in the export (default: the checkpoint's)")
     parser.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty")
+    add_version_option(parser)
     return parser
 
 

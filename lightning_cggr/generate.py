@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from .cli import add_version_option
 from .errors import UserError, run_command
 from .export import DTYPES, _quiet_transformers, load_trained
 
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="use the tokenizer's chat template (default: when it has one)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights' dtype (default: as saved)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
+    add_version_option(parser)
     return parser
 
 

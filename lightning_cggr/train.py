@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import Mapping
@@ -24,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import rundir
-from .cli import omegaconf_problem, run_hydra, unknown_key_problems
+from .cli import omegaconf_problem, run_hydra, unknown_key_problems, version_line
 from .config import _is_int, config_error, lr_warnings, parse_config, register_schema, routing_warnings
 from .errors import ConfigError, UserError, exit_on_user_error
 from .perf import (
@@ -490,6 +491,9 @@ def cli() -> None:
     # Lightning's own pytree helper trips a torch deprecation at every fit; nothing a user can change
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             module=r"lightning\.pytorch\.utilities\._pytree")
+    if "--version" in sys.argv[1:]:  # Hydra's own --version names Hydra's version alone
+        print(version_line())
+        return
     run_hydra(main, CONF_DIR)
 
 

@@ -361,3 +361,29 @@ def test_python_m_package_names_and_runs_its_three_commands(monkeypatch, capsys)
         assert info.value.code in (0, None)
         assert capsys.readouterr().out.lstrip().startswith(
             ("usage: " if command != "train" else "") + f"python -m lightning_cggr.{command}")
+
+
+def test_every_command_says_the_packages_version_not_hydras(monkeypatch, capsys):
+    """``--version`` of the train command printed Hydra's own version ("Hydra 1.3.8") alone. Each
+    command now names this package's version (the installed distribution's) and torch's."""
+    from importlib.metadata import version
+
+    import torch
+
+    from lightning_cggr import __version__
+    from lightning_cggr.__main__ import main as package_main
+    from lightning_cggr.export import main as export
+    from lightning_cggr.generate import main as generate
+    from lightning_cggr.train import cli
+
+    assert __version__ == version("lightning_cggr")  # the package's and pyproject's agree
+    monkeypatch.setattr(sys, "argv", ["lightning-cggr-train", "--version"])
+    cli()
+    for command in (export, generate, package_main):
+        try:
+            command(["--version"])
+        except SystemExit as done:  # argparse's way out
+            assert done.code in (0, None)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and len(set(lines)) == 1
+    assert lines[0].startswith(f"lightning_cggr {__version__} (torch {torch.__version__}, lightning ")
