@@ -49,6 +49,10 @@ class RunStopped(RuntimeError):
         self.exit_code = exit_code
 
 
+MPS_PROBLEM = ("trains on Apple's MPS, which has no float64 (torch refuses it there, pytorch/pytorch#122602), "
+               "and the step sums its kept-token counts, losses and metrics in float64")
+"""Why a run on an ``mps`` device is refused before it starts (the module would fail to move there)."""
+
 FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
 """``HYDRA_FULL_ERROR=1``: print the traceback of a user mistake as well (debugging)."""
 

@@ -40,6 +40,7 @@ from torchmetrics import Metric, SumMetric
 from .batches import check_batch, embedding_rows
 from .config import CGGRConfig, LossConfig, OptimConfig, PerfConfig, as_config, config_error, optim_problems
 from .distributed import shard_fsdp2
+from .errors import MPS_PROBLEM, ConfigError
 from .flops import FlopShape, device_peak_tflops, mfu, step_flops
 from .step import CGGRStep, build_optimizer, build_scheduler
 
@@ -448,6 +449,12 @@ class CGGRModule(L.LightningModule):
             checkpoint[CONFIG_KEY] = {"config": self.run_config}
         if self._trainer is not None and self.trainer.state.fn == "fit":
             self._pause_window()  # (torch.save writes after this hook: most of a save's time)
+
+    def setup(self, stage: str) -> None:
+        """Refuse an MPS device here, before Lightning moves the module there and torch fails on the
+        float64 metric states with a message about a tensor conversion."""
+        if self.trainer.strategy.root_device.type == "mps":
+            raise ConfigError(f"invalid configuration: this Trainer {MPS_PROBLEM}; use accelerator='cpu'")
 
     def on_fit_start(self):
         """The run's length, which strategy=infobatch anneals over (its last anneal_fraction); here, not

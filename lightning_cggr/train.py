@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import rundir
 from .cli import omegaconf_problem, run_hydra, unknown_key_problems, version_line
 from .config import _is_int, config_error, lr_warnings, parse_config, register_schema, routing_warnings
-from .errors import ConfigError, UserError, exit_on_user_error
+from .errors import MPS_PROBLEM, ConfigError, UserError, exit_on_user_error
 from .perf import (
     auto_compile_off_because,
     compile_knob_problems,
@@ -77,6 +77,9 @@ def check_trainer(trainer: dict) -> None:
             f"invalid configuration: trainer.strategy=fsdp needs GPUs (torch's FSDP1 refuses a CPU "
             f"device; trainer.accelerator={accelerator}); on CPU use trainer.strategy=fsdp2 or ddp"
         )
+    if device == "mps":
+        raise ConfigError(f"invalid configuration: trainer.accelerator={accelerator} {MPS_PROBLEM}; use "
+                          f"trainer.accelerator=cpu")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(
             f"invalid configuration: trainer.accelerator={accelerator} but torch sees no CUDA GPU "

@@ -102,6 +102,8 @@ CASES = [
          env={"TRITON_INTERPRET": None}),
     Case("gpu-trainer-without-gpu", ["trainer=gpu"], "trainer.accelerator=gpu but torch sees no CUDA GPU"),
     Case("fsdp1-on-cpu", ["trainer.strategy=fsdp"], "on CPU use trainer.strategy=fsdp2 or ddp"),
+    Case("apple-mps", ["trainer.accelerator=mps"],
+         "trainer.accelerator=mps trains on Apple's MPS, which has no float64"),
     Case("truncated-checkpoint", ["ckpt_path={tmp}/cut.ckpt"], "ckpt_path={tmp}/cut.ckpt is not a complete torch checkpoint",
          truncated_checkpoint),
     Case("missing-checkpoint", ["ckpt_path={tmp}/none.ckpt"], "ckpt_path={tmp}/none.ckpt: no such checkpoint"),

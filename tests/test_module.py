@@ -373,3 +373,19 @@ def test_lightnings_learning_rate_finder_reads_and_sets_optim_lr(tmp_path):
     assert trainer.optimizers[0].param_groups[0]["initial_lr"] == found.suggestion()
     with pytest.raises(ConfigError, match="optim.lr"):
         module.lr = -1.0
+
+
+def test_an_mps_trainer_is_refused_before_the_module_moves_there():
+    """Apple's MPS has no float64, which the module's metric states and the kept-token normaliser
+    use: Lightning's move of the module there failed with torch's conversion error. setup() now
+    refuses it by name (Lightning calls it before the move); a CPU trainer is untouched."""
+    from types import SimpleNamespace
+
+    from lightning_cggr.config import ConfigError
+
+    module = _module("llama")
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("mps")))
+    with pytest.raises(ConfigError, match="Apple's MPS, which has no float64.*accelerator='cpu'"):
+        module.setup("fit")
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    module.setup("fit")
