@@ -143,6 +143,11 @@ def trainer_value_problems(trainer: dict) -> list[str]:
     return p
 
 
+def validates(trainer: dict) -> bool:
+    """Whether the run validates at all: ``trainer.limit_val_batches=0`` (or 0.0) turns it off."""
+    return trainer.get("limit_val_batches", 1.0) != 0
+
+
 def validation_warnings(callbacks: dict | None, trainer: dict) -> list[str]:
     """Callbacks that act at validations during training (``monitor: val/...``: the best checkpoint,
     early stopping) in a run without validations: ``trainer.limit_val_batches=0``, or a
@@ -151,7 +156,7 @@ def validation_warnings(callbacks: dict | None, trainer: dict) -> list[str]:
     (the Trainer's fit is over by then)."""
     monitors = [name for name, spec in (callbacks or {}).items()
                 if isinstance(spec, dict) and str(spec.get("monitor", "")).startswith("val/")]
-    if trainer.get("limit_val_batches", 1.0) == 0:
+    if not validates(trainer):
         return [f"callbacks.{name} acts at validations, and trainer.limit_val_batches=0 runs none: it will not "
                 f"act; drop it (callbacks.{name}=null) or let validation run" for name in monitors]
     steps, every = trainer.get("max_steps", -1), trainer.get("val_check_interval")
@@ -439,10 +444,10 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     except (MisconfigurationException, ValueError) as err:  # what trainer_value_problems does not check
         raise ConfigError(f"invalid configuration: trainer: {' '.join(str(err).split())}") from err
     initial = {}
-    validates = trainer_kw.get("limit_val_batches", 1.0) != 0
-    if not validates:
+    validating = validates(trainer_kw)
+    if not validating:
         say.info("trainer.limit_val_batches=0: no validation before, during or after training (no val/loss)")
-    if plan.ckpt is None and not in_fit_start and validates:  # the starting point, to compare the end with
+    if plan.ckpt is None and not in_fit_start and validating:  # the starting point, to compare the end with
         initial = {f"{k}_initial": v for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
     elif plan.ckpt is not None:
         say.info("resuming %s at step %d%s", plan.ckpt, plan.start_step, " in place" if plan.in_place else "")
@@ -452,7 +457,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     # the last optimizer step's train/* values (validate below starts its own set of metrics)
     last_step = {k: v for k, v in _scalars(trainer.callback_metrics).items() if k.startswith("train/")}
     final = {}
-    if validates:
+    if validating:
         trainer.validate(module, datamodule=datamodule)
         final = _scalars(trainer.callback_metrics)
     metrics = {**last_step, **final, **initial}
