@@ -27,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 from . import rundir
 from .cli import omegaconf_problem, run_hydra, unknown_key_problems, version_line
 from .config import _is_int, config_error, lr_warnings, parse_config, register_schema, routing_warnings
-from .errors import MPS_PROBLEM, ConfigError, UserError, exit_on_user_error
+from .distributed import release_process_groups
+from .errors import MPS_PROBLEM, ConfigError, RunStopped, UserError, exit_on_user_error
 from .perf import (
     auto_compile_off_because,
     compile_knob_problems,
@@ -487,10 +488,15 @@ def main(cfg: DictConfig) -> float | None:
             check_config(cfg)  # a mistake: one line, no config dump
             if is_rank_zero():  # once, not once per rank
                 print(OmegaConf.to_yaml(cfg, resolve=True))
-            return train(cfg).get("val/loss")
+            metrics = train(cfg)
         except UserError:
             rundir.discard_new_run_folder()  # a failed run leaves no empty run folder behind
             raise
+        except RunStopped:  # a signal or divergence every rank agreed on
+            release_process_groups()
+            raise
+        release_process_groups()
+        return metrics.get("val/loss")
 
 
 def cli() -> None:

@@ -387,3 +387,35 @@ def test_every_command_says_the_packages_version_not_hydras(monkeypatch, capsys)
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4 and len(set(lines)) == 1
     assert lines[0].startswith(f"lightning_cggr {__version__} (torch {torch.__version__}, lightning ")
+
+
+@pytest.mark.parametrize("ends", ["finished", "stopped"])
+def test_the_command_releases_its_process_groups_before_it_exits(monkeypatch, tmp_path, ends):
+    """A 2-process CPU run once ended with exit -6 after finishing ("terminate called without an
+    active exception"): Gloo's threads outlived the interpreter (pytorch/pytorch#179291). The command
+    now destroys its process groups when the run finishes or all ranks stop together. Here a fake
+    run opens a one-process gloo group; after the command none is left."""
+    import torch.distributed as dist
+
+    from lightning_cggr import train as train_mod
+    from lightning_cggr.errors import RunStopped
+
+    def fake_train(cfg):
+        store = dist.FileStore(str(tmp_path / "store"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        dist.new_group(backend="gloo")  # as the signal handling makes one
+        if ends == "stopped":
+            raise RunStopped("SIGTERM received: stopped at step 3", 143)
+        return {"val/loss": 1.0}
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    monkeypatch.setattr(sys, "argv", ["lightning-cggr-train", f"hydra.run.dir={tmp_path}/run", "hydra/job_logging=none",
+                                      "hydra/hydra_logging=none"])
+    try:
+        train_mod.cli()
+    except SystemExit as done:
+        assert (ends, done.code) == ("stopped", 143)
+    left = dist.is_initialized()
+    if left:  # not into the next test
+        dist.destroy_process_group()
+    assert not left
