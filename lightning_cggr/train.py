@@ -53,6 +53,9 @@ RESERVED_TRAINER_KEYS = {
     "plugins": "train() installs its own checkpoint writer",
     "default_root_dir": "the run folder is hydra.run.dir (output_dir follows it)",
     "enable_checkpointing": "checkpoints/last.ckpt is always written; its cadence is checkpoint.every_n_steps",
+    "barebones": "Lightning's barebones mode turns off checkpoints, loggers and the progress bar, and this job "
+                 "always writes last.ckpt and logs; for raw step speed use experiments/throughput.py, or "
+                 "Trainer(barebones=True) with CGGRModule from Python",
 }
 """Trainer arguments that train() passes itself; setting them under ``trainer`` is a mistake."""
 

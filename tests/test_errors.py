@@ -113,6 +113,9 @@ CASES = [
          "trainer.max_step: no such setting; did you mean trainer.max_steps? (to add a new key on purpose, write +trainer.max_step=5)"),
     Case("trainer-argument-not-in-the-yaml", ["trainer.max_epochs=1"],
          "trainer.max_epochs: a valid key that the composed config does not hold yet; add it with +trainer.max_epochs=1"),
+    Case("trainer-argument-the-job-sets", ["+trainer.barebones=true"],
+         "trainer.barebones: Lightning's barebones mode turns off checkpoints, loggers and the progress bar, and "
+         "this job always writes last.ckpt and logs; for raw step speed use experiments/throughput.py"),
     Case("unknown-top-level-key", ["+sed=1"], "sed: unknown top-level key; did you mean seed?"),
     Case("job-changes-directory", ["hydra.job.chdir=true"], "hydra.job.chdir=true: this job reads relative paths"),
     Case("unknown-group-key", ["+cggr.min_token_ratio=0.5"],

@@ -389,3 +389,31 @@ def test_an_mps_trainer_is_refused_before_the_module_moves_there():
         module.setup("fit")
     module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
     module.setup("fit")
+
+
+def test_lightnings_barebones_mode_trains_the_same_weights(tmp_path):
+    """Trainer(barebones=True) turns self.log into a warning and logs nothing; the gradient rescaling,
+    clipping and schedule live in hooks that must not depend on logging. Three routed steps give the
+    weights of the same run that logs every step."""
+    import warnings
+
+    rows = [{k: v[0] for k, v in make_batch(1, 16, seed=s, pad_tail=False).items()} for s in range(12)]
+    weights = []
+    for bare in (False, True):
+        torch.manual_seed(0)
+        module = _module("llama", min_tokens_ratio=0.3)
+        logged = {} if bare else dict(logger=False, log_every_n_steps=1, enable_progress_bar=False,
+                                      enable_model_summary=False, enable_checkpointing=False)
+        trainer = L.Trainer(max_steps=3, accelerator="cpu", barebones=bare, gradient_clip_val=0.5,
+                            default_root_dir=str(tmp_path), **logged)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(module, torch.utils.data.DataLoader(rows, batch_size=4))
+        assert trainer.global_step == 3
+        weights.append(module.state_dict())
+    assert "train/loss" not in trainer.callback_metrics  # barebones: nothing logged
+    torch.manual_seed(0)
+    start = _module("llama", min_tokens_ratio=0.3).state_dict()
+    assert any(not torch.equal(start[k], v) for k, v in weights[0].items())  # the steps did train
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=0, atol=0, msg=key)
