@@ -1,6 +1,7 @@
 """Lightning callbacks of a training run: the run's own checkpoint, a step-counting progress bar,
-a learning-rate monitor that logs once per optimizer step, and a model summary whose FLOPs come
-from the formula of :mod:`lightning_cggr.flops`.
+a learning-rate monitor that logs once per optimizer step, a model summary whose FLOPs come
+from the formula of :mod:`lightning_cggr.flops`, and Lightning's PyTorch profiler made to last
+through the job's three Trainer calls (validate, fit, validate).
 
 :class:`ResumableCheckpoint` is the one callback that keeps ``checkpoints/last.ckpt`` the newest
 complete, finite state of the run (always added by ``train()``, whatever ``callbacks=`` holds):
@@ -33,6 +34,7 @@ import torch
 from lightning.pytorch.callbacks import (LearningRateMonitor, ModelCheckpoint, ModelSummary, RichModelSummary,
                                          TQDMProgressBar)
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from lightning.pytorch.profilers.pytorch import PyTorchProfiler, ScheduleWrapper
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_summary.model_summary import NOT_APPLICABLE, get_human_readable_count
 from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
@@ -354,6 +356,23 @@ class StepLearningRateMonitor(LearningRateMonitor):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx, *args, **kwargs) -> None:
         if batch_idx % trainer.accumulate_grad_batches == 0:  # the first micro-batch of a step
             super().on_train_batch_start(trainer, pl_module, batch, batch_idx, *args, **kwargs)
+
+
+class StagePyTorchProfiler(PyTorchProfiler):
+    """``trainer.profiler=pytorch``: Lightning's ``PyTorchProfiler``, with its schedule restored at the
+    end of every Trainer call. For a stage of under 5 steps (the job's 4-batch validation) Lightning
+    drops its default schedule (wait 1, warm-up 1, record 3) but goes on handing the spent schedule
+    object to the torch profilers of later stages; the job's third call, the validation after fit,
+    then recorded nothing and ended in torch's "Profiler must be initialized before accessing events"
+    (Lightning 2.6; a plain validate, fit, validate with Lightning's own demo model does the same).
+    Each call now starts with the schedule as configured."""
+
+    def _delete_profilers(self) -> None:
+        super()._delete_profilers()
+        configured = self._profiler_kwargs.get("schedule")
+        if self._schedule is None and isinstance(configured, ScheduleWrapper):
+            configured.reset()
+            self._schedule = configured
 
 
 class FormulaModelSummary(ModelSummary):

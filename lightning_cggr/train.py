@@ -361,7 +361,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     from lightning.pytorch.callbacks import ModelSummary, ProgressBar
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from .callbacks import FormulaModelSummary, ResumableCheckpoint, StepProgressBar, default_every_n_steps
+    from .callbacks import (FormulaModelSummary, ResumableCheckpoint, StagePyTorchProfiler, StepProgressBar,
+                            default_every_n_steps)
     from .checkpointing import AtomicCheckpointIO, estimate_checkpoint_bytes, preflight, recover_folder_checkpoint
     from .data import build_tokenizer, prepare_datamodule
     from .export import save_run_model_files
@@ -433,6 +434,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
         # it stands in for Lightning's default summary: with the flag on, Lightning would announce
         # at every run that it skips its own
         trainer_kw["enable_model_summary"] = False
+    if trainer_kw.get("profiler") == "pytorch":  # Lightning's, which failed at the job's third Trainer call
+        trainer_kw["profiler"] = StagePyTorchProfiler()
     trainer_kw["strategy"] = build_strategy(trainer_kw, model)
     # FSDP1 wraps the blocks in place when a trainer first sets the model up: a validate() before fit
     # would leave fit a model whose blocks are wrapped but whose root is not (embeddings and head in

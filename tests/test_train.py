@@ -197,6 +197,20 @@ def test_fast_dev_run_trains_a_step_and_says_why_no_checkpoint_was_written(tmp_p
     assert any(m.endswith("(no checkpoint: trainer.fast_dev_run writes none)") for m in caplog.messages)
 
 
+def test_lightnings_pytorch_profiler_records_each_of_the_jobs_three_trainer_calls(tmp_path, token_cache):
+    """``+trainer.profiler=pytorch``: Lightning's profiler gave up its schedule after the short
+    validation before training but handed the spent schedule to later calls, so the validation after
+    fit recorded nothing and the run ended in torch's "Profiler must be initialized" assertion, after
+    training. Each call now writes its trace into the logger's folder."""
+    cfg = _compose("+trainer.profiler=pytorch", "+trainer.limit_val_batches=3", "trainer.max_steps=6",
+                   "trainer.enable_progress_bar=false", f"output_dir={tmp_path}", f"data.cache_dir={token_cache}",
+                   "model.num_layers=2", "data.block_size=32")
+    metrics = train(cfg)
+    assert {"train/loss", "val/loss", "val/loss_initial"} <= set(metrics)
+    traces = sorted(p.name.split("-")[0] for p in (tmp_path / "csv").glob("*.pt.trace.json"))
+    assert traces == ["fit", "validate", "validate"]
+
+
 def test_fsdp_on_cpu_is_a_config_error_that_names_the_fix():
     cfg = _compose("trainer.strategy=fsdp", "output_dir=/tmp/unused")
     with pytest.raises(ConfigError, match="trainer.strategy=fsdp needs GPUs.*use trainer.strategy=fsdp2"):
