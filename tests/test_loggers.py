@@ -47,6 +47,21 @@ def test_callbacks_group_builds_checkpoints_monitors_early_stopping_and_user_cal
     assert hit.read_text() == "hello 10"
 
 
+def test_early_stopping_ends_the_run_and_says_why(tmp_path, caplog):
+    """With min_delta larger than any change, the second validation inside training is no
+    improvement: patience 1 stops the run there (step 4 of 20), and the log says why (Lightning's
+    EarlyStopping is silent unless verbose, so a run used to end early without a word)."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    train(make_cfg(tmp_path, "run", "trainer.max_steps=20", "trainer.val_check_interval=2", "callbacks=early_stopping",
+                   "callbacks.early_stopping.patience=1", "callbacks.early_stopping.min_delta=10"))
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 4
+    assert any("did not improve in the last 1 records" in m and "Signaling Trainer to stop" in m
+               for m in caplog.messages)
+
+
 def test_lr_monitor_logs_each_optimizer_step_once_under_accumulation(tmp_path):
     """callbacks=lr_monitor with 2 micro-batches per step: one row of rates per optimizer step (Lightning's
     own monitor wrote each step twice), each the hand-worked warm-up + cosine rate of that step."""
