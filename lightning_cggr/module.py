@@ -84,8 +84,9 @@ class _Window:
     excluded: float = 0.0  # seconds of validations and saves inside the window
 
 
-class _FixedDtype:
-    """A metric whose states keep their dtypes when the module is cast.
+class _SteadyStates:
+    """A metric whose states keep their dtypes when the module is cast, and stay ordinary tensors
+    when it is reset under inference mode.
 
     torchmetrics guards ``.half()``, ``.float()`` and the like, but not ``Module.to(dtype=...)``,
     which is how Lightning's ``bf16-true`` / ``16-true`` precision converts the LightningModule: the
@@ -101,12 +102,21 @@ class _FixedDtype:
             setattr(this, key, getattr(this, key).to(dtype))
         return this
 
+    def reset(self) -> None:
+        """Lightning runs ``trainer.validate`` under ``torch.inference_mode`` (its default), and the
+        held-out sums are reset at the end of each pass: states made there were inference tensors,
+        which torch forbids updating in place outside inference mode, so the next validation inside
+        ``fit`` (run under ``no_grad``) failed at its first batch. That is ``validate`` then ``fit``,
+        a user's usual way to see the starting point."""
+        with torch.inference_mode(False):
+            super().reset()
 
-class _Sum(_FixedDtype, SumMetric):
-    """torchmetrics' SumMetric, in float32 under every precision (see :class:`_FixedDtype`)."""
+
+class _Sum(_SteadyStates, SumMetric):
+    """torchmetrics' SumMetric, in float32 under every precision (see :class:`_SteadyStates`)."""
 
 
-class WeightedMean(_FixedDtype, Metric):
+class WeightedMean(_SteadyStates, Metric):
     """``sum(value x count) / sum(count)`` over its updates (0 when nothing was counted), on the device.
 
     One per routing metric: it gathers an optimizer step's micro-batches (``count``: how many tokens

@@ -417,3 +417,32 @@ def test_lightnings_barebones_mode_trains_the_same_weights(tmp_path):
     assert any(not torch.equal(start[k], v) for k, v in weights[0].items())  # the steps did train
     for key, value in weights[0].items():
         torch.testing.assert_close(weights[1][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_validate_then_fit_under_lightnings_default_inference_mode(tmp_path):
+    """``trainer.validate`` runs under ``torch.inference_mode`` by default, and the held-out sums were
+    reset there into inference tensors: the validation inside the next ``fit`` (under ``no_grad``)
+    then failed at its first in-place update. Validate, fit with a validation inside, validate: the
+    three losses are the float64 mean NLL of the model as it stands at each point."""
+    import torch.nn.functional as F
+
+    rows = [{k: v[0] for k, v in make_batch(1, 16, seed=s, pad_tail=False).items()} for s in range(16)]
+    val = torch.utils.data.DataLoader(rows[:8], batch_size=4)
+    module = _module("llama", min_tokens_ratio=0.3)
+
+    def reference():
+        with torch.no_grad():
+            ids, labels = (torch.stack([r[k] for r in rows[:8]]) for k in ("input_ids", "labels"))
+            logits = module.model.double()(input_ids=ids).logits
+            module.model.float()
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()).item()  # -100: prompts
+
+    trainer = L.Trainer(max_steps=4, val_check_interval=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
+    assert trainer.validate_loop.inference_mode  # Lightning's default
+    before = trainer.validate(module, val, verbose=False)[0]["val/loss"]
+    assert before == pytest.approx(reference(), rel=1e-5)
+    trainer.fit(module, torch.utils.data.DataLoader(rows, batch_size=4), val)
+    assert trainer.global_step == 4
+    after = trainer.validate(module, val, verbose=False)[0]["val/loss"]
+    assert after == pytest.approx(reference(), rel=1e-5) and after != pytest.approx(before)
