@@ -31,8 +31,8 @@ import math
 import sys
 
 import torch
-from lightning.pytorch.callbacks import (LearningRateMonitor, ModelCheckpoint, ModelSummary, RichModelSummary,
-                                         TQDMProgressBar)
+from lightning.pytorch.callbacks import (Callback, LearningRateMonitor, ModelCheckpoint, ModelSummary,
+                                         RichModelSummary, TQDMProgressBar)
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.profilers.pytorch import PyTorchProfiler, ScheduleWrapper
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
@@ -67,6 +67,23 @@ def _params_finite(module) -> torch.Tensor:
 
     flags = [torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all() for p in module.parameters()]
     return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
+
+
+def label_with_optimizer_step(trainer, pl_module) -> None:
+    """Lightning's logging step after a resume depends on where the checkpoint was written (one off
+    after a mid-step save, or after a save at a batch end once :class:`ResumableCheckpoint` has
+    stored it); it is the optimizer step count, so set it so, before anything logs the batch."""
+    if pl_module.automatic_optimization:
+        trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+
+
+class OptimizerStepLabels(Callback):
+    """The first callback of a run: :func:`label_with_optimizer_step` at every batch start. Lightning
+    calls checkpoint callbacks last, so the run's learning-rate monitor logged the first step after a
+    resume under the next step's label (13 for step 12, then 13 again)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        label_with_optimizer_step(trainer, pl_module)
 
 
 class ResumableCheckpoint(ModelCheckpoint):
@@ -189,10 +206,7 @@ class ResumableCheckpoint(ModelCheckpoint):
             state["_batches_that_stepped"] = trainer.global_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if pl_module.automatic_optimization:
-            # Lightning's logging step after a resume depends on where the checkpoint was written
-            # (one off after a mid-step save); it is the optimizer step count, so set it so
-            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+        label_with_optimizer_step(trainer, pl_module)
         self._step_at_batch_start = trainer.global_step
         if not self._boundary:
             return

@@ -585,9 +585,28 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    """:func:`lr_factor` as a ``LambdaLR``, stepped once per optimizer step."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
+class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
+    """:func:`lr_factor` as a ``LambdaLR``, stepped once per optimizer step.
+
+    Loading a checkpoint's state sets the learning rates to this schedule's at the restored step. A
+    run continued with a new ``trainer.max_steps`` builds its schedule for the new length, but the
+    optimizer's state brings back the old schedule's last rates, and a ``LambdaLR`` recomputes them
+    only at its next step: the first step after the resume trained at the old rate (at the floor,
+    for a run that had finished). With the same length the rates are the ones stored, bit for bit."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+        super().__init__(optimizer, lambda step: lr_factor(step, cfg, total_steps))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for group, base, factor in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas):
+            group["lr"] = base * factor(self.last_epoch)  # LambdaLR's own expression
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> WarmupCosine:
+    """The run's LR schedule (see :class:`WarmupCosine`)."""
+    return WarmupCosine(optimizer, cfg, total_steps)
 
 
 def autocast_for(precision: str, device: torch.device | str):

@@ -361,8 +361,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     from lightning.pytorch.callbacks import ModelSummary, ProgressBar
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from .callbacks import (FormulaModelSummary, ResumableCheckpoint, StagePyTorchProfiler, StepProgressBar,
-                            default_every_n_steps)
+    from .callbacks import (FormulaModelSummary, OptimizerStepLabels, ResumableCheckpoint, StagePyTorchProfiler,
+                            StepProgressBar, default_every_n_steps)
     from .checkpointing import AtomicCheckpointIO, estimate_checkpoint_bytes, preflight, recover_folder_checkpoint
     from .data import build_tokenizer, prepare_datamodule
     from .export import save_run_model_files
@@ -425,7 +425,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     every = run.checkpoint.every_n_steps
     every = default_every_n_steps(trainer_kw.get("max_steps", -1)) if every is None else every
     checkpoint = ResumableCheckpoint(dirpath=str(ckpt_dir), every_n_steps=every, stop=StopRequest())
-    extra = [*user_callbacks, *(callbacks or [])]
+    extra = [OptimizerStepLabels(), *user_callbacks, *(callbacks or [])]
     if trainer_kw.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in extra):
         extra.append(StepProgressBar())
     if trainer_kw.get("enable_model_summary", True) and not any(isinstance(c, ModelSummary) for c in extra):

@@ -8,6 +8,7 @@ shuffled data (the run crosses epoch boundaries, and the interruption falls mid-
 from __future__ import annotations
 
 import csv
+import math
 import multiprocessing
 import os
 import signal
@@ -180,6 +181,24 @@ def test_continuing_a_finished_run_equals_running_straight(tmp_path, first_steps
     assert len(first) == first_steps and len(second) == 20 - first_steps
     for step, got in enumerate(first + second):
         assert got == pytest.approx(straight[step], rel=1e-5, abs=1e-6), f"step {step}"
+
+
+def test_a_continued_run_trains_its_first_step_at_the_new_schedules_rate(tmp_path):
+    """A finished 12-step run (warm-up 4, cosine to a tenth) continued to 20: every step from 12 on
+    trains at the 20-step schedule's rate, by hand (the first used to train at the old schedule's
+    floor: AdamW's restored state brings back the old rate), and the learning-rate monitor labels
+    each step once (the first resumed step was labelled 13, then 13 again)."""
+    common = ("optim.lr=0.01", "optim.min_lr_ratio=0.1", "callbacks=lr_monitor")
+    train(make_cfg(tmp_path, "run", *common, "trainer.max_steps=12"))
+    train(make_cfg(tmp_path, "run", *common, "ckpt_path=auto"))
+    logged = rows(tmp_path / "run", "lr-AdamW/pg1")
+    assert [step for step, _ in logged] == list(range(20))
+
+    def rate(step, total):  # warm-up 4 (optim.warmup_steps=4 in overrides), then cosine to 0.1 x lr
+        return 0.01 * (step / 4 if step < 4 else 0.1 + 0.45 * (1 + math.cos(math.pi * (step - 4) / (total - 4))))
+
+    assert [lr for _, lr in logged] == pytest.approx([rate(s, 12) for s in range(12)] + [rate(s, 20) for s in range(12, 20)],
+                                                     rel=1e-6)
 
 
 # ---- resume in place ---------------------------------------------------------------------------
