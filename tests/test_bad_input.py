@@ -271,6 +271,29 @@ def test_a_single_file_without_blank_lines_is_cut_into_blocks_at_whitespace(tmp_
     assert all(d.endswith(" ") for d in docs[:-1])  # never a word cut in two
 
 
+def test_a_file_saved_on_windows_reads_as_the_same_documents(tmp_path):
+    """A byte-order mark and CRLF (or CR) line ends, as Windows editors save text: the same
+    documents as the LF file, so no stray U+FEFF or carriage-return tokens. The reference is the
+    documents of the plain file; a BOM-only file is empty, and error positions stay the file's own."""
+    from lightning_cggr.data.files import read_text_file
+    from lightning_cggr.data.text import file_documents
+
+    text = "First paragraph,\nstill the first.\n\n\nSecond one.\n  \nThird.\n"
+    (tmp_path / "unix.txt").write_text(text)
+    (tmp_path / "windows.txt").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    (tmp_path / "mac.txt").write_bytes(text.replace("\n", "\r").encode())
+    want = list(file_documents(str(tmp_path / "unix.txt")).values())
+    assert want == ["First paragraph,\nstill the first.", "Second one.", "Third.\n"]
+    for name in ("windows.txt", "mac.txt"):
+        assert list(file_documents(str(tmp_path / name)).values()) == want, name
+    (tmp_path / "bom-only.txt").write_bytes(b"\xef\xbb\xbf \r\n")
+    with pytest.raises(DataError, match="bom-only.txt is empty"):
+        read_text_file(tmp_path / "bom-only.txt")
+    (tmp_path / "latin.txt").write_bytes(b"\xef\xbb\xbfok\r\ncaf\xe9\r\n")
+    with pytest.raises(DataError, match=r"byte 0xe9 at line 2, byte offset 10\)"):
+        read_text_file(tmp_path / "latin.txt")
+
+
 def test_two_files_stay_two_documents(tmp_path):
     from lightning_cggr.data.text import file_documents
 

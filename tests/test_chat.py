@@ -205,6 +205,17 @@ def test_bad_files_fail_with_the_line(tmp_path, content, message):
         read_chat_jsonl(path)
 
 
+def test_a_chat_file_saved_with_a_byte_order_mark_reads(tmp_path):
+    """Windows editors begin UTF-8 files with a byte-order mark, which JSON does not allow: the first
+    line was reported as "not valid JSON". It reads as the same file without the mark."""
+    lines = "".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]})
+                    + "\r\n" for i in range(2))
+    (tmp_path / "plain.jsonl").write_text(lines)
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + lines.encode())
+    assert read_chat_jsonl(tmp_path / "bom.jsonl") == read_chat_jsonl(tmp_path / "plain.jsonl")
+    assert read_chat_jsonl(tmp_path / "plain.jsonl")[0][0] == {"role": "user", "content": "q0"}
+
+
 def test_non_utf8_line_is_named(tmp_path):
     path = tmp_path / "latin.jsonl"
     good = '{"messages": [{"role": "user", "content": "hi"}]}\n'

@@ -32,7 +32,9 @@ def cache_dir(override: str | None = None) -> Path:
 
 def read_text_file(path: str | Path) -> str:
     """The UTF-8 text of a data file; a missing, empty, binary or non-UTF-8 file is a
-    :class:`DataError` naming the file, the line and the byte."""
+    :class:`DataError` naming the file, the line and the byte. Read as Python's text mode reads: a
+    leading byte-order mark (Windows editors write one) is not text, and Windows (CRLF) and old Mac
+    (CR) line ends are newlines, so a file's words tokenize alike whichever system saved it."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path} does not exist or is not a file")
@@ -45,13 +47,14 @@ def read_text_file(path: str | Path) -> str:
             f"{path} is not UTF-8 text (byte 0x{data[err.start]:02x} at line {line}, byte offset {err.start}); "
             "give UTF-8 text files (convert one with e.g. iconv -f LATIN1 -t UTF-8)"
         ) from None
+    text = text.removeprefix("\ufeff")
     nul = text.find("\0")
     if nul >= 0:
         line = text.count("\n", 0, nul) + 1
         raise DataError(f"{path} is binary data, not text (a NUL byte at line {line}); give UTF-8 text files")
     if not text.strip():
         raise DataError(f"{path} is empty; give files with text in them")
-    return text
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 @functools.lru_cache(maxsize=256)
@@ -93,6 +96,8 @@ def read_chat_jsonl(path: str | Path) -> list[Conversation]:
                 raise DataError(
                     f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x}); chat files must be UTF-8 JSONL"
                 ) from None
+            if lineno == 1:  # a byte-order mark (Windows editors write one) is not JSON's
+                line = line.removeprefix("\ufeff")
             if not line.strip():
                 continue
             try:
