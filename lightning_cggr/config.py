@@ -798,7 +798,9 @@ def validate(run: RunConfig) -> None:
     if not _is_int(d.num_workers) or d.num_workers < 0:
         p.append(f"data.num_workers={d.num_workers!r}: must be an integer >= 0")
     if not _is_number(d.val_fraction) or not 0.0 < d.val_fraction < 1.0:
-        p.append(f"data.val_fraction={d.val_fraction!r}: must be a number in (0, 1)")
+        no_validation = " (to train without validation, keep it and add +trainer.limit_val_batches=0)"
+        p.append(f"data.val_fraction={d.val_fraction!r}: must be a number in (0, 1), the share held out for "
+                 f"validation{no_validation if d.val_fraction == 0 else ''}")
     _validate_attention(p, run)
     _validate_lora(p, m.lora)
     if d.source in ("files", "chat") and d.paths and paths_ok:

@@ -116,6 +116,9 @@ CASES = [
     Case("trainer-argument-the-job-sets", ["+trainer.barebones=true"],
          "trainer.barebones: Lightning's barebones mode turns off checkpoints, loggers and the progress bar, and "
          "this job always writes last.ckpt and logs; for raw step speed use experiments/throughput.py"),
+    Case("no-validation-split", ["data.val_fraction=0"],
+         "data.val_fraction=0: must be a number in (0, 1), the share held out for validation (to train without "
+         "validation, keep it and add +trainer.limit_val_batches=0)"),
     Case("unknown-top-level-key", ["+sed=1"], "sed: unknown top-level key; did you mean seed?"),
     Case("job-changes-directory", ["hydra.job.chdir=true"], "hydra.job.chdir=true: this job reads relative paths"),
     Case("unknown-group-key", ["+cggr.min_token_ratio=0.5"],
