@@ -32,9 +32,9 @@ def cache_dir(override: str | None = None) -> Path:
 
 def read_text_file(path: str | Path) -> str:
     """The UTF-8 text of a data file; a missing, empty, binary or non-UTF-8 file is a
-    :class:`DataError` naming the file, the line and the byte. Read as Python's text mode reads: a
-    leading byte-order mark (Windows editors write one) is not text, and Windows (CRLF) and old Mac
-    (CR) line ends are newlines, so a file's words tokenize alike whichever system saved it."""
+    :class:`DataError` naming the file, the line and the byte. Line ends are read as Python's text
+    mode reads them (Windows' CRLF and old Macs' CR are newlines), and a leading byte-order mark
+    (Windows editors write one) is dropped, so a text tokenizes alike whichever system saved it."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path} does not exist or is not a file")
