@@ -458,6 +458,11 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
         initial = {f"{k}_initial": v for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
     elif plan.ckpt is not None:
         say.info("resuming %s at step %d%s", plan.ckpt, plan.start_step, " in place" if plan.in_place else "")
+        max_steps = trainer_kw.get("max_steps", -1)
+        if 0 <= max_steps <= plan.start_step:
+            say.warning("the checkpoint is at step %d, and trainer.max_steps=%d is the whole run's length (not steps "
+                        "to add): nothing trains, the run only validates; to train further raise it, e.g. "
+                        "trainer.max_steps=%d", plan.start_step, max_steps, plan.start_step + max(max_steps, 1))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(plan.ckpt) if plan.ckpt else None)
     if in_fit_start:
         initial = {f"{k}_initial": float(v) for k, v in module.sanity_metrics.items()}

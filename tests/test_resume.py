@@ -201,6 +201,25 @@ def test_a_continued_run_trains_its_first_step_at_the_new_schedules_rate(tmp_pat
                                                      rel=1e-6)
 
 
+def test_resuming_at_or_past_max_steps_says_that_nothing_trains(tmp_path, caplog):
+    """trainer.max_steps is the whole run's length: a user who gives the steps to add (10 after 20)
+    trained nothing, with only Lightning's "max_steps=10 reached" to say so."""
+    import logging
+
+    train(make_cfg(tmp_path, "run"))
+    caplog.set_level(logging.INFO, logger="lightning_cggr.train")
+    for steps in (10, 20):
+        caplog.clear()
+        train(make_cfg(tmp_path, "run", f"trainer.max_steps={steps}", "ckpt_path=auto"))
+        assert any(m.startswith(f"the checkpoint is at step 20, and trainer.max_steps={steps} is the whole run's "
+                                f"length") and m.endswith(f"e.g. trainer.max_steps={20 + steps}")
+                   for m in caplog.messages), caplog.messages
+    assert [s for s, _ in rows(tmp_path / "run")] == list(range(20))  # nothing trained
+    caplog.clear()
+    train(make_cfg(tmp_path, "run", "trainer.max_steps=21", "ckpt_path=auto"))
+    assert not any("nothing trains" in m for m in caplog.messages)
+
+
 # ---- resume in place ---------------------------------------------------------------------------
 
 
