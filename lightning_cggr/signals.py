@@ -31,6 +31,16 @@ def exit_code(signum: int) -> int:
     return 128 + int(signum)
 
 
+def stopped_outside_training(signum: int):
+    """The :class:`~lightning_cggr.errors.RunStopped` of a signal that came where no step runs: the
+    validations before and after ``fit``, or before the Trainer exists (reading data, building the
+    model: Ctrl-C there was a ``KeyboardInterrupt`` traceback)."""
+    from .errors import RunStopped
+
+    return RunStopped(f"{signal.Signals(signum).name} received outside training: stopped, nothing to save",
+                      exit_code(signum))
+
+
 class StopRequest:
     """The first stop signal received by this process, and its agreement across ranks."""
 
@@ -49,10 +59,7 @@ class StopRequest:
 
     @staticmethod
     def _stop_now(signum, frame) -> None:
-        from .errors import RunStopped
-
-        raise RunStopped(f"{signal.Signals(signum).name} received outside training: stopped, nothing to save",
-                         exit_code(signum))
+        raise stopped_outside_training(signum)
 
     def install(self, immediate: bool = False) -> None:
         """Replace the SIGTERM and SIGINT handlers (main thread only; elsewhere a no-op): record the

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -39,6 +40,7 @@ from .perf import (
     static_shape_problem,
     uses_cuda_graphs,
 )
+from .signals import stopped_outside_training
 
 log = logging.getLogger(__name__)
 
@@ -506,6 +508,10 @@ def main(cfg: DictConfig) -> float | None:
         except RunStopped:  # a signal or divergence every rank agreed on
             release_process_groups()
             raise
+        except KeyboardInterrupt:  # Ctrl-C where no handler of the run's is installed (data, model build)
+            rundir.discard_new_run_folder()  # nothing saved yet: no empty run folder either
+            release_process_groups()
+            raise stopped_outside_training(signal.SIGINT) from None
         release_process_groups()
         return metrics.get("val/loss")
 

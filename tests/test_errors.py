@@ -222,6 +222,20 @@ def test_full_error_shows_the_traceback_and_keeps_exit_2(tmp_path, monkeypatch, 
     assert os.environ["HYDRA_FULL_ERROR"] == "1"  # restored as the user set it
 
 
+def test_ctrl_c_before_training_stops_with_one_line_and_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the run reads its data or builds its model (minutes for a large corpus or model),
+    before any handler of the run's is installed, ended in a KeyboardInterrupt traceback and left the
+    run folder with only Hydra's bookkeeping in it."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "build_model", interrupted)
+    code, err = run_cli(monkeypatch, capsys, tmp_path, Case("ctrl-c", [], ""))
+    assert code == 130
+    assert err.strip().splitlines() == ["stopped: SIGINT received outside training: stopped, nothing to save"]
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     "overrides, env, expect",
     [
