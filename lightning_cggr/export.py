@@ -251,15 +251,47 @@ def export(source: str | Path, out_dir: str | Path, dtype: str | None = None, ov
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} is not empty; choose a new folder or pass --overwrite")
     model, tokenizer = load_trained(source, dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
     path = Path(source).expanduser()
-    if not is_hf_folder(path):
-        resolved = locate(path)[0] / ".hydra" / "config.yaml"
-        if resolved.is_file():
-            shutil.copyfile(resolved, out / "lightning_cggr_config.yaml")
+    resolved = None if is_hf_folder(path) else locate(path)[0] / ".hydra" / "config.yaml"
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        if resolved is not None and resolved.is_file():
+            shutil.copyfile(resolved, folder / "lightning_cggr_config.yaml")
+
+    _write_whole(out, write)
     return out
+
+
+def _write_whole(out: Path, write) -> None:
+    """``write`` a folder's files into a temporary folder beside ``out``, then move them into place:
+    an export stopped on the way (Ctrl-C, a full disk: SmolLM2's weights are 540 MB) leaves no
+    folder that looks like a model but lacks its weights or tokenizer. A new or empty ``out`` is
+    replaced whole (one rename); with ``--overwrite`` into a folder holding other files each file
+    is replaced by a rename of its own, and the others are left as they were."""
+    import os
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the export is a folder like any other
+    try:
+        write(tmp)
+        if out.is_dir() and any(out.iterdir()):
+            for item in sorted(tmp.iterdir()):
+                target = out / item.name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                os.replace(item, target)
+        else:
+            if out.is_dir():
+                out.rmdir()
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _quiet_transformers() -> None:

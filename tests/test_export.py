@@ -226,6 +226,41 @@ def test_errors_name_the_fix(run_dir, tmp_path):
 
 
 
+def test_an_export_stopped_on_the_way_leaves_nothing_that_looks_like_a_model(run_dir, tmp_path, monkeypatch):
+    """Ctrl-C or a full disk after the weights but before the tokenizer: no folder at all (it used to
+    hold weights and config without a tokenizer, which from_pretrained half-loads), and no temporary
+    folder either. A complete export lands with the permissions of any new folder."""
+    import os
+
+    from transformers import PreTrainedTokenizerBase
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PreTrainedTokenizerBase, "save_pretrained", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            export(run_dir, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    export(run_dir, tmp_path / "out")
+    assert {p.name for p in tmp_path.iterdir()} == {"out"}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_overwrite_replaces_the_exports_files_and_keeps_the_others(run_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "config.json").write_text("{}")
+    export(run_dir, out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "config.json").read_text())["vocab_size"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_a_checkpoint_of_a_users_own_trainer_gets_the_recipe_that_exports_it(tmp_path):
     """A checkpoint written by the user's own Trainer has no run folder; the error gives the recipe,
     and the recipe gives a folder transformers loads with the trained weights."""
