@@ -56,6 +56,17 @@ def release_process_groups() -> None:
         dist.destroy_process_group()
 
 
+def unshared(state: dict) -> dict:
+    """An unpickled object's state with its tensors (and those of a dict in it) copied into this
+    process's own memory. torch.multiprocessing passes a CPU tensor by sharing its memory with the
+    process that pickled it; Lightning's ``ddp_spawn`` on CPU copies the module's parameters and
+    buffers back out, but not the other tensors it holds, so a worker's in-place update of a
+    running sum reached the main process and the other worker (the held-out sums of one
+    ``trainer.validate`` were the next one's starting values)."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) else unshared(v) if isinstance(v, dict) else v
+            for k, v in state.items()}
+
+
 class KeptTokenNormalizer:
     """Turns per-micro-batch NLL sums into the gradient of the step's global kept-token mean.
 
@@ -73,6 +84,9 @@ class KeptTokenNormalizer:
         fp32 device tensor; 0 for a step that kept nothing), set by :meth:`correct_gradients`."""
         self.step_extra: torch.Tensor | None = None
         """The last corrected step's ``extra`` summed over all ranks (fp64 device tensor), or None."""
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(unshared(state))  # running sums of this process's own (see unshared)
 
     def _ensure(self, device: torch.device) -> None:
         if self.count is None or self.count.device != device:

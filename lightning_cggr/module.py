@@ -39,7 +39,7 @@ from torchmetrics import Metric, SumMetric
 
 from .batches import check_batch, embedding_rows
 from .config import CGGRConfig, LossConfig, OptimConfig, PerfConfig, as_config, config_error, optim_problems
-from .distributed import shard_fsdp2
+from .distributed import shard_fsdp2, unshared
 from .errors import MPS_PROBLEM, ConfigError
 from .flops import FlopShape, device_peak_tflops, mfu, step_flops
 from .step import CGGRStep, build_optimizer, build_scheduler
@@ -85,8 +85,9 @@ class _Window:
 
 
 class _SteadyStates:
-    """A metric whose states keep their dtypes when the module is cast, and stay ordinary tensors
-    when it is reset under inference mode.
+    """A metric whose states keep their dtypes when the module is cast, stay ordinary tensors when it
+    is reset under inference mode, and are a process's own when it is unpickled (Lightning's
+    ``ddp_spawn``: see :func:`~lightning_cggr.distributed.unshared`).
 
     torchmetrics guards ``.half()``, ``.float()`` and the like, but not ``Module.to(dtype=...)``,
     which is how Lightning's ``bf16-true`` / ``16-true`` precision converts the LightningModule: the
@@ -101,6 +102,9 @@ class _SteadyStates:
             this._defaults[key] = this._defaults[key].to(dtype)
             setattr(this, key, getattr(this, key).to(dtype))
         return this
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(unshared(state))  # sums of this process's own (see unshared)
 
     def reset(self) -> None:
         """Lightning runs ``trainer.validate`` under ``torch.inference_mode`` (its default), and the
