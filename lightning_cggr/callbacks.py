@@ -6,8 +6,9 @@ through the job's three Trainer calls (validate, fit, validate).
 :class:`ResumableCheckpoint` is the one callback that keeps ``checkpoints/last.ckpt`` the newest
 complete, finite state of the run (always added by ``train()``, whatever ``callbacks=`` holds):
 
-- every ``every_n_steps`` optimizer steps, at every validation during fit, at the last step and at
-  the end of training; always the same file name (never ``last-v1.ckpt``), written atomically by
+- every ``every_n_steps`` optimizer steps, at every validation during fit (one that falls inside an
+  optimizer step under gradient accumulation: where that step ends), at the last step and at the
+  end of training; always the same file name (never ``last-v1.ckpt``), written atomically by
   :class:`~lightning_cggr.checkpointing.AtomicCheckpointIO`;
 - on SIGTERM / SIGINT (:mod:`lightning_cggr.signals`): at the next optimizer-step boundary, agreed by
   every rank, then the run raises :class:`~lightning_cggr.errors.RunStopped` (exit 128 + signal);
@@ -103,6 +104,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         self.stop = stop or StopRequest()
         self._boundary = True  # the next batch starts an optimizer step
         self._step_at_batch_start = -1
+        self._save_at_boundary = False  # a validation inside an optimizer step asked for a save
 
     # ---- health and stop requests --------------------------------------------------------------
     def _poll(self, trainer, pl_module, health: bool, saving: bool) -> tuple[int, int | None]:
@@ -213,7 +215,8 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._boundary = False
         step = trainer.global_step
         due = self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
-        due = due and step != self._last_global_step_saved
+        due = (due or self._save_at_boundary) and step != self._last_global_step_saved
+        self._save_at_boundary = False
         health = due or logging_step(trainer, step)
         signum, bad = self._poll(trainer, pl_module, health=health, saving=due)
         if bad is not None:
@@ -242,7 +245,12 @@ class ResumableCheckpoint(ModelCheckpoint):
         if trainer.state.fn != TrainerFn.FITTING:
             self.stop.restore()
         elif self._fitting(trainer) and trainer.global_step > 0:
-            self._checked_save(trainer, pl_module)
+            if self._boundary:
+                self._checked_save(trainer, pl_module)
+            else:  # inside an optimizer step (trainer.val_check_interval counts batches): its
+                # micro-batches so far are in no checkpoint, and a resume from one saved here
+                # regroups them (a micro-batch's gradient lost); save where the step ends instead
+                self._save_at_boundary = True
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._reached_max_steps(trainer):

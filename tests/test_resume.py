@@ -220,6 +220,38 @@ def test_resuming_at_or_past_max_steps_says_that_nothing_trains(tmp_path, caplog
     assert not any("nothing trains" in m for m in caplog.messages)
 
 
+def test_every_checkpoint_of_an_accumulating_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """trainer.val_check_interval counts batches, so with accumulate_grad_batches=3 and validation
+    every 4 batches, validations fall inside optimizer steps, and each saved last.ckpt there: a run
+    killed after such a save resumed without the step's accumulated micro-batches (Lightning regroups
+    them from the next batch). Every checkpoint the run writes must resume to the straight run's
+    final weights, bit for bit."""
+    import shutil
+
+    from lightning_cggr.checkpointing import AtomicCheckpointIO
+
+    common = ("data.batch_size=1", "trainer.accumulate_grad_batches=3", "trainer.val_check_interval=4",
+              "trainer.max_steps=6", "checkpoint.every_n_steps=0", "cggr.warmup_steps=2", "optim.warmup_steps=1")
+    saves, write = tmp_path / "saves", AtomicCheckpointIO.save_checkpoint
+    saves.mkdir()
+
+    def keep_each(self, checkpoint, path, storage_options=None):
+        write(self, checkpoint, path, storage_options)
+        if Path(path).name == "last.ckpt" and checkpoint["global_step"] < 6:
+            shutil.copyfile(path, saves / f"{len(list(saves.iterdir())):02d}.ckpt")
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", keep_each)
+    train(make_cfg(tmp_path, "straight", *common))
+    monkeypatch.undo()
+    straight = _weights(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    kept = sorted(saves.iterdir())
+    assert len(kept) >= 2  # the validations inside the run
+    for ckpt in kept:
+        train(make_cfg(tmp_path, ckpt.stem, *common, f"ckpt_path={ckpt}"))
+        resumed = _weights(tmp_path / ckpt.stem / "checkpoints" / "last.ckpt")
+        assert all(torch.equal(straight[k], resumed[k]) for k in straight), f"resumed from {ckpt.name}"
+
+
 # ---- resume in place ---------------------------------------------------------------------------
 
 
