@@ -18,6 +18,7 @@ import torch
 from .cli import add_version_option
 from .errors import UserError, run_command
 from .export import DTYPES, _quiet_transformers, load_trained
+from .models.positions import declared_positions, learned_position_table
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
@@ -28,6 +29,23 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> Non
         raise UserError(f"--temperature={temperature}: must be a finite number >= 0 (0: greedy)")
     if not (math.isfinite(top_p) and 0 < top_p <= 1):
         raise UserError(f"--top-p={top_p}: must be in (0, 1] (1: no nucleus cut)")
+
+
+def check_positions(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    """A model with a learned position table (GPT-2, OPT) cannot look past its last row: generating
+    further ended in an IndexError from inside the model. UserError naming the most that fits."""
+    declared = declared_positions(model)
+    if declared is None or prompt_tokens + max_new_tokens <= declared[1]:
+        return
+    name, count = declared
+    if learned_position_table(model, count) is None:
+        return  # computed positions (rotary, ALiBi): it runs, past the lengths it was trained on
+    where = f"this model has {count} learned positions ({name})"
+    if prompt_tokens >= count:
+        raise UserError(f"the prompt is {prompt_tokens} tokens, and {where}: shorten the prompt")
+    raise UserError(f"--max-new-tokens={max_new_tokens} after a {prompt_tokens}-token prompt needs "
+                    f"{prompt_tokens + max_new_tokens} positions, and {where}; lower --max-new-tokens to at "
+                    f"most {count - prompt_tokens}")
 
 
 def generate_text(
@@ -56,6 +74,7 @@ def generate_text(
         )["input_ids"]
     else:
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=True)["input_ids"]
+    check_positions(model, ids.shape[1], max_new_tokens)
     ids = ids.to(next(model.parameters()).device)
     torch.manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -156,6 +156,27 @@ def test_generate_greedy_equals_an_argmax_loop(run_dir, tmp_path):
     assert text == "The for statement" + tokenizer.decode(ids[0, 3:], skip_special_tokens=True)
 
 
+def test_generating_past_a_learned_position_table_names_the_most_that_fits(run_dir):
+    """GPT-2 looks positions up in a table: generating past its last row ended in an IndexError from
+    inside the model. The most that fits is named, and generates (greedy, to the table's end)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lightning_cggr.generate import generate_text
+
+    _, tokenizer = load_trained(run_dir)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=12, n_embd=16, n_layer=1, n_head=2)).eval()
+    prompt_tokens = len(tokenizer("The for statement")["input_ids"])
+    fits = 12 - prompt_tokens
+    with pytest.raises(UserError, match=rf"--max-new-tokens={fits + 1} after a {prompt_tokens}-token prompt needs 13 "
+                                        rf"positions, and this model has 12 learned positions .*at most {fits}$"):
+        generate_text(model, tokenizer, "The for statement", max_new_tokens=fits + 1, temperature=0)
+    with pytest.raises(UserError, match="the prompt is 1[2-9] tokens, and this model has 12 learned positions"):
+        generate_text(model, tokenizer, "The for statement " * 5, max_new_tokens=1)
+    text = generate_text(model, tokenizer, "The for statement", max_new_tokens=fits, temperature=0)
+    assert text.startswith("The for statement")
+
+
 def test_sampling_is_seeded(run_dir):
     from lightning_cggr.generate import generate_text
 
