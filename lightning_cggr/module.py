@@ -470,17 +470,32 @@ class CGGRModule(L.LightningModule):
         if self.trainer.strategy.root_device.type == "mps":
             raise ConfigError(f"invalid configuration: this Trainer {MPS_PROBLEM}; use accelerator='cpu'")
 
+    def _run_length(self) -> int | None:
+        """The run's optimizer steps, or None where the Trainer cannot know them: Lightning answers
+        ``max_steps`` (-1) for a training loader without a length (an ``IterableDataset``) and
+        infinity for ``max_epochs=-1``."""
+        total = self.trainer.estimated_stepping_batches
+        return int(total) if 0 < total < float("inf") else None
+
     def on_fit_start(self):
         """The run's length, which strategy=infobatch anneals over (its last anneal_fraction); here, not
         in configure_optimizers, so that a subclass with an optimizer of its own has it too."""
-        total = self.trainer.estimated_stepping_batches
-        self.step.total_steps = int(total) if total != float("inf") else None
+        self.step.total_steps = self._run_length()
 
     def configure_optimizers(self):
+        total = self._run_length()
+        if total is None and self.optim_cfg.min_lr_ratio != 1.0:
+            # the cosine would have been laid over -1 steps, i.e. one: the LR at its floor from step 1
+            raise ConfigError(
+                f"invalid configuration: optim.min_lr_ratio={self.optim_cfg.min_lr_ratio}: the cosine schedule "
+                f"decays over the run's length, which this Trainer does not know (max_steps="
+                f"{self.trainer.max_steps}, and a training loader without a length, e.g. an IterableDataset, "
+                f"or max_epochs=-1); give the Trainer max_steps, or optim.min_lr_ratio=1.0 for a constant LR "
+                f"after the warm-up")
         scaled = self._loss_scaled()
         optimizer = build_optimizer(self.model, self.optim_cfg,
                                     scaled_clipping=scaled and bool(self.trainer.gradient_clip_val))
-        scheduler = build_scheduler(optimizer, self.optim_cfg, self.trainer.estimated_stepping_batches)
+        scheduler = build_scheduler(optimizer, self.optim_cfg, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

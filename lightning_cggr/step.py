@@ -573,10 +573,15 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, *, scaled_clipping
         ) from None
 
 
-def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
+def lr_factor(step: int, cfg: OptimConfig, total_steps: int | None) -> float:
     """The LR multiplier at optimizer step ``step``: linear warm-up from 0 over ``warmup_steps``
     (capped at ``total_steps``), then a half cosine down to ``min_lr_ratio`` at ``total_steps``,
-    held there after (a run continued past its planned length keeps the floor)."""
+    held there after (a run continued past its planned length keeps the floor). ``total_steps=None``
+    (a run of unknown length): the warm-up, then ``min_lr_ratio`` must be 1, a constant LR."""
+    if total_steps is None:
+        if cfg.min_lr_ratio != 1.0:
+            raise ValueError(f"a cosine down to min_lr_ratio={cfg.min_lr_ratio} needs the run's length")
+        return step / cfg.warmup_steps if step < cfg.warmup_steps else 1.0
     total = max(int(total_steps), 1)
     warmup = min(int(cfg.warmup_steps), total)
     if step < warmup:
@@ -594,7 +599,7 @@ class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
     only at its next step: the first step after the resume trained at the old rate (at the floor,
     for a run that had finished). With the same length the rates are the ones stored, bit for bit."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int | None):
         super().__init__(optimizer, lambda step: lr_factor(step, cfg, total_steps))
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -604,7 +609,7 @@ class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> WarmupCosine:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int | None) -> WarmupCosine:
     """The run's LR schedule (see :class:`WarmupCosine`)."""
     return WarmupCosine(optimizer, cfg, total_steps)
 

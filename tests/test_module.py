@@ -446,3 +446,36 @@ def test_validate_then_fit_under_lightnings_default_inference_mode(tmp_path):
     assert trainer.global_step == 4
     after = trainer.validate(module, val, verbose=False)[0]["val/loss"]
     assert after == pytest.approx(reference(), rel=1e-5) and after != pytest.approx(before)
+
+
+def test_a_run_of_unknown_length_needs_max_steps_or_a_constant_lr(tmp_path):
+    """A streaming loader (no length) and max_epochs: Lightning reports the run's length as -1, and
+    the cosine was laid over one step, so the whole run trained at the LR floor. Now an error names
+    the fix; with min_lr_ratio=1.0 the warm-up then the constant LR (by hand: 0, 1/2, 1, 1, 1)."""
+    from lightning_cggr.errors import ConfigError
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for s in range(10):
+                yield {k: v[0] for k, v in make_batch(1, 16, seed=s, pad_tail=False).items()}
+
+    class Rates(L.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    kw = dict(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, default_root_dir=str(tmp_path))
+    module = CGGRModule(make_tiny_model("llama"), CGGRConfig(warmup_steps=0), optim=OptimConfig(lr=0.01, warmup_steps=2))
+    with pytest.raises(ConfigError, match=r"optim.min_lr_ratio=0.1: the cosine schedule decays over the run's "
+                                          r"length, which this Trainer does not know .* give the Trainer max_steps"):
+        L.Trainer(**kw).fit(module, torch.utils.data.DataLoader(Stream(), batch_size=2))
+    module = CGGRModule(make_tiny_model("llama"), CGGRConfig(warmup_steps=0),
+                        optim=OptimConfig(lr=0.01, warmup_steps=2, min_lr_ratio=1.0))
+    rates = Rates()
+    trainer = L.Trainer(callbacks=[rates], **kw)
+    trainer.fit(module, torch.utils.data.DataLoader(Stream(), batch_size=2))
+    assert trainer.global_step == 5
+    assert rates.seen == pytest.approx([0.0, 0.005, 0.01, 0.01, 0.01])
