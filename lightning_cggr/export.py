@@ -273,6 +273,7 @@ def _write_whole(out: Path, write) -> None:
     import os
     import tempfile
 
+    out = out.resolve() if out.is_symlink() else out  # a link to a folder: write where it points
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     umask = os.umask(0)

@@ -280,6 +280,10 @@ def test_overwrite_replaces_the_exports_files_and_keeps_the_others(run_dir, tmp_
     assert (out / "notes.txt").read_text() == "mine"
     assert json.loads((out / "config.json").read_text())["vocab_size"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (tmp_path / "target").mkdir()  # a link to an empty folder: the export lands where it points
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    export(run_dir, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "target" / "config.json").is_file()
 
 
 def test_a_checkpoint_of_a_users_own_trainer_gets_the_recipe_that_exports_it(tmp_path):
