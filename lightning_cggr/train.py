@@ -223,6 +223,10 @@ def check_config(cfg: DictConfig):
     trainer_kw = dict(plain.get("trainer") or {})
     seed = plain.get("seed")
     problems = [] if _is_int(seed) else [f"seed={seed!r}: must be an integer"]
+    if (trainer_kw.get("max_steps", -1), trainer_kw.get("max_epochs")) == (-1, -1) and run.optim.min_lr_ratio != 1.0:
+        problems.append(f"trainer.max_steps=-1 with trainer.max_epochs=-1 trains without end, and the cosine LR "
+                        f"schedule (optim.min_lr_ratio={run.optim.min_lr_ratio}) needs the run's length; give "
+                        f"trainer.max_steps, or optim.min_lr_ratio=1.0 for a constant LR after the warm-up")
     if problems := problems + trainer_value_problems(trainer_kw):
         raise config_error(problems)
     asked = run.perf
@@ -463,7 +467,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
         max_steps = trainer_kw.get("max_steps", -1)
         if 0 <= max_steps <= plan.start_step:
             say.warning("the checkpoint is at step %d, and trainer.max_steps=%d is the whole run's length (not steps "
-                        "to add): nothing trains, the run only validates; to train further raise it, e.g. "
+                        "to add): nothing trains; to train further raise it, e.g. "
                         "trainer.max_steps=%d", plan.start_step, max_steps, plan.start_step + max(max_steps, 1))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(plan.ckpt) if plan.ckpt else None)
     if in_fit_start:

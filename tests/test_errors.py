@@ -119,6 +119,9 @@ CASES = [
     Case("no-validation-split", ["data.val_fraction=0"],
          "data.val_fraction=0: must be a number in (0, 1), the share held out for validation (to train without "
          "validation, keep it and add +trainer.limit_val_batches=0)"),
+    Case("a-run-without-end-and-a-cosine", ["trainer.max_steps=-1", "+trainer.max_epochs=-1"],
+         "trainer.max_steps=-1 with trainer.max_epochs=-1 trains without end, and the cosine LR schedule "
+         "(optim.min_lr_ratio=0.1) needs the run's length"),
     Case("unknown-top-level-key", ["+sed=1"], "sed: unknown top-level key; did you mean seed?"),
     Case("job-changes-directory", ["hydra.job.chdir=true"], "hydra.job.chdir=true: this job reads relative paths"),
     Case("unknown-group-key", ["+cggr.min_token_ratio=0.5"],
