@@ -56,15 +56,22 @@ def release_process_groups() -> None:
         dist.destroy_process_group()
 
 
-def unshared(state: dict) -> dict:
-    """An unpickled object's state with its tensors (and those of a dict in it) copied into this
-    process's own memory. torch.multiprocessing passes a CPU tensor by sharing its memory with the
-    process that pickled it; Lightning's ``ddp_spawn`` on CPU copies the module's parameters and
-    buffers back out, but not the other tensors it holds, so a worker's in-place update of a
-    running sum reached the main process and the other worker (the held-out sums of one
-    ``trainer.validate`` were the next one's starting values)."""
-    return {k: v.clone() if isinstance(v, torch.Tensor) else unshared(v) if isinstance(v, dict) else v
-            for k, v in state.items()}
+def unshared(state: dict, nested: tuple[str, ...] = ()) -> dict:
+    """An unpickled object's state with its plain tensors (and those of the dicts named in
+    ``nested``) copied into this process's own memory; every other value, container types included,
+    as it was. torch.multiprocessing passes a CPU tensor by sharing its memory with the process that
+    pickled it; Lightning's ``ddp_spawn`` on CPU copies the module's parameters and buffers back out,
+    but not the other tensors it holds, so a worker's in-place update of a running sum reached the
+    main process and the other worker (the held-out sums of one ``trainer.validate`` were the next
+    one's starting values)."""
+    def own(value):
+        return value.clone() if type(value) is torch.Tensor else value
+
+    out = {k: own(v) for k, v in state.items()}
+    for key in nested:
+        if isinstance(out.get(key), dict):
+            out[key] = type(out[key])((k, own(v)) for k, v in out[key].items())
+    return out
 
 
 class KeptTokenNormalizer:

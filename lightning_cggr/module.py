@@ -104,7 +104,7 @@ class _SteadyStates:
         return this
 
     def __setstate__(self, state: dict) -> None:
-        super().__setstate__(unshared(state))  # sums of this process's own (see unshared)
+        super().__setstate__(unshared(state, nested=("_defaults",)))  # sums of this process's own (see unshared)
 
     def reset(self) -> None:
         """Lightning runs ``trainer.validate`` under ``torch.inference_mode`` (its default), and the

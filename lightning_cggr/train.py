@@ -476,8 +476,9 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     last_step = {k: v for k, v in _scalars(trainer.callback_metrics).items() if k.startswith("train/")}
     final = {}
     if validating:
-        trainer.validate(module, datamodule=datamodule)
-        final = _scalars(trainer.callback_metrics)
+        # what the validation returns: the Trainer's callback_metrics may hold more (under ddp_spawn,
+        # Lightning merges the workers' into the main process's, the learning rates of fit among them)
+        final = {k: float(v) for results in trainer.validate(module, datamodule=datamodule) for k, v in results.items()}
     metrics = {**last_step, **final, **initial}
     say.info("final metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
     if (ckpt_dir / "last.ckpt").exists():

@@ -564,6 +564,11 @@ def test_an_unpickled_module_keeps_its_running_sums_to_itself():
     copy.step.token_norm.loss(torch.tensor(2.0), torch.tensor(3))
     assert float(copy.val_tokens.sum_value) == 5.0 and int(copy.step.token_norm.count) == 3
     assert float(module.val_tokens.sum_value) == 0.0 and int(module.step.token_norm.count) == 0
+    # still a module like the sender's (Lightning's model summary hooks every submodule)
+    assert type(copy.val_tokens._forward_hooks) is type(module.val_tokens._forward_hooks)
+    copy.register_forward_hook(lambda *args: None)
+    for metric in copy.modules():
+        metric.register_forward_hook(lambda *args: None)
 
 
 @pytest.mark.slow
@@ -584,8 +589,8 @@ def test_ddp_spawn_validate_fit_validate_gives_the_float64_losses(tmp_path):
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()).item()
 
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, default_root_dir=str(tmp_path))
+                        enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,
+                        default_root_dir=str(tmp_path))  # with Lightning's model summary (hooks)
     before = trainer.validate(module, val, verbose=False)[0]["val/loss"]
     assert before == pytest.approx(reference(), rel=1e-5)
     trainer.fit(module, torch.utils.data.DataLoader(Rows(rows), batch_size=2))
