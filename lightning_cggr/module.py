@@ -475,7 +475,7 @@ class CGGRModule(L.LightningModule):
         ``max_steps`` (-1) for a training loader without a length (an ``IterableDataset``) and
         infinity for ``max_epochs=-1``."""
         total = self.trainer.estimated_stepping_batches
-        return int(total) if 0 < total < float("inf") else None
+        return int(total) if 0 <= total < float("inf") else None  # 0: max_steps=0, validation only
 
     def on_fit_start(self):
         """The run's length, which strategy=infobatch anneals over (its last anneal_fraction); here, not
