@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 import torch
 
@@ -134,7 +135,11 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m lightning_cggr.generate`` / ``lightning-cggr-generate``; a mistake exits 2 with one line."""
     args = build_parser().parse_args(argv)
     _quiet_transformers()
-    print(run_command(_run, args))
+    text = run_command(_run, args)
+    print(text)
+    if not text.strip():  # a chat reply that ended at once: an empty line alone looked like a failure
+        print("(the model's reply is empty: the first token it chose ends its turn; try --temperature above 0 "
+              "or another --seed)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -286,6 +286,19 @@ def test_overwrite_replaces_the_exports_files_and_keeps_the_others(run_dir, tmp_
     assert (tmp_path / "link").is_symlink() and (tmp_path / "target" / "config.json").is_file()
 
 
+@pytest.mark.parametrize("reply, noted", [("", True), ("  \n", True), ("A list holds items.", False)])
+def test_an_empty_chat_reply_is_said_to_be_empty(monkeypatch, capsys, reply, noted):
+    """A chat model whose first token ends its turn replied with an empty line and exit 0, which read
+    as a failure of the command; a note on stderr now says what happened."""
+    from lightning_cggr import generate as generate_cmd
+
+    monkeypatch.setattr(generate_cmd, "_run", lambda args: reply)
+    generate_cmd.main(["some-model", "What is a list?"])
+    out, err = capsys.readouterr()
+    assert out == reply + "\n"
+    assert ("the model's reply is empty" in err) == noted
+
+
 def test_a_checkpoint_of_a_users_own_trainer_gets_the_recipe_that_exports_it(tmp_path):
     """A checkpoint written by the user's own Trainer has no run folder; the error gives the recipe,
     and the recipe gives a folder transformers loads with the trained weights."""
