@@ -27,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import rundir
 from .cli import omegaconf_problem, run_hydra, unknown_key_problems, version_line
-from .config import _is_int, config_error, lr_warnings, parse_config, register_schema, routing_warnings
+from .config import (_is_int, config_error, fine_tuning_lr_warnings, lr_warnings, parse_config, register_schema,
+                     routing_warnings)
 from .distributed import release_process_groups
 from .errors import MPS_PROBLEM, ConfigError, RunStopped, UserError, exit_on_user_error
 from .perf import (
@@ -385,7 +386,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     callbacks_node = cfg.get("callbacks")  # None with callbacks=none
     callbacks_cfg = OmegaConf.to_container(callbacks_node, resolve=False) if callbacks_node else {}
     steps = trainer_kw.get("max_steps")
-    for warning in [*routing_warnings(run, steps), *lr_warnings(run.optim, steps),
+    for warning in [*routing_warnings(run, steps), *lr_warnings(run.optim, steps), *fine_tuning_lr_warnings(run),
                     *validation_warnings(callbacks_cfg, trainer_kw)]:
         say.warning(warning)
     if slow := precision_warning(trainer_kw.get("precision"), run_device(trainer_kw)):

@@ -211,6 +211,27 @@ def test_lightnings_pytorch_profiler_records_each_of_the_jobs_three_trainer_call
     assert traces == ["fit", "validate", "validate"]
 
 
+@pytest.mark.parametrize("overrides, warned", [
+    (["model=smollm2_gguf"], True),
+    (["model=smollm", "model.name=HuggingFaceTB/SmolLM2-135M"], True),
+    (["+experiment=smollm"], False),                       # sets optim.lr=3e-4
+    (["+experiment=smollm2_chat"], False),
+    (["model=smollm2_gguf", "optim.lr=1e-4"], False),
+    (["model=smollm2_gguf", "model.lora.r=8"], False),     # adapters: a higher LR is usual
+    ([], False),                                          # the random tiny model the default is for
+])
+def test_a_pretrained_model_at_the_tiny_models_default_lr_is_warned(overrides, warned):
+    """At 3e-3, two steps of SmolLM2 on the chat sample doubled its held-out loss (2.79 -> 5.58)."""
+    from lightning_cggr.config import fine_tuning_lr_warnings
+
+    run = parse_config(OmegaConf.to_container(_compose(*overrides), resolve=False))
+    warnings = fine_tuning_lr_warnings(run)
+    assert len(warnings) == warned
+    if warned:
+        assert warnings[0].startswith("optim.lr=0.003 is the random tiny model's default, and this run trains every "
+                                      "weight of a pretrained model")
+
+
 def test_fsdp_on_cpu_is_a_config_error_that_names_the_fix():
     cfg = _compose("trainer.strategy=fsdp", "output_dir=/tmp/unused")
     with pytest.raises(ConfigError, match="trainer.strategy=fsdp needs GPUs.*use trainer.strategy=fsdp2"):
