@@ -249,6 +249,9 @@ class DataConfig:
     """bpe: a byte-level BPE trained on the corpus and cached; model: the pretrained model's own;
     auto: bpe for model.source=random, model otherwise (resolved by parse_config)."""
     vocab_size: int = 8192
+    """tokenizer=bpe: the most tokens the byte-level BPE may hold (its 256 bytes, the EOS token, then
+    merges of pairs seen twice or more); a corpus with fewer such pairs gives fewer (pydoc: 6,672 of
+    8,192). The random model's embedding is sized to the tokenizer's own count."""
     block_size: int = 128
     """Tokens per training sequence (packed); for source=chat the truncation length."""
     batch_size: int = 16
@@ -791,10 +794,11 @@ def validate(run: RunConfig) -> None:
             p.append(f"data.{name}={getattr(d, name)!r}: must be a non-empty name")
     if d.cache_dir is not None and (not isinstance(d.cache_dir, str) or not d.cache_dir):
         p.append(f"data.cache_dir={d.cache_dir!r}: must be a folder path or null (the default cache)")
-    for name, least in (("block_size", 2), ("batch_size", 1), ("vocab_size", 2)):
+    for name, least in (("block_size", 2), ("batch_size", 1), ("vocab_size", BPE_BASE_TOKENS)):
         value = getattr(d, name)
         if not isinstance(value, int) or value < least:
-            p.append(f"data.{name}={value!r}: must be an integer >= {least}")
+            why = " (a byte-level BPE holds the 256 bytes and its EOS token before any merge)" if name == "vocab_size" else ""
+            p.append(f"data.{name}={value!r}: must be an integer >= {least}{why}")
     if not _is_int(d.num_workers) or d.num_workers < 0:
         p.append(f"data.num_workers={d.num_workers!r}: must be an integer >= 0")
     if not _is_number(d.val_fraction) or not 0.0 < d.val_fraction < 1.0:
@@ -882,6 +886,10 @@ def lr_warnings(optim: OptimConfig, max_steps: int | None = None) -> list[str]:
     return [f"optim.warmup_steps={w} with trainer.max_steps={max_steps}: the LR warm-up fills the whole run: the "
             f"LR rises through it (to {last:.3g} x optim.lr at its last step) and never decays; "
             f"lower optim.warmup_steps (e.g. {max_steps // 10}, a tenth of the run)"]
+
+
+BPE_BASE_TOKENS = 257
+"""The tokens a byte-level BPE holds before its first merge: the 256 bytes and the EOS token."""
 
 
 def fine_tuning_lr_warnings(run: RunConfig) -> list[str]:

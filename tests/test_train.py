@@ -70,6 +70,9 @@ def test_smollm_experiment_composes_with_upstream_defaults():
         ("loss.impl=naive loss.grad_accum=weight", "loss.impl=naive chooses its own accumulation"),
         ("loss.impl=naive loss.chunk_size=512", "loss.impl=naive has no chunks of ours"),
         ("model.arch=mamba", "model.arch='mamba'"),
+        # a byte-level BPE cannot hold fewer (it trained 262 tokens where 100 were asked)
+        ("data.vocab_size=256", "data.vocab_size=256: must be an integer >= 257 (a byte-level BPE holds the 256 "
+                                "bytes and its EOS token before any merge)"),
     ],
 )
 def test_bad_values_fail_before_anything_is_built(override, message):
@@ -88,8 +91,8 @@ def test_bad_values_fail_before_anything_is_built(override, message):
          ["data.source=files", "data.paths={tmp}/notes.txt"]),
         (["data.hf_config=wikitext-103-raw-v1"], "data.hf_config=wikitext-103-raw-v1: read only with data.source=hf",
          ["data=wikitext", "model=smollm", "data.hf_config=wikitext-103-raw-v1"]),
-        (["model=smollm2_gguf", "data.vocab_size=100"], "data.vocab_size=100: sizes the BPE tokenizer",
-         ["data.vocab_size=100"]),
+        (["model=smollm2_gguf", "data.vocab_size=300"], "data.vocab_size=300: sizes the BPE tokenizer",
+         ["data.vocab_size=300"]),
         (["cggr.selection.p_min=0.2"], "cggr.selection.p_min=0.2 applies to strategy=importance, and this run's "
          "cggr.selection.strategy is topk", ["cggr=importance", "cggr.selection.p_min=0.2"]),
         (["cggr=importance", "cggr.selection.strategy=topk"], "cggr.selection.importance_transform=relu applies to "
