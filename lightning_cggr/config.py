@@ -241,7 +241,8 @@ class DataConfig:
     """pydoc (the English text of CPython's pydoc_data.topics, no download) | files (data.paths) |
     chat (JSONL conversations, assistant-only labels) | hf (a Hugging Face dataset, data.hf_name)."""
     paths: list[str] | None = None
-    """Local UTF-8 text files for source=files (one path or a list): each file is one document, and
+    """Local UTF-8 text files for source=files (one path or a list; a folder stands for its files at any
+    depth, a pattern such as corpus/**/*.txt for those it matches): each file is one document, and
     a single file is cut into documents at blank lines (else into blocks of about
     ``data.text.DOCUMENT_CHARS`` characters). For source=chat: JSONL files of {"messages": [...]};
     null means the chat sample shipped in lightning_cggr/data/samples."""

@@ -294,6 +294,35 @@ def test_a_file_saved_on_windows_reads_as_the_same_documents(tmp_path):
         read_text_file(tmp_path / "latin.txt")
 
 
+def test_a_folder_or_a_pattern_names_its_files(tmp_path):
+    """data.paths=corpus/ (or corpus/**/*.txt) was "does not exist or is not a file". A folder is its
+    files at any depth, sorted, hidden ones skipped; a pattern is the files it matches, sorted. The
+    reference is the documents of the same files listed by hand."""
+    from lightning_cggr.data import data_file_problems
+    from lightning_cggr.data.files import expand_paths
+    from lightning_cggr.data.text import file_documents
+
+    corpus = tmp_path / "corpus"
+    (corpus / "part2").mkdir(parents=True)
+    (corpus / ".git").mkdir()
+    for name, text in (("b.txt", "bee\n"), ("a.txt", "ay\n"), ("part2/c.txt", "sea\n"), ("part2/d.md", "dee\n"),
+                       (".hidden.txt", "no\n"), (".git/config", "no\n")):
+        (corpus / name).write_text(text)
+    by_hand = [str(corpus / n) for n in ("a.txt", "b.txt", "part2/c.txt", "part2/d.md")]
+    assert expand_paths([corpus]) == by_hand
+    assert file_documents(str(corpus)) == file_documents(by_hand)
+    assert expand_paths([f"{corpus}/**/*.txt"]) == [by_hand[0], by_hand[1], by_hand[2]]
+    assert expand_paths([str(corpus / "a.txt"), f"{corpus}/part2"]) == [by_hand[0], by_hand[2], by_hand[3]]
+    (tmp_path / "empty").mkdir()
+    assert data_file_problems("files", [str(tmp_path / "empty")]) == [
+        f"data.paths: {tmp_path / 'empty'} is a folder without files; give a folder that holds the data files, or the files"]
+    assert data_file_problems("files", [f"{corpus}/*.rst"]) == [f"data.paths: {corpus}/*.rst matches no file"]
+    (corpus / "part2" / "blob.bin").write_bytes(b"\x00\xff")  # a bad file inside a folder is named
+    assert data_file_problems("files", [str(corpus)]) == [
+        f"data.paths: {corpus / 'part2' / 'blob.bin'} is not UTF-8 text (byte 0xff at line 1, byte offset 1); "
+        "give UTF-8 text files (convert one with e.g. iconv -f LATIN1 -t UTF-8)"]
+
+
 def test_two_files_stay_two_documents(tmp_path):
     from lightning_cggr.data.text import file_documents
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .files import cache_dir, chat_file_problem, text_file_problem
+from ..errors import DataError
+from .files import cache_dir, chat_file_problem, expand_paths, text_file_problem
 
 if TYPE_CHECKING:
     import lightning as L
@@ -33,7 +34,11 @@ def data_file_problems(source: str, paths: list[str]) -> list[str]:
     """Every problem of the data files of ``source`` (files: UTF-8 text; chat: JSONL conversations),
     one line each naming the file (and the line), found before any model or tokenizer is built."""
     check = chat_file_problem if source == "chat" else text_file_problem
-    return [f"data.paths: {problem}" for problem in map(check, paths) if problem]
+    try:
+        files = expand_paths(paths)
+    except DataError as err:
+        return [f"data.paths: {err}"]
+    return [f"data.paths: {problem}" for problem in map(check, files) if problem]
 
 
 def build_tokenizer(cfg: DataConfig):
@@ -55,7 +60,7 @@ def build_datamodule(cfg: DataConfig, tokenizer, seed: int = 0) -> L.LightningDa
         from .chat import ChatDataModule, sample_chat_path
 
         return ChatDataModule(
-            list(cfg.paths) if cfg.paths else [sample_chat_path()],
+            expand_paths(cfg.paths) if cfg.paths else [sample_chat_path()],
             tokenizer,
             max_length=cfg.block_size,
             batch_size=cfg.batch_size,

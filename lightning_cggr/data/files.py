@@ -4,7 +4,8 @@ Only the standard library: :func:`lightning_cggr.config.validate` reads the data
 config through these functions, so that a mistake in one is reported before torch's heavier
 companions (Lightning, transformers) are imported.
 
-- text files (``data.source=files``): UTF-8, not binary, not empty;
+- text files (``data.source=files``): UTF-8, not binary, not empty; ``data.paths`` may also name
+  folders and patterns (:func:`expand_paths`);
 - chat files (``data.source=chat``): JSONL, one ``{"messages": [{"role": ..., "content": ...}]}``
   per non-blank line.
 """
@@ -28,6 +29,31 @@ def cache_dir(override: str | None = None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
 
+
+
+def expand_paths(paths: list[str | Path]) -> list[str]:
+    """``data.paths`` as the files they name, in order: a file as it is; a folder, the files under it
+    (in subfolders too; hidden ones skipped), sorted; a pattern with ``*``, ``?`` or ``[...]`` (``**``
+    for any depth), the files it matches, sorted. A folder without files or a pattern matching none
+    is a :class:`DataError` naming it; a missing file is left for the reader to name."""
+    import glob
+
+    files: list[str] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            found = sorted(str(f) for f in path.rglob("*")
+                           if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts))
+            if not found:
+                raise DataError(f"{raw} is a folder without files; give a folder that holds the data files, or the files")
+        elif not path.exists() and any(c in str(raw) for c in "*?["):
+            found = sorted(f for f in glob.glob(str(path), recursive=True) if Path(f).is_file())
+            if not found:
+                raise DataError(f"{raw} matches no file")
+        else:
+            found = [str(raw)]
+        files += found
+    return files
 
 
 def read_text_file(path: str | Path) -> str:

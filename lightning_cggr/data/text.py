@@ -21,7 +21,7 @@ from torch.utils.data import Dataset, default_collate
 
 from ..errors import DataError, UserError
 from .evaluation import eval_loader
-from .files import cache_dir, read_text_file
+from .files import cache_dir, expand_paths, read_text_file
 from .resumable import ResumableLoader, fit_position, pins_memory
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def split_text(text: str, name: str = "text") -> dict[str, str]:
 def file_documents(paths: list[str] | str) -> dict[str, str]:
     """Each file is one document; a single file is split by :func:`split_text` (paragraphs, else
     blocks). A missing, empty, binary or non-UTF-8 file is a :class:`DataError` naming it."""
-    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    paths = expand_paths([paths] if isinstance(paths, (str, Path)) else list(paths))
     docs = {str(Path(p).expanduser()): read_text_file(p) for p in paths}
     if len(docs) == 1:
         (name, text), = docs.items()
