@@ -70,21 +70,17 @@ def _params_finite(module) -> torch.Tensor:
     return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
 
 
-def label_with_optimizer_step(trainer, pl_module) -> None:
-    """Lightning's logging step after a resume depends on where the checkpoint was written (one off
-    after a mid-step save, or after a save at a batch end once :class:`ResumableCheckpoint` has
-    stored it); it is the optimizer step count, so set it so, before anything logs the batch."""
-    if pl_module.automatic_optimization:
-        trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
-
-
 class OptimizerStepLabels(Callback):
-    """The first callback of a run: :func:`label_with_optimizer_step` at every batch start. Lightning
-    calls checkpoint callbacks last, so the run's learning-rate monitor logged the first step after a
-    resume under the next step's label (13 for step 12, then 13 again)."""
+    """The first callback of a run, with :class:`ResumableCheckpoint`: every batch is logged under its
+    optimizer step. Lightning's logging step after a resume depends on where the checkpoint was
+    written (one off after a mid-step save, or after a save at a batch end once ResumableCheckpoint
+    has stored it exact); it is set here before anything logs the batch. Lightning calls checkpoint
+    callbacks last, so a correction there came too late for the learning-rate monitor, which logged
+    the first step after a resume under the next step's label (13 for step 12, then 13 again)."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        label_with_optimizer_step(trainer, pl_module)
+        if pl_module.automatic_optimization:
+            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
 
 
 class ResumableCheckpoint(ModelCheckpoint):
@@ -192,7 +188,8 @@ class ResumableCheckpoint(ModelCheckpoint):
         next step; Ctrl-C) the total count is one ahead and validation runs one batch off
         (val_check_interval counts total batches). The totals are set the same way here. A save made
         at the end of a batch (after its optimizer step) is Lightning's own case and left alone;
-        the logging step count is stored as the optimizer step count."""
+        the logging step count is stored as the optimizer step count (:class:`OptimizerStepLabels`,
+        which train() adds with this callback, keeps the labels on it after Lightning's restore)."""
         loops = checkpoint.get("loops", {}).get("fit_loop", {})
         progress = loops.get("epoch_loop.batch_progress")
         if progress and pl_module.automatic_optimization:
@@ -208,7 +205,6 @@ class ResumableCheckpoint(ModelCheckpoint):
             state["_batches_that_stepped"] = trainer.global_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        label_with_optimizer_step(trainer, pl_module)
         self._step_at_batch_start = trainer.global_step
         if not self._boundary:
             return

@@ -457,12 +457,17 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
         )
     except (MisconfigurationException, ValueError) as err:  # what trainer_value_problems does not check
         raise ConfigError(f"invalid configuration: trainer: {' '.join(str(err).split())}") from err
+    def validated(**kw) -> dict[str, float]:
+        """What a validation returns (not the Trainer's callback_metrics, which may hold more: under
+        ddp_spawn Lightning merges the workers' into the main process's, fit's learning rates among them)."""
+        return {k: float(v) for results in trainer.validate(module, datamodule=datamodule, **kw) for k, v in results.items()}
+
     initial = {}
     validating = validates(trainer_kw)
     if not validating:
         say.info("trainer.limit_val_batches=0: no validation before, during or after training (no val/loss)")
     if plan.ckpt is None and not in_fit_start and validating:  # the starting point, to compare the end with
-        initial = {f"{k}_initial": v for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
+        initial = {f"{k}_initial": v for k, v in validated(verbose=False).items()}
     elif plan.ckpt is not None:
         say.info("resuming %s at step %d%s", plan.ckpt, plan.start_step, " in place" if plan.in_place else "")
         max_steps = trainer_kw.get("max_steps", -1)
@@ -475,11 +480,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
         initial = {f"{k}_initial": float(v) for k, v in module.sanity_metrics.items()}
     # the last optimizer step's train/* values (validate below starts its own set of metrics)
     last_step = {k: v for k, v in _scalars(trainer.callback_metrics).items() if k.startswith("train/")}
-    final = {}
-    if validating:
-        # what the validation returns: the Trainer's callback_metrics may hold more (under ddp_spawn,
-        # Lightning merges the workers' into the main process's, the learning rates of fit among them)
-        final = {k: float(v) for results in trainer.validate(module, datamodule=datamodule) for k, v in results.items()}
+    final = validated() if validating else {}
     metrics = {**last_step, **final, **initial}
     say.info("final metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
     if (ckpt_dir / "last.ckpt").exists():
