@@ -100,6 +100,8 @@ class ResumableCheckpoint(ModelCheckpoint):
         self.stop = stop or StopRequest()
         self._boundary = True  # the next batch starts an optimizer step
         self._step_at_batch_start = -1
+        self._step_first_batch: int | None = None  # the epoch's batch index where that step began
+        self._on_exception = False  # dump_checkpoint is writing the save after an exception
         self._save_at_boundary = False  # a validation inside an optimizer step asked for a save
 
     # ---- health and stop requests --------------------------------------------------------------
@@ -187,27 +189,43 @@ class ResumableCheckpoint(ModelCheckpoint):
         not the run totals, so after a resume from a save made mid-batch (here: at the start of the
         next step; Ctrl-C) the total count is one ahead and validation runs one batch off
         (val_check_interval counts total batches). The totals are set the same way here. A save made
-        at the end of a batch (after its optimizer step) is Lightning's own case and left alone;
-        the logging step count is stored as the optimizer step count (:class:`OptimizerStepLabels`,
+        at the end of a batch (after its optimizer step) is Lightning's own case and left alone.
+
+        The save after a crash (:meth:`on_exception`) inside an optimizer step of several
+        micro-batches holds the weights and optimizer of the step before, so its counters go back
+        to the step's first micro-batch: the resume trains that step whole, as if uninterrupted
+        (the loader's position follows the counters).
+
+        The logging step count is stored as the optimizer step count (:class:`OptimizerStepLabels`,
         which train() adds with this callback, keeps the labels on it after Lightning's restore)."""
         loops = checkpoint.get("loops", {}).get("fit_loop", {})
         progress = loops.get("epoch_loop.batch_progress")
         if progress and pl_module.automatic_optimization:
-            total = progress["total"]
+            total, current = progress["total"], progress["current"]
             at_batch_end = total["started"] == total["ready"] == total["processed"] == total["completed"] + 1
-            if not at_batch_end:
-                total["ready"] = total["started"] = total["processed"] = total["completed"]
-                current = progress["current"]
-                current["ready"] = current["started"] = current["processed"] = current["completed"]
+            first = self._first_batch_of_open_step(trainer) if self._on_exception else None
+            if first is not None or not at_batch_end:
+                back = 0 if first is None else current["completed"] - first
+                for counts in (total, current):
+                    done = counts["completed"] - back
+                    counts.update(ready=done, started=done, processed=done, completed=done)
                 progress["is_last_batch"] = False
         state = loops.get("epoch_loop.state_dict")
         if state is not None and pl_module.automatic_optimization:
             state["_batches_that_stepped"] = trainer.global_step
 
+    def _first_batch_of_open_step(self, trainer) -> int | None:
+        """The epoch's batch index where the optimizer step in progress began, or None when no
+        step is open (before the first batch, or once the current batch made its optimizer step)."""
+        if self._step_first_batch is None or trainer.global_step != self._step_at_batch_start:
+            return None
+        return self._step_first_batch
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._step_at_batch_start = trainer.global_step
         if not self._boundary:
             return
+        self._step_first_batch = trainer.fit_loop.epoch_loop.batch_progress.current.completed
         self._boundary = False
         step = trainer.global_step
         due = self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
@@ -282,7 +300,11 @@ class ResumableCheckpoint(ModelCheckpoint):
             path = self.format_checkpoint_name(self._monitor_candidates(trainer), self.CHECKPOINT_NAME_LAST)
             previous, self.last_model_path = self.last_model_path, path
             if trainer.is_global_zero:  # no barrier: other ranks may be gone
-                checkpoint = trainer._checkpoint_connector.dump_checkpoint(False)
+                self._on_exception = True
+                try:
+                    checkpoint = trainer._checkpoint_connector.dump_checkpoint(False)
+                finally:
+                    self._on_exception = False
                 trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
             self._last_global_step_saved = trainer.global_step
             log.info(_on_rank(f"{type(exception).__name__}: saved {path} at step {trainer.global_step}", trainer))

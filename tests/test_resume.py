@@ -252,6 +252,47 @@ def test_every_checkpoint_of_an_accumulating_run_resumes_to_the_same_weights(tmp
         assert all(torch.equal(straight[k], resumed[k]) for k in straight), f"resumed from {ckpt.name}"
 
 
+class Crash(L.Callback):
+    """A RuntimeError at the ``(n + 1)``-th call of hook ``where`` while the global step is ``at``.
+    ``on_before_backward``: micro-batch ``n`` of the step after step ``at``; ``on_train_batch_end``:
+    the batch that made step ``at`` is call 0, so call ``n`` ends micro-batch ``n - 1`` of the next
+    step (its gradient accumulated, its batch not yet counted as done)."""
+
+    def __init__(self, at: int, n: int, where: str):
+        self.at, self.n, self.seen = at, n, 0
+        setattr(self, where, self._maybe_crash)
+
+    def _maybe_crash(self, trainer, *args):
+        if trainer.global_step == self.at and not trainer.sanity_checking:
+            if self.seen == self.n:
+                raise RuntimeError("a crash inside an accumulated step")
+            self.seen += 1
+
+
+@pytest.mark.parametrize("where,at,n", [
+    ("on_before_backward", 3, 0), ("on_before_backward", 3, 1), ("on_before_backward", 3, 2),
+    ("on_train_batch_end", 3, 1), ("on_train_batch_end", 3, 2), ("on_validation_start", 1, 0),
+])
+def test_a_crash_inside_an_accumulated_step_resumes_to_the_same_weights(tmp_path, where, at, n):
+    """A crash (not a signal) saves last.ckpt where it happens. Inside an optimizer step of 3
+    micro-batches the weights and AdamW are those of the step before, but the batches it had drawn
+    so far were counted as done: a resume skipped them and the step trained on fewer micro-batches.
+    The save must resume at the step's first micro-batch, to the straight run's weights bit for bit.
+    No save precedes the crash (a validation's save inside a step waits for the step's end).
+    In a validation: every 4 batches, the first after the 1st micro-batch of the 2nd step."""
+    val = ("trainer.val_check_interval=4",) if where == "on_validation_start" else ()
+    common = ("data.batch_size=1", "trainer.accumulate_grad_batches=3", "trainer.max_steps=6",
+              "checkpoint.every_n_steps=0", "cggr.warmup_steps=2", "optim.warmup_steps=1", *val)
+    train(make_cfg(tmp_path, "straight", *common))
+    with pytest.raises(RuntimeError, match="inside an accumulated step"):
+        train(make_cfg(tmp_path, "run", *common), callbacks=[Crash(at, n, where)])
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert _step_of(ckpt) == at
+    train(make_cfg(tmp_path, "run", *common, "ckpt_path=auto"))
+    straight, resumed = _weights(tmp_path / "straight" / "checkpoints" / "last.ckpt"), _weights(ckpt)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
 # ---- resume in place ---------------------------------------------------------------------------
 
 
