@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import re
 import signal
 import sys
 import warnings
@@ -475,7 +477,11 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
             say.warning("the checkpoint is at step %d, and trainer.max_steps=%d is the whole run's length (not steps "
                         "to add): nothing trains; to train further raise it, e.g. "
                         "trainer.max_steps=%d", plan.start_step, max_steps, plan.start_step + max(max_steps, 1))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(plan.ckpt) if plan.ckpt else None)
+    with warnings.catch_warnings():
+        if plan.in_place:  # the run's own folder holds its checkpoints: that is what resuming in place is
+            names = "|".join(re.escape(p) for p in {str(ckpt_dir), os.path.realpath(ckpt_dir)})
+            warnings.filterwarnings("ignore", message=f"Checkpoint directory ({names}) exists and is not empty")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(plan.ckpt) if plan.ckpt else None)
     if in_fit_start:
         initial = {f"{k}_initial": float(v) for k, v in module.sanity_metrics.items()}
     # the last optimizer step's train/* values (validate below starts its own set of metrics)

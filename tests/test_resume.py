@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -310,8 +311,12 @@ def test_resume_in_place_continues_the_same_metrics_and_last_checkpoint(tmp_path
     train(make_cfg(tmp_path, "run", *common))
     before = rows(tmp_path / "run")
     bar = StepProgressBar()
-    train(make_cfg(tmp_path, "run", *common, "trainer.max_steps=24", "ckpt_path=auto",
-                   "trainer.enable_progress_bar=true"), callbacks=[bar])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        train(make_cfg(tmp_path, "run", *common, "trainer.max_steps=24", "ckpt_path=auto",
+                       "trainer.enable_progress_bar=true"), callbacks=[bar])
+    # the best-checkpoint callback's "directory exists and is not empty": resuming in place is why
+    assert not [w for w in seen if "exists and is not empty" in str(w.message)]
     after = rows(tmp_path / "run")
     assert [s for s, _ in after] == list(range(24))
     assert after[:20] == before
