@@ -126,6 +126,16 @@ def trainer_value_problems(trainer: dict) -> list[str]:
     if not _is_int(steps) or steps < -1:
         p.append(f"trainer.max_steps={steps!r}: must be an integer >= 0 (0: only validate; -1: no step limit, "
                  f"+trainer.max_epochs ends the run)")
+    for least, most, unit in (("min_steps", "max_steps", "optimizer steps"), ("min_epochs", "max_epochs", "epochs")):
+        low, high = trainer.get(least), trainer.get(most)
+        if low is None:
+            continue
+        if not _is_int(low) or low < 0:
+            p.append(f"trainer.{least}={low!r}: must be an integer >= 0 (the fewest {unit} before early stopping "
+                     f"may end the run) or null")
+        elif _is_int(high) and 0 <= high < low:  # Lightning stops at the maximum and ignores the minimum
+            p.append(f"trainer.{least}={low} is more than trainer.{most}={high}, which ends the run first; lower "
+                     f"trainer.{least} or raise trainer.{most}")
     accumulate = trainer.get("accumulate_grad_batches", 1)
     if not _is_int(accumulate) or accumulate < 1:
         p.append(f"trainer.accumulate_grad_batches={accumulate!r}: must be an integer >= 1 (1: no accumulation)")
