@@ -259,7 +259,8 @@ class DataConfig:
     val_fraction: float = 0.05
     num_workers: int = 0
     cache_dir: str | None = None
-    """Tokenizer cache; default ~/.cache/lightning_cggr (or $LIGHTNING_CGGR_CACHE)."""
+    """Cache of trained tokenizers and tokenized corpora; default ~/.cache/lightning_cggr (or
+    $LIGHTNING_CGGR_CACHE)."""
     hf_name: str | None = None
     """source=hf: the dataset's hub name (e.g. wikitext) or a local dataset folder."""
     hf_config: str | None = None

@@ -1,0 +1,78 @@
+"""A corpus tokenized in batches into int32 ids, and cached: the same ids as tokenizing each
+document on its own, whatever the batching, the cache or the tokenizer's parallelism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_cggr.data import text
+from lightning_cggr.data.text import BlockDataset, pack_documents, token_stream, train_bpe_tokenizer
+
+WORDS = "router token loss gradient sequence batch layer head vocabulary entropy margin step".split()
+
+
+def documents(n: int = 40) -> list[str]:
+    docs = [" ".join(WORDS[(i * 7 + j * j) % len(WORDS)] for j in range(5 + i % 23)) for i in range(n)]
+    return docs[:10] + [""] + docs[10:] + ["é ü — 字"]  # an empty document and non-ASCII text
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return train_bpe_tokenizer(documents(), vocab_size=300, cache=str(tmp_path_factory.mktemp("bpe")))
+
+
+def reference(docs: list[str], tokenizer) -> list[int]:
+    """Each document encoded alone, then EOS: what packing is defined to produce."""
+    out = []
+    for doc in docs:
+        out += tokenizer.encode(doc, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return out
+
+
+@pytest.mark.parametrize("chunk_chars", [1, 50, 10**9], ids=["a-document-a-batch", "batches", "one-batch"])
+def test_the_stream_equals_each_document_tokenized_alone(tokenizer, tmp_path, monkeypatch, chunk_chars):
+    monkeypatch.setattr(text, "TOKENIZE_CHUNK_CHARS", chunk_chars)
+    docs = documents()
+    stream = token_stream(docs, tokenizer, cache=str(tmp_path))
+    assert stream.dtype == np.int32
+    assert stream.tolist() == reference(docs, tokenizer)
+
+
+def test_a_second_tokenization_reads_the_cache_and_a_change_misses_it(tokenizer, tmp_path, monkeypatch):
+    docs = documents()
+    first = token_stream(docs, tokenizer, cache=str(tmp_path))
+    assert len(list(tmp_path.glob("tokens-*.npy"))) == 1
+
+    calls = []
+    real = type(tokenizer).__call__
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    again = token_stream(docs, tokenizer, cache=str(tmp_path))
+    assert calls == [] and np.array_equal(again, first)
+
+    edited = docs[:-1] + [docs[-1] + " router"]  # one document changed: tokenized again, cached apart
+    assert token_stream(edited, tokenizer, cache=str(tmp_path)).tolist() == reference(edited, tokenizer)
+    other = train_bpe_tokenizer(documents(), vocab_size=280, cache=str(tmp_path / "bpe"))  # another tokenizer
+    assert token_stream(docs, other, cache=str(tmp_path)).tolist() == reference(docs, other)
+    assert len(calls) == 2 and len(list(tmp_path.glob("tokens-*.npy"))) == 3
+
+
+def test_a_damaged_cache_file_is_tokenized_again(tokenizer, tmp_path):
+    docs = documents()
+    token_stream(docs, tokenizer, cache=str(tmp_path))
+    cached, = tmp_path.glob("tokens-*.npy")
+    cached.write_bytes(cached.read_bytes()[:20])
+    assert token_stream(docs, tokenizer, cache=str(tmp_path)).tolist() == reference(docs, tokenizer)
+    assert np.load(cached).tolist() == reference(docs, tokenizer)  # and replaced
+
+
+def test_blocks_are_the_stream_cut_and_batches_are_int64(tokenizer, tmp_path):
+    docs = documents()
+    blocks = pack_documents(docs, tokenizer, block_size=16, cache=str(tmp_path))
+    ids = reference(docs, tokenizer)
+    assert blocks.shape == (len(ids) // 16, 16)
+    assert blocks.flatten().tolist() == ids[: blocks.numel()]
+    item = BlockDataset(blocks)[1]
+    assert item["input_ids"].dtype == item["labels"].dtype == torch.int64
+    assert item["input_ids"].tolist() == ids[16:32]
