@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import re
 import signal
@@ -187,6 +188,37 @@ def validation_warnings(callbacks: dict | None, trainer: dict) -> list[str]:
     return [f"callbacks.{name} acts at validations during training, and trainer.val_check_interval={every} (batches) "
             f"is longer than the run ({steps} steps of {accumulate} batch(es)): none runs, so it will not act; "
             f"lower trainer.val_check_interval (e.g. {steps * accumulate})" for name in monitors]
+
+
+def validation_cost_warning(val_examples: int, batch_size: int, trainer: dict) -> str | None:
+    """A warning when each validation runs more batches than the training it stands between: the
+    ``trainer.val_check_interval`` batches between two validations, or, in a run shorter than that,
+    the whole run's batches (it validates before and after training). With a large corpus the default
+    5% held out otherwise makes validating, not training, most of the run. None when validation is
+    off, limited enough, or not at an interval of batches."""
+    every, steps = trainer.get("val_check_interval"), trainer.get("max_steps", -1)
+    accumulate, limit = trainer.get("accumulate_grad_batches", 1), trainer.get("limit_val_batches", 1.0)
+    devices = trainer.get("devices", 1)
+    if not validates(trainer) or not _is_int(every) or trainer.get("check_val_every_n_epoch") is not None:
+        return None
+    batches = math.ceil(val_examples / (batch_size * (devices if _is_int(devices) and devices > 0 else 1)))
+    if _is_int(limit):
+        batches = min(batches, limit)
+    elif isinstance(limit, float) and 0 < limit <= 1:
+        batches = int(batches * limit)
+    run = steps * accumulate if _is_int(steps) and steps >= 0 and _is_int(accumulate) else None
+    if run is not None and run < every:
+        if batches <= run:
+            return None
+        between = f"the run's {run} training batches (it validates before and after training)"
+    elif batches <= every:
+        return None
+    else:
+        between = f"the {every} training batches between validations (trainer.val_check_interval)"
+    return (f"each validation runs {batches} batches of the held-out split, more than {between}: validating "
+            f"would take more of the run than training; limit it (e.g. +trainer.limit_val_batches="
+            f"{max(1, min(every, run or every) // 4)}: the same first batches each time) or raise "
+            f"trainer.val_check_interval")
 
 
 def check_loss_impl(impl: str, trainer: dict) -> None:
@@ -430,6 +462,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     save_run_model_files(out, model, tokenizer)  # model/: the HF config and tokenizer, for export
     if datamodule is None:
         datamodule = prepare_datamodule(run.data, tokenizer, seed=cfg.seed)
+    if costly := validation_cost_warning(len(datamodule.val_set), run.data.batch_size, trainer_kw):
+        say.warning(costly)
     try:  # what only the built model can tell: its architecture, its layer count for the router
         module = CGGRModule(model, run.cggr, run.loss, run.optim, perf=run.perf)
     except ValueError as err:
