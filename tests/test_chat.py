@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,6 +149,17 @@ def test_datamodule_split_is_deterministic_and_disjoint(tokenizer):
     assert batch["input_ids"].shape[0] == 4 and batch["input_ids"].shape[1] <= 128
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
     assert all(b["input_ids"].dtype == torch.long for b in dm.val_dataloader())
+    # kept as int32 arrays (memory), each equal to encode_chat's lists; batched as those lists would be
+    first = dm.train_set.examples[0]
+    conversation = next(c for c in read_chat_jsonl(sample_chat_path())
+                        if tuple(encode_chat(tokenizer, c, 128)["input_ids"]) == tuple(first["input_ids"]))
+    enc = encode_chat(tokenizer, conversation, 128)
+    assert first["input_ids"].dtype == first["labels"].dtype == np.int32
+    assert first["input_ids"].tolist() == enc["input_ids"] and first["labels"].tolist() == enc["labels"]
+    from_arrays = ChatCollator(tokenizer.pad_token_id)(dm.train_set.examples[:3])
+    from_lists = ChatCollator(tokenizer.pad_token_id)([{k: v.tolist() for k, v in ex.items()}
+                                                       for ex in dm.train_set.examples[:3]])
+    assert all(torch.equal(from_arrays[k], from_lists[k]) and from_arrays[k].dtype == torch.long for k in from_lists)
 
 
 def test_chat_training_order_resumes_mid_epoch(tokenizer):
