@@ -191,34 +191,29 @@ def validation_warnings(callbacks: dict | None, trainer: dict) -> list[str]:
 
 
 def validation_cost_warning(val_examples: int, batch_size: int, trainer: dict) -> str | None:
-    """A warning when each validation runs more batches than the training it stands between: the
-    ``trainer.val_check_interval`` batches between two validations, or, in a run shorter than that,
-    the whole run's batches (it validates before and after training). With a large corpus the default
-    5% held out otherwise makes validating, not training, most of the run. None when validation is
-    off, limited enough, or not at an interval of batches."""
+    """A warning when each validation inside training runs more batches than the training between
+    two of them (``trainer.val_check_interval`` batches): with a large corpus the default 5% held
+    out otherwise makes validating, not training, most of the run. None when validation is off,
+    limited enough, not at an interval of batches, or not inside the run (a run shorter than the
+    interval validates only before and after training: a fixed cost, not a share of the run)."""
     every, steps = trainer.get("val_check_interval"), trainer.get("max_steps", -1)
     accumulate, limit = trainer.get("accumulate_grad_batches", 1), trainer.get("limit_val_batches", 1.0)
     devices = trainer.get("devices", 1)
     if not validates(trainer) or not _is_int(every) or trainer.get("check_val_every_n_epoch") is not None:
+        return None
+    if _is_int(steps) and steps >= 0 and _is_int(accumulate) and steps * accumulate < every:
         return None
     batches = math.ceil(val_examples / (batch_size * (devices if _is_int(devices) and devices > 0 else 1)))
     if _is_int(limit):
         batches = min(batches, limit)
     elif isinstance(limit, float) and 0 < limit <= 1:
         batches = int(batches * limit)
-    run = steps * accumulate if _is_int(steps) and steps >= 0 and _is_int(accumulate) else None
-    if run is not None and run < every:
-        if batches <= run:
-            return None
-        between = f"the run's {run} training batches (it validates before and after training)"
-    elif batches <= every:
+    if batches <= every:
         return None
-    else:
-        between = f"the {every} training batches between validations (trainer.val_check_interval)"
-    return (f"each validation runs {batches} batches of the held-out split, more than {between}: validating "
-            f"would take more of the run than training; limit it (e.g. +trainer.limit_val_batches="
-            f"{max(1, min(every, run or every) // 4)}: the same first batches each time) or raise "
-            f"trainer.val_check_interval")
+    return (f"each validation runs {batches} batches of the held-out split, more than the {every} training batches "
+            f"between validations (trainer.val_check_interval): validating would take more of the run than "
+            f"training; limit it (e.g. +trainer.limit_val_batches={max(1, every // 4)}: the same first batches each "
+            f"time) or raise trainer.val_check_interval")
 
 
 def check_loss_impl(impl: str, trainer: dict) -> None:

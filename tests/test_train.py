@@ -368,12 +368,12 @@ def test_a_validation_interval_longer_than_the_run_is_warned_exactly_when_lightn
 
 @pytest.mark.parametrize("examples, every, limit, max_steps", [
     (40, 5, 1.0, 10), (40, 10, 1.0, 10), (38, 9, 1.0, 10), (40, 5, 3, 10), (40, 5, 0.75, 10), (40, 5, 0, 10),
-    (40, 12, 1.0, 10), (40, 12, 1.0, 9), (40, 12, 0.5, 4)])
-def test_validation_longer_than_the_training_it_stands_between_is_warned(examples, every, limit, max_steps, tmp_path):
+    (40, 12, 1.0, 10), (40, 12, 1.0, 9), (40, 12, 0.5, 4), (40, 2, 1.0, 3)])
+def test_validation_longer_than_the_training_between_validations_is_warned(examples, every, limit, max_steps, tmp_path):
     """Reference: the batches Lightning itself runs in one validation (a held-out set of ``examples``
     in batches of 4, trainer.limit_val_batches as given); the warning names that count, and comes
-    exactly when it exceeds the training batches between validations (trainer.val_check_interval),
-    or the whole run's where the run is shorter than that (validations before and after only)."""
+    exactly when it exceeds the training batches between validations (trainer.val_check_interval)
+    in a run long enough to validate inside (a shorter one validates only before and after: never)."""
     import lightning as L
     import torch
 
@@ -394,11 +394,10 @@ def test_validation_longer_than_the_training_it_stands_between_is_warned(example
     trainer_kw = {"max_steps": max_steps, "accumulate_grad_batches": 1, "val_check_interval": every,
                   "check_val_every_n_epoch": None, "limit_val_batches": limit, "devices": 1}
     warning = validation_cost_warning(examples, 4, trainer_kw)
-    between = every if max_steps >= every else max_steps
-    assert (warning is not None) == (module.batches > between)
+    assert (warning is not None) == (max_steps >= every and module.batches > every)
     if warning:
         assert warning.startswith(f"each validation runs {module.batches} batches of the held-out split, more "
-                                  f"than the{' run' if max_steps < every else ''}")
+                                  f"than the {every} training batches between validations")
 
 
 def test_only_rank_zero_says_the_runs_lines(monkeypatch, caplog):
