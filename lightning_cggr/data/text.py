@@ -148,7 +148,7 @@ def token_stream(texts: list[str], tokenizer, split: str = "training", cache: st
     """The documents' token ids, each followed by EOS, as one int32 numpy array (4 bytes a token).
 
     Tokenized in batches of about :data:`TOKENIZE_CHUNK_CHARS` characters: a whole corpus tokenized
-    in one call held every id as a Python int, about 150 bytes a token (a 100 MB corpus, 21 M
+    in one call held every id as a Python int, some 180 bytes a token (a 96 MB corpus, 21 M
     tokens, took 4.4 GB). A fast tokenizer's result is cached in ``cache_dir(cache)``, keyed by the
     tokenizer's definition and the texts, so a resumed or repeated run reads it instead of
     tokenizing again (a corpus of a few hundred MB takes minutes)."""
