@@ -459,6 +459,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
         datamodule = prepare_datamodule(run.data, tokenizer, seed=cfg.seed)
     if costly := validation_cost_warning(len(datamodule.val_set), run.data.batch_size, trainer_kw):
         say.warning(costly)
+    if hasattr(datamodule, "truncation_note") and (cut := datamodule.truncation_note()):
+        say.warning(cut)
     try:  # what only the built model can tell: its architecture, its layer count for the router
         module = CGGRModule(model, run.cggr, run.loss, run.optim, perf=run.perf)
     except ValueError as err:

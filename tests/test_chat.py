@@ -162,6 +162,27 @@ def test_datamodule_split_is_deterministic_and_disjoint(tokenizer):
     assert all(torch.equal(from_arrays[k], from_lists[k]) and from_arrays[k].dtype == torch.long for k in from_lists)
 
 
+@pytest.mark.parametrize("max_length", [36, 48, 120, 512])
+def test_the_conversations_cut_at_block_size_are_counted_and_named(tokenizer, max_length):
+    """Reference: each training conversation encoded whole; those longer than ``max_length`` are cut,
+    and those whose labelled tokens all lie past it train nothing. At 512 the sample fits whole."""
+    dm = ChatDataModule(sample_chat_path(), tokenizer, max_length=max_length, batch_size=2, val_fraction=0.2)
+    dm.setup("fit")
+    wholes = [encode_chat(tokenizer, c, 10**6) for c in read_chat_jsonl(sample_chat_path())]
+    by_ids = {tuple(w["input_ids"][:max_length]): w for w in wholes}
+    train = [by_ids[tuple(ex["input_ids"].tolist())] for ex in dm.train_set.examples]
+    cut = [w for w in train if len(w["input_ids"]) > max_length]
+    nothing = [w for w in cut if set(w["labels"][:max_length]) == {IGNORE_INDEX} and set(w["labels"]) != {IGNORE_INDEX}]
+    note = dm.truncation_note()
+    if not cut:
+        assert note is None and max_length == 512
+        return
+    assert note.startswith(f"{len(cut)} of {len(train)} training conversations are longer than "
+                           f"data.block_size={max_length} tokens and are cut there")
+    assert (f"; {len(nothing)} of them keep no assistant token" in note) == bool(nothing)
+    assert note.endswith("raise data.block_size to train on more of them")
+
+
 def test_chat_training_order_resumes_mid_epoch(tokenizer):
     """A checkpointed loader position continues the epoch with the next unseen batch: a fresh
     datamodule restored from the state yields exactly the batches the first one had left."""

@@ -74,8 +74,8 @@ def assistant_char_spans(tokenizer, messages: Conversation) -> tuple[str, list[t
     return full, spans
 
 
-def encode_chat(tokenizer, messages: Conversation, max_length: int) -> dict[str, list[int]]:
-    """``input_ids`` and ``labels`` (assistant tokens only, else -100), cut to ``max_length``."""
+def encode_whole_chat(tokenizer, messages: Conversation) -> dict[str, list[int]]:
+    """``input_ids`` and ``labels`` (assistant tokens only, else -100) of the whole conversation."""
     text, spans = assistant_char_spans(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
@@ -83,7 +83,12 @@ def encode_chat(tokenizer, messages: Conversation, max_length: int) -> dict[str,
     for j, (s, e) in enumerate(offsets):
         if e > s and any(s < end and e > start for start, end in spans):
             labels[j] = ids[j]
-    return {"input_ids": list(ids[:max_length]), "labels": labels[:max_length]}
+    return {"input_ids": list(ids), "labels": labels}
+
+
+def encode_chat(tokenizer, messages: Conversation, max_length: int) -> dict[str, list[int]]:
+    """:func:`encode_whole_chat`, cut to ``max_length`` tokens."""
+    return {key: values[:max_length] for key, values in encode_whole_chat(tokenizer, messages).items()}
 
 
 PROGRESS_CONVERSATIONS = 5000
@@ -99,11 +104,17 @@ class ChatDataset(Dataset):
         from tqdm.auto import tqdm
 
         many = len(conversations) >= PROGRESS_CONVERSATIONS
-        self.examples = [
-            {key: np.asarray(values, dtype=np.int32) for key, values in encode_chat(tokenizer, c, max_length).items()}
-            for c in tqdm(conversations, desc=f"encoding the {split} conversations", unit="conv",
-                          disable=None if many else True, leave=False)
-        ]
+        self.examples = []
+        self.cut = 0  # conversations longer than max_length tokens
+        self.cut_to_nothing = 0  # ... whose labelled tokens all lie past it
+        for c in tqdm(conversations, desc=f"encoding the {split} conversations", unit="conv",
+                      disable=None if many else True, leave=False):
+            whole = encode_whole_chat(tokenizer, c)
+            if len(whole["input_ids"]) > max_length:
+                self.cut += 1
+                labelled = any(label != IGNORE_INDEX for label in whole["labels"])
+                self.cut_to_nothing += labelled and all(label == IGNORE_INDEX for label in whole["labels"][:max_length])
+            self.examples.append({key: np.asarray(values[:max_length], dtype=np.int32) for key, values in whole.items()})
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -203,6 +214,18 @@ class ChatDataModule(L.LightningDataModule):
                 f"assistant content within data.block_size={self.max_length} tokens (only assistant turns "
                 "are labelled); add assistant answers or raise data.block_size"
             )
+
+    def truncation_note(self) -> str | None:
+        """What cutting conversations to ``max_length`` (``data.block_size``) cost the training split,
+        or None when no conversation was longer (after :meth:`setup`)."""
+        train = self._require(self.train_set)
+        if not train.cut:
+            return None
+        lost = (f"; {train.cut_to_nothing} of them keep no assistant token and train nothing"
+                if train.cut_to_nothing else "")
+        return (f"{train.cut} of {len(train)} training conversations are longer than data.block_size="
+                f"{self.max_length} tokens and are cut there (their tokens past it are not trained{lost}); "
+                f"raise data.block_size to train on more of them")
 
     def _require(self, dataset: ChatDataset | None) -> ChatDataset:
         if dataset is None:
