@@ -76,3 +76,29 @@ def test_blocks_are_the_stream_cut_and_batches_are_int64(tokenizer, tmp_path):
     item = BlockDataset(blocks)[1]
     assert item["input_ids"].dtype == item["labels"].dtype == torch.int64
     assert item["input_ids"].tolist() == ids[16:32]
+
+
+def test_packing_long_documents_does_not_warn_of_indexing_errors(tokenizer, tmp_path, monkeypatch):
+    """transformers warns that a text longer than the tokenizer's model_max_length "will result in
+    indexing errors"; packing cuts ids into data.block_size blocks, so it must not say so. Its own
+    warning stays armed for other uses of the tokenizer."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    hf_logger = hf_logging.get_logger("transformers")
+    hf_logger.addHandler(handler)
+    monkeypatch.setattr(hf_logger, "level", logging.WARNING)
+    monkeypatch.setattr(tokenizer, "model_max_length", 16)
+    monkeypatch.setattr(tokenizer, "deprecation_warnings", {})
+    try:
+        docs = [" ".join(WORDS) * 10, "router token"]
+        stream = token_stream(docs, tokenizer, cache=str(tmp_path))
+        assert not [m for m in said if "longer than the specified maximum" in m]
+        assert stream.tolist() == reference(docs, tokenizer)  # (this encodes the long document directly)
+        assert [m for m in said if "longer than the specified maximum" in m]
+    finally:
+        hf_logger.removeHandler(handler)

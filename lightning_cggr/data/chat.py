@@ -35,6 +35,7 @@ from ..routing.selection import IGNORE_INDEX
 from .evaluation import eval_loader
 from .files import Conversation, read_chat_jsonl
 from .resumable import ResumableLoader, fit_position, pins_memory
+from .text import whole_texts
 
 
 def sample_chat_path() -> Path:
@@ -107,14 +108,17 @@ class ChatDataset(Dataset):
         self.examples = []
         self.cut = 0  # conversations longer than max_length tokens
         self.cut_to_nothing = 0  # ... whose labelled tokens all lie past it
-        for c in tqdm(conversations, desc=f"encoding the {split} conversations", unit="conv",
-                      disable=None if many else True, leave=False):
-            whole = encode_whole_chat(tokenizer, c)
-            if len(whole["input_ids"]) > max_length:
-                self.cut += 1
-                labelled = any(label != IGNORE_INDEX for label in whole["labels"])
-                self.cut_to_nothing += labelled and all(label == IGNORE_INDEX for label in whole["labels"][:max_length])
-            self.examples.append({key: np.asarray(values[:max_length], dtype=np.int32) for key, values in whole.items()})
+        with whole_texts(tokenizer):
+            for c in tqdm(conversations, desc=f"encoding the {split} conversations", unit="conv",
+                          disable=None if many else True, leave=False):
+                whole = encode_whole_chat(tokenizer, c)
+                if len(whole["input_ids"]) > max_length:
+                    self.cut += 1
+                    labelled = any(label != IGNORE_INDEX for label in whole["labels"])
+                    self.cut_to_nothing += labelled and all(
+                        label == IGNORE_INDEX for label in whole["labels"][:max_length])
+                self.examples.append(
+                    {key: np.asarray(values[:max_length], dtype=np.int32) for key, values in whole.items()})
 
     def __len__(self) -> int:
         return len(self.examples)

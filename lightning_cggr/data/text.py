@@ -7,6 +7,7 @@ trained on its training split with ``tokenizers`` and cached on disk.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -135,6 +136,32 @@ REPORT_CHARS = 16_000_000
 """A split at least this large shows a progress bar while it is tokenized, and a line when done."""
 
 
+LENGTH_WARNING = "sequence-length-is-longer-than-the-specified-maximum"
+"""The key under which transformers records that it warned about a text longer than the
+tokenizer's ``model_max_length`` ("Running this sequence through the model will result in indexing
+errors")."""
+
+
+@contextlib.contextmanager
+def whole_texts(tokenizer):
+    """Tokenize whole documents or conversations without transformers' warning that one is longer
+    than the model takes: here ids are packed or cut to ``data.block_size``, which is checked
+    against the model's positions on its own, so the warning (once per tokenizer) would be false."""
+    flags = getattr(tokenizer, "deprecation_warnings", None)
+    if not isinstance(flags, dict):
+        yield
+        return
+    missing, before = LENGTH_WARNING not in flags, flags.get(LENGTH_WARNING)
+    flags[LENGTH_WARNING] = True  # "already warned"
+    try:
+        yield
+    finally:
+        if missing:
+            flags.pop(LENGTH_WARNING, None)
+        else:
+            flags[LENGTH_WARNING] = before
+
+
 def _tokenizer_key(tokenizer) -> str | None:
     """Everything a fast tokenizer's output depends on (its class and whole definition), or None for
     one whose Python code may take part (a slow tokenizer): its token ids are not cached."""
@@ -184,7 +211,7 @@ def token_stream(texts: list[str], tokenizer, split: str = "training", cache: st
         return np.concatenate([a for doc in ids for a in (np.asarray(doc, dtype=np.int32), eos_ids)])
 
     pieces, batch, size = [], [], 0  # pieces: one int32 array per batch of documents
-    with tqdm(total=chars, desc=f"tokenizing the {split} split", unit="char", unit_scale=True,
+    with whole_texts(tokenizer), tqdm(total=chars, desc=f"tokenizing the {split} split", unit="char", unit_scale=True,
               disable=None if big else True, leave=False) as bar:
         for k, text in enumerate(texts):
             batch.append(text)
