@@ -119,3 +119,40 @@ def test_hf_texts_returns_the_non_blank_column(monkeypatch):
     assert calls == [(("wikitext", "wikitext-2-raw-v1"), {"split": "validation"})]
     with pytest.raises(DataError, match="no column 'body'"):
         load_hf_texts("wikitext", text_field="body")
+
+
+# ---- local datasets, read by the real `datasets` package (the test extra installs it) ------------
+
+TEXTS = ["the router scores every token " * 8, "", "a second document about gradients " * 8, "  \n", "third one " * 9]
+
+
+def _non_blank(texts):
+    return [t for t in texts if t.strip()]
+
+
+def test_a_folder_saved_with_save_to_disk_reads_its_split(tmp_path):
+    import datasets
+
+    whole = datasets.Dataset.from_dict({"text": TEXTS, "other": list(range(len(TEXTS)))})
+    datasets.DatasetDict({"train": whole, "validation": whole.select([0, 1])}).save_to_disk(str(tmp_path / "dict"))
+    whole.save_to_disk(str(tmp_path / "single"))
+    assert load_hf_texts(str(tmp_path / "dict")) == _non_blank(TEXTS)
+    assert load_hf_texts(str(tmp_path / "dict"), split="validation") == _non_blank(TEXTS[:2])
+    assert load_hf_texts(str(tmp_path / "single")) == _non_blank(TEXTS)
+    with pytest.raises(DataError, match=r"has no split 'test'; its splits: train, validation"):
+        load_hf_texts(str(tmp_path / "dict"), split="test")
+    with pytest.raises(DataError, match=r"single Dataset, without splits, so data.hf_split='validation' names nothing"):
+        load_hf_texts(str(tmp_path / "single"), split="validation")
+    with pytest.raises(DataError, match="no column 'body'; its columns"):
+        load_hf_texts(str(tmp_path / "dict"), text_field="body")
+
+
+def test_a_folder_of_data_files_and_the_mistakes_around_it(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": TEXTS}).to_parquet(str(tmp_path / "parquet" / "part.parquet"))
+    assert load_hf_texts(str(tmp_path / "parquet")) == _non_blank(TEXTS)
+    with pytest.raises(DataError, match=r"cannot load dataset .*data.hf_split=validation.*Unknown split"):
+        load_hf_texts(str(tmp_path / "parquet"), split="validation")
+    with pytest.raises(DataError, match=r"data.hf_name=\./no-such-folder: no such folder"):
+        load_hf_texts("./no-such-folder")

@@ -118,7 +118,9 @@ def load_hf_texts(
     ``load_hf_texts("wikitext", "wikitext-2-raw-v1")`` gives wikitext's lines (headings,
     paragraphs) with empty lines dropped. Needs the optional ``datasets`` package and a reachable
     hub; a copy cached by an earlier online run is used when ``HF_HUB_OFFLINE=1`` is set. A local
-    dataset folder (e.g. one holding ``.txt`` or ``.parquet`` files) is read without the hub.
+    dataset folder is read without the hub: one saved by ``datasets``' ``save_to_disk`` (a
+    ``DatasetDict``'s ``split``, or a single ``Dataset`` whole, which ``split`` must leave at
+    ``train``), or one holding data files (``.txt``: a row per line; ``.parquet``, ``.jsonl``...).
     """
     try:
         import datasets
@@ -129,22 +131,47 @@ def load_hf_texts(
         ) from None
     from huggingface_hub import constants
 
-    reason = None if Path(name).expanduser().exists() else hub_offline_reason()
+    local = Path(name).expanduser()
+    if name.startswith(("/", "./", "../", "~")) and not local.exists():
+        raise DataError(f"data.hf_name={name}: no such folder (a local dataset is a folder; a hub dataset is a name "
+                        "such as wikitext)")
+    reason = None if local.exists() else hub_offline_reason()
     if reason is not None and not constants.HF_HUB_OFFLINE:
         raise HubUnreachableError(
             f"cannot load dataset {name!r}: {reason}. If an earlier online run cached it, set "
             "HF_HUB_OFFLINE=1 to use the cache; otherwise train on local text files or the "
             "shipped chat sample (data=chat)."
         )
-    try:
-        dataset = datasets.load_dataset(name, config, split=split)
-    except ConnectionError as err:  # offline mode and not cached
-        raise HubUnreachableError(
-            f"dataset {name!r} ({config}, {split}) is not in the local cache and the hub is "
-            f"offline: {err}. Run once with the hub reachable, or use local text files."
-        ) from err
+    if local.is_dir() and any((local / marker).is_file() for marker in ("state.json", "dataset_dict.json")):
+        dataset = _saved_dataset(datasets, local, name, split)
+    else:
+        try:
+            dataset = datasets.load_dataset(name, config, split=split)
+        except ConnectionError as err:  # offline mode and not cached
+            raise HubUnreachableError(
+                f"dataset {name!r} ({config}, {split}) is not in the local cache and the hub is "
+                f"offline: {err}. Run once with the hub reachable, or use local text files."
+            ) from err
+        except (ValueError, FileNotFoundError) as err:  # no such dataset, config or split; unreadable files
+            raise DataError(f"cannot load dataset {name!r} (data.hf_config={config}, data.hf_split={split}): "
+                            f"{' '.join(str(err).split())}") from err
     if text_field not in dataset.column_names:
         raise DataError(
             f"dataset {name!r} has no column {text_field!r}; its columns: {dataset.column_names}"
         )
     return [t for t in dataset[text_field] if isinstance(t, str) and t.strip()]
+
+
+def _saved_dataset(datasets, folder: Path, name: str, split: str):
+    """A folder written by ``save_to_disk``: a DatasetDict's ``split``, or a single Dataset."""
+    loaded = datasets.load_from_disk(str(folder))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"dataset {name!r} (saved with save_to_disk) has no split {split!r}; its splits: "
+                            f"{', '.join(loaded)}: set data.hf_split to one of them")
+        return loaded[split]
+    if split != "train":
+        raise DataError(f"dataset {name!r} was saved with save_to_disk as a single Dataset, without splits, so "
+                        f"data.hf_split={split!r} names nothing in it; leave data.hf_split at train (the whole "
+                        "dataset)")
+    return loaded
