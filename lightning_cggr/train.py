@@ -193,7 +193,7 @@ def validation_warnings(callbacks: dict | None, trainer: dict) -> list[str]:
 def validation_cost_warning(val_examples: int, batch_size: int, trainer: dict) -> str | None:
     """A warning when each validation inside training runs more batches than the training between
     two of them (``trainer.val_check_interval`` batches): with a large corpus the default 5% held
-    out otherwise makes validating, not training, most of the run. None when validation is off,
+    out otherwise makes validating a large share of the run. None when validation is off,
     limited enough, not at an interval of batches, or not inside the run (a run shorter than the
     interval validates only before and after training: a fixed cost, not a share of the run)."""
     every, steps = trainer.get("val_check_interval"), trainer.get("max_steps", -1)
@@ -211,9 +211,9 @@ def validation_cost_warning(val_examples: int, batch_size: int, trainer: dict) -
     if batches <= every:
         return None
     return (f"each validation runs {batches} batches of the held-out split, more than the {every} training batches "
-            f"between validations (trainer.val_check_interval): validating would take more of the run than "
-            f"training; limit it (e.g. +trainer.limit_val_batches={max(1, every // 4)}: the same first batches each "
-            f"time) or raise trainer.val_check_interval")
+            f"between validations (trainer.val_check_interval): forward passes only, but a large share of the "
+            f"run goes to validating; limit it (e.g. +trainer.limit_val_batches={max(1, every // 4)}: the same first "
+            f"batches each time) or raise trainer.val_check_interval")
 
 
 def check_loss_impl(impl: str, trainer: dict) -> None:

@@ -13,11 +13,13 @@ import logging
 import math
 import os
 import re
+import time
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
@@ -179,9 +181,6 @@ def token_stream(texts: list[str], tokenizer, split: str = "training", cache: st
     tokens, took 4.4 GB). A fast tokenizer's result is cached in ``cache_dir(cache)``, keyed by the
     tokenizer's definition and the texts, so a resumed or repeated run reads it instead of
     tokenizing again (a corpus of a few hundred MB takes minutes)."""
-    import time
-
-    import numpy as np
     from tqdm.auto import tqdm
 
     eos = tokenizer.eos_token_id
@@ -198,9 +197,11 @@ def token_stream(texts: list[str], tokenizer, split: str = "training", cache: st
         path = cache_dir(cache) / f"tokens-{digest.hexdigest()[:24]}.npy"
         if path.exists():
             try:
-                return np.load(path)
-            except (OSError, ValueError):  # a damaged cache file: tokenize again and replace it
-                pass
+                cached = np.load(path)
+            except (OSError, ValueError, EOFError):  # a damaged cache file: tokenize again and replace it
+                cached = None
+            if cached is not None and cached.ndim == 1 and cached.dtype == np.int32:
+                return cached
     chars = sum(map(len, texts))
     big = chars >= REPORT_CHARS
     start = time.monotonic()
@@ -211,8 +212,9 @@ def token_stream(texts: list[str], tokenizer, split: str = "training", cache: st
         return np.concatenate([a for doc in ids for a in (np.asarray(doc, dtype=np.int32), eos_ids)])
 
     pieces, batch, size = [], [], 0  # pieces: one int32 array per batch of documents
-    with whole_texts(tokenizer), tqdm(total=chars, desc=f"tokenizing the {split} split", unit="char", unit_scale=True,
-              disable=None if big else True, leave=False) as bar:
+    bar = tqdm(total=chars, desc=f"tokenizing the {split} split", unit="char", unit_scale=True,
+               disable=None if big else True, leave=False)
+    with whole_texts(tokenizer), bar:
         for k, text in enumerate(texts):
             batch.append(text)
             size += len(text)
