@@ -166,7 +166,7 @@ def locate(source: str | Path) -> tuple[Path, Path]:
     )
 
 
-def _skeleton(run_dir: Path):
+def _skeleton(run_dir: Path, ckpt: Path | None = None):
     """(model with the run's architecture, tokenizer) without the trained weights."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -183,11 +183,13 @@ def _skeleton(run_dir: Path):
 
             model = wrap_peft(model, LoraConfig.from_pretrained(folder))
         return model, AutoTokenizer.from_pretrained(folder)
-    return _skeleton_from_config(run_dir)
+    return _skeleton_from_config(run_dir, ckpt)
 
 
-def _skeleton_from_config(run_dir: Path):
-    """A run folder without model/: rebuild the tokenizer and model from ``.hydra/config.yaml``."""
+def _skeleton_from_config(run_dir: Path, ckpt: Path | None = None):
+    """A run folder without model/: rebuild the tokenizer and model from ``.hydra/config.yaml``; the
+    BPE the run trained comes from ``ckpt`` where it holds it, else it is trained again on the corpus
+    (the same one while the corpus is unchanged)."""
     from omegaconf import OmegaConf
 
     from .config import parse_config
@@ -199,7 +201,12 @@ def _skeleton_from_config(run_dir: Path):
         raise CheckpointError(f"{run_dir} has neither model/ nor .hydra/config.yaml; it is not a lightning_cggr run folder")
     log.info("%s has no %s/: rebuilding the tokenizer and model from %s", run_dir, RUN_MODEL_DIR, resolved)
     run = parse_config(OmegaConf.to_container(OmegaConf.load(resolved), resolve=False))
-    tokenizer = build_tokenizer(run.data) if run.data.tokenizer == "bpe" else None
+    stored = None
+    if ckpt is not None and run.data.tokenizer == "bpe":
+        from .rundir import read_checkpoint_meta
+
+        stored = read_checkpoint_meta(ckpt)["tokenizer"]
+    tokenizer = build_tokenizer(run.data, stored) if run.data.tokenizer == "bpe" else None
     model, tokenizer = build_model(run.model, tokenizer)
     return model.float(), tokenizer
 
@@ -227,7 +234,7 @@ def load_trained(source: str | Path, dtype: str | torch.dtype | None = None):
         return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval(), AutoTokenizer.from_pretrained(path)
     run_dir, ckpt = locate(path)
     check_checkpoint(ckpt)
-    model, tokenizer = _skeleton(run_dir)
+    model, tokenizer = _skeleton(run_dir, ckpt)
     state = read_model_state(ckpt, model.state_dict())
     try:
         model.load_state_dict(state, strict=True)

@@ -196,6 +196,9 @@ class CGGRModule(L.LightningModule):
         self._throughput: tuple[float, float | None] | None = None  # the last window's (tokens/s, MFU)
         self.run_config: dict | None = None
         """The resolved run config (plain containers), stored in every checkpoint under CONFIG_KEY."""
+        self.run_tokenizer: str | None = None
+        """The BPE the run trained on its corpus (``tokenizers`` JSON), stored beside the config:
+        a resume tokenizes with it (see :class:`lightning_cggr.rundir.RunPlan`)."""
         self._peak: float | None = None  # dense bf16 TFLOPS of the card, found at the first step
         self.flop_shape: FlopShape | None = None
         """The FLOP formula's view of the model (lightning_cggr.flops), read before any sharding
@@ -461,6 +464,8 @@ class CGGRModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         if self.run_config is not None:
             checkpoint[CONFIG_KEY] = {"config": self.run_config}
+            if self.run_tokenizer is not None:
+                checkpoint[CONFIG_KEY]["tokenizer"] = self.run_tokenizer
         if self._trainer is not None and self.trainer.state.fn == "fit":
             self._pause_window()  # (torch.save writes after this hook: most of a save's time)
 

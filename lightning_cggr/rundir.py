@@ -57,6 +57,9 @@ class RunPlan:
     """The checkpoint is this run folder's own: its loggers' history continues."""
     start_step: int
     """Optimizer steps already done (the checkpoint's global step; 0 for a new run)."""
+    tokenizer: str | None = None
+    """The checkpoint's own BPE tokenizer (its ``tokenizers`` JSON), where the run trained one on its
+    corpus: a resume tokenizes with it, so token ids keep the meaning the weights learned."""
 
 
 def last_checkpoint(out: Path) -> Path | None:
@@ -88,7 +91,9 @@ def read_checkpoint_meta(path: Path) -> dict[str, Any]:
         ) from err
     from .module import CONFIG_KEY
 
-    return {"global_step": int(ckpt.get("global_step", 0)), "config": (ckpt.get(CONFIG_KEY) or {}).get("config")}
+    stored = ckpt.get(CONFIG_KEY) or {}
+    return {"global_step": int(ckpt.get("global_step", 0)), "config": stored.get("config"),
+            "tokenizer": stored.get("tokenizer")}
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
@@ -174,7 +179,7 @@ def plan_run(cfg: Mapping[str, Any], out: Path) -> RunPlan:
                 "Resume with the checkpoint's settings, or start a new run in another folder"
             )
     in_place = out.resolve() in path.resolve().parents
-    return RunPlan(path, in_place, meta["global_step"])
+    return RunPlan(path, in_place, meta["global_step"], meta["tokenizer"])
 
 
 # ---- the command line: before Hydra touches the folder ---------------------------------------

@@ -446,7 +446,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     # the data is read, tokenized and checked to fill a batch before the model's weights load where
     # the tokenizer comes first (the corpus's own BPE, or a pretrained checkpoint's tokenizer files),
     # else (the GGUF, whose tokenizer comes out of its conversion) as soon as the model is there
-    tokenizer = build_tokenizer(run.data) if run.data.tokenizer == "bpe" else model_tokenizer(run.model)
+    bpe = run.data.tokenizer == "bpe"
+    tokenizer = build_tokenizer(run.data, plan.tokenizer) if bpe else model_tokenizer(run.model)
     datamodule = prepare_datamodule(run.data, tokenizer, seed=cfg.seed) if tokenizer is not None else None
     model, tokenizer = build_model(run.model, tokenizer)
     too_long, past_range = sequence_length_problem(model, run.data.block_size, random=run.model.source == "random")
@@ -466,6 +467,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     except ValueError as err:
         raise ConfigError(f"invalid configuration: {err}") from err
     module.run_config = resolved
+    module.run_tokenizer = tokenizer.backend_tokenizer.to_str() if bpe else None
 
     ckpt_dir = out / "checkpoints"
     if plan.ckpt is not None:

@@ -198,7 +198,8 @@ def test_chat_training_order_resumes_mid_epoch(tokenizer):
     head = [next(it) for _ in range(3)]
     state = first.state_dict()
     rest = list(it)
-    assert state == {"epoch": 1, "batches": 3, "world_size": 1, "batch_size": 4} and rest
+    assert state == {"epoch": 1, "batches": 3, "world_size": 1, "batch_size": 4,
+                     "data": first.dataset.fingerprint()} and rest
 
     resumed = loader()
     resumed.load_state_dict(state)

@@ -339,3 +339,37 @@ def test_commands_export_and_generate(run_dir, tmp_path, capsys):
     assert info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: {out} is not empty; choose a new folder or pass --overwrite"]
+
+
+def test_a_run_without_model_folder_exports_with_the_tokenizer_its_checkpoint_stores(tmp_path):
+    """The BPE a run trained is stored in its checkpoints. Exporting a run folder that lacks model/
+    (the tokenizer's other copy) once used a BPE trained again on the corpus: after the corpus
+    changed, that one had other ids (here fewer tokens than the model's embedding)."""
+    import shutil
+
+    from lightning_cggr.data.text import train_bpe_tokenizer
+    from lightning_cggr.rundir import read_checkpoint_meta
+
+    corpus = []
+    for i in range(4):
+        corpus.append(tmp_path / f"doc{i}.txt")
+        corpus[-1].write_text(" ".join(f"word{(i * 7 + j * j) % 40}" for j in range(300)) + "\n")
+    out = tmp_path / "run"
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[*tiny_overrides(out, tmp_path / "cache"), "data.source=files",
+                                          f"data.paths=[{','.join(map(str, corpus))}]", "data.vocab_size=300",
+                                          "data.block_size=16", "data.val_fraction=0.3"])
+    train(cfg)
+    from omegaconf import OmegaConf
+
+    (out / ".hydra").mkdir()
+    OmegaConf.save(cfg, out / ".hydra" / "config.yaml", resolve=True)
+    shutil.rmtree(out / "model")
+    stored = read_checkpoint_meta(out / "checkpoints" / "last.ckpt")["tokenizer"]
+    assert stored is not None
+    for path in corpus:
+        path.write_text(path.read_text().replace("word1", "other"))
+    retrained = train_bpe_tokenizer([p.read_text() for p in corpus[:3]], 300, str(tmp_path / "cache"))
+    model, tokenizer = load_trained(out)
+    assert tokenizer.backend_tokenizer.to_str() == stored != retrained.backend_tokenizer.to_str()
+    assert len(tokenizer) == model.get_input_embeddings().num_embeddings

@@ -164,6 +164,45 @@ def test_resume_without_data_position_would_differ(tmp_path, restore_sigint, mon
     assert any(abs(a - b) > 1e-3 for a, b in zip(second, straight[10:]))
 
 
+class FirstBatch(L.Callback):
+    """The first training batch a run draws, and where the run's loader would start that epoch."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not hasattr(self, "ids"):
+            self.ids, self.epoch = batch["input_ids"].cpu().clone(), trainer.current_epoch
+            loader = trainer.datamodule.train_dataloader()  # a fresh loader: no saved position
+            loader.sampler.set_epoch(self.epoch)
+            self.epoch_start = next(iter(loader))["input_ids"]
+
+
+def test_a_resume_on_changed_data_restarts_the_epoch_and_says_so(tmp_path, restore_sigint):
+    """The position saved mid-epoch counts batches of the interrupted run's data; after the corpus
+    changed (a file edited, the config equal) it points into a different order. The resume says so
+    and draws that epoch from its first batch; on unchanged data it continues where it stopped,
+    without a word. Either way it tokenizes with the checkpoint's own BPE (retrained on the edited
+    corpus it had fewer tokens than the model's embedding, and the resume failed on its shape)."""
+    stop = Interrupt(at=10)
+    with pytest.raises(SystemExit):
+        train(make_cfg(tmp_path, "first"), callbacks=[stop])
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+
+    same, first = make_cfg(tmp_path, "same", f"ckpt_path={ckpt}"), FirstBatch()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        train(same, callbacks=[first])
+    assert not [w for w in seen if "training data differs" in str(w.message)]
+    assert first.epoch == stop.where[0] and not torch.equal(first.ids, first.epoch_start)  # mid-epoch
+
+    changed = make_cfg(tmp_path, "changed", f"ckpt_path={ckpt}")
+    doc = tmp_path / "doc0.txt"
+    doc.write_text(doc.read_text().replace("router", "routers"))
+    first = FirstBatch()
+    with pytest.warns(UserWarning, match=rf"the training data differs from the checkpoint's .* epoch "
+                                         rf"{stop.where[0]} means nothing here, so that epoch restarts"):
+        train(changed, callbacks=[first])
+    assert first.epoch == stop.where[0] and torch.equal(first.ids, first.epoch_start)
+
+
 @pytest.mark.parametrize("first_steps", [10, 8], ids=["stopped-mid-epoch", "stopped-at-epoch-end"])
 def test_continuing_a_finished_run_equals_running_straight(tmp_path, first_steps):
     """A run that reached max_steps, resumed from its last.ckpt with a larger max_steps, continues

@@ -41,10 +41,14 @@ def data_file_problems(source: str, paths: list[str]) -> list[str]:
     return [f"data.paths: {problem}" for problem in map(check, files) if problem]
 
 
-def build_tokenizer(cfg: DataConfig):
-    """The BPE tokenizer trained on the training split of the configured corpus (data.tokenizer=bpe)."""
-    from .text import load_documents, split_documents, train_bpe_tokenizer
+def build_tokenizer(cfg: DataConfig, stored: str | None = None):
+    """The BPE tokenizer trained on the training split of the configured corpus (data.tokenizer=bpe),
+    or, resuming a run, the one it trained (``stored``: its JSON, from the checkpoint), whatever the
+    corpus holds now: the weights learned that tokenizer's ids."""
+    from .text import bpe_tokenizer_from_json, load_documents, split_documents, train_bpe_tokenizer
 
+    if stored is not None:
+        return bpe_tokenizer_from_json(stored)
     train, _ = split_documents(load_documents(cfg), cfg.val_fraction)
     return train_bpe_tokenizer(train, cfg.vocab_size, cfg.cache_dir)
 

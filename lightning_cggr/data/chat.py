@@ -34,7 +34,7 @@ from ..errors import DataError, UserError
 from ..routing.selection import IGNORE_INDEX
 from .evaluation import eval_loader
 from .files import Conversation, read_chat_jsonl
-from .resumable import ResumableLoader, fit_position, pins_memory
+from .resumable import ResumableLoader, fingerprint, fit_position, pins_memory
 from .text import whole_texts
 
 
@@ -122,6 +122,10 @@ class ChatDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def fingerprint(self) -> str:
+        """What a checkpoint's data position is checked against on resume (:class:`ResumableLoader`)."""
+        return fingerprint(*(a for ex in self.examples for a in (ex["input_ids"], ex["labels"])))
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return self.examples[index]

@@ -62,6 +62,20 @@ class EpochSampler(DistributedSampler):
         return iter(indices[start:])
 
 
+def fingerprint(*arrays) -> str:
+    """A short digest of integer arrays (numpy or CPU torch): their dtypes, shapes and bytes."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for array in arrays:
+        a = np.ascontiguousarray(array.numpy() if hasattr(array, "numpy") else array)
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        digest.update(memoryview(a).cast("B"))
+    return digest.hexdigest()[:20]
+
+
 def fit_position(trainer) -> Callable[[], int]:
     """Batches of the current epoch that ``trainer``'s fit loop has finished (read when called).
 
@@ -139,12 +153,23 @@ class ResumableLoader(DataLoader):
             self._consumed += 1
             yield batch
 
-    def state_dict(self) -> dict[str, int]:
-        world, _ = _dist_world()
-        return {"epoch": int(self.sampler.epoch), "batches": int(self._consumed), "world_size": world,
-                "batch_size": int(self.batch_size)}
+    def _fingerprint(self) -> str | None:
+        """The training data's fingerprint (see :func:`fingerprint`), computed once; None for a
+        dataset without one."""
+        if not hasattr(self, "_data_fingerprint"):
+            method = getattr(self.dataset, "fingerprint", None)
+            self._data_fingerprint = method() if callable(method) else None
+        return self._data_fingerprint
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def state_dict(self) -> dict[str, int | str]:
+        world, _ = _dist_world()
+        state = {"epoch": int(self.sampler.epoch), "batches": int(self._consumed), "world_size": world,
+                 "batch_size": int(self.batch_size)}
+        if (data := self._fingerprint()) is not None:
+            state["data"] = data
+        return state
+
+    def load_state_dict(self, state: dict[str, int | str]) -> None:
         world, _ = _dist_world()
         self.sampler.epoch = int(state["epoch"])
         if state.get("world_size", world) != world or state.get("batch_size", self.batch_size) != self.batch_size:
@@ -152,6 +177,15 @@ class ResumableLoader(DataLoader):
                 f"the checkpoint's data position was saved with world_size={state.get('world_size')}, "
                 f"batch_size={state.get('batch_size')}; this run has world_size={world}, batch_size="
                 f"{self.batch_size}: epoch {state['epoch']} restarts from its first batch",
+                stacklevel=2,
+            )
+            self.sampler.start = self._consumed = 0
+            return
+        if "data" in state and self._fingerprint() is not None and state["data"] != self._fingerprint():
+            warnings.warn(
+                f"the training data differs from the checkpoint's (its files or their tokenization changed: "
+                f"{len(self.dataset)} training examples now): the interrupted run's position in epoch "
+                f"{state['epoch']} means nothing here, so that epoch restarts from its first batch",
                 stacklevel=2,
             )
             self.sampler.start = self._consumed = 0

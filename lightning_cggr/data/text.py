@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, default_collate
 from ..errors import DataError, UserError
 from .evaluation import eval_loader
 from .files import cache_dir, expand_paths, read_text_file
-from .resumable import ResumableLoader, fit_position, pins_memory
+from .resumable import ResumableLoader, fingerprint, fit_position, pins_memory
 
 if TYPE_CHECKING:
     from ..config import DataConfig
@@ -118,15 +118,24 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int, cache: str | None = N
         digest.update(t.encode("utf-8"))
         digest.update(b"\0")
     path = cache_dir(cache) / f"bpe-{vocab_size}-{digest.hexdigest()[:16]}.json"
-    if path.exists():
-        tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
-    else:
+    if not path.exists():
         bpe = ByteLevelBPETokenizer()
         bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN])
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         bpe.save(str(tmp))
         tmp.replace(path)
-        tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    return _with_eos(PreTrainedTokenizerFast(tokenizer_file=str(path)))
+
+
+def bpe_tokenizer_from_json(definition: str):
+    """The BPE a run trained, back from its ``tokenizers`` JSON (as a checkpoint stores it)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return _with_eos(PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(definition)))
+
+
+def _with_eos(tok):
     tok.eos_token = EOS_TOKEN
     tok.pad_token = EOS_TOKEN
     return tok
@@ -267,6 +276,10 @@ class BlockDataset(Dataset):
 
     def __len__(self) -> int:
         return self.blocks.shape[0]
+
+    def fingerprint(self) -> str:
+        """What a checkpoint's data position is checked against on resume (:class:`ResumableLoader`)."""
+        return fingerprint(self.blocks)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         x = self.blocks[i].long()  # stored as int32 (half the memory); the model takes int64 ids
