@@ -106,3 +106,18 @@ def test_packing_long_documents_does_not_warn_of_indexing_errors(tokenizer, tmp_
         assert [m for m in said if "longer than the specified maximum" in m]
     finally:
         hf_logger.removeHandler(handler)
+
+
+def test_the_cache_folder_expands_home_and_names_an_unwritable_one(tmp_path, monkeypatch):
+    from lightning_cggr.data.files import cache_dir
+    from lightning_cggr.errors import DataError
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert cache_dir("~/tok") == tmp_path / "home" / "tok" and (tmp_path / "home" / "tok").is_dir()
+    assert not (tmp_path / "~").exists()  # not a folder named "~" where the run starts
+    monkeypatch.setenv("LIGHTNING_CGGR_CACHE", "~/env-cache")
+    assert cache_dir() == tmp_path / "home" / "env-cache"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match=r"cannot create the cache folder .*file/sub .*set data.cache_dir"):
+        cache_dir(str(tmp_path / "file" / "sub"))

@@ -23,10 +23,16 @@ Conversation = list[dict[str, str]]
 
 
 def cache_dir(override: str | None = None) -> Path:
-    """Where tokenizers and downloaded files are cached."""
+    """Where trained tokenizers and tokenized corpora are cached: ``override`` (``data.cache_dir``),
+    else ``$LIGHTNING_CGGR_CACHE``, else ``~/.cache/lightning_cggr`` (``~`` expanded in each);
+    created if missing. A folder that cannot be created is a :class:`DataError` naming both settings."""
     root = override or os.environ.get("LIGHTNING_CGGR_CACHE") or Path.home() / ".cache" / "lightning_cggr"
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
+    path = Path(root).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"cannot create the cache folder {path} ({err.strerror or err}); set data.cache_dir (or "
+                        f"$LIGHTNING_CGGR_CACHE) to a writable folder") from err
     return path
 
 
