@@ -214,6 +214,13 @@ class RunFolderCallback(HydraCallback):
             return
         NEW_RUN_FOLDER = None if Path(str(OmegaConf.select(config, "hydra.run.dir"))).exists() else out
         try:
+            for key in ("hydra.run.dir", "output_dir"):
+                given = OmegaConf.select(config, key, throw_on_resolution_failure=False)
+                if isinstance(given, str) and given.startswith("~"):  # Hydra takes it as a folder named ~
+                    raise ConfigError(
+                        f"invalid configuration: {key}={given}: Hydra does not expand '~', so the run would "
+                        f"go into a folder named '~' under {Path.cwd()}; write the path out, e.g. "
+                        f"{key}=$HOME{given[1:]} (the shell expands $HOME)")
             plan_run(task, out)
         except UserError as err:  # reported like every user mistake (lightning_cggr.errors)
             from .errors import report

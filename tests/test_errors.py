@@ -139,6 +139,8 @@ CASES = [
     Case("negative-weight-decay", ["optim.weight_decay=-0.1"], "optim.weight_decay=-0.1: must be a number >= 0"),
     Case("seed-not-an-integer", ["seed=1.5"], "seed=1.5: must be an integer"),
     Case("negative-max-steps", ["trainer.max_steps=-5"], "trainer.max_steps=-5: must be an integer >= 0"),
+    Case("home-in-the-output-folder", ['output_dir="~/runs/first"'],
+         "output_dir=~/runs/first: Hydra does not expand '~', so the run would go into a folder named '~'"),
     Case("a-minimum-past-the-maximum", ["trainer.max_steps=20", "+trainer.min_steps=50"],
          "trainer.min_steps=50 is more than trainer.max_steps=20, which ends the run first"),
     Case("zero-accumulation", ["trainer.accumulate_grad_batches=0"],
