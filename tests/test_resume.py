@@ -198,7 +198,7 @@ def test_a_resume_on_changed_data_restarts_the_epoch_and_says_so(tmp_path, resto
     doc.write_text(doc.read_text().replace("router", "routers"))
     first = FirstBatch()
     with pytest.warns(UserWarning, match=rf"the training data differs from the checkpoint's .* epoch "
-                                         rf"{stop.where[0]} means nothing here, so that epoch restarts"):
+                                         rf"{stop.where[0]} means nothing here: epoch {stop.where[0]} restarts"):
         train(changed, callbacks=[first])
     assert first.epoch == stop.where[0] and torch.equal(first.ids, first.epoch_start)
 

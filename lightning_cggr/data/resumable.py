@@ -172,22 +172,17 @@ class ResumableLoader(DataLoader):
     def load_state_dict(self, state: dict[str, int | str]) -> None:
         world, _ = _dist_world()
         self.sampler.epoch = int(state["epoch"])
+        why = None
         if state.get("world_size", world) != world or state.get("batch_size", self.batch_size) != self.batch_size:
-            warnings.warn(
-                f"the checkpoint's data position was saved with world_size={state.get('world_size')}, "
-                f"batch_size={state.get('batch_size')}; this run has world_size={world}, batch_size="
-                f"{self.batch_size}: epoch {state['epoch']} restarts from its first batch",
-                stacklevel=2,
-            )
-            self.sampler.start = self._consumed = 0
-            return
-        if "data" in state and self._fingerprint() is not None and state["data"] != self._fingerprint():
-            warnings.warn(
-                f"the training data differs from the checkpoint's (its files or their tokenization changed: "
-                f"{len(self.dataset)} training examples now): the interrupted run's position in epoch "
-                f"{state['epoch']} means nothing here, so that epoch restarts from its first batch",
-                stacklevel=2,
-            )
+            why = (f"the checkpoint's data position was saved with world_size={state.get('world_size')}, "
+                   f"batch_size={state.get('batch_size')}; this run has world_size={world}, batch_size="
+                   f"{self.batch_size}")
+        elif "data" in state and self._fingerprint() is not None and state["data"] != self._fingerprint():
+            why = (f"the training data differs from the checkpoint's (its files or their tokenization changed: "
+                   f"{len(self.dataset)} training examples now), so the interrupted run's position in epoch "
+                   f"{state['epoch']} means nothing here")
+        if why is not None:
+            warnings.warn(f"{why}: epoch {state['epoch']} restarts from its first batch", stacklevel=2)
             self.sampler.start = self._consumed = 0
             return
         self.sampler.start = int(state["batches"]) * self.batch_size
