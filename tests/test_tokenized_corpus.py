@@ -3,6 +3,8 @@ document on its own, whatever the batching, the cache or the tokenizer's paralle
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -50,6 +52,7 @@ def test_a_second_tokenization_reads_the_cache_and_a_change_misses_it(tokenizer,
     monkeypatch.setattr(type(tokenizer), "__call__", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     again = token_stream(docs, tokenizer, cache=str(tmp_path))
     assert calls == [] and np.array_equal(again, first)
+    assert isinstance(again, np.memmap) and not again.flags.writeable  # the file's pages, shared, not a copy
 
     edited = docs[:-1] + [docs[-1] + " router"]  # one document changed: tokenized again, cached apart
     assert token_stream(edited, tokenizer, cache=str(tmp_path)).tolist() == reference(edited, tokenizer)
@@ -71,9 +74,14 @@ def test_a_damaged_cache_file_is_tokenized_again(tokenizer, tmp_path):
     assert token_stream(docs, tokenizer, cache=str(tmp_path)).tolist() == reference(docs, tokenizer)
 
 
-def test_blocks_are_the_stream_cut_and_batches_are_int64(tokenizer, tmp_path):
+@pytest.mark.parametrize("cached", [False, True], ids=["tokenized-now", "from-the-cache"])
+def test_blocks_are_the_stream_cut_and_batches_are_int64(tokenizer, tmp_path, cached):
     docs = documents()
-    blocks = pack_documents(docs, tokenizer, block_size=16, cache=str(tmp_path))
+    if cached:
+        token_stream(docs, tokenizer, cache=str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (torch warns of a read-only array it is handed)
+        blocks = pack_documents(docs, tokenizer, block_size=16, cache=str(tmp_path))
     ids = reference(docs, tokenizer)
     assert blocks.shape == (len(ids) // 16, 16)
     assert blocks.flatten().tolist() == ids[: blocks.numel()]

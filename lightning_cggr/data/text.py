@@ -14,6 +14,7 @@ import math
 import os
 import re
 import time
+import warnings
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -204,13 +205,8 @@ def token_stream(texts: list[str], tokenizer, split: str = "training", cache: st
             digest.update(t.encode("utf-8"))
             digest.update(b"\0")
         path = cache_dir(cache) / f"tokens-{digest.hexdigest()[:24]}.npy"
-        if path.exists():
-            try:
-                cached = np.load(path)
-            except (OSError, ValueError, EOFError):  # a damaged cache file: tokenize again and replace it
-                cached = None
-            if cached is not None and cached.ndim == 1 and cached.dtype == np.int32:
-                return cached
+        if (cached := _read_tokens(path)) is not None:
+            return cached
     chars = sum(map(len, texts))
     big = chars >= REPORT_CHARS
     start = time.monotonic()
@@ -244,13 +240,25 @@ def token_stream(texts: list[str], tokenizer, split: str = "training", cache: st
         log.info(
             "tokenized the %s split: %d documents, %d tokens in %.0f s%s", split, len(texts), stream.size,
             time.monotonic() - start, f" (cached in {path})" if path is not None else "")
-    return stream
+    mapped = _read_tokens(path) if path is not None else None  # the pages of the file, not a copy
+    return stream if mapped is None else mapped
+
+
+def _read_tokens(path: Path):
+    """The cached ids at ``path``, memory-mapped read-only (processes of one machine, DDP ranks and
+    loader workers, share the file's pages instead of holding a copy each), or None where the file
+    is missing, damaged (cut, or not this version's 1-d int32 array) or empty (nothing to map)."""
+    try:
+        cached = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError):
+        return None
+    return cached if cached.ndim == 1 and cached.dtype == np.int32 else None
 
 
 def pack_documents(texts: list[str], tokenizer, block_size: int, split: str = "training",
                    cache: str | None = None) -> torch.Tensor:
     """Tokenize (:func:`token_stream`), join with EOS and cut into [N, block_size] int32 blocks (the
-    remainder is dropped).
+    remainder is dropped): a view of the token cache's memory map where there is one, read only.
 
     A ``split`` (training or validation) shorter than one block is a :class:`DataError`."""
     ids = token_stream(texts, tokenizer, split, cache)
@@ -261,7 +269,9 @@ def pack_documents(texts: list[str], tokenizer, block_size: int, split: str = "t
             f"the {split} split has {len(ids)} tokens, fewer than one block of data.block_size={block_size}: "
             f"lower data.block_size or {more}"
         )
-    return torch.from_numpy(ids[: n * block_size].copy()).view(n, block_size)
+    with warnings.catch_warnings():  # a read-only map of the cache file (never written to)
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(ids[: n * block_size].reshape(n, block_size))
 
 
 class BlockDataset(Dataset):
