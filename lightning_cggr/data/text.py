@@ -342,6 +342,7 @@ class PackedTextDataModule(L.LightningDataModule):
             self.val_set = BlockDataset(
                 pack_documents(self.val_texts, self.tokenizer, self.cfg.block_size, split="validation", cache=cache)
             )
+            self.train_texts = self.val_texts = None  # packed: the texts (the corpus's size again) can go
 
     def train_dataloader(self):
         # order = f(seed, epoch); its position is saved in checkpoints, so a resume mid-epoch
