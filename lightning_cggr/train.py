@@ -198,12 +198,15 @@ def validation_cost_warning(val_examples: int, batch_size: int, trainer: dict) -
     interval validates only before and after training: a fixed cost, not a share of the run)."""
     every, steps = trainer.get("val_check_interval"), trainer.get("max_steps", -1)
     accumulate, limit = trainer.get("accumulate_grad_batches", 1), trainer.get("limit_val_batches", 1.0)
-    devices = trainer.get("devices", 1)
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    devices = len(devices) if isinstance(devices, (list, tuple)) else devices
+    if not (_is_int(devices) and devices > 0 and _is_int(nodes) and nodes > 0):
+        return None  # "auto" or -1: the ranks that share the held-out split are not known yet
     if not validates(trainer) or not _is_int(every) or trainer.get("check_val_every_n_epoch") is not None:
         return None
     if _is_int(steps) and steps >= 0 and _is_int(accumulate) and steps * accumulate < every:
         return None
-    batches = math.ceil(val_examples / (batch_size * (devices if _is_int(devices) and devices > 0 else 1)))
+    batches = math.ceil(val_examples / (batch_size * devices * nodes))
     if _is_int(limit):
         batches = min(batches, limit)
     elif isinstance(limit, float) and 0 < limit <= 1:

@@ -395,6 +395,9 @@ def test_validation_longer_than_the_training_between_validations_is_warned(examp
                   "check_val_every_n_epoch": None, "limit_val_batches": limit, "devices": 1}
     warning = validation_cost_warning(examples, 4, trainer_kw)
     assert (warning is not None) == (max_steps >= every and module.batches > every)
+    # each of 2 ranks validates half the split; with devices=auto the ranks are not known: no guess
+    assert validation_cost_warning(2 * examples, 4, {**trainer_kw, "devices": 2}) == warning
+    assert validation_cost_warning(examples, 4, {**trainer_kw, "devices": "auto"}) is None
     if warning:
         assert warning.startswith(f"each validation runs {module.batches} batches of the held-out split, more "
                                   f"than the {every} training batches between validations")
