@@ -97,9 +97,10 @@ PROGRESS_CONVERSATIONS = 5000
 
 
 class ChatDataset(Dataset):
-    """Encoded conversations; ``encode_chat`` runs once per conversation, and each example keeps
-    its ``input_ids`` and ``labels`` as int32 arrays (8 bytes a token, where two lists of Python
-    ints took about 44)."""
+    """Encoded conversations, cut to ``max_length`` tokens: each is encoded whole once
+    (:func:`encode_whole_chat`; :attr:`cut` and :attr:`cut_to_nothing` count what the cut cost), and
+    keeps its ``input_ids`` and ``labels`` as int32 arrays (8 bytes a token, where two lists of
+    Python ints took about 44)."""
 
     def __init__(self, conversations: Sequence[Conversation], tokenizer, max_length: int, split: str = "training"):
         from tqdm.auto import tqdm
