@@ -294,6 +294,48 @@ def test_a_file_saved_on_windows_reads_as_the_same_documents(tmp_path):
         read_text_file(tmp_path / "latin.txt")
 
 
+def test_compressed_data_files_read_as_their_text(tmp_path):
+    """corpus.txt.gz (or .bz2, .xz; told by their first bytes, whatever the name) was "not UTF-8
+    text (byte 0x8b ...)" with advice to convert the encoding. The reference is the plain file's
+    documents and conversations; a cut archive and a zstd file are named."""
+    import bz2
+    import gzip
+    import json
+    import lzma
+
+    from lightning_cggr.data import data_file_problems
+    from lightning_cggr.data.files import read_chat_jsonl
+    from lightning_cggr.data.text import file_documents
+
+    text = "First paragraph,\nstill the first.\n\nSecond one.\n"
+    chat = "".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                            {"role": "assistant", "content": f"a{i}"}]}) + "\n" for i in range(3))
+    (tmp_path / "plain.txt").write_text(text)
+    (tmp_path / "plain.jsonl").write_text(chat)
+    packs = {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}
+    for suffix, pack in packs.items():
+        (tmp_path / f"c.txt.{suffix}").write_bytes(pack(text.encode()))
+        (tmp_path / f"c.jsonl.{suffix}").write_bytes(pack(chat.encode()))
+    (tmp_path / "no-suffix.txt").write_bytes(gzip.compress(text.encode()))
+    want = list(file_documents(str(tmp_path / "plain.txt")).values())
+    for name in [f"c.txt.{s}" for s in packs] + ["no-suffix.txt"]:
+        assert list(file_documents(str(tmp_path / name)).values()) == want, name
+        assert data_file_problems("files", [str(tmp_path / name)]) == []
+    for suffix in packs:
+        assert read_chat_jsonl(tmp_path / f"c.jsonl.{suffix}") == read_chat_jsonl(tmp_path / "plain.jsonl")
+        assert data_file_problems("chat", [str(tmp_path / f"c.jsonl.{suffix}")]) == []
+    whole = (tmp_path / "c.txt.gz").read_bytes()
+    (tmp_path / "cut.txt.gz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "cut.jsonl.xz").write_bytes((tmp_path / "c.jsonl.xz").read_bytes()[:-10])
+    (tmp_path / "z.txt.zst").write_bytes(b"\x28\xb5\x2f\xfd" + b"\0" * 20)
+    assert data_file_problems("files", [str(tmp_path / "cut.txt.gz")])[0].endswith(
+        "cut.txt.gz cannot be decompressed (Compressed file ended before the end-of-stream marker was reached); "
+        "give the file whole, or decompressed")
+    assert "cut.jsonl.xz cannot be decompressed" in data_file_problems("chat", [str(tmp_path / "cut.jsonl.xz")])[0]
+    assert "z.txt.zst is zstd-compressed, which this reader cannot open; decompress it first (zstd -d z.txt.zst)" in \
+        data_file_problems("files", [str(tmp_path / "z.txt.zst")])[0]
+
+
 def test_a_folder_or_a_pattern_names_its_files(tmp_path):
     """data.paths=corpus/ (or corpus/**/*.txt) was "does not exist or is not a file". A folder is its
     files at any depth, sorted, hidden ones skipped; a pattern is the files it matches, sorted. The

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import functools
 import json
+import lzma
 import os
+import zlib
 from pathlib import Path
 
 from ..errors import DataError
@@ -62,15 +64,45 @@ def expand_paths(paths: list[str | Path]) -> list[str]:
     return files
 
 
+COMPRESSIONS = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz"}
+"""Compressed data files, told by their first bytes and read through the standard library."""
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_BROKEN_ARCHIVE = (OSError, EOFError, lzma.LZMAError, zlib.error)
+"""What reading a damaged or cut compressed file raises (gzip's and bz2's OSError, xz's LZMAError,
+an inflate error, a stream that ends early)."""
+
+
+def open_data_file(path: Path):
+    """``path`` opened for reading bytes: a gzip, bzip2 or xz file (by its first bytes, whatever
+    its name) through its decompressor, any other file as it is. A zstd file is a
+    :class:`DataError` naming the command that decompresses it (the standard library has no zstd)."""
+    import bz2
+    import gzip
+
+    with path.open("rb") as f:
+        head = f.read(6)
+    if head.startswith(ZSTD_MAGIC):
+        raise DataError(f"{path} is zstd-compressed, which this reader cannot open; decompress it first "
+                        f"(zstd -d {path.name}), or recompress it with gzip")
+    kind = next((name for magic, name in COMPRESSIONS.items() if head.startswith(magic)), None)
+    opener = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}.get(kind, open)
+    return opener(path, "rb")
+
+
 def read_text_file(path: str | Path) -> str:
-    """The UTF-8 text of a data file; a missing, empty, binary or non-UTF-8 file is a
-    :class:`DataError` naming the file, the line and the byte. Line ends are read as Python's text
-    mode reads them (Windows' CRLF and old Macs' CR are newlines), and a leading byte-order mark
-    (Windows editors write one) is dropped, so a text tokenizes alike whichever system saved it."""
+    """The UTF-8 text of a data file (gzip, bzip2 or xz compressed ones decompressed); a missing,
+    empty, binary or non-UTF-8 file is a :class:`DataError` naming the file, the line and the byte.
+    Line ends are read as Python's text mode reads them (Windows' CRLF and old Macs' CR are
+    newlines), and a leading byte-order mark (Windows editors write one) is dropped, so a text
+    tokenizes alike whichever system saved it."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path} does not exist or is not a file")
-    data = path.read_bytes()
+    try:
+        with open_data_file(path) as f:
+            data = f.read()
+    except _BROKEN_ARCHIVE as err:
+        raise DataError(f"{path} cannot be decompressed ({err}); give the file whole, or decompressed") from err
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -113,33 +145,37 @@ def text_file_problem(path: str | Path) -> str | None:
 
 
 def read_chat_jsonl(path: str | Path) -> list[Conversation]:
-    """Conversations of a JSONL file; a missing, empty, non-UTF-8 or malformed file is a
-    :class:`DataError` naming the file and the line."""
+    """Conversations of a JSONL file (gzip, bzip2 or xz compressed ones decompressed, see
+    :func:`open_data_file`); a missing, empty, non-UTF-8 or malformed file is a :class:`DataError`
+    naming the file and the line."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path} does not exist or is not a file")
     conversations: list[Conversation] = []
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(
-                    f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x}); chat files must be UTF-8 JSONL"
-                ) from None
-            if lineno == 1:  # a byte-order mark (Windows editors write one) is not JSON's
-                line = line.removeprefix("\ufeff")
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f'{where}: not valid JSON ({err.msg}, column {err.colno}); each line must be one '
-                    '{"messages": [{"role": ..., "content": ...}, ...]} object'
-                ) from None
-            conversations.append(_validate_record(record, where))
+    try:
+        with open_data_file(path) as f:
+            for lineno, raw in enumerate(f, start=1):
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(
+                        f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x}); chat files must be UTF-8 JSONL"
+                    ) from None
+                if lineno == 1:  # a byte-order mark (Windows editors write one) is not JSON's
+                    line = line.removeprefix("\ufeff")
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(
+                        f'{where}: not valid JSON ({err.msg}, column {err.colno}); each line must be one '
+                        '{"messages": [{"role": ..., "content": ...}, ...]} object'
+                    ) from None
+                conversations.append(_validate_record(record, where))
+    except _BROKEN_ARCHIVE as err:
+        raise DataError(f"{path} cannot be decompressed ({err}); give the file whole, or decompressed") from err
     if not conversations:
         raise DataError(f"{path} has no conversations; give JSONL lines of {{\"messages\": [...]}}")
     return conversations
