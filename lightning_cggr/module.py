@@ -199,6 +199,9 @@ class CGGRModule(L.LightningModule):
         self.run_tokenizer: str | None = None
         """The BPE the run trained on its corpus (``tokenizers`` JSON), stored beside the config:
         a resume tokenizes with it (see :class:`lightning_cggr.rundir.RunPlan`)."""
+        self.run_data: str | None = None
+        """The training set's fingerprint, stored beside the config: a resume whose checkpoint has
+        one may read its data from other paths (see :func:`lightning_cggr.rundir.plan_run`)."""
         self._peak: float | None = None  # dense bf16 TFLOPS of the card, found at the first step
         self.flop_shape: FlopShape | None = None
         """The FLOP formula's view of the model (lightning_cggr.flops), read before any sharding
@@ -466,6 +469,8 @@ class CGGRModule(L.LightningModule):
             checkpoint[CONFIG_KEY] = {"config": self.run_config}
             if self.run_tokenizer is not None:
                 checkpoint[CONFIG_KEY]["tokenizer"] = self.run_tokenizer
+            if self.run_data is not None:
+                checkpoint[CONFIG_KEY]["data"] = self.run_data
         if self._trainer is not None and self.trainer.state.fn == "fit":
             self._pause_window()  # (torch.save writes after this hook: most of a save's time)
 

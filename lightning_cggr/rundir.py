@@ -47,6 +47,16 @@ CHANGEABLE_ON_RESUME = ("data.batch_size", "data.num_workers", "data.cache_dir",
 """May differ on resume (as may everything outside IDENTITY_KEYS: trainer.*, checkpoint.*, perf.*,
 logger, callbacks): kernels and loader settings, not what is computed. A new batch size or device
 count restarts the interrupted epoch, with a warning."""
+DATA_LOCATIONS = ("data.paths", "data.hf_name")
+"""Where the data is read from: may differ on resume when the checkpoint holds its training set's
+fingerprint (data moved to another folder). The same data continues exactly; other data is said
+and restarts the interrupted epoch (:class:`lightning_cggr.data.resumable.ResumableLoader`)."""
+
+
+def _setting(cfg: Mapping[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = cfg.get(part) if isinstance(cfg, Mapping) else None
+    return cfg
 
 
 @dataclass
@@ -93,7 +103,7 @@ def read_checkpoint_meta(path: Path) -> dict[str, Any]:
 
     stored = ckpt.get(CONFIG_KEY) or {}
     return {"global_step": int(ckpt.get("global_step", 0)), "config": stored.get("config"),
-            "tokenizer": stored.get("tokenizer")}
+            "tokenizer": stored.get("tokenizer"), "data": stored.get("data")}
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
@@ -112,16 +122,17 @@ def _schema_defaults() -> dict[str, Any]:
     return _flatten({k: dataclasses.asdict(GROUPS[k]()) for k in IDENTITY_KEYS if k in GROUPS}, "", {})
 
 
-def config_differences(now: Mapping[str, Any], then: Mapping[str, Any]) -> list[str]:
-    """Settings of IDENTITY_KEYS that differ (dotted key: checkpoint value vs now). A setting the
-    checkpoint's config does not have (one added to the package after it was written) matches when
-    it is at its default now, which is what the older package did."""
+def config_differences(now: Mapping[str, Any], then: Mapping[str, Any], movable: tuple[str, ...] = ()) -> list[str]:
+    """Settings of IDENTITY_KEYS that differ (dotted key: checkpoint value vs now), except
+    CHANGEABLE_ON_RESUME and ``movable``. A setting the checkpoint's config does not have (one added
+    to the package after it was written) matches when it is at its default now, which is what the
+    older package did."""
     a = _flatten({k: then.get(k) for k in IDENTITY_KEYS}, "", {})
     b = _flatten({k: now.get(k) for k in IDENTITY_KEYS}, "", {})
     defaults = _schema_defaults()
     out = []
     for key in sorted(set(a) | set(b)):
-        if key in CHANGEABLE_ON_RESUME or any(key.startswith(c + ".") for c in CHANGEABLE_ON_RESUME):
+        if key in CHANGEABLE_ON_RESUME + movable or any(key.startswith(c + ".") for c in CHANGEABLE_ON_RESUME):
             continue
         if key not in a and key in defaults and b.get(key) == defaults[key]:
             continue
@@ -172,7 +183,11 @@ def plan_run(cfg: Mapping[str, Any], out: Path) -> RunPlan:
     if stored is None:
         log.warning("%s stores no config: the resume cannot be checked against it", path)
     else:
-        diffs = config_differences(cfg, stored)
+        diffs = config_differences(cfg, stored, DATA_LOCATIONS if meta["data"] is not None else ())
+        moved = [k for k in DATA_LOCATIONS if _setting(cfg, k) != _setting(stored, k)] if meta["data"] else []
+        if moved and not diffs:
+            log.info("%s: not the checkpoint's; the data is read from the new place, and its training set is "
+                     "checked against the checkpoint's when training starts", ", ".join(moved))
         if diffs:
             raise UserError(
                 f"cannot resume {path}: the config differs from the checkpoint's: {'; '.join(diffs)}. "

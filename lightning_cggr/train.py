@@ -471,6 +471,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
         raise ConfigError(f"invalid configuration: {err}") from err
     module.run_config = resolved
     module.run_tokenizer = tokenizer.backend_tokenizer.to_str() if bpe else None
+    train_set = getattr(datamodule, "train_set", None)
+    module.run_data = train_set.fingerprint() if hasattr(train_set, "fingerprint") else None
 
     ckpt_dir = out / "checkpoints"
     if plan.ckpt is not None:

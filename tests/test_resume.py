@@ -203,6 +203,44 @@ def test_a_resume_on_changed_data_restarts_the_epoch_and_says_so(tmp_path, resto
     assert first.epoch == stop.where[0] and torch.equal(first.ids, first.epoch_start)
 
 
+def test_a_resume_may_read_the_same_data_from_a_new_folder(tmp_path, restore_sigint, caplog):
+    """Data moved to another folder (data.paths changed, the files the same) was refused as a config
+    difference. A checkpoint that holds its training set's fingerprint now resumes from the new
+    paths, exactly: the final weights equal an uninterrupted run's. One without it (written before
+    the fingerprint was stored) is still refused."""
+    import shutil
+
+    train(make_cfg(tmp_path, "straight"))
+    stop = Interrupt(at=10)
+    with pytest.raises(SystemExit):
+        train(make_cfg(tmp_path, "first"), callbacks=[stop])
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+
+    moved = tmp_path / "moved"
+    cfg = make_cfg(tmp_path, "second", f"ckpt_path={ckpt}")
+    moved.mkdir()
+    for path in cfg.data.paths:
+        shutil.copy(path, moved / Path(path).name)
+    cfg.data.paths = [str(moved / Path(p).name) for p in cfg.data.paths]
+    with caplog.at_level("INFO"), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        train(cfg)
+    assert not [w for w in seen if "training data differs" in str(w.message)]
+    assert "data.paths: not the checkpoint's; the data is read from the new place" in caplog.text
+    straight, resumed = (_weights(tmp_path / run / "checkpoints" / "last.ckpt") for run in ("straight", "second"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+    from lightning_cggr.module import CONFIG_KEY
+
+    old = torch.load(ckpt, map_location="cpu", weights_only=False)
+    del old[CONFIG_KEY]["data"]
+    torch.save(old, tmp_path / "old.ckpt")
+    cfg = make_cfg(tmp_path, "third", f"ckpt_path={tmp_path / 'old.ckpt'}")
+    cfg.data.paths = [str(moved / Path(p).name) for p in cfg.data.paths]
+    with pytest.raises(UserError, match=r"the config differs from the checkpoint's: data.paths="):
+        train(cfg)
+
+
 @pytest.mark.parametrize("first_steps", [10, 8], ids=["stopped-mid-epoch", "stopped-at-epoch-end"])
 def test_continuing_a_finished_run_equals_running_straight(tmp_path, first_steps):
     """A run that reached max_steps, resumed from its last.ckpt with a larger max_steps, continues

@@ -125,8 +125,11 @@ class ChatDataset(Dataset):
         return len(self.examples)
 
     def fingerprint(self) -> str:
-        """What a checkpoint's data position is checked against on resume (:class:`ResumableLoader`)."""
-        return fingerprint(*(a for ex in self.examples for a in (ex["input_ids"], ex["labels"])))
+        """What a checkpoint's data position is checked against on resume (:class:`ResumableLoader`);
+        computed once."""
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = fingerprint(*(a for ex in self.examples for a in (ex["input_ids"], ex["labels"])))
+        return self._fingerprint
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return self.examples[index]

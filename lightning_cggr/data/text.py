@@ -288,8 +288,11 @@ class BlockDataset(Dataset):
         return self.blocks.shape[0]
 
     def fingerprint(self) -> str:
-        """What a checkpoint's data position is checked against on resume (:class:`ResumableLoader`)."""
-        return fingerprint(self.blocks)
+        """What a checkpoint's data position is checked against on resume (:class:`ResumableLoader`);
+        computed once."""
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = fingerprint(self.blocks)
+        return self._fingerprint
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         x = self.blocks[i].long()  # stored as int32 (half the memory); the model takes int64 ids
