@@ -53,12 +53,6 @@ fingerprint (data moved to another folder). The same data continues exactly; oth
 and restarts the interrupted epoch (:class:`lightning_cggr.data.resumable.ResumableLoader`)."""
 
 
-def _setting(cfg: Mapping[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        cfg = cfg.get(part) if isinstance(cfg, Mapping) else None
-    return cfg
-
-
 @dataclass
 class RunPlan:
     ckpt: Path | None
@@ -184,7 +178,8 @@ def plan_run(cfg: Mapping[str, Any], out: Path) -> RunPlan:
         log.warning("%s stores no config: the resume cannot be checked against it", path)
     else:
         diffs = config_differences(cfg, stored, DATA_LOCATIONS if meta["data"] is not None else ())
-        moved = [k for k in DATA_LOCATIONS if _setting(cfg, k) != _setting(stored, k)] if meta["data"] else []
+        now, then = (_flatten({"data": c.get("data")}, "", {}) for c in (cfg, stored))
+        moved = [k for k in DATA_LOCATIONS if now.get(k) != then.get(k)] if meta["data"] else []
         if moved and not diffs:
             log.info("%s: not the checkpoint's; the data is read from the new place, and its training set is "
                      "checked against the checkpoint's when training starts", ", ".join(moved))
