@@ -572,9 +572,16 @@ def test_an_unpickled_module_keeps_its_running_sums_to_itself():
 
 
 @pytest.mark.slow
+@pytest.mark.flaky(reruns=2, only_rerun=["terminated with signal SIGABRT"])
 def test_ddp_spawn_validate_fit_validate_gives_the_float64_losses(tmp_path):
     """trainer.strategy=ddp_spawn on 2 CPU processes: the validation after fit started from the
-    sums of the one before it (the job printed val/loss 7.979 for 7.181)."""
+    sums of the one before it (the job printed val/loss 7.979 for 7.181).
+
+    Rerun (up to twice) only when a spawned worker dies of SIGABRT. CI saw it once, rank 1 in the
+    third launch, its stderr cut; it did not come back in 40 runs here. Lightning's own suite
+    reruns its spawn tests for the same abort; a spawned worker (unlike a forked one) ends through
+    the interpreter's shutdown, where Lightning's atexit hook tears the gloo group down while the
+    other rank may be gone. Any other failure, a wrong loss included, fails at once."""
     rows = make_rows()
     val = torch.utils.data.DataLoader(Rows(rows[:8]), batch_size=2)
     torch.manual_seed(0)
