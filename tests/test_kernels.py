@@ -140,6 +140,19 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
         linear_cross_entropy(h.cpu(), w.cpu(), y.cpu(), impl="triton")
 
 
+def test_a_liger_kernel_older_than_the_checked_release_is_refused(monkeypatch):
+    """liger-kernel 0.8.1 and older gave per-token losses far from float64 torch's in this file's
+    liger cases; impl='liger' names the installed version and the one needed."""
+    monkeypatch.setattr(K, "_liger_available", lambda: True)
+    monkeypatch.setattr(K, "_triton_available", lambda: True)
+    monkeypatch.setattr(K, "_liger_version", lambda: "0.8.1")
+    with pytest.raises(RuntimeError, match=r"liger-kernel >= 0\.8\.2 .*this is 0\.8\.1"):
+        resolve_impl("liger", torch.device("cuda"))
+    for fine in ("0.8.2", "0.10.0"):
+        monkeypatch.setattr(K, "_liger_version", lambda: fine)
+        assert resolve_impl("liger", torch.device("cuda")) == "liger"
+
+
 def test_missing_dependencies_raise_with_the_fix(monkeypatch):
     monkeypatch.setattr(K, "_triton_available", lambda: False)
     monkeypatch.setattr(K, "_liger_available", lambda: False)

@@ -18,6 +18,7 @@ To pay only for the rows that keep a label, gather them first with :func:`compac
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -49,6 +50,25 @@ def _triton_available() -> bool:
 
 def _liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
+
+
+LIGER_MIN_VERSION = "0.8.2"
+"""The oldest Liger-Kernel ``impl="liger"`` accepts: 0.5.10, 0.6.0, 0.7.0, 0.8.0 and 0.8.1 gave
+per-token losses and gradients far from float64 torch's (``reduction="none"``, the path row weights
+take) in this project's tests; 0.8.2 and later match."""
+
+
+@functools.cache  # resolve_impl runs at every loss call; the metadata lookup reads the disk
+def _liger_version() -> str:
+    from importlib.metadata import version
+
+    return version("liger-kernel")
+
+
+def _liger_too_old(installed: str) -> bool:
+    from packaging.version import Version
+
+    return Version(installed) < Version(LIGER_MIN_VERSION)
 
 
 def _check_triton_device(name: str, device: torch.device) -> None:
@@ -84,6 +104,10 @@ def resolve_impl(impl: str, device: torch.device) -> str:
         if not _liger_available():
             raise RuntimeError("loss impl 'liger' needs Liger-Kernel: `pip install liger-kernel`, or choose "
                                "impl='triton' (CUDA) / 'torch'")
+        if _liger_too_old(installed := _liger_version()):
+            raise RuntimeError(f"loss impl 'liger' needs liger-kernel >= {LIGER_MIN_VERSION} (older releases give "
+                               f"wrong per-token losses); this is {installed}: `pip install -U liger-kernel`, "
+                               "or choose impl='triton' (CUDA) / 'torch'")
         _check_triton_device(impl, device)
     elif impl == "torch_lce" and not torch_lce_available():
         raise RuntimeError(f"loss impl 'torch_lce' needs torch >= 2.13 (F.linear_cross_entropy); this is torch "
