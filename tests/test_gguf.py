@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import subprocess
 import zipfile
 
@@ -144,12 +145,25 @@ def test_failed_download_names_the_fix(tmp_path, monkeypatch):
 def test_missing_gguf_package_names_the_extra(monkeypatch, smollm2_file):
     import transformers.utils.import_utils as iu
 
-    monkeypatch.setattr(iu, "is_gguf_available", lambda *a, **k: False)
-    with pytest.raises(ImportError, match=r"'gguf' \(>= [\d.]+\); install .*pip install -e \.\[gguf\]"):
+    import importlib.metadata
+
+    monkeypatch.setattr(iu, "is_gguf_available", lambda *a, **k: False)  # (installed, but too old)
+    installed = importlib.metadata.version("gguf")
+    with pytest.raises(ImportError, match=rf"'gguf' \(>= [\d.]+; {re.escape(installed)} is installed\); install "
+                                          r".*pip install -e \.\[gguf\]"):
         load_gguf_model(smollm2_file)
     monkeypatch.setattr(iu, "is_gguf_available", lambda *a, **k: True)
     monkeypatch.setattr(iu, "is_accelerate_available", lambda *a, **k: False)
-    with pytest.raises(ImportError, match=r"'accelerate'; install .*pip install -e \.\[gguf\]"):
+    installed = importlib.metadata.version("accelerate")
+    with pytest.raises(ImportError, match=rf"'accelerate' \(>= {re.escape(iu.ACCELERATE_MIN_VERSION)}; "
+                                          rf"{re.escape(installed)} is installed\); install .*pip install -e \.\[gguf\]"):
+        load_gguf_model(smollm2_file)
+
+    def absent(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", absent)  # not installed at all
+    with pytest.raises(ImportError, match=r"'accelerate' \(>= [\d.]+\); install"):
         load_gguf_model(smollm2_file)
 
 

@@ -79,11 +79,20 @@ def default_gguf_cache_dir() -> Path:
 
 def require_gguf() -> None:
     """Raise one clear ImportError when transformers cannot read GGUF files here."""
-    from transformers.utils.import_utils import GGUF_MIN_VERSION, is_accelerate_available, is_gguf_available
+    from transformers.utils import import_utils
 
-    missing = [] if is_gguf_available() else [f"'gguf' (>= {GGUF_MIN_VERSION})"]
-    if not is_accelerate_available():
-        missing.append("'accelerate'")
+    def wanted(name: str, minimum: str | None) -> str:  # the installed version too, where one is
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            have = f"; {version(name)} is installed"
+        except PackageNotFoundError:
+            have = ""
+        return f"'{name}' (>= {minimum}{have})" if minimum else f"'{name}'"
+
+    missing = [] if import_utils.is_gguf_available() else [wanted("gguf", import_utils.GGUF_MIN_VERSION)]
+    if not import_utils.is_accelerate_available():
+        missing.append(wanted("accelerate", getattr(import_utils, "ACCELERATE_MIN_VERSION", None)))
     if missing:
         raise ImportError(
             f"loading a GGUF checkpoint needs the package(s) {' and '.join(missing)}; "
