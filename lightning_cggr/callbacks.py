@@ -27,6 +27,7 @@ always reach the checkpoint), and Lightning resumes from there exactly, as from 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import sys
@@ -36,7 +37,6 @@ from lightning.pytorch.callbacks import (Callback, LearningRateMonitor, ModelChe
                                          RichModelSummary, TQDMProgressBar)
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.profilers.pytorch import PyTorchProfiler, ScheduleWrapper
-from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_summary.model_summary import NOT_APPLICABLE, get_human_readable_count
 from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 
@@ -475,4 +475,5 @@ class FormulaModelSummary(ModelSummary):
         return line
 
     def summarize(self, *args, **kwargs) -> None:  # Lightning's rich table where rich is installed
-        (RichModelSummary if _RICH_AVAILABLE else ModelSummary).summarize(*args, **kwargs)
+        rich = importlib.util.find_spec("rich") is not None  # (Lightning's own flag is private)
+        (RichModelSummary if rich else ModelSummary).summarize(*args, **kwargs)
