@@ -124,7 +124,11 @@ def test_impls_and_resolve():
     with pytest.raises(ValueError, match="liger"):
         resolve_impl("tritn", torch.device("cpu"))
     assert resolve_stats_impl("naive", torch.device("cpu")) == "torch"
-    assert resolve_stats_impl("torch_lce", torch.device("cpu")) == "torch"
+    if HAS_TORCH_LCE:
+        assert resolve_stats_impl("torch_lce", torch.device("cpu")) == "torch"
+    else:  # torch < 2.13: the loss it goes with cannot run either
+        with pytest.raises(RuntimeError, match="torch >= 2.13"):
+            resolve_stats_impl("torch_lce", torch.device("cpu"))
     with pytest.raises(ValueError, match="resolve_stats_impl"):
         token_stats(*make(4, 8, 10)[:2], impl="torch_lce")
 
