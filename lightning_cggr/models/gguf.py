@@ -81,18 +81,18 @@ def require_gguf() -> None:
     """Raise one clear ImportError when transformers cannot read GGUF files here."""
     from transformers.utils import import_utils
 
-    def wanted(name: str, minimum: str | None) -> str:  # the installed version too, where one is
+    def wanted(name: str, minimum: str) -> str:  # the installed version too, where one is
         from importlib.metadata import PackageNotFoundError, version
 
         try:
             have = f"; {version(name)} is installed"
         except PackageNotFoundError:
             have = ""
-        return f"'{name}' (>= {minimum}{have})" if minimum else f"'{name}'"
+        return f"'{name}' (>= {minimum}{have})"
 
     missing = [] if import_utils.is_gguf_available() else [wanted("gguf", import_utils.GGUF_MIN_VERSION)]
     if not import_utils.is_accelerate_available():
-        missing.append(wanted("accelerate", getattr(import_utils, "ACCELERATE_MIN_VERSION", None)))
+        missing.append(wanted("accelerate", import_utils.ACCELERATE_MIN_VERSION))
     if missing:
         raise ImportError(
             f"loading a GGUF checkpoint needs the package(s) {' and '.join(missing)}; "
