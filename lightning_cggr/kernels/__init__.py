@@ -65,12 +65,6 @@ def _liger_version() -> str:
     return version("liger-kernel")
 
 
-def _liger_too_old(installed: str) -> bool:
-    from packaging.version import Version
-
-    return Version(installed) < Version(LIGER_MIN_VERSION)
-
-
 def _check_triton_device(name: str, device: torch.device) -> None:
     """Triton kernels (ours or Liger's) run on CUDA, or on CPU through the interpreter."""
     if not _triton_available():
@@ -104,7 +98,9 @@ def resolve_impl(impl: str, device: torch.device) -> str:
         if not _liger_available():
             raise RuntimeError("loss impl 'liger' needs Liger-Kernel: `pip install liger-kernel`, or choose "
                                "impl='triton' (CUDA) / 'torch'")
-        if _liger_too_old(installed := _liger_version()):
+        from packaging.version import Version
+
+        if Version(installed := _liger_version()) < Version(LIGER_MIN_VERSION):
             raise RuntimeError(f"loss impl 'liger' needs liger-kernel >= {LIGER_MIN_VERSION} (older releases give "
                                f"wrong per-token losses); this is {installed}: `pip install -U liger-kernel`, "
                                "or choose impl='triton' (CUDA) / 'torch'")
