@@ -22,7 +22,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import hydra
 import torch
@@ -324,9 +324,10 @@ def build_strategy(trainer: dict, model: torch.nn.Module):
     return name
 
 
-def instantiate_group(node, group: str) -> list:
+def instantiate_group(node, group: str, skip: Sequence[str] = ()) -> list:
     """The objects of a config group of ``{name: {_target_: class, **kwargs}}`` entries (the Hydra
-    way, so users add their own); an entry set to null is left out. A mistake is a ConfigError."""
+    way, so users add their own); an entry set to null, or named in ``skip``, is left out. A mistake
+    is a ConfigError."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
@@ -336,7 +337,7 @@ def instantiate_group(node, group: str) -> list:
         raise ConfigError(f"invalid configuration: {group} must be a mapping of NAME: {{_target_: ...}}, got {node!r}")
     objects = []
     for name, spec in node.items():
-        if spec is None:
+        if spec is None or name in skip:
             continue
         if not isinstance(spec, DictConfig) or "_target_" not in spec:
             raise ConfigError(f"invalid configuration: {group}.{name} needs a _target_ (the class to build)")
@@ -437,12 +438,15 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     plan = plan_run(resolved, out)  # before anything is written to the folder
     loggers = instantiate_group(cfg.get("logger"), "logger")
-    user_callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
-    if not loggers:
-        for name, spec in (cfg.get("callbacks") or {}).items():
-            if spec is not None and str(spec.get("_target_", "")).endswith("LearningRateMonitor"):
-                raise ConfigError(f"invalid configuration: callbacks.{name} needs a logger to write to; with "
-                                  f"logger=none drop it (callbacks.{name}=null)")
+    # a learning-rate monitor writes only into the loggers: with none (logger=none) it is left out,
+    # and said so, rather than refused (the default callbacks hold one)
+    unlogged = [] if loggers else [
+        name for name, spec in (cfg.get("callbacks") or {}).items()
+        if spec is not None and str(spec.get("_target_", "")).endswith("LearningRateMonitor")]
+    for name in unlogged:
+        say.info("logger=none: callbacks.%s (the learning rate in the metrics) is left out, with no logger "
+                 "to write to", name)
+    user_callbacks = instantiate_group(cfg.get("callbacks"), "callbacks", skip=unlogged)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # no line before a user error's one line
 

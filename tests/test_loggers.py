@@ -4,6 +4,7 @@ callbacks= built the Hydra way (_target_), trainer presets, and main() returning
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -120,11 +121,18 @@ def test_wandb_offline_needs_no_network_and_resumes_the_same_run(tmp_path, monke
     assert all((r / f"run-{run_id}.wandb").is_file() for r in runs)
 
 
-def test_logger_none_writes_no_metrics(tmp_path):
-    with pytest.raises(ConfigError, match=r"callbacks\.lr_monitor needs a logger.*callbacks\.lr_monitor=null"):
-        train(make_cfg(tmp_path, "bad", "logger=none"))  # the default callbacks log the learning rate
-    train(make_cfg(tmp_path, "run", "logger=none", "callbacks.lr_monitor=null", "trainer.max_steps=2"))
+def test_logger_none_writes_no_metrics(tmp_path, caplog):
+    # the default callbacks log the learning rate, which has nowhere to go: left out, and said so
+    with caplog.at_level(logging.INFO, logger="lightning_cggr"):
+        train(make_cfg(tmp_path, "run", "logger=none", "trainer.max_steps=2"))
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints", "model"]  # no csv/
+    said = [r.getMessage() for r in caplog.records if "callbacks.lr_monitor" in r.getMessage()]
+    assert len(said) == 1 and "left out" in said[0] and "no logger" in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lightning_cggr"):
+        train(make_cfg(tmp_path, "run2", "trainer.max_steps=2"))  # with a logger: kept, nothing said
+    assert not [r for r in caplog.records if "callbacks.lr_monitor" in r.getMessage()]
+    assert "lr-AdamW" in (tmp_path / "run2" / "csv" / "metrics.csv").read_text().splitlines()[0]
 
 
 def test_several_loggers_at_once_compose():
