@@ -467,8 +467,9 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
         datamodule = prepare_datamodule(run.data, tokenizer, seed=cfg.seed)
     if costly := validation_cost_warning(len(datamodule.val_set), run.data.batch_size, trainer_kw):
         say.warning(costly)
-    if hasattr(datamodule, "truncation_note") and (cut := datamodule.truncation_note()):
-        say.warning(cut)
+    for note in ("split_note", "truncation_note"):  # what the data module's own choices cost
+        if hasattr(datamodule, note) and (said := getattr(datamodule, note)()):
+            say.warning(said)
     try:  # what only the built model can tell: its architecture, its layer count for the router
         module = CGGRModule(model, run.cggr, run.loss, run.optim, perf=run.perf)
     except ValueError as err:

@@ -177,6 +177,32 @@ def test_max_steps_0_only_validates_and_says_no_checkpoint_was_written(tmp_path,
     assert any(m.endswith("(no checkpoint: the run took no optimizer step)") for m in caplog.messages)
 
 
+@pytest.mark.parametrize("files", [2, 0], ids=["two-files", "pydoc"])
+def test_a_validation_split_far_above_val_fraction_is_warned(files, tmp_path, token_cache, caplog):
+    """Documents are held out whole: two files give one to validation, however small
+    data.val_fraction is (here the larger half of the text). The run says what that costs."""
+    from pydoc_data.topics import topics
+
+    caplog.set_level(logging.INFO, logger="lightning_cggr.train")
+    texts = list(topics.values())
+    parts = ["\n\n".join(texts[:30]), "\n\n".join(texts[30:])]
+    data = []
+    if files:
+        for i, part in enumerate(parts):
+            (tmp_path / f"part{i}.txt").write_text(part, encoding="utf-8")
+        data = ["data.source=files", f"data.paths=[{tmp_path}/part0.txt,{tmp_path}/part1.txt]"]
+    train(_compose("trainer.max_steps=0", "trainer.enable_progress_bar=false", f"output_dir={tmp_path}/run",
+                   f"data.cache_dir={token_cache}", "model.num_layers=2", "data.block_size=32", *data))
+    said = [m for m in caplog.messages if m.startswith("the validation split holds")]
+    if not files:
+        assert not said  # pydoc: 6 of 79 documents, close to the 5% asked
+        return
+    assert len(said) == 1
+    shares = {f"{len(p) / sum(map(len, parts)):.0%}" for p in parts}
+    assert said[0].split()[4] in shares and "(1 of 2 documents" in said[0]
+    assert "data.val_fraction=0.05" in said[0] and "more, smaller files" in said[0]
+
+
 def test_limit_val_batches_0_trains_without_any_validation(tmp_path, token_cache, caplog):
     """``trainer.limit_val_batches=0`` (no validation) ended in an IndexError: the validation before
     training returned no results. The run now trains, validates nowhere and says so."""

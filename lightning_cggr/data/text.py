@@ -336,6 +336,19 @@ class PackedTextDataModule(L.LightningDataModule):
         self.cfg = cfg
         self.seed = seed
         self.train_set = self.val_set = None
+        held = sum(map(len, val_texts))  # characters, counted before the texts are dropped
+        self._split = (len(val_texts), len(train_texts) + len(val_texts), held, held + sum(map(len, train_texts)))
+
+    def split_note(self) -> str | None:
+        """What holding out whole documents cost, where the validation split holds more than twice
+        ``data.val_fraction`` of the text (a corpus of few documents), else None."""
+        n_val, n_docs, held, total = self._split
+        if not total or held <= 2 * self.cfg.val_fraction * total:
+            return None
+        return (f"the validation split holds {held / total:.0%} of the text ({n_val} of {n_docs} documents, "
+                f"{held:,} of {total:,} characters) for data.val_fraction={self.cfg.val_fraction}: documents "
+                f"are held out whole, and these are too few to hold out less; split the text into more, "
+                f"smaller files to train on more of it")
 
     def setup(self, stage: str | None = None):
         if self.train_set is None:
