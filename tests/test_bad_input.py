@@ -81,19 +81,30 @@ def test_empty_data_file(tmp_path):
 @pytest.mark.parametrize(
     "content, needle",
     [
-        (b"\x89PNG\r\n\x1a\n" + bytes(range(256)), "is not UTF-8 text (byte 0x89 at line 1, byte offset 0)"),
-        (b"ok\nok\n\x00\x00\x00", "is binary data, not text (a NUL byte at line 3)"),
+        # binary files are told by a NUL byte, wherever their first byte that is not UTF-8 lies
+        (b"\x89PNG\r\n\x1a\n" + bytes(range(256)), "is binary data, not text (a NUL byte at line 3, byte offset 8)"),
+        (b"\x7fELF\x02\x01\x01\x00" + bytes(range(200, 256)), "is binary data, not text (a NUL byte at line 1, "
+         "byte offset 7)"),
+        (b"ok\nok\n\x00\x00\x00", "is binary data, not text (a NUL byte at line 3, byte offset 6)"),
+        (bytes(range(256)), "is binary data, not text (a NUL byte at line 1, byte offset 0)"),
         ("line one\nna\u00efve\n".encode("cp1252"), "is not UTF-8 text (byte 0xef at line 2, byte offset 11)"),
+        ("na\u00efve text\n".encode("utf-16"), "is UTF-16 text (by its byte-order mark)"),
+        ("na\u00efve text\n".encode("utf-32"), "is UTF-32 text (by its byte-order mark)"),
     ],
-    ids=["png", "nul-bytes", "cp1252"],
+    ids=["png", "elf", "nul-bytes", "all-bytes", "cp1252", "utf-16", "utf-32"],
 )
 def test_non_text_data_file_is_named_before_anything_is_built(tmp_path, content, needle):
     path = tmp_path / "data.txt"
     path.write_bytes(content)
     msg = config_error(data={"source": "files", "paths": str(path)})  # a string: one file
+    convert = {"UTF-8 text (": "LATIN1", "UTF-16": "UTF-16", "UTF-32": "UTF-32"}
+    source = next((enc for key, enc in convert.items() if key in needle), None)
     assert msg == f"invalid configuration: data.paths: {path} {needle}; give UTF-8 text files" + (
-        " (convert one with e.g. iconv -f LATIN1 -t UTF-8)" if "UTF-8 text (" in needle else ""
+        f" (convert one with e.g. iconv -f {source} -t UTF-8)" if source else ""
     )
+    if source in ("UTF-16", "UTF-32"):  # and the conversion it names gives a file that is read
+        path.write_bytes(content.decode(source.lower()).encode("utf-8"))
+        assert parse_config({"data": {"source": "files", "paths": str(path)}}).data.paths == [str(path)]
 
 
 def test_data_paths_as_a_string_is_one_file(tmp_path):
@@ -361,8 +372,8 @@ def test_a_folder_or_a_pattern_names_its_files(tmp_path):
     assert data_file_problems("files", [f"{corpus}/*.rst"]) == [f"data.paths: {corpus}/*.rst matches no file"]
     (corpus / "part2" / "blob.bin").write_bytes(b"\x00\xff")  # a bad file inside a folder is named
     assert data_file_problems("files", [str(corpus)]) == [
-        f"data.paths: {corpus / 'part2' / 'blob.bin'} is not UTF-8 text (byte 0xff at line 1, byte offset 1); "
-        "give UTF-8 text files (convert one with e.g. iconv -f LATIN1 -t UTF-8)"]
+        f"data.paths: {corpus / 'part2' / 'blob.bin'} is binary data, not text (a NUL byte at line 1, byte "
+        "offset 0); give UTF-8 text files"]
 
 
 def test_two_files_stay_two_documents(tmp_path):

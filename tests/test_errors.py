@@ -75,9 +75,11 @@ TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "mode
         "data.vocab_size=300"]
 CASES = [
     Case("binary-data-file", ["data.source=files", "data.paths=[{tmp}/blob.bin]"],
-         "{tmp}/blob.bin is not UTF-8 text (byte 0xff at line 1", write("blob.bin", b"\x00\xff\xfe\x01" * 50)),
+         "{tmp}/blob.bin is binary data, not text (a NUL byte at line 1, byte offset 0)",
+         write("blob.bin", b"\x00\xff\xfe\x01" * 50)),
     Case("binary-file-valid-utf8", ["data.source=files", "data.paths={tmp}/zeros.bin"],
-         "{tmp}/zeros.bin is binary data, not text (a NUL byte at line 1)", write("zeros.bin", b"\x00" * 100)),
+         "{tmp}/zeros.bin is binary data, not text (a NUL byte at line 1, byte offset 0)",
+         write("zeros.bin", b"\x00" * 100)),
     Case("latin1-text-file", ["data.source=files", "data.paths=[{tmp}/latin.txt]"],
          "{tmp}/latin.txt is not UTF-8 text (byte 0xe9 at line 2", write("latin.txt", "fine\ncaf\u00e9\n".encode("latin-1"))),
     Case("missing-data-file", ["data.source=files", "data.paths=[{tmp}/nope.txt]"],

@@ -12,6 +12,7 @@ companions (Lightning, transformers) are imported.
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 import lzma
@@ -89,6 +90,11 @@ def open_data_file(path: Path):
     return opener(path, "rb")
 
 
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"), (codecs.BOM_UTF16_LE, "UTF-16"),
+              (codecs.BOM_UTF16_BE, "UTF-16"))
+"""Byte-order marks of the encodings whose text holds NUL bytes (UTF-32's first: UTF-16 LE's is its prefix)."""
+
+
 def read_text_file(path: str | Path) -> str:
     """The UTF-8 text of a data file (gzip, bzip2 or xz compressed ones decompressed); a missing,
     empty, binary or non-UTF-8 file is a :class:`DataError` naming the file, the line and the byte.
@@ -103,6 +109,15 @@ def read_text_file(path: str | Path) -> str:
             data = f.read()
     except _BROKEN_ARCHIVE as err:
         raise DataError(f"{path} cannot be decompressed ({err}); give the file whole, or decompressed") from err
+    nul = data.find(b"\0")  # before decoding: a binary file is not "text in another encoding"
+    if nul >= 0:
+        for bom, encoding in _WIDE_BOMS:
+            if data.startswith(bom):
+                raise DataError(f"{path} is {encoding} text (by its byte-order mark); give UTF-8 text files "
+                                f"(convert one with e.g. iconv -f {encoding} -t UTF-8)")
+        line = data.count(b"\n", 0, nul) + 1
+        raise DataError(f"{path} is binary data, not text (a NUL byte at line {line}, byte offset {nul}); "
+                        "give UTF-8 text files")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -112,10 +127,6 @@ def read_text_file(path: str | Path) -> str:
             "give UTF-8 text files (convert one with e.g. iconv -f LATIN1 -t UTF-8)"
         ) from None
     text = text.removeprefix("\ufeff")
-    nul = text.find("\0")
-    if nul >= 0:
-        line = text.count("\n", 0, nul) + 1
-        raise DataError(f"{path} is binary data, not text (a NUL byte at line {line}); give UTF-8 text files")
     if not text.strip():
         raise DataError(f"{path} is empty; give files with text in them")
     return text.replace("\r\n", "\n").replace("\r", "\n")
