@@ -119,8 +119,14 @@ def omegaconf_problem(err: Exception) -> str:
     return f"{key}: {first}" if key else first
 
 
-def hydra_problem(err: Exception, conf_dir: str | Path) -> str:
-    """One line naming the fix for an error Hydra raised while composing the config."""
+OPEN_GROUPS = ("callbacks", "logger", "hydra")
+"""Where a key that no config holds may be added on purpose (``+callbacks.mine._target_=...``): the
+schema groups, the top level and ``trainer`` (Lightning's arguments) refuse any other."""
+
+
+def hydra_problem(err: Exception, conf_dir: str | Path, reserved: Mapping[str, str] = {}) -> str:
+    """One line naming the fix for an error Hydra raised while composing the config (``reserved``:
+    as for :func:`unknown_key_problems`)."""
     from hydra.errors import MissingConfigException, OverrideParseException
 
     message = str(err).strip()
@@ -134,9 +140,13 @@ def hydra_problem(err: Exception, conf_dir: str | Path) -> str:
         append = re.search(r"use (\+\S+)", message)
         add = append.group(1) if append else f"+{key}=VALUE"
         known = known_keys(conf_dir)
+        if key.startswith("trainer.") and key.removeprefix("trainer.") in reserved:
+            return f"{key}: {reserved[key.removeprefix('trainer.')]}; remove {key}"
         if key in known:  # e.g. a Trainer argument that the trainer option's YAML does not set
             return f"{key}: a valid key that the composed config does not hold yet; add it with {add}"
-        return f"{key}: no such setting{did_you_mean(key, known)} (to add a new key on purpose, write {add})"
+        if key.split(".")[0] in OPEN_GROUPS:
+            return f"{key}: no such setting{did_you_mean(key, known)} (to add a new key on purpose, write {add})"
+        return f"{key}: no such setting{did_you_mean(key, known)}"
     if isinstance(err, OverrideParseException):
         first = message.splitlines()[0] if message else "syntax error"
         return (f"cannot parse the override {err.override!r} ({first}); a value holding '=', spaces or "
@@ -180,16 +190,17 @@ def add_version_option(parser) -> None:
                         help="show the versions of lightning_cggr and its main dependencies, and exit")
 
 
-def run_hydra(hydra_main: Callable[[], object], conf_dir: str | Path) -> None:
+def run_hydra(hydra_main: Callable[[], object], conf_dir: str | Path, reserved: Mapping[str, str] = {}) -> None:
     """Run a ``@hydra.main`` function from the command line: Hydra's composition errors become one
-    ConfigError line, and every user mistake exits 2 (:func:`lightning_cggr.errors.run_command`)."""
+    ConfigError line (``reserved``: as for :func:`unknown_key_problems`), and every user mistake
+    exits 2 (:func:`lightning_cggr.errors.run_command`)."""
     from hydra.errors import HydraException
 
     def entry() -> None:
         try:
             hydra_main()
         except HydraException as err:  # a bad override, an unknown group option, a bad _target_
-            raise ConfigError(f"invalid configuration: {hydra_problem(err, conf_dir)}") from err
+            raise ConfigError(f"invalid configuration: {hydra_problem(err, conf_dir, reserved)}") from err
 
     saved = {name: os.environ.get(name) for name in (FULL_ERROR_ENV, _USER_FULL_ERROR_ENV)}
     # Keep the user's own choice for errors.full_tracebacks() (also in the processes the run

@@ -591,7 +591,7 @@ def cli() -> None:
     if "--version" in sys.argv[1:]:  # Hydra's own --version names Hydra's version alone
         print(version_line())
         return
-    run_hydra(main, CONF_DIR)
+    run_hydra(main, CONF_DIR, RESERVED_TRAINER_KEYS)
 
 
 if __name__ == "__main__":

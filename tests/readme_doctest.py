@@ -227,7 +227,7 @@ def check_train(args: list[str], output_dir: Path) -> list[str]:
             problems += unknown_key_problems(plain, CONF_DIR, RESERVED_TRAINER_KEYS)
             parse_config(plain)
         except HydraException as err:
-            problems.append(hydra_problem(err, CONF_DIR))
+            problems.append(hydra_problem(err, CONF_DIR, RESERVED_TRAINER_KEYS))
         except UserError as err:
             problems.append(str(err))
     return problems

@@ -30,7 +30,8 @@ class Case:
     id: str
     overrides: list[str]
     expect: str
-    """A piece of the one error line (after ``{tmp}`` is replaced by the case's folder)."""
+    """A piece of the one error line (after ``{tmp}`` is replaced by the case's folder); ending in a
+    newline, the line's end."""
     setup: Callable[[Path], None] = lambda tmp: None
     builds_model: bool = False
     """False: the mistake must be found before any model is built."""
@@ -111,8 +112,17 @@ CASES = [
     Case("missing-checkpoint", ["ckpt_path={tmp}/none.ckpt"], "ckpt_path={tmp}/none.ckpt: no such checkpoint"),
     Case("added-trainer-key-misspelled", ["+trainer.max_step=5"],
          "trainer.max_step: not an argument of lightning.Trainer; did you mean max_steps?"),
+    # a "+key" hint only where an added key is taken (callbacks, logger): elsewhere it led to a refusal
     Case("trainer-key-misspelled", ["trainer.max_step=5"],
-         "trainer.max_step: no such setting; did you mean trainer.max_steps? (to add a new key on purpose, write +trainer.max_step=5)"),
+         "trainer.max_step: no such setting; did you mean trainer.max_steps?\n"),
+    Case("schema-key-misspelled", ["cggr.min_tokns_ratio=0.5"],
+         "cggr.min_tokns_ratio: no such setting; did you mean cggr.min_tokens_ratio?\n"),
+    Case("callback-key-added-without-plus", ["callbacks.mine._target_=lightning.pytorch.callbacks.Timer"],
+         "callbacks.mine._target_: no such setting (to add a new key on purpose, write "
+         "+callbacks.mine._target_=lightning.pytorch.callbacks.Timer)"),
+    Case("trainer-argument-the-job-sets-without-plus", ["trainer.logger=false"],
+         "trainer.logger: the run's loggers come from the logger group (logger=csv, tensorboard, wandb or "
+         "[csv,tensorboard]); remove trainer.logger"),
     Case("trainer-argument-not-in-the-yaml", ["trainer.max_epochs=1"],
          "trainer.max_epochs: a valid key that the composed config does not hold yet; add it with +trainer.max_epochs=1"),
     Case("trainer-argument-the-job-sets", ["+trainer.barebones=true"],
@@ -213,7 +223,11 @@ def test_user_mistake_exits_2_with_one_line_naming_the_fix(case, tmp_path, monke
     lines = err.strip().splitlines()
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert case.expect.format(tmp=tmp_path) in lines[0]
+    expect = case.expect.format(tmp=tmp_path)
+    if expect.endswith("\n"):  # the line ends there: nothing (no wrong hint) follows
+        assert lines[0].endswith(expect[:-1]), err
+    else:
+        assert expect in lines[0]
 
 
 def test_the_table_covers_at_least_15_mistakes_and_the_readme_counts_them():
