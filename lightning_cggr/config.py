@@ -251,8 +251,9 @@ class DataConfig:
     auto: bpe for model.source=random, model otherwise (resolved by parse_config)."""
     vocab_size: int = 8192
     """tokenizer=bpe: the most tokens the byte-level BPE may hold (its 256 bytes, the EOS token, then
-    merges of pairs seen twice or more); a corpus with fewer such pairs gives fewer (pydoc: 6,672 of
-    8,192). The random model's embedding is sized to the tokenizer's own count."""
+    merges of pairs seen twice or more); a corpus with fewer such pairs gives fewer (pydoc's training
+    split: 6,429 of 8,192), and the run's log says how many. The random model's embedding is sized to
+    the tokenizer's own count."""
     block_size: int = 128
     """Tokens per training sequence (packed); for source=chat the truncation length."""
     batch_size: int = 16
@@ -847,6 +848,11 @@ def routing_warnings(run: RunConfig, max_steps: int | None = None) -> list[str]:
                 f"only {routed}, so its last step keeps ratio {last:.{digits}f}; use {shorter}trainer.max_steps >= "
                 f"{c.warmup_steps + q.steps + 1}")
     sel = c.selection
+    if c.min_tokens_ratio >= 1 and q.kind != "dynamic" and sel.strategy in ("topk", "stratified", "importance"):
+        unit = "sequence" if sel.unit == "sequence" else "token"
+        warnings.append(f"cggr.min_tokens_ratio=1 keeps every {unit}: this trains as standard training does, "
+                        f"with the router's forward added to each step; use cggr.enabled=false for that, or a "
+                        f"ratio below 1 to route")
     if sel.strategy == "infobatch" and _is_int(max_steps) and max_steps > c.warmup_steps:
         from .routing.sampling import infobatch_prune_fraction
 

@@ -455,6 +455,9 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     # else (the GGUF, whose tokenizer comes out of its conversion) as soon as the model is there
     bpe = run.data.tokenizer == "bpe"
     tokenizer = build_tokenizer(run.data, plan.tokenizer) if bpe else model_tokenizer(run.model)
+    if bpe and len(tokenizer) < run.data.vocab_size:  # the ceiling asked for is not what the model gets
+        say.info("BPE tokenizer: %s tokens (data.vocab_size=%s is its ceiling; the corpus has no more pairs "
+                 "seen twice to merge)", f"{len(tokenizer):,}", run.data.vocab_size)
     datamodule = prepare_datamodule(run.data, tokenizer, seed=cfg.seed) if tokenizer is not None else None
     model, tokenizer = build_model(run.model, tokenizer)
     too_long, past_range = sequence_length_problem(model, run.data.block_size, random=run.model.source == "random")

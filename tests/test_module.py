@@ -104,6 +104,40 @@ def test_disabled_cggr_is_the_standard_baseline():
     torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("selection", [{}, {"unit": "sequence"}, {"strategy": "importance"}])
+def test_a_kept_ratio_of_1_trains_as_standard_training_does(selection):
+    """What the ratio-1 warning (config.routing_warnings) says: every token keeps its label, so the
+    loss and gradients are those of cggr.enabled=false, the router's forward spent for nothing."""
+    from lightning_cggr.config import SelectionConfig, parse_config, routing_warnings
+
+    model = make_tiny_model("llama")
+    batch = make_batch(batch_size=3, seq_len=14)
+    grads = []
+    for cggr in (CGGRConfig(enabled=False), CGGRConfig(min_tokens_ratio=1.0, warmup_steps=0,
+                                                        selection=SelectionConfig(**selection))):
+        model.zero_grad()
+        loss = CGGRModule(model, cggr, LossConfig(impl="torch")).training_step(batch, 0)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-6, atol=1e-7)
+    for got, want in zip(grads[1][1], grads[0][1]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    (warning,) = routing_warnings(parse_config({"cggr": {"min_tokens_ratio": 1.0, "selection": selection}}))
+    assert warning.startswith("cggr.min_tokens_ratio=1 keeps every") and "cggr.enabled=false" in warning
+
+
+@pytest.mark.parametrize("cggr", [
+    {"min_tokens_ratio": 0.99},
+    {"min_tokens_ratio": 1.0, "selection": {"strategy": "noise_excluded"}},  # still skips the noisiest
+    {"min_tokens_ratio": 1.0, "selection": {"strategy": "infobatch"}},  # prunes by its own rule
+    {"min_tokens_ratio": 1.0, "enabled": False},
+])
+def test_no_ratio_1_warning_where_tokens_are_still_dropped(cggr):
+    from lightning_cggr.config import parse_config, routing_warnings
+
+    assert not [w for w in routing_warnings(parse_config({"cggr": cggr})) if "keeps every" in w]
+
+
 def test_each_architecture_trains_one_step(arch):
     module = _module(arch, min_tokens_ratio=0.5)
     before = [p.detach().clone() for p in module.parameters()]

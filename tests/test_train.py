@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import subprocess
@@ -175,6 +176,12 @@ def test_max_steps_0_only_validates_and_says_no_checkpoint_was_written(tmp_path,
     assert metrics["val/loss"] == pytest.approx(metrics["val/loss_initial"])  # nothing trained
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
     assert any(m.endswith("(no checkpoint: the run took no optimizer step)") for m in caplog.messages)
+    # the BPE holds fewer tokens than data.vocab_size allows, and the run says how many the model has
+    vocab = json.loads((tmp_path / "model" / "config.json").read_text())["vocab_size"]
+    assert vocab < 8192
+    assert [m for m in caplog.messages if m.startswith("BPE tokenizer:")] == [
+        f"BPE tokenizer: {vocab:,} tokens (data.vocab_size=8192 is its ceiling; the corpus has no more pairs "
+        "seen twice to merge)"]
 
 
 @pytest.mark.parametrize("files", [2, 0], ids=["two-files", "pydoc"])
