@@ -202,6 +202,9 @@ class CGGRModule(L.LightningModule):
         self.run_data: str | None = None
         """The training set's fingerprint, stored beside the config: a resume whose checkpoint has
         one may read its data from other paths (see :func:`lightning_cggr.rundir.plan_run`)."""
+        self.run_initial: dict[str, float] | None = None
+        """The run's starting point (``val/loss_initial``..., host floats), stored beside the config:
+        a resumed run's final metrics report it again."""
         self._peak: float | None = None  # dense bf16 TFLOPS of the card, found at the first step
         self.flop_shape: FlopShape | None = None
         """The FLOP formula's view of the model (lightning_cggr.flops), read before any sharding
@@ -471,6 +474,8 @@ class CGGRModule(L.LightningModule):
                 checkpoint[CONFIG_KEY]["tokenizer"] = self.run_tokenizer
             if self.run_data is not None:
                 checkpoint[CONFIG_KEY]["data"] = self.run_data
+            if self.run_initial:
+                checkpoint[CONFIG_KEY]["initial"] = dict(self.run_initial)
         if self._trainer is not None and self.trainer.state.fn == "fit":
             self._pause_window()  # (torch.save writes after this hook: most of a save's time)
 

@@ -64,6 +64,9 @@ class RunPlan:
     tokenizer: str | None = None
     """The checkpoint's own BPE tokenizer (its ``tokenizers`` JSON), where the run trained one on its
     corpus: a resume tokenizes with it, so token ids keep the meaning the weights learned."""
+    initial: dict[str, float] | None = None
+    """The run's starting point (``val/loss_initial``...: the validation before its first step), as
+    its checkpoint holds it: a resumed run reports it again."""
 
 
 def last_checkpoint(out: Path) -> Path | None:
@@ -97,7 +100,7 @@ def read_checkpoint_meta(path: Path) -> dict[str, Any]:
 
     stored = ckpt.get(CONFIG_KEY) or {}
     return {"global_step": int(ckpt.get("global_step", 0)), "config": stored.get("config"),
-            "tokenizer": stored.get("tokenizer"), "data": stored.get("data")}
+            "tokenizer": stored.get("tokenizer"), "data": stored.get("data"), "initial": stored.get("initial")}
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
@@ -189,7 +192,7 @@ def plan_run(cfg: Mapping[str, Any], out: Path) -> RunPlan:
                 "Resume with the checkpoint's settings, or start a new run in another folder"
             )
     in_place = out.resolve() in path.resolve().parents
-    return RunPlan(path, in_place, meta["global_step"], meta["tokenizer"])
+    return RunPlan(path, in_place, meta["global_step"], meta["tokenizer"], meta["initial"])
 
 
 # ---- the command line: before Hydra touches the folder ---------------------------------------

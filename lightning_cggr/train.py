@@ -527,12 +527,14 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     if plan.ckpt is None and not in_fit_start and validating:  # the starting point, to compare the end with
         initial = {f"{k}_initial": v for k, v in validated(verbose=False).items()}
     elif plan.ckpt is not None:
+        initial = dict(plan.initial or {})  # the run's own starting point, from its checkpoint
         say.info("resuming %s at step %d%s", plan.ckpt, plan.start_step, " in place" if plan.in_place else "")
         max_steps = trainer_kw.get("max_steps", -1)
         if 0 <= max_steps <= plan.start_step:
             say.warning("the checkpoint is at step %d, and trainer.max_steps=%d is the whole run's length (not steps "
                         "to add): nothing trains; to train further raise it, e.g. "
                         "trainer.max_steps=%d", plan.start_step, max_steps, plan.start_step + max(max_steps, 1))
+    module.run_initial = initial  # into every checkpoint: a resume reports the same starting point
     with warnings.catch_warnings():
         if plan.in_place:  # the run's own folder holds its checkpoints: that is what resuming in place is
             names = "|".join(re.escape(p) for p in {str(ckpt_dir), os.path.realpath(ckpt_dir)})

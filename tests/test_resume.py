@@ -248,11 +248,17 @@ def test_continuing_a_finished_run_equals_running_straight(tmp_path, first_steps
     epoch too far. The LR is constant after warmup, so the shorter first run has the same schedule."""
     constant_lr = "optim.min_lr_ratio=1.0"
     positions = Positions()
-    train(make_cfg(tmp_path, "straight", constant_lr), callbacks=[positions])
+    ends = {"straight": train(make_cfg(tmp_path, "straight", constant_lr), callbacks=[positions])}
     first_positions, resumed_positions = Positions(), Positions()
-    train(make_cfg(tmp_path, "first", constant_lr, f"trainer.max_steps={first_steps}"), callbacks=[first_positions])
+    ends["first"] = train(make_cfg(tmp_path, "first", constant_lr, f"trainer.max_steps={first_steps}"),
+                          callbacks=[first_positions])
     ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    train(make_cfg(tmp_path, "second", constant_lr, f"ckpt_path={ckpt}"), callbacks=[resumed_positions])
+    ends["second"] = train(make_cfg(tmp_path, "second", constant_lr, f"ckpt_path={ckpt}"), callbacks=[resumed_positions])
+    # the resumed run reports the run's starting point (from the checkpoint), as the straight run does
+    initial = {k: v for k, v in ends["straight"].items() if k.endswith("_initial")}
+    assert sorted(initial) == ["val/loss_initial", "val/ppl_initial"]
+    assert {k: ends["first"][k] for k in initial} == {k: ends["second"][k] for k in initial} == initial
+    assert ends["second"]["val/loss"] == pytest.approx(ends["straight"]["val/loss"], rel=1e-5)
 
     assert first_positions.seen + resumed_positions.seen == positions.seen
     straight, first, second = losses(tmp_path / "straight"), losses(tmp_path / "first"), losses(tmp_path / "second")
