@@ -148,6 +148,10 @@ def hydra_problem(err: Exception, conf_dir: str | Path, reserved: Mapping[str, s
             return f"{key}: no such setting{did_you_mean(key, known)} (to add a new key on purpose, write {add})"
         return f"{key}: no such setting{did_you_mean(key, known)}"
     if isinstance(err, OverrideParseException):
+        key, eq, value = str(err.override).partition("=")
+        if eq and value.startswith("~"):  # the shell left it (not at a word's start), Hydra's grammar refuses it
+            return (f"{key}={value}: Hydra cannot read an unquoted '~' (nor would it expand one); write the "
+                    f"path out, e.g. {key}=$HOME{value[1:]} (the shell expands $HOME)")
         first = message.splitlines()[0] if message else "syntax error"
         return (f"cannot parse the override {err.override!r} ({first}); a value holding '=', spaces or "
                 "other special characters needs quotes inside the shell's, e.g. 'ckpt_path=\"runs/step=50.ckpt\"', "

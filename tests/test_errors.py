@@ -153,6 +153,9 @@ CASES = [
     Case("negative-max-steps", ["trainer.max_steps=-5"], "trainer.max_steps=-5: must be an integer >= 0"),
     Case("home-in-the-output-folder", ['output_dir="~/runs/first"'],
          "output_dir=~/runs/first: Hydra does not expand '~', so the run would go into a folder named '~'"),
+    Case("tilde-unquoted", ["hydra.run.dir=~/runs/first"],  # bash leaves '~' after a dotted key's '='
+         "hydra.run.dir=~/runs/first: Hydra cannot read an unquoted '~' (nor would it expand one); write the path "
+         "out, e.g. hydra.run.dir=$HOME/runs/first (the shell expands $HOME)"),
     Case("a-minimum-past-the-maximum", ["trainer.max_steps=20", "+trainer.min_steps=50"],
          "trainer.min_steps=50 is more than trainer.max_steps=20, which ends the run first"),
     Case("zero-accumulation", ["trainer.accumulate_grad_batches=0"],
