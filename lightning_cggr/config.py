@@ -50,8 +50,9 @@ class RouterConfig:
     """'truncated': the first ``num_layers`` blocks score before the forward; 'final': router-free,
     the main forward's own final hidden states (detached) score, no extra layers run (token unit only)."""
     reference: str | None = None
-    """scoring=excess_loss: the frozen reference checkpoint (hub id, local folder or smollm2_gguf)
-    whose NLL is subtracted from the current one (Rho-1); required by and only used with excess_loss."""
+    """scoring=excess_loss: the frozen reference model (hub id, save_pretrained folder, smollm2_gguf,
+    or a lightning_cggr run folder or a checkpoint in one) whose NLL is subtracted from the current
+    one (Rho-1); required by and only used with excess_loss."""
     reference_dtype: str = "bfloat16"
     """Weights' dtype of the reference model: float32 | bfloat16 | float16 (it runs in inference mode)."""
     score_stride: int = 1

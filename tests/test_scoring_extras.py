@@ -233,3 +233,35 @@ def test_reference_loads_by_name_from_a_local_checkpoint(tmp_path):
     cfg = CGGRConfig(scoring="excess_loss", router=RouterConfig(num_layers=1, reference=tmp_path, reference_dtype="float32"))
     module = CGGRStep(make_tiny_model("llama", num_layers=2), cfg)  # no module given: loaded by name
     assert module.reference is not None and not module.reference.model.training
+
+
+def test_a_run_folder_or_its_checkpoint_serves_as_the_reference(tmp_path, monkeypatch):
+    """cggr.router.reference names an earlier run as a user has it (its folder, or a checkpoint in it):
+    its trained weights, those its last.ckpt holds; a wrong name is an error naming that setting."""
+    from test_resume import make_cfg
+
+    from lightning_cggr.errors import UserError
+    from lightning_cggr.routing.reference import load_reference
+    from lightning_cggr.train import train
+
+    train(make_cfg(tmp_path, "first", "trainer.max_steps=3"))
+    run = tmp_path / "first"
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    for source in (run, run / "checkpoints" / "last.ckpt"):
+        loaded = load_reference(str(source), "float32").state_dict()
+        assert loaded and all(torch.equal(v, saved[f"model.{k}"]) for k, v in loaded.items()), source
+    # and a run scores against it, end to end
+    metrics = train(make_cfg(tmp_path, "second", "trainer.max_steps=2", "cggr.scoring=excess_loss",
+                             "cggr.warmup_steps=0", f"cggr.router.reference={run}"))
+    assert math.isfinite(metrics["train/loss"])
+
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name, message in [(tmp_path / "nowhere", "checkpoint folder not found"),
+                          (tmp_path / "empty", "cannot load a causal LM from this folder"),
+                          ("lightning-cggr-tests/no-such-model", "cggr.router.reference=smollm2_gguf"),
+                          (run / "checkpoints" / "missing.ckpt", "checkpoint folder not found")]:
+        with pytest.raises(UserError) as info:
+            load_reference(str(name), "float32")
+        assert str(info.value).startswith(f"cggr.router.reference={name}: ") and message in str(info.value)
+        assert "model.name" not in str(info.value) and "model=smollm2_gguf" not in str(info.value)

