@@ -96,7 +96,20 @@ def exit_on_user_error() -> Iterator[None]:
     except RunStopped as err:
         if _global_rank() == 0:  # every rank stops; one line says why
             report(err, "stopped")
+            _to_log_files(f"stopped: {err}")
         sys.exit(err.exit_code)
+
+
+def _to_log_files(line: str) -> None:
+    """``line`` into the log files of the root logger (the run's train.log), which the stderr line of
+    :func:`report` does not reach: the log of a stopped run says how it ended (a mistake's line is
+    not added: a refused run leaves its folder as it was)."""
+    import logging
+
+    record = logging.LogRecord(__name__, logging.WARNING, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def run_command(entry: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -382,3 +382,29 @@ def test_a_negative_clipping_norm_would_flip_the_gradients():
     torch.nn.utils.clip_grad_norm_([p], -1.0)
     assert (p.grad < 0).all()
     assert trainer_value_problems({"gradient_clip_val": -1.0})
+
+
+def test_a_stopped_run_says_how_it_ended_in_its_log_file_too(tmp_path, capsys):
+    """The "stopped: ..." line (a signal, a divergence) goes to stderr and into the run's log file
+    (train.log: the root logger's file handlers), which a user reads after the job; a user mistake's
+    line does not (a refused run leaves its folder as it was)."""
+    import logging
+
+    from lightning_cggr.errors import ConfigError, RunStopped, exit_on_user_error
+
+    handler = logging.FileHandler(tmp_path / "train.log")
+    logging.getLogger().addHandler(handler)
+    try:
+        with pytest.raises(SystemExit) as ended, exit_on_user_error():
+            raise RunStopped("SIGTERM received: saved checkpoints/last.ckpt at step 7", 143)
+        assert ended.value.code == 143
+        with pytest.raises(SystemExit), exit_on_user_error():
+            raise ConfigError("invalid configuration: seed=1.5: must be an integer")
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    assert (tmp_path / "train.log").read_text().splitlines() == [
+        "stopped: SIGTERM received: saved checkpoints/last.ckpt at step 7"]
+    assert capsys.readouterr().err.splitlines() == [
+        "stopped: SIGTERM received: saved checkpoints/last.ckpt at step 7",
+        "error: invalid configuration: seed=1.5: must be an integer"]

@@ -20,13 +20,15 @@ saved count of batches handed out when it has no trainer.
 
 from __future__ import annotations
 
-import warnings
+import logging
 from typing import Any, Callable, Iterator
 
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
 from ..errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 def _dist_world() -> tuple[int, int]:
@@ -181,8 +183,9 @@ class ResumableLoader(DataLoader):
             why = (f"the training data differs from the checkpoint's (its files or their tokenization changed: "
                    f"{len(self.dataset)} training examples now), so the interrupted run's position in epoch "
                    f"{state['epoch']} means nothing here")
-        if why is not None:
-            warnings.warn(f"{why}: epoch {state['epoch']} restarts from its first batch", stacklevel=2)
+        if why is not None:  # a log line (the console and train.log), once: every rank finds the same
+            if _dist_world()[1] == 0:
+                log.warning("%s: epoch %d restarts from its first batch", why, state["epoch"])
             self.sampler.start = self._consumed = 0
             return
         self.sampler.start = int(state["batches"]) * self.batch_size
