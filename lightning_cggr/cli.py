@@ -205,6 +205,14 @@ def run_hydra(hydra_main: Callable[[], object], conf_dir: str | Path, reserved: 
             hydra_main()
         except HydraException as err:  # a bad override, an unknown group option, a bad _target_
             raise ConfigError(f"invalid configuration: {hydra_problem(err, conf_dir, reserved)}") from err
+        except KeyboardInterrupt:  # Ctrl-C before the task's own handling (Hydra writing .hydra/)
+            import signal
+
+            from .rundir import discard_new_run_folder
+            from .signals import stopped_outside_training
+
+            discard_new_run_folder()  # what Hydra wrote of a new folder: nothing else is there yet
+            raise stopped_outside_training(signal.SIGINT) from None
 
     saved = {name: os.environ.get(name) for name in (FULL_ERROR_ENV, _USER_FULL_ERROR_ENV)}
     # Keep the user's own choice for errors.full_tracebacks() (also in the processes the run

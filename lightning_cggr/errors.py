@@ -108,7 +108,7 @@ def _to_log_files(line: str) -> None:
 
     record = logging.LogRecord(__name__, logging.WARNING, __file__, 0, line, None, None)
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
+        if isinstance(handler, logging.FileHandler) and handler.stream is not None:  # closed: its folder went
             handler.handle(record)
 
 

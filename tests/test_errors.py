@@ -248,14 +248,21 @@ def test_full_error_shows_the_traceback_and_keeps_exit_2(tmp_path, monkeypatch, 
     assert os.environ["HYDRA_FULL_ERROR"] == "1"  # restored as the user set it
 
 
-def test_ctrl_c_before_training_stops_with_one_line_and_leaves_no_folder(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("where", ["building-the-model", "hydra-writing-its-files"])
+def test_ctrl_c_before_training_stops_with_one_line_and_leaves_no_folder(tmp_path, monkeypatch, capsys, where):
     """Ctrl-C while the run reads its data or builds its model (minutes for a large corpus or model),
     before any handler of the run's is installed, ended in a KeyboardInterrupt traceback and left the
-    run folder with only Hydra's bookkeeping in it."""
+    run folder with only Hydra's bookkeeping in it; so did one in the first seconds, while Hydra
+    writes .hydra/ (before the task runs)."""
+    import hydra.core.utils
+
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, "build_model", interrupted)
+    if where == "building-the-model":
+        monkeypatch.setattr(models, "build_model", interrupted)
+    else:
+        monkeypatch.setattr(hydra.core.utils, "_save_config", interrupted)
     code, err = run_cli(monkeypatch, capsys, tmp_path, Case("ctrl-c", [], ""))
     assert code == 130
     assert err.strip().splitlines() == ["stopped: SIGINT received outside training: stopped, nothing to save"]
