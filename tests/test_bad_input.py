@@ -369,6 +369,12 @@ def test_a_folder_or_a_pattern_names_its_files(tmp_path):
     (tmp_path / "empty").mkdir()
     assert data_file_problems("files", [str(tmp_path / "empty")]) == [
         f"data.paths: {tmp_path / 'empty'} is a folder without files; give a folder that holds the data files, or the files"]
+    (tmp_path / "dots" / ".cache").mkdir(parents=True)  # only hidden files: said, since they were there
+    (tmp_path / "dots" / ".notes.txt").write_text("no\n")
+    (tmp_path / "dots" / ".cache" / "x.txt").write_text("no\n")
+    assert data_file_problems("files", [str(tmp_path / "dots")]) == [
+        f"data.paths: {tmp_path / 'dots'} is a folder without files (2 hidden files, under names starting with "
+        "'.', skipped: name one to read it); give a folder that holds the data files, or the files"]
     assert data_file_problems("files", [f"{corpus}/*.rst"]) == [f"data.paths: {corpus}/*.rst matches no file"]
     (corpus / "part2" / "blob.bin").write_bytes(b"\x00\xff")  # a bad file inside a folder is named
     assert data_file_problems("files", [str(corpus)]) == [

@@ -54,7 +54,11 @@ def expand_paths(paths: list[str | Path]) -> list[str]:
             found = sorted(str(f) for f in path.rglob("*")
                            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts))
             if not found:
-                raise DataError(f"{raw} is a folder without files; give a folder that holds the data files, or the files")
+                hidden = sum(1 for f in path.rglob("*") if f.is_file())
+                skipped = (f" ({hidden} hidden file{'s' * (hidden > 1)}, under names starting with '.', "
+                           "skipped: name one to read it)") if hidden else ""
+                raise DataError(f"{raw} is a folder without files{skipped}; give a folder that holds the data "
+                                "files, or the files")
         elif not path.exists() and any(c in str(raw) for c in "*?["):
             found = sorted(f for f in glob.glob(str(path), recursive=True) if Path(f).is_file())
             if not found:
