@@ -852,7 +852,7 @@ def routing_warnings(run: RunConfig, max_steps: int | None = None) -> list[str]:
     if c.min_tokens_ratio >= 1 and q.kind != "dynamic" and sel.strategy in ("topk", "stratified", "importance"):
         unit = "sequence" if sel.unit == "sequence" else "token"
         warnings.append(f"cggr.min_tokens_ratio=1 keeps every {unit}: this trains as standard training does, "
-                        f"with the router's forward added to each step; use cggr.enabled=false for that, or a "
+                        f"with the scoring and the selection added to each step; use cggr.enabled=false for that, or a "
                         f"ratio below 1 to route")
     if sel.strategy == "infobatch" and _is_int(max_steps) and max_steps > c.warmup_steps:
         from .routing.sampling import infobatch_prune_fraction

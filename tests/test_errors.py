@@ -112,7 +112,7 @@ CASES = [
     Case("missing-checkpoint", ["ckpt_path={tmp}/none.ckpt"], "ckpt_path={tmp}/none.ckpt: no such checkpoint"),
     Case("added-trainer-key-misspelled", ["+trainer.max_step=5"],
          "trainer.max_step: not an argument of lightning.Trainer; did you mean max_steps?"),
-    # a "+key" hint only where an added key is taken (callbacks, logger): elsewhere it led to a refusal
+    # a "+key" hint only where an added key is taken (callbacks, logger, hydra): elsewhere it led to a refusal
     Case("trainer-key-misspelled", ["trainer.max_step=5"],
          "trainer.max_step: no such setting; did you mean trainer.max_steps?\n"),
     Case("schema-key-misspelled", ["cggr.min_tokns_ratio=0.5"],

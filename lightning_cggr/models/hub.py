@@ -109,7 +109,7 @@ def _find(name_or_path: str | Path, load, key: str = "model.name"):
     reason = hub_offline_reason()
     if reason is not None:
         raise HubUnreachableError(
-            f"{key}={source}: cannot load {source!r}: it is not a local folder, not in the Hugging Face cache, "
+            f"{key}={source}: cannot load it: it is not a local folder, not in the Hugging Face cache, "
             f"and {reason}. " + OFFLINE_HINT.replace("model=smollm2_gguf", _offline_option(key))
         )
     return load(source)
