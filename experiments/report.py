@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -22,6 +23,18 @@ from experiments import stats
 
 ORDER = {"throughput": 0, "sweep": 1, "quality": 2}
 
+
+
+def command_line(argv: list[str]) -> str:
+    """The command an experiment's JSON records (its ``sys.argv``), as one would type it in a checkout:
+    ``python -m experiments.NAME ...`` wherever the recording checkout lay (its absolute path is in
+    argv[0]; the one reading the report may be another), and this checkout's path dropped elsewhere."""
+    if not argv:
+        return ""
+    first, rest = argv[0], [a.replace(str(rio.REPO) + "/", "") for a in argv[1:]]
+    script = re.fullmatch(r"(?:.*/)?experiments/(\w+)\.py", first)
+    head = f"python -m experiments.{script.group(1)}" if script else first.replace(str(rio.REPO) + "/", "")
+    return " ".join([head, *rest])
 
 def load_results(folder: Path) -> list[dict]:
     out = []
@@ -283,11 +296,7 @@ def render(results: list[dict], folder: Path) -> str:
         lines += [notes.read_text().strip(), ""]
     for r in results:
         env = r["environment"]
-        argv = " ".join(env.get("argv") or [])
-        cmd = argv.replace(str(rio.REPO) + "/", "")
-        if cmd.startswith("experiments/") and cmd.split()[0].endswith(".py"):
-            first, *rest = cmd.split()
-            cmd = "python -m " + first[:-3].replace("/", ".") + (" " + " ".join(rest) if rest else "")
+        cmd = command_line(env.get("argv") or [])
         table = fmt[r["kind"]](r)
         r["_path"].with_suffix(".md").write_text(table + "\n")  # the per-experiment table, same text
         lines += [f"## {r['experiment']} — {env['device_tag']}", "", f"Command: `{cmd}`  ",

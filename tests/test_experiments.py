@@ -497,3 +497,18 @@ def test_model_families_harness_reports_each_verdict(tmp_path):
     assert all(rows[f]["flops"] == "exact" for f in ("llama", "phi", "gemma4_text", "opt", "bert")), rows  # vs torch's
     assert rows["prophetnet"]["verdict"] == "refused" and "its logits are not head(h)" in rows["prophetnet"]["detail"]
     assert "| gemma2 | Gemma2ForCausalLM | same loss |" in (tmp_path / "model_families-cpu.md").read_text()
+
+
+def test_the_report_writes_a_recorded_command_the_same_from_any_checkout():
+    """A result's JSON records sys.argv, with the absolute path of the checkout that ran it; the
+    report, read in another checkout, rewrote every such line (RESULTS.md changed under a user)."""
+    from experiments.report import command_line
+
+    tail = ["--preset", "tiny", "--steps", "20"]
+    for where in ("/tmp/runclone2", "/home/someone/lightning_cggr", str(rio.REPO)):
+        assert command_line([f"{where}/experiments/throughput.py", *tail]) == \
+            "python -m experiments.throughput --preset tiny --steps 20"
+    assert command_line(["experiments/sweep.py", "sweep=cpu_tiny"]) == "python -m experiments.sweep sweep=cpu_tiny"
+    assert command_line([f"{rio.REPO}/experiments/quality.py", "--reference", f"{rio.REPO}/runs/ref"]) == \
+        "python -m experiments.quality --reference runs/ref"
+    assert command_line([]) == ""
