@@ -109,8 +109,8 @@ def parse_variants(spec: str | None) -> dict:
             raise SystemExit(f"--variants item {item!r}: expected triton|torch:<rows|rule>[:fp32|weight][:bias]")
         impl, chunk = parts[0], parts[1]
         accum = parts[2] if len(parts) == 3 else None
-        if chunk != "rule" and not chunk.isdigit():
-            raise SystemExit(f"--variants item {item!r}: rows must be an integer or 'rule'")
+        if chunk != "rule" and not (chunk.isdigit() and int(chunk) >= 1):
+            raise SystemExit(f"--variants item {item!r}: rows must be an integer >= 1 or 'rule'")
         if accum not in (None, "fp32", "weight"):
             raise SystemExit(f"--variants item {item!r}: accumulation must be fp32 or weight")
         name = f"{impl}[{chunk}{',' + accum if accum else ''}{',bias' if bias else ''}]"
@@ -170,7 +170,8 @@ def implementations(device: torch.device, which: list[str] | None, variants: dic
         if unknown:
             raise SystemExit(f"unknown or unavailable impl(s) {unknown}; available: {sorted(out)}; "
                              f"unavailable: {unavailable}")
-        out = {k: v for k, v in out.items() if k in which}
+        # the variants (and their GEMM bound) were asked for by name too: --impls narrows the rest
+        out = {k: v for k, v in out.items() if k in which or k in (variants or {}) or (variants and k == "gemm_floor")}
     return out, unavailable
 
 
@@ -398,9 +399,11 @@ def to_markdown(meta, rows, checks):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m experiments.bench_cross_entropy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available) | cuda | cpu")
-    p.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="bfloat16 | float16 | float32 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--shapes", type=parse_shapes, default=None,
                    help="comma-separated HxVxN, e.g. 576x49152x16384 (default per device)")
     p.add_argument("--ratios", type=number_list(float, "1.0,0.25", lambda r: 0 < r <= 1, "ratios in (0, 1]"),

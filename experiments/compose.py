@@ -173,6 +173,9 @@ def make_parser(prog: str, doc: str, common: bool = True) -> argparse.ArgumentPa
         ap.add_argument("--methods", default="no_reference",
                         help="comma-separated method names, 'all', or 'no_reference' (the default: every method "
                              "that needs no --reference model): " + ", ".join(METHODS))
+        ap.add_argument("--reference", default=None,
+                        help="reference model folder for the excess-loss (RHO-LOSS) methods; build one with "
+                             "python -m lightning_cggr.routing.holdout --out DIR")
         ap.add_argument("--device", type=device_name, default="auto", help="cpu | cuda | auto")
         ap.add_argument("--threads", type=at_least(1), default=None, help="torch.set_num_threads (default: torch's)")
         ap.add_argument("--name", default=None, help=f"experiment name for results files (default {prog}-<preset>)")

@@ -65,8 +65,6 @@ def main(argv=None) -> int:
     ap.add_argument("--calibrate-steps", type=int, default=3, help="timed calibration steps per method")
     ap.add_argument("--schedule", choices=("time", "steps"), default="time",
                     help="time: LR schedules sized to the steps each method runs in W; steps: all sized to --steps")
-    ap.add_argument("--reference", default=None,
-                    help="reference model folder for the excess-loss methods (python -m lightning_cggr.routing.holdout)")
     ap.add_argument("--cggr-warmup", type=int, default=None, help="override cggr.warmup_steps (default: the config's)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for the base config")
     args = ap.parse_args(argv)

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     methods = methods_mod.parse_methods(args.methods)
     # Every timed step must route: the cggr warm-up (full-token steps) is for training, not timing.
     base = compose.base_overrides(args.preset, device, ["cggr.warmup_steps=0", *args.overrides])
-    resolved = compose.resolve_methods(methods, base, device)
+    resolved = compose.resolve_methods(methods, base, device, args.reference)
     avail = methods
     compose.check_same_model_and_data(resolved)
     name = args.name or f"throughput-{args.preset}"

@@ -313,6 +313,7 @@ def test_hand_written_notes_are_included_once(tmp_path, monkeypatch):
     ("bench_cross_entropy", ["--shapes", "8x0x4"], "argument --shapes: '8x0x4'"),
     ("bench_cross_entropy", ["--ratios", "1.0,0"], "argument --ratios: '1.0,0': expected comma-separated ratios in (0, 1]"),
     ("bench_cross_entropy", ["--repeats", "0"], "argument --repeats: '0': must be an integer >= 1"),
+    ("bench_cross_entropy", ["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
     ("throughput", ["--threads", "-1"], "argument --threads: '-1': must be an integer >= 1"),
     ("throughput", ["--device", "gpu"], "argument --device: 'gpu': expected auto, cpu, cuda or cuda:N"),
     ("throughput", ["--mem-steps", "-1"], "argument --mem-steps: '-1': must be an integer >= 0"),
@@ -367,11 +368,14 @@ def test_bench_variants_parse_and_gemm_floor_is_the_three_gemms():
         "torch[8,bias]": ("torch", 8, None, True)}
     assert bce.split_names("torch,triton[256,weight],torch[rule,bias]") == [
         "torch", "triton[256,weight]", "torch[rule,bias]"]  # --impls / --profile keep a variant's commas
-    for bad in ("triton", "naive:512", "triton:x", "triton:64:bf16", "torch:bias"):
+    for bad in ("triton", "naive:512", "triton:x", "triton:64:bf16", "torch:bias", "torch:0"):
         with pytest.raises(SystemExit):
             bce.parse_variants(bad)
     impls, _ = bce.implementations(torch.device("cpu"), None, bce.parse_variants("torch:4:weight,torch:4:bias"))
     assert {"torch[4,weight]", "torch[4,bias]", "gemm_floor"} <= set(impls)
+    # --impls narrows the standard set; the variants, asked for by name, stay (they were dropped)
+    narrowed, _ = bce.implementations(torch.device("cpu"), ["torch"], bce.parse_variants("torch:4"))
+    assert set(narrowed) == {"torch", "torch[4]", "gemm_floor"}
     # gemm_floor leaves the logits as their own "gradient": grad_h = (h W^T) W and grad_W = (h W^T)^T h,
     # with ignored rows zeroed before the GEMMs
     g = torch.Generator().manual_seed(0)

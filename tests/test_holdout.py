@@ -95,3 +95,21 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert "--seed=-3: must be >= 0" in capsys.readouterr().err  # was numpy's bounds message
     assert holdout.main(["--out", str(tmp_path), "data=chat", "model=smollm2_gguf"]) == 2
     assert "built for packed text" in capsys.readouterr().err
+
+
+def test_the_throughput_benchmark_times_the_rho_methods_against_a_reference(tmp_path, one_thread):
+    """experiments.throughput listed rho_token and rho_sequence, then asked for a --reference it did
+    not take; it takes one now, as experiments.quality does, and times them with it."""
+    from experiments import throughput
+
+    ref = tmp_path / "reference"
+    assert holdout.main(["--out", str(ref), "--steps", "2", "--layers", "1", *TINY,
+                         f"data.cache_dir={tmp_path / 'tok'}"]) == 0
+    common = ["--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--mem-steps", "0",
+              "--out", str(tmp_path), *TINY, f"data.cache_dir={tmp_path / 'tok'}"]
+    with pytest.raises(SystemExit, match="rho_token needs a reference model: pass --reference DIR"):
+        throughput.main(["--methods", "standard_fused,rho_token", *common])
+    assert throughput.main(["--methods", "standard_fused,rho_token", "--reference", str(ref), *common]) == 0
+    payload = json.loads((tmp_path / "throughput-tiny-cpu.json").read_text())
+    assert payload["summary"]["rho_token"]["median_step_s"] > 0
+    assert payload["methods"]["rho_token"]["config"]["cggr"]["router"]["reference"] == str(ref)
