@@ -57,12 +57,12 @@ MID_METHODS=standard_fused,importance_token,random_token,importance_sequence,ran
 MID_DATA=(data.batch_size=8 data.block_size=128)  # the mid preset's shape, for the reference's data
 
 if [ "$what" = all ] || [ "$what" = tiny ]; then
-  python -m lightning_cggr.routing.holdout --out "$REF/tiny" --steps "$REF_STEPS"
+  python -m lightning_cggr.routing.holdout --overwrite --out "$REF/tiny" --steps "$REF_STEPS"
   python -m experiments.quality --preset tiny "${TINY[@]}" "${WARM[@]}" --reference "$REF/tiny" \
     --methods "$TINY_METHODS" --out "$OUT"
 fi
 if [ "$what" = all ] || [ "$what" = mid ]; then
-  python -m lightning_cggr.routing.holdout --out "$REF/mid" --steps "$REF_STEPS" --layers 2 --lr 1e-3 \
+  python -m lightning_cggr.routing.holdout --overwrite --out "$REF/mid" --steps "$REF_STEPS" --layers 2 --lr 1e-3 \
     model=smollm2_gguf data.tokenizer=model "${MID_DATA[@]}"
   python -m experiments.quality --preset mid "${MID[@]}" "${WARM[@]}" --reference "$REF/mid" \
     --methods "$MID_METHODS" --out "$OUT"
@@ -77,7 +77,7 @@ print(','.join(best_with_controls(json.load(open(sys.argv[1])), 2)))" "$OUT/qual
   echo "smollm2 methods: $SMOLLM2_METHODS" >&2
   REFARG=()
   if [[ "$SMOLLM2_METHODS" == *rho_* ]]; then
-    python -m lightning_cggr.routing.holdout --out "$REF/smollm2" --init pretrained --steps "$SMOL_REF_STEPS" \
+    python -m lightning_cggr.routing.holdout --overwrite --out "$REF/smollm2" --init pretrained --steps "$SMOL_REF_STEPS" \
       --lr 3e-4 model=smollm2_gguf data.tokenizer=model data.batch_size=4 data.block_size=256
     REFARG=(--reference "$REF/smollm2")
   fi

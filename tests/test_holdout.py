@@ -113,3 +113,28 @@ def test_the_throughput_benchmark_times_the_rho_methods_against_a_reference(tmp_
     payload = json.loads((tmp_path / "throughput-tiny-cpu.json").read_text())
     assert payload["summary"]["rho_token"]["median_step_s"] > 0
     assert payload["methods"]["rho_token"]["config"]["cggr"]["router"]["reference"] == str(ref)
+
+
+def test_the_command_reports_mistakes_in_one_line_and_keeps_an_existing_reference(tmp_path, capsys, one_thread):
+    """A misspelt override printed an omegaconf traceback (exit 1); a trainer.* override and a
+    reference larger than the run's model were taken without a word; a second run replaced the
+    reference in --out silently; and --steps 1 trained nothing (its one step was the LR warm-up's 0)."""
+    common = [*TINY, f"data.cache_dir={tmp_path / 'tok'}"]
+    out = tmp_path / "ref"
+    for extra, said in [(["model.hiden_size=3"], "model.hiden_size: no such setting; did you mean model.hidden_size?"),
+                        (["trainer.max_steps=3"], "trainer.max_steps=3: this command reads the run's model and data only"),
+                        (["--layers", "3"], "--layers=3: the run's model has 2 blocks")]:
+        assert holdout.main(["--out", str(out), "--steps", "1", *extra, *common]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and said in err[0], err
+    assert not out.exists()
+    assert holdout.main(["--out", str(out), "--steps", "1", "--layers", "1", *common]) == 0
+    rec = json.loads((out / "holdout.json").read_text())
+    assert rec["heldout_loss_after"] != rec["heldout_loss_before"]  # its one step trained
+    first = (out / "holdout.json").read_bytes()
+    capsys.readouterr()
+    assert holdout.main(["--out", str(out), "--steps", "1", "--layers", "1", "--seed", "1", *common]) == 2
+    assert "already holds a reference; give another folder, or --overwrite" in capsys.readouterr().err
+    assert (out / "holdout.json").read_bytes() == first
+    assert holdout.main(["--out", str(out), "--steps", "1", "--layers", "1", "--seed", "1", "--overwrite", *common]) == 0
+    assert json.loads((out / "holdout.json").read_text())["seed"] == 1

@@ -76,14 +76,30 @@ def small_model_like(model: torch.nn.Module, layers: int) -> torch.nn.Module:
 
 
 def _compose(overrides: Sequence[str]):
+    """The run's config as ``overrides`` compose it, checked as the train command checks its own:
+    a misspelt key or option is one ConfigError line (with its "did you mean"), not a traceback."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
-    from ..train import CONF_DIR  # registers the dataclass defaults
+    from ..cli import hydra_problem, unknown_key_problems
+    from ..config import config_error
+    from ..errors import ConfigError
+    from ..train import CONF_DIR, RESERVED_TRAINER_KEYS  # (importing it registers the dataclass defaults)
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="holdout"):
-        cfg = compose(config_name="train", overrides=["output_dir=/tmp/lightning_cggr_holdout", *overrides])
-    return OmegaConf.to_container(cfg, resolve=True)
+    ignored = [o for o in overrides if o.lstrip("+~").startswith("trainer.")]
+    if ignored:
+        raise ConfigError(f"invalid configuration: {ignored[0]}: this command reads the run's model and data "
+                          "only; it trains --steps optimizer steps (drop the trainer.* override)")
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="holdout"):
+            cfg = compose(config_name="train", overrides=["output_dir=/tmp/lightning_cggr_holdout", *overrides])
+    except HydraException as err:
+        raise ConfigError(f"invalid configuration: {hydra_problem(err, CONF_DIR, RESERVED_TRAINER_KEYS)}") from err
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    if problems := unknown_key_problems(plain, CONF_DIR, RESERVED_TRAINER_KEYS):
+        raise config_error(problems)
+    return plain
 
 
 def _heldout_loss(step, batches) -> float:
@@ -109,6 +125,7 @@ def build_reference(
     lr: float | None = None,
     eval_batches: int = 4,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> dict:
     """Train the reference on the holdout documents of the run ``overrides`` describe; save it in ``out``.
 
@@ -131,6 +148,10 @@ def build_reference(
         raise ValueError(f"--lr={lr}: must be a number > 0 (or leave it out: the run's optim.lr)")
     if seed < 0:
         raise ValueError(f"--seed={seed}: must be >= 0")
+    target = Path(out).expanduser()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise ValueError(f"--out={out} already holds {'a reference' if (target / 'holdout.json').is_file() else 'files'}; "
+                         "give another folder, or --overwrite to replace it")
     run = parse_config(_compose(overrides))
     if run.data.source not in ("pydoc", "files", "hf"):
         raise ValueError(f"data.source={run.data.source}: the holdout reference is built for packed text "
@@ -141,13 +162,18 @@ def build_reference(
     tokenizer = build_tokenizer(run.data) if run.data.tokenizer == "bpe" else None  # the run's own tokenizer
     model, tokenizer = build_model(run.model, tokenizer)
     if init == "random":
+        have = len(find_blocks(find_decoder(model))[1])
+        if layers > have:
+            raise ValueError(f"--layers={layers}: the run's model has {have} blocks, and the reference is a smaller "
+                             f"model of its family; give --layers <= {have}")
         torch.manual_seed(seed)
         model = small_model_like(model, layers)
     model.train()
     data = PackedTextDataModule(holdout, val_docs, tokenizer, run.data, seed=seed)
     data.setup("fit")
+    # a tenth of the steps warms the LR up from 0 (none under 10 steps: a 1-step warm-up trains nothing)
     optim = dataclasses.replace(run.optim, lr=run.optim.lr if lr is None else lr,
-                                warmup_steps=min(run.optim.warmup_steps, max(1, steps // 10)))
+                                warmup_steps=min(run.optim.warmup_steps, steps // 10))
     step = CGGRStep(model, CGGRConfig(enabled=False), run.loss)  # the run's loss settings, all of them
     optimizer = build_optimizer(model, optim)
     scheduler = build_scheduler(optimizer, optim, steps)
@@ -199,20 +225,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lightning_cggr.routing.holdout", description=doc.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc.split("\n\n", 1)[1])
     ap.add_argument("--out", required=True, help="folder to save the reference in (cggr.router.reference=<it>)")
-    ap.add_argument("--steps", type=int, default=200, help="optimizer steps on the holdout documents")
-    ap.add_argument("--fraction", type=float, default=0.5, help="part of the training documents held out for it")
+    ap.add_argument("--steps", type=int, default=200, help="optimizer steps on the holdout documents (default 200)")
+    ap.add_argument("--fraction", type=float, default=0.5, help="part of the training documents held out for it (default 0.5)")
     ap.add_argument("--init", default="random", choices=INITS, help="random: small model of the same family; "
                     "pretrained: the run's own model, continued")
-    ap.add_argument("--layers", type=int, default=2, help="--init random: number of blocks")
+    ap.add_argument("--layers", type=int, default=2, help="--init random: number of blocks, at most the run's model's (default 2)")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the run's optim.lr)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--overwrite", action="store_true", help="replace what --out holds (refused without it)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides describing the run (model, data) as for train")
     args = ap.parse_args(argv)
     from ..errors import UserError
 
     try:
         rec = build_reference(args.overrides, args.out, steps=args.steps, fraction=args.fraction, init=args.init,
-                              layers=args.layers, lr=args.lr, seed=args.seed)
+                              layers=args.layers, lr=args.lr, seed=args.seed, overwrite=args.overwrite)
     except (ValueError, UserError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
