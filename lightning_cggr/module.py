@@ -467,6 +467,17 @@ class CGGRModule(L.LightningModule):
         self._more_loaders.clear()
         return first
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's, which rebuilds the settings from the checkpoint; the model is not among them
+        (any object of the architecture, its weights then loaded): pass it as ``model=``."""
+        if "model" not in kwargs:
+            raise TypeError(f"{cls.__name__}.load_from_checkpoint(path, model=...) needs the model, as the "
+                            "module was built with (any object of that architecture: the checkpoint holds its "
+                            "weights, not the model); for a train run, lightning_cggr.export.load_trained(path) "
+                            "rebuilds it")
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def on_save_checkpoint(self, checkpoint):
         if self.run_config is not None:
             checkpoint[CONFIG_KEY] = {"config": self.run_config}
