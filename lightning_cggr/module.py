@@ -274,6 +274,23 @@ class CGGRModule(L.LightningModule):
     def on_train_start(self):
         self._timing_from = self.trainer.global_step
         self._window, self._window_pending, self._closed_at, self._paused_at = None, False, -1, None
+        if self.run_config is None:  # built from Python: the warnings the train command gives at its start
+            self._warn_settings()
+
+    def _warn_settings(self) -> None:
+        """Valid settings that leave part of what was asked undone (a warm-up as long as the run, a
+        batch too small for sequence routing to drop one, a kept ratio of 1...), as Python warnings,
+        on rank 0; the train command says the same in its log before it builds anything."""
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        from .config import DataConfig, ModelConfig, RunConfig, lr_warnings, routing_warnings
+
+        total = self._run_length()
+        batch = getattr(self.trainer.train_dataloader, "batch_size", None)  # None: unknown, no batch claim
+        run = RunConfig(model=ModelConfig(), data=DataConfig(batch_size=batch if isinstance(batch, int) else 2**31),
+                        cggr=self.step.cggr, loss=self.step.loss_cfg, optim=self.optim_cfg)
+        for warning in [*routing_warnings(run, total), *lr_warnings(self.optim_cfg, total)]:
+            rank_zero_warn(warning)
 
     def on_train_batch_start(self, batch, batch_idx):
         """Open the next throughput window after the callbacks (a checkpoint saved at the boundary

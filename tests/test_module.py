@@ -513,3 +513,21 @@ def test_a_run_of_unknown_length_needs_max_steps_or_a_constant_lr(tmp_path):
     trainer.fit(module, torch.utils.data.DataLoader(Stream(), batch_size=2))
     assert trainer.global_step == 5
     assert rates.seen == pytest.approx([0.0, 0.005, 0.01, 0.01, 0.01])
+
+
+def test_a_module_built_from_python_warns_of_settings_that_leave_work_undone(tmp_path):
+    """The train command warns at its start of a batch too small for sequence routing and of an LR
+    warm-up as long as the run; a module fitted from Python said nothing (the README's own example
+    warmed up for its whole run). Lightning's Trainer now gets the same lines, as Python warnings."""
+    module = CGGRModule(make_tiny_model("llama"), CGGRConfig(warmup_steps=0, router=RouterConfig(num_layers=1),
+                                                             selection={"unit": "sequence"}),
+                        LossConfig(impl="torch"), OptimConfig(warmup_steps=20))
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    rows = [{k: v[0] for k, v in make_batch(1, 12, seed=i).items()} for i in range(3)]  # one sequence a batch
+    with pytest.warns(UserWarning) as seen:
+        trainer.fit(module, torch.utils.data.DataLoader(rows, batch_size=1))
+    said = [str(w.message) for w in seen]
+    assert sum("cggr.selection.unit=sequence keeps ceil(0.25 x data.batch_size) = 1 of the batch's 1" in s
+               for s in said) == 1
+    assert sum(s.startswith("optim.warmup_steps=20 with trainer.max_steps=3") for s in said) == 1
