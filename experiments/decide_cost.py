@@ -127,7 +127,8 @@ def markdown(p: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m experiments.decide_cost", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available) | cuda | cpu")
     ap.add_argument("--batch-size", type=at_least(1), default=8)
     ap.add_argument("--block-size", type=at_least(2), default=2048)

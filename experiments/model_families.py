@@ -230,7 +230,7 @@ def check(model_type: str) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.model_families", description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="*", help="model types (default: every causal-LM family)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)

@@ -147,7 +147,8 @@ def markdown(p: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m experiments.trainer_check", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", default="false,true,reduce-overhead", help="comma-separated perf.compile values, each optionally VALUE:KEY=V[:KEY=V] (more overrides)")
     ap.add_argument("--steps", type=at_least(1), default=60, help="trainer.max_steps of each run")
     ap.add_argument("--skip", type=at_least(0), default=10, help="steps left out of the medians (compilation, warm-up)")
