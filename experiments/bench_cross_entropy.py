@@ -379,7 +379,7 @@ def to_markdown(meta, rows, checks):
                       f"{r['first_call_s']:.3f}" if r["first_call_s"] is not None else None,
                       f"{r['peak_extra_mib']:.0f}" if r["peak_extra_mib"] is not None else None])
     lines += ["", md_table(["H", "V", "N", "ratio", "impl", "rows computed", "median fwd+bwd (s)",
-                            "vs naive (paired)", "process CPU (s)", "first call (s)", "peak extra (MiB)"], table)]
+                            "time vs naive (paired; < 1 faster)", "process CPU (s)", "first call (s)", "peak extra (MiB)"], table)]
     if checks:
         def fmt(x):
             return None if x is None else f"{x:.2f}x"

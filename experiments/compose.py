@@ -96,10 +96,28 @@ def resolve_method(name: str, base: Sequence[str], device: str, reference: str |
 
             trainer = container.get("trainer") or {}
             perf["compile"] = resolve_compile("auto", device.split(":")[0], trainer.get("strategy"), trainer.get("devices", 1))
-        parse_run(container)
+        check_run(container)
     except Exception as err:  # noqa: BLE001 - Hydra and ConfigError both mean "cannot run this config"
+        from hydra.errors import HydraException
+
+        if isinstance(err, HydraException):  # the training job's wording (a "+key" hint only where it works)
+            from lightning_cggr.cli import hydra_problem
+            from lightning_cggr.train import CONF_DIR
+
+            err = hydra_problem(err, CONF_DIR)
         raise SystemExit(f"error: method {name} ({' '.join(overrides)}): {' '.join(str(err).split())}") from None
     return {"overrides": overrides, "config": container}
+
+
+def check_run(config: dict[str, Any]) -> None:
+    """The training job's own checks of a composed config (the harness-only ``bench`` key set
+    aside): unknown keys, every value, ``trainer.*`` included (precision, accumulation, clipping,
+    which the harness reads), the loss kernel against the device. Raises the job's ConfigError."""
+    from omegaconf import OmegaConf
+
+    from lightning_cggr.train import check_config
+
+    check_config(OmegaConf.create({k: v for k, v in config.items() if k != BENCH_KEY}))
 
 
 def resolve_methods(names: Sequence[str], base: Sequence[str], device: str,

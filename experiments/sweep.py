@@ -50,8 +50,13 @@ def load_sweep(args_overrides: list[str]):
     if not path.is_file():
         choices = ", ".join(sorted(p.stem for p in SWEEP_DIR.glob("*.yaml")))
         raise SystemExit(f"error: no experiments/presets/sweep/{name}.yaml; available: {choices}")
-    cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(dots))
-    s = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(dots))
+        s = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as err:  # noqa: BLE001 - a value YAML cannot read, a bad interpolation
+        words = " ".join(f"sweep.{d}" for d in dots)
+        raise SystemExit(f"error: {words}: cannot read ({' '.join(str(err).split())[:300]}); quote a list "
+                         "for the shell and close its brackets, e.g. 'sweep.batch_sizes=[16,32]'") from None
     known = {"name", "preset", "device", "methods", "batch_sizes", "memory_budget_mib", "hard_cap_factor",
              "stop_after_miss", "warmup", "steps", "threads", "point_timeout_s", "extra_overrides"}
     unknown = sorted(set(s) - known)
@@ -109,14 +114,17 @@ def main(argv=None) -> int:
     ap = compose.make_parser("sweep", __doc__, common=False)
     ap.add_argument("--deadline-s", type=float, default=None,
                     help="start no point after this many seconds; the rest are recorded as not run")
+    ap.add_argument("--reference", default=None,
+                    help="reference model folder for the excess-loss (RHO-LOSS) methods; build one with "
+                         "python -m lightning_cggr.routing.holdout --out DIR")
     ap.add_argument("words", nargs="*", help="sweep=<name>, sweep.key=value, and Hydra overrides of the base config")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     s, overrides = load_sweep(args.words)
     device = compose.pick_device(s["device"])
     methods = methods_mod.parse_methods(s["methods"])
     budget = s["memory_budget_mib"] * 2**20
     base = compose.base_overrides(s["preset"], device, ["cggr.warmup_steps=0", *s["extra_overrides"], *overrides])
-    resolved = compose.resolve_methods(methods, base, device)
+    resolved = compose.resolve_methods(methods, base, device, args.reference)
     compose.check_same_model_and_data(resolved)
     env = rio.environment(device)
     points, missed = [], set()
@@ -131,7 +139,7 @@ def main(argv=None) -> int:
             if s["stop_after_miss"] and m in missed:
                 point.update(status="skipped", error="did not fit at a smaller batch size")
             else:
-                r = compose.resolve_method(m, [*base, f"data.batch_size={b}"], device)
+                r = compose.resolve_method(m, [*base, f"data.batch_size={b}"], device, args.reference)
                 spec = {"config": r["config"], "device": device, "warmup": s["warmup"], "steps": s["steps"],
                         "threads": s.get("threads")}
                 if device.startswith("cuda"):
@@ -152,6 +160,9 @@ def main(argv=None) -> int:
                      if point.get("status") == "ok" else ""), file=sys.stderr, flush=True)
             points.append(point)
     env["load"] = load.summary()
+    ran = [p for p in points if p.get("status") not in ("skipped", "not_run")]
+    if ran and all(p.get("status") == "error" for p in ran):  # nothing measured: keep the results there were
+        raise SystemExit(f"error: every point failed, nothing written; the first: {ran[0].get('error')}")
     summary = stats.sweep_summary(points, budget)
     name = s["name"]
     first = resolved[methods[0]]["config"]

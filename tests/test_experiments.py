@@ -7,6 +7,7 @@ enough to work out by hand (see the comments).
 import math
 import os
 import re
+import sys
 import signal
 
 import pytest
@@ -157,6 +158,27 @@ def test_resolve_method_validates_with_the_package_and_fails_loudly():
     assert ok["config"]["data"]["batch_size"] == 16  # the preset's shape (presets/bench/tiny.yaml)
     with pytest.raises(SystemExit, match="cggr.scoring='no_such_scorer'"):
         compose.resolve_method("standard_fused", [*base, "cggr.scoring=no_such_scorer"], "cpu")
+    # the trainer's settings too, which the harness reads (a sweep ran its whole grid into errors and
+    # wrote them over the results; accumulate_grad_batches=0 was read as 1), as the job checks them
+    with pytest.raises(SystemExit, match=r"trainer.precision='bf17': Precision 'bf17' is invalid"):
+        compose.resolve_method("standard_fused", [*base, "trainer.precision=bf17"], "cpu")
+    with pytest.raises(SystemExit, match=r"trainer.accumulate_grad_batches=0: must be an integer >= 1"):
+        compose.resolve_method("standard_fused", [*base, "trainer.accumulate_grad_batches=0"], "cpu")
+    # a misspelt key gets the job's line, without Hydra's "+key" advice that would then be refused
+    with pytest.raises(SystemExit, match=r"model.num_layer: no such setting; did you mean model.num_layers\?$"):
+        compose.resolve_method("standard_fused", [*base, "model.num_layer=2"], "cpu")
+
+
+def test_sweep_reads_options_among_its_words_and_names_a_list_it_cannot_read(monkeypatch):
+    from experiments import sweep
+
+    with pytest.raises(SystemExit, match=r"sweep.batch_sizes=\[16,32: cannot read .* 'sweep.batch_sizes=\[16,32\]'"):
+        sweep.load_sweep(["sweep=cpu_tiny", "sweep.batch_sizes=[16,32"])
+    seen = {}
+    monkeypatch.setattr(sweep, "load_sweep", lambda words: seen.update(words=words) or sys.exit("stop"))
+    with pytest.raises(SystemExit):  # options after the words, as the other experiments take them
+        sweep.main(["sweep=cpu_tiny", "--out", "/tmp/unused", "sweep.batch_sizes=[2]", "--reference", "/tmp/ref"])
+    assert seen["words"] == ["sweep=cpu_tiny", "sweep.batch_sizes=[2]"]
 
 
 def test_load_sweep_rejects_unknown_keys_and_applies_dot_overrides():
