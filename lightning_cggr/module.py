@@ -272,6 +272,9 @@ class CGGRModule(L.LightningModule):
         self._window, self._closed_at, self._window_pending = None, step, True
 
     def on_train_start(self):
+        from .data.resumable import load_saved_position
+
+        load_saved_position(self.trainer)  # a resume with trainer.max_epochs: see there
         self._timing_from = self.trainer.global_step
         self._window, self._window_pending, self._closed_at, self._paused_at = None, False, -1, None
         if self.run_config is None:  # built from Python: the warnings the train command gives at its start

@@ -87,6 +87,21 @@ def fit_position(trainer) -> Callable[[], int]:
     return lambda: int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
 
+def load_saved_position(trainer) -> None:
+    """Hand a resumed fit's training loader its saved position, where Lightning has not: called at
+    ``on_train_start``, after the checkpoint's loop state is restored and before the first batch.
+
+    Lightning gives a loader its saved state only when it builds the loader after the restore. A
+    module that asks for ``trainer.estimated_stepping_batches`` in ``configure_optimizers`` (the LR
+    schedule needs the run's length) makes Lightning build the loader before the restore whenever
+    ``max_epochs`` is set, and the saved position was then never loaded: the resume started the
+    interrupted epoch over. Lightning keeps that state pending in its fit loop; this loads it
+    (nothing when it was loaded already, or there is none)."""
+    load = getattr(trainer.fit_loop, "_load_combined_loader_states", None)  # lightning 2.6: private
+    if load is not None:
+        load()
+
+
 def pins_memory(trainer) -> bool:
     """Whether loaders for ``trainer`` should hand out batches in pinned (page-locked) host memory:
     on a CUDA device. Lightning copies each batch to the device with ``non_blocking=True``, which
