@@ -41,14 +41,12 @@ from lightning.pytorch.utilities.model_summary.model_summary import NOT_APPLICAB
 from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 
 from .checkpointing import remove_stale_temporaries
-from .errors import RunStopped
+from .errors import DIVERGED_EXIT_CODE, RunStopped
 from .flops import flop_count, forward_flops, step_flops
 from .module import logging_step
 from .signals import StopRequest, exit_code
 
 log = logging.getLogger(__name__)
-
-DIVERGED_EXIT_CODE = 3
 
 
 def default_every_n_steps(max_steps: int) -> int:
@@ -132,10 +130,14 @@ class ResumableCheckpoint(ModelCheckpoint):
             kept = f"the last finite checkpoint is {self.last_model_path}"
         else:
             kept = "no checkpoint was written before it"
+        # A resume must keep the run's optim settings (rundir.IDENTITY_KEYS), and resumed unchanged
+        # the run diverges again at the same step: the ways on are a new run, or its weights.
+        keep = (f"; to keep its weights, export it (python -m lightning_cggr.export {self.last_model_path} <folder>) "
+                "and train from them: model.source=pretrained model.name=<folder>" if self.last_model_path else "")
         raise RunStopped(
             f"training diverged: the loss, gradient norm or weights were not finite at step {bad_step} (stopped at step "
-            f"{trainer.global_step}); {kept}. Lower optim.lr or raise optim.warmup_steps, then resume from "
-            "that checkpoint or start over",
+            f"{trainer.global_step}); {kept}. Start over with a lower optim.lr or a longer optim.warmup_steps "
+            f"(a resume keeps the run's optim settings, and unchanged it diverges again){keep}",
             DIVERGED_EXIT_CODE,
         )
 
@@ -172,6 +174,7 @@ class ResumableCheckpoint(ModelCheckpoint):
     # ---- hooks ---------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self._training = False  # set at on_train_start: before it the state is not (fully) restored
         if stage == "fit":
             self.stop.connect()
             if trainer.is_global_zero and self.dirpath:
@@ -180,7 +183,7 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self.stop.install()
-        self._boundary = True
+        self._boundary = self._training = True
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         """Make a checkpoint written before a batch finished restart as Lightning intends.
@@ -284,8 +287,8 @@ class ResumableCheckpoint(ModelCheckpoint):
         from lightning.pytorch.strategies import DDPStrategy
 
         self.stop.restore()
-        if isinstance(exception, RunStopped) or not self._fitting(trainer):
-            return
+        if isinstance(exception, RunStopped) or not self._fitting(trainer) or not getattr(self, "_training", False):
+            return  # (before training starts, e.g. a failed restore: nothing of this run's to keep)
         if trainer.global_step == self._last_global_step_saved or not self.save_last:
             return
         if trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):

@@ -11,8 +11,9 @@ FSDP2 (``trainer.strategy=fsdp2``) saves a folder (one shard per rank); :class:`
 writes it beside the final name and swaps it in on rank 0.
 
 :func:`preflight` runs before training starts: the checkpoint folder must be writable and hold
-room for one more checkpoint (estimated from the model and its optimizer state), so that a
-read-only or full disk is an error at step 0, not after the last step.
+room for two checkpoints (estimated from the model and its optimizer state; an atomic save
+holds the old and the new one at once, and an existing ``last.ckpt`` counts as one), so that a
+read-only or full disk is an error at step 0, not at the second save.
 """
 
 from __future__ import annotations
@@ -124,8 +125,9 @@ def _human(n: float) -> str:
 
 
 def preflight(folder: str | os.PathLike, need_bytes: int) -> None:
-    """Fail now, with a UserError naming the folder and the fix, if ``folder`` cannot take one more
-    checkpoint of ``need_bytes``: not creatable, not writable, or too little free space."""
+    """Fail now, with a UserError naming the folder and the fix, if ``folder`` cannot take the run's
+    checkpoints of ``need_bytes`` each: not creatable, not writable, or too little free space for two
+    (an atomic save holds the old and the new one at once; an existing ``last.ckpt`` counts)."""
     folder = Path(folder)
     fix = "choose another output folder (hydra.run.dir=...) or fix its permissions"
     try:
@@ -139,11 +141,17 @@ def preflight(folder: str | os.PathLike, need_bytes: int) -> None:
             os.unlink(probe)
     except OSError as err:
         raise UserError(f"checkpoint folder {folder} is not writable ({err.strerror or err}); {fix}") from err
+    # A save writes the new last.ckpt beside the one it replaces (atomic: the old one stays loadable
+    # until the rename), so the folder holds two at once: room for the second, or for both.
+    last = folder / "last.ckpt"
+    held = last.stat().st_size if last.is_file() else 0
+    need = max(2 * need_bytes - held, need_bytes)
     free = shutil.disk_usage(folder).free
-    if free < need_bytes:
+    if free < need:
         raise UserError(
-            f"checkpoint folder {folder} has {_human(free)} free, but one checkpoint of this model and its "
-            f"optimizer state needs about {_human(need_bytes)}; free some space or choose another output "
+            f"checkpoint folder {folder} has {_human(free)} free, but a checkpoint of this model and its "
+            f"optimizer state takes about {_human(need_bytes)} and a save writes the new one beside the last "
+            f"before replacing it: about {_human(need)} needed; free some space or choose another output "
             "folder (hydra.run.dir=...)"
         )
 

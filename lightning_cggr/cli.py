@@ -91,13 +91,21 @@ def did_you_mean(key: str, known: Iterable[str]) -> str:
     return f"; did you mean {match[0]}?" if match else ""
 
 
+GLOBAL_GROUPS = ("experiment",)
+"""Config groups whose options set keys anywhere (``# @package _global_``): never a key of their own."""
+
+
 def unknown_key_problems(cfg: Mapping, conf_dir: str | Path, reserved: Mapping[str, str] = {}) -> list[str]:
     """Top-level and ``trainer`` keys that nothing reads (``+sed=1``, ``+trainer.max_step=5``), and
     ``trainer`` keys in ``reserved`` (set by train() itself; the value says why)."""
     problems = []
-    top = known_top_level_keys(conf_dir)
+    top = known_top_level_keys(conf_dir) - set(GLOBAL_GROUPS)
     for key in cfg:
-        if key not in top:
+        if key in GLOBAL_GROUPS:
+            problems.append(f"{key}.*: the settings of +{key}=... landed under '{key}.', where nothing reads them: "
+                            f"an option of the {key} group must begin with the line '# @package _global_' "
+                            f"(as lightning_cggr/conf/{key}/*.yaml do); add it to that file")
+        elif key not in top:
             problems.append(f"{key}: unknown top-level key{did_you_mean(key, top)} (known: {', '.join(sorted(top))})")
     trainer = cfg.get("trainer")
     if trainer is not None and not isinstance(trainer, Mapping):

@@ -41,6 +41,10 @@ class CheckpointError(UserError):
     """A checkpoint or run folder that cannot be read or does not hold what was asked for."""
 
 
+DIVERGED_EXIT_CODE = 3
+"""The exit code of a run stopped because its loss, gradients or weights stopped being finite."""
+
+
 class RunStopped(RuntimeError):
     """The run ended early on purpose (signal, divergence); ``exit_code`` tells a job chain why."""
 
@@ -85,18 +89,27 @@ def _global_rank() -> int:
 
 
 @contextlib.contextmanager
-def exit_on_user_error() -> Iterator[None]:
+def exit_on_user_error(sweep_job: bool = False) -> Iterator[None]:
     """Inside it, a :class:`UserError` ends the process with one line and exit code 2, a
-    :class:`RunStopped` with its message and its own exit code; anything else propagates (a bug)."""
+    :class:`RunStopped` with its message and its own exit code; anything else propagates (a bug).
+
+    ``sweep_job``: one job of a Hydra multirun. Its mistake or divergence is reported the same way,
+    then raised on, so that Hydra records the job as failed and runs the others (it raises the first
+    failure again when the sweep ends, and the command exits with its code); a signal still ends
+    the whole sweep at once."""
     try:
         yield
     except UserError as err:
         report(err)
+        if sweep_job:
+            raise
         sys.exit(err.exit_code)
     except RunStopped as err:
         if _global_rank() == 0:  # every rank stops; one line says why
             report(err, "stopped")
             _to_log_files(f"stopped: {err}")
+        if sweep_job and err.exit_code == DIVERGED_EXIT_CODE:
+            raise
         sys.exit(err.exit_code)
 
 

@@ -26,8 +26,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -35,7 +37,7 @@ from typing import Any, Mapping
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from .errors import ConfigError, UserError
+from .errors import CheckpointError, ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +102,9 @@ def read_checkpoint_meta(path: Path) -> dict[str, Any]:
 
     stored = ckpt.get(CONFIG_KEY) or {}
     return {"global_step": int(ckpt.get("global_step", 0)), "config": stored.get("config"),
-            "tokenizer": stored.get("tokenizer"), "data": stored.get("data"), "initial": stored.get("initial")}
+            "tokenizer": stored.get("tokenizer"), "data": stored.get("data"), "initial": stored.get("initial"),
+            # a weights-only save (best.ckpt, periodic step_*.ckpt) has no optimizer or schedule state
+            "resumable": path.is_dir() or "optimizer_states" in ckpt}
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
@@ -148,6 +152,11 @@ def _stored_config(path: Path, meta: dict) -> dict | None:
     return OmegaConf.to_container(OmegaConf.load(saved), resolve=False) if saved.is_file() else None
 
 
+def _folder_setting() -> str:
+    """The setting that names the run folder: a multirun's jobs are folders of ``hydra.sweep.dir``."""
+    return "hydra.sweep.dir" if in_multirun() else "hydra.run.dir"
+
+
 def plan_run(cfg: Mapping[str, Any], out: Path) -> RunPlan:
     """Decide what this run does with folder ``out`` (see the module docstring); raises a
     UserError before anything is written when it must not run."""
@@ -158,7 +167,7 @@ def plan_run(cfg: Mapping[str, Any], out: Path) -> RunPlan:
             step = read_checkpoint_meta(existing)["global_step"]
             raise UserError(
                 f"{out} already holds a run (checkpoints/{CHECKPOINT_NAME}, step {step}): resume it with "
-                "ckpt_path=auto, or start a new run in another folder (hydra.run.dir=...)"
+                f"ckpt_path=auto, or start a new run in another folder ({_folder_setting()}=...)"
             )
         return RunPlan(None, False, 0)
     if str(ckpt_path) == "auto":
@@ -173,9 +182,15 @@ def plan_run(cfg: Mapping[str, Any], out: Path) -> RunPlan:
         if existing is not None and existing.resolve() != path.resolve():
             raise UserError(
                 f"{out} already holds another run (checkpoints/{CHECKPOINT_NAME}): resume that one with "
-                f"ckpt_path=auto, or resume {path} in a new folder (hydra.run.dir=...)"
+                f"ckpt_path=auto, or resume {path} in a new folder ({_folder_setting()}=...)"
             )
     meta = read_checkpoint_meta(path)
+    if not meta["resumable"]:
+        raise CheckpointError(
+            f"ckpt_path={path} holds the model's weights only (as best.ckpt and the step_*.ckpt of "
+            "callbacks=periodic_checkpoints do), not the optimizer, schedule and position a resume needs: "
+            "resume checkpoints/last.ckpt, or train on from these weights in a new run: python -m "
+            f"lightning_cggr.export {path} <folder>, then model.source=pretrained model.name=<folder>")
     stored = _stored_config(path, meta)
     if stored is None:
         log.warning("%s stores no config: the resume cannot be checked against it", path)
@@ -199,6 +214,52 @@ def plan_run(cfg: Mapping[str, Any], out: Path) -> RunPlan:
 
 NEW_RUN_FOLDER: Path | None = None
 """The run folder this process's Hydra run created (None: it existed before, or no Hydra run)."""
+_NEW_TOP: Path | None = None
+"""The highest folder created for it (``outputs/<date>/`` above ``outputs/<date>/<time>/``)."""
+RUN_FOLDER: Path | None = None
+"""The run folder of this process's Hydra run (or multirun job), new or not."""
+_BEFORE: dict[Path, bytes | int] = {}
+"""What the folders held before Hydra wrote into them: the bytes of each file under a ``.hydra/``
+and the size of each log file (a refused run puts them back: :func:`discard_new_run_folder`)."""
+_REMEMBERED_AT: list[float] = []
+"""When ``_BEFORE`` was taken: a folder with anything newer in it is not put back."""
+_SWEEP: dict[str, Any] = {}
+"""A multirun's sweep folder (``dir``) and the folders that existed in it before (``existing``)."""
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The highest folder on the way to ``folder`` that does not exist yet (None: ``folder`` exists)."""
+    if folder.exists():
+        return None
+    top = folder
+    while not top.parent.exists():
+        top = top.parent
+    return top
+
+
+def _remember(folder: Path) -> None:
+    """Record what Hydra may overwrite in ``folder`` (and the run folders below it, for a sweep)."""
+    _BEFORE.clear()
+    _REMEMBERED_AT[:] = [time.time()]
+    if not folder.is_dir():
+        return
+    for path in folder.rglob("*"):
+        if not path.is_file():
+            continue
+        if ".hydra" in path.relative_to(folder).parts:  # a sweep folder: its run folders' too
+            _BEFORE[path] = path.read_bytes()
+        elif path.suffix == ".log":
+            _BEFORE[path] = path.stat().st_size
+
+
+def _check_home(config: DictConfig, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        given = OmegaConf.select(config, key, throw_on_resolution_failure=False)
+        if isinstance(given, str) and given.startswith("~"):  # Hydra takes it as a folder named ~
+            raise ConfigError(
+                f"invalid configuration: {key}={given}: Hydra does not expand '~', so the run would "
+                f"go into a folder named '~' under {Path.cwd()}; write the path out, e.g. "
+                f"{key}=$HOME{given[1:]} (the shell expands $HOME)")
 
 
 def _cli_output_dir(config: DictConfig) -> tuple[Path, dict]:
@@ -214,32 +275,105 @@ def _cli_output_dir(config: DictConfig) -> tuple[Path, dict]:
     return Path(str(resolved["output_dir"])).absolute(), resolved
 
 
+def _check_writable(folder: Path, key: str) -> None:
+    """Refuse a run folder that cannot be written (or, not there yet, created): Hydra would fail on
+    its log file with a traceback. Probed by writing, which also sees what permissions do not say (a
+    read-only mount, an immutable folder, root's writes)."""
+    import tempfile
+
+    where = folder if folder.exists() else folder.parent
+    while not where.exists():
+        where = where.parent
+    try:
+        if not where.is_dir():
+            raise NotADirectoryError(f"{where} is a file")
+        with tempfile.NamedTemporaryFile(dir=where, prefix=".write-probe."):
+            pass
+    except OSError as err:
+        raise ConfigError(f"invalid configuration: {key}={folder}: cannot write into {where} "
+                          f"({err.strerror or err}); choose another folder or fix its permissions") from err
+
+
+def _folder_of(config: DictConfig, key: str) -> Path:
+    """The absolute folder ``key`` names; a value that cannot be resolved is refused here, before
+    Hydra reads it (it would fail there with a traceback)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .cli import omegaconf_problem
+
+    try:
+        return Path(os.path.abspath(str(OmegaConf.select(config, key))))
+    except OmegaConfBaseException as err:
+        problem = omegaconf_problem(err)
+        _refuse(ConfigError(f"invalid configuration: {problem if problem.startswith(key) else f'{key}: {problem}'}"))
+        raise  # not reached: _refuse exits
+
+
+def _refuse(err: UserError) -> None:
+    from .errors import report
+
+    report(err)  # reported like every user mistake (lightning_cggr.errors)
+    sys.exit(err.exit_code)
+
+
 class RunFolderCallback(HydraCallback):
     """Hydra callback (``hydra.callbacks`` in ``conf/train.yaml``): before Hydra creates the run
-    folder or writes into it, record whether it exists and refuse a run or resume that must not
-    touch it (one line on stderr, exit 2, the folder unchanged)."""
+    folder or writes into it, record whether it exists and what it holds, and refuse a run or
+    resume that must not touch it (one line on stderr, exit 2, the folder unchanged).
+
+    A multirun gives no hook between a job's config and Hydra's writing of its ``.hydra/``: the
+    sweep folder is recorded at the sweep's start instead, each job's checks run in ``train()``,
+    and a job refused there has its folder put back as it was (:func:`discard_new_run_folder`)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        global NEW_RUN_FOLDER
+        global NEW_RUN_FOLDER, RUN_FOLDER, _NEW_TOP
+        _SWEEP.clear()  # (a multirun before, in the same process: tests)
+        folder = _folder_of(config, "hydra.run.dir")
+        _NEW_TOP = _first_missing(folder)
+        NEW_RUN_FOLDER = folder if _NEW_TOP is not None else None
+        RUN_FOLDER = folder
+        _remember(folder)
         try:
-            out, task = _cli_output_dir(config)
-        except Exception:  # a config mistake: main() reports it with its own message
-            return
-        NEW_RUN_FOLDER = None if Path(str(OmegaConf.select(config, "hydra.run.dir"))).exists() else out
-        try:
-            for key in ("hydra.run.dir", "output_dir"):
-                given = OmegaConf.select(config, key, throw_on_resolution_failure=False)
-                if isinstance(given, str) and given.startswith("~"):  # Hydra takes it as a folder named ~
-                    raise ConfigError(
-                        f"invalid configuration: {key}={given}: Hydra does not expand '~', so the run would "
-                        f"go into a folder named '~' under {Path.cwd()}; write the path out, e.g. "
-                        f"{key}=$HOME{given[1:]} (the shell expands $HOME)")
+            _check_home(config, ("hydra.run.dir", "output_dir"))
+            _check_writable(folder, "hydra.run.dir")
+            try:
+                out, task = _cli_output_dir(config)
+            except Exception:  # a config mistake: main() reports it with its own message
+                return
             plan_run(task, out)
-        except UserError as err:  # reported like every user mistake (lightning_cggr.errors)
-            from .errors import report
+        except UserError as err:
+            _refuse(err)
 
-            report(err)
-            sys.exit(err.exit_code)
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _SWEEP.clear()
+        try:
+            _check_home(config, ("hydra.sweep.dir", "output_dir"))
+        except UserError as err:
+            _refuse(err)
+        sweep = _folder_of(config, "hydra.sweep.dir")
+        try:
+            _check_writable(sweep, "hydra.sweep.dir")
+        except UserError as err:
+            _refuse(err)
+        existing = {sweep, *(p for p in sweep.rglob("*") if p.is_dir())} if sweep.is_dir() else set()
+        _SWEEP.update(dir=sweep, existing=existing)
+        _remember(sweep)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global NEW_RUN_FOLDER, RUN_FOLDER, _NEW_TOP
+        if not _SWEEP:  # a single run: on_run_start saw the folder before Hydra wrote into it
+            return
+        RUN_FOLDER = folder = Path(os.path.abspath(str(config.hydra.runtime.output_dir)))
+        NEW_RUN_FOLDER = _NEW_TOP = None if folder in _SWEEP["existing"] else folder
+
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        _SWEEP.clear()
+
+
+def in_multirun() -> bool:
+    """Whether this process runs a job of a Hydra multirun (``-m``)."""
+    return bool(_SWEEP)
 
 
 BOOKKEEPING = (".hydra", "model")
@@ -247,15 +381,19 @@ BOOKKEEPING = (".hydra", "model")
 
 
 def discard_new_run_folder() -> bool:
-    """Remove the run folder this process's Hydra run created if it holds nothing but bookkeeping
-    (``.hydra/``, ``model/``, log files, empty folders): a run that failed before it saved anything
-    leaves nothing behind. Returns whether it was removed."""
+    """Undo what Hydra wrote for a run that failed before it saved anything: remove the run folder
+    this process's Hydra run created if it holds nothing but bookkeeping (``.hydra/``, ``model/``,
+    log files, empty folders), with the empty folders created above it; in a folder that existed,
+    put back the ``.hydra/`` files and log files as they were. Returns whether a folder was removed."""
     folder = NEW_RUN_FOLDER
-    if folder is None or not folder.is_dir():
+    if folder is None:
+        if RUN_FOLDER is not None:
+            _restore(RUN_FOLDER)
+        return False
+    if not folder.is_dir():
         return False
     for path in folder.rglob("*"):
-        rel = path.relative_to(folder)
-        if path.is_dir() or rel.parts[0] in BOOKKEEPING or (len(rel.parts) == 1 and path.suffix == ".log"):
+        if path.is_dir() or _written_by_hydra(folder, path):
             continue
         return False  # a checkpoint, metrics, anything the run wrote: keep it
     import logging as _logging
@@ -264,4 +402,44 @@ def discard_new_run_folder() -> bool:
         if isinstance(handler, _logging.FileHandler) and Path(handler.baseFilename).parent == folder:
             handler.close()
     shutil.rmtree(folder, ignore_errors=True)
+    top = _NEW_TOP or folder
+    parent = folder.parent
+    while parent != top.parent and (parent == top or top in parent.parents):
+        try:
+            parent.rmdir()  # only while empty: another run's folder beside this one stays
+        except OSError:
+            break
+        parent = parent.parent
     return True
+
+
+def _written_by_hydra(folder: Path, path: Path, model: bool = True) -> bool:
+    """Whether ``path`` in run folder ``folder`` is bookkeeping: ``.hydra/``, a log file of the
+    folder itself, and (``model``) ``model/``."""
+    rel = path.relative_to(folder).parts
+    kept = BOOKKEEPING if model else BOOKKEEPING[:1]
+    return rel[0] in kept or (len(rel) == 1 and path.suffix == ".log")
+
+
+def _restore(folder: Path) -> None:
+    """Put ``folder``'s ``.hydra/`` files and log files back as :func:`_remember` found them (a file
+    Hydra added goes), unless the run wrote anything else there since (it trained: keep its record)."""
+    if not _REMEMBERED_AT or not folder.is_dir():
+        return
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    if any(not _written_by_hydra(folder, p) and p.stat().st_mtime > _REMEMBERED_AT[0] for p in files):
+        return
+    for path in files:
+        if not _written_by_hydra(folder, path, model=False):
+            continue
+        before = _BEFORE.get(path)
+        try:
+            if before is None:
+                path.unlink()
+            elif isinstance(before, bytes):
+                if path.read_bytes() != before:
+                    path.write_bytes(before)
+            elif path.stat().st_size > before:
+                os.truncate(path, before)
+        except OSError:  # best effort: the refusal itself is what the user must see
+            pass

@@ -44,7 +44,7 @@ from .perf import (
     static_shape_problem,
     uses_cuda_graphs,
 )
-from .signals import stopped_outside_training
+from .signals import exit_code, stopped_outside_training
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,14 @@ def check_loss_impl(impl: str, trainer: dict) -> None:
         ) from err
 
 
+def slurm_requeue_checkpoint(folder: Path) -> bool:
+    """Whether Lightning would load a SLURM requeue checkpoint (``hpc_ckpt_*.ckpt``) of ``folder``,
+    the run's ``default_root_dir``, into a Trainer call given none: under SLURM, when there is one."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return SLURMEnvironment.detect() and any(folder.glob("hpc_ckpt_*.ckpt"))
+
+
 def check_job_dir() -> None:
     """``hydra.job.chdir=true`` is refused: every relative path a run reads (``data.paths``, a local
     ``model.name``, ``ckpt_path``, ...) is taken from where the command starts, and the run writes
@@ -245,6 +253,20 @@ def check_job_dir() -> None:
             "invalid configuration: hydra.job.chdir=true: this job reads relative paths (data.paths, "
             "model.name, ckpt_path) from the folder it starts in and writes into its run folder anyway "
             "(hydra.run.dir); remove hydra.job.chdir")
+
+
+def save_resolved_config(cfg: DictConfig) -> None:
+    """Hydra writes the run's ``.hydra/config.yaml`` with its interpolations as typed
+    (``${oc.env:CORPUS}``, ``${hydra:runtime.output_dir}``); the run's record (what export copies,
+    what a folder without ``model/`` is rebuilt from) is the config the run used: the same file,
+    resolved, once the config has been checked."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or HydraConfig.get().output_subdir is None:
+        return
+    folder = Path(HydraConfig.get().runtime.output_dir) / str(HydraConfig.get().output_subdir)
+    if (folder / "config.yaml").is_file():
+        OmegaConf.save(cfg, folder / "config.yaml", resolve=True)
 
 
 def check_config(cfg: DictConfig):
@@ -517,7 +539,14 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
         raise ConfigError(f"invalid configuration: trainer: {' '.join(str(err).split())}") from err
     def validated(**kw) -> dict[str, float]:
         """What a validation returns (not the Trainer's callback_metrics, which may hold more: under
-        ddp_spawn Lightning merges the workers' into the main process's, fit's learning rates among them)."""
+        ddp_spawn Lightning merges the workers' into the main process's, fit's learning rates among them).
+
+        Of the module's weights as they are, also under SLURM: there Lightning's validate without a
+        checkpoint loads the newest ``hpc_ckpt_*.ckpt`` of the run folder (its requeue save, written
+        at a SIGUSR1 mid-run), which would report a stale model's loss; the run's own last.ckpt,
+        written at its last step, holds the weights in memory."""
+        if "ckpt_path" not in kw and slurm_requeue_checkpoint(out) and (ckpt_dir / "last.ckpt").exists():
+            kw["ckpt_path"] = str(ckpt_dir / "last.ckpt")
         return {k: float(v) for results in trainer.validate(module, datamodule=datamodule, **kw) for k, v in results.items()}
 
     initial = {}
@@ -529,6 +558,10 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
     elif plan.ckpt is not None:
         initial = dict(plan.initial or {})  # the run's own starting point, from its checkpoint
         say.info("resuming %s at step %d%s", plan.ckpt, plan.start_step, " in place" if plan.in_place else "")
+        if trainer_kw.get("max_time"):
+            say.info("trainer.max_time=%s counts the whole run's training time, this resume's included (Lightning "
+                     "keeps the time trained so far in the checkpoint): a run that stopped at it trains nothing more "
+                     "unless it is raised", trainer_kw["max_time"])
         max_steps = trainer_kw.get("max_steps", -1)
         if 0 <= max_steps <= plan.start_step:
             say.warning("the checkpoint is at step %d, and trainer.max_steps=%d is the whole run's length (not steps "
@@ -539,7 +572,15 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, float]:
         if plan.in_place:  # the run's own folder holds its checkpoints: that is what resuming in place is
             names = "|".join(re.escape(p) for p in {str(ckpt_dir), os.path.realpath(ckpt_dir)})
             warnings.filterwarnings("ignore", message=f"Checkpoint directory ({names}) exists and is not empty")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(plan.ckpt) if plan.ckpt else None)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(plan.ckpt) if plan.ckpt else None)
+        except SystemExit as err:  # Lightning ends a KeyboardInterrupt (a second Ctrl-C) with exit(1)
+            if err.code != 1 or not trainer.interrupted:
+                raise
+            saved = (f"saved {checkpoint.last_model_path} at step {checkpoint._last_global_step_saved}"
+                     if checkpoint.last_model_path else "nothing saved")
+            raise RunStopped(f"SIGINT received again: stopped at once at step {trainer.global_step}, {saved}; "
+                             "resume with ckpt_path=auto in the same run folder", exit_code(signal.SIGINT)) from None
     if in_fit_start:
         initial = {f"{k}_initial": float(v) for k, v in module.sanity_metrics.items()}
     # the last optimizer step's train/* values (validate below starts its own set of metrics)
@@ -566,12 +607,14 @@ def main(cfg: DictConfig) -> float | None:
     """The Hydra task: validate, print the resolved config, train; returns the final val/loss, the
     objective of Hydra sweepers (e.g. Optuna), to minimise. The command line enters through
     :func:`cli`, which presents mistakes as one line."""
-    with exit_on_user_error():  # inside the Hydra job, so that Hydra adds no report of its own
+    # inside the Hydra job, so that Hydra adds no report of its own (a multirun's job: see there)
+    with exit_on_user_error(sweep_job=rundir.in_multirun()):
         try:
             check_job_dir()
             check_config(cfg)  # a mistake: one line, no config dump
             if is_rank_zero():  # once, not once per rank
                 print(OmegaConf.to_yaml(cfg, resolve=True))
+                save_resolved_config(cfg)
             metrics = train(cfg)
         except UserError:
             rundir.discard_new_run_folder()  # a failed run leaves no empty run folder behind

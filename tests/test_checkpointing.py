@@ -68,8 +68,15 @@ def test_preflight_refuses_an_unwritable_folder_and_a_full_disk(tmp_path, monkey
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda p: usage(1 << 40, 0, 5 << 20))
-    with pytest.raises(UserError, match=r"has 5\.0 MiB free, but one checkpoint .* needs about 1\.0 GiB"):
+    with pytest.raises(UserError, match=r"has 5\.0 MiB free, but a checkpoint .* takes about 1\.0 GiB .* "
+                                         r"about 2\.0 GiB needed"):
         preflight(tmp_path / "ok", 1 << 30)
+    # an atomic save holds the old last.ckpt and the new one at once: room for one is not enough
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda p: usage(1 << 40, 0, 15 << 20))
+    with pytest.raises(UserError, match=r"about 20\.0 MiB needed"):
+        preflight(tmp_path / "ok", 10 << 20)
+    (tmp_path / "ok" / "last.ckpt").write_bytes(b"0" * (10 << 20))  # the resumed run's own: it counts
+    preflight(tmp_path / "ok", 10 << 20)
 
 
 def test_estimate_counts_weights_and_two_adamw_moments():

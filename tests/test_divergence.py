@@ -15,7 +15,7 @@ from test_resume import make_cfg, rows
 from lightning_cggr.callbacks import DIVERGED_EXIT_CODE, ResumableCheckpoint
 from lightning_cggr.config import CGGRConfig, LossConfig
 from lightning_cggr.data.resumable import ResumableLoader
-from lightning_cggr.errors import RunStopped
+from lightning_cggr.errors import RunStopped, UserError
 from lightning_cggr.module import CGGRModule
 from lightning_cggr.train import train
 
@@ -44,6 +44,13 @@ def test_a_too_large_learning_rate_stops_with_exit_3_and_a_finite_last_checkpoin
     logged = [v for metric in ("train/loss", "train/grad_norm") for _, v in rows(tmp_path / "run", metric)]
     assert not all(math.isfinite(v) for v in logged)  # it really diverged (loss or gradient norm logged as NaN/inf)
     assert "\n" not in message
+    # It advised "Lower optim.lr ..., then resume from that checkpoint", which a resume refuses (optim
+    # must match); it now names the ways that run (the export one: tests/test_resume.py's weights-only test).
+    assert "Start over with a lower optim.lr" in message
+    assert f"python -m lightning_cggr.export {ckpt} <folder>" in message
+    with pytest.raises(UserError, match=r"optim.lr=0.003 \(the checkpoint has 30"):
+        train(make_cfg(tmp_path, "run", "optim.lr=3e-3", "optim.warmup_steps=0", "checkpoint.every_n_steps=2",
+                       "trainer.log_every_n_steps=2", "callbacks=none", "ckpt_path=auto"))
 
 
 class PoisonAt(L.Callback):

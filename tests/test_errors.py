@@ -180,6 +180,14 @@ CASES = [
          "data.block_size=128 is longer than the model's 64 learned positions", builds_model=True),
     Case("group-given-a-value", ["cggr.router=3"], "cggr.router=3: must be a group of settings"),
     Case("bad-interpolation", ["seed=${{oops}}"], "seed: Interpolation key 'oops' not found"),
+    Case("bad-interpolation-in-the-run-folder", ["hydra.run.dir=${{oc.env:LIGHTNING_CGGR_NO_SUCH_VARIABLE}}"],
+         "hydra.run.dir: KeyError raised while resolving interpolation: \"Environment variable "
+         "'LIGHTNING_CGGR_NO_SUCH_VARIABLE' not found\"", env={"LIGHTNING_CGGR_NO_SUCH_VARIABLE": None}),
+    Case("a-run-folder-that-cannot-be-written", ["hydra.run.dir={tmp}/a-file/run"],
+         "hydra.run.dir={tmp}/a-file/run: cannot write into {tmp}/a-file", write("a-file", "not a folder")),
+    Case("experiment-settings-outside-the-global-package", ["+experiment.optim.lr=3"],
+         "experiment.*: the settings of +experiment=... landed under 'experiment.', where nothing reads them: an "
+         "option of the experiment group must begin with the line '# @package _global_'"),
     Case("corpus-smaller-than-a-block", ["data.source=files", "data.paths={tmp}/short.txt", "data.block_size=4096", *TINY],
          "the training split has", write("short.txt", PROSE)),  # found before the model is built
     Case("batch-larger-than-the-data", ["data.source=files", "data.paths={tmp}/short.txt", "data.block_size=16",

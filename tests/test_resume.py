@@ -72,6 +72,17 @@ def make_cfg(tmp_path: Path, out: str, *extra: str):
         return compose("train", overrides=overrides(tmp_path, out, *extra))
 
 
+def from_exported_cfg(tmp_path: Path, out: str, folder: Path, *extra: str):
+    """The run of :func:`make_cfg` on the same data, from the weights of an exported model folder
+    (``model.source=pretrained``: the folder brings its architecture and tokenizer)."""
+    own = ("model.hidden_size", "model.num_layers", "model.num_heads", "model.intermediate_size",
+           "model.max_position_embeddings", "data.vocab_size")
+    words = [w for w in overrides(tmp_path, out, "model.source=pretrained", f"model.name={folder}", *extra)
+             if not w.startswith(own)]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("train", overrides=words)
+
+
 class Interrupt(L.Callback):
     """Ctrl-C (KeyboardInterrupt) in the middle of the step after optimizer step ``at``: its batch
     was fetched and its forward ran, and it must be trained again after the resume."""
@@ -113,12 +124,16 @@ def restore_sigint():
     signal.signal(signal.SIGINT, handler)
 
 
-@pytest.mark.parametrize("adapters", [False, True], ids=["whole-model", "lora"])
-def test_twenty_steps_equal_ten_interrupt_resume_ten(tmp_path, restore_sigint, adapters):
+@pytest.mark.parametrize("variant", ["whole-model", "lora", "max-epochs"])
+def test_twenty_steps_equal_ten_interrupt_resume_ten(tmp_path, restore_sigint, variant):
     """With ``model.lora.r`` the checkpoint holds the frozen weights and the adapters, and AdamW's state
-    for the adapters only: the resumed run continues the same losses too."""
+    for the adapters only: the resumed run continues the same losses too. With ``trainer.max_epochs``
+    as well, Lightning builds the training loader before it restores the checkpoint (to count the
+    run's steps for the LR schedule) and then never gives it its saved position: the resume started
+    the interrupted epoch over, silently, until the module handed the position on itself."""
+    extra = {"whole-model": (), "lora": ("model.lora.r=4", "optim.lr=1e-2"), "max-epochs": ("+trainer.max_epochs=5",)}
     val = ("trainer.val_check_interval=5",  # validation timing must survive the mid-step checkpoint too
-           *(("model.lora.r=4", "optim.lr=1e-2") if adapters else ()))
+           *extra[variant])
     positions = Positions()
     train(make_cfg(tmp_path, "straight", *val), callbacks=[positions])
     straight = losses(tmp_path / "straight")
@@ -127,8 +142,10 @@ def test_twenty_steps_equal_ten_interrupt_resume_ten(tmp_path, restore_sigint, a
     assert len(epochs) >= 2, "the run should cross an epoch boundary"
 
     stop = Interrupt(at=10)
-    with pytest.raises(SystemExit):  # Lightning turns Ctrl-C into a graceful exit(1)
+    # Lightning turns Ctrl-C into exit(1); the run stops like a signal instead: 130, where it saved
+    with pytest.raises(RunStopped, match=r"^SIGINT received again: stopped at once at step 10, saved .*last.ckpt") as ended:
         train(make_cfg(tmp_path, "first", *val), callbacks=[stop])
+    assert ended.value.exit_code == 130
     ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
     assert ckpt.is_file(), "Ctrl-C must leave a usable last checkpoint"
     assert stop.where != (stop.where[0], 0), "the interruption should fall mid-epoch"
@@ -155,7 +172,7 @@ def test_resume_without_data_position_would_differ(tmp_path, restore_sigint, mon
 
     train(make_cfg(tmp_path, "straight"))
     stop = Interrupt(at=10)
-    with pytest.raises(SystemExit):
+    with pytest.raises(RunStopped):  # the interrupt (exit 130)
         train(make_cfg(tmp_path, "first"), callbacks=[stop])
     ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
 
@@ -184,7 +201,7 @@ def test_a_resume_on_changed_data_restarts_the_epoch_and_says_so(tmp_path, resto
     without a word. Either way it tokenizes with the checkpoint's own BPE (retrained on the edited
     corpus it had fewer tokens than the model's embedding, and the resume failed on its shape)."""
     stop = Interrupt(at=10)
-    with pytest.raises(SystemExit):
+    with pytest.raises(RunStopped):  # the interrupt (exit 130)
         train(make_cfg(tmp_path, "first"), callbacks=[stop])
     ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
 
@@ -218,7 +235,7 @@ def test_a_resume_may_read_the_same_data_from_a_new_folder(tmp_path, restore_sig
 
     train(make_cfg(tmp_path, "straight"))
     stop = Interrupt(at=10)
-    with pytest.raises(SystemExit):
+    with pytest.raises(RunStopped):  # the interrupt (exit 130)
         train(make_cfg(tmp_path, "first"), callbacks=[stop])
     ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
 
@@ -515,6 +532,34 @@ def test_a_checkpoint_older_than_a_setting_resumes_while_that_setting_is_at_its_
     assert config_differences(now, then) == ["loss.z_loss=0.0001 (the checkpoint has 0.001)"]
 
 
+def test_a_weights_only_checkpoint_is_refused_and_the_advice_trains_from_its_weights(tmp_path, monkeypatch):
+    """best.ckpt (and a periodic step_*.ckpt) holds weights only: given as ckpt_path it crashed inside
+    Lightning's restore with a KeyError traceback, after the crash save had written a last.ckpt
+    without optimizer state that a later ckpt_path=auto resumed from silently. It is refused at
+    once, and the way the message names (export, then train from the folder) works."""
+    from lightning_cggr import rundir
+    from lightning_cggr.errors import CheckpointError
+    from lightning_cggr.export import export
+
+    train(make_cfg(tmp_path, "first", "trainer.max_steps=10", "trainer.val_check_interval=5"))
+    best = tmp_path / "first" / "checkpoints" / "best.ckpt"
+    assert best.is_file()
+    with pytest.raises(CheckpointError, match=r"holds the model's weights only .* python -m lightning_cggr.export"):
+        train(make_cfg(tmp_path, "second", f"ckpt_path={best}"))
+    assert not (tmp_path / "second" / "checkpoints").exists()
+
+    export(best, tmp_path / "exported")
+    ends = train(from_exported_cfg(tmp_path, "third", tmp_path / "exported", "trainer.max_steps=2"))
+    assert math.isfinite(ends["val/loss"])
+
+    # and past the check (as before it), the failed restore saves nothing: no half-restored last.ckpt
+    real = rundir.read_checkpoint_meta
+    monkeypatch.setattr(rundir, "read_checkpoint_meta", lambda path: {**real(path), "resumable": True})
+    with pytest.raises(KeyError, match="only the model"):
+        train(make_cfg(tmp_path, "fourth", f"ckpt_path={best}"))
+    assert not (tmp_path / "fourth" / "checkpoints" / "last.ckpt").exists()
+
+
 def _cli(tmp_path: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
     run_dir = tmp_path / out
     return subprocess.run(
@@ -539,9 +584,57 @@ def test_cli_mismatched_resume_leaves_the_run_folder_byte_identical(tmp_path):
 
 
 def test_cli_run_failing_on_a_user_error_leaves_no_run_folder(tmp_path):
-    proc = _cli(tmp_path, "run", "data.paths=[/no/such/file.txt]")
+    """Nor the folders made above it (Hydra's default is outputs/<date>/<time>/: outputs/<date>/
+    stayed), nor one when the mistake is a value that cannot be resolved."""
+    proc = _cli(tmp_path, "runs/today/run", "data.paths=[/no/such/file.txt]")
     assert proc.returncode == 2 and "/no/such/file.txt does not exist" in proc.stderr
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "runs").exists()
+    proc = _cli(tmp_path, "runs/today/run", "data.paths=${oc.env:LIGHTNING_CGGR_NO_SUCH_VARIABLE}")
+    assert proc.returncode == 2 and "LIGHTNING_CGGR_NO_SUCH_VARIABLE" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_run_folder_records_the_resolved_config(tmp_path, monkeypatch):
+    """.hydra/config.yaml, which export copies and a folder without model/ is rebuilt from, held
+    the interpolations as typed (${oc.env:...}, ${hydra:runtime.output_dir}), not the values run."""
+    from omegaconf import OmegaConf
+
+    monkeypatch.setenv("LIGHTNING_CGGR_TEST_ATTENTION", "eager")
+    proc = _cli(tmp_path, "run", "model.attn_implementation=${oc.env:LIGHTNING_CGGR_TEST_ATTENTION}", "trainer.max_steps=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = (tmp_path / "run" / ".hydra" / "config.yaml").read_text()
+    assert "${" not in text
+    saved = OmegaConf.load(tmp_path / "run" / ".hydra" / "config.yaml")
+    assert saved.model.attn_implementation == "eager" and saved.output_dir == str(tmp_path / "run")
+
+
+def test_a_multirun_goes_on_past_a_failing_job_and_leaves_each_folder_as_it_was(tmp_path):
+    """One job's mistake ended the whole multirun (exit 2, the later jobs never ran), its folder
+    stayed behind, and a refused resume in a multirun rewrote the job's .hydra/ and train.log
+    (Hydra writes them before any hook of a job's can refuse it)."""
+    sweep = tmp_path / "sweep"
+
+    def multirun(*extra: str) -> subprocess.CompletedProcess:
+        words = [w for w in overrides(tmp_path, "unused", "trainer.max_steps=2", *extra) if not w.startswith("output_dir=")]
+        return subprocess.run([sys.executable, "-m", "lightning_cggr.train", "-m", f"hydra.sweep.dir={sweep}", *words],
+                              capture_output=True, text=True, timeout=300, cwd=REPO,
+                              env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+
+    proc = multirun("cggr.min_tokens_ratio=2.0,0.5")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("error: invalid configuration: cggr.min_tokens_ratio=2.0: must be in (0, 1]") == 2
+    assert "Traceback" not in proc.stderr
+    assert not (sweep / "0").exists()  # the failed job's folder: nothing but Hydra's bookkeeping, removed
+    assert (sweep / "1" / "checkpoints" / "last.ckpt").is_file()  # the next job ran
+
+    before = snapshot(sweep / "1")
+    proc = multirun("hydra.sweep.subdir=1", "cggr.min_tokens_ratio=0.3", "ckpt_path=auto")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "cggr.min_tokens_ratio=0.3 (the checkpoint has 0.5)" in proc.stderr
+    assert snapshot(sweep / "1") == before
+    proc = multirun("hydra.sweep.subdir=1", "cggr.min_tokens_ratio=0.5")  # ckpt_path=null: not over a run
+    assert proc.returncode == 2 and "start a new run in another folder (hydra.sweep.dir=...)" in proc.stderr
+    assert snapshot(sweep / "1") == before
 
 
 # ---- killed runs -------------------------------------------------------------------------------

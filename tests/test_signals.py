@@ -136,3 +136,32 @@ def test_sigterm_during_a_validation_outside_training_stops_at_once_with_143(tmp
     assert stopped.value.exit_code == 143
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
     assert signal.getsignal(signal.SIGTERM) == previous  # handlers restored
+
+
+class RequeueSaveAt(L.Callback):
+    """What Lightning's SLURM handler does at a SIGUSR1 (before SLURM requeues the job): save the
+    state as hpc_ckpt_1.ckpt in the Trainer's default_root_dir, the run folder."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.at:
+            from pathlib import Path
+
+            trainer.save_checkpoint(Path(trainer.default_root_dir) / "hpc_ckpt_1.ckpt")
+
+
+def test_under_slurm_the_final_validation_measures_the_trained_weights(tmp_path, monkeypatch):
+    """Under SLURM, Lightning's validate() without a checkpoint loads the run folder's newest requeue
+    save: after a SIGUSR1 at step 3 of 8 the run reported (and returned to a sweeper) step 3's loss
+    as its final val/loss. It must equal the same run's without SLURM."""
+    plain = train(make_cfg(tmp_path, "plain", "trainer.max_steps=8"))
+    slurm = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242",
+             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    ends = train(make_cfg(tmp_path, "slurm", "trainer.max_steps=8"), callbacks=[RequeueSaveAt(3)])
+    assert (tmp_path / "slurm" / "hpc_ckpt_1.ckpt").is_file()
+    assert ends["val/loss"] == pytest.approx(plain["val/loss"], rel=1e-6)
+    assert ends["val/loss_initial"] == pytest.approx(plain["val/loss_initial"], rel=1e-6)
