@@ -53,6 +53,8 @@ export LIGHTNING_CGGR_CACHE=${LIGHTNING_CGGR_CACHE:-$(mktemp -d)/cache}
 export TOKENIZERS_PARALLELISM=false
 
 if [ "${GPU_SUITE_DRY:-0}" = "1" ]; then
+  # GRAPHS: CUDA graphs need CUDA (the harness runs the job's checks, which refuse them elsewhere)
+  GRAPHS=true
   DEV=cpu; SHAPE=(data.batch_size=2 data.block_size=64 model.num_layers=4); LARGE=(data.batch_size=4 data.block_size=64 model.num_layers=4); S=(--steps 2 --warmup 1); SC=(--steps 1 --warmup 2); SCX=(perf.compile_backend=aot_eager)
   P=(--profile --profile-steps 1)
   FSDP=(trainer.strategy=fsdp2 trainer.devices=2 trainer.max_steps=4)
@@ -61,6 +63,7 @@ if [ "${GPU_SUITE_DRY:-0}" = "1" ]; then
   MID=(--steps 4 --seeds 0,1 --evals 2 --eval-batches 1 --calibrate-steps 1); MIDX=(model.num_layers=2 data.batch_size=4 data.block_size=64)
   Q=(--steps 4 --eval-every 2 --eval-batches 1); SW=(sweep.device=cpu sweep.batch_sizes=[2,4] sweep.steps=1 sweep.warmup=1 sweep.memory_budget_mib=8000 data.block_size=64 model.num_layers=4)
 else
+  GRAPHS=reduce-overhead
   DEV=cuda; SHAPE=(data.batch_size=8 data.block_size=2048); LARGE=(data.batch_size=32 data.block_size=2048); S=(--steps 15 --warmup 3); SC=(--steps 12 --warmup 4); SCX=()
   P=(--profile --profile-steps 3)
   FSDP=(trainer=gpu trainer.strategy=fsdp trainer.devices=1 trainer.max_steps=30 trainer.val_check_interval=30)
@@ -129,21 +132,21 @@ part large && step 150 experiments.throughput --device "$DEV" --preset smollm2_s
 #     the host's launch cost per block goes, the eager parts (loss, selection, optimizer) stay
 part graphs && step 150 experiments.throughput --device "$DEV" --preset smollm2_shape "${SC[@]}" --out "$RES" "${P[@]}" \
   --name throughput-smollm2_shape_cudagraphs --methods standard_fused,cggr_combined,random_token,cggr_sequence,cggr_sequence_stride4,random_sequence \
-  "${SHAPE[@]}" perf.compile=reduce-overhead "${SCX[@]}"
+  "${SHAPE[@]}" perf.compile=$GRAPHS "${SCX[@]}"
 # 1f'. the same CUDA-graph step with the decoder compiled whole (perf.compile_scope=decoder): one region per pass
 #     instead of 30; its profile (launches, host time per step) against 1f's
 part graphs_decoder && step 200 experiments.throughput --device "$DEV" --preset smollm2_shape "${SC[@]}" --out "$RES" "${P[@]}" \
   --name throughput-smollm2_shape_cudagraphs_decoder --methods standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence \
-  "${SHAPE[@]}" perf.compile=reduce-overhead perf.compile_scope=decoder "${SCX[@]}"
+  "${SHAPE[@]}" perf.compile=$GRAPHS perf.compile_scope=decoder "${SCX[@]}"
 # 1f''. issue 16's targets with every host-overhead lever on at once (CUDA graphs, the decoder one region, the
 #      routing decision compiled, sequence routing scoring every 4th token): standard's MFU and the routed step
 #      rates at 8 x 2048 (the targets' shape) and at 32 x 2048
 part targets && step 240 experiments.throughput --device "$DEV" --preset smollm2_shape "${SC[@]}" --out "$RES" "${P[@]}" \
   --name throughput-smollm2_shape_all_levers --methods standard_fused,cggr_combined,cggr_sequence_stride4,random_sequence \
-  "${SHAPE[@]}" perf.compile=reduce-overhead perf.compile_scope=decoder perf.compile_routing=true "${SCX[@]}"
+  "${SHAPE[@]}" perf.compile=$GRAPHS perf.compile_scope=decoder perf.compile_routing=true "${SCX[@]}"
 part targets && step 200 experiments.throughput --device "$DEV" --preset smollm2_shape "${SC[@]}" --out "$RES" \
   --name throughput-smollm2_shape_all_levers_b32 --methods standard_fused,cggr_combined,cggr_sequence_stride4,random_sequence \
-  "${LARGE[@]}" perf.compile=reduce-overhead perf.compile_scope=decoder perf.compile_routing=true "${SCX[@]}"
+  "${LARGE[@]}" perf.compile=$GRAPHS perf.compile_scope=decoder perf.compile_routing=true "${SCX[@]}"
 # 1f'''. perf.activation_checkpointing: the largest batch within the 12 GiB budget at block 2048 (part sweep's grid,
 #       fewer methods) and the step rate it costs there
 part checkpointing && step 240 experiments.sweep --out "$RES" --deadline-s 210 sweep=gpu_smollm2_shape \
