@@ -639,6 +639,11 @@ def cli() -> None:
     if "--version" in sys.argv[1:]:  # Hydra's own --version names Hydra's version alone
         print(version_line())
         return
+    if sys.argv[0].endswith(".py") and any(a in ("--hydra-help", "-sc", "--shell-completion")
+                                           or a.startswith("--shell-completion=") for a in sys.argv[1:]):
+        # Hydra's shell completion calls the command again as `python <file>` or by name: a package
+        # module run as a file cannot import, so name the console script (what completion works with)
+        sys.argv[0] = "lightning-cggr-train"
     run_hydra(main, CONF_DIR, RESERVED_TRAINER_KEYS)
 
 

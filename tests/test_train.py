@@ -529,3 +529,19 @@ def test_the_command_releases_its_process_groups_before_it_exits(monkeypatch, tm
     if left:  # not into the next test
         dist.destroy_process_group()
     assert not left
+
+
+def test_hydra_help_names_a_shell_completion_command_that_runs(monkeypatch, capsys):
+    """`python -m lightning_cggr.train --hydra-help` showed Hydra's completion line for
+    `python .../lightning_cggr/train.py`, which fails (a package module cannot run as a file); the
+    console script is what Hydra's completion can call again."""
+    from lightning_cggr.train import cli
+
+    monkeypatch.setattr(sys, "argv", [str(Path(CONF_DIR).parent / "train.py"), "--hydra-help"])
+    try:
+        cli()
+    except SystemExit as ended:
+        assert ended.code in (0, None)
+    out = capsys.readouterr().out
+    assert 'eval "$(lightning-cggr-train -sc install=bash)"' in out
+    assert "train.py -sc" not in out
