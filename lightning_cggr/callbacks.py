@@ -44,7 +44,7 @@ from .checkpointing import remove_stale_temporaries
 from .errors import DIVERGED_EXIT_CODE, RunStopped
 from .flops import flop_count, forward_flops, step_flops
 from .module import logging_step
-from .signals import StopRequest, exit_code
+from .signals import StopRequest, exit_code, stopped_outside_training
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class ResumableCheckpoint(ModelCheckpoint):
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._training = False  # set at on_train_start: before it the state is not (fully) restored
-        if stage == "fit":
+        if stage in ("fit", "validate"):  # (validate: the ranks agree on a signal there too)
             self.stop.connect()
             if trainer.is_global_zero and self.dirpath:
                 remove_stale_temporaries(self.dirpath)
@@ -254,12 +254,30 @@ class ResumableCheckpoint(ModelCheckpoint):
         from lightning.pytorch.trainer.states import TrainerFn
 
         if trainer.state.fn != TrainerFn.FITTING:  # trainer.validate(): nothing to save, stop at once
-            self.stop.install(immediate=True)  # (Lightning's own SIGTERM handler broadcasts: DDP hangs)
+            # (Lightning's own SIGTERM handler broadcasts: DDP hangs.) Across ranks, at the next batch
+            # end, all together: one rank stopping alone leaves the others in a collective it never joins.
+            self.stop.install(immediate=trainer.world_size == 1)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        if trainer.state.fn != TrainerFn.FITTING and trainer.world_size > 1:
+            self._stop_if_agreed()
+
+    def _stop_if_agreed(self) -> None:
+        """Every rank, at the same point of a validation outside fit: stop together on a signal any
+        rank received (one host integer all-reduced; the ranks run as many validation batches)."""
+        signum, _ = self.stop.agreed()
+        if signum:
+            self.stop.restore()
+            raise stopped_outside_training(signum)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         from lightning.pytorch.trainer.states import TrainerFn
 
         if trainer.state.fn != TrainerFn.FITTING:
+            if trainer.world_size > 1:
+                self._stop_if_agreed()
             self.stop.restore()
         elif self._fitting(trainer) and trainer.global_step > 0:
             if self._boundary:

@@ -83,6 +83,8 @@ class StopRequest:
     def connect(self) -> None:
         """Call on every rank after the process group exists (e.g. a callback's ``setup``): a CPU
         group for the agreement, the default one where it is gloo already."""
+        if self._world > 1:  # connected already (validate, then fit)
+            return
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             self._world = dist.get_world_size()
             self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")

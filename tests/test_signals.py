@@ -165,3 +165,36 @@ def test_under_slurm_the_final_validation_measures_the_trained_weights(tmp_path,
     assert (tmp_path / "slurm" / "hpc_ckpt_1.ckpt").is_file()
     assert ends["val/loss"] == pytest.approx(plain["val/loss"], rel=1e-6)
     assert ends["val/loss_initial"] == pytest.approx(plain["val/loss_initial"], rel=1e-6)
+
+
+class TermRankOneDuringFirstValidation(L.Callback):
+    """SIGTERM to rank 1 alone, in the validation before fit (a scheduler signals the process group;
+    a user's `kill <pid>` reaches one process)."""
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if trainer.global_rank == 1 and trainer.global_step == 0 and batch_idx == 1 and not trainer.training:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_to_one_ddp_rank_during_a_validation_outside_training_stops_both_with_143(tmp_path):
+    """Outside fit a signal stopped the rank that got it at once; the other waited in the validation's
+    next collective and failed on the closed connection (a traceback, exit 1). The ranks now agree at
+    each validation batch's end and stop together: one line, 143, nothing saved, no folder error."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lightning_cggr.train", f"hydra.run.dir={run}",
+         *overrides(tmp_path, "run", "trainer=ddp", "trainer.devices=2", "trainer.max_steps=4", "callbacks=none",
+                    "data.val_fraction=0.5", "+callbacks.term._target_=test_signals.TermRankOneDuringFirstValidation")],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO / "tests"), "HYDRA_FULL_ERROR": "0"},
+        start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"the ranks did not stop together (hung):\n{out[-3000:]}")
+    assert proc.returncode == 143, out[-3000:]
+    assert "stopped: SIGTERM received outside training: stopped, nothing to save" in out
+    assert "Traceback" not in out and "Connection closed" not in out, out[-3000:]
+    assert not (run / "checkpoints" / "last.ckpt").exists()
