@@ -65,6 +65,9 @@ def load_sweep(args_overrides: list[str]):
     s.setdefault("extra_overrides", [])
     if problems := sweep_problems(s):
         raise SystemExit(f"error: experiments/presets/sweep/{name}.yaml: " + "; ".join(problems))
+    if given := [o for o in rest if o.lstrip("+~").startswith("data.batch_size")]:
+        raise SystemExit(f"error: {given[0]}: each point of the grid sets data.batch_size from sweep.batch_sizes; "
+                         "give the sizes there, e.g. 'sweep.batch_sizes=[8]'")
     s["sweep_file"] = f"experiments/presets/sweep/{name}.yaml"
     return s, rest
 

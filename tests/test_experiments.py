@@ -188,6 +188,9 @@ def test_load_sweep_rejects_unknown_keys_and_applies_dot_overrides():
         load_sweep(["sweep=cpu_tiny", "sweep.bogus=1"])
     with pytest.raises(SystemExit, match="available"):
         load_sweep(["sweep=does_not_exist"])
+    # the grid sets the batch size of every point: one given beside it was replaced without a word
+    with pytest.raises(SystemExit, match=r"data.batch_size=8: each point of the grid sets data.batch_size"):
+        load_sweep(["sweep=cpu_tiny", "data.batch_size=8"])
 
 
 # ---- out of memory is "does not fit", never a crash ----------------------------------------------
