@@ -212,12 +212,11 @@ def plan_run(cfg: Mapping[str, Any], out: Path) -> RunPlan:
 
 # ---- the command line: before Hydra touches the folder ---------------------------------------
 
-NEW_RUN_FOLDER: Path | None = None
-"""The run folder this process's Hydra run created (None: it existed before, or no Hydra run)."""
-_NEW_TOP: Path | None = None
-"""The highest folder created for it (``outputs/<date>/`` above ``outputs/<date>/<time>/``)."""
 RUN_FOLDER: Path | None = None
-"""The run folder of this process's Hydra run (or multirun job), new or not."""
+"""The run folder of this process's Hydra run (or multirun job), new or not (None: no Hydra run)."""
+_NEW_TOP: Path | None = None
+"""The highest folder this run creates on the way to it (``outputs/<date>/`` above
+``outputs/<date>/<time>/``, or the run folder itself); None where the run folder existed before."""
 _BEFORE: dict[Path, bytes | int] = {}
 """What the folders held before Hydra wrote into them: the bytes of each file under a ``.hydra/``
 and the size of each log file (a refused run puts them back: :func:`discard_new_run_folder`)."""
@@ -326,12 +325,10 @@ class RunFolderCallback(HydraCallback):
     and a job refused there has its folder put back as it was (:func:`discard_new_run_folder`)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        global NEW_RUN_FOLDER, RUN_FOLDER, _NEW_TOP
+        global RUN_FOLDER, _NEW_TOP
         _SWEEP.clear()  # (a multirun before, in the same process: tests)
-        folder = _folder_of(config, "hydra.run.dir")
+        RUN_FOLDER = folder = _folder_of(config, "hydra.run.dir")
         _NEW_TOP = _first_missing(folder)
-        NEW_RUN_FOLDER = folder if _NEW_TOP is not None else None
-        RUN_FOLDER = folder
         _remember(folder)
         try:
             _check_home(config, ("hydra.run.dir", "output_dir"))
@@ -348,10 +345,7 @@ class RunFolderCallback(HydraCallback):
         _SWEEP.clear()
         try:
             _check_home(config, ("hydra.sweep.dir", "output_dir"))
-        except UserError as err:
-            _refuse(err)
-        sweep = _folder_of(config, "hydra.sweep.dir")
-        try:
+            sweep = _folder_of(config, "hydra.sweep.dir")
             _check_writable(sweep, "hydra.sweep.dir")
         except UserError as err:
             _refuse(err)
@@ -360,11 +354,11 @@ class RunFolderCallback(HydraCallback):
         _remember(sweep)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        global NEW_RUN_FOLDER, RUN_FOLDER, _NEW_TOP
+        global RUN_FOLDER, _NEW_TOP
         if not _SWEEP:  # a single run: on_run_start saw the folder before Hydra wrote into it
             return
         RUN_FOLDER = folder = Path(os.path.abspath(str(config.hydra.runtime.output_dir)))
-        NEW_RUN_FOLDER = _NEW_TOP = None if folder in _SWEEP["existing"] else folder
+        _NEW_TOP = None if folder in _SWEEP["existing"] else folder
 
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -385,12 +379,11 @@ def discard_new_run_folder() -> bool:
     this process's Hydra run created if it holds nothing but bookkeeping (``.hydra/``, ``model/``,
     log files, empty folders), with the empty folders created above it; in a folder that existed,
     put back the ``.hydra/`` files and log files as they were. Returns whether a folder was removed."""
-    folder = NEW_RUN_FOLDER
-    if folder is None:
-        if RUN_FOLDER is not None:
-            _restore(RUN_FOLDER)
+    folder = RUN_FOLDER
+    if folder is None or not folder.is_dir():
         return False
-    if not folder.is_dir():
+    if _NEW_TOP is None:  # the folder was there before
+        _restore(folder)
         return False
     for path in folder.rglob("*"):
         if path.is_dir() or _written_by_hydra(folder, path):
@@ -402,9 +395,8 @@ def discard_new_run_folder() -> bool:
         if isinstance(handler, _logging.FileHandler) and Path(handler.baseFilename).parent == folder:
             handler.close()
     shutil.rmtree(folder, ignore_errors=True)
-    top = _NEW_TOP or folder
     parent = folder.parent
-    while parent != top.parent and (parent == top or top in parent.parents):
+    while parent == _NEW_TOP or _NEW_TOP in parent.parents:
         try:
             parent.rmdir()  # only while empty: another run's folder beside this one stays
         except OSError:
