@@ -429,7 +429,8 @@ def step_flops(shape: FlopShape, cggr, batch: int, seq: int, *, loss_impl: str =
     ``head`` (LM head + loss forward + backward) and ``total``. ``routed=False``: a warm-up step.
 
     Ratios: the constant ``min_tokens_ratio``; a dynamic schedule's static capacity (its max) for
-    the head rows and kept sequences; a curriculum's final ratio. A reference model
+    the head rows and kept sequences; a curriculum's final ratio; every row for InfoBatch (it keeps a
+    random subset of any size, so it runs at full capacity and saves no compute). A reference model
     (scoring=excess_loss) is not counted."""
     B, T = batch, seq
     on = cggr.enabled and routed
@@ -439,6 +440,8 @@ def step_flops(shape: FlopShape, cggr, batch: int, seq: int, *, loss_impl: str =
         return {"router": 0.0, "body": body, "head": head, "total": body + head}
     sel = cggr.selection
     ratio = cggr.ratio_schedule.max if cggr.ratio_schedule.kind == "dynamic" else cggr.min_tokens_ratio
+    if sel.strategy == "infobatch":
+        ratio = 1.0  # any subset may survive its draw: the static capacity is every row
     router = 0.0
     if cggr.scoring != "random" and cggr.router.source == "truncated":
         stride = cggr.router.score_stride  # statistics of every stride-th trainable token (sequence unit)

@@ -215,6 +215,10 @@ CASES = {
     "random_token": CGGRConfig(warmup_steps=0, scoring="random"),
     "sequence": CGGRConfig(warmup_steps=0, router=RouterConfig(num_layers=1), selection=SelectionConfig(unit="sequence")),
     "random_sequence": CGGRConfig(warmup_steps=0, scoring="random", selection=SelectionConfig(unit="sequence")),
+    "infobatch_token": CGGRConfig(warmup_steps=0, scoring="loss", router=RouterConfig(num_layers=1),
+                                  selection=SelectionConfig(strategy="infobatch", anneal_fraction=0)),
+    "infobatch_sequence": CGGRConfig(warmup_steps=0, scoring="loss", router=RouterConfig(num_layers=1),
+                                     selection=SelectionConfig(unit="sequence", strategy="infobatch", anneal_fraction=0)),
     "sequence_stride": CGGRConfig(warmup_steps=0, router=RouterConfig(num_layers=1, score_stride=3),
                                   selection=SelectionConfig(unit="sequence")),
 }
