@@ -14,6 +14,7 @@ import argparse
 import json
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 from experiments import methods as methods_mod
@@ -301,8 +302,9 @@ def render(results: list[dict], folder: Path) -> str:
         r["_path"].with_suffix(".md").write_text(table + "\n")  # the per-experiment table, same text
         lines += [f"## {r['experiment']} — {env['device_tag']}", "", f"Command: `{cmd}`  ",
                   f"Commit {str(env.get('git_commit'))[:10]}{' (+ uncommitted changes)' if env.get('git_tree_dirty') else ''}; "
-                  f"versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v) + ".", "",
-                  table, ""]
+                  f"versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v) + ".", ""]
+        lines += [f"Corrected after the run: {c}" for c in r.get("corrections") or ()] + ([""] if r.get("corrections") else [])
+        lines += [table, ""]
         png = r["_path"].with_suffix(".png")
         if png.exists():
             lines += [f"![{r['experiment']}]({png.name})", ""]
@@ -402,12 +404,24 @@ def readme_block(results: list[dict]) -> str:
 
 
 def shapes_line(results: list[dict]) -> str:
-    """Per shape name, read from the results themselves: model, throughput and quality shapes."""
+    """Per shape name (and device, where a name ran elsewhere than the CPU: the GPU runs of a name
+    may use another tokenizer or size), read from the results themselves: model, throughput and
+    quality shapes, and the kept ratio and router depth (beside each shape where they differ)."""
     by_shape: dict[str, dict[str, dict]] = {}
     for r in results:
-        by_shape.setdefault(r["experiment"].split("-", 1)[-1], {})[r["kind"]] = r
+        name, tag = r["experiment"].split("-", 1)[-1], (r.get("environment") or {}).get("device_tag", "cpu")
+        by_shape.setdefault(name if tag == "cpu" else f"{name} ({tag})", {})[r["kind"]] = r
+
+    def routing(rs) -> tuple:
+        return tuple(sorted({(r["shape"]["min_tokens_ratio"], r["shape"]["router_layers"]) for r in rs}))
+
+    def said(pairs) -> list[str]:
+        return [f"kept ratio {a}, {b}-layer router" for a, b in pairs]
+
+    counts = Counter(routing(kinds.values()) for kinds in by_shape.values())
+    usual = max(counts, key=lambda k: (counts[k], k)) if counts else ()
     parts = []
-    for name, kinds in sorted(by_shape.items(), key=lambda kv: (kv[0] != "tiny", kv[0])):
+    for name, kinds in sorted(by_shape.items(), key=lambda kv: (not kv[0].startswith("tiny"), kv[0])):
         first = next(iter(kinds.values()))["shape"]
         model = first["model"] + (" (random init)" if first["model_source"] == "random" else f" ({first['model_source']})")
         bits = [model]
@@ -419,10 +433,11 @@ def shapes_line(results: list[dict]) -> str:
             seeds = len(q["settings"]["seeds"])
             bits.append(f"quality {q['shape']['batch_size']}x{q['shape']['block_size']}, "
                         f"{seeds} seed{'s' if seeds != 1 else ''}, {q['settings']['steps']} steps")
+        if routing(kinds.values()) != usual:
+            bits += said(routing(kinds.values()))
         parts.append(f"{name} = " + ", ".join(bits))
-    ratios = sorted({(r["shape"]["min_tokens_ratio"], r["shape"]["router_layers"]) for r in results})
-    tail = "; ".join(f"kept ratio {a}, {b}-layer router" for a, b in ratios)
-    return "; ".join(parts) + (f"; {tail}" if tail else "")
+    tail = "; ".join(said(usual)) + (" (where not said)" if len(counts) > 1 else "")
+    return "; ".join(parts) + (f"; {tail}" if usual else "")
 
 
 def _replace_between(text: str, start: str, end: str, body: str) -> str | None:

@@ -4,6 +4,7 @@ Nothing here is timed and no number measured on this machine is asserted: the ex
 enough to work out by hand (see the comments).
 """
 
+import json
 import math
 import os
 import re
@@ -276,14 +277,24 @@ def test_report_on_another_results_folder_leaves_the_readme_alone(tmp_path, monk
 def test_readme_shapes_line_is_read_from_the_results():
     from experiments.report import shapes_line
 
-    def result(experiment, kind, batch, seeds=None, steps=None):
-        shape = {"model": "llama h8 L2", "model_source": "random", "batch_size": batch, "block_size": 64,
-                 "min_tokens_ratio": 0.5, "router_layers": 1}
-        return {"experiment": experiment, "kind": kind, "shape": shape, "settings": {"seeds": seeds, "steps": steps}}
+    def result(experiment, kind, batch, seeds=None, steps=None, tag="cpu", model="llama h8 L2", router=1):
+        shape = {"model": model, "model_source": "random", "batch_size": batch, "block_size": 64,
+                 "min_tokens_ratio": 0.5, "router_layers": router}
+        return {"experiment": experiment, "kind": kind, "shape": shape, "environment": {"device_tag": tag},
+                "settings": {"seeds": seeds, "steps": steps}}
 
     line = shapes_line([result("throughput-mini", "throughput", 16), result("quality-mini", "quality", 4, [0, 5], 30)])
     assert line == ("mini = llama h8 L2 (random init), 16x64 tokens, quality 4x64, 2 seeds, 30 steps; "
                     "kept ratio 0.5, 1-layer router")
+    # the same name on a GPU (another vocabulary there) is its own entry; a router depth other than
+    # the usual one is said beside its shape
+    line = shapes_line([result("throughput-mini", "throughput", 16),
+                        result("throughput-mini", "throughput", 8, tag="h200", model="llama h8 L2 V99"),
+                        result("quality-deep", "quality", 4, [0], 30, router=2)])
+    assert line == ("deep = llama h8 L2 (random init), quality 4x64, 1 seed, 30 steps, kept ratio 0.5, 2-layer router; "
+                    "mini = llama h8 L2 (random init), 16x64 tokens; "
+                    "mini (h200) = llama h8 L2 V99 (random init), 8x64 tokens; "
+                    "kept ratio 0.5, 1-layer router (where not said)")
 
 
 def test_readme_table_pivots_methods_by_shape_from_hand_made_results():
@@ -326,6 +337,20 @@ def test_hand_written_notes_are_included_once(tmp_path, monkeypatch):
     text = (tmp_path / "RESULTS.md").read_text()
     assert text.count("## What changed\n\nA sentence.") == 1
     assert report.NOTES_FILE not in text  # not listed among the other result files
+
+
+def test_a_correction_made_after_the_run_is_printed_above_its_table(tmp_path, monkeypatch):
+    """A derived figure recomputed after the run (the JSON's "corrections") is said where the table is read."""
+    from experiments import report
+
+    p = json.loads((rio.RESULTS_DIR / "throughput-tiny-cpu.json").read_text())
+    p["corrections"] = ["2026-01-01: a figure recomputed"]
+    (tmp_path / "throughput-tiny-cpu.json").write_text(json.dumps(p))
+    monkeypatch.setattr(report, "make_plots", lambda results: None)
+    assert report.main(["--results", str(tmp_path)]) == 0
+    text = (tmp_path / "RESULTS.md").read_text()
+    said = text.index("Corrected after the run: 2026-01-01: a figure recomputed")
+    assert text.count("Corrected after the run:") == 1 and said < text.index("| method | kind |")
 
 
 # ---- the loss benchmark's variants and its GEMM bound -------------------------------------------
