@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 
 from experiments import methods as methods_mod
@@ -36,6 +37,58 @@ def _ttt(t: dict | None) -> str | None:
         return f"not reached (0/{t['n']})"
     spread = f" ± {t['ratio_std']:.2f}" if t.get("ratio_std") is not None else ""
     return f"{t['ratio_mean']:.2f}x{spread} ({t['reached']}/{t['n']})"
+
+
+SCHEDULE_DONE_AT_LEAST = 0.9
+"""A method whose LR schedule is less done than this at W (the baseline's time) in some seed is read at
+equal time at a learning rate above its schedule's floor: the report says so beside its numbers."""
+
+
+def schedule_done_at_budget(p: dict) -> dict[str, dict]:
+    """Per method but the baseline, over seeds: the optimizer steps finished within the seed's budget W
+    (its step times summed in order) against the schedule's length (each run's own, for a merged result),
+    and the learning-rate factor (of the peak) the schedule had reached there."""
+    from lightning_cggr.config import OptimConfig
+    from lightning_cggr.step import lr_factor
+
+    raw = p.get("raw") or {}
+    runs = raw.get("runs") or [{"seeds": None, "schedule_steps": raw.get("schedule_steps") or {}}]
+    out: dict[str, dict] = {}
+    for run in runs:
+        seeds = None if run["seeds"] is None else {str(x) for x in run["seeds"]}
+        for m, plan in (run.get("schedule_steps") or {}).items():
+            if m == BASELINE or not isinstance(plan, int) or plan < 1:
+                continue
+            optim = OptimConfig(**(p["methods"].get(m, {}).get("config") or {}).get("optim", {}))
+            for seed, per in (raw.get("step_times_s") or {}).items():
+                w = (raw.get("wall_budget_s") or {}).get(seed)
+                if (seeds is not None and str(seed) not in seeds) or w is None or not per.get(m):
+                    continue
+                done, t = 0, 0.0
+                for x in per[m]:
+                    if t + x > w:
+                        break
+                    t, done = t + x, done + 1
+                r = out.setdefault(m, {"done": [], "plan": [], "lr_factor": [], "floor": optim.min_lr_ratio})
+                r["done"].append(done)
+                r["plan"].append(plan)
+                r["lr_factor"].append(lr_factor(done, optim, plan))
+    for r in out.values():
+        r["fraction_min"] = min(d / n for d, n in zip(r["done"], r["plan"]))
+    return out
+
+
+def unfinished_schedules(p: dict) -> list[str]:
+    """The methods whose schedule was under :data:`SCHEDULE_DONE_AT_LEAST` done at W in some seed."""
+    out = []
+    for m, r in schedule_done_at_budget(p).items():
+        if r["fraction_min"] >= SCHEDULE_DONE_AT_LEAST:
+            continue
+        done, plan = min(zip(r["done"], r["plan"]), key=lambda dp: dp[0] / dp[1])
+        out.append(f"{p['methods'][m]['label']}: {done} of {plan} steps in its worst seed "
+                   f"({math.floor(100 * done / plan)}%), LR up to {max(r['lr_factor']):.2f}x the peak at W "
+                   f"(floor {r['floor']:g}x)")
+    return out
 
 
 def markdown(p: dict) -> str:
@@ -79,7 +132,9 @@ def markdown(p: dict) -> str:
     )
     if p["raw"].get("runs"):
         head += (f"\nPooled from {len(p['raw']['runs'])} runs of this plan (`python -m experiments.quality_merge`), "
-                 + "; ".join(f"seeds {r['seeds']} on {r['date_utc']}" for r in p["raw"]["runs"])
+                 + "; ".join(f"seeds {r['seeds']} on {r['date_utc']}"
+                             + (f" (commit {str(r['git_commit'])[:10]})" if r.get("git_commit") else "")
+                             for r in p["raw"]["runs"])
                  + ": every seed is paired with its own run's standard baseline; each run calibrated its own "
                    "LR schedules.\n")
     spikes = []
@@ -104,6 +159,12 @@ def markdown(p: dict) -> str:
                              f"{stats.median(ts):.3f} s")
     if drift:
         head += ("\n**Calibration drift** (> 15%: that schedule ends away from W): " + "; ".join(drift) + "\n")
+    unfinished = unfinished_schedules(p)
+    if unfinished:
+        head += (f"\n**Schedules unfinished at W** (under {100 * SCHEDULE_DONE_AT_LEAST:.0f}% of their steps done in "
+                 "the baseline's time: the calibration put their step time, against the baseline's, too low; their "
+                 "equal-time loss is read before their learning rate decayed, which the protocol means to avoid): "
+                 + "; ".join(unfinished) + "\n")
     fails = [f"{p['methods'][m]['label']} (seed {seed}): {err[:200]}"
              for seed, fs in (p["raw"].get("failed") or {}).items() for m, err in fs.items()]
     tail = ("\n\nFAILED during training (its numbers stop there): " + "; ".join(fails)) if fails else ""

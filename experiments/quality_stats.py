@@ -160,7 +160,7 @@ def describe_paired(p: Mapping[str, Any], what: str = "loss") -> str:
     text += f", {p['ties']} tied)" if p["ties"] else ")"
     parts = []
     if p["p_t"] is not None:
-        parts.append(f"paired t p={p['p_t']:.3f}")
+        parts.append("paired t p<0.001" if p["p_t"] < 0.0005 else f"paired t p={p['p_t']:.3f}")
     if p["p_sign"] is not None:
         floor = sign_test_p(n, 0)
         parts.append(f"sign test p={p['p_sign']:.3f}" + (f" (its floor at n={n} is {floor:.3f})" if floor > 0.05 else ""))

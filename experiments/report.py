@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from collections import Counter
@@ -145,11 +146,29 @@ def verdict_rows(p: dict) -> list[dict]:
     return sorted(rows, key=lambda x: order.index(x["method"]))
 
 
+def _p(value: float) -> str:
+    """A p-value to two decimals; below 0.01 said as such (not 'p=0.00')."""
+    return "p<0.01" if value < 0.005 else f"p={value:.2f}"
+
+
+def _unfinished_note(p: dict, m: str) -> str:
+    """A clause for a method whose LR schedule was not done at W (see quality_report)."""
+    from experiments.quality_report import SCHEDULE_DONE_AT_LEAST, schedule_done_at_budget
+
+    r = schedule_done_at_budget(p).get(m)
+    if not r or r["fraction_min"] >= SCHEDULE_DONE_AT_LEAST:
+        return ""
+    return (f"; its LR schedule was only {math.floor(100 * r['fraction_min'])}% done at standard's time in its worst "
+            "seed, so its equal-time loss is read before the decay ended")
+
+
 def _controls_ahead(p: dict) -> str:
     """A sentence on the random controls that ended below standard at equal time in every seed: not a
-    selection rule, but a measured fact a user should see next to "none"."""
+    selection rule, but a measured fact a user should see next to "none". Why, from the numbers: more
+    steps in the same time (fewer rows per step), or a lower loss already at equal steps."""
     s, meta = p["summary"], p["methods"]
-    found = []
+    base_steps = ((s.get(methods_mod.BASELINE) or {}).get("steps_at_equal_time") or {}).get("mean")
+    found, faster, per_step = [], [], []
     for m, r in s.items():
         pv = r.get("paired_vs_baseline_time") or {}
         if meta[m]["kind"] != "control" or not pv.get("n") or pv.get("wins") != pv["n"] or pv["mean"] >= 0:
@@ -157,12 +176,28 @@ def _controls_ahead(p: dict) -> str:
         t = r.get("time_to_target") or {}
         reach = (f", standard's final loss at {t['ratio_mean']:.2f}x its time ({t['reached']}/{t['n']} seeds)"
                  if t.get("reached") else "")
-        found.append(f"{meta[m]['label']} ({pv['mean']:+.3f} at equal time, {pv['wins']}/{pv['n']} seeds lower{reach})")
+        p_t = f", t-test {_p(pv['p_t'])}" if pv.get("p_t") is not None else ""
+        found.append(f"{meta[m]['label']} ({pv['mean']:+.3f} at equal time, {pv['wins']}/{pv['n']} seeds lower"
+                     f"{p_t}{reach}{_unfinished_note(p, m)})")
+        steps = (r.get("steps_at_equal_time") or {}).get("mean")
+        if base_steps is not None and steps is not None and steps > base_steps:
+            faster.append(meta[m]["label"])
+        else:
+            eq = r.get("paired_vs_baseline_steps") or {}
+            per_step.append(f"{meta[m]['label']} ran {steps:.0f} steps in that time against standard's "
+                            f"{base_steps:.0f}" + (f" and was {eq['mean']:+.3f} at equal steps" if eq.get("n") else "")
+                            if steps is not None and base_steps is not None else meta[m]["label"])
     if not found:
         return ""
-    return (" Random selection did better than standard here: " + "; ".join(found) + ". It scores nothing: "
-            "it trains fewer rows per step and so takes more steps in the same time, an effect of the batch "
-            "size, not of a selection rule (compare a smaller `data.batch_size`).")
+    why = []
+    if faster:
+        why.append(("It scores nothing: " if len(faster) == len(found) else f"{', '.join(faster)} scores nothing: ")
+                   + "it trains fewer rows per step and so takes more steps in the same time, an effect of the "
+                     "batch size, not of a selection rule (compare a smaller `data.batch_size`).")
+    if per_step:
+        why.append("Not from more steps: " + "; ".join(per_step) + " — a per-step effect of training on a random "
+                   "subset, not of a selection rule.")
+    return " Random selection did better than standard here: " + "; ".join(found) + ". " + " ".join(why)
 
 
 def verdict_block(results: list[dict]) -> str:
@@ -182,13 +217,15 @@ def verdict_block(results: list[dict]) -> str:
             winners[shape] = best
             lines.append(f"- **{where}: pick `{' '.join(best['overrides'])}`** ({best['label']}): standard's final "
                          f"held-out loss in {best['ttt']['ratio_mean']:.2f}x its wall-clock (worst seed "
-                         f"{best['ttt']['ratio_max']:.2f}x), ahead of its random control at equal time in every seed.")
+                         f"{best['ttt']['ratio_max']:.2f}x), ahead of its random control at equal time in every seed"
+                         f"{_unfinished_note(r, best['method'])}.")
         else:
             near = next((x for x in rows if x["ttt"].get("reached")), None)
             lines.append(f"- **{where}: none** — no routing configuration reached standard training's final held-out "
                          f"loss within {Q.TARGET_RATIO}x its wall-clock in every seed while beating its random control; "
                          + (f"the closest, {near['label']}, reached it in {near['ttt']['reached']}/{near['ttt']['n']} "
-                            f"seeds at {near['ttt']['ratio_mean']:.2f}x on average. " if near else
+                            f"seeds at {near['ttt']['ratio_mean']:.2f}x on average{_unfinished_note(r, near['method'])}. "
+                            if near else
                             "none reached it within the run at all. ")
                          + "Use standard training (`cggr.enabled=false`)."
                          + _controls_ahead(r))
@@ -202,7 +239,7 @@ def verdict_block(results: list[dict]) -> str:
             ttt = (f"{t['ratio_mean']:.2f}x ({t['reached']}/{t['n']} seeds)" if t.get("reached")
                    else f"not reached (0/{t.get('n', 0)})")
             d = lambda pr: None if not pr or not pr.get("n") else (
-                f"{pr['mean']:+.3f} ({pr['wins']}/{pr['n']} lower" + (f", t-test p={pr['p_t']:.2f}" if pr.get("p_t") is not None else "") + ")")
+                f"{pr['mean']:+.3f} ({pr['wins']}/{pr['n']} lower" + (f", t-test {_p(pr['p_t'])}" if pr.get("p_t") is not None else "") + ")")
             table.append([shape, x["label"], ttt, d(x["vs_std"]), d(x["vs_control"]), "yes" if x["ok"] else "no"])
     both = [s for s in ("mid", "smollm2") if s in winners]
     default = ("The default `cggr` config stays the upstream PR's (combined score, ratio 0.25, warmup 10): "

@@ -104,3 +104,48 @@ def test_goal_needs_every_seed_fast_and_every_seed_ahead_of_the_control():
     two = {"per_seed": {0: {"ratio": 0.5}, 1: {"ratio": 0.5}}}
     assert Q.meets_goal(two, {"n": 2, "wins": 2})["ok"] is False  # fewer than 3 seeds
     assert Q.meets_goal(ttt, None)["beats_control"] is None
+
+
+def _planned(step_s: float, plan: int, budget: float = 4.0) -> dict:
+    """A quality result of one seed: the baseline 4 x 1.0 s (W = 4 s), a method of ``step_s`` steps."""
+    optim = {"lr": 1e-3, "warmup_steps": 2, "min_lr_ratio": 0.1}
+    return {"methods": {"standard_fused": {"label": "standard", "kind": "baseline", "config": {"optim": optim}},
+                        "m": {"label": "M", "kind": "cggr", "config": {"optim": optim}}},
+            "raw": {"step_times_s": {"0": {"standard_fused": [1.0] * 4, "m": [step_s] * plan}},
+                    "wall_budget_s": {"0": budget}, "schedule_steps": {"standard_fused": 4, "m": plan}}}
+
+
+def test_a_schedule_unfinished_at_the_budget_is_reported_with_its_learning_rate_there():
+    from experiments.quality_report import schedule_done_at_budget, unfinished_schedules
+
+    # 0.5 s steps, planned for 10 but 8 fit into W = 4 s: 80% done; the LR at step 8 of a 10-step
+    # schedule with 2 warm-up steps is 0.1 + 0.9 x (1 + cos(pi x 6/8)) / 2
+    p = _planned(0.5, 10)
+    r = schedule_done_at_budget(p)["m"]
+    assert r["done"] == [8] and r["fraction_min"] == pytest.approx(0.8)
+    want = 0.1 + 0.9 * (1 + math.cos(math.pi * 0.75)) / 2
+    assert r["lr_factor"] == [pytest.approx(want)]
+    assert unfinished_schedules(p) == [f"M: 8 of 10 steps in its worst seed (80%), LR up to {want:.2f}x the peak "
+                                       "at W (floor 0.1x)"]
+    assert unfinished_schedules(_planned(0.5, 8)) == []  # planned right: done at W
+    assert set(schedule_done_at_budget(p)) == {"m"}  # the baseline's own schedule ends at W by definition
+
+
+def test_the_verdict_explains_a_control_ahead_of_standard_by_its_own_numbers():
+    from experiments.report import _controls_ahead
+
+    def result(control_steps):
+        return {"methods": {"standard_fused": {"label": "standard", "kind": "baseline"},
+                            "c": {"label": "C", "kind": "control"}},
+                "raw": {},
+                "summary": {"standard_fused": {"steps_at_equal_time": {"mean": 200.0}},
+                            "c": {"paired_vs_baseline_time": {"n": 3, "wins": 3, "mean": -0.1, "p_t": 0.27},
+                                  "steps_at_equal_time": {"mean": control_steps},
+                                  "paired_vs_baseline_steps": {"n": 3, "mean": -0.102}}}}
+
+    more = _controls_ahead(result(260.0))  # more steps in the same time: the batch-size effect
+    assert "C (-0.100 at equal time, 3/3 seeds lower, t-test p=0.27)" in more
+    assert "takes more steps in the same time" in more and "Not from more steps" not in more
+    fewer = _controls_ahead(result(191.5))  # fewer steps, already lower at equal steps: not that effect
+    assert "takes more steps" not in fewer
+    assert "Not from more steps: C ran 192 steps in that time against standard's 200 and was -0.102 at equal steps" in fewer
