@@ -278,9 +278,9 @@ def headline(results: list[dict]) -> str:
             bs = (sw.get(m) or {}).get("best_batch_size")
             base_bs = (sw.get(methods_mod.BASELINE) or {}).get("best_batch_size")
 
-            def dq(key):
+            def dq(key, paired):
                 d = q.get(f"{key}_minus_baseline")
-                sd = (q.get(key) or {}).get("std")
+                sd = (q.get(paired) or {}).get("std")  # of the per-seed differences, not of the loss
                 if d is None:
                     return None
                 return f"{0.0 if abs(d) < 5e-4 else d:+.3f}" + (f" (± {sd:.3f})" if sd else "")
@@ -290,7 +290,8 @@ def headline(results: list[dict]) -> str:
             ttt = q.get("time_to_target") or {}
             rows.append([shape, dev, label, None if speed is None else f"{speed:.2f}x",
                          None if m not in sw else f"{_at_least(sw[m])}{bs or 'none'} ({base_bs or 'none'})",
-                         dq("loss_at_equal_steps"), dq("loss_at_equal_time"),
+                         dq("loss_at_equal_steps", "paired_vs_baseline_steps"),
+                         dq("loss_at_equal_time", "paired_vs_baseline_time"),
                          None if not ttt.get("n") else (f"{ttt['ratio_mean']:.2f}x ({ttt['reached']}/{ttt['n']})"
                                                         if ttt["reached"] else f"not reached (0/{ttt['n']})")])
     return rio.md_table(header, rows)
@@ -324,8 +325,8 @@ def render(results: list[dict], folder: Path) -> str:
                   "versions (one H100, <= 8 min) and writes an archive to fold in here.", ""]
     lines += ["## Headline", "",
               "Step rate: > 1 is faster than standard training with the same fused loss (equal batch). "
-              "Δ loss: held-out loss on all tokens minus the fair baseline's (< 0 is better; ± is the seed "
-              "spread where there were several seeds). Details, shapes and raw figures below.", "",
+              "Δ loss: held-out loss on all tokens minus the fair baseline's (< 0 is better; ± is the sample sd "
+              "over seeds of the per-seed difference, where there were several seeds). Details, shapes and raw figures below.", "",
               headline(results), ""]
     if any(r["kind"] == "quality" and r.get("protocol") == "time-budget" for r in results):
         lines += ["## Verdict", "", verdict_block(results), ""]

@@ -64,6 +64,7 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     (r"H100 NVL", 835.5),
     (r"H100 PCIe", 756.5),
     (r"H100", 989.4),  # SXM5 (device names like "NVIDIA H100 80GB HBM3")
+    (r"H800 PCIe", 756.5),
     (r"H800", 989.4),
     (r"B200", 2250.0),
     (r"A100", 312.0),

@@ -566,3 +566,20 @@ def test_the_report_writes_a_recorded_command_the_same_from_any_checkout():
     assert command_line([f"{rio.REPO}/experiments/quality.py", "--reference", f"{rio.REPO}/runs/ref"]) == \
         "python -m experiments.quality --reference runs/ref"
     assert command_line([]) == ""
+
+
+def test_headline_spread_is_that_of_the_paired_difference_not_of_the_loss():
+    """Seeds 4.0/5.0/6.0 for standard and 3.9/4.8/6.0 for a method: Δ -0.1/-0.2/0.0, mean -0.1,
+    sample sd 0.1; the method's own loss spreads by 1.0, which says nothing of the comparison."""
+    from experiments.report import headline
+
+    def res(summary):
+        return {"experiment": "quality-mini", "kind": "quality", "environment": {"device_tag": "cpu"},
+                "methods": {m: {"label": m} for m in summary}, "summary": summary}
+
+    q = {"standard_fused": {"loss_at_equal_time": {"mean": 5.0, "std": 1.0}},
+         "random_sequence": {"loss_at_equal_time": {"mean": 4.9, "std": 1.05},
+                             "loss_at_equal_time_minus_baseline": -0.1,
+                             "paired_vs_baseline_time": {"n": 3, "mean": -0.1, "std": 0.1}}}
+    row = [line for line in headline([res(q)]).splitlines() if "random_sequence" in line]
+    assert row and "-0.100 (± 0.100)" in row[0], row

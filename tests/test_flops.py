@@ -272,6 +272,7 @@ def test_causal_attention_counts_the_lower_triangle():
     ("NVIDIA H200", 989.4), ("NVIDIA GH200 480GB", 989.4), ("NVIDIA A100-SXM4-80GB", 312.0),
     ("NVIDIA A100 80GB PCIe", 312.0), ("NVIDIA L40S", 362.05), ("NVIDIA L40", 181.05), ("NVIDIA L4", 121.0),
     ("NVIDIA A10", 125.0), ("NVIDIA A10G", None), ("NVIDIA GeForce RTX 4090", 165.2), ("Tesla T4", None), ("", None),
+    ("NVIDIA H800", 989.4), ("NVIDIA H800 PCIe", 756.5),
 ])
 def test_peak_by_device_name(name, peak):
     assert peak_tflops(name) == peak
