@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import zlib
 
 import numpy as np
 import pytest
@@ -139,11 +140,16 @@ def test_datamodule_split_is_deterministic_and_disjoint(tokenizer):
     train_a, val_a, dm = split(0)
     train_b, val_b, _ = split(0)
     _, val_c, _ = split(1)
-    n = len(read_chat_jsonl(sample_chat_path()))
+    conversations = read_chat_jsonl(sample_chat_path())
+    n = len(conversations)
     assert (train_a, val_a) == (train_b, val_b)
-    assert val_a != val_c
+    assert val_a == val_c  # the seed orders batches; it does not move conversations between the splits
     assert not train_a & val_a
-    assert len(dm.train_set) + len(dm.val_set) == n and len(dm.val_set) == round(0.2 * n)
+    # held out: the conversations whose checksum (of their JSON, keys sorted) falls in the first 20%
+    want = [c for c in conversations
+            if zlib.crc32(json.dumps(c, sort_keys=True, ensure_ascii=False).encode()) % 10_000 < 2_000]
+    assert 0 < len(want) < n and len(dm.val_set) == len(want) and len(dm.train_set) == n - len(want)
+    assert val_a == {tuple(encode_chat(tokenizer, c, 128)["input_ids"]) for c in want}
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
     assert batch["input_ids"].shape[0] == 4 and batch["input_ids"].shape[1] <= 128
@@ -279,6 +285,24 @@ def test_conversations_without_assistant_tokens_are_an_error_at_setup(tokenizer,
 def test_datamodule_rejects_bad_settings(tokenizer, kwargs, message):
     with pytest.raises(ValueError, match=message):
         ChatDataModule(sample_chat_path(), tokenizer, **kwargs)
+
+
+def test_adding_conversations_moves_none_of_the_others_between_the_splits(tokenizer, tmp_path):
+    """A data file grown between runs (a resume with ckpt_path=auto warns that the data differ) must not
+    put conversations the run trained on into its validation."""
+    lines = sample_chat_path().read_text().splitlines()
+    grown = tmp_path / "grown.jsonl"
+    grown.write_text("\n".join(lines + [json.dumps({"messages": CONVERSATION})]) + "\n")
+
+    def split(path):
+        dm = ChatDataModule(path, tokenizer, max_length=128, batch_size=4, val_fraction=0.1)
+        dm.setup("fit")
+        return ({tuple(e["input_ids"]) for e in dm.train_set.examples},
+                {tuple(e["input_ids"]) for e in dm.val_set.examples})
+
+    train, val = split(sample_chat_path())
+    train2, val2 = split(grown)
+    assert train <= train2 and val <= val2 and len(train2) + len(val2) == len(train) + len(val) + 1
 
 
 def test_too_small_file_for_the_split_is_an_error(tokenizer, tmp_path):

@@ -21,6 +21,7 @@ correct. A conversation without any labelled token stays in the data and contrib
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -35,7 +36,7 @@ from ..routing.selection import IGNORE_INDEX
 from .evaluation import eval_loader
 from .files import Conversation, read_chat_jsonl
 from .resumable import ResumableLoader, fingerprint, fit_position, pins_memory
-from .text import whole_texts
+from .text import checksum_bucket, in_validation, whole_texts
 
 
 def sample_chat_path() -> Path:
@@ -165,7 +166,8 @@ def pad_token_id_of(tokenizer) -> int:
 
 
 class ChatDataModule(L.LightningDataModule):
-    """Chat SFT batches from JSONL files, split into train/val deterministically by ``seed``."""
+    """Chat SFT batches from JSONL files. About ``val_fraction`` of the conversations (at least one) are
+    held out by a checksum of each one's content, as text documents are; ``seed`` orders the batches."""
 
     def __init__(
         self,
@@ -207,16 +209,20 @@ class ChatDataModule(L.LightningDataModule):
             return
         conversations = [c for p in self.paths for c in read_chat_jsonl(p)]
         n = len(conversations)
-        n_val = round(n * self.val_fraction)
-        if self.val_fraction > 0 and n_val == 0:
-            n_val = 1
-        if n - n_val < 1:
+        # by a checksum of each conversation, as text documents are split: a conversation stays on its
+        # side when others are added or removed or the seed changes, so a resumed or repeated run
+        # never validates on what it trained on
+        keys = [json.dumps(c, sort_keys=True, ensure_ascii=False) for c in conversations]
+        val_idx = [i for i, k in enumerate(keys) if in_validation(k, self.val_fraction)]
+        if self.val_fraction > 0 and not val_idx and n:
+            val_idx = [min(range(n), key=lambda i: (checksum_bucket(keys[i]), keys[i]))]  # at least one
+        held = set(val_idx)
+        train_idx = [i for i in range(n) if i not in held]
+        if not train_idx:
             raise DataError(
                 f"{n} conversation(s) leave none for training with data.val_fraction="
                 f"{self.val_fraction}; add conversations or lower data.val_fraction"
             )
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
-        val_idx, train_idx = order[:n_val], order[n_val:]
         self.train_set = ChatDataset([conversations[i] for i in train_idx], self.tokenizer, self.max_length)
         self.val_set = ChatDataset([conversations[i] for i in val_idx], self.tokenizer, self.max_length,
                                    split="validation")

@@ -91,6 +91,17 @@ def load_documents(cfg: DataConfig) -> dict[str, str]:
     raise ValueError(f"unknown data.source {cfg.source!r}")
 
 
+def checksum_bucket(text: str) -> int:
+    """A document's place in [0, 10000), from a checksum of its text alone."""
+    return zlib.crc32(text.encode("utf-8")) % 10_000
+
+
+def in_validation(text: str, val_fraction: float) -> bool:
+    """Whether a document (or a conversation, as canonical JSON) is held out: by its checksum, so the
+    same text is on the same side whatever else the data holds, wherever it is stored, whatever the seed."""
+    return checksum_bucket(text) < val_fraction * 10_000
+
+
 def split_documents(docs: dict[str, str], val_fraction: float) -> tuple[list[str], list[str]]:
     """Deterministic document-level split by a checksum of each document's text.
 
@@ -98,8 +109,7 @@ def split_documents(docs: dict[str, str], val_fraction: float) -> tuple[list[str
     """
     train, val = [], []
     for text in docs.values():
-        bucket = zlib.crc32(text.encode("utf-8")) % 10_000
-        (val if bucket < val_fraction * 10_000 else train).append(text)
+        (val if in_validation(text, val_fraction) else train).append(text)
     if not val:  # tiny corpora: hold out the last document rather than validate on nothing
         if len(train) < 2:
             raise DataError("the corpus is a single document too short to split; give more text or more files")
