@@ -85,9 +85,11 @@ def batch_problems(batch, label_rows: int, embedding_rows: int | None) -> list[s
             if low < 0:
                 problems.append(f"labels hold {low}; only {IGNORE_INDEX} marks a position that trains nothing")
             if high >= label_rows:
-                problems.append(f"labels hold {high}, past the LM head's {label_rows} rows (the model's vocabulary); "
-                                f"a tokenizer larger than the model's vocabulary needs "
-                                f"model.resize_token_embeddings(len(tokenizer))")
+                hint = ("" if any("resize_token_embeddings" in q for q in problems) else
+                        "; a tokenizer larger than the model's vocabulary needs "
+                        "model.resize_token_embeddings(len(tokenizer))")  # said once per batch
+                problems.append(f"labels hold {high}, past the LM head's {label_rows} rows (the model's "
+                                f"vocabulary){hint}")
     return problems
 
 

@@ -591,6 +591,11 @@ def _validate_weighted_rules(p: list[str], c: CGGRConfig) -> None:
                      f"more than the ratio; lower p_min")
 
 
+PRECISIONS_THAT_CAST = ("bf16-true", "16-true", "64-true", "64")
+"""Lightning precisions that cast the whole model to their dtype; the others (``32-true``, ``*-mixed``)
+train the weights in the dtype they were loaded in."""
+
+
 def config_error(problems: list[str]) -> ConfigError:
     """One problem: one line. Several: a header line and one line each."""
     if len(problems) == 1:

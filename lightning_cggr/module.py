@@ -38,7 +38,8 @@ import torch
 from torchmetrics import Metric, SumMetric
 
 from .batches import check_batch, embedding_rows
-from .config import CGGRConfig, LossConfig, OptimConfig, PerfConfig, as_config, config_error, optim_problems
+from .config import (PRECISIONS_THAT_CAST, CGGRConfig, LossConfig, OptimConfig, PerfConfig, as_config, config_error,
+                     optim_problems)
 from .distributed import shard_fsdp2, unshared
 from .errors import MPS_PROBLEM, ConfigError
 from .flops import FlopShape, device_peak_tflops, mfu, step_flops
@@ -72,6 +73,16 @@ def logging_step(trainer, step: int) -> bool:
     syncs at every step either."""
     every = int(trainer.log_every_n_steps or 0)
     return every > 0 and step > 0 and step % every == 0
+
+
+def real_tokens(batch) -> int | None:
+    """A batch's tokens that are not padding (its ``attention_mask``'s ones), counted while the batch
+    is still on the CPU; all of ``input_ids`` without a mask; None for a batch already on a device
+    (counting there would wait for it: its padding is then counted, as the caller's fallback)."""
+    ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+    if mask is None:
+        return ids.numel() if isinstance(ids, torch.Tensor) else None
+    return int(mask.sum()) if isinstance(mask, torch.Tensor) and mask.device.type == "cpu" else None
 
 
 @dataclasses.dataclass
@@ -189,6 +200,7 @@ class CGGRModule(L.LightningModule):
         self.register_buffer("first_nonfinite_step", torch.tensor(NO_STEP), persistent=False)
         self.register_buffer("empty_batches", torch.tensor(0), persistent=False)
         self._window: _Window | None = None  # throughput: the open window, if any
+        self._batch_tokens: int | None = None  # the next training batch's tokens, counted on the CPU
         self._window_pending = False  # a window closed before this batch's callbacks; open one after them
         self._closed_at = -1  # the optimizer step whose boundary closed the last window
         self._paused_at: float | None = None  # a validation or save inside the window started then
@@ -248,6 +260,7 @@ class CGGRModule(L.LightningModule):
         check_batch(batch, *self._batch_rows)
         if self._trainer is not None and self.trainer.training:
             self._close_window_if_due()
+            self._batch_tokens = real_tokens(batch)
         return batch
 
     # ---- throughput windows (see the module docstring) -----------------------------------------
@@ -294,6 +307,14 @@ class CGGRModule(L.LightningModule):
                         cggr=self.step.cggr, loss=self.step.loss_cfg, optim=self.optim_cfg)
         for warning in [*routing_warnings(run, total), *lr_warnings(self.optim_cfg, total)]:
             rank_zero_warn(warning)
+        half = sorted({str(p.dtype).removeprefix("torch.") for p in self.model.parameters()
+                       if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)})
+        precision = str(self.trainer.precision)
+        if half and precision not in PRECISIONS_THAT_CAST:
+            rank_zero_warn(f"the model's trainable weights are {' and '.join(half)} and trainer precision "
+                           f"{precision} keeps them so: AdamW updates them with no fp32 master copy (updates below "
+                           f"~0.4% of a weight are lost); load the model in float32 (precision='bf16-mixed' still "
+                           f"computes in bf16), or ask for 16-bit training by name with precision='bf16-true'")
 
     def on_train_batch_start(self, batch, batch_idx):
         """Open the next throughput window after the callbacks (a checkpoint saved at the boundary
@@ -331,7 +352,8 @@ class CGGRModule(L.LightningModule):
             if key in self.step_metrics:  # logged for the whole step in on_before_optimizer_step
                 self.step_metrics[key].update(value, result.counts.get(name))
         if self._window is not None:  # host numbers only: every rank's tokens, this device's FLOPs
-            self._window.tokens += batch["input_ids"].numel() * world
+            tokens, self._batch_tokens = self._batch_tokens, None
+            self._window.tokens += (batch["input_ids"].numel() if tokens is None else tokens) * world
             self._window.flops += self._flops(batch["input_ids"].shape)
         if self._throughput is not None:  # the last complete window's
             tokens_per_sec, utilization = self._throughput

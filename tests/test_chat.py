@@ -101,7 +101,7 @@ def test_history_rewriting_template_is_rejected(tokenizer):
     tok = copy.deepcopy(tokenizer)
     # Renders only the last message: prefixes are not prefixes of the whole conversation.
     tok.chat_template = "{% for m in messages %}{% if loop.last %}{{ m['content'] }}{% endif %}{% endfor %}"
-    with pytest.raises(ValueError, match="incrementally"):
+    with pytest.raises(DataError, match="does not render conversations incrementally"):
         encode_chat(tok, CONVERSATION, max_length=100)
 
 

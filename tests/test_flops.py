@@ -368,9 +368,10 @@ def test_module_logs_mfu_on_a_card_with_a_known_peak(monkeypatch, one_thread):
     assert float(metrics["train/mfu"]) == pytest.approx(want * float(metrics["train/tokens_per_sec"]) / 128 / 1e12, rel=1e-5)
 
 
-@pytest.mark.parametrize("save_inside_a_window, every", [(False, 4), (True, 4), (False, 0)])
+@pytest.mark.parametrize("save_inside_a_window, every, padded", [(False, 4, False), (True, 4, False), (False, 0, False),
+                                                                  (False, 4, True)])
 def test_throughput_windows_leave_out_validation_checkpoints_and_the_first_step(monkeypatch, tmp_path, one_thread,
-                                                                                save_inside_a_window, every):
+                                                                                save_inside_a_window, every, padded):
     """tokens/s over the steps between logging boundaries (log_every_n_steps=4: after steps 1, 4, 8),
     on a fake clock: a training micro-batch of 64 tokens takes 1 s before step 4 and 2 s from step 4 on;
     step 0 (compilation, on a GPU) takes 1000 s; each validation (after steps 3 and 6) takes 100 s
@@ -378,7 +379,8 @@ def test_throughput_windows_leave_out_validation_checkpoints_and_the_first_step(
     it take 7 s, counted as the step's). Saves at the boundaries (4, 8) fall between windows, validations
     and a save inside a window (step 5) are subtracted: the window of steps 4-7 gives 256 tokens / 8 s
     = 32 tokens/s, with the save inside it 256 / 15 s. With log_every_n_steps=0 no window closes (no
-    step is logged, so none syncs for it) and no tokens/s is logged."""
+    step is logged, so none syncs for it) and no tokens/s is logged. Padded batches (the last row's
+    4 tokens are padding: 60 tokens each) count their tokens, not their padding: 240 / 8 s."""
     import lightning as L
 
     from lightning_cggr import module as module_mod
@@ -405,7 +407,7 @@ def test_throughput_windows_leave_out_validation_checkpoints_and_the_first_step(
         def on_save_checkpoint(self, trainer, pl_module, checkpoint):  # before the module's hook
             clock[0] += 7.0
 
-    batches = [make_batch(batch_size=4, seq_len=16, seed=i, pad_tail=False) for i in range(9)]
+    batches = [make_batch(batch_size=4, seq_len=16, seed=i, pad_tail=padded) for i in range(9)]
     module = Timed(make_tiny_model("llama", num_layers=2), CGGRConfig(warmup_steps=0, router=RouterConfig(num_layers=1)),
                    LossConfig(impl="torch"))
     trainer = L.Trainer(accelerator="cpu", max_steps=9, logger=False, enable_checkpointing=False, callbacks=[Saves()],
@@ -416,7 +418,8 @@ def test_throughput_windows_leave_out_validation_checkpoints_and_the_first_step(
     if not every:
         assert "train/tokens_per_sec" not in trainer.callback_metrics
         return
-    assert float(trainer.callback_metrics["train/tokens_per_sec"]) == pytest.approx(256 / (15 if save_inside_a_window else 8))
+    tokens = 4 * (60 if padded else 64)
+    assert float(trainer.callback_metrics["train/tokens_per_sec"]) == pytest.approx(tokens / (15 if save_inside_a_window else 8))
 
 
 def test_model_summary_shows_the_formula_flops_not_zero(capsys, caplog, one_thread):

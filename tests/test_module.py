@@ -4,6 +4,7 @@ empty selections, and one real optimizer step for each architecture."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import lightning as L
 import pytest
@@ -531,3 +532,24 @@ def test_a_module_built_from_python_warns_of_settings_that_leave_work_undone(tmp
     assert sum("cggr.selection.unit=sequence keeps ceil(0.25 x data.batch_size) = 1 of the batch's 1" in s
                for s in said) == 1
     assert sum(s.startswith("optim.warmup_steps=20 with trainer.max_steps=3") for s in said) == 1
+
+
+@pytest.mark.parametrize("precision, warned", [("32-true", True), ("bf16-mixed", True), ("bf16-true", False)])
+def test_a_16_bit_model_trained_without_a_master_copy_is_warned_of(precision, warned):
+    """bf16 weights under a precision that keeps them (32-true, bf16-mixed): AdamW updates them in
+    bf16 and small updates vanish. Whether that happens, seen on the weights: a norm weight of 1.0
+    moved by an update of 1e-3 stays 1.0 in bf16 (its spacing there is 2^-7)."""
+    one = torch.ones(4, dtype=torch.bfloat16)
+    assert torch.equal(one + 1e-3, one)  # the loss the warning names
+    model = make_tiny_model("llama").to(torch.bfloat16)
+    module = CGGRModule(model, CGGRConfig(enabled=False), LossConfig(impl="torch"), OptimConfig(warmup_steps=0))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, precision=precision,
+                        enable_progress_bar=False, enable_model_summary=False)
+    rows = [{k: v[0] for k, v in make_batch(1, 12, seed=i).items()} for i in range(2)]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer.fit(module, torch.utils.data.DataLoader(rows, batch_size=1))
+    said = [str(w.message) for w in seen if "no fp32 master copy" in str(w.message)]
+    assert len(said) == (1 if warned else 0), said
+    if warned:
+        assert said[0].startswith(f"the model's trainable weights are bfloat16 and trainer precision {precision}")

@@ -65,10 +65,12 @@ def assistant_char_spans(tokenizer, messages: Conversation) -> tuple[str, list[t
         start_text = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
         through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not (full.startswith(through) and through.startswith(start_text)):
-            raise ValueError(
-                "the chat template does not render this conversation incrementally (a prefix "
-                f"of the conversation renders differently at message {i}), so assistant turns "
-                "cannot be located; use a template without history rewriting"
+            raise DataError(
+                f"data=chat: the model's chat template does not render conversations incrementally (the turns "
+                f"before message {i} of a {len(messages)}-message conversation render differently once more "
+                "turns follow: a template that rewrites history, e.g. drops past reasoning), so the assistant "
+                "tokens cannot be located; put a chat template without history rewriting in the model's "
+                "folder (chat_template.jinja)"
             )
         end = len(through.rstrip())
         if end > len(start_text):

@@ -33,7 +33,12 @@ def build_model(cfg: ModelConfig, tokenizer=None, key: str = "model.name"):
     the setting that named the checkpoint, for the errors.
     """
     model, tokenizer = _build(cfg, tokenizer, key)
-    model = set_attn_implementation(model, cfg.attn_implementation)
+    try:
+        model = set_attn_implementation(model, cfg.attn_implementation)
+    except ValueError as err:  # a family without that kernel (Gemma 2, GPT-Neo, Bloom have no sdpa)
+        from ..errors import ConfigError
+
+        raise ConfigError(f"invalid configuration: {err}") from None
     if cfg.lora.r:
         model = add_lora(model, cfg.lora)
     return model, tokenizer
@@ -58,7 +63,21 @@ def add_lora(model, spec):
     targets = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
                         task_type="CAUSAL_LM")
-    return wrap_peft(model, config)
+    try:
+        return wrap_peft(model, config)
+    except ValueError as err:
+        if "not found in the base model" not in str(err):  # PEFT's words for targets that match nothing
+            raise
+        import torch
+
+        from ..errors import ConfigError
+
+        head = model.get_output_embeddings()
+        names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear) and m is not head})
+        raise ConfigError(f"invalid configuration: model.lora.target_modules={spec.target_modules!r} matches no layer "
+                          f"of {type(model).__name__}, whose linear layers are named {', '.join(names)} (the LM head "
+                          f"aside); name some of them, or all-linear for every one") from None
 
 
 def wrap_peft(model, config):

@@ -69,12 +69,17 @@ def set_attn_implementation(model: torch.nn.Module, impl: str) -> torch.nn.Modul
     problem = availability_problem(impl)
     if problem:
         raise ValueError(problem)
+    refused = (f"model.attn_implementation={impl}: {type(model).__name__} does not support it{{}}; use "
+               + ("model.attn_implementation=eager" if impl != "eager" else "another model.attn_implementation"))
     if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(impl)
+        try:
+            model.set_attn_implementation(impl)
+        except ValueError as err:  # transformers' own refusal: its first sentence says which
+            raise ValueError(refused.format(f" (transformers: {str(err).split('. ')[0].rstrip('.')})")) from None
     else:  # older transformers: the config's setter (read by the attention layers at each call)
         model.config._attn_implementation = impl
     if model.config._attn_implementation != impl:
-        raise ValueError(f"{type(model).__name__} did not accept attention implementation {impl!r}")
+        raise ValueError(refused.format(""))
     return model
 
 
