@@ -309,6 +309,30 @@ def test_all_ignored_is_zero_with_zero_grads(impl):
     assert torch.isnan(F.cross_entropy(h.detach() @ w.detach().t(), y))
 
 
+@pytest.mark.parametrize("impl", IMPLS + PEERS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_a_trainable_head_over_frozen_hidden_states_gets_its_gradient(impl, reduction):
+    """A linear probe: hidden states that need no gradient, a head that trains. Liger forms its
+    gradients only when its input needs one, so the head's came back None, silently."""
+    h, w, y = make(21, 32, 1000, seed=3)
+    w.requires_grad_(True)
+    linear_cross_entropy(h, w, y, impl=impl, reduction=reduction).backward()
+    w64 = w.detach().double().requires_grad_(True)
+    ref_loss(h.double(), w64, y, reduction=reduction).backward()
+    assert w.grad is not None
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS + PEERS)
+def test_no_rows_is_a_zero_loss_with_zero_gradients(impl):
+    h, w, y = make(0, 32, 1000)
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+    loss = linear_cross_entropy(h, w, y, impl=impl)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(w.grad) == 0 and h.grad.shape == (0, 32)
+
+
 @pytest.mark.parametrize("impl", OURS)
 def test_extreme_logits(impl):
     """Logits of several thousand (and one row far above the rest): no overflow, exact gradients."""
@@ -419,6 +443,22 @@ def test_int32_labels_frozen_weight_and_no_grad(impl):
 
 
 @pytest.mark.parametrize("impl", OURS)
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_without_grad_mode_only_the_logits_gemm_runs(impl, mode):
+    """Validation calls the loss under no_grad with the LM head's Parameter: inside forward autograd
+    still reports that the weight wants a gradient, and the gradients (computed during forward) cost
+    two more GEMMs and a V x H buffer. Counted: one [N, H] x [H, V] product, 2 N H V FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    h, w, y = make(20, 32, 1000, seed=8)
+    weight = torch.nn.Parameter(w)
+    with getattr(torch, mode)(), FlopCounterMode(display=False) as counted:
+        loss = linear_cross_entropy(h, weight, y, impl=impl)
+    assert counted.get_total_flops() == 2 * 20 * 32 * 1000
+    torch.testing.assert_close(loss.double(), ref_loss(h.double(), w.double(), y), rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("impl", OURS)
 def test_ignored_rows_never_leak(impl):
     """Ignored rows are zeroed before the GEMMs: NaN hidden states there change nothing (a 0 * NaN
     product would poison grad_weight)."""
@@ -496,9 +536,10 @@ for want, known, opts in ((False, False, False), (True, False, False), (True, Fa
     triton.compile(ASTSource(ce._ce_rows_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
                    options=dict(num_warps=warps))
 sig = dict(z_ptr="*bf16", z_stride="i64", y_ptr="*i64", lse_ptr="*fp32", ent_ptr="*fp32", margin_ptr="*fp32",
-           nll_ptr="*fp32", V="i32", ignore_index="i32", HAS_LABELS="constexpr", BLOCK_V="constexpr")
-for labels in (True, False):
-    triton.compile(ASTSource(ce._stats_rows_kernel, sig, dict(HAS_LABELS=labels, BLOCK_V=block)),
+           nll_ptr="*fp32", V="i32", ignore_index="i32", softcap="fp32", HAS_LABELS="constexpr",
+           HAS_SOFTCAP="constexpr", BLOCK_V="constexpr")
+for labels, cap in itertools.product((True, False), (True, False)):
+    triton.compile(ASTSource(ce._stats_rows_kernel, sig, dict(HAS_LABELS=labels, HAS_SOFTCAP=cap, BLOCK_V=block)),
                    target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
 print("compiled")
 """
@@ -708,6 +749,25 @@ def test_token_stats_of_softcapped_logits(impl):
         assert not torch.allclose(want, plain, rtol=1e-2, atol=1e-2), name  # the cap mattered
     with pytest.raises(ValueError, match="softcap must be None or a number > 0"):
         token_stats(h, w, y, impl=impl, softcap=0.0)
+
+
+def test_bf16_softcapped_statistics_cap_the_logits_in_fp32():
+    """bf16 inputs: the statistics take the bf16 logits GEMM's output and cap it in fp32, as the loss
+    does (capped in place in bf16 it rounded three times: nll 0.19 nats off the loss's). Reference:
+    the same bf16 logits, capped and reduced in float64; the loss's per-token values agree with it."""
+    h, w, y = make(64, 32, 300, seed=5, scale=2.0, ignore_frac=0.0)
+    h, w = h.bfloat16(), w.bfloat16()
+    z = (h @ w.t()).double()  # the GEMM's bf16 output
+    capped = 30.0 * torch.tanh(z / 30.0)
+    want_lse = torch.logsumexp(capped, -1)
+    want_nll = want_lse - capped.gather(1, y[:, None])[:, 0]
+    top = capped.topk(2, dim=-1).values
+    stats = token_stats(h, w, y, impl="triton", softcap=30.0)  # the GEMM in bf16 (torch's path upcasts first)
+    torch.testing.assert_close(stats.lse.double(), want_lse, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stats.nll.double(), want_nll, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stats.margin.double(), top[:, 0] - top[:, 1], rtol=1e-5, atol=1e-4)
+    loss = linear_cross_entropy(h, w, y, impl="triton", softcap=30.0, reduction="none")
+    torch.testing.assert_close(stats.nll, loss.float(), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("impl", OURS)

@@ -170,6 +170,16 @@ def test_curriculum_kept_count_at_a_chosen_step():
 
 
 # ---- dynamic ratio, token unit, and the score metrics ------------------------------------------------
+def test_a_dynamic_ratio_at_its_bounds_keeps_ceil_of_the_bound():
+    from lightning_cggr.routing.schedule import dynamic_ratio
+    from lightning_cggr.routing.selection import kept_count
+
+    n = torch.tensor([10, 20, 7])
+    low, high = dynamic_ratio(torch.tensor(1.0), 0.3, 0.7), dynamic_ratio(torch.tensor(0.0), 0.3, 0.7)
+    assert kept_count(n, low).tolist() == [3, 6, 3]  # ceil(0.3 n), not one more from fp32's 0.30000001
+    assert kept_count(n, high).tolist() == [7, 14, 5]
+
+
 def test_dynamic_ratio_and_score_metrics_follow_hand_computation():
     model = _sharp_model()
     cfg = CGGRConfig(scoring="loss", warmup_steps=0, router=RouterConfig(num_layers=1),

@@ -91,6 +91,14 @@ def liger_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, red
     per_row = reduction == "none" or row_weight is not None
     h, w, b = _promote(hidden, weight, bias)
     labels = labels.long()
+    if h.shape[0] == 0:  # Liger divides by the row count: no rows, no loss (the contract's empty case)
+        tied = sum(0 * t.sum() for t in (h, w, b) if t is not None)  # zero gradients, not none
+        return _reduce(h.new_zeros(0, dtype=torch.float32) + tied, labels, ignore_index, reduction, row_weight,
+                       per_row=True)
+    if torch.is_grad_enabled() and not h.requires_grad and (w.requires_grad or (b is not None and b.requires_grad)):
+        # Liger forms every gradient only when its input needs one: a frozen body under a trainable
+        # head would get no head gradient at all (None, silently). Its input's gradient is dropped.
+        h = h.detach().requires_grad_(True)
     extra = {"accum_dtype": torch.float32} if grad_accum == "fp32" else {}
     out = liger_fused_linear_cross_entropy(
         h, w, labels, bias=b, ignore_index=ignore_index, lse_square_scale=lse_square_scale,

@@ -53,7 +53,8 @@ not write ``loss``); with ``want_grad`` rewrites ``z`` in place as ``scale * dlo
 fp32, 0-d or [C]), zero at ignored rows."""
 
 StatsOp = Callable[..., None]
-"""``stats_op(z, y, out, ignore_index)``: writes ``out[0..3, C]`` = lse, entropy, margin, nll of ``z``."""
+"""``stats_op(z, y, out, ignore_index, softcap)``: writes ``out[0..3, C]`` = lse, entropy, margin, nll of
+``z`` (capped to ``softcap * tanh(z / softcap)`` first when ``softcap`` is not None, in fp32 or wider)."""
 
 
 class Backend(NamedTuple):
@@ -257,6 +258,10 @@ def linear_ce(backend: Backend, hidden, weight, labels, *, ignore_index, reducti
                grad_accum, bias)
     opts = CEOptions(int(ignore_index), float(label_smoothing), float(lse_square_scale),
                      None if softcap is None else float(softcap))
+    if not torch.is_grad_enabled():  # validation (no_grad, inference_mode): inside forward, needs_input_grad
+        # still says the head's Parameter wants a gradient, which would cost a grad-W GEMM and a V x H buffer
+        hidden, weight = hidden.detach(), weight.detach()
+        bias = None if bias is None else bias.detach()
     return LinearCrossEntropyFunction.apply(hidden, weight, bias, labels, row_weight, opts, reduction, backend,
                                             chunk_size, grad_accum)
 
@@ -265,7 +270,8 @@ def linear_ce(backend: Backend, hidden, weight, labels, *, ignore_index, reducti
 def stats_pass(backend: Backend, hidden, weight, labels, *, ignore_index: int, chunk_size: int | None,
                softcap: float | None = None, bias: torch.Tensor | None = None) -> TokenStats:
     """No-grad per-token statistics: per chunk one logits GEMM (``+ bias``) and one row-statistics pass
-    (with ``softcap``, the chunk is capped to ``softcap * tanh(z / softcap)`` in place first)."""
+    (with ``softcap``, the row operation caps the logits to ``softcap * tanh(z / softcap)`` in fp32: in
+    place on a bf16 chunk it would round three times)."""
     check_stats_args(hidden, weight, labels, chunk_size, softcap, bias)
     h, w = backend.prepare(hidden.detach(), weight.detach())
     b = None if bias is None else bias.detach().to(w.dtype).contiguous()
@@ -284,9 +290,7 @@ def stats_pass(backend: Backend, hidden, weight, labels, *, ignore_index: int, c
                 torch.mm(h[start:end], w.t(), out=z)
             else:
                 torch.addmm(b, h[start:end], w.t(), out=z)
-            if softcap is not None:
-                z.div_(softcap).tanh_().mul_(softcap)
-            backend.stats_op(z, None if y is None else y[start:end], out[:, start:end], ignore_index)
+            backend.stats_op(z, None if y is None else y[start:end], out[:, start:end], ignore_index, softcap)
     return TokenStats(*out)
 
 
@@ -335,8 +339,10 @@ def torch_ce_rows(z, y, scale, loss, lse, opts: CEOptions, *, want_grad: bool, l
         z.mul_(t.square_().neg_().add_(1.0))
 
 
-def torch_stats_rows(z, y, out, ignore_index: int) -> None:
+def torch_stats_rows(z, y, out, ignore_index: int, softcap: float | None = None) -> None:
     """The statistics row operation of the torch path (z fp32/fp64, modified in place)."""
+    if softcap is not None:
+        z.div_(softcap).tanh_().mul_(softcap)
     top2 = z.topk(2, dim=1).values
     z_y = None
     if y is not None:

@@ -6,7 +6,10 @@ when ``softcap`` is set::
 
     loss = lse(z) - (1 - eps) * z[y] - eps / V * sum(z) + lse_square_scale * lse(z) ** 2
 
-times ``row_weight[i]`` when given. Ignored rows contribute 0 (value and gradient). ``"sum"`` adds
+times ``row_weight[i]`` when given. Ignored rows contribute 0 (value and gradient; ``torch`` and
+``triton`` zero their hidden states before the GEMMs, so even a non-finite one there changes nothing,
+while ``naive`` and the peers, ``liger`` and ``torch_lce``, multiply every row: a NaN or inf hidden
+state in an ignored row reaches their weight gradient, and torch_lce's mean). ``"sum"`` adds
 the rows, ``"mean"`` divides that sum by the number of kept rows (a device tensor clamped to >= 1, so
 an all-ignored call is 0, not torch's NaN; row weights do not change the denominator), ``"none"``
 returns the fp32 ``[N]`` row losses. Losses are fp32; gradients come back in each input's dtype.

@@ -127,7 +127,7 @@ def _ce_rows_kernel(
 @triton.jit
 def _stats_rows_kernel(
     z_ptr, z_stride, y_ptr, lse_ptr, ent_ptr, margin_ptr, nll_ptr,
-    V, ignore_index, HAS_LABELS: tl.constexpr, BLOCK_V: tl.constexpr,
+    V, ignore_index, softcap, HAS_LABELS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = z_ptr + row * z_stride
@@ -141,6 +141,8 @@ def _stats_rows_kernel(
         offs = v0 + cols
         mask = offs < V
         x = tl.load(base + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        if HAS_SOFTCAP:  # in fp32, as the loss kernel caps
+            x = tl.where(mask, softcap * _tanh(x / softcap), float("-inf"))
         b1 = tl.max(x, axis=0)
         arg = tl.argmax(x, axis=0)
         b2 = tl.max(tl.where(cols == arg, float("-inf"), x), axis=0)  # one copy of the max removed
@@ -160,6 +162,8 @@ def _stats_rows_kernel(
         y = tl.load(y_ptr + row).to(tl.int64)
         valid = y != ignore_index
         z_y = tl.load(base + y, mask=valid & (y >= 0) & (y < V), other=float("nan")).to(tl.float32)
+        if HAS_SOFTCAP:
+            z_y = softcap * _tanh(z_y / softcap)
         tl.store(nll_ptr + row, tl.where(valid, lse - z_y, 0.0))
     else:
         tl.store(nll_ptr + row, 0.0)
@@ -182,13 +186,14 @@ def triton_ce_rows(z, y, scale, loss, lse, opts: CEOptions, *, want_grad: bool, 
     )
 
 
-def triton_stats_rows(z, y, out, ignore_index: int) -> None:
+def triton_stats_rows(z, y, out, ignore_index: int, softcap: float | None = None) -> None:
     """Statistics row operation (see :data:`lightning_cggr.kernels.chunked.StatsOp`)."""
     rows, vocab = z.shape
     block, warps = launch_config(vocab)
     _stats_rows_kernel[(rows,)](
         z, z.stride(0), out[3] if y is None else y, out[0], out[1], out[2], out[3],
-        vocab, ignore_index, HAS_LABELS=y is not None, BLOCK_V=block, num_warps=warps,
+        vocab, ignore_index, 1.0 if softcap is None else softcap, HAS_LABELS=y is not None,
+        HAS_SOFTCAP=softcap is not None, BLOCK_V=block, num_warps=warps,
     )
 
 

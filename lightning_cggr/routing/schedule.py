@@ -52,6 +52,7 @@ def batch_confidence(stats: TokenStats, trainable: torch.Tensor) -> torch.Tensor
 
 
 def dynamic_ratio(confidence: torch.Tensor, ratio_min: float, ratio_max: float) -> torch.Tensor:
-    """0-d fp32 ratio ``max - (max - min) * confidence``, clamped to ``[min, max]``."""
-    r = ratio_max - (ratio_max - ratio_min) * confidence.float()
+    """0-d float64 ratio ``max - (max - min) * confidence``, clamped to ``[min, max]`` (in fp32 the bound
+    0.3 is 0.30000001, whose ceil(r x 10) keeps a 4th token of 10)."""
+    r = ratio_max - (ratio_max - ratio_min) * confidence.double()
     return r.clamp(min=ratio_min, max=ratio_max)
