@@ -87,7 +87,9 @@ class SelectionConfig:
     """strategy=stratified: number of difficulty buckets (contiguous rank ranges), >= 1."""
     min_per_sequence: int = 0
     """unit=token, strategy topk or stratified: every sequence keeps at least min(this, its trainable
-    tokens), on top of the ratio (with scope=batch its hardest ones are reserved first); 0 = the ratio alone."""
+    tokens): its kept count is max(the ratio's, that), not their sum (with scope=batch each sequence's
+    hardest ones are reserved first, and the batch keeps max(the ratio's count, the reserved ones));
+    0 = the ratio alone."""
     p_min: float = 0.05
     """strategy=importance: the lowest keep probability, in (0, 1]; bounds the loss weight 1/p by
     1/p_min. At most the ratio (min_tokens_ratio; with ratio_schedule.kind=dynamic, ratio_schedule.min)."""

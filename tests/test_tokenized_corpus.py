@@ -42,6 +42,28 @@ def test_the_stream_equals_each_document_tokenized_alone(tokenizer, tmp_path, mo
     assert stream.tolist() == reference(docs, tokenizer)
 
 
+def test_a_tokenizer_that_opens_texts_with_bos_opens_every_document_with_it(tokenizer, tmp_path):
+    """A Llama- or Gemma-style tokenizer puts BOS before any text it encodes (a prompt at generation
+    too): each packed document opens with it, so the model trains on what it is prompted with."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(tokenizer.backend_tokenizer)
+    backend.add_special_tokens(["<s>"])
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    with_bos = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token=tokenizer.eos_token)
+    assert with_bos("router")["input_ids"][0] == bos
+    docs = documents()
+    want = []
+    for doc in docs:
+        want += [bos] + tokenizer.encode(doc, add_special_tokens=False) + [tokenizer.eos_token_id]
+    assert token_stream(docs, with_bos, cache=str(tmp_path)).tolist() == want
+    assert token_stream(docs, tokenizer, cache=str(tmp_path)).tolist() == reference(docs, tokenizer)  # none added
+
+
 def test_a_second_tokenization_reads_the_cache_and_a_change_misses_it(tokenizer, tmp_path, monkeypatch):
     docs = documents()
     first = token_stream(docs, tokenizer, cache=str(tmp_path))

@@ -44,10 +44,12 @@ def expand_paths(paths: list[str | Path]) -> list[str]:
     """``data.paths`` as the files they name, in order: a file as it is; a folder, the files under it
     (in subfolders too; hidden ones skipped), sorted; a pattern with ``*``, ``?`` or ``[...]`` (``**``
     for any depth), the files it matches, sorted. A folder without files or a pattern matching none
-    is a :class:`DataError` naming it; a missing file is left for the reader to name."""
+    is a :class:`DataError` naming it, and so is a file named twice (also through a folder, a pattern
+    or another spelling of its path); a missing file is left for the reader to name."""
     import glob
 
     files: list[str] = []
+    seen: dict[Path, str] = {}  # each file (as the system resolves it) by the entry that named it first
     for raw in paths:
         path = Path(raw).expanduser()
         if path.is_dir():
@@ -65,6 +67,12 @@ def expand_paths(paths: list[str | Path]) -> list[str]:
                 raise DataError(f"{raw} matches no file")
         else:
             found = [str(raw)]
+        for f in found:
+            key = Path(f).expanduser().resolve()
+            if key in seen:
+                by = "" if str(raw) == seen[key] else f" (by {seen[key]} and by {raw})"
+                raise DataError(f"{f} is named twice in data.paths{by}, and would be read twice; name each file once")
+            seen[key] = str(raw)
         files += found
     return files
 
@@ -99,6 +107,21 @@ _WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"), 
 """Byte-order marks of the encodings whose text holds NUL bytes (UTF-32's first: UTF-16 LE's is its prefix)."""
 
 
+def _utf16_without_bom(data: bytes) -> str | None:
+    """``UTF-16LE`` or ``UTF-16BE`` where the start of ``data`` has a NUL in (nearly) every odd or every
+    even byte and none in the others, as mostly-ASCII text in UTF-16 has; else None."""
+    head = data[:4096]
+    head = head[: len(head) // 2 * 2]
+    if len(head) < 8:
+        return None
+    even, odd = head[0::2].count(0) / (len(head) // 2), head[1::2].count(0) / (len(head) // 2)
+    if odd > 0.9 and even < 0.05:
+        return "UTF-16LE"
+    if even > 0.9 and odd < 0.05:
+        return "UTF-16BE"
+    return None
+
+
 def read_text_file(path: str | Path) -> str:
     """The UTF-8 text of a data file (gzip, bzip2 or xz compressed ones decompressed); a missing,
     empty, binary or non-UTF-8 file is a :class:`DataError` naming the file, the line and the byte.
@@ -119,6 +142,9 @@ def read_text_file(path: str | Path) -> str:
             if data.startswith(bom):
                 raise DataError(f"{path} is {encoding} text (by its byte-order mark); give UTF-8 text files "
                                 f"(convert one with e.g. iconv -f {encoding} -t UTF-8)")
+        if wide := _utf16_without_bom(data):
+            raise DataError(f"{path} looks like {wide} text without a byte-order mark (a NUL byte every other "
+                            f"byte); give UTF-8 text files (convert one with e.g. iconv -f {wide} -t UTF-8)")
         line = data.count(b"\n", 0, nul) + 1
         raise DataError(f"{path} is binary data, not text (a NUL byte at line {line}, byte offset {nul}); "
                         "give UTF-8 text files")

@@ -193,8 +193,21 @@ def _tokenizer_key(tokenizer) -> str | None:
     return f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}\0{backend.to_str()}"
 
 
+def leading_special_ids(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before a text of its own accord (a Llama or Gemma tokenizer's BOS;
+    none for GPT-2's or SmolLM2's), found by encoding a word with and without its special tokens."""
+    plain = tokenizer.encode("a", add_special_tokens=False)
+    framed = tokenizer.encode("a", add_special_tokens=True)
+    for start in range(len(framed) - len(plain) + 1):
+        if framed[start:start + len(plain)] == plain:
+            return list(framed[:start])
+    return []
+
+
 def token_stream(texts: list[str], tokenizer, split: str = "training", cache: str | None = None):
-    """The documents' token ids, each followed by EOS, as one int32 numpy array (4 bytes a token).
+    """The documents' token ids as one int32 numpy array (4 bytes a token): each document opens with
+    the ids the tokenizer puts before any text (its BOS, where it has one: the model then trains on
+    what it is prompted with, as a prompt is encoded at generation) and closes with EOS.
 
     Tokenized in batches of about :data:`TOKENIZE_CHUNK_CHARS` characters: a whole corpus tokenized
     in one call held every id as a Python int, some 180 bytes a token (a 96 MB corpus, 21 M
@@ -206,11 +219,14 @@ def token_stream(texts: list[str], tokenizer, split: str = "training", cache: st
     eos = tokenizer.eos_token_id
     if eos is None:
         raise UserError("the tokenizer has no EOS token to separate documents; use a tokenizer with one")
+    bos = leading_special_ids(tokenizer)
     key = _tokenizer_key(tokenizer)
     path = None
     if key is not None:
         digest = hashlib.sha256(key.encode("utf-8"))
         digest.update(f"\0eos={eos}\0".encode())
+        if bos:
+            digest.update(f"bos={bos}\0".encode())
         for t in texts:
             digest.update(t.encode("utf-8"))
             digest.update(b"\0")
@@ -220,11 +236,11 @@ def token_stream(texts: list[str], tokenizer, split: str = "training", cache: st
     chars = sum(map(len, texts))
     big = chars >= REPORT_CHARS
     start = time.monotonic()
-    eos_ids = np.array([eos], dtype=np.int32)
+    eos_ids, bos_ids = np.array([eos], dtype=np.int32), np.array(bos, dtype=np.int32)
 
     def encode(batch: list[str]):
         ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
-        return np.concatenate([a for doc in ids for a in (np.asarray(doc, dtype=np.int32), eos_ids)])
+        return np.concatenate([a for doc in ids for a in (bos_ids, np.asarray(doc, dtype=np.int32), eos_ids)])
 
     pieces, batch, size = [], [], 0  # pieces: one int32 array per batch of documents
     bar = tqdm(total=chars, desc=f"tokenizing the {split} split", unit="char", unit_scale=True,
