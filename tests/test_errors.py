@@ -72,6 +72,14 @@ def pretrained_folder_and_short_text(tmp: Path, family: str = "llama", rows_shor
     (tmp / "short.txt").write_text(PROSE)
 
 
+def model_folder_without_tokenizer(tmp: Path) -> None:
+    """The folder of :func:`pretrained_folder_and_short_text` with the model's files only."""
+    pretrained_folder_and_short_text(tmp)
+    for f in (tmp / "my-model").iterdir():
+        if not f.name.startswith(("config", "model", "generation")):
+            f.unlink()
+
+
 PROSE = "\n\n".join(f"Paragraph {i} says something about routing tokens by difficulty." for i in range(40))
 TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=64",
         "data.vocab_size=300"]
@@ -206,6 +214,11 @@ CASES = [
     Case("corpus-smaller-than-a-block-of-a-pretrained-model",  # found from its tokenizer, before its weights load
          ["model=smollm", "model.name={tmp}/my-model", "data.source=files", "data.paths={tmp}/short.txt",
           "data.block_size=4096", "optim.lr=3e-4"], "the training split has", pretrained_folder_and_short_text),
+    Case("model-folder-without-a-tokenizer",
+         ["model=smollm", "model.name={tmp}/my-model", "data.source=files", "data.paths={tmp}/short.txt", "optim.lr=3e-4"],
+         "model.name={tmp}/my-model: the folder holds no tokenizer files (tokenizer.json, tokenizer.model, vocab.json, "
+         "tokenizer_config.json, ...); save the model's tokenizer into it",
+         lambda tmp: model_folder_without_tokenizer(tmp)),
     Case("attention-the-family-lacks",  # the default sdpa; transformers has none for Gemma 2
          ["model=smollm", "model.name={tmp}/my-model", "data.source=files", "data.paths={tmp}/short.txt",
           "data.block_size=16", "optim.lr=3e-4"],

@@ -64,7 +64,18 @@ def load_pretrained_tokenizer(name_or_path: str | Path):
     checked before the weights load."""
     from transformers import AutoTokenizer
 
+    local = Path(str(name_or_path)).expanduser()
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES) and not any(local.glob("*.tiktoken")):
+        # transformers' own message here is about installing sentencepiece or tiktoken
+        raise ModelNotFoundError(
+            f"model.name={name_or_path}: the folder holds no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...); "
+            "save the model's tokenizer into it (tokenizer.save_pretrained(folder))")
     return _find(name_or_path, lambda source, **kwargs: AutoTokenizer.from_pretrained(source, **kwargs))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+"""Files one of which a saved tokenizer writes (fast, SentencePiece, BPE or WordPiece vocabularies)."""
 
 
 def load_pretrained(name_or_path: str | Path, dtype: str | torch.dtype = torch.float32, tokenizer=None,
