@@ -65,8 +65,9 @@ def load_pretrained_tokenizer(name_or_path: str | Path):
     from transformers import AutoTokenizer
 
     local = Path(str(name_or_path)).expanduser()
-    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES) and not any(local.glob("*.tiktoken")):
-        # transformers' own message here is about installing sentencepiece or tiktoken
+    if ((local / "config.json").is_file() and not any((local / f).is_file() for f in TOKENIZER_FILES)
+            and not any(local.glob("*.tiktoken"))):  # a model saved alone: transformers' message asks to
+        # install sentencepiece or tiktoken
         raise ModelNotFoundError(
             f"model.name={name_or_path}: the folder holds no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...); "
             "save the model's tokenizer into it (tokenizer.save_pretrained(folder))")
