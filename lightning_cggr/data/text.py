@@ -371,10 +371,13 @@ class PackedTextDataModule(L.LightningDataModule):
         n_val, n_docs, held, total = self._split
         if not total or held <= 2 * self.cfg.val_fraction * total:
             return None
+        fix = ("split the text into more, smaller files to train on more of it" if self.cfg.source == "files" else
+               f"lower data.val_fraction, or give more {'rows' if self.cfg.source == 'hf' else 'documents'}, to "
+               f"train on more of it")
         return (f"the validation split holds {held / total:.0%} of the text ({n_val} of {n_docs} documents, "
                 f"{held:,} of {total:,} characters) for data.val_fraction={self.cfg.val_fraction}: documents "
-                f"are held out whole, and these are too few to hold out less; split the text into more, "
-                f"smaller files to train on more of it")
+                f"are held out whole (by a checksum of each), and with so few, or so uneven, the share held out "
+                f"strays from data.val_fraction; {fix}")
 
     def setup(self, stage: str | None = None):
         if self.train_set is None:
