@@ -5,7 +5,7 @@
     python -m experiments.throughput --preset tiny data.batch_size=32  # any Hydra override
     python -m experiments.throughput --preset tiny --steps 3 --warmup 1 --mem-steps 0 --profile  # CPU smoke
 
-The GPU measurement (one H100; SmolLM2-135M's shape, 8 x 2048 tokens, bf16-mixed, compiled blocks)::
+The GPU measurement (one H200, earlier one H100; SmolLM2-135M's shape, 8 x 2048 tokens, bf16-mixed, compiled blocks)::
 
     python -m experiments.throughput --preset smollm2_shape --device cuda --profile \
         --methods standard_naive,standard_fused,cggr_combined,random_token,cggr_sequence,random_sequence \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -82,3 +83,19 @@ class Rows(Dataset):
 
     def __getitem__(self, i):
         return self.rows[i]
+
+
+@pytest.fixture(autouse=True)
+def _no_logging_handler_outlives_its_test():
+    """A job run in-process without hydra/job_logging=none leaves Hydra's stream handler on the root
+    logger, writing to that test's captured stderr; once pytest closes it, every later test that logs
+    printed '--- Logging error ---' into its own stderr (a test of one stderr line then failed, in
+    that order only). Handlers a test adds to the root logger are removed after it (pytest's own,
+    which it removes itself, are left alone)."""
+    root = logging.getLogger()
+    before = set(root.handlers)
+    yield
+    for handler in root.handlers[:]:
+        if handler not in before and not type(handler).__module__.startswith("_pytest"):
+            root.removeHandler(handler)
+            handler.close()

@@ -98,7 +98,7 @@ def test_hf_texts_offline_fails_before_touching_datasets(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", fake)
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub, "hub_offline_reason", lambda *a, **k: "test: unreachable")
-    with pytest.raises(HubUnreachableError, match=r"'wikitext'.*HF_HUB_OFFLINE=1.*data=chat"):
+    with pytest.raises(HubUnreachableError, match=r"'wikitext'.*HF_HUB_OFFLINE=1.*data.source=files.*data=pydoc"):
         load_hf_texts("wikitext", "wikitext-2-raw-v1")
 
 

@@ -60,7 +60,7 @@ def build_datamodule(cfg: DataConfig, tokenizer, seed: int = 0) -> L.LightningDa
     if cfg.source in ("pydoc", "files", "hf"):
         train, val = split_documents(load_documents(cfg), cfg.val_fraction)
         return PackedTextDataModule(train, val, tokenizer, cfg, seed=seed)
-    if cfg.source == "chat":  # chat SFT: assistant-only labels, right padding (lightning_cggr.chat)
+    if cfg.source == "chat":  # chat SFT: assistant-only labels, right padding (lightning_cggr.data.chat)
         from .chat import ChatDataModule, sample_chat_path
 
         return ChatDataModule(

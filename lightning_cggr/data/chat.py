@@ -15,7 +15,7 @@ one. Sequences are right-truncated to ``max_length`` and right-padded per batch 
 ``attention_mask`` 0 and label -100 on pads, so the model's default ``arange`` position ids are
 correct. A conversation without any labelled token stays in the data and contributes nothing.
 
-    from lightning_cggr.chat import ChatDataModule
+    from lightning_cggr.data.chat import ChatDataModule
     dm = ChatDataModule("lightning_cggr/data/samples/chat.jsonl", tokenizer, max_length=256)
 """
 
@@ -254,7 +254,7 @@ class ChatDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> ResumableLoader:
         # order = f(seed, epoch), full batches only; the position is saved in checkpoints, so a
-        # run resumed mid-epoch continues with the next unseen batch (lightning_cggr.resumable)
+        # run resumed mid-epoch continues with the next unseen batch (lightning_cggr.data.resumable)
         return ResumableLoader(
             self._require(self.train_set), batch_size=self.batch_size, seed=self.seed, collate_fn=self.collate,
             num_workers=self.num_workers,

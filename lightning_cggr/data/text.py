@@ -371,7 +371,10 @@ class PackedTextDataModule(L.LightningDataModule):
         n_val, n_docs, held, total = self._split
         if not total or held <= 2 * self.cfg.val_fraction * total:
             return None
-        fix = ("split the text into more, smaller files to train on more of it" if self.cfg.source == "files" else
+        one_file = self.cfg.source == "files" and len(expand_paths(list(self.cfg.paths or []))) == 1
+        fix = ("the single file is cut at its blank lines: give it more of them between documents, or give the "
+               "text as several files, to train on more of it" if one_file else
+               "split the text into more, smaller files to train on more of it" if self.cfg.source == "files" else
                f"lower data.val_fraction, or give more {'rows' if self.cfg.source == 'hf' else 'documents'}, to "
                f"train on more of it")
         return (f"the validation split holds {held / total:.0%} of the text ({n_val} of {n_docs} documents, "
@@ -391,7 +394,7 @@ class PackedTextDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         # order = f(seed, epoch); its position is saved in checkpoints, so a resume mid-epoch
-        # continues with the next unseen batch (lightning_cggr.resumable)
+        # continues with the next unseen batch (lightning_cggr.data.resumable)
         return ResumableLoader(
             self.train_set, batch_size=self.cfg.batch_size, seed=self.seed, num_workers=self.cfg.num_workers,
             position=fit_position(self.trainer) if self.trainer is not None else None,

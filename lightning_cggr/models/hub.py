@@ -147,7 +147,7 @@ def load_hf_texts(
     except ImportError:
         raise MissingExtraError(
             "loading a Hugging Face dataset needs the 'datasets' package: pip install -e .[hf] "
-            "(offline, train on local text files or the shipped chat sample instead)"
+            "(or train on local text files, data.source=files, or the default pydoc corpus)"
         ) from None
     from huggingface_hub import constants
 
@@ -159,8 +159,8 @@ def load_hf_texts(
     if reason is not None and not constants.HF_HUB_OFFLINE:
         raise HubUnreachableError(
             f"cannot load dataset {name!r}: {reason}. If an earlier online run cached it, set "
-            "HF_HUB_OFFLINE=1 to use the cache; otherwise train on local text files or the "
-            "shipped chat sample (data=chat)."
+            "HF_HUB_OFFLINE=1 to use the cache; otherwise train on local text files (data.source=files "
+            "data.paths=...) or the default pydoc corpus (data=pydoc)."
         )
     if local.is_dir() and any((local / marker).is_file() for marker in ("state.json", "dataset_dict.json")):
         dataset = _saved_dataset(datasets, local, name, split)
