@@ -201,6 +201,7 @@ class CGGRModule(L.LightningModule):
         self.register_buffer("empty_batches", torch.tensor(0), persistent=False)
         self._window: _Window | None = None  # throughput: the open window, if any
         self._batch_tokens: int | None = None  # the next training batch's tokens, counted on the CPU
+        self._clip_norm: torch.Tensor | None = None  # this step's gradient norm, as clipping computes it
         self._window_pending = False  # a window closed before this batch's callbacks; open one after them
         self._closed_at = -1  # the optimizer step whose boundary closed the last window
         self._paused_at: float | None = None  # a validation or save inside the window started then
@@ -399,6 +400,13 @@ class CGGRModule(L.LightningModule):
             root.clip_grad_norm_(gradient_clip_val)
             return
         plugin = self.trainer.precision_plugin
+        norm, self._clip_norm = self._clip_norm, None
+        if (gradient_clip_val and norm is not None and getattr(plugin, "scaler", None) is None
+                and GradClipAlgorithmType(gradient_clip_algorithm or "norm") == GradClipAlgorithmType.NORM):
+            # what clip_grad_norm_ does, with the norm on_before_optimizer_step took of the same gradients
+            # in the same order: one pass over the gradients fewer, the same result bit for bit
+            torch.nn.utils.clip_grads_with_norm_(list(plugin.main_params(optimizer)), gradient_clip_val, norm)
+            return
         if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
             algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
             Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
@@ -423,13 +431,29 @@ class CGGRModule(L.LightningModule):
                              prog_bar=key == "kept_ratio")
         for key in keys:
             self.step_metrics[key].reset()
-        norm, whole = grad_norm(self.parameters())
+        norm, whole = self._step_grad_norm(optimizer)
         if norm is None:
             return
         if not self._loss_scaled():  # a scaler's overflow is a skipped step, not a divergence
             self._note_finite(norm)
         if whole and self._trainer is not None and not _is_fsdp1(self):
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    def _step_grad_norm(self, optimizer) -> tuple[torch.Tensor | None, bool]:
+        """The gradient norm of the step (see :func:`grad_norm`). Where the gradients are whole tensors
+        (one process, DDP), it is taken as Lightning's norm clipping takes it, over the optimizer's
+        parameters in order (``get_total_norm``), and kept for :meth:`configure_gradient_clipping`,
+        which then needs no second pass over the gradients."""
+        from torch.distributed.tensor import DTensor
+
+        self._clip_norm = None
+        if self._trainer is None or _is_fsdp1(self) or optimizer is None:
+            return grad_norm(self.parameters())
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads or any(isinstance(g, DTensor) for g in grads):
+            return grad_norm(self.parameters())
+        self._clip_norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        return self._clip_norm.float(), True
 
     def _loss_scaled(self) -> bool:
         """Whether a loss scaler (``16-mixed``) runs the optimizer step. It multiplies the loss by a

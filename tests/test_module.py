@@ -294,6 +294,41 @@ def test_fused_adamw_with_gradient_clipping_clips_like_the_unfused_step(precisio
     torch.testing.assert_close(fused, plain, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_clipping_with_the_norm_already_taken_is_lightnings_clipping_bit_for_bit(precision, monkeypatch):
+    """The step's gradient norm (train/grad_norm, the finiteness check) is taken as Lightning's norm
+    clipping takes it, and the clipping reuses it: one pass over the gradients fewer. Reference:
+    Lightning's own clip_grad_norm_ (the module made to keep no norm), 3 steps clipped at 0.05 with
+    weight decay in two parameter groups; every weight equal, bit for bit."""
+    class LightningClips(CGGRModule):
+        def _step_grad_norm(self, optimizer):
+            norm = super()._step_grad_norm(optimizer)
+            self._clip_norm = None  # nothing kept: Lightning computes the norm again
+            return norm
+
+    def fit(cls):
+        torch.manual_seed(0)
+        module = cls(make_tiny_model("llama"), CGGRConfig(warmup_steps=0, router=RouterConfig(num_layers=1)),
+                     LossConfig(impl="torch"), OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.1))
+        batches = [make_batch(4, 16, seed=i) for i in range(3)]
+        trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, precision=precision,
+                            gradient_clip_val=0.05)
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        assert len(trainer.optimizers[0].param_groups) == 2
+        return [p.detach().clone() for p in module.parameters()], trainer.callback_metrics["train/grad_norm"]
+
+    calls = []
+    lightnings = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: calls.append(1) or lightnings(*a, **k))
+    (ours, norm) = fit(CGGRModule)
+    assert calls == []  # the kept norm served
+    (theirs, their_norm) = fit(LightningClips)
+    assert len(calls) == 3
+    assert float(norm) > 0.05  # clipping had work to do
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs)) and torch.equal(norm, their_norm)
+
+
 def test_fused_adamw_is_refused_where_a_loss_scaler_clips():
     from lightning_cggr.errors import ConfigError
     from lightning_cggr.perf import adamw_kwargs
